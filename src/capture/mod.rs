@@ -1,0 +1,70 @@
+//! Capture: PostgreSQL logical replication (pgoutput) → Debezium-style Avro change events in the
+//! log. The replication slot is acknowledged only up to what is durable in the log.
+//!
+//! # Delivery contract of the replication reader ([`run`])
+//! 1. **Only committed changes, in commit order.** Changes are buffered per transaction (streamed
+//!    in-progress transactions per xid, with each change's subxact xid) and handed to the
+//!    [`EventSink`] at Commit / StreamCommit; a StreamAbort of a (sub)transaction drops its changes.
+//!    Transactions reach the sink in commit-LSN order, a transaction's events in WAL order.
+//! 2. **Acknowledge only what is durable.** The slot's flush LSN (standby status update, sent at
+//!    least every `feedback_interval` ≤ 1 s while events flow) only moves to the end LSN of a
+//!    transaction after [`EventSink::append`] returned `Ok` for its events and for every event
+//!    before them; a heartbeat's LSN only when nothing is waiting for the sink. A failed append
+//!    acknowledges nothing more; the session reconnects and the slot re-sends from the last ack.
+//! 3. **At least once.** After a restart, reconnect, PostgreSQL restart or killed walsender, reading
+//!    resumes at the slot's `confirmed_flush_lsn` (or this process's higher durable LSN): events
+//!    after the last acknowledgement may arrive again (same `source.lsn`), none are lost.
+//! 4. **Snapshot first.** On the first run the slot is created with an exported snapshot and every
+//!    table is read in primary-key chunks inside one REPEATABLE READ transaction on it (`op = r`,
+//!    `source.snapshot = true`, `source.lsn` = the slot's consistent point); streaming starts at the
+//!    consistent point after that. Progress is durable per chunk; a resumed snapshot reads the
+//!    remaining chunks under a fresh snapshot and later WAL events win (see [`snapshot`]).
+//! 5. **Provenance.** A transaction with a replication origin has `source.origin` set on all its
+//!    events (`syncbridge_<pipeline>` for our own return-path writes); they are delivered and
+//!    acknowledged like any other, the processor decides not to push them back.
+//! 6. **Unchanged TOAST** values (REPLICA IDENTITY DEFAULT, column not touched by an UPDATE) are
+//!    [`event::Value::UnchangedToast`], never NULL or a placeholder. A primary-key change is a
+//!    Delete of the old key followed by a Create of the new one in the same transaction.
+//! 7. **One reader per slot.** A `pg_try_advisory_lock(lock_key(slot))` on a dedicated connection is
+//!    held while reading; other instances poll and take over when its connection dies. Losing the
+//!    lock connection stops reading at once.
+//! 8. **Never silently recreated.** The slot and publication `sb_<pipeline>` are created on first
+//!    run only. An invalidated slot (`wal_status = lost` / `conflicting`), a table missing from the
+//!    publication, a slot without a snapshot progress record or a table without a key is an
+//!    operator error whose message says how to fix it.
+//!
+//! # Requirements and grants
+//! PostgreSQL ≥ 14 with `wal_level = logical`. The capture role needs `REPLICATION` (replication
+//! connection, slot, `pg_logical_emit_message` heartbeats) and `SELECT` on the captured tables;
+//! on the first run also `CREATE` on the database and ownership of the tables to create the
+//! publication (or an administrator creates `sb_<pipeline>` `FOR TABLE ...` beforehand):
+//! ```sql
+//! CREATE ROLE syncbridge LOGIN REPLICATION PASSWORD '...';
+//! GRANT SELECT ON schema.table1, schema.table2 TO syncbridge;
+//! GRANT CREATE ON DATABASE mydb TO syncbridge;  -- first run only, for CREATE PUBLICATION
+//! ```
+//! The replication connection uses libpq (`sslmode` is required in the URL); catalog, snapshot,
+//! lock and heartbeat connections use tokio-postgres without TLS, so today `sslmode` must be
+//! `disable` or `prefer` for them (TLS for those connections is not implemented yet).
+
+pub mod avro;
+pub mod catalog;
+pub mod config;
+mod decode;
+pub mod error;
+pub mod event;
+pub mod log_sink;
+mod run;
+pub mod sink;
+pub mod snapshot;
+
+pub use config::{CaptureConfig, TableSpec};
+pub use error::CaptureError;
+pub use log_sink::LogSink;
+pub use run::{lock_key, run, run_with_progress};
+pub use sink::{EventSink, SinkError};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,358 @@
+//! The initial snapshot: every configured table read in primary-key chunks inside one REPEATABLE
+//! READ transaction, emitted as `op = r` events, with durable per-table progress.
+//!
+//! # Which snapshot
+//! - First run: the slot is created with `EXPORT_SNAPSHOT`; the read imports that snapshot with
+//!   `SET TRANSACTION SNAPSHOT`, so the rows are exactly the state at the slot's consistent point C
+//!   and streaming from C continues seamlessly.
+//! - Resumed after a crash mid-snapshot: the exported snapshot died with the replication connection.
+//!   The remaining chunks (those after the last durable one) are read under a *fresh* snapshot
+//!   taken at some time T > C, and then streaming resumes from the slot, i.e. from C (nothing after C
+//!   was acknowledged while the snapshot ran). This is correct: a row unchanged since C reads the
+//!   same at T as at C; a row changed between C and T reads its value at T, and every change that
+//!   led there is also in the WAL after C, so its stream events follow the snapshot event in the
+//!   log and the last of them equals the value read at T (a row deleted before T is absent from the
+//!   snapshot and its delete is streamed). Applying the log in order therefore converges to the
+//!   source state: later WAL events win. Between the snapshot row and the catch-up a consumer may
+//!   briefly see an older value (the WAL replay from C); the ledger makes the repeated writes no-ops.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::catalog::{Catalog, ResolvedTable, quote_ident, quote_literal};
+use super::config::CaptureConfig;
+use super::error::CaptureError;
+use super::event::{ChangeEvent, Op, Relation, Source, Value};
+use super::now_ms;
+use super::sink::EventSink;
+use crate::telemetry::metrics as m;
+
+/// Snapshot progress of one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TableProgress {
+    Pending,
+    /// Chunks up to and including the row with this key (text form, key order) are durable.
+    InProgress {
+        last_key: Vec<String>,
+        rows: u64,
+    },
+    Done {
+        rows: u64,
+    },
+}
+
+/// Snapshot progress of a pipeline's slot. Written (all `Pending`) *before* the slot is created,
+/// so "slot exists but no progress record" can only mean the state directory was lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub slot: String,
+    /// The slot's consistent point (0 until the slot exists).
+    pub consistent_point: u64,
+    /// Keyed by `schema.table`.
+    pub tables: BTreeMap<String, TableProgress>,
+}
+
+impl SnapshotState {
+    pub fn is_complete(&self) -> bool {
+        self.tables
+            .values()
+            .all(|t| matches!(t, TableProgress::Done { .. }))
+    }
+}
+
+/// Durable store of [`SnapshotState`]. `save` returns only when the state is durable.
+pub trait SnapshotProgress: Send {
+    fn load(&self) -> Result<Option<SnapshotState>, CaptureError>;
+    fn save(&mut self, state: &SnapshotState) -> Result<(), CaptureError>;
+    /// Where the record lives, for operator messages.
+    fn location(&self) -> String;
+}
+
+/// One JSON file per slot under the pipeline's state directory, replaced atomically
+/// (write temp, fsync, rename, fsync directory).
+#[derive(Debug, Clone)]
+pub struct FileProgress {
+    path: PathBuf,
+}
+
+impl FileProgress {
+    pub fn new(state_dir: impl Into<PathBuf>, slot: &str) -> Self {
+        Self {
+            path: state_dir
+                .into()
+                .join(format!("capture-{slot}.snapshot.json")),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl SnapshotProgress for FileProgress {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn load(&self) -> Result<Option<SnapshotState>, CaptureError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| CaptureError::Progress(format!("{}: {e}", self.path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CaptureError::Progress(format!(
+                "{}: {e}",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn save(&mut self, state: &SnapshotState) -> Result<(), CaptureError> {
+        let err =
+            |e: std::io::Error| CaptureError::Progress(format!("{}: {e}", self.path.display()));
+        let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| CaptureError::Progress(e.to_string()))?;
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(&bytes).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Reads every table that is not `Done` and emits `op = r` events.
+///
+/// `exported` is the slot's exported snapshot name on the first run, `None` when resuming (a fresh
+/// snapshot is used then, see the module docs). `client` must be a connection dedicated to this
+/// read (it holds the transaction).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
+    config: &CaptureConfig,
+    client: &Client,
+    db: &str,
+    exported: Option<&str>,
+    tables: &[ResolvedTable],
+    catalog: &mut Catalog,
+    sink: &mut S,
+    progress: &mut P,
+    state: &mut SnapshotState,
+) -> Result<(), CaptureError> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    if let Some(name) = exported {
+        client
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))
+            .await?;
+    }
+    let pending: Vec<&ResolvedTable> = tables
+        .iter()
+        .filter(|t| {
+            !matches!(
+                state.tables.get(&t.spec.qualified()),
+                Some(TableProgress::Done { .. })
+            )
+        })
+        .collect();
+    metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone())
+        .set(pending.len() as f64);
+
+    let bar = if config.progress_bar && std::io::stderr().is_terminal() {
+        let mut estimate = 0u64;
+        for t in &pending {
+            let row = client
+                .query_one(
+                    "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+                    &[&t.oid],
+                )
+                .await?;
+            estimate += row.get::<_, i64>(0).max(0) as u64;
+        }
+        let bar = indicatif::ProgressBar::new(estimate);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+
+    for (done_tables, table) in pending.iter().enumerate() {
+        let rel = catalog.relation_from_catalog(client, table.oid).await?;
+        let qualified = table.spec.qualified();
+        if let Some(bar) = &bar {
+            bar.set_message(qualified.clone());
+        }
+        snapshot_table(
+            config,
+            client,
+            db,
+            table,
+            &rel,
+            sink,
+            progress,
+            state,
+            bar.as_ref(),
+        )
+        .await?;
+        metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone())
+            .set((pending.len() - done_tables - 1) as f64);
+    }
+    client.batch_execute("COMMIT").await?;
+    if let Some(bar) = bar {
+        bar.finish_with_message("snapshot done");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
+    config: &CaptureConfig,
+    client: &Client,
+    db: &str,
+    table: &ResolvedTable,
+    rel: &Arc<Relation>,
+    sink: &mut S,
+    progress: &mut P,
+    state: &mut SnapshotState,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<(), CaptureError> {
+    let qualified = table.spec.qualified();
+    let (mut last_key, mut rows) = match state.tables.get(&qualified) {
+        Some(TableProgress::InProgress { last_key, rows }) => (Some(last_key.clone()), *rows),
+        _ => (None, 0),
+    };
+    let select_list: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let key_idx: Vec<usize> = table
+        .key
+        .iter()
+        .map(|k| {
+            rel.columns
+                .iter()
+                .position(|c| &c.name == k)
+                .ok_or_else(|| {
+                    CaptureError::Config(format!("key column {k:?} missing from {qualified}"))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let key_list: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let from = super::catalog::qualified_ident(&table.spec.schema, &table.spec.name);
+    let started = Instant::now();
+    loop {
+        let filter = match &last_key {
+            None => String::new(),
+            Some(values) => {
+                if values.len() != key_idx.len() {
+                    return Err(CaptureError::Progress(format!(
+                        "stored snapshot position of {qualified} has {} key values, the key has {}",
+                        values.len(),
+                        key_idx.len()
+                    )));
+                }
+                let lits: Vec<String> = values
+                    .iter()
+                    .zip(&key_idx)
+                    .map(|(v, &i)| format!("{}::{}", quote_literal(v), rel.columns[i].type_name))
+                    .collect();
+                format!(" WHERE ({}) > ({})", key_list.join(", "), lits.join(", "))
+            }
+        };
+        // Simple query protocol: every value comes back in PostgreSQL's text output form.
+        let sql = format!(
+            "SELECT {} FROM {from}{filter} ORDER BY {} LIMIT {}",
+            select_list.join(", "),
+            key_list.join(", "),
+            config.snapshot_chunk_size
+        );
+        let ts = now_ms();
+        let mut events = Vec::new();
+        for msg in client.simple_query(&sql).await? {
+            if let SimpleQueryMessage::Row(row) = msg {
+                let mut values = Vec::with_capacity(rel.columns.len());
+                for i in 0..rel.columns.len() {
+                    values.push(match row.try_get(i)? {
+                        Some(s) => Value::Text(s.to_string()),
+                        None => Value::Null,
+                    });
+                }
+                events.push(ChangeEvent {
+                    relation: rel.clone(),
+                    op: Op::Read,
+                    before: None,
+                    after: Some(values),
+                    source: Source {
+                        pipeline: config.pipeline.clone(),
+                        db: db.to_string(),
+                        lsn: state.consistent_point,
+                        tx_id: None,
+                        commit_ts_ms: ts,
+                        origin: None,
+                        snapshot: true,
+                    },
+                    ts_ms: ts,
+                });
+            }
+        }
+        let n = events.len();
+        if let Some(last) = events.last() {
+            let mut key = Vec::with_capacity(key_idx.len());
+            for &i in &key_idx {
+                match last.after.as_ref().and_then(|r| r.get(i)) {
+                    Some(Value::Text(s)) => key.push(s.clone()),
+                    _ => {
+                        return Err(CaptureError::Config(format!(
+                            "key column {} of {qualified} is NULL in a row: key columns must be NOT NULL",
+                            rel.columns[i].name
+                        )));
+                    }
+                }
+            }
+            let t0 = Instant::now();
+            sink.append(&events).await?;
+            metrics::histogram!(m::SINK_APPEND_SECONDS, "pipeline" => config.pipeline.clone())
+                .record(t0.elapsed().as_secs_f64());
+            rows += n as u64;
+            last_key = Some(key.clone());
+            state.tables.insert(
+                qualified.clone(),
+                TableProgress::InProgress {
+                    last_key: key,
+                    rows,
+                },
+            );
+            progress.save(state)?;
+            metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => config.pipeline.clone(), "table" => qualified.clone())
+                .increment(n as u64);
+            if let Some(bar) = bar {
+                bar.inc(n as u64);
+            }
+        }
+        if n < config.snapshot_chunk_size {
+            break;
+        }
+    }
+    state
+        .tables
+        .insert(qualified.clone(), TableProgress::Done { rows });
+    progress.save(state)?;
+    tracing::info!(table = %qualified, rows, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot of table done");
+    Ok(())
+}

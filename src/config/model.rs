@@ -1,0 +1,383 @@
+//! The validated, typed pipeline configuration (what the rest of SyncBridge consumes).
+//!
+//! Every value here has passed validation and has its defaults applied. Secrets are held in
+//! [`Secret`] and [`PgUrl`], whose `Debug`, `Display` and `Serialize` never reveal them, so the
+//! whole config can be logged or served by the API as is.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize, Serializer};
+use url::Url;
+
+/// Microsoft Graph v1.0 endpoint of the public cloud.
+pub const DEFAULT_GRAPH_BASE_URL: &str = "https://graph.microsoft.com/v1.0";
+/// Entra ID v2 token endpoint; `{tenant}` is replaced by `graph.tenant` when the config is built.
+pub const DEFAULT_TOKEN_URL: &str = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token";
+/// Smallest licence tier (graph-api.md §8.3): safe for any tenant; raise it for larger tiers.
+pub const DEFAULT_RU_PER_MINUTE: u32 = 1250;
+/// Delta polling every 2 s keeps pull latency low while costing ≤ 30 RU/min per idle list.
+pub const DEFAULT_PULL_INTERVAL_MS: u64 = 2000;
+/// Faster polling than this burns the RU budget for no visible gain.
+pub const MIN_PULL_INTERVAL_MS: u64 = 100;
+/// Pull is on by default: two-way sync is the product; turn it off for push-only mirrors.
+pub const DEFAULT_PULL_ENABLED: bool = true;
+/// Loopback by default: health and metrics are unauthenticated and must be exposed on purpose.
+pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8088";
+/// Embedded log directory: `<this>/<pipeline name>`, relative to the working directory.
+pub const DEFAULT_EMBEDDED_LOG_DIR: &str = ".syncbridge";
+/// Kafka topics are `<prefix>.<pipeline>.…` (DESIGN §2); the product name keeps them apart.
+pub const DEFAULT_TOPIC_PREFIX: &str = "syncbridge";
+/// SharePoint limits a column's internal name to 32 characters.
+pub const MAX_FIELD_NAME_LEN: usize = 32;
+/// SharePoint list titles are limited to 255 characters.
+pub const MAX_LIST_TITLE_LEN: usize = 255;
+/// PostgreSQL truncates identifiers beyond NAMEDATALEN-1 = 63 bytes.
+pub const MAX_PG_IDENT_LEN: usize = 63;
+/// SharePoint system fields: read-only, so they can only be read (`pull_only`), never written.
+pub const SYSTEM_FIELDS: &[&str] = &[
+    "ID",
+    "Created",
+    "Modified",
+    "Author",
+    "Editor",
+    "ContentType",
+    "ContentTypeId",
+    "Attachments",
+    "GUID",
+];
+/// The hidden column SyncBridge keeps on every item (DESIGN §6); it cannot be mapped.
+pub const SYNC_KEY_FIELD: &str = "SyncKey";
+
+/// A secret value. `Debug`, `Display` and `Serialize` print `***`; call [`Secret::expose`] to use it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself: pass it on, never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "writeOnly": true })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// A `postgres://` URL whose password (in the user info or a `password=` query parameter) is
+/// redacted by `Debug`, `Display` and `Serialize`; [`PgUrl::expose`] gives the full URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgUrl(Url);
+
+impl PgUrl {
+    /// Accepts `postgres://` and `postgresql://` URLs only.
+    pub fn parse(text: &str) -> Result<Self, &'static str> {
+        let url = Url::parse(text).map_err(|_| "is not a valid URL")?;
+        match url.scheme() {
+            "postgres" | "postgresql" => Ok(PgUrl(url)),
+            _ => Err("must be a postgres:// or postgresql:// URL"),
+        }
+    }
+    /// The full URL, password included: for connecting only.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+    /// The URL with passwords replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut url = self.0.clone();
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        if url.query_pairs().any(|(k, _)| k == "password") {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
+    }
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgUrl({:?})", self.redacted())
+    }
+}
+
+impl fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for PgUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+// `url` is built without its `serde` feature; these print URLs as strings.
+fn ser_url<S: Serializer>(url: &Url, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(url.as_str())
+}
+
+fn ser_opt_url<S: Serializer>(url: &Option<Url>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_str(url.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+/// A validated pipeline: one file, one replication slot, one set of topics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PipelineConfig {
+    /// `[a-z][a-z0-9_]{0,40}`; names the slot, publication, topics and state directory.
+    pub name: String,
+    pub source: SourceConfig,
+    pub log: LogConfig,
+    pub graph: GraphConfig,
+    /// In file order.
+    pub sync: Vec<SyncEntry>,
+    pub control: ControlConfig,
+}
+
+/// The PostgreSQL database the tables live in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceConfig {
+    pub url: PgUrl,
+}
+
+/// Where events are kept between capture and the writers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogConfig {
+    /// The sled-backed single-process log (the default).
+    Embedded {
+        /// Relative paths are relative to the working directory.
+        path: PathBuf,
+    },
+    Kafka {
+        /// `host:port` bootstrap servers.
+        brokers: Vec<String>,
+        topic_prefix: String,
+        #[serde(serialize_with = "ser_opt_url")]
+        schema_registry: Option<Url>,
+    },
+}
+
+/// Microsoft Graph access for one tenant and site.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GraphConfig {
+    #[serde(serialize_with = "ser_url")]
+    pub base_url: Url,
+    /// With `{tenant}` already replaced by [`GraphConfig::tenant`].
+    #[serde(serialize_with = "ser_url")]
+    pub token_url: Url,
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// `hostname:/server-relative-path` (or a bare hostname for the root site).
+    pub site: String,
+    pub ru_per_minute: u32,
+}
+
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// One table synced with one list (plus its route lists).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncEntry {
+    pub table: TableName,
+    /// Display name of the default target list.
+    pub list: String,
+    /// Key columns; `None` means the table's primary key (resolved against the database).
+    pub key: Option<Vec<String>>,
+    /// In file order.
+    pub fields: Vec<FieldMapping>,
+    /// First match wins; no match goes to `list`.
+    pub routes: Vec<Route>,
+    pub pull: PullConfig,
+    pub conflict: ConflictPolicy,
+}
+
+impl SyncEntry {
+    /// Every list this entry writes to: the default list, then the route lists.
+    pub fn lists(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.list.as_str()).chain(self.routes.iter().map(|r| r.list.as_str()))
+    }
+}
+
+/// One column ↔ one SharePoint field.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldMapping {
+    pub column: String,
+    /// SharePoint internal name.
+    pub field: String,
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    pub direction: Direction,
+    /// Allowed values of `choice` / `multichoice` fields (empty otherwise).
+    pub choices: Vec<String>,
+    /// For `lookup` fields: display name of the synced list the foreign key points into.
+    pub lookup_list: Option<String>,
+    /// Overrides the entry's conflict policy for this field.
+    pub conflict: Option<ConflictPolicy>,
+}
+
+impl FieldMapping {
+    /// The policy that applies to this field in `entry`.
+    pub fn conflict_policy(&self, entry: &SyncEntry) -> ConflictPolicy {
+        self.conflict.unwrap_or(entry.conflict)
+    }
+}
+
+/// A sharding rule: rows for which the CEL expression `when` is true go to `list`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Route {
+    /// A CEL expression over the row's columns (checked to parse).
+    pub when: String,
+    pub list: String,
+}
+
+/// The return path for one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PullConfig {
+    pub enabled: bool,
+    pub interval_ms: u64,
+}
+
+/// The control-plane HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+}
+
+/// Declares an enum of YAML words with a table used both for parsing and for messages.
+macro_rules! words {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl $name {
+            /// Every value with its YAML spelling.
+            pub const ALL: &[(&str, $name)] = &[$(($word, $name::$variant)),+];
+            /// The YAML spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),+ }
+            }
+            /// Parses the YAML spelling.
+            pub fn parse(word: &str) -> Option<Self> {
+                Self::ALL.iter().find(|(w, _)| *w == word).map(|(_, v)| *v)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+words! {
+    /// SharePoint column type a field is written as (DESIGN §6).
+    FieldType {
+        /// Single line of text (255 characters); the default.
+        Text = "text",
+        /// Multiple lines of text.
+        Note = "note",
+        Number = "number",
+        Currency = "currency",
+        Date = "date",
+        #[serde(rename = "datetime")]
+        DateTime = "datetime",
+        Boolean = "boolean",
+        /// Needs `choices`.
+        Choice = "choice",
+        /// Needs `choices`.
+        #[serde(rename = "multichoice")]
+        MultiChoice = "multichoice",
+        /// Email → user lookup id.
+        Person = "person",
+        /// Foreign key → item id in another synced list; needs `list`.
+        Lookup = "lookup",
+        Hyperlink = "hyperlink",
+    }
+}
+
+words! {
+    /// Which way a field's changes flow.
+    Direction {
+        /// Both ways; the default.
+        Bidirectional = "bidirectional",
+        /// Postgres → SharePoint only; list edits are ignored.
+        PushOnly = "push_only",
+        /// SharePoint → Postgres only (e.g. system fields such as `Created`).
+        PullOnly = "pull_only",
+    }
+}
+
+words! {
+    /// Who wins when both sides changed since the last sync (DESIGN §8).
+    ConflictPolicy {
+        /// Postgres wins; the default (the database is the system of record).
+        SourceWins = "source_wins",
+        TargetWins = "target_wins",
+        /// Postgres commit time vs SharePoint `lastModifiedDateTime`.
+        LastWriterWins = "last_writer_wins",
+        /// Parked for an operator.
+        Manual = "manual",
+    }
+}

@@ -1,0 +1,823 @@
+//! The pipeline file's shape: the types the JSON Schema is generated from, and the reader that
+//! fills them from a [`Node`] tree.
+//!
+//! The reader checks shape only (unknown keys, missing keys, wrong types, unknown words) and
+//! keeps going after a problem: a broken item of a list or map is dropped and reported, so that
+//! validation still sees the rest and every problem is reported in one run. The `*_KEYS`
+//! constants list what the reader accepts; a unit test keeps them equal to the schema's keys.
+
+use std::borrow::Cow;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+
+use super::model::{ConflictPolicy, Direction, FieldType, Secret};
+use super::yaml::{Issue, Kind, Loc, Node};
+
+/// A value and the location of the scalar it was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sp<T> {
+    pub value: T,
+    pub loc: Loc,
+    /// The value came (partly) from `${VAR}`: messages must not echo it.
+    pub interpolated: bool,
+}
+
+impl<T: JsonSchema> JsonSchema for Sp<T> {
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+    fn schema_name() -> Cow<'static, str> {
+        T::schema_name()
+    }
+    fn schema_id() -> Cow<'static, str> {
+        T::schema_id()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        T::json_schema(generator)
+    }
+}
+
+/// A SyncBridge pipeline file (`pipelines/*.yaml`).
+// Schema-only: the reader fills [`PartialFile`] so that it can keep going when a section is
+// missing; `reader_keys_match_schema` keeps the two in step.
+#[allow(dead_code)]
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "SyncBridge pipeline")]
+pub struct PipelineFile {
+    /// File format version; must be `1`.
+    #[schemars(range(min = 1, max = 1))]
+    pub version: Sp<u64>,
+    /// Pipeline name: names the replication slot, publication, topics and state directory.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9_]{0,40}$"))]
+    pub name: Sp<String>,
+    pub source: SourceFile,
+    /// Exactly one of `embedded` / `kafka`; default: embedded under `./.syncbridge/<name>`.
+    #[serde(default)]
+    pub log: Option<LogFile>,
+    pub graph: GraphFile,
+    /// Tables and the lists they sync with.
+    #[schemars(length(min = 1))]
+    pub sync: Vec<SyncFile>,
+    #[serde(default)]
+    pub control: Option<ControlFile>,
+}
+pub const PIPELINE_KEYS: &[&str] = &[
+    "version", "name", "source", "log", "graph", "sync", "control",
+];
+
+/// The PostgreSQL source database.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    /// `postgres://user:pass@host:port/db?sslmode=...`; usually `${DATABASE_URL}`.
+    pub url: Sp<Secret>,
+}
+pub const SOURCE_KEYS: &[&str] = &["url"];
+
+/// The event log: exactly one of `embedded` or `kafka`.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("maxProperties" = 1))]
+pub struct LogFile {
+    #[serde(default)]
+    pub embedded: Option<EmbeddedFile>,
+    #[serde(default)]
+    pub kafka: Option<KafkaFile>,
+    #[serde(skip)]
+    pub loc: Loc,
+}
+pub const LOG_KEYS: &[&str] = &["embedded", "kafka"];
+
+/// The embedded (sled) log.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedFile {
+    /// Directory of the log; default `.syncbridge/<name>` (relative to the working directory).
+    #[serde(default)]
+    pub path: Option<Sp<String>>,
+}
+pub const EMBEDDED_KEYS: &[&str] = &["path"];
+
+/// A Kafka-compatible broker cluster.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaFile {
+    /// `host:port`, as a list or one comma-separated string.
+    pub brokers: Brokers,
+    /// Topics are `<topic_prefix>.<pipeline>.…`; default `syncbridge`.
+    #[serde(default)]
+    pub topic_prefix: Option<Sp<String>>,
+    /// Confluent schema registry URL; without it Avro single-object encoding is used.
+    #[serde(default)]
+    pub schema_registry: Option<Sp<String>>,
+}
+pub const KAFKA_KEYS: &[&str] = &["brokers", "topic_prefix", "schema_registry"];
+
+/// Kafka bootstrap servers.
+#[derive(Debug, JsonSchema)]
+#[serde(untagged)]
+pub enum Brokers {
+    List(Vec<Sp<String>>),
+    /// Comma-separated.
+    Csv(Sp<String>),
+}
+
+/// Microsoft Graph access.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    /// Default `https://graph.microsoft.com/v1.0`.
+    #[serde(default)]
+    pub base_url: Option<Sp<String>>,
+    /// OAuth2 token endpoint; `{tenant}` is replaced by `tenant`.
+    /// Default `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`.
+    #[serde(default)]
+    pub token_url: Option<Sp<String>>,
+    /// Tenant domain (`contoso.onmicrosoft.com`) or id.
+    pub tenant: Sp<String>,
+    /// Application (client) id: a GUID.
+    pub client_id: Sp<String>,
+    /// Client secret; write `${GRAPH_CLIENT_SECRET}` rather than the value.
+    pub client_secret: Sp<Secret>,
+    /// `hostname:/server-relative-path`, e.g. `contoso.sharepoint.com:/sites/ops`.
+    pub site: Sp<String>,
+    /// Resource units per minute of the tenant's licence tier; default 1250.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 4294967295u64))]
+    pub ru_per_minute: Option<Sp<u64>>,
+}
+pub const GRAPH_KEYS: &[&str] = &[
+    "base_url",
+    "token_url",
+    "tenant",
+    "client_id",
+    "client_secret",
+    "site",
+    "ru_per_minute",
+];
+
+/// One table synced with one list.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncFile {
+    /// Schema-qualified table name, e.g. `public.projects`.
+    pub table: Sp<String>,
+    /// Display name of the target list; created if missing.
+    pub list: Sp<String>,
+    /// Key columns; default: the table's primary key.
+    #[serde(default)]
+    pub key: Option<Sp<Vec<Sp<String>>>>,
+    pub fields: FieldsFile,
+    /// Optional sharding: first match wins, else `list`.
+    #[serde(default)]
+    pub routes: Option<Vec<RouteFile>>,
+    #[serde(default)]
+    pub pull: Option<PullFile>,
+    /// Default `source_wins`.
+    #[serde(default)]
+    pub conflict: Option<Sp<ConflictPolicy>>,
+}
+pub const SYNC_KEYS: &[&str] = &[
+    "table", "list", "key", "fields", "routes", "pull", "conflict",
+];
+
+/// `column: FieldName` or `column: { field, type, direction, ... }`, in file order.
+#[derive(Debug, Default)]
+pub struct FieldsFile(pub Vec<(Sp<String>, FieldValueFile)>);
+
+impl JsonSchema for FieldsFile {
+    fn schema_name() -> Cow<'static, str> {
+        "Fields".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Column → SharePoint field, in order: `column: FieldName` or `column: { field, type, direction, ... }`.",
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": generator.subschema_for::<FieldValueFile>(),
+        })
+    }
+}
+
+/// A field mapping: the short form is just the SharePoint internal name.
+#[derive(Debug, JsonSchema)]
+#[serde(untagged)]
+pub enum FieldValueFile {
+    Name(Sp<String>),
+    Spec(FieldSpecFile),
+}
+
+/// The long form of a field mapping.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpecFile {
+    /// SharePoint internal name: ASCII identifier, at most 32 characters.
+    pub field: Sp<String>,
+    /// Default `text`.
+    #[serde(default, rename = "type")]
+    pub field_type: Option<Sp<FieldType>>,
+    /// Default `bidirectional`.
+    #[serde(default)]
+    pub direction: Option<Sp<Direction>>,
+    /// Allowed values; required (non-empty) for `choice` and `multichoice`.
+    #[serde(default)]
+    pub choices: Option<Sp<Vec<Sp<String>>>>,
+    /// For `lookup`: display name of the synced list the foreign key points into.
+    #[serde(default)]
+    pub list: Option<Sp<String>>,
+    /// Overrides the entry's conflict policy for this (bidirectional) field.
+    #[serde(default)]
+    pub conflict: Option<Sp<ConflictPolicy>>,
+    #[serde(skip)]
+    pub loc: Loc,
+}
+pub const FIELD_SPEC_KEYS: &[&str] = &["field", "type", "direction", "choices", "list", "conflict"];
+
+/// A routing rule.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    /// CEL expression over the row's columns, e.g. `status == 'archived'`.
+    pub when: Sp<String>,
+    /// Display name of the list matching rows go to.
+    pub list: Sp<String>,
+}
+pub const ROUTE_KEYS: &[&str] = &["when", "list"];
+
+/// The return path (SharePoint → Postgres).
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullFile {
+    /// Default `true`.
+    #[serde(default)]
+    pub enabled: Option<Sp<bool>>,
+    /// Delta polling interval; default 2000, at least 100.
+    #[serde(default)]
+    #[schemars(range(min = 100))]
+    pub interval_ms: Option<Sp<u64>>,
+}
+pub const PULL_KEYS: &[&str] = &["enabled", "interval_ms"];
+
+/// The control-plane HTTP server.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    /// `ip:port`; default `127.0.0.1:8088`.
+    #[serde(default)]
+    pub listen: Option<Sp<String>>,
+}
+pub const CONTROL_KEYS: &[&str] = &["listen"];
+
+/// What the reader recovered from a file: every section that could be read.
+#[derive(Debug, Default)]
+pub struct PartialFile {
+    pub version: Option<Sp<u64>>,
+    pub name: Option<Sp<String>>,
+    pub source: Option<SourceFile>,
+    pub log: Option<LogFile>,
+    pub graph: Option<GraphFile>,
+    /// The entries that could be read.
+    pub sync: Vec<SyncFile>,
+    pub control: Option<ControlFile>,
+}
+
+/// Collects problems while reading.
+#[derive(Debug, Default)]
+pub struct Reader {
+    pub issues: Vec<Issue>,
+}
+
+/// The keys of one mapping, checked against what is allowed.
+struct MapView<'n> {
+    loc: Loc,
+    path: String,
+    entries: Vec<(&'n str, &'n Node)>,
+}
+
+impl<'n> MapView<'n> {
+    fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, v)| *k == key && !is_null(v))
+            .map(|(_, v)| *v)
+    }
+    fn child(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn is_null(node: &Node) -> bool {
+    matches!(&node.kind, Kind::Scalar(s) if s.is_null())
+}
+
+/// `value` for messages: quoted, shortened, or hidden when it came from the environment.
+fn shown(node: &Node) -> String {
+    match &node.kind {
+        Kind::Scalar(s) if s.interpolated => "a value from the environment".into(),
+        Kind::Scalar(s) if s.is_null() => "null".into(),
+        Kind::Scalar(s) => {
+            let mut text: String = s.text.chars().take(40).collect();
+            if s.text.chars().count() > 40 {
+                text.push('…');
+            }
+            format!("`{text}`")
+        }
+        _ => node.kind_name().into(),
+    }
+}
+
+impl Reader {
+    fn err(&mut self, loc: Loc, msg: impl Into<String>) {
+        self.issues.push((loc, msg.into()));
+    }
+
+    /// A mapping with only `keys`; null reads as an empty mapping (`embedded:` alone).
+    fn map<'n>(&mut self, node: &'n Node, path: &str, keys: &[&str]) -> Option<MapView<'n>> {
+        let raw = match &node.kind {
+            Kind::Map(entries) => entries.as_slice(),
+            _ if is_null(node) => &[],
+            _ => {
+                let msg = if path.is_empty() {
+                    "a pipeline file must be a mapping (version, name, source, graph, sync)".into()
+                } else {
+                    format!("`{path}`: expected a mapping")
+                };
+                self.err(node.loc, format!("{msg}, found {}", node.kind_name()));
+                return None;
+            }
+        };
+        let mut view = MapView {
+            loc: node.loc,
+            path: path.to_owned(),
+            entries: Vec::new(),
+        };
+        let place = if path.is_empty() {
+            String::new()
+        } else {
+            format!(" in `{path}`")
+        };
+        // Keys seen so far (unknown ones too), to point a duplicate at the first one.
+        let mut seen: Vec<(&str, Loc)> = Vec::new();
+        for (k, v) in raw {
+            let Some(key) = self.key(k) else { continue };
+            if let Some((_, first)) = seen.iter().find(|(s, _)| *s == key) {
+                let msg = format!("duplicate key `{key}`{place} (first at {first})");
+                self.err(k.loc, msg);
+                continue;
+            }
+            seen.push((key, k.loc));
+            if !keys.contains(&key) {
+                let expected = keys.join(", ");
+                self.err(
+                    k.loc,
+                    format!("unknown key `{key}`{place}; expected one of: {expected}"),
+                );
+                continue;
+            }
+            view.entries.push((key, v));
+        }
+        Some(view)
+    }
+
+    fn key<'n>(&mut self, node: &'n Node) -> Option<&'n str> {
+        match &node.kind {
+            Kind::Scalar(s) if !s.is_null() && !s.text.is_empty() => Some(&s.text),
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("mapping keys must be strings, found {}", node.kind_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn required<'n>(&mut self, map: &MapView<'n>, key: &str) -> Option<&'n Node> {
+        let found = map.get(key);
+        if found.is_none() {
+            let place = if map.path.is_empty() {
+                String::new()
+            } else {
+                format!(" in `{}`", map.path)
+            };
+            self.err(map.loc, format!("missing required key `{key}`{place}"));
+        }
+        found
+    }
+
+    fn string(&mut self, node: &Node, path: &str) -> Option<Sp<String>> {
+        match &node.kind {
+            // Any non-null scalar is text: YAML would read `list: 2024` as a number, but a
+            // list called "2024" is what the author meant.
+            Kind::Scalar(s) if s.broken => None,
+            Kind::Scalar(s) if !s.is_null() => Some(Sp {
+                value: s.text.clone(),
+                loc: node.loc,
+                interpolated: s.interpolated,
+            }),
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("`{path}`: expected a string, found {}", node.kind_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn secret(&mut self, node: &Node, path: &str) -> Option<Sp<Secret>> {
+        self.string(node, path).map(|s| Sp {
+            value: Secret::new(s.value),
+            loc: s.loc,
+            interpolated: s.interpolated,
+        })
+    }
+
+    /// A plain (or interpolated) scalar: quoting makes a YAML value a string, not a number.
+    fn typed_text<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        what: &str,
+    ) -> Option<(&'n str, bool)> {
+        match &node.kind {
+            Kind::Scalar(s) if s.broken => None,
+            Kind::Scalar(s) if s.plain || s.interpolated => Some((s.text.trim(), s.interpolated)),
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("`{path}`: expected {what}, found {}", describe(node)),
+                );
+                None
+            }
+        }
+    }
+
+    fn uint(&mut self, node: &Node, path: &str) -> Option<Sp<u64>> {
+        let what = "an unsigned integer";
+        let (text, interpolated) = self.typed_text(node, path, what)?;
+        let digits = text.strip_prefix('+').unwrap_or(text).replace('_', "");
+        match digits.parse::<u64>() {
+            Ok(value) if !digits.is_empty() => Some(Sp {
+                value,
+                loc: node.loc,
+                interpolated,
+            }),
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("`{path}`: expected {what}, found {}", shown(node)),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<Sp<bool>> {
+        let what = "`true` or `false`";
+        let (text, interpolated) = self.typed_text(node, path, what)?;
+        // YAML 1.2 core schema spellings only: `yes`/`on` are strings there.
+        let value = match text {
+            "true" | "True" | "TRUE" => true,
+            "false" | "False" | "FALSE" => false,
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("`{path}`: expected {what}, found {}", shown(node)),
+                );
+                return None;
+            }
+        };
+        Some(Sp {
+            value,
+            loc: node.loc,
+            interpolated,
+        })
+    }
+
+    fn word<T: Copy>(&mut self, node: &Node, path: &str, table: &[(&str, T)]) -> Option<Sp<T>> {
+        let s = self.string(node, path)?;
+        match table.iter().find(|(w, _)| *w == s.value.trim()) {
+            Some((_, v)) => Some(Sp {
+                value: *v,
+                loc: s.loc,
+                interpolated: s.interpolated,
+            }),
+            None => {
+                let words: Vec<&str> = table.iter().map(|(w, _)| *w).collect();
+                self.err(
+                    node.loc,
+                    format!(
+                        "`{path}`: unknown value {}; expected one of: {}",
+                        shown(node),
+                        words.join(", ")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn seq<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [Node]> {
+        match &node.kind {
+            Kind::Seq(items) => Some(items),
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("`{path}`: expected a sequence, found {}", node.kind_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn strings(&mut self, node: &Node, path: &str) -> Option<Sp<Vec<Sp<String>>>> {
+        let items = self.seq(node, path)?;
+        let value = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| self.string(n, &format!("{path}[{i}]")))
+            .collect();
+        Some(Sp {
+            value,
+            loc: node.loc,
+            interpolated: false,
+        })
+    }
+
+    /// Reads a whole file; never fails, problems are in `self.issues`.
+    pub fn file(&mut self, root: &Node) -> PartialFile {
+        let mut file = PartialFile::default();
+        let Some(m) = self.map(root, "", PIPELINE_KEYS) else {
+            return file;
+        };
+        file.version = self
+            .required(&m, "version")
+            .and_then(|n| self.uint(n, "version"));
+        file.name = self
+            .required(&m, "name")
+            .and_then(|n| self.string(n, "name"));
+        file.source = self
+            .required(&m, "source")
+            .and_then(|n| self.source(n, "source"));
+        file.log = m.get("log").and_then(|n| self.log(n, "log"));
+        file.graph = self
+            .required(&m, "graph")
+            .and_then(|n| self.graph(n, "graph"));
+        if let Some(node) = self.required(&m, "sync")
+            && let Some(items) = self.seq(node, "sync")
+        {
+            if items.is_empty() {
+                self.err(node.loc, "`sync`: at least one entry is needed");
+            }
+            for (i, item) in items.iter().enumerate() {
+                if let Some(entry) = self.sync(item, &format!("sync[{i}]")) {
+                    file.sync.push(entry);
+                }
+            }
+        }
+        file.control = m.get("control").and_then(|n| self.control(n, "control"));
+        file
+    }
+
+    fn source(&mut self, node: &Node, path: &str) -> Option<SourceFile> {
+        let m = self.map(node, path, SOURCE_KEYS)?;
+        let url = self
+            .required(&m, "url")
+            .and_then(|n| self.secret(n, &m.child("url")));
+        Some(SourceFile { url: url? })
+    }
+
+    fn log(&mut self, node: &Node, path: &str) -> Option<LogFile> {
+        let m = self.map(node, path, LOG_KEYS)?;
+        let embedded = m
+            .entries
+            .iter()
+            .find(|(k, _)| *k == "embedded")
+            .and_then(|(_, n)| {
+                let m = self.map(n, &join(path, "embedded"), EMBEDDED_KEYS)?;
+                let path = m.get("path").and_then(|n| self.string(n, &m.child("path")));
+                Some(EmbeddedFile { path })
+            });
+        let kafka = m
+            .get("kafka")
+            .and_then(|n| self.kafka(n, &m.child("kafka")));
+        Some(LogFile {
+            embedded,
+            kafka,
+            loc: node.loc,
+        })
+    }
+
+    fn kafka(&mut self, node: &Node, path: &str) -> Option<KafkaFile> {
+        let m = self.map(node, path, KAFKA_KEYS)?;
+        let brokers = self.required(&m, "brokers").and_then(|n| match &n.kind {
+            Kind::Seq(items) if items.is_empty() => {
+                self.err(n.loc, "`log.kafka.brokers` is empty");
+                None
+            }
+            Kind::Seq(_) => self
+                .strings(n, &m.child("brokers"))
+                .map(|s| Brokers::List(s.value)),
+            _ => self.string(n, &m.child("brokers")).map(Brokers::Csv),
+        });
+        let topic_prefix = m
+            .get("topic_prefix")
+            .and_then(|n| self.string(n, &m.child("topic_prefix")));
+        let schema_registry = m
+            .get("schema_registry")
+            .and_then(|n| self.string(n, &m.child("schema_registry")));
+        Some(KafkaFile {
+            brokers: brokers?,
+            topic_prefix,
+            schema_registry,
+        })
+    }
+
+    fn graph(&mut self, node: &Node, path: &str) -> Option<GraphFile> {
+        let m = self.map(node, path, GRAPH_KEYS)?;
+        let opt = |r: &mut Self, key: &str| m.get(key).and_then(|n| r.string(n, &m.child(key)));
+        let req =
+            |r: &mut Self, key: &str| r.required(&m, key).and_then(|n| r.string(n, &m.child(key)));
+        let base_url = opt(self, "base_url");
+        let token_url = opt(self, "token_url");
+        let tenant = req(self, "tenant");
+        let client_id = req(self, "client_id");
+        let client_secret = self
+            .required(&m, "client_secret")
+            .and_then(|n| self.secret(n, &m.child("client_secret")));
+        let site = req(self, "site");
+        let ru_per_minute = m
+            .get("ru_per_minute")
+            .and_then(|n| self.uint(n, &m.child("ru_per_minute")));
+        Some(GraphFile {
+            base_url,
+            token_url,
+            tenant: tenant?,
+            client_id: client_id?,
+            client_secret: client_secret?,
+            site: site?,
+            ru_per_minute,
+        })
+    }
+
+    fn sync(&mut self, node: &Node, path: &str) -> Option<SyncFile> {
+        let m = self.map(node, path, SYNC_KEYS)?;
+        let table = self
+            .required(&m, "table")
+            .and_then(|n| self.string(n, &m.child("table")));
+        let list = self
+            .required(&m, "list")
+            .and_then(|n| self.string(n, &m.child("list")));
+        let key = m.get("key").and_then(|n| self.strings(n, &m.child("key")));
+        let fields = self
+            .required(&m, "fields")
+            .and_then(|n| self.fields(n, &m.child("fields")));
+        let routes = m.get("routes").and_then(|n| {
+            let path = m.child("routes");
+            let items = self.seq(n, &path)?;
+            let routes = items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let path = format!("{path}[{i}]");
+                    let r = self.map(item, &path, ROUTE_KEYS)?;
+                    let when = self
+                        .required(&r, "when")
+                        .and_then(|n| self.string(n, &r.child("when")));
+                    let list = self
+                        .required(&r, "list")
+                        .and_then(|n| self.string(n, &r.child("list")));
+                    Some(RouteFile {
+                        when: when?,
+                        list: list?,
+                    })
+                })
+                .collect();
+            Some(routes)
+        });
+        let pull = m.get("pull").and_then(|n| {
+            let p = self.map(n, &m.child("pull"), PULL_KEYS)?;
+            let enabled = p
+                .get("enabled")
+                .and_then(|n| self.boolean(n, &p.child("enabled")));
+            let interval_ms = p
+                .get("interval_ms")
+                .and_then(|n| self.uint(n, &p.child("interval_ms")));
+            Some(PullFile {
+                enabled,
+                interval_ms,
+            })
+        });
+        let conflict = m
+            .get("conflict")
+            .and_then(|n| self.word(n, &m.child("conflict"), ConflictPolicy::ALL));
+        Some(SyncFile {
+            table: table?,
+            list: list?,
+            key,
+            fields: fields.unwrap_or_default(),
+            routes,
+            pull,
+            conflict,
+        })
+    }
+
+    fn fields(&mut self, node: &Node, path: &str) -> Option<FieldsFile> {
+        let Kind::Map(entries) = &node.kind else {
+            self.err(
+                node.loc,
+                format!(
+                    "`{path}`: expected a mapping of column: field, found {}",
+                    node.kind_name()
+                ),
+            );
+            return None;
+        };
+        if entries.is_empty() {
+            self.err(node.loc, format!("`{path}`: map at least one column"));
+        }
+        let mut out: Vec<(Sp<String>, FieldValueFile)> = Vec::new();
+        for (k, v) in entries {
+            let Some(column) = self.key(k) else { continue };
+            if let Some((first, _)) = out.iter().find(|(c, _)| c.value == column) {
+                let first = first.loc;
+                self.err(
+                    k.loc,
+                    format!("column `{column}` is mapped twice in `{path}` (first at {first})"),
+                );
+                continue;
+            }
+            let column = Sp {
+                value: column.to_owned(),
+                loc: k.loc,
+                interpolated: false,
+            };
+            let path = join(path, &column.value);
+            let value = match &v.kind {
+                Kind::Map(_) => self.field_spec(v, &path).map(FieldValueFile::Spec),
+                _ => self.string(v, &path).map(FieldValueFile::Name),
+            };
+            if let Some(value) = value {
+                out.push((column, value));
+            }
+        }
+        Some(FieldsFile(out))
+    }
+
+    fn field_spec(&mut self, node: &Node, path: &str) -> Option<FieldSpecFile> {
+        let m = self.map(node, path, FIELD_SPEC_KEYS)?;
+        let field = self
+            .required(&m, "field")
+            .and_then(|n| self.string(n, &m.child("field")));
+        let field_type = m
+            .get("type")
+            .and_then(|n| self.word(n, &m.child("type"), FieldType::ALL));
+        let direction = m
+            .get("direction")
+            .and_then(|n| self.word(n, &m.child("direction"), Direction::ALL));
+        let choices = m
+            .get("choices")
+            .and_then(|n| self.strings(n, &m.child("choices")));
+        let list = m.get("list").and_then(|n| self.string(n, &m.child("list")));
+        let conflict = m
+            .get("conflict")
+            .and_then(|n| self.word(n, &m.child("conflict"), ConflictPolicy::ALL));
+        Some(FieldSpecFile {
+            field: field?,
+            field_type,
+            direction,
+            choices,
+            list,
+            conflict,
+            loc: node.loc,
+        })
+    }
+
+    fn control(&mut self, node: &Node, path: &str) -> Option<ControlFile> {
+        let m = self.map(node, path, CONTROL_KEYS)?;
+        let listen = m
+            .get("listen")
+            .and_then(|n| self.string(n, &m.child("listen")));
+        Some(ControlFile { listen })
+    }
+}
+
+/// Like [`shown`], but says why a quoted scalar is not a number or boolean.
+fn describe(node: &Node) -> String {
+    match &node.kind {
+        Kind::Scalar(s) if !s.plain && !s.interpolated => {
+            format!("the quoted string {}", shown(node))
+        }
+        _ => node.kind_name().into(),
+    }
+}

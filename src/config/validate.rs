@@ -1,0 +1,642 @@
+//! Semantic checks on what the reader recovered, and the build of the typed config.
+//!
+//! No IO happens here. Every section is checked even when another one is broken, and every
+//! problem is reported; the typed config is built only when there are none.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use url::Url;
+
+use super::model::*;
+use super::raw::*;
+use super::yaml::Loc;
+
+/// What cross-file checks need to know about a valid pipeline.
+#[derive(Debug, Clone)]
+pub struct CrossRefs {
+    pub name: Loc,
+    /// Every list display name the pipeline writes to, with where it is written.
+    pub lists: Vec<(String, Loc)>,
+}
+
+fn is_ident(s: &str, extra: &[char]) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+}
+
+/// `[a-z][a-z0-9_]{0,40}`: the name ends up in slot, publication and topic names.
+pub fn is_pipeline_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 41
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn is_pg_ident(s: &str) -> bool {
+    s.len() <= MAX_PG_IDENT_LEN && is_ident(s, &['$'])
+}
+
+/// SharePoint list titles are case-insensitive.
+fn list_key(s: &str) -> String {
+    s.trim().to_lowercase()
+}
+
+fn http_url(r: &mut Reader, s: &Sp<String>, path: &str) -> Option<Url> {
+    match Url::parse(s.value.trim()) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        _ => {
+            r.issues.push((
+                s.loc,
+                format!("`{path}` must be an http:// or https:// URL"),
+            ));
+            None
+        }
+    }
+}
+
+/// Checks a file and builds its config. Problems go to `r.issues`; `Some` only without any.
+pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, CrossRefs)> {
+    let before = r.issues.len();
+    if let Some(v) = &f.version
+        && v.value != 1
+    {
+        r.issues.push((
+            v.loc,
+            format!(
+                "unsupported `version` {}; this SyncBridge reads version 1",
+                v.value
+            ),
+        ));
+    }
+    if let Some(n) = &f.name
+        && !is_pipeline_name(&n.value)
+    {
+        r.issues.push((
+            n.loc,
+            format!(
+                "invalid pipeline `name` `{}`: expected [a-z][a-z0-9_]{{0,40}}",
+                n.value.escape_debug()
+            ),
+        ));
+    }
+    let source = f
+        .source
+        .as_ref()
+        .and_then(|s| match PgUrl::parse(s.url.value.expose().trim()) {
+            // The message never echoes the URL: it may hold a password.
+            Ok(url) => Some(SourceConfig { url }),
+            Err(why) => {
+                r.issues.push((s.url.loc, format!("`source.url` {why}")));
+                None
+            }
+        });
+    let name = f.name.as_ref().map(|n| n.value.clone()).unwrap_or_default();
+    let log = match &f.log {
+        None => Some(LogConfig::Embedded {
+            path: PathBuf::from(DEFAULT_EMBEDDED_LOG_DIR).join(&name),
+        }),
+        Some(log) => check_log(r, log, &name),
+    };
+    let graph = f.graph.as_ref().and_then(|g| check_graph(r, g));
+    let sync = check_sync(r, &f.sync);
+    let control = match f.control.as_ref().and_then(|c| c.listen.as_ref()) {
+        None => DEFAULT_CONTROL_LISTEN.parse::<SocketAddr>().ok(),
+        Some(l) => match l.value.trim().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                r.issues.push((
+                    l.loc,
+                    "`control.listen` must be an ip:port socket address, e.g. 127.0.0.1:8088"
+                        .into(),
+                ));
+                None
+            }
+        },
+    };
+    if r.issues.len() != before {
+        return None;
+    }
+    let (sync, lists) = sync?;
+    let config = PipelineConfig {
+        name,
+        source: source?,
+        log: log?,
+        graph: graph?,
+        sync,
+        control: ControlConfig { listen: control? },
+    };
+    // `version` and `name` are present when the reader reported nothing.
+    f.version.as_ref()?;
+    Some((
+        config,
+        CrossRefs {
+            name: f.name.as_ref()?.loc,
+            lists,
+        },
+    ))
+}
+
+fn check_log(r: &mut Reader, log: &LogFile, name: &str) -> Option<LogConfig> {
+    match (&log.embedded, &log.kafka) {
+        (Some(_), Some(_)) => {
+            r.issues.push((
+                log.loc,
+                "`log` has both `embedded` and `kafka`; keep exactly one".into(),
+            ));
+            None
+        }
+        (Some(EmbeddedFile { path: Some(p) }), None) if p.value.trim().is_empty() => {
+            r.issues
+                .push((p.loc, "`log.embedded.path` must not be empty".into()));
+            None
+        }
+        (Some(EmbeddedFile { path: Some(p) }), None) => Some(LogConfig::Embedded {
+            path: PathBuf::from(&p.value),
+        }),
+        (Some(EmbeddedFile { path: None }), None) | (None, None) => Some(LogConfig::Embedded {
+            path: PathBuf::from(DEFAULT_EMBEDDED_LOG_DIR).join(name),
+        }),
+        (None, Some(k)) => check_kafka(r, k),
+    }
+}
+
+fn check_kafka(r: &mut Reader, k: &KafkaFile) -> Option<LogConfig> {
+    let mut ok = true;
+    let mut brokers = Vec::new();
+    let list: Vec<(String, Loc)> = match &k.brokers {
+        Brokers::List(items) => items
+            .iter()
+            .map(|b| (b.value.trim().to_owned(), b.loc))
+            .collect(),
+        Brokers::Csv(s) => s
+            .value
+            .split(',')
+            .map(|b| (b.trim().to_owned(), s.loc))
+            .collect(),
+    };
+    for (b, loc) in list {
+        let port_ok = b
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if port_ok {
+            brokers.push(b);
+        } else {
+            r.issues
+                .push((loc, format!("`log.kafka.brokers`: `{b}` is not host:port")));
+            ok = false;
+        }
+    }
+    let topic_prefix = match &k.topic_prefix {
+        None => DEFAULT_TOPIC_PREFIX.to_owned(),
+        Some(p) => {
+            let valid = !p.value.is_empty()
+                && p.value.len() <= 100
+                && p.value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                r.issues.push((p.loc, "`log.kafka.topic_prefix` may only hold a-z A-Z 0-9 . _ - (Kafka topic characters)".into()));
+                ok = false;
+            }
+            p.value.clone()
+        }
+    };
+    let schema_registry = match &k.schema_registry {
+        None => None,
+        Some(s) => {
+            let url = http_url(r, s, "log.kafka.schema_registry");
+            ok &= url.is_some();
+            url
+        }
+    };
+    ok.then_some(LogConfig::Kafka {
+        brokers,
+        topic_prefix,
+        schema_registry,
+    })
+}
+
+fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
+    let before = r.issues.len();
+    let tenant = g.tenant.value.trim().to_owned();
+    if tenant.is_empty()
+        || !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+    {
+        r.issues.push((
+            g.tenant.loc,
+            "`graph.tenant` must be a tenant domain (contoso.onmicrosoft.com) or id".into(),
+        ));
+    }
+    let base_url = match &g.base_url {
+        Some(s) => http_url(r, s, "graph.base_url"),
+        None => Url::parse(DEFAULT_GRAPH_BASE_URL).ok(),
+    };
+    // `{tenant}` is substituted here so consumers get a ready URL.
+    let token_url = match &g.token_url {
+        Some(s) => {
+            let s = Sp {
+                value: s.value.replace("{tenant}", &tenant),
+                loc: s.loc,
+                interpolated: s.interpolated,
+            };
+            http_url(r, &s, "graph.token_url")
+        }
+        None => Url::parse(&DEFAULT_TOKEN_URL.replace("{tenant}", &tenant)).ok(),
+    };
+    let client_id = g.client_id.value.trim().to_owned();
+    if uuid::Uuid::try_parse(&client_id).is_err() {
+        r.issues.push((
+            g.client_id.loc,
+            "`graph.client_id` must be the application (client) id, a GUID".into(),
+        ));
+    }
+    if g.client_secret.value.expose().is_empty() {
+        r.issues
+            .push((g.client_secret.loc, "`graph.client_secret` is empty".into()));
+    }
+    let site = g.site.value.trim().to_owned();
+    let (host, path) = site
+        .split_once(":/")
+        .map_or((site.as_str(), None), |(h, p)| (h, Some(p)));
+    // A dotted hostname: catches `https://host/...` (host `https`) and bare words.
+    let host_ok = host.contains('.')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    if !host_ok || path.is_some_and(|p| p.is_empty() || p.starts_with('/') || p.contains(':')) {
+        r.issues.push((
+            g.site.loc,
+            "`graph.site` must be `hostname:/server-relative-path`, e.g. contoso.sharepoint.com:/sites/ops".into(),
+        ));
+    }
+    let ru_per_minute = match &g.ru_per_minute {
+        None => DEFAULT_RU_PER_MINUTE,
+        Some(ru) => match u32::try_from(ru.value) {
+            Ok(v) if v > 0 => v,
+            _ => {
+                r.issues.push((
+                    ru.loc,
+                    format!("`graph.ru_per_minute` must be between 1 and {}", u32::MAX),
+                ));
+                0
+            }
+        },
+    };
+    if r.issues.len() != before {
+        return None;
+    }
+    Some(GraphConfig {
+        base_url: base_url?,
+        token_url: token_url?,
+        tenant,
+        client_id,
+        client_secret: g.client_secret.value.clone(),
+        site,
+        ru_per_minute,
+    })
+}
+
+type SyncOut = (Vec<SyncEntry>, Vec<(String, Loc)>);
+
+fn check_sync(r: &mut Reader, entries: &[SyncFile]) -> Option<SyncOut> {
+    let before = r.issues.len();
+    // Every list any entry writes to (lookups may point at any of them), first use wins.
+    let mut lists: Vec<(String, Loc)> = Vec::new();
+    let mut owner: HashMap<String, (usize, Loc)> = HashMap::new();
+    let mut tables: HashMap<String, Loc> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let mut targets = vec![&e.list];
+        targets.extend(e.routes.iter().flatten().map(|rt| &rt.list));
+        for l in targets {
+            let key = list_key(&l.value);
+            match owner.get(&key) {
+                Some(&(j, first)) if j != i => r.issues.push((
+                    l.loc,
+                    format!("list `{}` is already synced by sync[{j}] (at {first}); a list belongs to one entry", l.value.trim()),
+                )),
+                Some(_) => {}
+                None => {
+                    owner.insert(key, (i, l.loc));
+                    lists.push((l.value.trim().to_owned(), l.loc));
+                }
+            }
+        }
+        let table = e.table.value.trim().to_owned();
+        if let Some(first) = tables.get(&table) {
+            r.issues.push((
+                e.table.loc,
+                format!("table `{table}` is synced twice (first at {first})"),
+            ));
+        } else {
+            tables.insert(table, e.table.loc);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if let Some(entry) = check_entry(r, e, &format!("sync[{i}]"), &owner) {
+            out.push(entry);
+        }
+    }
+    (r.issues.len() == before).then_some((out, lists))
+}
+
+fn check_list_name(r: &mut Reader, l: &Sp<String>, path: &str) {
+    let t = l.value.trim();
+    if t.is_empty() || t.chars().count() > MAX_LIST_TITLE_LEN {
+        r.issues.push((
+            l.loc,
+            format!("`{path}` must be a list display name of 1 to {MAX_LIST_TITLE_LEN} characters"),
+        ));
+    }
+}
+
+fn check_entry(
+    r: &mut Reader,
+    e: &SyncFile,
+    path: &str,
+    lists: &HashMap<String, (usize, Loc)>,
+) -> Option<SyncEntry> {
+    let before = r.issues.len();
+    let table = match e.table.value.trim().split_once('.') {
+        Some((schema, name)) if is_pg_ident(schema) && is_pg_ident(name) => Some(TableName {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+        }),
+        _ => {
+            r.issues.push((
+                e.table.loc,
+                format!(
+                    "`{path}.table` must be schema-qualified, like public.projects (found `{}`)",
+                    e.table.value.escape_debug()
+                ),
+            ));
+            None
+        }
+    };
+    check_list_name(r, &e.list, &format!("{path}.list"));
+    let key = e.key.as_ref().map(|k| {
+        if k.value.is_empty() {
+            r.issues.push((
+                k.loc,
+                format!(
+                    "`{path}.key` must name at least one column (omit it to use the primary key)"
+                ),
+            ));
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for c in &k.value {
+            if !is_pg_ident(&c.value) {
+                r.issues.push((
+                    c.loc,
+                    format!(
+                        "`{path}.key`: `{}` is not a column name",
+                        c.value.escape_debug()
+                    ),
+                ));
+            } else if seen.contains(&c.value.as_str()) {
+                r.issues.push((
+                    c.loc,
+                    format!("`{path}.key`: column `{}` is listed twice", c.value),
+                ));
+            }
+            seen.push(&c.value);
+        }
+        k.value.iter().map(|c| c.value.clone()).collect::<Vec<_>>()
+    });
+    let pull = PullConfig {
+        enabled: e
+            .pull
+            .as_ref()
+            .and_then(|p| p.enabled.as_ref())
+            .map_or(DEFAULT_PULL_ENABLED, |b| b.value),
+        interval_ms: match e.pull.as_ref().and_then(|p| p.interval_ms.as_ref()) {
+            None => DEFAULT_PULL_INTERVAL_MS,
+            Some(ms) => {
+                if ms.value < MIN_PULL_INTERVAL_MS {
+                    r.issues.push((
+                        ms.loc,
+                        format!(
+                            "`{path}.pull.interval_ms` must be at least {MIN_PULL_INTERVAL_MS}"
+                        ),
+                    ));
+                }
+                ms.value
+            }
+        },
+    };
+    let mut routes = Vec::new();
+    for (i, rt) in e.routes.iter().flatten().enumerate() {
+        let rpath = format!("{path}.routes[{i}]");
+        check_list_name(r, &rt.list, &format!("{rpath}.list"));
+        let when = rt.when.value.trim();
+        if when.is_empty() {
+            r.issues
+                .push((rt.when.loc, format!("`{rpath}.when` is empty")));
+        } else if let Err(errors) = cel::Program::compile(when) {
+            let first = errors.errors.first();
+            let detail = first.map_or_else(
+                || "syntax error".to_owned(),
+                |e| format!("{} (expression {}:{})", e.msg, e.pos.0, e.pos.1),
+            );
+            r.issues.push((
+                rt.when.loc,
+                format!("`{rpath}.when` is not a valid CEL expression: {detail}"),
+            ));
+        }
+        routes.push(Route {
+            when: when.to_owned(),
+            list: rt.list.value.trim().to_owned(),
+        });
+    }
+    let mut fields: Vec<FieldMapping> = Vec::new();
+    let mut field_locs: Vec<Loc> = Vec::new();
+    for (column, value) in &e.fields.0 {
+        let fpath = format!("{path}.fields.{}", column.value);
+        if !is_pg_ident(&column.value) {
+            r.issues.push((
+                column.loc,
+                format!(
+                    "`{fpath}`: `{}` is not a column name",
+                    column.value.escape_debug()
+                ),
+            ));
+        }
+        let (mapping, loc) = match value {
+            FieldValueFile::Name(n) => (
+                FieldMapping {
+                    column: column.value.clone(),
+                    field: n.value.trim().to_owned(),
+                    field_type: FieldType::Text,
+                    direction: Direction::Bidirectional,
+                    choices: Vec::new(),
+                    lookup_list: None,
+                    conflict: None,
+                },
+                n.loc,
+            ),
+            FieldValueFile::Spec(s) => match check_field_spec(r, column, s, &fpath, lists) {
+                Some(m) => (m, s.field.loc),
+                None => continue,
+            },
+        };
+        check_field_name(r, &mapping, loc, &fpath);
+        if let Some(j) = fields
+            .iter()
+            .position(|f| f.field.eq_ignore_ascii_case(&mapping.field))
+        {
+            r.issues.push((
+                loc,
+                format!(
+                    "`{fpath}`: field `{}` is already mapped from column `{}` (at {})",
+                    mapping.field, fields[j].column, field_locs[j]
+                ),
+            ));
+        }
+        if mapping.direction == Direction::PullOnly && !pull.enabled {
+            r.issues.push((
+                loc,
+                format!("`{fpath}` is pull_only but pull is disabled for this entry"),
+            ));
+        }
+        fields.push(mapping);
+        field_locs.push(loc);
+    }
+    if r.issues.len() != before {
+        return None;
+    }
+    Some(SyncEntry {
+        table: table?,
+        list: e.list.value.trim().to_owned(),
+        key,
+        fields,
+        routes,
+        pull,
+        conflict: e
+            .conflict
+            .as_ref()
+            .map_or(ConflictPolicy::SourceWins, |c| c.value),
+    })
+}
+
+fn check_field_name(r: &mut Reader, m: &FieldMapping, loc: Loc, path: &str) {
+    let name = &m.field;
+    if !is_ident(name, &[]) || name.len() > MAX_FIELD_NAME_LEN {
+        r.issues.push((
+            loc,
+            format!(
+                "`{path}`: `{}` is not a SharePoint internal name (ASCII letters, digits, _; at most {MAX_FIELD_NAME_LEN} characters)",
+                name.escape_debug()
+            ),
+        ));
+    } else if name.eq_ignore_ascii_case(SYNC_KEY_FIELD) {
+        r.issues.push((loc, format!("`{path}`: `{SYNC_KEY_FIELD}` is SyncBridge's own hidden column and cannot be mapped")));
+    } else if let Some(sys) = SYSTEM_FIELDS.iter().find(|s| s.eq_ignore_ascii_case(name))
+        && m.direction != Direction::PullOnly
+    {
+        r.issues.push((
+                loc,
+                format!("`{path}`: `{sys}` is a read-only SharePoint system field; map it with `direction: pull_only`"),
+            ));
+    }
+}
+
+fn check_field_spec(
+    r: &mut Reader,
+    column: &Sp<String>,
+    s: &FieldSpecFile,
+    path: &str,
+    lists: &HashMap<String, (usize, Loc)>,
+) -> Option<FieldMapping> {
+    let before = r.issues.len();
+    let field_type = s.field_type.as_ref().map_or(FieldType::Text, |t| t.value);
+    let direction = s
+        .direction
+        .as_ref()
+        .map_or(Direction::Bidirectional, |d| d.value);
+    let needs_choices = matches!(field_type, FieldType::Choice | FieldType::MultiChoice);
+    let mut choices = Vec::new();
+    match (&s.choices, needs_choices) {
+        (None, true) => r.issues.push((
+            s.loc,
+            format!("`{path}`: type {field_type} needs a non-empty `choices` list"),
+        )),
+        (Some(c), true) if c.value.is_empty() => r.issues.push((
+            c.loc,
+            format!("`{path}`: type {field_type} needs a non-empty `choices` list"),
+        )),
+        (Some(c), false) => r.issues.push((
+            c.loc,
+            format!("`{path}`: `choices` only applies to choice and multichoice fields"),
+        )),
+        (Some(c), true) => {
+            for v in &c.value {
+                let t = v.value.trim();
+                if t.is_empty() {
+                    r.issues
+                        .push((v.loc, format!("`{path}.choices`: empty choice")));
+                } else if choices.iter().any(|x: &String| x == t) {
+                    r.issues
+                        .push((v.loc, format!("`{path}.choices`: `{t}` is listed twice")));
+                } else {
+                    choices.push(t.to_owned());
+                }
+            }
+        }
+        (None, false) => {}
+    }
+    let lookup_list = match (&s.list, field_type == FieldType::Lookup) {
+        (None, true) => {
+            r.issues.push((
+                s.loc,
+                format!(
+                    "`{path}`: a lookup field needs `list`, the synced list its values point into"
+                ),
+            ));
+            None
+        }
+        (Some(l), true) => {
+            if !lists.contains_key(&list_key(&l.value)) {
+                r.issues.push((
+                    l.loc,
+                    format!(
+                        "`{path}.list`: `{}` is not a list synced by this pipeline",
+                        l.value.trim()
+                    ),
+                ));
+            }
+            Some(l.value.trim().to_owned())
+        }
+        (Some(l), false) => {
+            r.issues.push((
+                l.loc,
+                format!("`{path}`: `list` only applies to lookup fields"),
+            ));
+            None
+        }
+        (None, false) => None,
+    };
+    if let Some(c) = &s.conflict
+        && direction != Direction::Bidirectional
+    {
+        r.issues.push((c.loc, format!("`{path}`: `conflict` only applies to bidirectional fields (this one is {direction})")));
+    }
+    if r.issues.len() != before {
+        return None;
+    }
+    Some(FieldMapping {
+        column: column.value.clone(),
+        field: s.field.value.trim().to_owned(),
+        field_type,
+        direction,
+        choices,
+        lookup_list,
+        conflict: s.conflict.as_ref().map(|c| c.value),
+    })
+}

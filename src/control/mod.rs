@@ -1,0 +1,171 @@
+//! Control-plane HTTP server: `/health` (the process is up), `/ready` (every registered stage has
+//! started) and `/metrics` (Prometheus text format). The pipeline API and admin UI mount here later.
+//!
+//! Binding happens in [`bind`], before any stage starts, so a taken port fails the run at once
+//! instead of after a snapshot has begun.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::metrics::STAGE_UP;
+
+/// Control-plane settings (from the pipeline file's `control:` section).
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+}
+
+/// Failure of the control plane. Binding is not retryable (the operator must free or change the
+/// port); a serve error after start is, by restarting the process.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen on {addr}: {source} (set control.listen to a free address)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("control server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+impl ControlError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ControlError::Serve(_))
+    }
+}
+
+/// Which stages exist and whether each has started. Shared by every pipeline in the process.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    stages: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Readiness {
+    /// Declares a stage (not ready yet). `name` is `<pipeline>/<stage>`.
+    pub fn register(&self, pipeline: &str, stage: &str) {
+        self.set(pipeline, stage, false);
+    }
+
+    /// Marks a stage ready (or not ready again, e.g. while it reconnects).
+    pub fn set(&self, pipeline: &str, stage: &str, ready: bool) {
+        let key = format!("{pipeline}/{stage}");
+        self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, ready);
+        metrics::gauge!(STAGE_UP, "pipeline" => pipeline.to_string(), "stage" => stage.to_string())
+            .set(if ready { 1.0 } else { 0.0 });
+    }
+
+    /// True when at least one stage is registered and all are ready.
+    pub fn is_ready(&self) -> bool {
+        let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        !stages.is_empty() && stages.values().all(|r| *r)
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, bool> {
+        self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    readiness: Readiness,
+    prometheus: PrometheusHandle,
+}
+
+/// Binds the listening socket; call before starting stages.
+pub async fn bind(config: &ControlConfig) -> Result<TcpListener, ControlError> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ControlError::Bind {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// The control-plane routes, separate from serving so tests can drive them in-process.
+pub fn router(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState {
+            readiness,
+            prometheus,
+        })
+}
+
+/// Serves until `shutdown` is cancelled, then finishes in-flight requests and returns.
+pub async fn run(
+    listener: TcpListener,
+    readiness: Readiness,
+    prometheus: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<(), ControlError> {
+    axum::serve(listener, router(readiness, prometheus))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(ControlError::Serve)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let ready = state.readiness.is_ready();
+    let body = serde_json::json!({ "ready": ready, "stages": state.readiness.snapshot() });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    // Upkeep drains histogram buckets that would otherwise grow between scrapes.
+    state.prometheus.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_every_stage() {
+        let r = Readiness::default();
+        assert!(!r.is_ready(), "no stage registered is not ready");
+        r.register("p", "log");
+        r.register("p", "capture");
+        assert!(!r.is_ready());
+        r.set("p", "log", true);
+        assert!(!r.is_ready());
+        r.set("p", "capture", true);
+        assert!(r.is_ready());
+        r.set("p", "capture", false);
+        assert!(!r.is_ready());
+    }
+}

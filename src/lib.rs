@@ -1,0 +1,26 @@
+//! SyncBridge keeps PostgreSQL tables and SharePoint / Teams lists in sync through Microsoft Graph.
+//!
+//! Modules follow the data path:
+//! - [`capture`]: PostgreSQL logical replication → Debezium-style Avro change events in the log.
+//! - [`config`]: pipeline YAML → parse → validate (no IO, every problem at once) → typed config.
+//! - [`log`]: the durable event log (`EventLog`): Kafka in production, embedded sled by default.
+//! - [`emulator`]: an offline Microsoft Graph for SharePoint lists (tests, demos, users without a tenant).
+//! - [`runtime`]: runs pipelines: one cancellation tree, stages started and drained in data-path order.
+//! - [`telemetry`]: tracing setup and the one module of metric names.
+//! - [`control`]: the control-plane HTTP server (`/health`, `/ready`, `/metrics`).
+//!
+//! Delivery guarantees (the contract every stage keeps):
+//! - A progress marker (replication LSN, log offset, delta token) moves only after the step downstream
+//!   of it is durable, so a crash at any point re-delivers, never loses.
+//! - Re-delivered events are absorbed downstream (content-hash ledger, idempotent creates), so the
+//!   end result is exactly-once in effect: nothing lost, nothing duplicated.
+//! - Every queue on the data path is bounded; a slow stage slows the ones before it.
+#![doc(html_root_url = "https://docs.rs/syncbridge")]
+
+pub mod capture;
+pub mod config;
+pub mod control;
+pub mod emulator;
+pub mod log;
+pub mod runtime;
+pub mod telemetry;

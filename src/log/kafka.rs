@@ -1,0 +1,625 @@
+//! The Kafka log (rdkafka / librdkafka).
+//!
+//! - Producer: idempotent (`enable.idempotence=true`, which implies `acks=all` and in-order
+//!   retries), so librdkafka's internal retries neither reorder nor duplicate records of a
+//!   partition. Each record's partition is set explicitly to [`partition_for`] so the mapping is
+//!   exactly the embedded log's; `partitioner=murmur2_random` is set as well, for the record.
+//! - Consumer: a `StreamConsumer` in the group `<prefix>.<group>`, subscribed to the topics;
+//!   `enable.auto.commit=false` and `enable.auto.offset.store=false`, so positions move only
+//!   through [`LogConsumer::commit`] (a synchronous offset commit).
+//! - Blocking librdkafka calls (metadata, commits, consumer close) run off the async threads.
+//! - A consumer's close (leaving the group) can block for long on some brokers, so dropping a
+//!   [`KafkaConsumer`] closes it on a detached thread; [`KafkaConsumer::close`] waits for it with
+//!   a timeout.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics as m;
+use super::{
+    CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
+    MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_spec,
+    validate_topic_name,
+};
+
+/// Prefix of every topic and group name (`<prefix>.<name>`), see DESIGN §2.
+pub const DEFAULT_TOPIC_PREFIX: &str = "syncbridge";
+/// Admin and metadata calls: long enough for a controller failover, short enough to report a
+/// dead cluster at startup quickly.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// `message.timeout.ms`: librdkafka retries a record (safely, the producer is idempotent) until
+/// this elapses; then `append` fails with a retryable error and the caller retries the batch.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+/// `session.timeout.ms`: how long a dead consumer keeps its partitions. 10 s fails over quickly
+/// without flapping on GC-free Rust processes (librdkafka's default is 45 s).
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// `linger.ms`: wait up to 5 ms to fill producer batches; capture emits bursts per transaction.
+pub const DEFAULT_LINGER_MS: u32 = 5;
+/// `queued.max.messages.kbytes`: bound on a consumer's prefetch queue (librdkafka's default is
+/// 64 MiB per consumer, too much when one process runs a consumer per pipeline).
+pub const DEFAULT_CONSUMER_QUEUE_KBYTES: u32 = 16 * 1024;
+/// Replication factor of created topics; `-1` = the broker's `default.replication.factor`.
+pub const DEFAULT_REPLICATION_FACTOR: i32 = -1;
+
+const BACKEND: &str = "kafka";
+
+/// Configuration of the Kafka log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaLogConfig {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Prefix of topics and groups (`<prefix>.<name>`); empty for none.
+    pub topic_prefix: String,
+    /// Replication factor of topics created by `ensure_topic` ([`DEFAULT_REPLICATION_FACTOR`]).
+    pub replication_factor: i32,
+    /// [`DEFAULT_REQUEST_TIMEOUT`].
+    pub request_timeout: Duration,
+    /// [`DEFAULT_DELIVERY_TIMEOUT`].
+    pub delivery_timeout: Duration,
+    /// [`DEFAULT_SESSION_TIMEOUT`].
+    pub session_timeout: Duration,
+    /// [`DEFAULT_LINGER_MS`].
+    pub linger_ms: u32,
+    /// [`DEFAULT_CONSUMER_QUEUE_KBYTES`].
+    pub consumer_queue_kbytes: u32,
+    /// `client.id` reported to the brokers.
+    pub client_id: String,
+    /// Extra librdkafka properties for every client (security, tuning); applied last.
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaLogConfig {
+    /// Defaults for `brokers`.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic_prefix: DEFAULT_TOPIC_PREFIX.to_owned(),
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+            linger_ms: DEFAULT_LINGER_MS,
+            consumer_queue_kbytes: DEFAULT_CONSUMER_QUEUE_KBYTES,
+            client_id: "syncbridge".to_owned(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// The broker-side name of `name`.
+    pub fn physical_name(&self, name: &str) -> String {
+        if self.topic_prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.topic_prefix)
+        }
+    }
+
+    fn logical_name<'a>(&self, physical: &'a str) -> &'a str {
+        if self.topic_prefix.is_empty() {
+            return physical;
+        }
+        physical
+            .strip_prefix(self.topic_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(physical)
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            // Topics are created only by ensure_topic, with the right partition count.
+            .set("allow.auto.create.topics", "false");
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn physical_topic(&self, name: &str) -> Result<String, LogError> {
+        validate_topic_name(name)?;
+        let p = self.physical_name(name);
+        if p.len() > MAX_TOPIC_NAME_LEN {
+            return Err(LogError::InvalidTopicName(p));
+        }
+        Ok(p)
+    }
+}
+
+struct Inner {
+    cfg: KafkaLogConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Partition counts by logical topic (fixed for a topic's life).
+    partitions: Mutex<HashMap<String, i32>>,
+}
+
+/// The Kafka log. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct KafkaLog {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaLog")
+            .field("brokers", &self.inner.cfg.brokers)
+            .field("topic_prefix", &self.inner.cfg.topic_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaLog {
+    /// Creates the producer and admin clients (connections are made lazily).
+    ///
+    /// # Errors
+    /// [`LogError::Kafka`] when librdkafka rejects the configuration.
+    pub fn new(cfg: KafkaLogConfig) -> Result<Self, LogError> {
+        let mut pc = cfg.client_config();
+        pc.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set("message.timeout.ms", millis(cfg.delivery_timeout))
+            .set("request.timeout.ms", millis(cfg.request_timeout));
+        for (k, v) in &cfg.extra {
+            pc.set(k, v);
+        }
+        let producer: FutureProducer = pc.create()?;
+        let admin: AdminClient<DefaultClientContext> = cfg.client_config().create()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                producer,
+                admin,
+                partitions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KafkaLogConfig {
+        &self.inner.cfg
+    }
+
+    /// Partition count of a topic from the cluster's metadata; `None` when it does not exist.
+    async fn fetch_partitions(&self, physical: String) -> Result<Option<i32>, LogError> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.cfg.request_timeout;
+        blocking(move || {
+            let md = producer.client().fetch_metadata(Some(&physical), timeout)?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == physical) else {
+                return Ok(None);
+            };
+            if let Some(err) = t.error() {
+                return match RDKafkaErrorCode::from(err) {
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
+                        Ok(None)
+                    }
+                    code => Err(KafkaError::MetadataFetch(code).into()),
+                };
+            }
+            if t.partitions().is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(
+                i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
+            ))
+        })
+        .await
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<i32, LogError> {
+        let physical = self.inner.cfg.physical_topic(topic)?;
+        if let Some(&n) = self.cache().get(topic) {
+            return Ok(n);
+        }
+        let n = self
+            .fetch_partitions(physical)
+            .await?
+            .ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))?;
+        self.cache().insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+        self.inner
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Enqueues every record in input order, then waits for all acknowledgements.
+    async fn produce(
+        &self,
+        topic: &str,
+        physical: &str,
+        partitions: i32,
+        records: &[Record],
+    ) -> Result<Vec<Delivered>, LogError> {
+        let mut pending = Vec::with_capacity(records.len());
+        for r in records {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (name, value) in &r.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_slice()),
+                });
+            }
+            let mut fr = FutureRecord::to(physical)
+                .key(r.key.as_slice())
+                .partition(partition_for(&r.key, partitions))
+                .timestamp(r.timestamp_ms)
+                .headers(headers);
+            if let Some(v) = &r.value {
+                fr = fr.payload(v.as_slice());
+            }
+            // Enqueue synchronously, one after the other: this is what keeps input order.
+            loop {
+                match self.inner.producer.send_result(fr) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // The local queue is bounded (queue.buffering.max.*): wait for room.
+                        fr = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        // Records already enqueued still complete; report after they settle.
+                        drain(pending).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        let mut delivered = Vec::with_capacity(pending.len());
+        let mut first_err = None;
+        for f in pending {
+            match f.await {
+                Ok(Ok(d)) => delivered.push(Delivered {
+                    topic: topic.to_owned(),
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Err((e, _))) => {
+                    first_err.get_or_insert(LogError::Kafka(e));
+                }
+                Err(_canceled) => {
+                    first_err.get_or_insert(LogError::Closed("producer dropped a delivery".into()));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(delivered),
+        }
+    }
+}
+
+async fn drain(pending: Vec<rdkafka::producer::DeliveryFuture>) {
+    for f in pending {
+        let _ = f.await;
+    }
+}
+
+impl EventLog for KafkaLog {
+    type Consumer = KafkaConsumer;
+
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), LogError> {
+        validate_spec(spec)?;
+        let cfg = &self.inner.cfg;
+        let physical = cfg.physical_topic(&spec.name)?;
+        let mut nt = NewTopic::new(
+            &physical,
+            spec.partitions,
+            TopicReplication::Fixed(cfg.replication_factor),
+        );
+        if spec.compacted {
+            nt = nt.set("cleanup.policy", "compact");
+        }
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(cfg.request_timeout))
+            .request_timeout(Some(cfg.request_timeout));
+        let results = self.inner.admin.create_topics([&nt], &opts).await?;
+        let mut created = false;
+        for r in results {
+            match r {
+                Ok(_) => created = true,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
+            }
+        }
+        // Metadata can lag behind creation: wait until the topic is visible.
+        let deadline = Instant::now() + cfg.request_timeout;
+        let actual = loop {
+            if let Some(n) = self.fetch_partitions(physical.clone()).await? {
+                break n;
+            }
+            if Instant::now() >= deadline {
+                return Err(LogError::Timeout(format!(
+                    "topic {physical} not visible in metadata after creation"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if actual != spec.partitions {
+            return Err(LogError::PartitionMismatch {
+                topic: spec.name.clone(),
+                expected: spec.partitions,
+                actual,
+            });
+        }
+        self.cache().insert(spec.name.clone(), actual);
+        if created {
+            tracing::info!(topic = %physical, partitions = actual, compacted = spec.compacted, "kafka topic created");
+        }
+        Ok(())
+    }
+
+    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Delivered>, LogError> {
+        let partitions = self.partition_count(topic).await?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let physical = self.inner.cfg.physical_name(topic);
+        let started = Instant::now();
+        let result = self.produce(topic, &physical, partitions, &records).await;
+        match &result {
+            Ok(d) => {
+                metrics::counter!(m::LOG_APPENDED_RECORDS_TOTAL, "backend" => BACKEND, "topic" => topic.to_owned())
+                    .increment(d.len() as u64);
+                metrics::histogram!(m::LOG_APPEND_DURATION_SECONDS, "backend" => BACKEND, "topic" => topic.to_owned())
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                metrics::counter!(m::LOG_APPEND_ERRORS_TOTAL, "backend" => BACKEND, "topic" => topic.to_owned(), "retryable" => e.is_retryable().to_string())
+                    .increment(1);
+            }
+        }
+        result
+    }
+
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<KafkaConsumer, LogError> {
+        validate_group(group)?;
+        let cfg = &self.inner.cfg;
+        let mut physical = Vec::with_capacity(topics.len());
+        for t in topics {
+            // Same contract as the embedded log: unknown topics are an error, not a silent wait.
+            self.partition_count(t).await?;
+            physical.push(cfg.physical_name(t));
+        }
+        let mut cc = cfg.client_config();
+        cc.set("group.id", cfg.physical_name(group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", millis(cfg.session_timeout))
+            .set(
+                "queued.max.messages.kbytes",
+                cfg.consumer_queue_kbytes.to_string(),
+            );
+        for (k, v) in &cfg.extra {
+            cc.set(k, v);
+        }
+        let consumer: StreamConsumer = cc.create()?;
+        let names: Vec<&str> = physical.iter().map(String::as_str).collect();
+        if !names.is_empty() {
+            consumer.subscribe(&names)?;
+        }
+        Ok(KafkaConsumer {
+            consumer: Some(Arc::new(consumer)),
+            cfg: cfg.clone(),
+            group: group.to_owned(),
+            shutdown,
+        })
+    }
+
+    async fn committed(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<CommittedOffsets, LogError> {
+        validate_group(group)?;
+        let cfg = self.inner.cfg.clone();
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            let n = self.partition_count(t).await?;
+            for p in 0..n {
+                tpl.add_partition_offset(&cfg.physical_name(t), p, Offset::Invalid)?;
+            }
+        }
+        let group = cfg.physical_name(group);
+        blocking(move || {
+            // A separate short-lived consumer: asking a live group member can hang its close on
+            // some brokers (tansu), and this one never joins the group.
+            let mut cc = cfg.client_config();
+            cc.set("group.id", &group)
+                .set("enable.auto.commit", "false");
+            let c: BaseConsumer = cc.create()?;
+            let res = c.committed_offsets(tpl, cfg.request_timeout);
+            close_detached(c);
+            let mut out = CommittedOffsets::new();
+            for e in res?.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    out.insert((cfg.logical_name(e.topic()).to_owned(), e.partition()), o);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        let n = self.partition_count(topic).await?;
+        let physical = self.inner.cfg.physical_name(topic);
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.cfg.request_timeout;
+        blocking(move || {
+            (0..n)
+                .map(|p| {
+                    let (_low, high) = producer.client().fetch_watermarks(&physical, p, timeout)?;
+                    Ok(high)
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+/// A member of a Kafka consumer group.
+pub struct KafkaConsumer {
+    /// `None` only after `close`.
+    consumer: Option<Arc<StreamConsumer>>,
+    cfg: KafkaLogConfig,
+    group: String,
+    shutdown: CancellationToken,
+}
+
+impl fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    fn live(&self) -> Result<Arc<StreamConsumer>, LogError> {
+        self.consumer
+            .clone()
+            .ok_or_else(|| LogError::Closed("consumer closed".into()))
+    }
+
+    /// Leaves the group (so its partitions move to other members at once) and waits up to
+    /// `timeout` for that. Returns whether the close finished in time; if not, it continues on a
+    /// detached thread.
+    pub async fn close(mut self, timeout: Duration) -> bool {
+        let Some(c) = self.consumer.take() else {
+            return true;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        close_detached_then(c, move || {
+            let _ = tx.send(());
+        });
+        tokio::time::timeout(timeout, rx).await.is_ok()
+    }
+}
+
+impl LogConsumer for KafkaConsumer {
+    async fn recv(&mut self) -> Result<Option<ConsumedRecord>, LogError> {
+        if self.shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        let c = self.live()?;
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => Ok(None),
+            msg = c.recv() => {
+                let msg = msg?;
+                let mut headers = Vec::new();
+                if let Some(h) = msg.headers() {
+                    headers.reserve(h.count());
+                    for i in 0..h.count() {
+                        let hd = h.get(i);
+                        headers.push((hd.key.to_owned(), hd.value.unwrap_or_default().to_vec()));
+                    }
+                }
+                let topic = self.cfg.logical_name(msg.topic()).to_owned();
+                metrics::counter!(m::LOG_CONSUMED_RECORDS_TOTAL, "backend" => BACKEND, "topic" => topic.clone())
+                    .increment(1);
+                Ok(Some(ConsumedRecord {
+                    topic,
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    record: Record {
+                        key: msg.key().unwrap_or_default().to_vec(),
+                        value: msg.payload().map(<[u8]>::to_vec),
+                        headers,
+                        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+                    },
+                }))
+            }
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), LogError> {
+        if next_offset < 0 || partition < 0 {
+            return Err(LogError::InvalidArgument(format!(
+                "bad position {topic}/{partition}@{next_offset}"
+            )));
+        }
+        let physical = self.cfg.physical_topic(topic)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&physical, partition, Offset::Offset(next_offset))?;
+        let c = self.live()?;
+        blocking(move || Ok(c.commit(&tpl, CommitMode::Sync)?)).await?;
+        metrics::counter!(m::LOG_COMMITS_TOTAL, "backend" => BACKEND, "group" => self.group.clone())
+            .increment(1);
+        Ok(())
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        if let Some(c) = self.consumer.take() {
+            close_detached_then(c, || {});
+        }
+    }
+}
+
+/// Drops (closes) a client on its own thread: librdkafka's consumer close blocks until the group
+/// is left, which must not stall an async worker or the caller.
+fn close_detached<T: Send + 'static>(client: T) {
+    close_detached_then(client, || {});
+}
+
+fn close_detached_then<T: Send + 'static>(client: T, done: impl FnOnce() + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            drop(client);
+            done();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot spawn a thread to close a kafka client; it was closed inline");
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, LogError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LogError::Closed(format!("blocking kafka call failed: {e}")))?
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}

@@ -1,0 +1,94 @@
+//! Every metric name SyncBridge exports, in one place (Prometheus naming: `syncbridge_` prefix,
+//! base units, `_total` for counters). Labels stay low-cardinality: pipeline, stage, table, topic,
+//! kind, outcome — never a row key or item id. Each name is documented in `ops/METRICS.md`.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Histogram buckets (seconds) for latencies from sub-millisecond appends to multi-second Graph calls.
+pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Gauge, always 1; label `version`.
+pub const BUILD_INFO: &str = "syncbridge_build_info";
+/// Gauge 0/1 per (pipeline, stage): is the stage started and healthy.
+pub const STAGE_UP: &str = "syncbridge_stage_up";
+/// Counter of config validation problems found by `run`/`validate`, label `pipeline`.
+pub const CONFIG_PROBLEMS_TOTAL: &str = "syncbridge_config_problems_total";
+
+/// Counter of change events captured, labels `pipeline`, `table`, `op` (c/u/d/r/t).
+pub const CAPTURE_EVENTS_TOTAL: &str = "syncbridge_capture_events_total";
+/// Counter of pgoutput bytes received from the replication stream, label `pipeline`.
+pub const CAPTURE_BYTES_TOTAL: &str = "syncbridge_capture_bytes_total";
+/// Gauge: seconds between a captured transaction's commit and its capture, label `pipeline`.
+pub const CAPTURE_LAG_SECONDS: &str = "syncbridge_capture_lag_seconds";
+/// Gauge: `pg_current_wal_lsn() - confirmed_flush_lsn` of the pipeline's slot, label `pipeline`.
+pub const CAPTURE_SLOT_LAG_BYTES: &str = "syncbridge_capture_slot_lag_bytes";
+/// Gauge: highest LSN acknowledged to PostgreSQL (durable in the log), label `pipeline`.
+pub const CAPTURE_ACKED_LSN: &str = "syncbridge_capture_acked_lsn";
+/// Counter of capture reconnects after retryable errors, label `pipeline`.
+pub const CAPTURE_RECONNECTS_TOTAL: &str = "syncbridge_capture_reconnects_total";
+/// Counter of rows read by the initial snapshot, labels `pipeline`, `table`.
+pub const SNAPSHOT_ROWS_TOTAL: &str = "syncbridge_capture_snapshot_rows_total";
+/// Gauge: tables whose initial snapshot is not finished yet, label `pipeline`.
+pub const SNAPSHOT_TABLES_PENDING: &str = "syncbridge_capture_snapshot_tables_pending";
+/// Histogram (seconds): one capture append to the log until it is durable, label `pipeline`.
+pub const SINK_APPEND_SECONDS: &str = "syncbridge_capture_log_append_seconds";
+
+/// Registers help text and units for every metric, so scrapes carry `# HELP` from the start.
+pub fn describe_all() {
+    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    describe_gauge!(
+        STAGE_UP,
+        "1 when a pipeline stage is started and healthy, 0 otherwise (labels: pipeline, stage)."
+    );
+    describe_counter!(
+        CONFIG_PROBLEMS_TOTAL,
+        Unit::Count,
+        "Pipeline configuration problems reported (label: pipeline)."
+    );
+    describe_counter!(
+        CAPTURE_EVENTS_TOTAL,
+        Unit::Count,
+        "Change events captured (labels: pipeline, table, op)."
+    );
+    describe_counter!(
+        CAPTURE_BYTES_TOTAL,
+        Unit::Bytes,
+        "pgoutput bytes received (label: pipeline)."
+    );
+    describe_gauge!(
+        CAPTURE_LAG_SECONDS,
+        Unit::Seconds,
+        "Now minus the commit time of the last captured transaction (label: pipeline)."
+    );
+    describe_gauge!(
+        CAPTURE_SLOT_LAG_BYTES,
+        Unit::Bytes,
+        "WAL bytes the pipeline's slot retains: pg_current_wal_lsn() - confirmed_flush_lsn (label: pipeline)."
+    );
+    describe_gauge!(
+        CAPTURE_ACKED_LSN,
+        "Highest LSN acknowledged to PostgreSQL, durable in the log (label: pipeline)."
+    );
+    describe_counter!(
+        CAPTURE_RECONNECTS_TOTAL,
+        Unit::Count,
+        "Capture reconnects after retryable errors (label: pipeline)."
+    );
+    describe_counter!(
+        SNAPSHOT_ROWS_TOTAL,
+        Unit::Count,
+        "Rows read by the initial snapshot (labels: pipeline, table)."
+    );
+    describe_gauge!(
+        SNAPSHOT_TABLES_PENDING,
+        Unit::Count,
+        "Tables whose initial snapshot is not finished (label: pipeline)."
+    );
+    describe_histogram!(
+        SINK_APPEND_SECONDS,
+        Unit::Seconds,
+        "Capture append to the log until durable (label: pipeline)."
+    );
+}

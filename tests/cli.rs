@@ -1,0 +1,202 @@
+//! The `syncbridge` binary as users and CI drive it: exit codes, `validate` over the committed
+//! pipelines and the broken-config corpus, and `run`'s lifecycle (serves `/health`, `/ready`,
+//! `/metrics`, exits 0 after SIGTERM).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_syncbridge");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn syncbridge(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(ROOT)
+        .args(args)
+        // Values the committed pipelines take from the environment.
+        .env(
+            "DATABASE_URL",
+            "postgres://u:hunter2@127.0.0.1:54329/syncbridge?sslmode=disable",
+        )
+        .env("GRAPH_CLIENT_SECRET", "s3cret-value")
+        .output()
+        .expect("run syncbridge")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let out = syncbridge(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.trim(),
+        format!("syncbridge {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(syncbridge(&["no-such-command"]).status.code(), Some(2));
+    assert_eq!(syncbridge(&["validate"]).status.code(), Some(2));
+}
+
+#[test]
+fn committed_pipelines_validate_without_revealing_secrets() {
+    let files: Vec<PathBuf> = std::fs::read_dir(Path::new(ROOT).join("pipelines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(
+        files.len() >= 2,
+        "expected demo and projects pipelines: {files:?}"
+    );
+    let mut args = vec!["validate"];
+    args.extend(files.iter().map(|p| p.to_str().unwrap()));
+    let out = syncbridge(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"));
+    assert!(!stdout.contains("s3cret-value") && !stderr.contains("s3cret-value"));
+}
+
+#[test]
+fn a_missing_file_is_an_invalid_configuration() {
+    let out = syncbridge(&["validate", "pipelines/does-not-exist.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does-not-exist.yaml"), "{stderr}");
+}
+
+fn write_pipeline(dir: &Path, port: u16) -> PathBuf {
+    let file = dir.join("lifecycle.yaml");
+    let yaml = format!(
+        r#"version: 1
+name: lifecycle
+source:
+  url: postgres://syncbridge@127.0.0.1:54329/syncbridge?sslmode=disable
+log:
+  embedded: {{ path: {log} }}
+graph:
+  base_url: http://127.0.0.1:8900/v1.0
+  token_url: http://127.0.0.1:8900/{{tenant}}/oauth2/v2.0/token
+  tenant: contoso.onmicrosoft.com
+  client_id: 11111111-2222-3333-4444-555555555555
+  client_secret: dev-secret
+  site: contoso.sharepoint.com:/sites/dev
+sync:
+  - table: public.lifecycle_items
+    list: Lifecycle Items
+    fields:
+      name: Title
+control:
+  listen: 127.0.0.1:{port}
+"#,
+        log = dir.join("log").display()
+    );
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+fn wait_for(port: u16, path: &str, want: u16, child: &mut Child) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((status, body)) = http_get(port, path) {
+            if status == want {
+                return body;
+            }
+        }
+        if let Some(code) = child.try_wait().unwrap() {
+            panic!("syncbridge exited early with {code}");
+        }
+        assert!(Instant::now() < deadline, "{path} never answered {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn terminate(child: &mut Child) -> Option<i32> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("syncbridge did not exit within 20 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn run_serves_health_ready_metrics_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let file = write_pipeline(dir.path(), port);
+    let mut child = Command::new(BIN)
+        .args(["run", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let health = wait_for(port, "/health", 200, &mut child);
+    assert!(health.contains("ok"), "{health}");
+    let ready = wait_for(port, "/ready", 200, &mut child);
+    assert!(ready.contains("lifecycle/log"), "{ready}");
+    let (status, metrics) = http_get(port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("syncbridge_build_info"), "{metrics}");
+    assert!(
+        metrics.contains(r#"syncbridge_stage_up{pipeline="lifecycle",stage="log"} 1"#),
+        "{metrics}"
+    );
+
+    assert_eq!(terminate(&mut child), Some(0));
+}
+
+#[test]
+fn run_with_a_taken_port_is_a_runtime_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let file = write_pipeline(dir.path(), taken.local_addr().unwrap().port());
+    let out = Command::new(BIN)
+        .args(["run", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("control.listen"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

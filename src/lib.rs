@@ -4,6 +4,7 @@
 //! - [`capture`]: PostgreSQL logical replication → Debezium-style Avro change events in the log.
 //! - [`config`]: pipeline YAML → parse → validate (no IO, every problem at once) → typed config.
 //! - [`log`]: the durable event log (`EventLog`): Kafka in production, embedded sled by default.
+//! - [`graph`]: the Microsoft Graph client: auth, RU-priced per-tenant limiter, retries, list/item ops, `$batch`.
 //! - [`emulator`]: an offline Microsoft Graph for SharePoint lists (tests, demos, users without a tenant).
 //! - [`runtime`]: runs pipelines: one cancellation tree, stages started and drained in data-path order.
 //! - [`telemetry`]: tracing setup and the one module of metric names.
@@ -21,6 +22,7 @@ pub mod capture;
 pub mod config;
 pub mod control;
 pub mod emulator;
+pub mod graph;
 pub mod log;
 pub mod runtime;
 pub mod telemetry;

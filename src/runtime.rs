@@ -4,14 +4,18 @@
 //! first (a taken port fails the run before any work begins) and stops last (`/health` stays
 //! up while draining).
 //!
-//! Today the stages are the control plane and each pipeline's log; capture, processors and
+//! Today the stages are the control plane, each pipeline's log and its capture; processors and
 //! writers join here as they land.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::capture::{self, CaptureConfig, CaptureError, LogSink, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
@@ -31,15 +35,33 @@ pub enum RuntimeError {
         #[source]
         source: LogError,
     },
+    #[error("pipeline {pipeline}: capture stopped: {source}")]
+    Capture {
+        pipeline: String,
+        #[source]
+        source: CaptureError,
+    },
+    #[error("pipeline {pipeline}: the {stage} task ended abnormally: {message}")]
+    Task {
+        pipeline: String,
+        stage: &'static str,
+        message: String,
+    },
     #[error("no pipeline to run")]
     Empty,
 }
+
+/// Partitions of each table topic. Order is per key, so any count is correct; three leaves room
+/// for a few processor instances per pipeline without a repartition.
+pub const TABLE_TOPIC_PARTITIONS: i32 = 3;
 
 impl RuntimeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             RuntimeError::Control(e) => e.is_retryable(),
             RuntimeError::Log { source, .. } => source.is_retryable(),
+            RuntimeError::Capture { source, .. } => source.is_retryable(),
+            RuntimeError::Task { .. } => true,
             RuntimeError::Telemetry(_) | RuntimeError::Empty => false,
         }
     }
@@ -48,7 +70,10 @@ impl RuntimeError {
 /// One pipeline's running stages, in data-path order.
 struct RunningPipeline {
     name: String,
-    log: AnyLog,
+    log: Arc<AnyLog>,
+    capture_stop: CancellationToken,
+    /// `None` once the task has been awaited (by `first_failure`).
+    capture: Option<JoinHandle<Result<(), CaptureError>>>,
 }
 
 /// Runs `pipelines` until `shutdown` is cancelled, then drains them in order and returns.
@@ -82,7 +107,7 @@ pub async fn run(
     let mut running = Vec::with_capacity(pipelines.len());
     let started = start_all(&pipelines, &readiness, &mut running).await;
     if let Err(e) = started {
-        drain(running, &readiness);
+        let _ = drain(running, &readiness).await;
         control_stop.cancel();
         let _ = control_task.await;
         return Err(e);
@@ -92,15 +117,52 @@ pub async fn run(
         "running; SIGINT/SIGTERM drains and exits"
     );
 
-    shutdown.cancelled().await;
-    drain(running, &readiness);
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        failed = first_failure(&mut running) => Some(failed),
+    };
+    let drained = drain(running, &readiness).await;
     control_stop.cancel();
     match control_task.await {
         Ok(result) => result?,
         Err(join) => warn!("control plane task ended abnormally: {join}"),
     }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    drained?;
     info!("stopped");
     Ok(())
+}
+
+/// Resolves when the first stage of any pipeline stops on its own (capture retries transient
+/// failures itself, so an ending task is an error an operator must see).
+async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
+    let waiting = running.iter_mut().enumerate().filter_map(|(i, p)| {
+        p.capture
+            .as_mut()
+            .map(|h| Box::pin(async move { (i, h.await) }))
+    });
+    let waiting: Vec<_> = waiting.collect();
+    if waiting.is_empty() {
+        return std::future::pending().await;
+    }
+    let ((i, result), _, _) = futures::future::select_all(waiting).await;
+    running[i].capture = None;
+    let pipeline = running[i].name.clone();
+    match result {
+        Ok(Ok(())) => RuntimeError::Task {
+            pipeline,
+            stage: "capture",
+            message: "stopped without being asked to".into(),
+        },
+        Ok(Err(source)) => RuntimeError::Capture { pipeline, source },
+        Err(join) => RuntimeError::Task {
+            pipeline,
+            stage: "capture",
+            message: join.to_string(),
+        },
+    }
 }
 
 async fn start_all(
@@ -110,30 +172,108 @@ async fn start_all(
 ) -> Result<(), RuntimeError> {
     for p in pipelines {
         readiness.register(&p.name, "log");
+        readiness.register(&p.name, "capture");
     }
     for p in pipelines {
         let log = AnyLog::open(log_config(p)).map_err(|source| RuntimeError::Log {
             pipeline: p.name.clone(),
             source,
         })?;
+        let log = Arc::new(log);
         readiness.set(&p.name, "log", true);
         info!(pipeline = %p.name, log = %describe_log(&p.log), "log open");
+
+        let capture_config = capture_config(p);
+        capture_config
+            .validate()
+            .map_err(|source| RuntimeError::Capture {
+                pipeline: p.name.clone(),
+                source,
+            })?;
+        let sink = LogSink::new(
+            log.clone(),
+            topic_prefix(p),
+            &p.name,
+            TABLE_TOPIC_PARTITIONS,
+        );
+        let capture_stop = CancellationToken::new();
+        let capture = tokio::spawn(capture::run(capture_config, sink, capture_stop.clone()));
+        // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
+        readiness.set(&p.name, "capture", true);
         running.push(RunningPipeline {
             name: p.name.clone(),
             log,
+            capture_stop,
+            capture: Some(capture),
         });
     }
     Ok(())
 }
 
-/// Stops pipelines in the order they were started; within a pipeline, stages in data-path order.
-fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) {
+fn capture_config(p: &PipelineConfig) -> CaptureConfig {
+    let tables = p
+        .sync
+        .iter()
+        .map(|s| {
+            let spec = TableSpec::parse(&s.table.to_string());
+            match &s.key {
+                Some(key) => spec.with_key(key.clone()),
+                None => spec,
+            }
+        })
+        .collect();
+    CaptureConfig::new(&p.name, p.source.url.expose(), tables, state_dir(p))
+}
+
+/// Where a pipeline keeps local state besides the log (snapshot progress, later the ledger):
+/// beside the embedded log, or under the default state folder with Kafka.
+fn state_dir(p: &PipelineConfig) -> PathBuf {
+    match &p.log {
+        config::LogConfig::Embedded { path } => {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push("-state");
+            path.with_file_name(name)
+        }
+        config::LogConfig::Kafka { .. } => {
+            PathBuf::from(config::DEFAULT_EMBEDDED_LOG_DIR).join(format!("{}-state", p.name))
+        }
+    }
+}
+
+/// Logical topic names are `<prefix>.<pipeline>.…` on both logs.
+fn topic_prefix(p: &PipelineConfig) -> &str {
+    match &p.log {
+        config::LogConfig::Embedded { .. } => config::DEFAULT_TOPIC_PREFIX,
+        config::LogConfig::Kafka { topic_prefix, .. } => topic_prefix,
+    }
+}
+
+/// Stops pipelines in the order they were started; within a pipeline, stages in data-path order:
+/// capture first (it acknowledges what is durable and stops reading), then the log.
+async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(), RuntimeError> {
+    let mut first_error = None;
     for p in running {
         info!(pipeline = %p.name, "draining");
+        p.capture_stop.cancel();
+        if let Some(handle) = p.capture {
+            match handle.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    error!(pipeline = %p.name, "capture ended with: {e}");
+                    first_error.get_or_insert(RuntimeError::Capture {
+                        pipeline: p.name.clone(),
+                        source: e,
+                    });
+                }
+                Err(join) => warn!(pipeline = %p.name, "capture task: {join}"),
+            }
+        }
+        readiness.set(&p.name, "capture", false);
         readiness.set(&p.name, "log", false);
-        // Dropping the log flushes and closes it (sled flushes on drop; Kafka flushes the producer).
+        // The last reference: dropping flushes and closes the log.
         drop(p.log);
     }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn log_config(p: &PipelineConfig) -> log::LogConfig {
@@ -147,7 +287,10 @@ fn log_config(p: &PipelineConfig) -> log::LogConfig {
             schema_registry: _,
         } => {
             let mut kafka = KafkaLogConfig::new(brokers.join(","));
-            kafka.topic_prefix = topic_prefix.clone();
+            // The capture sink already names topics `<prefix>.<pipeline>.…` (`topic_prefix`);
+            // a client-side prefix on top would double it.
+            let _ = topic_prefix;
+            kafka.topic_prefix = String::new();
             log::LogConfig::Kafka(kafka)
         }
     }

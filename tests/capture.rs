@@ -44,6 +44,8 @@ struct TestSink {
     /// Fatal error once this many appends succeeded (0 = never).
     fatal_after: Arc<AtomicUsize>,
     appends: Arc<AtomicUsize>,
+    /// Milliseconds each append takes (a slow log).
+    delay_ms: Arc<AtomicUsize>,
 }
 
 impl EventSink for TestSink {
@@ -63,7 +65,11 @@ impl EventSink for TestSink {
                 Ok(())
             }
         };
-        async move { r }
+        let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst) as u64);
+        async move {
+            tokio::time::sleep(delay).await;
+            r
+        }
     }
 }
 
@@ -148,6 +154,9 @@ impl Drop for Env {
             t.cancel();
             h.abort();
         }
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            return;
+        };
         let slot = self.slot();
         let tables = self.tables.clone();
         // A fresh runtime on a plain thread: Drop may run inside the test's runtime.
@@ -157,7 +166,7 @@ impl Drop for Env {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let Ok((c, conn)) = tokio_postgres::connect(&db_url(), NoTls).await else {
+                let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await else {
                     return;
                 };
                 tokio::spawn(conn);
@@ -310,6 +319,26 @@ async fn current_lsn(c: &Client) -> u64 {
         .unwrap()
         .get(0);
     pg_walstream::parse_lsn(&s).unwrap()
+}
+
+/// Waits until no walsender uses the slot (it processed everything the reader sent).
+async fn wait_inactive(c: &Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let active: bool = c
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !active {
+            return;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} stays active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn wait_slot(c: &Client, slot: &str, secs: u64) {
@@ -594,7 +623,10 @@ async fn restart_and_walsender_kill_lose_nothing() {
             .await
             .unwrap();
         let a = TestSink::default();
-        let ia = env.start(env.config(), a.clone());
+        let app = format!("r_{}", env.name);
+        let mut cfg_a = env.config();
+        cfg_a.source_url = format!("{}&application_name={app}", cfg_a.source_url);
+        let ia = env.start(cfg_a, a.clone());
         wait_slot(&c, &env.slot(), 30).await;
         for i in 1..=50 {
             c.batch_execute(&format!("INSERT INTO {t} VALUES ({i}, 'a')"))
@@ -615,7 +647,31 @@ async fn restart_and_walsender_kill_lose_nothing() {
                 .unwrap();
         }
         wait_until(&a, 60, "rows after the walsender kill", |e| has_id(e, &t, "100")).await;
+        // Every connection of the reader dropped at once (what a PostgreSQL restart looks like
+        // to it: lock, catalog and replication connections), with writes around it.
+        let killed: i64 = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // Lock, catalog (+heartbeat) and replication connections (fewer when a reconnect is
+        // under way at that instant).
+        assert!(killed >= 1, "killed only {killed} connections");
+        for i in 101..=120 {
+            c.batch_execute(&format!("INSERT INTO {t} VALUES ({i}, 'r')"))
+                .await
+                .unwrap();
+        }
+        wait_until(&a, 60, "rows after all connections died", |e| {
+            has_id(e, &t, "120")
+        })
+        .await;
         env.stop(ia).await.unwrap();
+        wait_inactive(&c, &env.slot()).await;
         let acked = confirmed_flush(&c, &env.slot()).await;
         let a_events = a.snapshot();
         // Graceful stop flushed the final ack: everything A saw is acknowledged.
@@ -623,7 +679,7 @@ async fn restart_and_walsender_kill_lose_nothing() {
         assert!(acked >= a_max, "acked {acked:X} < last event {a_max:X}");
 
         // Written while no reader runs.
-        for i in 101..=150 {
+        for i in 121..=150 {
             c.batch_execute(&format!("INSERT INTO {t} VALUES ({i}, 'c')"))
                 .await
                 .unwrap();
@@ -633,6 +689,7 @@ async fn restart_and_walsender_kill_lose_nothing() {
         wait_until(&b, 60, "rows written while down", |e| has_id(e, &t, "150")).await;
         // Killed (no graceful ack) then restarted: duplicates allowed only after the ack.
         env.kill(ib);
+        wait_inactive(&c, &env.slot()).await;
         let acked_b = confirmed_flush(&c, &env.slot()).await;
         for i in 151..=160 {
             c.batch_execute(&format!("INSERT INTO {t} VALUES ({i}, 'd')"))
@@ -991,6 +1048,111 @@ async fn log_sink_appends_encoded_events() {
         let s: i64 = log.end_offsets(&schemas).await.unwrap().iter().sum();
         assert!(s >= 2, "key and envelope schemas published ({s})");
         env.stop(0).await.unwrap();
+    })
+    .await;
+}
+
+/// A table added to the pipeline later: refused until it is in the publication, then snapshotted
+/// (fresh snapshot) before streaming resumes, with its later changes streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_added_later_gets_a_snapshot() {
+    hard_timeout(60, async {
+        let mut env = Env::new(&["first", "second"]);
+        let c = client().await;
+        let (t0, t1) = (env.table(0).to_string(), env.table(1).to_string());
+        c.batch_execute(&format!(
+            "CREATE TABLE {t0} (id int PRIMARY KEY); CREATE TABLE {t1} (id int PRIMARY KEY);
+             INSERT INTO {t1} VALUES (1), (2);"
+        ))
+        .await
+        .unwrap();
+        let mut only_first = env.config();
+        only_first.tables.truncate(1);
+        let a = TestSink::default();
+        let ia = env.start(only_first, a.clone());
+        wait_slot(&c, &env.slot(), 30).await;
+        c.batch_execute(&format!("INSERT INTO {t0} VALUES (1)"))
+            .await
+            .unwrap();
+        wait_until(&a, 30, "row in the first table", |e| has_id(e, &t0, "1")).await;
+        env.stop(ia).await.unwrap();
+
+        let err =
+            syncbridge::capture::run(env.config(), TestSink::default(), CancellationToken::new())
+                .await
+                .unwrap_err();
+        assert!(err.to_string().contains("ALTER PUBLICATION"), "{err}");
+
+        c.batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {t1}; INSERT INTO {t1} VALUES (3);",
+            env.slot()
+        ))
+        .await
+        .unwrap();
+        let b = TestSink::default();
+        env.start(env.config(), b.clone());
+        c.batch_execute(&format!("UPDATE {t1} SET id = 4 WHERE id = 1"))
+            .await
+            .unwrap();
+        wait_until(&b, 30, "streamed change of the new table", |e| {
+            has_id(e, &t1, "4")
+        })
+        .await;
+        let evs = b.snapshot();
+        let reads = evs
+            .iter()
+            .filter(|e| e.op == Op::Read && e.relation.name == t1)
+            .count();
+        assert!(reads >= 3, "the new table was snapshotted ({reads} rows)");
+        assert!(
+            !evs.iter()
+                .any(|e| e.relation.name == t0 && e.op == Op::Read)
+        );
+        assert_eq!(apply(&evs, &t1), select_all(&c, &t1).await);
+    })
+    .await;
+}
+
+/// Shutdown in the middle of the snapshot stops between chunks; the next run continues after the
+/// last finished chunk and nothing is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_snapshot_resumes() {
+    hard_timeout(90, async {
+        let mut env = Env::new(&["stop"]);
+        let t = env.table(0).to_string();
+        let c = client().await;
+        c.batch_execute(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, v text);
+             INSERT INTO {t} SELECT g, 'x' FROM generate_series(1, 20000) g;"
+        ))
+        .await
+        .unwrap();
+        let mut cfg = env.config();
+        cfg.snapshot_chunk_size = 100;
+        let a = TestSink::default();
+        a.delay_ms.store(20, Ordering::SeqCst);
+        let ia = env.start(cfg.clone(), a.clone());
+        wait_until(&a, 30, "some snapshot chunks", |e| e.len() >= 500).await;
+        let t0 = Instant::now();
+        env.stop(ia).await.unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "shutdown waited for the snapshot"
+        );
+        let first = a.snapshot();
+        assert!(first.len() < 20000, "the snapshot was not interrupted");
+        let b = TestSink::default();
+        env.start(cfg, b.clone());
+        c.batch_execute(&format!("INSERT INTO {t} VALUES (-1, 'end')"))
+            .await
+            .unwrap();
+        wait_until(&b, 60, "end marker", |e| has_id(e, &t, "-1")).await;
+        let second = b.snapshot();
+        let reads = second.iter().filter(|e| e.op == Op::Read).count();
+        assert_eq!(first.len() + reads, 20000, "each row read exactly once");
+        let mut all = first;
+        all.extend(second);
+        assert_eq!(apply(&all, &t), select_all(&c, &t).await);
     })
     .await;
 }

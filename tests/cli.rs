@@ -4,6 +4,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -78,13 +79,65 @@ fn a_missing_file_is_an_invalid_configuration() {
     assert!(stderr.contains("does-not-exist.yaml"), "{stderr}");
 }
 
-fn write_pipeline(dir: &Path, port: u16) -> PathBuf {
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!("DATABASE_URL is not set: run via ops/test, or eval \"$(ops/stack env)\" first")
+    })
+}
+
+fn sql(statements: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the stack's PostgreSQL");
+        tokio::spawn(conn);
+        client.batch_execute(statements).await.expect(statements);
+    });
+}
+
+/// A pipeline over its own table, slot and publication; dropped again at the end of the test.
+struct TestPipeline {
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestPipeline {
+    fn new(with_table: bool) -> Self {
+        let name = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        if with_table {
+            sql(&format!(
+                "CREATE TABLE public.{name} (id bigint PRIMARY KEY, name text);
+                 INSERT INTO public.{name} VALUES (1, 'one'), (2, 'two');"
+            ));
+        }
+        TestPipeline {
+            name,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Drop for TestPipeline {
+    fn drop(&mut self) {
+        let n = &self.name;
+        sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+               WHERE slot_name = 'sb_{n}' AND NOT active;
+             DROP PUBLICATION IF EXISTS sb_{n};
+             DROP TABLE IF EXISTS public.{n};"
+        ));
+    }
+}
+
+fn write_pipeline(p: &TestPipeline, port: u16) -> PathBuf {
+    let dir = p.dir.path();
     let file = dir.join("lifecycle.yaml");
     let yaml = format!(
         r#"version: 1
-name: lifecycle
+name: {name}
 source:
-  url: postgres://syncbridge@127.0.0.1:54329/syncbridge?sslmode=disable
+  url: {url}
 log:
   embedded: {{ path: {log} }}
 graph:
@@ -95,14 +148,16 @@ graph:
   client_secret: dev-secret
   site: contoso.sharepoint.com:/sites/dev
 sync:
-  - table: public.lifecycle_items
+  - table: public.{name}
     list: Lifecycle Items
     fields:
       name: Title
 control:
   listen: 127.0.0.1:{port}
 "#,
-        log = dir.join("log").display()
+        log = dir.join("log").display(),
+        name = p.name,
+        url = database_url(),
     );
     std::fs::write(&file, yaml).unwrap();
     file
@@ -161,9 +216,9 @@ fn terminate(child: &mut Child) -> Option<i32> {
 
 #[test]
 fn run_serves_health_ready_metrics_and_exits_0_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
+    let pipeline = TestPipeline::new(true);
     let port = free_port();
-    let file = write_pipeline(dir.path(), port);
+    let file = write_pipeline(&pipeline, port);
     let mut child = Command::new(BIN)
         .args(["run", file.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -174,23 +229,56 @@ fn run_serves_health_ready_metrics_and_exits_0_on_sigterm() {
     let health = wait_for(port, "/health", 200, &mut child);
     assert!(health.contains("ok"), "{health}");
     let ready = wait_for(port, "/ready", 200, &mut child);
-    assert!(ready.contains("lifecycle/log"), "{ready}");
+    assert!(
+        ready.contains(&format!("{}/capture", pipeline.name)),
+        "{ready}"
+    );
     let (status, metrics) = http_get(port, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("syncbridge_build_info"), "{metrics}");
     assert!(
-        metrics.contains(r#"syncbridge_stage_up{pipeline="lifecycle",stage="log"} 1"#),
+        metrics.contains(&format!(
+            r#"syncbridge_stage_up{{pipeline="{}",stage="log"}} 1"#,
+            pipeline.name
+        )),
         "{metrics}"
     );
+    // The snapshot of the two rows reaches the log; wait for it rather than for a fixed time.
+    let events = format!(
+        r#"syncbridge_capture_snapshot_rows_total{{pipeline="{}",table="public.{}"}} 2"#,
+        pipeline.name, pipeline.name
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(port, "/metrics").is_some_and(|(_, m)| m.contains(&events)) {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot events: want {events}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     assert_eq!(terminate(&mut child), Some(0));
 }
 
 #[test]
+fn run_stops_with_exit_3_and_the_reason_when_a_table_is_missing() {
+    let pipeline = TestPipeline::new(false);
+    let file = write_pipeline(&pipeline, free_port());
+    let out = Command::new(BIN)
+        .args(["run", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(&pipeline.name), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn run_with_a_taken_port_is_a_runtime_failure() {
-    let dir = tempfile::tempdir().unwrap();
+    let pipeline = TestPipeline::new(true);
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let file = write_pipeline(dir.path(), taken.local_addr().unwrap().port());
+    let file = write_pipeline(&pipeline, taken.local_addr().unwrap().port());
     let out = Command::new(BIN)
         .args(["run", file.to_str().unwrap()])
         .output()

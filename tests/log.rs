@@ -77,6 +77,8 @@ impl Kafka {
         cfg.session_timeout = Duration::from_secs(6);
         cfg.request_timeout = Duration::from_secs(10);
         cfg.delivery_timeout = Duration::from_secs(30);
+        // tansu 0.6.0 fetches by batch base offset (see src/log/kafka.rs): one record per batch.
+        cfg.producer_batch_records = Some(1);
         Some(Self { cfg })
     }
 }
@@ -293,6 +295,8 @@ async fn records_round_trip_with_headers_and_tombstones<B: Backend>(b: &B) {
             .with_header("bin", vec![0u8, 1, 255])
             .with_timestamp_ms(1_700_000_000_123),
         Record::tombstone("k1").with_timestamp_ms(1_700_000_000_124),
+        // An empty value is a value, not a tombstone.
+        Record::new("k2", "").with_timestamp_ms(1_700_000_000_124),
         Record::new(vec![0u8, 159, 146, 150], vec![0u8; 1000]).with_timestamp_ms(1_700_000_000_125),
     ];
     log.append("rt", sent.clone()).await.unwrap();

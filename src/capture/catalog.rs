@@ -402,8 +402,8 @@ pub async fn ensure_publication(
                     .collect();
                 return Err(CaptureError::Operator(format!(
                     "table(s) {} are configured but not in publication {pubname}. Changes to them are \
-                     not captured. Fix: ALTER PUBLICATION {} ADD TABLE {}; then re-snapshot the \
-                     table(s) (changes made before the ALTER were not captured)",
+                     not captured. Fix: ALTER PUBLICATION {} ADD TABLE {}; and restart: tables \
+                     new to the pipeline get an initial snapshot before streaming resumes",
                     names.join(", "),
                     quote_ident(pubname),
                     names.join(", ")

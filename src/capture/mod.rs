@@ -30,8 +30,9 @@
 //!    lock connection stops reading at once.
 //! 8. **Never silently recreated.** The slot and publication `sb_<pipeline>` are created on first
 //!    run only. An invalidated slot (`wal_status = lost` / `conflicting`), a table missing from the
-//!    publication, a slot without a snapshot progress record or a table without a key is an
-//!    operator error whose message says how to fix it.
+//!    publication, a slot without a snapshot progress record, a slot that disappeared after it
+//!    existed, or a table without a key is an operator error whose message says how to fix it.
+//!    Tables added to the pipeline (and publication) later get an initial snapshot on restart.
 //!
 //! # Requirements and grants
 //! PostgreSQL ≥ 14 with `wal_level = logical`. The capture role needs `REPLICATION` (replication
@@ -46,6 +47,14 @@
 //! The replication connection uses libpq (`sslmode` is required in the URL); catalog, snapshot,
 //! lock and heartbeat connections use tokio-postgres without TLS, so today `sslmode` must be
 //! `disable` or `prefer` for them (TLS for those connections is not implemented yet).
+//!
+//! # Limits
+//! - Streamed (large) transactions are buffered in memory until their commit.
+//! - Snapshot progress ([`snapshot::FileProgress`]) lives in the local state directory; a standby
+//!   on another host needs that directory on shared storage (or another
+//!   [`snapshot::SnapshotProgress`] implementation) to take over.
+//! - Relation facts besides name/type/typmod/order (nullability, type kind) are read from the
+//!   current catalog when a Relation message arrives, not from the catalog as of that WAL position.
 
 pub mod avro;
 pub mod catalog;

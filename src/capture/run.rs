@@ -21,7 +21,9 @@ use super::error::CaptureError;
 use super::event::ChangeEvent;
 use super::now_ms;
 use super::sink::EventSink;
-use super::snapshot::{FileProgress, SnapshotProgress, SnapshotState, TableProgress, run_snapshot};
+use super::snapshot::{
+    FileProgress, SnapshotProgress, SnapshotState, Stop, TableProgress, run_snapshot,
+};
 use crate::telemetry::metrics as m;
 
 /// Runs capture for one pipeline until `shutdown` is cancelled or a non-retryable error occurs.
@@ -310,7 +312,12 @@ async fn session<S: EventSink, P: SnapshotProgress>(
             progress.save(&state)?;
             tracing::info!(pipeline = %config.pipeline, slot = %config.slot_name, snapshot = %name, "created replication slot; taking the initial snapshot");
             let snap = connect(&config.source_url).await?;
-            run_snapshot(
+            let stop = Stop {
+                shutdown,
+                lock_lost: &lock.lost,
+            };
+            let complete = run_snapshot(
+                &stop,
                 config,
                 &snap.client,
                 &db,
@@ -322,6 +329,9 @@ async fn session<S: EventSink, P: SnapshotProgress>(
                 &mut state,
             )
             .await?;
+            if !complete {
+                return Ok(());
+            }
             stream.start(None).await?;
             stream
         }
@@ -351,7 +361,12 @@ async fn session<S: EventSink, P: SnapshotProgress>(
             if !state.is_complete() {
                 tracing::info!(pipeline = %config.pipeline, "resuming the initial snapshot under a fresh snapshot");
                 let snap = connect(&config.source_url).await?;
-                run_snapshot(
+                let stop = Stop {
+                    shutdown,
+                    lock_lost: &lock.lost,
+                };
+                let complete = run_snapshot(
+                    &stop,
                     config,
                     &snap.client,
                     &db,
@@ -363,6 +378,9 @@ async fn session<S: EventSink, P: SnapshotProgress>(
                     &mut state,
                 )
                 .await?;
+                if !complete {
+                    return Ok(());
+                }
             }
             let mut stream = LogicalReplicationStream::new(
                 &config.replication_url(),

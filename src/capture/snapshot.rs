@@ -139,9 +139,12 @@ impl SnapshotProgress for FileProgress {
 ///
 /// `exported` is the slot's exported snapshot name on the first run, `None` when resuming (a fresh
 /// snapshot is used then, see the module docs). `client` must be a connection dedicated to this
-/// read (it holds the transaction).
+/// read (it holds the transaction). Returns `Ok(false)` when `stop.shutdown` interrupted it (the
+/// finished chunks are durable) and fails with [`CaptureError::LostLock`] when the single-reader
+/// lock was lost, so a standby that takes over never snapshots concurrently with us.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
+    stop: &Stop<'_>,
     config: &CaptureConfig,
     client: &Client,
     db: &str,
@@ -151,7 +154,7 @@ pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
     sink: &mut S,
     progress: &mut P,
     state: &mut SnapshotState,
-) -> Result<(), CaptureError> {
+) -> Result<bool, CaptureError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await?;
@@ -201,7 +204,8 @@ pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
         if let Some(bar) = &bar {
             bar.set_message(qualified.clone());
         }
-        snapshot_table(
+        let complete = snapshot_table(
+            stop,
             config,
             client,
             db,
@@ -213,6 +217,9 @@ pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
             bar.as_ref(),
         )
         .await?;
+        if !complete {
+            return Ok(false);
+        }
         metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone())
             .set((pending.len() - done_tables - 1) as f64);
     }
@@ -220,11 +227,19 @@ pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
     if let Some(bar) = bar {
         bar.finish_with_message("snapshot done");
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Why a snapshot must stop between chunks.
+#[derive(Debug)]
+pub(crate) struct Stop<'a> {
+    pub shutdown: &'a tokio_util::sync::CancellationToken,
+    pub lock_lost: &'a tokio_util::sync::CancellationToken,
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
+    stop: &Stop<'_>,
     config: &CaptureConfig,
     client: &Client,
     db: &str,
@@ -234,7 +249,7 @@ async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
     progress: &mut P,
     state: &mut SnapshotState,
     bar: Option<&indicatif::ProgressBar>,
-) -> Result<(), CaptureError> {
+) -> Result<bool, CaptureError> {
     let qualified = table.spec.qualified();
     let (mut last_key, mut rows) = match state.tables.get(&qualified) {
         Some(TableProgress::InProgress { last_key, rows }) => (Some(last_key.clone()), *rows),
@@ -257,6 +272,12 @@ async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
     let from = super::catalog::qualified_ident(&table.spec.schema, &table.spec.name);
     let started = Instant::now();
     loop {
+        if stop.lock_lost.is_cancelled() {
+            return Err(CaptureError::LostLock);
+        }
+        if stop.shutdown.is_cancelled() {
+            return Ok(false);
+        }
         let filter = match &last_key {
             None => String::new(),
             Some(values) => {
@@ -354,5 +375,5 @@ async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
         .insert(qualified.clone(), TableProgress::Done { rows });
     progress.save(state)?;
     tracing::info!(table = %qualified, rows, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot of table done");
-    Ok(())
+    Ok(true)
 }

@@ -24,11 +24,11 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics as m;
 use super::{
     CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError, Record,
     TopicSpec, codec, partition_for, validate_group, validate_spec, validate_topic_name,
 };
+use crate::telemetry::metrics as m;
 
 /// Records a consumer reads from sled per fetch: its whole buffer (bounded memory per consumer,
 /// large enough to amortise one range scan over many records).
@@ -289,7 +289,7 @@ impl EventLog for EmbeddedLog {
             Ok(d) => {
                 metrics::counter!(m::LOG_APPENDED_RECORDS_TOTAL, "backend" => BACKEND, "topic" => topic.to_owned())
                     .increment(d.len() as u64);
-                metrics::histogram!(m::LOG_APPEND_DURATION_SECONDS, "backend" => BACKEND, "topic" => topic.to_owned())
+                metrics::histogram!(m::LOG_APPEND_SECONDS, "backend" => BACKEND, "topic" => topic.to_owned())
                     .record(started.elapsed().as_secs_f64());
             }
             Err(e) => {

@@ -59,7 +59,6 @@ mod codec;
 mod embedded;
 mod error;
 mod kafka;
-pub mod metrics;
 mod partition;
 
 use std::collections::BTreeMap;

@@ -35,6 +35,28 @@ pub const SNAPSHOT_TABLES_PENDING: &str = "syncbridge_capture_snapshot_tables_pe
 /// Histogram (seconds): one capture append to the log until it is durable, label `pipeline`.
 pub const SINK_APPEND_SECONDS: &str = "syncbridge_capture_log_append_seconds";
 
+/// Counter of Graph HTTP requests (attempts), labels `method`, `outcome` (ok or the error kind).
+pub const GRAPH_REQUESTS_TOTAL: &str = "syncbridge_graph_requests_total";
+/// Counter of resource units charged by the tenant limiter, label `lane` (writer/delta).
+pub const GRAPH_RU_SPENT_TOTAL: &str = "syncbridge_graph_ru_spent_total";
+/// Counter of 429/503 responses (direct or inside `$batch`), labels `status`, `source`.
+pub const GRAPH_THROTTLED_TOTAL: &str = "syncbridge_graph_throttled_total";
+/// Histogram (seconds): tenant pauses taken for `Retry-After` (its sum is the time waited).
+pub const GRAPH_RETRY_AFTER_SECONDS: &str = "syncbridge_graph_retry_after_seconds";
+/// Histogram (seconds): one Graph HTTP request, label `method`.
+pub const GRAPH_REQUEST_SECONDS: &str = "syncbridge_graph_request_seconds";
+
+/// Counter of records appended durably to the event log, labels `backend` (embedded/kafka), `topic`.
+pub const LOG_APPENDED_RECORDS_TOTAL: &str = "syncbridge_log_appended_records_total";
+/// Histogram (seconds): one `EventLog::append` call until the batch is durable, labels `backend`, `topic`.
+pub const LOG_APPEND_SECONDS: &str = "syncbridge_log_append_seconds";
+/// Counter of failed `EventLog::append` calls, labels `backend`, `topic`, `retryable` (true/false).
+pub const LOG_APPEND_ERRORS_TOTAL: &str = "syncbridge_log_append_errors_total";
+/// Counter of records handed to log consumers, labels `backend`, `topic`.
+pub const LOG_CONSUMED_RECORDS_TOTAL: &str = "syncbridge_log_consumed_records_total";
+/// Counter of consumer-group positions committed, labels `backend`, `group`.
+pub const LOG_COMMITS_TOTAL: &str = "syncbridge_log_commits_total";
+
 /// Registers help text and units for every metric, so scrapes carry `# HELP` from the start.
 pub fn describe_all() {
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
@@ -90,5 +112,30 @@ pub fn describe_all() {
         SINK_APPEND_SECONDS,
         Unit::Seconds,
         "Capture append to the log until durable (label: pipeline)."
+    );
+    describe_counter!(
+        GRAPH_REQUESTS_TOTAL,
+        Unit::Count,
+        "Graph HTTP requests (labels: method, outcome)."
+    );
+    describe_counter!(
+        GRAPH_RU_SPENT_TOTAL,
+        Unit::Count,
+        "SharePoint resource units charged by the tenant limiter (label: lane)."
+    );
+    describe_counter!(
+        GRAPH_THROTTLED_TOTAL,
+        Unit::Count,
+        "Graph 429/503 responses, direct or inside $batch (labels: status, source)."
+    );
+    describe_histogram!(
+        GRAPH_RETRY_AFTER_SECONDS,
+        Unit::Seconds,
+        "Tenant pauses taken for Retry-After; the sum is the time waited."
+    );
+    describe_histogram!(
+        GRAPH_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Duration of one Graph HTTP request (label: method)."
     );
 }

@@ -363,7 +363,8 @@ impl Encoder {
             for f in &p.key_fields {
                 let col = &p.relation.columns[f.column];
                 let mut v = &primary[f.column];
-                if matches!(v, Value::UnchangedToast | Value::Null)
+                // A TOASTed key column unchanged by an UPDATE: take it from the old image.
+                if matches!(v, Value::UnchangedToast)
                     && let Some(other) = secondary.map(|r| &r[f.column])
                     && matches!(other, Value::Text(_))
                 {

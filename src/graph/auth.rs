@@ -1,0 +1,163 @@
+//! App-only access tokens: OAuth2 client credentials with a client secret (graph-api.md §1.1).
+//!
+//! Contract:
+//! - One token is cached per provider and reused until [`TOKEN_REFRESH_MARGIN`] before its
+//!   `expires_in` (at most half the lifetime, so short-lived tokens are not refreshed on every call).
+//! - Concurrent callers share one refresh (the cache sits behind an async mutex).
+//! - [`TokenProvider::invalidate`] drops the cached token only if it is still the one the caller used,
+//!   so a burst of 401s causes one refresh, not one per request.
+//! - The secret is sent only in the form body, never logged; token endpoint errors keep Entra's
+//!   `error`/`error_description` (they contain no secret).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use url::Url;
+
+use super::error::{ErrorDetail, GraphError};
+use crate::config::Secret;
+
+/// Refresh this long before the token expires. Entra lifetimes are 60–90 min (§1.3); five minutes
+/// absorbs clock skew and a slow request, and is what Microsoft's own SDKs use.
+pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// The scope of the client-credentials flow for Graph (the `/.default` suffix is mandatory, §1.1).
+pub const GRAPH_DEFAULT_SCOPE: &str = "https://graph.microsoft.com/.default";
+
+#[derive(Debug, Clone)]
+struct Cached {
+    access_token: String,
+    refresh_at: Instant,
+}
+
+/// Fetches and caches access tokens.
+#[derive(Debug)]
+pub struct TokenProvider {
+    http: reqwest::Client,
+    token_url: Url,
+    client_id: String,
+    client_secret: Secret,
+    scope: String,
+    cache: Mutex<Option<Cached>>,
+    fetched: AtomicU64,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenErrorBody {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+impl TokenProvider {
+    pub fn new(
+        http: reqwest::Client,
+        token_url: Url,
+        client_id: String,
+        client_secret: Secret,
+        scope: String,
+    ) -> TokenProvider {
+        TokenProvider {
+            http,
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+            cache: Mutex::new(None),
+            fetched: AtomicU64::new(0),
+        }
+    }
+
+    /// How many tokens were fetched from the token endpoint (cache misses).
+    pub fn tokens_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// A valid access token, from the cache when possible.
+    pub async fn token(&self) -> Result<String, GraphError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.as_ref().filter(|c| Instant::now() < c.refresh_at) {
+            return Ok(c.access_token.clone());
+        }
+        let fresh = self.fetch().await?;
+        let token = fresh.access_token.clone();
+        *cache = Some(fresh);
+        Ok(token)
+    }
+
+    /// Forgets `used` if it is still cached (a 401 said it is no longer valid).
+    pub async fn invalidate(&self, used: &str) {
+        let mut cache = self.cache.lock().await;
+        if cache.as_ref().is_some_and(|c| c.access_token == used) {
+            *cache = None;
+        }
+    }
+
+    async fn fetch(&self) -> Result<Cached, GraphError> {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("client_id", &self.client_id)
+            .append_pair("scope", &self.scope)
+            .append_pair("client_secret", self.client_secret.expose())
+            .append_pair("grant_type", "client_credentials")
+            .finish();
+        let started = Instant::now();
+        let resp = self
+            .http
+            .post(self.token_url.clone())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| GraphError::from_transport(&e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| GraphError::from_transport(&e))?;
+        if !(200..300).contains(&status) {
+            let e: Option<TokenErrorBody> = serde_json::from_slice(&bytes).ok();
+            let detail = match e {
+                Some(e) => ErrorDetail {
+                    code: e.error,
+                    message: e.error_description,
+                    ..ErrorDetail::default()
+                },
+                None => ErrorDetail::parse(&bytes, None),
+            };
+            tracing::warn!(status, code = %detail.code, "graph token request refused");
+            return Err(match status {
+                // 400/401 from the token endpoint: wrong secret, client or scope — not retryable.
+                400..=499 if status != 429 => GraphError::Auth {
+                    status,
+                    detail: Box::new(detail),
+                },
+                _ => GraphError::from_response(status, None, detail),
+            });
+        }
+        let t: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| GraphError::Decode {
+            what: "token endpoint".into(),
+            message: e.to_string(),
+        })?;
+        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(3599));
+        let margin = TOKEN_REFRESH_MARGIN.min(lifetime / 2);
+        self.fetched.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            expires_in = lifetime.as_secs(),
+            "graph access token acquired"
+        );
+        Ok(Cached {
+            access_token: t.access_token,
+            refresh_at: started + (lifetime - margin),
+        })
+    }
+}

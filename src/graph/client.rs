@@ -1,0 +1,409 @@
+//! The HTTP core: one request = limiter admission → token → send → classify → retry policy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tokio::time::Instant;
+use url::Url;
+
+use super::auth::{GRAPH_DEFAULT_SCOPE, TokenProvider};
+use super::error::{ErrorDetail, GraphError, throttle_wait};
+use super::limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, TenantLimiter};
+use crate::config::{GraphConfig, Secret};
+use crate::telemetry::metrics as m;
+
+/// `User-Agent` decoration Microsoft asks for (graph-api.md §8.7); undecorated traffic is
+/// deprioritised under load.
+pub const USER_AGENT: &str = concat!("NONISV|SyncBridge|SyncBridge/", env!("CARGO_PKG_VERSION"));
+/// Whole-request timeout: Graph answers in well under a second normally; 30 s catches hung
+/// connections without cutting off a slow large page.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connect timeout: a TCP/TLS handshake that takes longer is a network problem, retry it.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retries of transient failures (timeouts, resets, 5xx) per request before giving up; with the
+/// backoff below that is ~30 s of trying, after which the caller's own retry/DLQ takes over.
+pub const DEFAULT_MAX_TRANSIENT_RETRIES: usize = 5;
+/// Retries after a 429/503 per request. Each waits the server's `Retry-After` (which can be
+/// minutes), so this bounds the time one request can block, not the load on the server.
+pub const DEFAULT_MAX_THROTTLE_RETRIES: usize = 8;
+/// Exponential backoff bounds for transient failures (doubling, with jitter).
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(16);
+
+/// Everything a [`GraphClient`] needs. Build it from the pipeline's [`GraphConfig`] with `From`.
+#[derive(Debug, Clone)]
+pub struct GraphClientConfig {
+    /// Graph root including the version, e.g. `https://graph.microsoft.com/v1.0`.
+    pub base_url: Url,
+    /// Token endpoint with the tenant substituted.
+    pub token_url: Url,
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scope: String,
+    pub limiter: LimiterConfig,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_transient_retries: usize,
+    pub max_throttle_retries: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl From<&GraphConfig> for GraphClientConfig {
+    fn from(g: &GraphConfig) -> GraphClientConfig {
+        GraphClientConfig {
+            base_url: g.base_url.clone(),
+            token_url: g.token_url.clone(),
+            tenant: g.tenant.clone(),
+            client_id: g.client_id.clone(),
+            client_secret: g.client_secret.clone(),
+            scope: GRAPH_DEFAULT_SCOPE.to_string(),
+            limiter: LimiterConfig::new(g.ru_per_minute),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_transient_retries: DEFAULT_MAX_TRANSIENT_RETRIES,
+            max_throttle_retries: DEFAULT_MAX_THROTTLE_RETRIES,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+/// Which failures a request may be retried on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Idempotency {
+    /// GET, PATCH, DELETE: repeating is harmless; retry throttling and transient failures.
+    Idempotent,
+    /// POST creates and `$batch`: retry only 429/503 (rejected before being applied). A transient
+    /// failure may have been applied, so it is returned to the caller to reconcile.
+    NonIdempotent,
+}
+
+/// One Graph call, before retries.
+#[derive(Debug)]
+pub(crate) struct Req<'a> {
+    pub method: Method,
+    /// Relative to the version (`/sites/…`) or an absolute `@odata.nextLink`.
+    pub url: String,
+    pub body: Option<&'a Value>,
+    pub if_match: Option<&'a str>,
+    pub prefer: Option<&'a str>,
+    pub lane: Lane,
+    /// RU charged before sending (one per inner request for `$batch`).
+    pub costs: Vec<Cost>,
+    pub idempotency: Idempotency,
+}
+
+impl<'a> Req<'a> {
+    pub fn new(method: Method, url: String) -> Req<'a> {
+        let costs = vec![Cost::of(method.as_str(), &url)];
+        let idempotency = if method == Method::POST {
+            Idempotency::NonIdempotent
+        } else {
+            Idempotency::Idempotent
+        };
+        Req {
+            method,
+            url,
+            body: None,
+            if_match: None,
+            prefer: None,
+            lane: Lane::Writer,
+            costs,
+            idempotency,
+        }
+    }
+}
+
+/// A 2xx response.
+#[derive(Debug)]
+pub(crate) struct Resp {
+    pub body: Vec<u8>,
+    pub lineage: Lineage,
+}
+
+/// Correlation ids of the request that produced a result (for lineage in logs and the DLQ).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// Ours: a fresh UUID per attempt, sent as `client-request-id`.
+    pub client_request_id: String,
+    /// Microsoft's `request-id` response header.
+    pub request_id: Option<String>,
+}
+
+enum AttemptError {
+    /// 401: the token was refused; the caller may refresh once.
+    Unauthorized {
+        token: String,
+        err: GraphError,
+    },
+    Other(GraphError),
+}
+
+/// A Graph client for one tenant and application. Cheap to clone (all state is shared).
+#[derive(Debug, Clone)]
+pub struct GraphClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    http: reqwest::Client,
+    base: String,
+    tokens: TokenProvider,
+    pub(crate) limiter: Arc<TenantLimiter>,
+    pub(crate) cfg: GraphClientConfig,
+}
+
+impl GraphClient {
+    /// Builds a client whose limiter is the tenant's shared one from `registry`.
+    pub fn new(
+        cfg: GraphClientConfig,
+        registry: &LimiterRegistry,
+    ) -> Result<GraphClient, GraphError> {
+        let limiter = registry.get_or_create(&cfg.tenant, &cfg.limiter);
+        GraphClient::with_limiter(cfg, limiter)
+    }
+
+    /// Builds a client around an existing tenant limiter.
+    pub fn with_limiter(
+        cfg: GraphClientConfig,
+        limiter: Arc<TenantLimiter>,
+    ) -> Result<GraphClient, GraphError> {
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(cfg.request_timeout)
+            .connect_timeout(cfg.connect_timeout)
+            .build()
+            .map_err(|e| GraphError::Invalid(format!("cannot build HTTP client: {e}")))?;
+        let tokens = TokenProvider::new(
+            http.clone(),
+            cfg.token_url.clone(),
+            cfg.client_id.clone(),
+            cfg.client_secret.clone(),
+            cfg.scope.clone(),
+        );
+        let base = cfg.base_url.as_str().trim_end_matches('/').to_string();
+        Ok(GraphClient {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                tokens,
+                limiter,
+                cfg,
+            }),
+        })
+    }
+
+    /// The tenant limiter this client shares.
+    pub fn limiter(&self) -> &Arc<TenantLimiter> {
+        &self.inner.limiter
+    }
+
+    /// Tokens fetched from the token endpoint so far (cache misses).
+    pub fn tokens_fetched(&self) -> u64 {
+        self.inner.tokens.tokens_fetched()
+    }
+
+    pub(crate) fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        let c = &self.inner.cfg;
+        ExponentialBuilder::default()
+            .with_min_delay(c.backoff_min)
+            .with_max_delay(c.backoff_max)
+            .with_max_times(c.max_transient_retries)
+            .with_jitter()
+            .build()
+    }
+
+    /// Runs a request with the retry policy: one token refresh on 401, `Retry-After` pauses of
+    /// the whole tenant on 429/503 (bounded), exponential backoff with jitter on transient
+    /// failures of idempotent requests (bounded).
+    pub(crate) async fn execute(&self, req: &Req<'_>) -> Result<Resp, GraphError> {
+        let mut backoff = self.backoff();
+        let mut throttles = 0usize;
+        let mut refreshed = false;
+        loop {
+            let err = match self.attempt(req).await {
+                Ok(r) => return Ok(r),
+                Err(AttemptError::Unauthorized { token, err }) => {
+                    if refreshed {
+                        return Err(err);
+                    }
+                    refreshed = true;
+                    tracing::info!("graph token refused (401); refreshing once and retrying");
+                    self.inner.tokens.invalidate(&token).await;
+                    continue;
+                }
+                Err(AttemptError::Other(e)) => e,
+            };
+            if err.is_throttling() {
+                throttles += 1;
+                if throttles > self.inner.cfg.max_throttle_retries {
+                    return Err(err);
+                }
+                // No Retry-After on a 503: back off exponentially, still pausing the tenant.
+                let wait = match err.retry_after() {
+                    Some(w) => w,
+                    None => backoff.next().unwrap_or(self.inner.cfg.backoff_max),
+                };
+                self.throttled(err.status().unwrap_or(429), wait, "direct");
+                continue;
+            }
+            if err.is_retryable() && req.idempotency == Idempotency::Idempotent {
+                match backoff.next() {
+                    Some(d) => {
+                        tracing::debug!(error = %err, delay_ms = d.as_millis() as u64, "graph transient failure; backing off");
+                        tokio::time::sleep(d).await;
+                        continue;
+                    }
+                    None => return Err(err),
+                }
+            }
+            return Err(err);
+        }
+    }
+
+    /// Records a throttling signal and pauses the tenant for `wait`.
+    pub(crate) fn throttled(&self, status: u16, wait: Duration, source: &'static str) {
+        metrics::counter!(m::GRAPH_THROTTLED_TOTAL, "status" => status.to_string(), "source" => source)
+            .increment(1);
+        metrics::histogram!(m::GRAPH_RETRY_AFTER_SECONDS).record(wait.as_secs_f64());
+        tracing::info!(
+            tenant = self.inner.limiter.tenant(),
+            status,
+            wait_ms = wait.as_millis() as u64,
+            source,
+            "graph throttled; pausing all requests to the tenant"
+        );
+        self.inner.limiter.pause_for(wait);
+    }
+
+    /// Absolute URL and the path relative to the version (for pricing and logs).
+    fn resolve(&self, url: &str) -> String {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            url.to_string()
+        } else {
+            format!("{}{}", self.inner.base, url)
+        }
+    }
+
+    async fn attempt(&self, req: &Req<'_>) -> Result<Resp, AttemptError> {
+        let inner = &self.inner;
+        let mut admission = None;
+        for (i, c) in req.costs.iter().enumerate() {
+            // Every unit is charged before sending; the last charge also takes a concurrency slot.
+            if i + 1 == req.costs.len() {
+                admission = Some(inner.limiter.acquire(req.lane, *c).await);
+            } else {
+                inner.limiter.reserve(req.lane, *c).await;
+            }
+        }
+        let units: u64 = req.costs.iter().map(|c| u64::from(c.units())).sum();
+        let lane = match req.lane {
+            Lane::Writer => "writer",
+            Lane::Delta => "delta",
+        };
+        metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane).increment(units);
+        let token = inner.tokens.token().await.map_err(AttemptError::Other)?;
+        let client_request_id = uuid::Uuid::new_v4().to_string();
+        let url = self.resolve(&req.url);
+        let mut rb = inner
+            .http
+            .request(req.method.clone(), &url)
+            .bearer_auth(&token)
+            .header("client-request-id", &client_request_id)
+            .header("accept", "application/json");
+        if let Some(b) = req.body {
+            rb = rb.json(b);
+        }
+        if let Some(v) = req.if_match {
+            rb = rb.header("if-match", v);
+        }
+        if let Some(v) = req.prefer {
+            rb = rb.header("prefer", v);
+        }
+        let started = Instant::now();
+        let sent = rb.send().await;
+        let method = req.method.as_str().to_string();
+        let path = path_of(&url);
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let err = GraphError::from_transport(&e);
+                self.record(&method, err.kind(), started);
+                tracing::debug!(%method, path, %client_request_id, error = %err, "graph request failed");
+                return Err(AttemptError::Other(err));
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let request_id = header(&headers, "request-id").map(str::to_string);
+        let body = match resp.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => {
+                let err = GraphError::from_transport(&e);
+                self.record(&method, err.kind(), started);
+                return Err(AttemptError::Other(err));
+            }
+        };
+        drop(admission);
+        tracing::debug!(%method, path, status, request_id = request_id.as_deref().unwrap_or(""), %client_request_id, "graph request");
+        self.observe_rate_limit(&headers);
+        let lineage = Lineage {
+            client_request_id,
+            request_id: request_id.clone(),
+        };
+        if (200..300).contains(&status) {
+            self.record(&method, "ok", started);
+            return Ok(Resp { body, lineage });
+        }
+        let detail = ErrorDetail::parse(&body, request_id);
+        let wait = throttle_wait(
+            header(&headers, "retry-after"),
+            header(&headers, "ratelimit-reset").filter(|_| status == 429),
+        );
+        let err = GraphError::from_response(status, wait, detail);
+        self.record(&method, err.kind(), started);
+        if status == 401 {
+            return Err(AttemptError::Unauthorized { token, err });
+        }
+        Err(AttemptError::Other(err))
+    }
+
+    pub(crate) fn observe_rate_limit(&self, headers: &HeaderMap) {
+        let remaining =
+            header(headers, "ratelimit-remaining").and_then(|v| v.trim().parse::<u64>().ok());
+        let reset = header(headers, "ratelimit-reset").and_then(super::error::parse_retry_after);
+        if let (Some(remaining), Some(reset)) = (remaining, reset) {
+            self.inner.limiter.observe_rate_limit(remaining, reset);
+        }
+    }
+
+    fn record(&self, method: &str, outcome: &'static str, started: Instant) {
+        metrics::counter!(m::GRAPH_REQUESTS_TOTAL, "method" => method.to_string(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(m::GRAPH_REQUEST_SECONDS, "method" => method.to_string())
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The path of a URL without query (logs never carry `$filter` values, which may hold row data).
+fn path_of(url: &str) -> &str {
+    let no_query = url.split('?').next().unwrap_or(url);
+    match no_query.find("://") {
+        Some(i) => {
+            let rest = &no_query[i + 3..];
+            rest.find('/').map(|j| &rest[j..]).unwrap_or("/")
+        }
+        None => no_query,
+    }
+}

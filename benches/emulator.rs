@@ -35,7 +35,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn fields(i: usize) -> Value {
-    json!({ "Title": format!("Item {i}"), "Qty": i as f64, "Status": if i % 2 == 0 { "Open" } else { "Closed" },
+    json!({ "Title": format!("Item {i}"), "Qty": i as f64, "Status": if i.is_multiple_of(2) { "Open" } else { "Closed" },
             "Code": format!("K{i:08}"), "Due": "2024-10-24T11:11:11Z" })
 }
 

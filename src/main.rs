@@ -25,6 +25,8 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up: the size of the emulator's arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run one or more pipelines until SIGINT/SIGTERM, then drain in pipeline order and exit 0.
     Run {

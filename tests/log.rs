@@ -915,4 +915,42 @@ mod kafka_only {
         })
         .await;
     }
+
+    /// `close` leaves the group in time after a commit, so the next member resumes at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_leaves_group_promptly() {
+        let Some(b) = Kafka::from_env("close_leaves_group_promptly") else {
+            return;
+        };
+        bounded("kafka_only::close", Duration::from_secs(60), async {
+            let log = b.open();
+            log.ensure_topic(&TopicSpec::new("close", 1)).await.unwrap();
+            log.append("close", vec![rec("k", "a"), rec("k", "b")])
+                .await
+                .unwrap();
+            let t = topics(&["close"]);
+            let mut c = log
+                .consumer("g", &t, CancellationToken::new())
+                .await
+                .unwrap();
+            recv_n(&mut c, 1, b.first_record_timeout()).await;
+            c.commit("close", 0, 1).await.unwrap();
+            assert!(
+                c.close(Duration::from_secs(10)).await,
+                "close took over 10 s"
+            );
+            let started = std::time::Instant::now();
+            let mut c = log
+                .consumer("g", &t, CancellationToken::new())
+                .await
+                .unwrap();
+            let got = recv_n(&mut c, 1, b.first_record_timeout()).await;
+            assert_eq!(values(&got), ["b"]);
+            eprintln!(
+                "close_leaves_group_promptly: next member got its first record after {:?}",
+                started.elapsed()
+            );
+        })
+        .await;
+    }
 }

@@ -135,14 +135,14 @@ impl Identity {
             path: path.clone(),
             source,
         };
-        if let Ok(existing) = std::fs::read(&path) {
-            if let Ok(k) = <[u8; 32]>::try_from(
+        if let Ok(existing) = std::fs::read(&path)
+            && let Ok(k) = <[u8; 32]>::try_from(
                 hex::decode(existing.trim_ascii())
                     .unwrap_or_default()
                     .as_slice(),
-            ) {
-                return Ok(k);
-            }
+            )
+        {
+            return Ok(k);
         }
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::write(&path, hex::encode(fresh)).map_err(io)?;

@@ -728,12 +728,12 @@ fn check_new_column(site: &Site, existing: &[Column], c: &mut Column) -> Result<
         c.name =
             free.ok_or_else(|| GraphError::new(409, "nameAlreadyExists", "No free internal name"))?;
     }
-    if let super::model::Kind::Lookup { list_id, .. } = &c.kind {
-        if site.find_list(list_id).is_none() {
-            return Err(GraphError::invalid(&format!(
-                "Lookup list '{list_id}' does not exist in this site"
-            )));
-        }
+    if let super::model::Kind::Lookup { list_id, .. } = &c.kind
+        && site.find_list(list_id).is_none()
+    {
+        return Err(GraphError::invalid(&format!(
+            "Lookup list '{list_id}' does not exist in this site"
+        )));
     }
     Ok(())
 }
@@ -757,10 +757,10 @@ fn create_column(
         if col.unique {
             let mut seen = std::collections::HashSet::new();
             for it in list.items.values() {
-                if let Some(k) = it.values.get(&col.name).and_then(unique_key) {
-                    if !seen.insert(k) {
-                        return Err(GraphError::invalid("The column contains duplicate values"));
-                    }
+                if let Some(k) = it.values.get(&col.name).and_then(unique_key)
+                    && !seen.insert(k)
+                {
+                    return Err(GraphError::invalid("The column contains duplicate values"));
                 }
             }
         }
@@ -896,10 +896,10 @@ fn list_items(st: &State, env: &Env, si: usize, li: usize, call: &Call, q: &Quer
     let mut last = after;
     let mut more = false;
     for (id, item) in list.items.range(after.saturating_add(1)..) {
-        if let Some(e) = &expr {
-            if !filter::eval(e, list, item) {
-                continue;
-            }
+        if let Some(e) = &expr
+            && !filter::eval(e, list, item)
+        {
+            continue;
         }
         if value.len() == top {
             more = true;
@@ -1037,10 +1037,10 @@ fn create_item(
 /// Keeps the unique-value indexes in step with an item write (`old` = state before).
 fn index_unique(list: &mut List, old: Option<&Item>, new: &Item) {
     for (col, idx) in list.unique.iter_mut() {
-        if let Some(k) = old.and_then(|o| o.values.get(col)).and_then(unique_key) {
-            if idx.get(&k) == Some(&new.id) {
-                idx.remove(&k);
-            }
+        if let Some(k) = old.and_then(|o| o.values.get(col)).and_then(unique_key)
+            && idx.get(&k) == Some(&new.id)
+        {
+            idx.remove(&k);
         }
         if let Some(k) = new.values.get(col).and_then(unique_key) {
             idx.insert(k, new.id);
@@ -1049,14 +1049,14 @@ fn index_unique(list: &mut List, old: Option<&Item>, new: &Item) {
 }
 
 fn check_if_match(item: &Item, call: &Call) -> Result<(), GraphError> {
-    if let Some(m) = call.if_match.as_deref() {
-        if !item.etag_matches(m) {
-            return Err(GraphError::new(
-                412,
-                "resourceModified",
-                "The resource has changed since the caller last read it; usually an eTag mismatch",
-            ));
-        }
+    if let Some(m) = call.if_match.as_deref()
+        && !item.etag_matches(m)
+    {
+        return Err(GraphError::new(
+            412,
+            "resourceModified",
+            "The resource has changed since the caller last read it; usually an eTag mismatch",
+        ));
     }
     Ok(())
 }
@@ -1180,10 +1180,10 @@ fn delete_item(
     let seq = list.next_seq();
     if let Some(old) = list.items.remove(&id) {
         for (col, idx) in list.unique.iter_mut() {
-            if let Some(k) = old.values.get(col).and_then(unique_key) {
-                if idx.get(&k) == Some(&id) {
-                    idx.remove(&k);
-                }
+            if let Some(k) = old.values.get(col).and_then(unique_key)
+                && idx.get(&k) == Some(&id)
+            {
+                idx.remove(&k);
             }
         }
     }

@@ -169,10 +169,10 @@ impl Site {
     }
 
     pub fn find_list(&self, key: &str) -> Option<usize> {
-        if let Ok(id) = Uuid::parse_str(key.trim_matches(|c| c == '{' || c == '}')) {
-            if let Some(i) = self.lists.iter().position(|l| l.meta.id == id) {
-                return Some(i);
-            }
+        if let Ok(id) = Uuid::parse_str(key.trim_matches(|c| c == '{' || c == '}'))
+            && let Some(i) = self.lists.iter().position(|l| l.meta.id == id)
+        {
+            return Some(i);
         }
         self.lists
             .iter()
@@ -325,11 +325,9 @@ impl List {
             "parentReference": { "siteId": site.id },
             "list": { "contentTypesEnabled": false, "hidden": self.meta.hidden, "template": self.meta.template },
         });
-        if with_columns {
-            if let Some(o) = v.as_object_mut() {
-                let cols: Vec<Value> = self.all_columns(false).iter().map(|c| c.json()).collect();
-                o.insert("columns".into(), Value::Array(cols));
-            }
+        if with_columns && let Some(o) = v.as_object_mut() {
+            let cols: Vec<Value> = self.all_columns(false).iter().map(|c| c.json()).collect();
+            o.insert("columns".into(), Value::Array(cols));
         }
         v
     }
@@ -1030,19 +1028,19 @@ pub fn fields_json(site: &Site, list: &List, item: &Item, sel: &FieldSel) -> Val
                 }
                 // A lookup selected by its own name returns the looked-up display value(s).
                 if let Some(col) = list.column(n) {
-                    if col.kind.is_lookup() {
-                        if let Some(v) = item.values.get(&col.name) {
-                            let objs = lookup_objects(site, col, v);
-                            let shown = if col.kind.is_multi() {
-                                objs
-                            } else {
-                                objs.get(0)
-                                    .and_then(|o| o.get("LookupValue"))
-                                    .cloned()
-                                    .unwrap_or(Value::Null)
-                            };
-                            out.insert(n.clone(), shown);
-                        }
+                    if col.kind.is_lookup()
+                        && let Some(v) = item.values.get(&col.name)
+                    {
+                        let objs = lookup_objects(site, col, v);
+                        let shown = if col.kind.is_multi() {
+                            objs
+                        } else {
+                            objs.get(0)
+                                .and_then(|o| o.get("LookupValue"))
+                                .cloned()
+                                .unwrap_or(Value::Null)
+                        };
+                        out.insert(n.clone(), shown);
                     }
                 } else if n == "Author" || n == "Editor" {
                     let actor = if n == "Author" {
@@ -1175,18 +1173,17 @@ pub fn validate_fields(
         let Some(idx) = list.unique.get(name) else {
             continue;
         };
-        if let Some(k) = unique_key(v) {
-            if let Some(owner) = idx.get(&k) {
-                if existing.is_none_or(|it| it.id != *owner) {
-                    return Err(GraphError::new(
-                        400,
-                        "invalidRequest",
-                        &format!(
-                            "The list item could not be added or updated because duplicate values were found in the following field(s) in the list: [{name}]"
-                        ),
-                    ));
-                }
-            }
+        if let Some(k) = unique_key(v)
+            && let Some(owner) = idx.get(&k)
+            && existing.is_none_or(|it| it.id != *owner)
+        {
+            return Err(GraphError::new(
+                400,
+                "invalidRequest",
+                &format!(
+                    "The list item could not be added or updated because duplicate values were found in the following field(s) in the list: [{name}]"
+                ),
+            ));
         }
     }
     Ok(changes)
@@ -1346,12 +1343,12 @@ fn single_value(
                 return wrong("an item id (integer)");
             };
             let target = site.find_list(list_id).and_then(|i| site.lists.get(i));
-            if let Some(t) = target {
-                if !t.items.contains_key(&id) {
-                    return Err(GraphError::invalid(&format!(
-                        "Invalid lookup value: item {id} does not exist in the lookup list"
-                    )));
-                }
+            if let Some(t) = target
+                && !t.items.contains_key(&id)
+            {
+                return Err(GraphError::invalid(&format!(
+                    "Invalid lookup value: item {id} does not exist in the lookup list"
+                )));
             }
             Ok(Some(json!(id)))
         }

@@ -249,10 +249,10 @@ pub fn open(dir: &Path) -> Result<(Vec<Site>, u64, Wal, Arc<AtomicBool>), Emulat
                 // Ends on shutdown, or when the log itself is gone (an aborted server).
                 while !stop.load(Ordering::Acquire) && Arc::strong_count(&dirty) > 1 {
                     std::thread::sleep(Duration::from_millis(50));
-                    if dirty.swap(false, Ordering::AcqRel) {
-                        if let Err(e) = sync_file.sync_data() {
-                            tracing::error!(error = %e, "emulator: fsync of wal.jsonl failed");
-                        }
+                    if dirty.swap(false, Ordering::AcqRel)
+                        && let Err(e) = sync_file.sync_data()
+                    {
+                        tracing::error!(error = %e, "emulator: fsync of wal.jsonl failed");
                     }
                 }
             })

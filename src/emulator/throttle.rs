@@ -103,20 +103,20 @@ impl Throttle {
         self.tenant.used += cost;
         self.consumed += cost;
         let minute_reset = b.minute.reset_in(now_ms, MINUTE_MS);
-        if let Some(lim) = l.ru_per_minute {
-            if b.minute.used > lim {
-                self.throttled += 1;
-                let headers = vec![
-                    ("Retry-After".to_string(), minute_reset.to_string()),
-                    ("RateLimit-Limit".to_string(), lim.to_string()),
-                    ("RateLimit-Remaining".to_string(), "0".to_string()),
-                    ("RateLimit-Reset".to_string(), minute_reset.to_string()),
-                ];
-                return Charge::Throttled {
-                    retry_after: minute_reset,
-                    headers,
-                };
-            }
+        if let Some(lim) = l.ru_per_minute
+            && b.minute.used > lim
+        {
+            self.throttled += 1;
+            let headers = vec![
+                ("Retry-After".to_string(), minute_reset.to_string()),
+                ("RateLimit-Limit".to_string(), lim.to_string()),
+                ("RateLimit-Remaining".to_string(), "0".to_string()),
+                ("RateLimit-Reset".to_string(), minute_reset.to_string()),
+            ];
+            return Charge::Throttled {
+                retry_after: minute_reset,
+                headers,
+            };
         }
         // Another limit tripped: only Retry-After (RateLimit-* describe the minute budget only).
         let other = [
@@ -134,15 +134,15 @@ impl Throttle {
             }
         }
         let mut headers = Vec::new();
-        if let Some(lim) = l.ru_per_minute {
-            if b.minute.used * 5 >= lim * 4 {
-                headers.push(("RateLimit-Limit".into(), lim.to_string()));
-                headers.push((
-                    "RateLimit-Remaining".into(),
-                    lim.saturating_sub(b.minute.used).to_string(),
-                ));
-                headers.push(("RateLimit-Reset".into(), minute_reset.to_string()));
-            }
+        if let Some(lim) = l.ru_per_minute
+            && b.minute.used * 5 >= lim * 4
+        {
+            headers.push(("RateLimit-Limit".into(), lim.to_string()));
+            headers.push((
+                "RateLimit-Remaining".into(),
+                lim.saturating_sub(b.minute.used).to_string(),
+            ));
+            headers.push(("RateLimit-Reset".into(), minute_reset.to_string()));
         }
         Charge::Allowed(headers)
     }

@@ -138,4 +138,29 @@ pub fn describe_all() {
         Unit::Seconds,
         "Duration of one Graph HTTP request (label: method)."
     );
+    describe_counter!(
+        LOG_APPENDED_RECORDS_TOTAL,
+        Unit::Count,
+        "Records appended durably to the event log (labels: backend, topic)."
+    );
+    describe_histogram!(
+        LOG_APPEND_SECONDS,
+        Unit::Seconds,
+        "One EventLog append until the batch is durable (labels: backend, topic)."
+    );
+    describe_counter!(
+        LOG_APPEND_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed EventLog appends (labels: backend, topic, retryable)."
+    );
+    describe_counter!(
+        LOG_CONSUMED_RECORDS_TOTAL,
+        Unit::Count,
+        "Records handed to log consumers (labels: backend, topic)."
+    );
+    describe_counter!(
+        LOG_COMMITS_TOTAL,
+        Unit::Count,
+        "Consumer-group positions committed (labels: backend, group)."
+    );
 }

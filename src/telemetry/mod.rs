@@ -13,7 +13,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 /// Log filter when `RUST_LOG` is unset: our own crate at info, chatty dependencies at warn.
-const DEFAULT_LOG_FILTER: &str = "info,sled=warn,rdkafka=warn,hyper=warn,reqwest=warn,pg_walstream=warn";
+const DEFAULT_LOG_FILTER: &str =
+    "info,sled=warn,rdkafka=warn,hyper=warn,reqwest=warn,pg_walstream=warn";
 
 /// Error from setting up telemetry. Never retryable: it happens once, at start-up.
 #[derive(Debug, thiserror::Error)]

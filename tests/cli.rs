@@ -182,10 +182,10 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 fn wait_for(port: u16, path: &str, want: u16, child: &mut Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some((status, body)) = http_get(port, path) {
-            if status == want {
-                return body;
-            }
+        if let Some((status, body)) = http_get(port, path)
+            && status == want
+        {
+            return body;
         }
         if let Some(code) = child.try_wait().unwrap() {
             panic!("syncbridge exited early with {code}");

@@ -1,4 +1,5 @@
-//! App-only access tokens: OAuth2 client credentials with a client secret (graph-api.md §1.1).
+//! App-only access tokens: OAuth2 client credentials with a client secret (graph-api.md §1.1) or a
+//! certificate, i.e. a signed JWT client assertion (§1.2).
 //!
 //! Contract:
 //! - One token is cached per provider and reused until [`TOKEN_REFRESH_MARGIN`] before its
@@ -6,8 +7,11 @@
 //! - Concurrent callers share one refresh (the cache sits behind an async mutex).
 //! - [`TokenProvider::invalidate`] drops the cached token only if it is still the one the caller used,
 //!   so a burst of 401s causes one refresh, not one per request.
-//! - The secret is sent only in the form body, never logged; token endpoint errors keep Entra's
+//! - The secret / private key is used only to build the form body and is never logged (`Debug` of
+//!   [`Credential`] shows the certificate thumbprint only); token endpoint errors keep Entra's
 //!   `error`/`error_description` (they contain no secret).
+//! - A certificate assertion is signed PS256 (current docs) with `x5t#S256`, `aud` = the token URL,
+//!   `iss` = `sub` = client id, a fresh `jti`, and a lifetime of [`ASSERTION_LIFETIME`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,6 +29,86 @@ use crate::config::Secret;
 pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// The scope of the client-credentials flow for Graph (the `/.default` suffix is mandatory, §1.1).
 pub const GRAPH_DEFAULT_SCOPE: &str = "https://graph.microsoft.com/.default";
+/// Lifetime of a client assertion JWT: Microsoft suggests 5–10 minutes (§1.2); it is used once.
+pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// How the application proves its identity.
+#[derive(Clone)]
+pub enum Credential {
+    Secret(Secret),
+    Certificate(Certificate),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Secret(_) => f.write_str("Secret(***)"),
+            Credential::Certificate(c) => write!(f, "{c:?}"),
+        }
+    }
+}
+
+/// A certificate registered for the app plus its RSA private key.
+#[derive(Clone)]
+pub struct Certificate {
+    key: jsonwebtoken::EncodingKey,
+    /// base64url SHA-256 of the certificate DER (`x5t#S256`).
+    thumbprint: String,
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Certificate(x5t#S256={}, key=***)", self.thumbprint)
+    }
+}
+
+impl Certificate {
+    /// From a PEM certificate (`-----BEGIN CERTIFICATE-----`) and a PEM RSA private key.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Certificate, GraphError> {
+        use base64::Engine;
+        use sha2::Digest;
+        let text = String::from_utf8_lossy(cert_pem);
+        let b64: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| GraphError::Invalid("no PEM CERTIFICATE block".into()))?;
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(key_pem)
+            .map_err(|e| GraphError::Invalid(format!("not an RSA private key: {e}")))?;
+        Ok(Certificate {
+            key,
+            thumbprint: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(&der)),
+        })
+    }
+
+    pub fn thumbprint(&self) -> &str {
+        &self.thumbprint
+    }
+
+    fn assertion(&self, client_id: &str, audience: &str) -> Result<String, GraphError> {
+        let now = chrono::Utc::now().timestamp();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::PS256);
+        header.x5t_s256 = Some(self.thumbprint.clone());
+        let claims = serde_json::json!({
+            "aud": audience,
+            "iss": client_id,
+            "sub": client_id,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "nbf": now,
+            "iat": now,
+            "exp": now + ASSERTION_LIFETIME.as_secs() as i64,
+        });
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|e| GraphError::Invalid(format!("cannot sign client assertion: {e}")))
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Cached {
@@ -38,7 +122,7 @@ pub struct TokenProvider {
     http: reqwest::Client,
     token_url: Url,
     client_id: String,
-    client_secret: Secret,
+    credential: Credential,
     scope: String,
     cache: Mutex<Option<Cached>>,
     fetched: AtomicU64,
@@ -64,14 +148,14 @@ impl TokenProvider {
         http: reqwest::Client,
         token_url: Url,
         client_id: String,
-        client_secret: Secret,
+        credential: Credential,
         scope: String,
     ) -> TokenProvider {
         TokenProvider {
             http,
             token_url,
             client_id,
-            client_secret,
+            credential,
             scope,
             cache: Mutex::new(None),
             fetched: AtomicU64::new(0),
@@ -104,12 +188,27 @@ impl TokenProvider {
     }
 
     async fn fetch(&self) -> Result<Cached, GraphError> {
-        let body = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("client_id", &self.client_id)
-            .append_pair("scope", &self.scope)
-            .append_pair("client_secret", self.client_secret.expose())
-            .append_pair("grant_type", "client_credentials")
-            .finish();
+        // Built in a block: the serializer is not `Send` and must not live across an await.
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("client_id", &self.client_id)
+                .append_pair("scope", &self.scope)
+                .append_pair("grant_type", "client_credentials");
+            match &self.credential {
+                Credential::Secret(s) => {
+                    form.append_pair("client_secret", s.expose());
+                }
+                Credential::Certificate(c) => {
+                    let jwt = c.assertion(&self.client_id, self.token_url.as_str())?;
+                    form.append_pair(
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    )
+                    .append_pair("client_assertion", &jwt);
+                }
+            }
+            form.finish()
+        };
         let started = Instant::now();
         let resp = self
             .http

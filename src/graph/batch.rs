@@ -228,6 +228,14 @@ impl GraphClient {
                 });
                 continue;
             };
+            // RateLimit-* ride on inner responses too (they describe the same minute budget).
+            let remaining = inner_header(&inner.headers, "ratelimit-remaining")
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let reset = inner_header(&inner.headers, "ratelimit-reset")
+                .and_then(super::error::parse_retry_after);
+            if let (Some(remaining), Some(reset)) = (remaining, reset) {
+                self.inner.limiter.observe_rate_limit(remaining, reset);
+            }
             let request_id = inner_header(&inner.headers, "request-id")
                 .map(str::to_string)
                 .or_else(|| resp.lineage.request_id.clone());

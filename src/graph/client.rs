@@ -10,10 +10,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
 
-use super::auth::{GRAPH_DEFAULT_SCOPE, TokenProvider};
+use super::auth::{Credential, GRAPH_DEFAULT_SCOPE, TokenProvider};
 use super::error::{ErrorDetail, GraphError, throttle_wait};
 use super::limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, TenantLimiter};
-use crate::config::{GraphConfig, Secret};
+use crate::config::GraphConfig;
 use crate::telemetry::metrics as m;
 
 /// `User-Agent` decoration Microsoft asks for (graph-api.md §8.7); undecorated traffic is
@@ -43,7 +43,8 @@ pub struct GraphClientConfig {
     pub token_url: Url,
     pub tenant: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// The client secret from the pipeline config, or a certificate set by the caller.
+    pub credential: Credential,
     pub scope: String,
     pub limiter: LimiterConfig,
     pub request_timeout: Duration,
@@ -61,7 +62,7 @@ impl From<&GraphConfig> for GraphClientConfig {
             token_url: g.token_url.clone(),
             tenant: g.tenant.clone(),
             client_id: g.client_id.clone(),
-            client_secret: g.client_secret.clone(),
+            credential: Credential::Secret(g.client_secret.clone()),
             scope: GRAPH_DEFAULT_SCOPE.to_string(),
             limiter: LimiterConfig::new(g.ru_per_minute),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -142,6 +143,8 @@ enum AttemptError {
         token: String,
         err: GraphError,
     },
+    /// Failed before the request left (token endpoint): always safe to retry.
+    NotSent(GraphError),
     Other(GraphError),
 }
 
@@ -185,7 +188,7 @@ impl GraphClient {
             http.clone(),
             cfg.token_url.clone(),
             cfg.client_id.clone(),
-            cfg.client_secret.clone(),
+            cfg.credential.clone(),
             cfg.scope.clone(),
         );
         let base = cfg.base_url.as_str().trim_end_matches('/').to_string();
@@ -228,7 +231,7 @@ impl GraphClient {
         let mut throttles = 0usize;
         let mut refreshed = false;
         loop {
-            let err = match self.attempt(req).await {
+            let (err, not_sent) = match self.attempt(req).await {
                 Ok(r) => return Ok(r),
                 Err(AttemptError::Unauthorized { token, err }) => {
                     if refreshed {
@@ -239,22 +242,24 @@ impl GraphClient {
                     self.inner.tokens.invalidate(&token).await;
                     continue;
                 }
-                Err(AttemptError::Other(e)) => e,
+                Err(AttemptError::NotSent(e)) => (e, true),
+                Err(AttemptError::Other(e)) => (e, false),
             };
             if err.is_throttling() {
-                throttles += 1;
-                if throttles > self.inner.cfg.max_throttle_retries {
-                    return Err(err);
-                }
                 // No Retry-After on a 503: back off exponentially, still pausing the tenant.
                 let wait = match err.retry_after() {
                     Some(w) => w,
                     None => backoff.next().unwrap_or(self.inner.cfg.backoff_max),
                 };
+                // Pause the tenant even when giving up: other requests must honour it too.
                 self.throttled(err.status().unwrap_or(429), wait, "direct");
+                throttles += 1;
+                if throttles > self.inner.cfg.max_throttle_retries {
+                    return Err(err);
+                }
                 continue;
             }
-            if err.is_retryable() && req.idempotency == Idempotency::Idempotent {
+            if err.is_retryable() && (not_sent || req.idempotency == Idempotency::Idempotent) {
                 match backoff.next() {
                     Some(d) => {
                         tracing::debug!(error = %err, delay_ms = d.as_millis() as u64, "graph transient failure; backing off");
@@ -309,7 +314,7 @@ impl GraphClient {
             Lane::Delta => "delta",
         };
         metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane).increment(units);
-        let token = inner.tokens.token().await.map_err(AttemptError::Other)?;
+        let token = inner.tokens.token().await.map_err(AttemptError::NotSent)?;
         let client_request_id = uuid::Uuid::new_v4().to_string();
         let url = self.resolve(&req.url);
         let mut rb = inner

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Contract:
-//! - **Auth**: client credentials with a secret ([`auth`]); the token is cached and refreshed ahead of
+//! - **Auth**: client credentials with a secret or a certificate ([`auth`]); the token is cached and refreshed ahead of
 //!   expiry; a 401 invalidates it, refreshes once and retries the request once.
 //! - **Rate**: every request is priced in resource units and admitted by the tenant's shared
 //!   [`TenantLimiter`] (one per tenant per process via [`LimiterRegistry`]); a 429/503 pauses the
@@ -29,7 +29,7 @@
 //!   since `$filter` values can hold row data.
 //!
 //! Not here: provisioning from the mapping and column diffing (the writer builds on
-//! [`GraphClient::list_columns`] / [`GraphClient::create_list`]), certificate (JWT assertion) auth.
+//! [`GraphClient::list_columns`] / [`GraphClient::create_list`]).
 
 pub mod auth;
 pub mod batch;
@@ -38,6 +38,7 @@ pub mod error;
 pub mod limiter;
 pub mod ops;
 
+pub use auth::{Certificate, Credential};
 pub use batch::{BatchOutcome, BatchRequest, MAX_BATCH};
 pub use client::{GraphClient, GraphClientConfig, Lineage, USER_AGENT};
 pub use error::{ErrorDetail, GraphError};

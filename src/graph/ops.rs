@@ -1,4 +1,4 @@
-//! Typed SharePoint operations (graph-api.md §2–§5) on top of [`GraphClient::execute`].
+//! Typed SharePoint operations (graph-api.md §2–§5) on top of the client core (`client.rs`).
 
 use reqwest::Method;
 use serde::de::DeserializeOwned;

@@ -288,3 +288,32 @@ fn run_with_a_taken_port_is_a_runtime_failure() {
     assert!(stderr.contains("control.listen"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn validate_reports_every_expected_problem_of_the_broken_corpus() {
+    let dir = Path::new(ROOT).join("tests/configs/broken");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let yaml = entry.unwrap().path();
+        if yaml.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let expected = std::fs::read_to_string(yaml.with_extension("expected"))
+            .unwrap_or_else(|_| panic!("{} has no .expected file", yaml.display()));
+        let rel = yaml.strip_prefix(ROOT).unwrap().to_str().unwrap().to_string();
+        let out = Command::new(BIN)
+            .current_dir(ROOT)
+            .args(["validate", &rel])
+            .env_remove("SYNCBRIDGE_TEST_UNSET_SECRET")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{rel}: {stderr}");
+        for line in expected.lines().filter(|l| !l.trim().is_empty()) {
+            let want = format!("{rel}:{line}");
+            assert!(stderr.contains(&want), "{rel}: missing `{want}` in:\n{stderr}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} broken configs found");
+}

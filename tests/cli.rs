@@ -96,6 +96,26 @@ fn sql(statements: &str) {
     });
 }
 
+fn slot_gone(pipeline: &str) -> bool {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the stack's PostgreSQL");
+        tokio::spawn(conn);
+        let slot = format!("sb_{pipeline}");
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+}
+
 /// A pipeline over its own table, slot and publication; dropped again at the end of the test.
 struct TestPipeline {
     name: String,
@@ -121,10 +141,23 @@ impl TestPipeline {
 impl Drop for TestPipeline {
     fn drop(&mut self) {
         let n = &self.name;
+        // The stopped process's walsender can outlive it briefly; end it, then drop the slot,
+        // retrying until it is free (a leaked slot counts against max_replication_slots).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            sql(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                   WHERE slot_name = 'sb_{n}' AND active;
+                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                   WHERE slot_name = 'sb_{n}' AND NOT active;"
+            ));
+            if slot_gone(n) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         sql(&format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-               WHERE slot_name = 'sb_{n}' AND NOT active;
-             DROP PUBLICATION IF EXISTS sb_{n};
+            "DROP PUBLICATION IF EXISTS sb_{n};
              DROP TABLE IF EXISTS public.{n};"
         ));
     }
@@ -300,7 +333,12 @@ fn validate_reports_every_expected_problem_of_the_broken_corpus() {
         }
         let expected = std::fs::read_to_string(yaml.with_extension("expected"))
             .unwrap_or_else(|_| panic!("{} has no .expected file", yaml.display()));
-        let rel = yaml.strip_prefix(ROOT).unwrap().to_str().unwrap().to_string();
+        let rel = yaml
+            .strip_prefix(ROOT)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         let out = Command::new(BIN)
             .current_dir(ROOT)
             .args(["validate", &rel])
@@ -311,7 +349,10 @@ fn validate_reports_every_expected_problem_of_the_broken_corpus() {
         assert_eq!(out.status.code(), Some(1), "{rel}: {stderr}");
         for line in expected.lines().filter(|l| !l.trim().is_empty()) {
             let want = format!("{rel}:{line}");
-            assert!(stderr.contains(&want), "{rel}: missing `{want}` in:\n{stderr}");
+            assert!(
+                stderr.contains(&want),
+                "{rel}: missing `{want}` in:\n{stderr}"
+            );
         }
         checked += 1;
     }

@@ -16,13 +16,9 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-fn db_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set: run `eval \"$(ops/stack env)\"` (and `ops/stack up pg`) first"
-        )
-    })
-}
+mod common;
+
+use common::database_url as db_url;
 
 async fn client() -> Client {
     let (c, conn) = tokio_postgres::connect(&db_url(), NoTls)
@@ -154,51 +150,8 @@ impl Drop for Env {
             t.cancel();
             h.abort();
         }
-        let Ok(url) = std::env::var("DATABASE_URL") else {
-            return;
-        };
         let slot = self.slot();
-        let tables = self.tables.clone();
-        // A fresh runtime on a plain thread: Drop may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await else {
-                    return;
-                };
-                tokio::spawn(conn);
-                let deadline = Instant::now() + Duration::from_secs(15);
-                loop {
-                    let _ = c
-                        .execute(
-                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                             WHERE slot_name = $1 AND active_pid IS NOT NULL",
-                            &[&slot],
-                        )
-                        .await;
-                    let r = c
-                        .execute(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                            &[&slot],
-                        )
-                        .await;
-                    if r.is_ok() || Instant::now() > deadline {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                let _ = c
-                    .batch_execute(&format!("DROP PUBLICATION IF EXISTS {slot}"))
-                    .await;
-                for t in tables {
-                    let _ = c.batch_execute(&format!("DROP TABLE IF EXISTS {t}")).await;
-                }
-            });
-        })
-        .join();
+        common::drop_replication_objects(&slot, &slot, &self.tables);
     }
 }
 

@@ -35,13 +35,9 @@ const PREFIX: &str = "syncbridge";
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
 
-fn db_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set: run `eval \"$(ops/stack env)\"` (and `ops/stack up`) first"
-        )
-    })
-}
+mod common;
+
+use common::{database_url as db_url, free_port};
 
 fn kafka_brokers() -> String {
     std::env::var("KAFKA_BROKERS")
@@ -129,52 +125,8 @@ struct DbGuard {
 
 impl Drop for DbGuard {
     fn drop(&mut self) {
-        let Ok(url) = std::env::var("DATABASE_URL") else {
-            return;
-        };
-        let slot = self.slot.clone();
-        let table = self.table.clone();
-        // A fresh runtime on a plain thread: Drop may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await else {
-                    return;
-                };
-                tokio::spawn(conn);
-                let deadline = Instant::now() + Duration::from_secs(15);
-                loop {
-                    let _ = c
-                        .execute(
-                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                             WHERE slot_name = $1 AND active_pid IS NOT NULL",
-                            &[&slot],
-                        )
-                        .await;
-                    let r = c
-                        .execute(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                             WHERE slot_name = $1",
-                            &[&slot],
-                        )
-                        .await;
-                    if r.is_ok() || Instant::now() > deadline {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                let _ = c
-                    .batch_execute(&format!("DROP PUBLICATION IF EXISTS {slot}"))
-                    .await;
-                let _ = c
-                    .batch_execute(&format!("DROP TABLE IF EXISTS public.{table}"))
-                    .await;
-            });
-        })
-        .join();
+        let table = format!("public.{}", self.table);
+        common::drop_replication_objects(&self.slot, &self.slot, &[table]);
     }
 }
 
@@ -349,14 +301,6 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn write_pipeline(dir: &Path, name: &str, port: u16) -> PathBuf {

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{database_url, free_port};
+
 const BIN: &str = env!("CARGO_BIN_EXE_syncbridge");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -23,14 +27,6 @@ fn syncbridge(args: &[&str]) -> Output {
         .env("GRAPH_CLIENT_SECRET", "s3cret-value")
         .output()
         .expect("run syncbridge")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -79,12 +75,6 @@ fn a_missing_file_is_an_invalid_configuration() {
     assert!(stderr.contains("does-not-exist.yaml"), "{stderr}");
 }
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!("DATABASE_URL is not set: run via ops/test, or eval \"$(ops/stack env)\" first")
-    })
-}
-
 fn sql(statements: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -94,26 +84,6 @@ fn sql(statements: &str) {
         tokio::spawn(conn);
         client.batch_execute(statements).await.expect(statements);
     });
-}
-
-fn slot_gone(pipeline: &str) -> bool {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-            .await
-            .expect("connect to the stack's PostgreSQL");
-        tokio::spawn(conn);
-        let slot = format!("sb_{pipeline}");
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 0
-    })
 }
 
 /// A pipeline over its own table, slot and publication; dropped again at the end of the test.
@@ -141,25 +111,11 @@ impl TestPipeline {
 impl Drop for TestPipeline {
     fn drop(&mut self) {
         let n = &self.name;
-        // The stopped process's walsender can outlive it briefly; end it, then drop the slot,
-        // retrying until it is free (a leaked slot counts against max_replication_slots).
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            sql(&format!(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                   WHERE slot_name = 'sb_{n}' AND active;
-                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                   WHERE slot_name = 'sb_{n}' AND NOT active;"
-            ));
-            if slot_gone(n) || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        sql(&format!(
-            "DROP PUBLICATION IF EXISTS sb_{n};
-             DROP TABLE IF EXISTS public.{n};"
-        ));
+        common::drop_replication_objects(
+            &format!("sb_{n}"),
+            &format!("sb_{n}"),
+            &[format!("public.{n}")],
+        );
     }
 }
 

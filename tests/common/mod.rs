@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests that use the local stack's PostgreSQL
+//! (`mod common;` in each test binary; each uses a subset).
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// The stack's database; tests fail (not skip) without it.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!("DATABASE_URL is not set: run via ops/test, or eval \"$(ops/stack env)\" (and ops/stack up) first")
+    })
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Drops a pipeline's replication slot, publication and tables (schema-qualified names), best
+/// effort. A stopped reader's walsender can outlive it briefly, so it is ended and the drop retried
+/// for up to 15 s: a leaked slot counts against `max_replication_slots` for every later run.
+/// Blocking, on its own thread and runtime, so it is safe to call from `Drop` inside a test runtime.
+pub fn drop_replication_objects(slot: &str, publication: &str, tables: &[String]) {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        return;
+    };
+    let (slot, publication, tables) = (slot.to_string(), publication.to_string(), tables.to_vec());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                return;
+            };
+            tokio::spawn(conn);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let _ = c
+                    .execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                        &[&slot],
+                    )
+                    .await;
+                let r = c
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await;
+                if r.is_ok() || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let _ = c
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {publication}"))
+                .await;
+            for t in tables {
+                let _ = c.batch_execute(&format!("DROP TABLE IF EXISTS {t}")).await;
+            }
+        });
+    })
+    .join();
+}

@@ -24,5 +24,7 @@ pub mod control;
 pub mod emulator;
 pub mod graph;
 pub mod log;
+pub mod process;
+pub mod pull;
 pub mod runtime;
 pub mod telemetry;

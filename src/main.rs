@@ -37,11 +37,50 @@ enum Command {
     Validate {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
+        /// Also check each synced table in the source database (exists, has a key; warns about
+        /// TOAST-able columns of tables that are not REPLICA IDENTITY FULL). Warnings keep exit 0.
+        #[arg(long)]
+        db: bool,
+    },
+    /// Ask the running process (at the pipeline's control.listen) to re-snapshot one table while
+    /// streaming continues.
+    Snapshot {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// The table, schema-qualified (schema.table); must be synced by the pipeline.
+        #[arg(long, value_name = "SCHEMA.TABLE")]
+        table: String,
+        /// Wait until it is done (exit 0) or failed (exit 3), printing the final status.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Dead letters of a pipeline: rows the push path could not write, with the reason.
+    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
     },
     /// Run the offline Microsoft Graph emulator (SharePoint lists) for tests and demos.
     GraphEmulator(emulator::EmulatorArgs),
     /// Print the JSON Schema of pipeline files.
     ConfigSchema,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Print the dead letters not yet replayed, one per line (or JSON lines with --json).
+    List {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-send each dead letter's original change event through the pipeline (after fixing the
+    /// mapping, the list or the data); rows changed since are not rolled back (newer wins).
+    Replay {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,7 +90,9 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
     match cli.command {
-        Command::Validate { files } => match config::load_files(&files) {
+        Command::Validate { files, db: true } => validate_db(&files),
+        Command::Snapshot { file, table, wait } => snapshot(&file, &table, wait),
+        Command::Validate { files, db: false } => match config::load_files(&files) {
             Ok(pipelines) => {
                 for p in &pipelines {
                     println!(
@@ -87,12 +128,139 @@ fn main() -> ExitCode {
                     .map_err(anyhow::Error::from)
             })
         }
+        Command::Dlq { action } => dlq(action),
         Command::GraphEmulator(args) => block_on(|shutdown| async move {
             emulator::run(args, shutdown)
                 .await
                 .map_err(anyhow::Error::from)
         }),
     }
+}
+
+/// `dlq list|replay`: reads the pipeline's DLQ topic through its log.
+fn dlq(action: DlqAction) -> ExitCode {
+    let file = match &action {
+        DlqAction::List { file, .. } | DlqAction::Replay { file } => file.clone(),
+    };
+    let pipeline = match config::load_files(std::slice::from_ref(&file)) {
+        Ok(mut p) => p.remove(0),
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    block_on(|_| async move {
+        use syncbridge::process::dlq;
+        let log = runtime::open_log(&pipeline).map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (with the embedded log, stop `syncbridge run` for this pipeline first)"
+            )
+        })?;
+        let prefix = runtime::topic_prefix(&pipeline);
+        match action {
+            DlqAction::List { json, .. } => {
+                let entries = dlq::pending(&log, prefix, &pipeline.name).await?;
+                for (offset, d) in &entries {
+                    if json {
+                        println!("{}", serde_json::to_string(d)?);
+                    } else {
+                        println!("{}", dlq::describe(d, *offset));
+                    }
+                }
+                eprintln!("{} dead letter(s) not yet replayed", entries.len());
+            }
+            DlqAction::Replay { .. } => {
+                let n = dlq::replay(&log, prefix, &pipeline.name).await?;
+                println!("replayed {n} dead letter(s); `syncbridge run` processes them next");
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `validate --db`: the offline checks, then the database checks of each pipeline.
+fn validate_db(files: &[PathBuf]) -> ExitCode {
+    let pipelines = match config::load_files_located(files) {
+        Ok(p) => p,
+        Err(report) => {
+            print_report(&report);
+            eprintln!("{} problem(s) found", report.problems.len());
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let mut errors = 0usize;
+    let code = block_on(|_| async {
+        for p in &pipelines {
+            let findings = syncbridge::capture::db_check::check_pipeline(p).await?;
+            let mut warnings = 0usize;
+            for f in &findings {
+                eprintln!("{f}");
+                match f.severity {
+                    syncbridge::capture::db_check::Severity::Error => errors += 1,
+                    syncbridge::capture::db_check::Severity::Warning => warnings += 1,
+                }
+            }
+            println!(
+                "{}: {} ({} table(s) checked in the database, {warnings} warning(s))",
+                if findings
+                    .iter()
+                    .any(|f| f.severity == syncbridge::capture::db_check::Severity::Error)
+                {
+                    "problems"
+                } else {
+                    "ok"
+                },
+                p.config.name,
+                p.config.sync.len()
+            );
+        }
+        Ok(())
+    });
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    if errors > 0 {
+        eprintln!("{errors} problem(s) found");
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    ExitCode::SUCCESS
+}
+
+/// `snapshot FILE --table S.T`: asks the running process over its control plane.
+fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
+    let p = match config::load_files(&[file.to_path_buf()]) {
+        Ok(mut p) if p.len() == 1 => p.remove(0),
+        Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    if !p.sync.iter().any(|s| s.table.to_string() == table) {
+        eprintln!(
+            "error: table {table} is not synced by pipeline {} ({})",
+            p.name,
+            file.display()
+        );
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    let addr = p.control.listen;
+    block_on(|_| async move {
+        use syncbridge::control::client;
+        let queued = client::request_snapshot(addr, &p.name, table).await?;
+        let id = queued["id"].as_str().unwrap_or_default().to_string();
+        println!("re-snapshot {id} of {table} queued (pipeline {})", p.name);
+        if wait {
+            let done = client::wait_for_snapshot(addr, &p.name, &id).await?;
+            println!("{done}");
+        } else {
+            println!(
+                "follow it with: curl http://{addr}/pipelines/{}/snapshot",
+                p.name
+            );
+        }
+        Ok(())
+    })
 }
 
 /// One problem per line, `file:line:col: message`, on stderr.

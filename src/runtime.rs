@@ -15,10 +15,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::capture::{self, CaptureConfig, CaptureError, LogSink, TableSpec};
+use crate::capture::snapshot::FileProgress;
+use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::{self, ControlConfig, ControlError, Readiness};
+use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
+use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
 use crate::telemetry::{self, TelemetryError};
 
 /// Why a run stopped with an error. `is_retryable` tells a supervisor whether restarting the
@@ -47,9 +50,21 @@ pub enum RuntimeError {
         stage: &'static str,
         message: String,
     },
+    #[error("pipeline {pipeline}: push processor: {source}")]
+    Process {
+        pipeline: String,
+        #[source]
+        source: ProcessError,
+    },
     #[error("no pipeline to run")]
     Empty,
 }
+
+/// Environment variable with extra librdkafka client properties (`k=v,k=v`).
+pub const KAFKA_PROPERTIES_ENV: &str = "SYNCBRIDGE_KAFKA_PROPERTIES";
+
+/// Start-up attempts for provisioning when Graph or the database fail transiently.
+const STARTUP_ATTEMPTS: u32 = 5;
 
 /// Partitions of each table topic. Order is per key, so any count is correct; three leaves room
 /// for a few processor instances per pipeline without a repartition.
@@ -61,6 +76,7 @@ impl RuntimeError {
             RuntimeError::Control(e) => e.is_retryable(),
             RuntimeError::Log { source, .. } => source.is_retryable(),
             RuntimeError::Capture { source, .. } => source.is_retryable(),
+            RuntimeError::Process { source, .. } => source.is_retryable(),
             RuntimeError::Task { .. } => true,
             RuntimeError::Telemetry(_) | RuntimeError::Empty => false,
         }
@@ -74,6 +90,9 @@ struct RunningPipeline {
     capture_stop: CancellationToken,
     /// `None` once the task has been awaited (by `first_failure`).
     capture: Option<JoinHandle<Result<(), CaptureError>>>,
+    process_stop: CancellationToken,
+    /// The push processor; `None` once awaited.
+    process: Option<JoinHandle<Result<ProcessorStats, ProcessError>>>,
 }
 
 /// Runs `pipelines` until `shutdown` is cancelled, then drains them in order and returns.
@@ -94,18 +113,21 @@ pub async fn run(
     }
     let listener = control::bind(&ControlConfig { listen }).await?;
     let readiness = Readiness::default();
+    // Re-snapshot requests: control plane → each pipeline's capture (one queued at a time).
+    let snapshots = control::SnapshotRegistry::default();
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
     let control_task = tokio::spawn(control::run(
         listener,
         readiness.clone(),
         prometheus,
+        snapshots.clone(),
         control_stop.clone(),
     ));
     info!(%listen, "control plane listening (/health, /ready, /metrics)");
 
     let mut running = Vec::with_capacity(pipelines.len());
-    let started = start_all(&pipelines, &readiness, &mut running).await;
+    let started = start_all(&pipelines, &readiness, &snapshots, &mut running).await;
     if let Err(e) = started {
         let _ = drain(running, &readiness).await;
         control_stop.cancel();
@@ -135,31 +157,62 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves when the first stage of any pipeline stops on its own (capture retries transient
-/// failures itself, so an ending task is an error an operator must see).
+/// Resolves when the first stage of any pipeline stops on its own (capture and the processor
+/// retry transient failures themselves, so an ending task is an error an operator must see).
 async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
-    let waiting = running.iter_mut().enumerate().filter_map(|(i, p)| {
-        p.capture
-            .as_mut()
-            .map(|h| Box::pin(async move { (i, h.await) }))
-    });
-    let waiting: Vec<_> = waiting.collect();
+    type Ended = (
+        usize,
+        &'static str,
+        Result<Result<(), RuntimeError>, tokio::task::JoinError>,
+    );
+    let mut waiting: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Ended> + Send + '_>>> =
+        Vec::new();
+    for (i, p) in running.iter_mut().enumerate() {
+        let name = p.name.clone();
+        if let Some(h) = p.capture.as_mut() {
+            let name = name.clone();
+            waiting.push(Box::pin(async move {
+                let r = h.await.map(|r| {
+                    r.map_err(|source| RuntimeError::Capture {
+                        pipeline: name,
+                        source,
+                    })
+                });
+                (i, "capture", r)
+            }));
+        }
+        if let Some(h) = p.process.as_mut() {
+            waiting.push(Box::pin(async move {
+                let r = h.await.map(|r| {
+                    r.map(|_| ()).map_err(|source| RuntimeError::Process {
+                        pipeline: name,
+                        source,
+                    })
+                });
+                (i, "process", r)
+            }));
+        }
+    }
     if waiting.is_empty() {
         return std::future::pending().await;
     }
-    let ((i, result), _, _) = futures::future::select_all(waiting).await;
-    running[i].capture = None;
+    let ((i, stage, result), _, rest) = futures::future::select_all(waiting).await;
+    drop(rest);
+    match stage {
+        "capture" => running[i].capture = None,
+        _ => running[i].process = None,
+    }
     let pipeline = running[i].name.clone();
     match result {
         Ok(Ok(())) => RuntimeError::Task {
             pipeline,
-            stage: "capture",
+            stage,
             message: "stopped without being asked to".into(),
         },
-        Ok(Err(source)) => RuntimeError::Capture { pipeline, source },
+        Ok(Err(e)) => e,
         Err(join) => RuntimeError::Task {
             pipeline,
-            stage: "capture",
+            stage,
             message: join.to_string(),
         },
     }
@@ -168,12 +221,16 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
 async fn start_all(
     pipelines: &[PipelineConfig],
     readiness: &Readiness,
+    snapshots: &control::SnapshotRegistry,
     running: &mut Vec<RunningPipeline>,
 ) -> Result<(), RuntimeError> {
     for p in pipelines {
         readiness.register(&p.name, "log");
         readiness.register(&p.name, "capture");
+        readiness.register(&p.name, "process");
     }
+    // One limiter per tenant, shared by every pipeline of the process (graph-api.md §8.3).
+    let limiters = LimiterRegistry::new();
     for p in pipelines {
         let log = AnyLog::open(log_config(p)).map_err(|source| RuntimeError::Log {
             pipeline: p.name.clone(),
@@ -183,6 +240,16 @@ async fn start_all(
         readiness.set(&p.name, "log", true);
         info!(pipeline = %p.name, log = %describe_log(&p.log), "log open");
 
+        // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
+        // the lists fails the run before a slot is created.
+        let processor = prepare_processor(p, log.clone(), &limiters)
+            .await
+            .map_err(|source| RuntimeError::Process {
+                pipeline: p.name.clone(),
+                source,
+            })?;
+        let process_stop = CancellationToken::new();
+        let process_stop_run = process_stop.clone();
         let capture_config = capture_config(p);
         capture_config
             .validate()
@@ -197,7 +264,21 @@ async fn start_all(
             TABLE_TOPIC_PARTITIONS,
         );
         let capture_stop = CancellationToken::new();
-        let capture = tokio::spawn(capture::run(capture_config, sink, capture_stop.clone()));
+        let tables = capture_config
+            .tables
+            .iter()
+            .map(|t| t.qualified())
+            .collect();
+        let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
+        snapshots.register(handle);
+        let progress = FileProgress::new(&capture_config.state_dir, &capture_config.slot_name);
+        let capture = tokio::spawn(capture::run_with_control(
+            capture_config,
+            sink,
+            progress,
+            Some(requests),
+            capture_stop.clone(),
+        ));
         // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
         readiness.set(&p.name, "capture", true);
         running.push(RunningPipeline {
@@ -205,9 +286,47 @@ async fn start_all(
             log,
             capture_stop,
             capture: Some(capture),
+            process_stop,
+            process: Some(tokio::spawn(processor.run(process_stop_run))),
         });
+        readiness.set(&p.name, "process", true);
     }
     Ok(())
+}
+
+/// Graph client, catalog facts, provisioning and the processor of one pipeline. Transient Graph
+/// or database failures at start-up are retried a few times (a tenant or database that is
+/// briefly unreachable should not need an operator); a list mismatch fails at once.
+async fn prepare_processor(
+    p: &PipelineConfig,
+    log: Arc<AnyLog>,
+    limiters: &LimiterRegistry,
+) -> Result<Processor<AnyLog>, ProcessError> {
+    let client = GraphClient::new(GraphClientConfig::from(&p.graph), limiters)?;
+    let mut attempt = 0;
+    let targets = loop {
+        attempt += 1;
+        let result = async {
+            let not_null = process::provision::not_null_columns(p).await?;
+            Ok::<_, ProcessError>(process::provision(&client, p, &not_null).await?)
+        }
+        .await;
+        match result {
+            Ok(t) => break t,
+            Err(e) if e.is_retryable() && attempt < STARTUP_ATTEMPTS => {
+                warn!(pipeline = %p.name, attempt, "provisioning failed, retrying: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(4))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let config = ProcessorConfig::new(
+        p.clone(),
+        topic_prefix(p),
+        TABLE_TOPIC_PARTITIONS,
+        state_dir(p),
+    );
+    Processor::new(config, log, client, targets).await
 }
 
 fn capture_config(p: &PipelineConfig) -> CaptureConfig {
@@ -240,8 +359,13 @@ fn state_dir(p: &PipelineConfig) -> PathBuf {
     }
 }
 
+/// Opens a pipeline's log as `run` would (for CLI tools such as `syncbridge dlq`).
+pub fn open_log(p: &PipelineConfig) -> Result<AnyLog, LogError> {
+    AnyLog::open(log_config(p))
+}
+
 /// Logical topic names are `<prefix>.<pipeline>.…` on both logs.
-fn topic_prefix(p: &PipelineConfig) -> &str {
+pub fn topic_prefix(p: &PipelineConfig) -> &str {
     match &p.log {
         config::LogConfig::Embedded { .. } => config::DEFAULT_TOPIC_PREFIX,
         config::LogConfig::Kafka { topic_prefix, .. } => topic_prefix,
@@ -269,6 +393,22 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
             }
         }
         readiness.set(&p.name, "capture", false);
+        // Then the processor: it flushes what it has read and commits, and stops.
+        p.process_stop.cancel();
+        if let Some(handle) = p.process {
+            match handle.await {
+                Ok(Ok(stats)) => info!(pipeline = %p.name, ?stats, "push processor drained"),
+                Ok(Err(e)) => {
+                    error!(pipeline = %p.name, "push processor ended with: {e}");
+                    first_error.get_or_insert(RuntimeError::Process {
+                        pipeline: p.name.clone(),
+                        source: e,
+                    });
+                }
+                Err(join) => warn!(pipeline = %p.name, "push processor task: {join}"),
+            }
+        }
+        readiness.set(&p.name, "process", false);
         readiness.set(&p.name, "log", false);
         // The last reference: dropping flushes and closes the log.
         drop(p.log);
@@ -291,6 +431,17 @@ fn log_config(p: &PipelineConfig) -> log::LogConfig {
             // a client-side prefix on top would double it.
             let _ = topic_prefix;
             kafka.topic_prefix = String::new();
+            // Extra librdkafka properties for every client, e.g. `batch.num.messages=1` against
+            // the tansu test broker (README, "tansu"): `k=v` pairs separated by commas.
+            if let Ok(props) = std::env::var(KAFKA_PROPERTIES_ENV) {
+                for kv in props.split(',').filter(|kv| !kv.trim().is_empty()) {
+                    if let Some((k, v)) = kv.split_once('=') {
+                        kafka.extra.push((k.trim().to_string(), v.trim().to_string()));
+                    } else {
+                        warn!(property = %kv, "ignoring {KAFKA_PROPERTIES_ENV} entry without '='");
+                    }
+                }
+            }
             log::LogConfig::Kafka(kafka)
         }
     }

@@ -16,6 +16,8 @@ mod items;
 mod lists;
 #[path = "emulator/ops.rs"]
 mod ops;
+#[path = "emulator/people.rs"]
+mod people;
 #[path = "emulator/persistence.rs"]
 mod persistence;
 #[path = "emulator/throttling.rs"]

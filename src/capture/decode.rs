@@ -15,6 +15,10 @@ use super::now_ms;
 /// Prefix of our heartbeat messages (`pg_logical_emit_message(false, 'syncbridge', ...)`).
 pub const HEARTBEAT_PREFIX: &str = "syncbridge";
 
+/// Prefix of the re-snapshot watermarks (`pg_logical_emit_message(true, 'syncbridge_watermark',
+/// ...)`, see [`super::resnapshot`]).
+pub const WATERMARK_PREFIX: &str = "syncbridge_watermark";
+
 /// Microseconds between 1970-01-01 and 2000-01-01 (the PostgreSQL epoch).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -31,6 +35,10 @@ pub(crate) enum Decoded {
         events: Vec<ChangeEvent>,
         end_lsn: u64,
         commit_ts_ms: i64,
+        /// Contents of the transactional re-snapshot watermarks the transaction wrote, in WAL
+        /// order. They take effect after `events` (a watermark's own transaction normally holds
+        /// nothing else).
+        watermarks: Vec<String>,
     },
     /// A non-transactional heartbeat at this LSN: everything before it has been sent.
     Heartbeat {
@@ -44,6 +52,8 @@ struct OpenTx {
     origin: Option<String>,
     /// (xid of the (sub)transaction that made the change, event).
     events: Vec<(u32, ChangeEvent)>,
+    /// (xid, content) of re-snapshot watermarks.
+    watermarks: Vec<(u32, String)>,
 }
 
 /// Transaction assembly state of one replication session.
@@ -142,6 +152,7 @@ impl Assembler {
                     self.streamed.remove(&xid);
                 } else if let Some(tx) = self.streamed.get_mut(&xid) {
                     tx.events.retain(|(x, _)| *x != subtransaction_xid);
+                    tx.watermarks.retain(|(x, _)| *x != subtransaction_xid);
                 }
             }
             // Non-transactional (flags bit 0 clear) heartbeats are sent as they are decoded,
@@ -150,6 +161,18 @@ impl Assembler {
                 flags, lsn, prefix, ..
             } if flags & 1 == 0 && prefix == HEARTBEAT_PREFIX => {
                 return Ok(Decoded::Heartbeat { lsn });
+            }
+            // Transactional watermarks travel with their transaction and count at its commit.
+            M::Message {
+                flags,
+                prefix,
+                content,
+                ..
+            } if flags & 1 == 1 && prefix == WATERMARK_PREFIX => {
+                let text = String::from_utf8_lossy(&content).into_owned();
+                if let Ok((tx, x)) = self.open(change_xid) {
+                    tx.watermarks.push((x, text));
+                }
             }
             M::Insert { relation_id, tuple } => {
                 let rel = self.relation(catalog, relation_id)?;
@@ -263,6 +286,7 @@ impl Assembler {
             events,
             end_lsn,
             commit_ts_ms,
+            watermarks: tx.watermarks.into_iter().map(|(_, w)| w).collect(),
         }
     }
 }

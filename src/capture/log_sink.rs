@@ -1,12 +1,85 @@
 //! The production [`EventSink`]: Avro-encode each event and append it to the log, schemas first.
+//!
+//! Before its first append the sink reads the compacted `<prefix>.<pipeline>.schemas` topic to its
+//! end (a throwaway consumer group that never commits, bounded by the topic's end offsets) and
+//! preloads every schema into the [`Encoder`]: schemas already published are not appended again,
+//! and a schema that differs from an earlier one only in logical types (same Parsing Canonical
+//! Form) never reuses that one's fingerprint, across restarts too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use super::avro::{Encoder, schemas_topic, topic_name};
 use super::event::ChangeEvent;
 use super::sink::{EventSink, SinkError};
-use crate::log::{EventLog, LogError, Record, TopicSpec};
+use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
+
+/// Longest wait for reading the schemas topic to its end at start-up.
+const PRELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every record of `topic` up to its current end, as `(key, value)` strings, latest per key, in
+/// key order. Reads with a fresh consumer group that never commits (nothing is stored for it on
+/// the embedded log; on Kafka an empty group expires by itself).
+pub async fn read_schema_records<L: EventLog>(
+    log: &L,
+    topic: &str,
+) -> Result<Vec<(String, String)>, LogError> {
+    let ends = log.end_offsets(topic).await?;
+    let mut remaining: HashSet<i32> = ends
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e > 0)
+        .map(|(p, _)| p as i32)
+        .collect();
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    if remaining.is_empty() {
+        return Ok(Vec::new());
+    }
+    let stop = CancellationToken::new();
+    let group = format!(
+        "syncbridge-schema-preload-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut consumer = log
+        .consumer(&group, &[topic.to_string()], stop.clone())
+        .await?;
+    let read = async {
+        while !remaining.is_empty() {
+            let Some(rec) = consumer.recv().await? else {
+                break;
+            };
+            let key = String::from_utf8_lossy(&rec.record.key).into_owned();
+            match rec.record.value.as_deref() {
+                Some(value) => {
+                    out.insert(key, String::from_utf8_lossy(value).into_owned());
+                }
+                None => {
+                    out.remove(&key);
+                }
+            }
+            let end = ends.get(rec.partition as usize).copied().unwrap_or(0);
+            if rec.offset + 1 >= end {
+                remaining.remove(&rec.partition);
+            }
+        }
+        Ok::<(), LogError>(())
+    };
+    let result = tokio::time::timeout(PRELOAD_TIMEOUT, read).await;
+    stop.cancel();
+    match result {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(LogError::InvalidArgument(format!(
+                "reading {topic} to its end took longer than {} s",
+                PRELOAD_TIMEOUT.as_secs()
+            )));
+        }
+    }
+    Ok(out.into_iter().collect())
+}
 
 /// Encodes with [`Encoder`] and appends to `<prefix>.<pipeline>.<schema>.<table>` topics; new
 /// schemas go to the compacted `<prefix>.<pipeline>.schemas` topic before any event using them.
@@ -18,6 +91,8 @@ pub struct LogSink<L> {
     partitions: i32,
     encoder: Encoder,
     ensured: HashSet<String>,
+    /// The schemas topic's records as read at start-up (`None` until read).
+    preloaded: Option<Vec<(String, String)>>,
 }
 
 impl<L: EventLog> LogSink<L> {
@@ -30,6 +105,34 @@ impl<L: EventLog> LogSink<L> {
             partitions,
             encoder: Encoder::new(pipeline),
             ensured: HashSet::new(),
+            preloaded: None,
+        }
+    }
+
+    /// Reads the schemas topic once and registers every schema with the encoder.
+    async fn preload(&mut self) -> Result<(), SinkError> {
+        if self.preloaded.is_none() {
+            let topic = schemas_topic(&self.prefix, &self.pipeline);
+            self.ensure(TopicSpec::compacted(topic.clone(), 1)).await?;
+            let records = read_schema_records(&*self.log, &topic)
+                .await
+                .map_err(|e| SinkError {
+                    retryable: true,
+                    message: format!("cannot read {topic} to preload the encoder: {e}"),
+                })?;
+            tracing::info!(pipeline = %self.pipeline, topic = %topic, schemas = records.len(), "preloaded published schemas");
+            self.preloaded = Some(records);
+            self.apply_preloaded();
+        }
+        Ok(())
+    }
+
+    fn apply_preloaded(&mut self) {
+        for (key, json) in self.preloaded.iter().flatten() {
+            if let Err(e) = self.encoder.preload_schema(key, json) {
+                // Not ours or damaged: consumers cannot use it either; keep going without it.
+                tracing::warn!(pipeline = %self.pipeline, error = %e, "skipping a schemas topic record");
+            }
         }
     }
 
@@ -104,11 +207,14 @@ fn log_err(e: LogError) -> SinkError {
 
 impl<L: EventLog> EventSink for LogSink<L> {
     async fn append(&mut self, events: &[ChangeEvent]) -> Result<(), SinkError> {
+        self.preload().await?;
         let result = self.try_append(events).await;
         if result.is_err() {
-            // The encoder already counts this batch's schemas as emitted; a fresh one re-emits
-            // them with the retried batch (duplicates in the compacted topic are harmless).
+            // The encoder already counts this batch's schemas as emitted; a fresh one (with the
+            // start-up schemas) re-emits them with the retried batch (duplicates in the compacted
+            // topic are harmless).
             self.encoder = Encoder::new(&self.pipeline);
+            self.apply_preloaded();
         }
         result
     }

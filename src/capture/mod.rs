@@ -33,6 +33,11 @@
 //!    publication, a slot without a snapshot progress record, a slot that disappeared after it
 //!    existed, or a table without a key is an operator error whose message says how to fix it.
 //!    Tables added to the pipeline (and publication) later get an initial snapshot on restart.
+//! 9. **Re-snapshot while streaming.** One table can be read again on request
+//!    ([`run_with_control`], control plane `POST /pipelines/{name}/snapshot?table=s.t`): chunks
+//!    are read between low/high watermarks written into the WAL and emitted at the high watermark
+//!    minus the keys the stream changed in between, so the newer value always wins per key
+//!    (see [`resnapshot`]).
 //!
 //! # Requirements and grants
 //! PostgreSQL ≥ 14 with `wal_level = logical`. The capture role needs `REPLICATION` (replication
@@ -59,10 +64,12 @@
 pub mod avro;
 pub mod catalog;
 pub mod config;
+pub mod db_check;
 mod decode;
 pub mod error;
 pub mod event;
 pub mod log_sink;
+pub mod resnapshot;
 mod run;
 pub mod sink;
 pub mod snapshot;
@@ -70,7 +77,8 @@ pub mod snapshot;
 pub use config::{CaptureConfig, TableSpec};
 pub use error::CaptureError;
 pub use log_sink::LogSink;
-pub use run::{lock_key, run, run_with_progress};
+pub use resnapshot::{ResnapshotHandle, ResnapshotRequests, ResnapshotState, ResnapshotStatus};
+pub use run::{lock_key, run, run_with_control, run_with_progress};
 pub use sink::{EventSink, SinkError};
 
 /// Milliseconds since the Unix epoch.

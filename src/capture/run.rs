@@ -20,6 +20,7 @@ use super::decode::{Assembler, Decoded};
 use super::error::CaptureError;
 use super::event::ChangeEvent;
 use super::now_ms;
+use super::resnapshot::{Resnapper, ResnapshotRequests};
 use super::sink::EventSink;
 use super::snapshot::{
     FileProgress, SnapshotProgress, SnapshotState, Stop, TableProgress, run_snapshot,
@@ -40,8 +41,33 @@ pub async fn run<S: EventSink>(
 /// [`run`] with an explicit snapshot progress store.
 pub async fn run_with_progress<S: EventSink, P: SnapshotProgress>(
     config: CaptureConfig,
+    sink: S,
+    progress: P,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
+    run_with_control(config, sink, progress, None, shutdown).await
+}
+
+/// [`run_with_progress`] that also serves on-demand re-snapshots requested through the
+/// [`super::ResnapshotHandle`] paired with `requests` (see [`super::resnapshot`]).
+pub async fn run_with_control<S: EventSink, P: SnapshotProgress>(
+    config: CaptureConfig,
+    sink: S,
+    progress: P,
+    requests: Option<ResnapshotRequests>,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
+    let mut resnap = Resnapper::new(requests);
+    let result = run_inner(config.clone(), sink, progress, &mut resnap, shutdown).await;
+    resnap.interrupt(&config.pipeline);
+    result
+}
+
+async fn run_inner<S: EventSink, P: SnapshotProgress>(
+    config: CaptureConfig,
     mut sink: S,
     mut progress: P,
+    resnap: &mut Resnapper,
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
     config.validate()?;
@@ -74,8 +100,10 @@ pub async fn run_with_progress<S: EventSink, P: SnapshotProgress>(
                 &lock,
                 &shutdown,
                 &mut durable_lsn,
+                resnap,
             )
             .await;
+            resnap.session_ended();
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retryable() => {
@@ -240,6 +268,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// One connected session: setup, snapshot if needed, then stream until error or shutdown.
+#[allow(clippy::too_many_arguments)]
 async fn session<S: EventSink, P: SnapshotProgress>(
     config: &CaptureConfig,
     sink: &mut S,
@@ -247,6 +276,7 @@ async fn session<S: EventSink, P: SnapshotProgress>(
     lock: &Conn,
     shutdown: &CancellationToken,
     durable_lsn: &mut u64,
+    resnap: &mut Resnapper,
 ) -> Result<(), CaptureError> {
     let conn = connect(&config.source_url).await?;
     let client = conn.client.clone();
@@ -410,6 +440,8 @@ async fn session<S: EventSink, P: SnapshotProgress>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let never = CancellationToken::new();
     let pipeline = config.pipeline.clone();
+    // A re-snapshot interrupted by a reconnect continues from its last durable chunk.
+    resnap.ensure_task(config);
     let ack = |lsn: u64, durable: &mut u64| {
         if lsn > *durable {
             *durable = lsn;
@@ -442,6 +474,16 @@ async fn session<S: EventSink, P: SnapshotProgress>(
                 }
             }
             _ = tick.tick() => stream.maybe_send_feedback().await,
+            req = Resnapper::next_request(&mut resnap.requests), if resnap.idle() => {
+                if let Some((id, table)) = req {
+                    resnap.start(id, table, &tables, &mut catalog, &client, config).await?;
+                }
+            }
+            chunk = Resnapper::next_chunk(&mut resnap.job), if resnap.has_task() => {
+                if let Err(e) = resnap.accept_chunk(chunk) {
+                    resnap.fail(&config.pipeline, e);
+                }
+            }
             raw = stream.next_raw_event(&never) => {
                 let raw = raw?;
                 metrics::counter!(m::CAPTURE_BYTES_TOTAL, "pipeline" => config.pipeline.clone())
@@ -464,14 +506,31 @@ async fn session<S: EventSink, P: SnapshotProgress>(
                 }
                 match asm.handle(msg, &catalog)? {
                     Decoded::Nothing => {}
-                    Decoded::Committed { events, end_lsn, commit_ts_ms } => {
+                    Decoded::Committed { events, end_lsn, commit_ts_ms, watermarks } => {
                         metrics::gauge!(m::CAPTURE_LAG_SECONDS, "pipeline" => config.pipeline.clone())
                             .set((now_ms() - commit_ts_ms).max(0) as f64 / 1000.0);
                         count_events(&config.pipeline, &events);
+                        resnap.observe(&events);
                         if events.is_empty() && batch.events.is_empty() {
                             ack(end_lsn, durable_lsn);
                         } else {
                             batch.push(events, end_lsn);
+                        }
+                        for w in &watermarks {
+                            match resnap.watermark(w, end_lsn, &catalog, &db, &config.pipeline) {
+                                Ok(None) => {}
+                                Ok(Some(chunk)) => {
+                                    count_events(&config.pipeline, &chunk.events);
+                                    batch.push(chunk.events, end_lsn);
+                                    // Durable before the next chunk starts: the job's position
+                                    // is always a durable chunk.
+                                    if let Some(lsn) = batch.flush(sink, config).await? {
+                                        ack(lsn, durable_lsn);
+                                    }
+                                    resnap.chunk_durable(&config.pipeline);
+                                }
+                                Err(e) => resnap.fail(&config.pipeline, e),
+                            }
                         }
                     }
                     Decoded::Heartbeat { lsn } => {

@@ -125,6 +125,22 @@ pub fn load_str(
 /// checks them against each other (a pipeline name or a list on the same site used twice).
 /// All problems of all files are returned together.
 pub fn load_files(paths: &[PathBuf]) -> Result<Vec<PipelineConfig>, ConfigReport> {
+    load_files_located(paths).map(|v| v.into_iter().map(|l| l.config).collect())
+}
+
+/// A loaded pipeline with where things are written in its file (for checks done later, such as
+/// `validate --db`, that report `file:line:col` too).
+#[derive(Debug, Clone)]
+pub struct LocatedPipeline {
+    pub config: PipelineConfig,
+    /// The file name as given.
+    pub file: String,
+    /// 1-based (line, col) of each `sync[i].table` value, in `config.sync` order.
+    pub tables: Vec<(usize, usize)>,
+}
+
+/// [`load_files`] keeping each file name and the positions of the `table:` values.
+pub fn load_files_located(paths: &[PathBuf]) -> Result<Vec<LocatedPipeline>, ConfigReport> {
     let env = |name: &str| std::env::var(name).ok();
     let mut configs = Vec::new();
     let mut all = Vec::new();
@@ -173,7 +189,11 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Vec<PipelineConfig>, ConfigReport
                     lists.push((site.clone(), key, file.clone(), *loc));
                 }
                 if cross.is_empty() {
-                    configs.push(config);
+                    configs.push(LocatedPipeline {
+                        config,
+                        file: file.clone(),
+                        tables: refs.tables.iter().map(|l| (l.line, l.col)).collect(),
+                    });
                 } else {
                     all.append(&mut problems(&file, cross));
                 }

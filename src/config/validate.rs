@@ -19,6 +19,8 @@ pub struct CrossRefs {
     pub name: Loc,
     /// Every list display name the pipeline writes to, with where it is written.
     pub lists: Vec<(String, Loc)>,
+    /// Where each sync entry's `table:` value is written, in sync order.
+    pub tables: Vec<Loc>,
 }
 
 fn is_ident(s: &str, extra: &[char]) -> bool {
@@ -137,6 +139,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         CrossRefs {
             name: f.name.as_ref()?.loc,
             lists,
+            tables: f.sync.iter().map(|e| e.table.loc).collect(),
         },
     ))
 }

@@ -1,15 +1,24 @@
 //! Control-plane HTTP server: `/health` (the process is up), `/ready` (every registered stage has
 //! started) and `/metrics` (Prometheus text format). The pipeline API and admin UI mount here later.
 //!
+//! Pipeline API so far: `POST /pipelines/{name}/snapshot?table=schema.table` asks the running
+//! capture to re-snapshot one table while streaming continues (202 with the queued status and its
+//! `id`; 404 unknown pipeline or table; 409 one is already queued or running) and
+//! `GET /pipelines/{name}/snapshot` shows the latest one (`state`: queued, running, done, failed;
+//! `chunks`, `rows`, `superseded`, …; `{"state": "idle"}` when none was requested).
+//! [`client`] is the CLI side (`syncbridge snapshot`).
+//!
 //! Binding happens in [`bind`], before any stage starts, so a taken port fails the run at once
 //! instead of after a snapshot has begun.
 
-use std::collections::BTreeMap;
+pub mod client;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,6 +26,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::ResnapshotHandle;
+use crate::capture::resnapshot::RequestError;
 use crate::telemetry::metrics::STAGE_UP;
 
 /// Control-plane settings (from the pipeline file's `control:` section).
@@ -81,10 +92,34 @@ impl Readiness {
     }
 }
 
+/// The re-snapshot handles of the running pipelines, by pipeline name.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotRegistry {
+    pipelines: Arc<Mutex<BTreeMap<String, ResnapshotHandle>>>,
+}
+
+impl SnapshotRegistry {
+    pub fn register(&self, handle: ResnapshotHandle) {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.pipeline().to_string(), handle);
+    }
+
+    fn get(&self, pipeline: &str) -> Option<ResnapshotHandle> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pipeline)
+            .cloned()
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     readiness: Readiness,
     prometheus: PrometheusHandle,
+    snapshots: SnapshotRegistry,
 }
 
 /// Binds the listening socket; call before starting stages.
@@ -98,14 +133,23 @@ pub async fn bind(config: &ControlConfig) -> Result<TcpListener, ControlError> {
 }
 
 /// The control-plane routes, separate from serving so tests can drive them in-process.
-pub fn router(readiness: Readiness, prometheus: PrometheusHandle) -> Router {
+pub fn router(
+    readiness: Readiness,
+    prometheus: PrometheusHandle,
+    snapshots: SnapshotRegistry,
+) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/pipelines/{name}/snapshot",
+            get(snapshot_status).post(snapshot_start),
+        )
         .with_state(AppState {
             readiness,
             prometheus,
+            snapshots,
         })
 }
 
@@ -114,9 +158,10 @@ pub async fn run(
     listener: TcpListener,
     readiness: Readiness,
     prometheus: PrometheusHandle,
+    snapshots: SnapshotRegistry,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
-    axum::serve(listener, router(readiness, prometheus))
+    axum::serve(listener, router(readiness, prometheus, snapshots))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .map_err(ControlError::Serve)
@@ -135,6 +180,51 @@ async fn ready(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(body)).into_response()
+}
+
+fn json_error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn snapshot_start(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(handle) = state.snapshots.get(&name) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline {name:?} runs in this process"),
+        );
+    };
+    let Some(table) = query
+        .get("table")
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+    else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter `table` (schema.table)".into(),
+        );
+    };
+    match handle.request(table) {
+        Ok(status) => (StatusCode::ACCEPTED, axum::Json(status)).into_response(),
+        Err(e @ RequestError::UnknownTable(_)) => json_error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ RequestError::Busy { .. }) => json_error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+async fn snapshot_status(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let Some(handle) = state.snapshots.get(&name) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline {name:?} runs in this process"),
+        );
+    };
+    match handle.status() {
+        Some(status) => axum::Json(status).into_response(),
+        None => axum::Json(serde_json::json!({ "state": "idle" })).into_response(),
+    }
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -9,8 +9,9 @@ use uuid::Uuid;
 
 use super::filter;
 use super::model::{
-    Actor, Column, FieldSel, Item, ItemView, List, ListMeta, RenderCtx, Site, WriteEnv,
-    fields_json, item_json, unique_key, validate_fields,
+    Actor, Column, FieldSel, Item, ItemView, List, ListMeta, RenderCtx, Site, USER_INFO_LIST,
+    WriteEnv, fields_json, is_user_info_list, item_json, unique_key, user_info_list,
+    validate_fields,
 };
 use super::persist::Record;
 use super::reply::{GraphError, GraphResult, Ids, Reply};
@@ -386,53 +387,38 @@ pub fn dispatch(st: &mut State, env: &Env, caller: &Caller, call: &Call) -> Grap
         },
         ["lists", l, rest @ ..] => {
             let site = &st.sites[site_idx];
+            if is_user_info_list(&site.meta, l) {
+                // Virtual and read-only: rebuilt from the people directory on every request.
+                if m != "GET" {
+                    return Err(access_denied());
+                }
+                if let ["items", d] = rest
+                    && (*d == "delta" || *d == "delta()")
+                {
+                    return Err(GraphError::new(
+                        400,
+                        "notSupported",
+                        "Delta on the User Information List is not emulated",
+                    ));
+                }
+                let uil = user_info_list(&site.meta);
+                return read_list(st, env, site, &uil, rest, call, &q);
+            }
             let li = site
                 .find_list(l)
                 .ok_or_else(|| GraphError::not_found("The specified list was not found"))?;
             match (rest, m) {
-                ([], "GET") => {
-                    let (_, cols) = expand_fields(&q);
-                    let list = &site.lists[li];
-                    let mut v = list.json(&site.meta, &env.render, cols);
-                    with_context(&mut v, format!("{}/lists/$entity", site_ctx(env, site)));
-                    Ok(Reply::json(200, v))
-                }
-                (["columns"], "GET") => {
-                    let include_hidden = q
-                        .get("select")
-                        .is_some_and(|s| s.split(',').any(|x| x.trim() == "hidden"));
-                    let list = &site.lists[li];
-                    let cols: Vec<Value> = list
-                        .all_columns(include_hidden)
-                        .iter()
-                        .map(Column::json)
-                        .collect();
-                    Ok(Reply::json(
-                        200,
-                        json!({ "@odata.context": format!("{}/lists('{}')/columns", site_ctx(env, site), list.meta.id), "value": cols }),
-                    ))
-                }
-                (["columns"], "POST") => create_column(st, env, site_idx, li, call.body.as_ref()),
-                (["columns", c], "GET") => {
-                    let list = &site.lists[li];
-                    let col = list
-                        .all_columns(true)
-                        .into_iter()
-                        .find(|x| x.id.to_string().eq_ignore_ascii_case(c) || x.name == *c)
-                        .ok_or_else(|| GraphError::not_found("Column not found"))?;
-                    Ok(Reply::json(200, col.json()))
-                }
-                (["items"], "GET") => list_items(st, env, site_idx, li, call, &q),
-                (["items"], "POST") => {
-                    create_item(st, env, caller, site_idx, li, call.body.as_ref())
-                }
                 (["items", d], "GET") if *d == "delta" || *d == "delta()" => {
                     delta(st, env, site_idx, li, call, &q)
+                }
+                (_, "GET") => read_list(st, env, site, &site.lists[li], rest, call, &q),
+                (["columns"], "POST") => create_column(st, env, site_idx, li, call.body.as_ref()),
+                (["items"], "POST") => {
+                    create_item(st, env, caller, site_idx, li, call.body.as_ref())
                 }
                 (["items", id], _) => {
                     let id = parse_item_id(id)?;
                     match m {
-                        "GET" => get_item(st, env, site_idx, li, id, &q),
                         "PATCH" => update_item(st, env, caller, site_idx, li, id, call, false),
                         "DELETE" => delete_item(st, env, site_idx, li, id, call),
                         _ => Err(method_not_allowed()),
@@ -441,20 +427,6 @@ pub fn dispatch(st: &mut State, env: &Env, caller: &Caller, call: &Call) -> Grap
                 (["items", id, "fields"], _) => {
                     let id = parse_item_id(id)?;
                     match m {
-                        "GET" => {
-                            let list = &site.lists[li];
-                            let item = list.items.get(&id).ok_or_else(item_not_found)?;
-                            let (sel, _) = expand_fields(&q);
-                            let sel = match q.get("select") {
-                                Some(s) => FieldSel::Some(
-                                    s.split(',').map(|x| x.trim().to_string()).collect(),
-                                ),
-                                None => sel.unwrap_or(FieldSel::All),
-                            };
-                            let mut v = fields_json(site, list, item, &sel);
-                            with_context(&mut v, fields_ctx(env, site, list, id));
-                            Ok(Reply::json(200, v))
-                        }
                         "PATCH" => update_item(st, env, caller, site_idx, li, id, call, true),
                         _ => Err(method_not_allowed()),
                     }
@@ -464,6 +436,73 @@ pub fn dispatch(st: &mut State, env: &Env, caller: &Caller, call: &Call) -> Grap
         }
         [other, ..] => Err(segment_error(other)),
     }
+}
+
+/// The GET requests under `/lists/{list}` except delta, for a stored list or the virtual User
+/// Information List alike.
+fn read_list(
+    st: &State,
+    env: &Env,
+    site: &Site,
+    list: &List,
+    rest: &[&str],
+    call: &Call,
+    q: &Query,
+) -> GraphResult {
+    match rest {
+        [] => {
+            let (_, cols) = expand_fields(q);
+            let mut v = list.json(&site.meta, &env.render, cols);
+            with_context(&mut v, format!("{}/lists/$entity", site_ctx(env, site)));
+            Ok(Reply::json(200, v))
+        }
+        ["columns"] => {
+            let include_hidden = q
+                .get("select")
+                .is_some_and(|s| s.split(',').any(|x| x.trim() == "hidden"));
+            let cols: Vec<Value> = list
+                .all_columns(include_hidden)
+                .iter()
+                .map(Column::json)
+                .collect();
+            Ok(Reply::json(
+                200,
+                json!({ "@odata.context": format!("{}/lists('{}')/columns", site_ctx(env, site), list.meta.id), "value": cols }),
+            ))
+        }
+        ["columns", c] => {
+            let col = list
+                .all_columns(true)
+                .into_iter()
+                .find(|x| x.id.to_string().eq_ignore_ascii_case(c) || x.name == *c)
+                .ok_or_else(|| GraphError::not_found("Column not found"))?;
+            Ok(Reply::json(200, col.json()))
+        }
+        ["items"] => list_items(st, env, site, list, call, q),
+        ["items", id] => get_item(env, site, list, parse_item_id(id)?, q),
+        ["items", id, "fields"] => {
+            let id = parse_item_id(id)?;
+            let item = list.items.get(&id).ok_or_else(item_not_found)?;
+            let (sel, _) = expand_fields(q);
+            let sel = match q.get("select") {
+                Some(s) => FieldSel::Some(s.split(',').map(|x| x.trim().to_string()).collect()),
+                None => sel.unwrap_or(FieldSel::All),
+            };
+            let mut v = fields_json(site, list, item, &sel);
+            with_context(&mut v, fields_ctx(env, site, list, id));
+            Ok(Reply::json(200, v))
+        }
+        _ => Err(segment_error(rest.last().copied().unwrap_or("lists"))),
+    }
+}
+
+/// Writes to a read-only resource (the User Information List).
+fn access_denied() -> GraphError {
+    GraphError::new(
+        403,
+        "accessDenied",
+        "Access denied. You do not have permission to perform this action or access this resource.",
+    )
 }
 
 fn parse_item_id(s: &str) -> Result<u64, GraphError> {
@@ -615,10 +654,13 @@ fn create_list(
         .chars()
         .filter(|c| !"/\\:*?\"<>|#%{}~&".contains(*c))
         .collect();
-    if site.lists.iter().any(|l| {
-        l.meta.display_name.eq_ignore_ascii_case(&display)
-            || l.meta.name.eq_ignore_ascii_case(&name)
-    }) {
+    // The (virtual) User Information List exists on every site.
+    if display.eq_ignore_ascii_case(USER_INFO_LIST)
+        || site.lists.iter().any(|l| {
+            l.meta.display_name.eq_ignore_ascii_case(&display)
+                || l.meta.name.eq_ignore_ascii_case(&name)
+        })
+    {
         return Err(GraphError::new(
             409,
             "nameAlreadyExists",
@@ -827,9 +869,14 @@ fn page_size(st: &State, q: &Query) -> Result<usize, GraphError> {
     }
 }
 
-fn list_items(st: &State, env: &Env, si: usize, li: usize, call: &Call, q: &Query) -> GraphResult {
-    let site = &st.sites[si];
-    let list = &site.lists[li];
+fn list_items(
+    st: &State,
+    env: &Env,
+    site: &Site,
+    list: &List,
+    call: &Call,
+    q: &Query,
+) -> GraphResult {
     let (sel, _) = expand_fields(q);
     let expr = match q.get("filter") {
         Some(f) if !f.trim().is_empty() => {
@@ -929,9 +976,7 @@ fn list_items(st: &State, env: &Env, si: usize, li: usize, call: &Call, q: &Quer
     Ok(Reply::json(200, Value::Object(out)))
 }
 
-fn get_item(st: &State, env: &Env, si: usize, li: usize, id: u64, q: &Query) -> GraphResult {
-    let site = &st.sites[si];
-    let list = &site.lists[li];
+fn get_item(env: &Env, site: &Site, list: &List, id: u64, q: &Query) -> GraphResult {
     let item = list.items.get(&id).ok_or_else(item_not_found)?;
     let (sel, _) = expand_fields(q);
     let mut v = item_json(

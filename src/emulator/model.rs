@@ -66,6 +66,106 @@ pub fn person(lookup_id: u32) -> Option<&'static Person> {
     PEOPLE.iter().find(|p| p.lookup_id == lookup_id)
 }
 
+/// Display name of every site's hidden list of people; person values are its item ids (§5.7).
+pub const USER_INFO_LIST: &str = "User Information List";
+
+/// The tenant's `onmicrosoft.com` domain as derived from a SharePoint hostname:
+/// `contoso.sharepoint.com` → `contoso.onmicrosoft.com`.
+pub fn tenant_domain(hostname: &str) -> String {
+    let label = hostname.split('.').next().unwrap_or(hostname);
+    format!("{}.onmicrosoft.com", label.to_ascii_lowercase())
+}
+
+impl Person {
+    /// `<alias>@<tenant domain of the site's hostname>`, e.g. `adelev@contoso.onmicrosoft.com`.
+    pub fn email(&self, hostname: &str) -> String {
+        format!("{}@{}", self.alias, tenant_domain(hostname))
+    }
+}
+
+/// The User Information List's id on a site (stable: derived from the site id).
+pub fn user_info_list_id(site: &SiteMeta) -> Uuid {
+    derived_uuid(Uuid::nil(), &format!("{USER_INFO_LIST}|{}", site.id))
+}
+
+/// Does `key` (a list id or display name from a URL) name the site's User Information List?
+pub fn is_user_info_list(site: &SiteMeta, key: &str) -> bool {
+    key.eq_ignore_ascii_case(USER_INFO_LIST)
+        || Uuid::parse_str(key.trim_matches(|c| c == '{' || c == '}'))
+            .is_ok_and(|id| id == user_info_list_id(site))
+}
+
+/// The site's hidden User Information List: one item per [`PEOPLE`] entry, item id = lookup id,
+/// fields `Title` (name), `EMail`, `UserName` (both the email), `Name` (the claims login). Virtual:
+/// built on demand, never stored, so it needs no persistence and cannot be written.
+pub fn user_info_list(site: &SiteMeta) -> List {
+    let id = user_info_list_id(site);
+    let created = site.created.div_euclid(1000);
+    let text = |name: &str, display: &str, indexed: bool| Column {
+        id: derived_uuid(id, name),
+        name: name.into(),
+        display_name: display.into(),
+        description: String::new(),
+        required: false,
+        indexed,
+        unique: false,
+        hidden: false,
+        read_only: true,
+        builtin: false,
+        kind: Kind::Text {
+            max_len: 255,
+            multiline: false,
+            rich: false,
+        },
+    };
+    let columns = vec![
+        text("Title", "Name", false),
+        text("EMail", "Work email", true),
+        text("UserName", "User name", true),
+        text("Name", "Account", false),
+    ];
+    let items = PEOPLE
+        .iter()
+        .map(|p| {
+            let email = p.email(&site.hostname);
+            let mut values = Map::new();
+            values.insert("Title".into(), json!(p.name));
+            values.insert("EMail".into(), json!(email));
+            values.insert("UserName".into(), json!(email));
+            values.insert("Name".into(), json!(format!("i:0#.f|membership|{email}")));
+            let item = Item {
+                id: u64::from(p.lookup_id),
+                uid: derived_uuid(id, &format!("item|{}", p.lookup_id)),
+                version: 1,
+                created,
+                modified: created,
+                author: Actor::App,
+                editor: Actor::App,
+                seq: 0,
+                values,
+            };
+            (item.id, item)
+        })
+        .collect::<BTreeMap<u64, Item>>();
+    let mut list = List::new(ListMeta {
+        id,
+        display_name: USER_INFO_LIST.into(),
+        name: "users".into(),
+        description: "All people.".into(),
+        template: "userInformation".into(),
+        hidden: true,
+        created,
+        modified: created,
+        version: 1,
+        columns,
+        next_id: items.keys().max().map_or(1, |m| m + 1),
+        seq: 0,
+        created_by: Actor::App,
+    });
+    list.items = items;
+    list
+}
+
 /// Who made a write: the registered app (app-only token) or a person.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Actor {

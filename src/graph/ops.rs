@@ -15,6 +15,8 @@ pub const PREFER_NON_INDEXED: &str = "HonorNonIndexedQueriesWarningMayFailRandom
 /// Items returned by [`GraphClient::list_items`] at most (the caller pages further with a narrower
 /// filter); keeps memory bounded on a 30-million-item list.
 pub const DEFAULT_ITEM_LIMIT: usize = 50_000;
+/// Display name of the hidden list that maps people to their lookup ids on a site (§5.7).
+pub const USER_INFORMATION_LIST: &str = "User Information List";
 /// Column pages followed at most (a list has a few hundred columns at the very most).
 const MAX_COLUMN_PAGES: usize = 50;
 
@@ -479,6 +481,40 @@ impl GraphClient {
                 Some(n) => url = n,
                 None => return Ok(out),
             }
+        }
+    }
+
+    /// The person lookup id of the user with `email` on this site, `None` when the site does not
+    /// know them.
+    ///
+    /// Person columns are written as `"<Column>LookupId": <id>` where the id is the user's item id
+    /// in the site's hidden *User Information List* — not the Entra object id, and not the email
+    /// (graph-api.md §5.7). So an email from the source is resolved by querying that list:
+    /// `$filter=fields/EMail eq '<email>'` (quotes doubled, §5.3), selecting only `id` and `EMail`.
+    /// SharePoint compares text case-insensitively. The Prefer header for non-indexed columns is
+    /// sent because `EMail` need not be indexed there. A user who never visited the site (or was
+    /// never added) has no entry yet; this does not add one.
+    pub async fn find_user_lookup_id(
+        &self,
+        site_id: &str,
+        email: &str,
+    ) -> Result<Option<u64>, GraphError> {
+        let query = ItemQuery {
+            filter: Some(format!("fields/EMail eq '{}'", email.replace('\'', "''"))),
+            select: Some(vec!["id".into(), "EMail".into()]),
+            top: None,
+            allow_non_indexed: true,
+            limit: 1,
+        };
+        let items = self
+            .list_items(site_id, USER_INFORMATION_LIST, &query)
+            .await?;
+        match items.first() {
+            None => Ok(None),
+            Some(item) => item.id.parse().map(Some).map_err(|_| GraphError::Decode {
+                what: "user information list item".into(),
+                message: format!("item id {:?} is not a number", item.id),
+            }),
         }
     }
 

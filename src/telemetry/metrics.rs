@@ -28,10 +28,16 @@ pub const CAPTURE_SLOT_LAG_BYTES: &str = "syncbridge_capture_slot_lag_bytes";
 pub const CAPTURE_ACKED_LSN: &str = "syncbridge_capture_acked_lsn";
 /// Counter of capture reconnects after retryable errors, label `pipeline`.
 pub const CAPTURE_RECONNECTS_TOTAL: &str = "syncbridge_capture_reconnects_total";
-/// Counter of rows read by the initial snapshot, labels `pipeline`, `table`.
+/// Counter of rows emitted by the initial snapshot and by on-demand re-snapshots, labels
+/// `pipeline`, `table`.
 pub const SNAPSHOT_ROWS_TOTAL: &str = "syncbridge_capture_snapshot_rows_total";
-/// Gauge: tables whose initial snapshot is not finished yet, label `pipeline`.
+/// Gauge: tables whose initial snapshot (or running on-demand re-snapshot) is not finished yet,
+/// label `pipeline`.
 pub const SNAPSHOT_TABLES_PENDING: &str = "syncbridge_capture_snapshot_tables_pending";
+/// Counter of re-snapshot chunk rows not emitted because a WAL change of the same key inside the
+/// chunk's watermark window supersedes them, labels `pipeline`, `table`.
+pub const RESNAPSHOT_ROWS_SUPERSEDED_TOTAL: &str =
+    "syncbridge_capture_resnapshot_rows_superseded_total";
 /// Histogram (seconds): one capture append to the log until it is durable, label `pipeline`.
 pub const SINK_APPEND_SECONDS: &str = "syncbridge_capture_log_append_seconds";
 
@@ -56,6 +62,36 @@ pub const LOG_APPEND_ERRORS_TOTAL: &str = "syncbridge_log_append_errors_total";
 pub const LOG_CONSUMED_RECORDS_TOTAL: &str = "syncbridge_log_consumed_records_total";
 /// Counter of consumer-group positions committed, labels `backend`, `group`.
 pub const LOG_COMMITS_TOTAL: &str = "syncbridge_log_commits_total";
+
+/// Counter of capture events the push processor read, labels `pipeline`, `op`.
+pub const PUSH_EVENTS_TOTAL: &str = "syncbridge_push_events_total";
+/// Counter of Graph writes by the push processor, labels `pipeline`, `kind` (create/update/delete), `outcome` (ok/adopted/not_found/rejected/transient).
+pub const PUSH_WRITES_TOTAL: &str = "syncbridge_push_writes_total";
+/// Counter of row changes that needed no write, labels `pipeline`, `reason` (unchanged/own_origin/stale).
+pub const PUSH_SKIPPED_TOTAL: &str = "syncbridge_push_skipped_total";
+/// Counter of events merged into an already pending write of the same row, label `pipeline`.
+pub const PUSH_COALESCED_TOTAL: &str = "syncbridge_push_coalesced_total";
+/// Counter of items moved between lists by a route change, label `pipeline`.
+pub const PUSH_MOVES_TOTAL: &str = "syncbridge_push_moves_total";
+/// Gauge of rows with a pending write (the processor's queue depth), label `pipeline`.
+pub const PUSH_PENDING_ROWS: &str = "syncbridge_push_pending_rows";
+/// Histogram (seconds) of one flush (plan, write, record), label `pipeline`.
+pub const PUSH_FLUSH_SECONDS: &str = "syncbridge_push_flush_seconds";
+/// Counter of dead letters written to the DLQ topic, labels `pipeline`, `kind`.
+pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
+
+/// Counter of delta poll rounds, labels `pipeline`, `outcome` (changes/idle/error).
+pub const PULL_DELTA_POLLS_TOTAL: &str = "syncbridge_pull_delta_polls_total";
+/// Counter of item changes received from delta and appended to the log, labels `pipeline`, `kind` (upsert/deleted).
+pub const PULL_ITEMS_RECEIVED_TOTAL: &str = "syncbridge_pull_items_received_total";
+/// Counter of full list enumerations started, labels `pipeline`, `reason` (initial/token_expired).
+pub const PULL_RESYNCS_TOTAL: &str = "syncbridge_pull_resyncs_total";
+/// Counter of row changes applied to PostgreSQL, labels `pipeline`, `outcome` (applied/rejected/invalid/error).
+pub const PULL_APPLY_TOTAL: &str = "syncbridge_pull_apply_total";
+/// Histogram (seconds): one row change applied (statement and commit), label `pipeline`.
+pub const PULL_APPLY_SECONDS: &str = "syncbridge_pull_apply_seconds";
+/// Counter of applier (re)connections to PostgreSQL after the first, label `pipeline`.
+pub const PULL_APPLY_RECONNECTS_TOTAL: &str = "syncbridge_pull_apply_reconnects_total";
 
 /// Registers help text and units for every metric, so scrapes carry `# HELP` from the start.
 pub fn describe_all() {
@@ -101,12 +137,17 @@ pub fn describe_all() {
     describe_counter!(
         SNAPSHOT_ROWS_TOTAL,
         Unit::Count,
-        "Rows read by the initial snapshot (labels: pipeline, table)."
+        "Rows emitted by the initial snapshot and on-demand re-snapshots (labels: pipeline, table)."
     );
     describe_gauge!(
         SNAPSHOT_TABLES_PENDING,
         Unit::Count,
-        "Tables whose initial snapshot is not finished (label: pipeline)."
+        "Tables whose initial snapshot or running re-snapshot is not finished (label: pipeline)."
+    );
+    describe_counter!(
+        RESNAPSHOT_ROWS_SUPERSEDED_TOTAL,
+        Unit::Count,
+        "Re-snapshot rows skipped because a WAL change of the same key in the watermark window is newer (labels: pipeline, table)."
     );
     describe_histogram!(
         SINK_APPEND_SECONDS,
@@ -162,5 +203,74 @@ pub fn describe_all() {
         LOG_COMMITS_TOTAL,
         Unit::Count,
         "Consumer-group positions committed (labels: backend, group)."
+    );
+    describe_counter!(
+        PULL_DELTA_POLLS_TOTAL,
+        Unit::Count,
+        "Delta poll rounds of the return path (labels: pipeline, outcome)."
+    );
+    describe_counter!(
+        PULL_ITEMS_RECEIVED_TOTAL,
+        Unit::Count,
+        "List item changes received from delta and appended to the log (labels: pipeline, kind)."
+    );
+    describe_counter!(
+        PULL_RESYNCS_TOTAL,
+        Unit::Count,
+        "Full list enumerations started (labels: pipeline, reason)."
+    );
+    describe_counter!(
+        PULL_APPLY_TOTAL,
+        Unit::Count,
+        "Row changes applied to PostgreSQL by the return path (labels: pipeline, outcome)."
+    );
+    describe_histogram!(
+        PULL_APPLY_SECONDS,
+        Unit::Seconds,
+        "One row change applied to PostgreSQL, statement and commit (label: pipeline)."
+    );
+    describe_counter!(
+        PULL_APPLY_RECONNECTS_TOTAL,
+        Unit::Count,
+        "Applier reconnections to PostgreSQL after the first connection (label: pipeline)."
+    );
+    describe_counter!(
+        PUSH_EVENTS_TOTAL,
+        Unit::Count,
+        "Capture events read by the push processor (labels: pipeline, op)."
+    );
+    describe_counter!(
+        PUSH_WRITES_TOTAL,
+        Unit::Count,
+        "Graph writes of the push processor (labels: pipeline, kind, outcome)."
+    );
+    describe_counter!(
+        PUSH_SKIPPED_TOTAL,
+        Unit::Count,
+        "Row changes that needed no Graph write (labels: pipeline, reason)."
+    );
+    describe_counter!(
+        PUSH_COALESCED_TOTAL,
+        Unit::Count,
+        "Events merged into a pending write of the same row (label: pipeline)."
+    );
+    describe_counter!(
+        PUSH_MOVES_TOTAL,
+        Unit::Count,
+        "Items moved between lists after a route change (label: pipeline)."
+    );
+    describe_gauge!(
+        PUSH_PENDING_ROWS,
+        "Rows with a pending write in the push processor (label: pipeline)."
+    );
+    describe_histogram!(
+        PUSH_FLUSH_SECONDS,
+        Unit::Seconds,
+        "One flush of the push processor (label: pipeline)."
+    );
+    describe_counter!(
+        PUSH_DEAD_LETTERS_TOTAL,
+        Unit::Count,
+        "Dead letters written to the DLQ topic (labels: pipeline, kind)."
     );
 }

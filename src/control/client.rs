@@ -1,0 +1,125 @@
+//! The CLI side of the pipeline API: `syncbridge snapshot` asks the process that runs the pipeline
+//! (it owns the replication slot) over its control plane.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a control-plane call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no SyncBridge process is listening on {addr} (control.listen of the pipeline): start it \
+         with `syncbridge run <pipeline.yaml>` first; the running process owns the replication \
+         slot and takes the snapshot ({source})"
+    )]
+    NotListening {
+        addr: SocketAddr,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status (404 unknown pipeline/table, 409 busy, …).
+    #[error("{message} (HTTP {status})")]
+    Refused { status: u16, message: String },
+    #[error("control plane request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("re-snapshot {id} of {table} failed: {error}")]
+    SnapshotFailed {
+        id: String,
+        table: String,
+        error: String,
+    },
+}
+
+fn client() -> Result<reqwest::Client, ClientError> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+fn url(addr: SocketAddr, pipeline: &str) -> String {
+    format!("http://{addr}/pipelines/{pipeline}/snapshot")
+}
+
+async fn answer(
+    addr: SocketAddr,
+    r: Result<reqwest::Response, reqwest::Error>,
+) -> Result<serde_json::Value, ClientError> {
+    let resp = match r {
+        Ok(resp) => resp,
+        Err(source) if source.is_connect() => {
+            return Err(ClientError::NotListening { addr, source });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let message = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("request refused")
+            .to_string();
+        Err(ClientError::Refused {
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+/// `POST /pipelines/{pipeline}/snapshot?table=…`: the queued status (with its `id`).
+pub async fn request_snapshot(
+    addr: SocketAddr,
+    pipeline: &str,
+    table: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let target =
+        url::Url::parse_with_params(&url(addr, pipeline), [("table", table)]).map_err(|e| {
+            ClientError::Refused {
+                status: 0,
+                message: format!("invalid pipeline name or table: {e}"),
+            }
+        })?;
+    let r = client()?.post(target).send().await;
+    answer(addr, r).await
+}
+
+/// `GET /pipelines/{pipeline}/snapshot`: the latest re-snapshot's status.
+pub async fn snapshot_status(
+    addr: SocketAddr,
+    pipeline: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let r = client()?.get(url(addr, pipeline)).send().await;
+    answer(addr, r).await
+}
+
+/// Polls until the re-snapshot `id` is done (its final status) or failed (an error).
+pub async fn wait_for_snapshot(
+    addr: SocketAddr,
+    pipeline: &str,
+    id: &str,
+) -> Result<serde_json::Value, ClientError> {
+    loop {
+        let s = snapshot_status(addr, pipeline).await?;
+        let field = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        if field("id") != id {
+            return Err(ClientError::SnapshotFailed {
+                id: id.to_string(),
+                table: field("table"),
+                error: "another re-snapshot replaced it (was the process restarted?)".into(),
+            });
+        }
+        match field("state").as_str() {
+            "done" => return Ok(s),
+            "failed" => {
+                return Err(ClientError::SnapshotFailed {
+                    id: id.to_string(),
+                    table: field("table"),
+                    error: field("error"),
+                });
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Column value → SharePoint field value (graph-api.md §5.7), per the mapping's field type.
+//!
+//! Conversion is pure: person and lookup fields need ids that live elsewhere (the site's user
+//! list, the ledger of another synced table), so the caller resolves those first and passes them
+//! in [`Resolved`]. A value SharePoint cannot hold is an [`Unmappable`] that names the column,
+//! the field and the reason; the row then goes to the DLQ and the pipeline continues.
+//!
+//! Choices made where SharePoint loses information, each so a later read-back compares equal:
+//! - `datetime` is written as UTC ISO-8601 with whole seconds (SharePoint keeps whole seconds);
+//!   `timestamp without time zone` values are taken as UTC.
+//! - `date` is written as `YYYY-MM-DD` (Graph accepts a date string for date-only columns).
+//! - numbers are JSON numbers (IEEE double); `NaN`/`Infinity` cannot be stored.
+
+use serde_json::{Value as Json, json};
+
+use super::row::Cell;
+use crate::config::{FieldMapping, FieldType};
+
+/// Single line of text limit (graph-api.md §4.3).
+pub const MAX_TEXT_LEN: usize = 255;
+/// Multiple lines of text limit (graph-api.md §10, commonly cited).
+pub const MAX_NOTE_LEN: usize = 63_999;
+
+/// Why a value cannot be written to its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("column {column} → field {field} ({kind}): {reason}")]
+pub struct Unmappable {
+    pub column: String,
+    pub field: String,
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+impl Unmappable {
+    fn new(m: &FieldMapping, kind: &'static str, reason: impl Into<String>) -> Self {
+        Unmappable {
+            column: m.column.clone(),
+            field: m.field.clone(),
+            kind,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Ids resolved by the caller for person and lookup fields (`None` = not found).
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// Lookup id of the person in the site's user list.
+    pub person: Option<u64>,
+    /// Item id of the referenced row in the lookup list.
+    pub lookup_item: Option<String>,
+}
+
+/// Graph field name(s) and JSON value(s) for one mapped column. Most fields produce one pair;
+/// multi-choice adds its `@odata.type` annotation; person/lookup write `<Field>LookupId`.
+pub fn to_fields(
+    cell: &Cell,
+    m: &FieldMapping,
+    resolved: &Resolved,
+) -> Result<Vec<(String, Json)>, Unmappable> {
+    let one = |v: Json| Ok(vec![(m.field.clone(), v)]);
+    if matches!(cell, Cell::Null) {
+        return match m.field_type {
+            FieldType::MultiChoice => Ok(vec![
+                (
+                    format!("{}@odata.type", m.field),
+                    json!("Collection(Edm.String)"),
+                ),
+                (m.field.clone(), json!([])),
+            ]),
+            FieldType::Person | FieldType::Lookup => {
+                Ok(vec![(format!("{}LookupId", m.field), Json::Null)])
+            }
+            _ => one(Json::Null),
+        };
+    }
+    match m.field_type {
+        FieldType::Text => one(json!(text(cell, m, MAX_TEXT_LEN)?)),
+        FieldType::Note => one(json!(text(cell, m, MAX_NOTE_LEN)?)),
+        FieldType::Number | FieldType::Currency => one(number(cell, m)?),
+        FieldType::Boolean => one(json!(boolean(cell, m)?)),
+        FieldType::Date => one(json!(date(cell, m)?)),
+        FieldType::DateTime => one(json!(datetime(cell, m)?)),
+        FieldType::Choice => {
+            let v = text(cell, m, MAX_TEXT_LEN)?;
+            check_choice(&v, m)?;
+            one(json!(v))
+        }
+        FieldType::MultiChoice => {
+            let values = match cell {
+                Cell::Array(items) => items
+                    .iter()
+                    .filter(|c| !matches!(c, Cell::Null))
+                    .map(|c| text(c, m, MAX_TEXT_LEN))
+                    .collect::<Result<Vec<_>, _>>()?,
+                other => vec![text(other, m, MAX_TEXT_LEN)?],
+            };
+            for v in &values {
+                check_choice(v, m)?;
+            }
+            Ok(vec![
+                (
+                    format!("{}@odata.type", m.field),
+                    json!("Collection(Edm.String)"),
+                ),
+                (m.field.clone(), json!(values)),
+            ])
+        }
+        FieldType::Person => {
+            let email = text(cell, m, MAX_TEXT_LEN)?;
+            match resolved.person {
+                Some(id) => Ok(vec![(format!("{}LookupId", m.field), json!(id))]),
+                None => Err(Unmappable::new(
+                    m,
+                    "unknown_user",
+                    format!("no user with email {email:?} in the site"),
+                )),
+            }
+        }
+        FieldType::Lookup => match &resolved.lookup_item {
+            Some(id) => {
+                let id: Json = id.parse::<u64>().map_or_else(|_| json!(id), |n| json!(n));
+                Ok(vec![(format!("{}LookupId", m.field), id)])
+            }
+            None => Err(Unmappable::new(
+                m,
+                "lookup_missing",
+                format!(
+                    "the referenced row {:?} has no item in list {:?}",
+                    cell.to_text().unwrap_or_default(),
+                    m.lookup_list.as_deref().unwrap_or("?")
+                ),
+            )),
+        },
+        FieldType::Hyperlink => {
+            let url = text(cell, m, MAX_TEXT_LEN)?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Unmappable::new(
+                    m,
+                    "type_mismatch",
+                    format!("{url:?} is not an http(s) URL"),
+                ));
+            }
+            one(json!({ "Url": url, "Description": url }))
+        }
+    }
+}
+
+/// The text that a person/lookup column holds (email or foreign key), for resolution.
+pub fn reference_text(cell: &Cell) -> Option<String> {
+    cell.to_text()
+}
+
+fn text(cell: &Cell, m: &FieldMapping, max: usize) -> Result<String, Unmappable> {
+    let s = cell
+        .to_text()
+        .ok_or_else(|| Unmappable::new(m, "type_mismatch", "no value"))?;
+    let n = s.chars().count();
+    if n > max {
+        return Err(Unmappable::new(
+            m,
+            "too_long",
+            format!("{n} characters, the column holds at most {max}"),
+        ));
+    }
+    Ok(s)
+}
+
+fn number(cell: &Cell, m: &FieldMapping) -> Result<Json, Unmappable> {
+    let mismatch =
+        |what: &str| Unmappable::new(m, "type_mismatch", format!("{what} is not a number"));
+    match cell {
+        Cell::Int(i) => Ok(json!(i)),
+        Cell::Float(f) if f.is_finite() => Ok(json!(f)),
+        Cell::Float(f) => Err(mismatch(&f.to_string())),
+        Cell::Decimal(s) | Cell::Text(s) => {
+            let t = s.trim();
+            if let Ok(i) = t.parse::<i64>() {
+                return Ok(json!(i));
+            }
+            match t.parse::<f64>() {
+                Ok(f) if f.is_finite() => Ok(json!(f)),
+                _ => Err(mismatch(&format!("{s:?}"))),
+            }
+        }
+        Cell::Bool(b) => Err(mismatch(&b.to_string())),
+        other => Err(mismatch(&format!("{other:?}"))),
+    }
+}
+
+fn boolean(cell: &Cell, m: &FieldMapping) -> Result<bool, Unmappable> {
+    match cell {
+        Cell::Bool(b) => Ok(*b),
+        Cell::Int(0) => Ok(false),
+        Cell::Int(1) => Ok(true),
+        Cell::Text(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "t" | "yes" | "y" | "1" | "on" => Ok(true),
+            "false" | "f" | "no" | "n" | "0" | "off" => Ok(false),
+            _ => Err(Unmappable::new(
+                m,
+                "type_mismatch",
+                format!("{s:?} is not a boolean"),
+            )),
+        },
+        other => Err(Unmappable::new(
+            m,
+            "type_mismatch",
+            format!("{other:?} is not a boolean"),
+        )),
+    }
+}
+
+fn date(cell: &Cell, m: &FieldMapping) -> Result<String, Unmappable> {
+    let bad = |what: String| {
+        Unmappable::new(
+            m,
+            "type_mismatch",
+            format!("{what} is not a date SharePoint can store"),
+        )
+    };
+    let days = match cell {
+        Cell::Date(d) => i64::from(*d),
+        Cell::Timestamp(us) | Cell::LocalTimestamp(us) => us.div_euclid(86_400_000_000),
+        Cell::Text(s) => {
+            return chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+                .map_err(|_| bad(format!("{s:?}")))
+                .and_then(|d| in_range(d, m))
+                .map(|d| d.format("%Y-%m-%d").to_string());
+        }
+        other => return Err(bad(format!("{other:?}"))),
+    };
+    let d = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+        .and_then(|e| e.checked_add_signed(chrono::TimeDelta::days(days)))
+        .ok_or_else(|| bad(days.to_string()))?;
+    Ok(in_range(d, m)?.format("%Y-%m-%d").to_string())
+}
+
+/// SharePoint date columns hold 1900-01-01 ..= 8900-12-31.
+fn in_range(d: chrono::NaiveDate, m: &FieldMapping) -> Result<chrono::NaiveDate, Unmappable> {
+    use chrono::Datelike;
+    if (1900..=8900).contains(&d.year()) {
+        Ok(d)
+    } else {
+        Err(Unmappable::new(
+            m,
+            "out_of_range",
+            format!("{d} is outside SharePoint's 1900..8900 date range"),
+        ))
+    }
+}
+
+fn datetime(cell: &Cell, m: &FieldMapping) -> Result<String, Unmappable> {
+    let bad = |what: String| {
+        Unmappable::new(
+            m,
+            "type_mismatch",
+            format!("{what} is not a date-time SharePoint can store"),
+        )
+    };
+    let t = match cell {
+        Cell::Timestamp(us) | Cell::LocalTimestamp(us) => {
+            chrono::DateTime::from_timestamp(us.div_euclid(1_000_000), 0)
+                .ok_or_else(|| bad(us.to_string()))?
+        }
+        Cell::Date(d) => chrono::DateTime::from_timestamp(i64::from(*d) * 86_400, 0)
+            .ok_or_else(|| bad(d.to_string()))?,
+        Cell::Text(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+            .map_err(|_| bad(format!("{s:?}")))?
+            .with_timezone(&chrono::Utc),
+        other => return Err(bad(format!("{other:?}"))),
+    };
+    in_range(t.date_naive(), m)?;
+    Ok(t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+fn check_choice(v: &str, m: &FieldMapping) -> Result<(), Unmappable> {
+    if m.choices.iter().any(|c| c == v) {
+        Ok(())
+    } else {
+        Err(Unmappable::new(
+            m,
+            "unknown_choice",
+            format!("{v:?} is not one of {:?}", m.choices),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Direction;
+
+    fn m(t: FieldType) -> FieldMapping {
+        FieldMapping {
+            column: "c".into(),
+            field: "F".into(),
+            field_type: t,
+            direction: Direction::Bidirectional,
+            choices: vec!["a".into(), "b".into()],
+            lookup_list: Some("L".into()),
+            conflict: None,
+        }
+    }
+
+    fn conv(c: Cell, t: FieldType) -> Result<Vec<(String, Json)>, Unmappable> {
+        to_fields(&c, &m(t), &Resolved::default())
+    }
+
+    #[test]
+    fn scalars() {
+        assert_eq!(
+            conv(Cell::Text("x".into()), FieldType::Text).unwrap(),
+            vec![("F".into(), json!("x"))]
+        );
+        assert_eq!(
+            conv(Cell::Decimal("12.50".into()), FieldType::Currency).unwrap()[0].1,
+            json!(12.5)
+        );
+        assert_eq!(
+            conv(Cell::Int(7), FieldType::Number).unwrap()[0].1,
+            json!(7)
+        );
+        assert_eq!(
+            conv(Cell::Date(1), FieldType::Date).unwrap()[0].1,
+            json!("1970-01-02")
+        );
+        assert_eq!(
+            conv(Cell::Timestamp(1_700_000_000_123_456), FieldType::DateTime).unwrap()[0].1,
+            json!("2023-11-14T22:13:20Z")
+        );
+        assert_eq!(
+            conv(Cell::Text("t".into()), FieldType::Boolean).unwrap()[0].1,
+            json!(true)
+        );
+        assert_eq!(conv(Cell::Null, FieldType::Text).unwrap()[0].1, Json::Null);
+    }
+
+    #[test]
+    fn every_bad_value_kind_is_named() {
+        let long = "x".repeat(256);
+        assert_eq!(
+            conv(Cell::Text(long), FieldType::Text).unwrap_err().kind,
+            "too_long"
+        );
+        assert_eq!(
+            conv(Cell::Text("z".into()), FieldType::Choice)
+                .unwrap_err()
+                .kind,
+            "unknown_choice"
+        );
+        assert_eq!(
+            conv(Cell::Text("abc".into()), FieldType::Number)
+                .unwrap_err()
+                .kind,
+            "type_mismatch"
+        );
+        assert_eq!(
+            conv(Cell::Decimal("NaN".into()), FieldType::Number)
+                .unwrap_err()
+                .kind,
+            "type_mismatch"
+        );
+        assert_eq!(
+            conv(Cell::Date(-40_000), FieldType::Date).unwrap_err().kind,
+            "out_of_range"
+        );
+        assert_eq!(
+            conv(Cell::Text("a@b".into()), FieldType::Person)
+                .unwrap_err()
+                .kind,
+            "unknown_user"
+        );
+        assert_eq!(
+            conv(Cell::Int(3), FieldType::Lookup).unwrap_err().kind,
+            "lookup_missing"
+        );
+        let e = conv(Cell::Text("z".into()), FieldType::Choice).unwrap_err();
+        assert!(e.to_string().contains("column c → field F"), "{e}");
+    }
+
+    #[test]
+    fn multichoice_person_lookup_shapes() {
+        let v = conv(
+            Cell::Array(vec![Cell::Text("a".into()), Cell::Text("b".into())]),
+            FieldType::MultiChoice,
+        )
+        .unwrap();
+        assert_eq!(
+            v[0],
+            ("F@odata.type".into(), json!("Collection(Edm.String)"))
+        );
+        assert_eq!(v[1], ("F".into(), json!(["a", "b"])));
+        let r = Resolved {
+            person: Some(6),
+            lookup_item: Some("12".into()),
+        };
+        assert_eq!(
+            to_fields(&Cell::Text("x@y".into()), &m(FieldType::Person), &r).unwrap(),
+            vec![("FLookupId".into(), json!(6))]
+        );
+        assert_eq!(
+            to_fields(&Cell::Int(1), &m(FieldType::Lookup), &r).unwrap(),
+            vec![("FLookupId".into(), json!(12))]
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! The ledger: what SyncBridge knows it wrote, per row. A sled tree keyed by
+//! `<schema.table>\0<sync key>`, mirrored into a compacted changelog topic
+//! (`<prefix>.<pipeline>.ledger`) so the store can be rebuilt after a lost disk.
+//!
+//! # Durability contract
+//! [`Ledger::commit`] makes a batch of mutations durable in this order:
+//! 1. append them to the changelog topic (durable when `append` returns);
+//! 2. apply them to sled together with the changelog end offsets they reach, then flush.
+//!
+//! A crash between 1 and 2 leaves sled *behind* the topic; [`Ledger::open`] notices (its stored
+//! offsets are below the topic's end) and replays the missing records. A missing or deleted
+//! sled directory is the extreme case: everything is replayed. So sled never holds a mutation
+//! the changelog does not, and callers may treat `commit` returning `Ok` as "durable".
+//! The processor commits its input offsets only after `commit` returned.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
+
+/// One changelog partition: the processor is the only writer, and one partition keeps the
+/// changelog totally ordered, which makes "behind" a single offset comparison.
+pub const LEDGER_PARTITIONS: i32 = 1;
+/// sled key holding the changelog offset the store has applied up to.
+const APPLIED_KEY: &[u8] = b"\xffapplied";
+
+/// Who last changed the item's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    #[default]
+    Push,
+    Pull,
+}
+
+/// An item reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemRef {
+    pub list_id: String,
+    pub item_id: String,
+}
+
+/// A write that was started but whose outcome is not yet recorded. After a crash it is resolved
+/// by looking the item up by `SyncKey` in `list_id` (a create), never by writing blindly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The list a create was sent to.
+    pub create_in: String,
+}
+
+/// What is known about one row's item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Entry {
+    /// Where the row's live item is, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<ItemRef>,
+    /// Hash of `projection` (hex), the mapped fields last confirmed written or read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// The mapped field values last confirmed (Graph field name → JSON).
+    #[serde(default)]
+    pub projection: BTreeMap<String, Json>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Commit LSN of the last source change applied.
+    #[serde(default)]
+    pub lsn: u64,
+    #[serde(default)]
+    pub provenance: Provenance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled_at_ms: Option<i64>,
+    /// A create in flight (see [`Intent`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Intent>,
+    /// The old item of a move, still to be deleted (the new one is `item`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_delete: Option<ItemRef>,
+}
+
+impl Entry {
+    /// True when nothing is left to remember: no item, nothing in flight.
+    pub fn is_empty(&self) -> bool {
+        self.item.is_none() && self.intent.is_none() && self.pending_delete.is_none()
+    }
+}
+
+/// The ledger key of a row.
+pub fn key(table: &str, sync_key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(table.len() + sync_key.len() + 1);
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(sync_key.as_bytes());
+    k
+}
+
+/// Splits a ledger key into `(table, sync key)`.
+pub fn split_key(k: &[u8]) -> Option<(String, String)> {
+    let i = k.iter().position(|&b| b == 0)?;
+    Some((
+        String::from_utf8(k[..i].to_vec()).ok()?,
+        String::from_utf8(k[i + 1..].to_vec()).ok()?,
+    ))
+}
+
+/// Ledger failures. The log's retryability passes through; sled and data problems are not
+/// retryable (the disk or the bytes are broken).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("ledger changelog: {0}")]
+    Log(#[from] LogError),
+    #[error("ledger entry {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+impl LedgerError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LedgerError::Log(e) => e.is_retryable(),
+            LedgerError::Store(_) | LedgerError::Corrupt { .. } => false,
+        }
+    }
+}
+
+/// The sled store plus its changelog topic.
+#[derive(Debug)]
+pub struct Ledger<L> {
+    tree: sled::Tree,
+    db: sled::Db,
+    log: Arc<L>,
+    topic: String,
+    /// Records replayed from the changelog at open (for tests and logs).
+    pub replayed: u64,
+}
+
+impl<L: EventLog> Ledger<L> {
+    /// Opens (or creates) the store in `dir` and brings it up to the changelog's end.
+    pub async fn open(dir: &Path, log: Arc<L>, topic: &str) -> Result<Self, LedgerError> {
+        log.ensure_topic(&TopicSpec::compacted(topic, LEDGER_PARTITIONS))
+            .await?;
+        let db = sled::Config::new().path(dir).open()?;
+        let tree = db.open_tree("ledger")?;
+        let mut ledger = Ledger {
+            tree,
+            db,
+            log,
+            topic: topic.to_string(),
+            replayed: 0,
+        };
+        ledger.catch_up().await?;
+        Ok(ledger)
+    }
+
+    fn applied(&self) -> Result<i64, LedgerError> {
+        Ok(match self.tree.get(APPLIED_KEY)? {
+            Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => 0,
+        })
+    }
+
+    /// Replays changelog records at or after the store's applied offset.
+    async fn catch_up(&mut self) -> Result<(), LedgerError> {
+        let end = self
+            .log
+            .end_offsets(&self.topic)
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let applied = self.applied()?;
+        if applied >= end {
+            return Ok(());
+        }
+        tracing::info!(topic = %self.topic, from = applied, to = end, "ledger: rebuilding from the changelog");
+        // A throwaway group that never commits reads from the earliest record; compaction may
+        // have removed older versions, which is exactly what a rebuild wants.
+        let stop = CancellationToken::new();
+        let group = format!("{}.rebuild.{}", self.topic, uuid::Uuid::new_v4().simple());
+        let mut consumer = self
+            .log
+            .consumer(&group, std::slice::from_ref(&self.topic), stop.clone())
+            .await?;
+        let mut batch = sled::Batch::default();
+        let mut n = 0u64;
+        let mut last = applied;
+        while last < end {
+            let Some(rec) = consumer.recv().await? else {
+                break;
+            };
+            last = rec.offset + 1;
+            if rec.offset < applied {
+                continue;
+            }
+            match rec.record.value {
+                Some(v) => batch.insert(rec.record.key, v),
+                None => batch.remove(rec.record.key),
+            }
+            n += 1;
+        }
+        stop.cancel();
+        batch.insert(APPLIED_KEY, &end.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        self.replayed = n;
+        Ok(())
+    }
+
+    /// The entry of a row.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Entry>, LedgerError> {
+        match self.tree.get(key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| LedgerError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    /// Every entry of `table` (for TRUNCATE and drift checks).
+    pub fn scan_table(&self, table: &str) -> Result<Vec<(Vec<u8>, Entry)>, LedgerError> {
+        let mut prefix = table.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let e = serde_json::from_slice(&v).map_err(|e| LedgerError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: e.to_string(),
+            })?;
+            out.push((k.to_vec(), e));
+        }
+        Ok(out)
+    }
+
+    /// Number of rows with an entry.
+    pub fn len(&self) -> usize {
+        self.tree.len().saturating_sub(usize::from(
+            self.tree.contains_key(APPLIED_KEY).unwrap_or(false),
+        ))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes `changes` durable (see the module contract). `None` removes the entry.
+    pub async fn commit(&self, changes: Vec<(Vec<u8>, Option<Entry>)>) -> Result<(), LedgerError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(changes.len());
+        let mut batch = sled::Batch::default();
+        for (k, e) in changes {
+            match e.filter(|e| !e.is_empty()) {
+                Some(e) => {
+                    let v = serde_json::to_vec(&e).map_err(|err| LedgerError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: err.to_string(),
+                    })?;
+                    records.push(Record::new(k.clone(), v.clone()));
+                    batch.insert(k, v);
+                }
+                None => {
+                    records.push(Record::tombstone(k.clone()));
+                    batch.remove(k);
+                }
+            }
+        }
+        let delivered = self.log.append(&self.topic, records).await?;
+        if let Some(last) = delivered.iter().map(|d| d.offset).max() {
+            batch.insert(APPLIED_KEY, &(last + 1).to_be_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let k = key("public.t", "42");
+        assert_eq!(split_key(&k), Some(("public.t".into(), "42".into())));
+    }
+
+    #[test]
+    fn empty_entries_are_tombstones() {
+        assert!(Entry::default().is_empty());
+        let e = Entry {
+            intent: Some(Intent {
+                create_in: "L".into(),
+            }),
+            ..Entry::default()
+        };
+        assert!(!e.is_empty());
+    }
+}

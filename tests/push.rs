@@ -1,0 +1,523 @@
+//! End-to-end push path: PostgreSQL → `syncbridge run` (capture → log → processor) → an
+//! in-process Graph emulator, checked only through Graph reads and the emulator's counters.
+//!
+//! Needs `DATABASE_URL` (and `KAFKA_BROKERS` for the Kafka test): `eval "$(ops/stack env)"`.
+//! A test FAILS (never skips) when a variable it needs is unset. Each test has its own emulator,
+//! pipeline name, tables, slot and temp dir, a hard timeout, and a guard that stops the child
+//! process and drops the replication objects and tables.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use syncbridge::config::{GraphConfig, Secret};
+use syncbridge::emulator::{self, EmulatorArgs, RunningEmulator};
+use syncbridge::graph::{
+    ColumnDefinition, GraphClient, GraphClientConfig, ItemQuery, LimiterRegistry,
+};
+use tokio_postgres::{Client, NoTls};
+
+mod common;
+use common::{database_url, drop_replication_objects, free_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_syncbridge");
+
+struct Harness {
+    name: String,
+    dir: tempfile::TempDir,
+    emu: RunningEmulator,
+    admin: reqwest::Client,
+    graph: GraphClient,
+    site: String,
+    db: Client,
+    tables: Vec<String>,
+    child: Option<Child>,
+    control_port: u16,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let slot = format!("sb_{}", self.name);
+        drop_replication_objects(&slot, &slot, &self.tables);
+    }
+}
+
+impl Harness {
+    async fn new(tag: &str) -> Harness {
+        let name = format!("{tag}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let emu = emulator::spawn(EmulatorArgs::default())
+            .await
+            .expect("emulator starts");
+        let base = emu.base_url();
+        let gc = GraphConfig {
+            base_url: format!("{base}/v1.0").parse().unwrap(),
+            token_url: format!("{base}/{}/oauth2/v2.0/token", emulator::DEFAULT_TENANT)
+                .parse()
+                .unwrap(),
+            tenant: emulator::DEFAULT_TENANT.into(),
+            client_id: emulator::DEFAULT_CLIENT_ID.into(),
+            client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+            site: emulator::DEFAULT_SITE.into(),
+            ru_per_minute: 100_000,
+        };
+        let graph =
+            GraphClient::new(GraphClientConfig::from(&gc), &LimiterRegistry::new()).unwrap();
+        let site = graph.resolve_site(emulator::DEFAULT_SITE).await.unwrap().id;
+        let (db, conn) = tokio_postgres::connect(&database_url(), NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        Harness {
+            name,
+            dir: tempfile::tempdir().unwrap(),
+            emu,
+            admin: reqwest::Client::new(),
+            graph,
+            site,
+            db,
+            tables: Vec::new(),
+            child: None,
+            control_port: free_port(),
+        }
+    }
+
+    fn t(&self, suffix: &str) -> String {
+        format!("{}_{suffix}", self.name)
+    }
+
+    /// Writes the pipeline file; `log` is the YAML of the `log:` value.
+    fn pipeline(&self, log: &str, sync: &str) -> PathBuf {
+        let base = self.emu.base_url();
+        let yaml = format!(
+            "version: 1\nname: {name}\nsource:\n  url: {db}\nlog: {log}\ngraph:\n  base_url: {base}/v1.0\n  token_url: {base}/{{tenant}}/oauth2/v2.0/token\n  tenant: {tenant}\n  client_id: {cid}\n  client_secret: {secret}\n  site: '{site}'\n  ru_per_minute: 100000\nsync:\n{sync}\ncontrol:\n  listen: 127.0.0.1:{port}\n",
+            name = self.name,
+            db = database_url(),
+            tenant = emulator::DEFAULT_TENANT,
+            cid = emulator::DEFAULT_CLIENT_ID,
+            secret = emulator::DEFAULT_CLIENT_SECRET,
+            site = emulator::DEFAULT_SITE,
+            port = self.control_port,
+        );
+        let path = self.dir.path().join("pipeline.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    fn embedded_log(&self) -> String {
+        format!(
+            "{{ embedded: {{ path: '{}' }} }}",
+            self.dir.path().join("log").display()
+        )
+    }
+
+    fn start(&mut self, file: &Path) {
+        let stderr = std::fs::File::create(self.dir.path().join("run.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg(file)
+            .env("RUST_LOG", "info")
+            // tansu serves offsets per producer batch (README): one record per batch.
+            .env("SYNCBRIDGE_KAFKA_PROPERTIES", "batch.num.messages=1")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start syncbridge run");
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "syncbridge run exited with {status}:\n{}",
+                    self.run_log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "syncbridge run did not stop:\n{}",
+                self.run_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn run_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
+    }
+
+    async fn sql(&self, q: &str) {
+        self.db
+            .batch_execute(q)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+    }
+
+    /// Items of a list by SyncKey (empty when the list does not exist yet).
+    async fn items(&self, list: &str) -> Vec<(String, serde_json::Map<String, Value>)> {
+        let Ok(Some(info)) = self.graph.get_list(&self.site, list).await else {
+            return Vec::new();
+        };
+        let items = self
+            .graph
+            .list_items(&self.site, &info.id, &ItemQuery::default())
+            .await
+            .unwrap();
+        items
+            .into_iter()
+            .map(|i| {
+                (
+                    i.fields
+                        .get("SyncKey")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    i.fields,
+                )
+            })
+            .collect()
+    }
+
+    async fn item(&self, list: &str, key: &str) -> Option<serde_json::Map<String, Value>> {
+        self.items(list)
+            .await
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| f)
+    }
+
+    async fn wait_for<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !check().await {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.run_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stats(&self) -> Value {
+        self.admin
+            .get(format!("{}/_emulator/stats", self.emu.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn emulator_limits(&self, body: Value) {
+        let r = self
+            .admin
+            .post(format!("{}/_emulator/limits", self.emu.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// The value of a counter in the process's /metrics, summed over series matching `labels`.
+    async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.control_port)).await
+        else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn writes(stats: &Value) -> (u64, u64) {
+    (
+        stats["ru_consumed"].as_u64().unwrap(),
+        stats["requests"]["by_method"]["POST"].as_u64().unwrap_or(0)
+            + stats["requests"]["by_method"]["PATCH"]
+                .as_u64()
+                .unwrap_or(0)
+            + stats["requests"]["by_method"]["DELETE"]
+                .as_u64()
+                .unwrap_or(0),
+    )
+}
+
+async fn hard_timeout<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded its {secs} s timeout"));
+}
+
+fn sync_entries(h: &Harness) -> String {
+    format!(
+        "  - table: public.{p}\n    list: P {n}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}\n  - table: public.{m}\n    list: Main {n}\n    fields:\n      title: Title\n      notes: {{ field: Notes, type: note }}\n      qty: {{ field: Qty, type: number }}\n      price: {{ field: Price, type: currency }}\n      due: {{ field: Due, type: date }}\n      at: {{ field: At, type: datetime }}\n      done: {{ field: Done, type: boolean }}\n      status: {{ field: Status, type: choice, choices: [open, done, archived] }}\n      tags: {{ field: Tags, type: multichoice, choices: [a, b, c] }}\n      owner: {{ field: Owner, type: person }}\n      ref: {{ field: Ref, type: lookup, list: P {n} }}\n      link: {{ field: Link, type: hyperlink }}\n      score: {{ field: Score, type: number }}\n      info: {{ field: Info, type: text }}\n    routes:\n      - when: \"status == 'archived'\"\n        list: Archive {n}\n    pull: {{ enabled: false }}",
+        p = h.t("p"),
+        m = h.t("m"),
+        n = h.name,
+    )
+}
+
+async fn create_tables(h: &mut Harness) {
+    let (p, m) = (h.t("p"), h.t("m"));
+    h.sql(&format!(
+        "CREATE TABLE public.{p} (id bigint PRIMARY KEY, title text NOT NULL);
+         CREATE TABLE public.{m} (
+            id bigint PRIMARY KEY, title text NOT NULL, notes text, qty int, price numeric(10,2),
+            due date, at timestamptz, done boolean, status text, tags text[], owner text,
+            ref bigint, link text, score text, info jsonb, unmapped text);"
+    ))
+    .await;
+    h.tables.push(format!("public.{p}"));
+    h.tables.push(format!("public.{m}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_path_end_to_end_on_the_embedded_log() {
+    hard_timeout(240, async {
+        let mut h = Harness::new("pushe2e").await;
+        create_tables(&mut h).await;
+        h.emulator_limits(json!({ "hyperlink_writes": true })).await;
+        let (p, m, n) = (h.t("p"), h.t("m"), h.name.clone());
+        let (main, archive, parent) = (format!("Main {n}"), format!("Archive {n}"), format!("P {n}"));
+        h.sql(&format!(
+            "INSERT INTO public.{p} VALUES (1, 'Parent one'), (2, 'Parent two');
+             INSERT INTO public.{m} (id, title, notes, qty, price, due, at, done, status, tags, owner, ref, link, score, info)
+             VALUES (1, 'First', E'line1\\nline2', 5, 12.50, '2026-12-01', '2026-11-25 10:11:12.5+00', true, 'open',
+                     '{{a,b}}', 'adelev@contoso.onmicrosoft.com', 1, 'https://example.com/x', '7.5', '{{\"k\": 1}}'),
+                    (2, 'Second', NULL, NULL, NULL, NULL, NULL, NULL, 'archived', NULL, NULL, NULL, NULL, NULL, NULL);"
+        ))
+        .await;
+        let file = h.pipeline(&h.embedded_log(), &sync_entries(&h));
+        h.start(&file);
+
+        // Snapshot → provisioned lists with every field type, routed.
+        h.wait_for("the snapshot rows", || async {
+            h.items(&main).await.len() == 1 && h.items(&archive).await.len() == 1 && h.items(&parent).await.len() == 2
+        })
+        .await;
+        let one = h.item(&main, "1").await.unwrap();
+        let parent_one = h.item(&parent, "1").await.unwrap();
+        assert_eq!(one["Title"], "First");
+        assert_eq!(one["Notes"], "line1\nline2");
+        assert_eq!(one["Qty"].as_f64(), Some(5.0));
+        assert_eq!(one["Price"].as_f64(), Some(12.5));
+        assert!(one["Due"].as_str().unwrap().starts_with("2026-12-01"), "{}", one["Due"]);
+        assert_eq!(one["At"], "2026-11-25T10:11:12Z");
+        assert_eq!(one["Done"], true);
+        assert_eq!(one["Status"], "open");
+        assert_eq!(one["Tags"], json!(["a", "b"]));
+        assert_eq!(one["OwnerLookupId"], "7", "person resolved through the user list");
+        assert_eq!(one["RefLookupId"], parent_one["id"], "lookup resolved through the ledger");
+        assert_eq!(one["Link"]["Url"], "https://example.com/x");
+        assert_eq!(one["Score"].as_f64(), Some(7.5));
+        assert_eq!(one["Info"], "{\"k\": 1}");
+        let two = h.item(&archive, "2").await.unwrap();
+        assert_eq!(two["Title"], "Second");
+        // Provisioned: SyncKey indexed and unique.
+        let main_id = h.graph.get_list(&h.site, &main).await.unwrap().unwrap().id;
+        let cols = h.graph.list_columns(&h.site, &main_id).await.unwrap();
+        let sk = cols.iter().find(|c| c.name == "SyncKey").expect("SyncKey column");
+        assert!(sk.indexed && sk.enforce_unique_values && sk.hidden);
+
+        // Update.
+        h.sql(&format!("UPDATE public.{m} SET qty = 6, notes = NULL WHERE id = 1")).await;
+        h.wait_for("the update", || async {
+            h.item(&main, "1").await.is_some_and(|f| f["Qty"].as_f64() == Some(6.0))
+        })
+        .await;
+        let f = h.item(&main, "1").await.unwrap();
+        assert!(f.get("Notes").is_none_or(Value::is_null), "notes cleared: {f:?}");
+
+        // No-op updates cost no Graph request: unmapped column, and a same-value update.
+        let unchanged_before = h.metric("syncbridge_push_skipped_total", &["reason=\"unchanged\""]).await;
+        let before = writes(&h.stats().await);
+        h.sql(&format!("UPDATE public.{m} SET unmapped = 'x' WHERE id = 1; UPDATE public.{m} SET qty = qty WHERE id = 1;"))
+            .await;
+        h.wait_for("two ledger skips", || async {
+            h.metric("syncbridge_push_skipped_total", &["reason=\"unchanged\""]).await >= unchanged_before + 1.0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let after = writes(&h.stats().await);
+        assert_eq!(before, after, "no-op updates must cost 0 RU and 0 write requests");
+
+        // Move to the archive and back: exactly one live item at every check.
+        h.sql(&format!("UPDATE public.{m} SET status = 'archived' WHERE id = 1")).await;
+        h.wait_for("the move to the archive", || async {
+            h.item(&archive, "1").await.is_some() && h.item(&main, "1").await.is_none()
+        })
+        .await;
+        h.sql(&format!("UPDATE public.{m} SET status = 'done' WHERE id = 1")).await;
+        h.wait_for("the move back", || async {
+            h.item(&main, "1").await.is_some_and(|f| f["Status"] == "done") && h.item(&archive, "1").await.is_none()
+        })
+        .await;
+        assert_eq!(h.item(&main, "1").await.unwrap()["Tags"], json!(["a", "b"]), "fields survive the moves");
+
+        // Delete.
+        h.sql(&format!("DELETE FROM public.{m} WHERE id = 2")).await;
+        h.wait_for("the delete", || async { h.items(&archive).await.is_empty() }).await;
+
+        // Dead letters: one per bad value kind, and the pipeline keeps going.
+        let long = "x".repeat(300);
+        h.emulator_limits(json!({ "hyperlink_writes": false })).await;
+        h.sql(&format!(
+            "INSERT INTO public.{m} (id, title) VALUES (10, '{long}');
+             INSERT INTO public.{m} (id, title, status) VALUES (11, 't', 'bogus');
+             INSERT INTO public.{m} (id, title, score) VALUES (12, 't', 'abc');
+             INSERT INTO public.{m} (id, title, due) VALUES (13, 't', '1800-01-01');
+             INSERT INTO public.{m} (id, title, owner) VALUES (14, 't', 'nobody@nowhere.example');
+             INSERT INTO public.{m} (id, title, tags) VALUES (15, 't', '{{z}}');
+             INSERT INTO public.{m} (id, title, link) VALUES (16, 't', 'https://example.com/rejected');
+             INSERT INTO public.{m} (id, title) VALUES (17, 'good after bad');"
+        ))
+        .await;
+        h.wait_for("the good row after the bad ones", || async { h.item(&main, "17").await.is_some() }).await;
+        h.wait_for("seven dead letters", || async {
+            h.metric("syncbridge_push_dead_letters_total", &[]).await >= 7.0
+        })
+        .await;
+        for k in ["10", "11", "12", "13", "14", "15", "16"] {
+            assert!(h.item(&main, k).await.is_none(), "row {k} must not be written");
+        }
+        h.stop().await;
+        let out = Command::new(BIN).args(["dlq", "list", "--json"]).arg(&file).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let kinds: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| (v["key"].as_str().unwrap().to_string(), v["kind"].as_str().unwrap().to_string()))
+            .collect();
+        for (key, kind) in [
+            ("10", "too_long"),
+            ("11", "unknown_choice"),
+            ("12", "type_mismatch"),
+            ("13", "out_of_range"),
+            ("14", "unknown_user"),
+            ("15", "unknown_choice"),
+            ("16", "graph_rejected"),
+        ] {
+            assert!(kinds.contains(&(key.to_string(), kind.to_string())), "missing {key}/{kind} in {kinds:?}");
+        }
+        // Fix the cause (hyperlinks writable again) and replay: the rejected row arrives; the
+        // others are still bad and come back to the DLQ.
+        h.emulator_limits(json!({ "hyperlink_writes": true })).await;
+        let out = Command::new(BIN).args(["dlq", "replay"]).arg(&file).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        h.start(&file);
+        h.wait_for("the replayed row", || async { h.item(&main, "16").await.is_some() }).await;
+
+        // TRUNCATE empties the lists of that table.
+        h.sql(&format!("TRUNCATE public.{m}")).await;
+        h.wait_for("the truncate", || async { h.items(&main).await.is_empty() && h.items(&archive).await.is_empty() })
+            .await;
+        assert_eq!(h.items(&parent).await.len(), 2, "other tables untouched");
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_does_not_match_the_mapping_fails_startup_naming_each_mismatch() {
+    hard_timeout(120, async {
+        let mut h = Harness::new("pushmis").await;
+        create_tables(&mut h).await;
+        let n = h.name.clone();
+        // "Main" exists with a wrong type for Qty, Status lacking a choice, no SyncKey.
+        let cols = [
+            ColumnDefinition::text("Qty"),
+            ColumnDefinition::new("Status", "choice", json!({ "choices": ["open"] })),
+        ];
+        h.graph
+            .create_list(&h.site, &format!("Main {n}"), &cols)
+            .await
+            .unwrap();
+        let file = h.pipeline(&h.embedded_log(), &sync_entries(&h));
+        let out = Command::new(BIN).arg("run").arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        for needle in [
+            "field Qty has type text, the mapping needs number",
+            "field Status lacks the choices [\"done\", \"archived\"]",
+            "field Notes (column notes) is missing",
+            "the SyncKey column is missing",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        // Nothing was written, and no slot was created.
+        let slots: i64 =
+            h.db.query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&format!("sb_{n}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(slots, 0);
+    })
+    .await;
+}
+
+fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| {
+            panic!("KAFKA_BROKERS is not set: run `eval \"$(ops/stack env)\"` first")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_path_over_the_kafka_log() {
+    hard_timeout(180, async {
+        let mut h = Harness::new("pushk").await;
+        create_tables(&mut h).await;
+        let (m, n) = (h.t("m"), h.name.clone());
+        let main = format!("Main {n}");
+        h.sql(&format!("INSERT INTO public.{m} (id, title, status, qty) SELECT g, 'row ' || g, 'open', g FROM generate_series(1, 30) g"))
+            .await;
+        let log = format!("{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbt{}' }} }}", kafka_brokers(), &n[n.len() - 8..]);
+        let file = h.pipeline(&log, &sync_entries(&h));
+        h.start(&file);
+        h.wait_for("30 items through Kafka", || async { h.items(&main).await.len() == 30 }).await;
+        h.sql(&format!(
+            "UPDATE public.{m} SET qty = qty + 100 WHERE id <= 10; DELETE FROM public.{m} WHERE id > 25; \
+             UPDATE public.{m} SET status = 'archived' WHERE id = 1"
+        ))
+        .await;
+        let archive = format!("Archive {n}");
+        h.wait_for("updates, deletes and a move through Kafka", || async {
+            let items = h.items(&main).await;
+            items.len() == 24
+                && items.iter().filter(|(_, f)| f["Qty"].as_f64().unwrap_or(0.0) > 100.0).count() == 9
+                && h.items(&archive).await.len() == 1
+        })
+        .await;
+        h.stop().await;
+    })
+    .await;
+}

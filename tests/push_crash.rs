@@ -1,0 +1,1022 @@
+//! Acceptance tests of the push path (issue 5) against real PostgreSQL, the real binary
+//! (`syncbridge run`) and an in-process Graph emulator:
+//!
+//! 1. `kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table`: kill -9 at ≥ 20 random
+//!    points (some of them exactly between Graph's answer and the ledger write, or right after the
+//!    create intents, through the `SYNCBRIDGE_FAILPOINTS` crash points) while a writer runs
+//!    inserts, updates, route-changing updates (moves), deletes, re-inserts and no-op updates;
+//!    after a clean final run the two lists equal the table exactly.
+//! 2. `deleted_ledger_is_rebuilt_from_the_changelog_without_graph_writes`: delete the sled
+//!    directory of the ledger, restart; the ledger is replayed from its changelog topic and a no-op
+//!    UPDATE of every row costs 0 Graph item writes.
+//!
+//! Needs the stack (`eval "$(ops/stack env)"`): `DATABASE_URL` (PostgreSQL, superuser). A test
+//! FAILS (never skips) when it is unset. Each test has its own emulator (own site and lists), its
+//! own pipeline name / table / slot / temp dir, a hard overall timeout, and guards that kill child
+//! processes and drop the slot, publication and table even on failure. A failing test keeps its
+//! temp dir (logs of every run: `run-<n>.log`) and prints its path.
+//!
+//! `PUSH_CRASH_SEED=<n>` reproduces the run times, failpoint choices and the writer's choices of
+//! test 1 (not the interleaving with the process).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use syncbridge::config::{GraphConfig, Secret};
+use syncbridge::emulator::{self, EmulatorArgs, RunningEmulator};
+use syncbridge::graph::{GraphClient, GraphClientConfig, ItemQuery, LimiterRegistry};
+use tokio_postgres::{Client, NoTls};
+
+mod common;
+
+const BIN: &str = env!("CARGO_BIN_EXE_syncbridge");
+/// SIGABRT: what `std::process::abort` (a failpoint) ends the process with.
+const SIGABRT: i32 = 6;
+/// The log filter the children run with (the binary's default), so a caller's `RUST_LOG` cannot
+/// hide the lines the tests look for.
+const CHILD_LOG_FILTER: &str =
+    "info,sled=warn,rdkafka=warn,hyper=warn,reqwest=warn,pg_walstream=warn";
+const STATUSES: [&str; 3] = ["open", "in_progress", "done"];
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers (test-only)
+
+async fn hard_timeout<F: Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded its {secs} s timeout"));
+}
+
+async fn pg_client() -> Client {
+    let (c, conn) = tokio_postgres::connect(&common::database_url(), NoTls)
+        .await
+        .expect("connect to DATABASE_URL");
+    tokio::spawn(conn);
+    c
+}
+
+/// Drops the pipeline's slot (`sb_<name>`), publication and table on drop.
+struct DbGuard {
+    name: String,
+}
+
+impl Drop for DbGuard {
+    fn drop(&mut self) {
+        let slot = format!("sb_{}", self.name);
+        common::drop_replication_objects(&slot, &slot, &[format!("public.{}", self.name)]);
+    }
+}
+
+/// One `syncbridge run` child; SIGKILLed and reaped on drop.
+struct Run {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Run {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child running").id()
+    }
+
+    /// Polls for exit for up to `dur`; `Some(status)` if the child exited in that time.
+    async fn wait_exit(&mut self, dur: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + dur;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Panics with the log tail if the child has exited.
+    fn assert_alive(&mut self, what: &str) {
+        if let Some(child) = self.child.as_mut()
+            && let Some(s) = child.try_wait().unwrap()
+        {
+            self.child = None;
+            panic!(
+                "{what}: syncbridge exited on its own with {s}:\n{}",
+                tail(&self.log)
+            );
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // std's Child::kill is SIGKILL on Unix.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to 30 s for the exit.
+    async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid} failed");
+        self.wait_exit(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "syncbridge did not exit within 30 s of SIGTERM:\n{}",
+                    tail(&self.log)
+                )
+            })
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A row as the lists should show it.
+#[derive(Debug, Clone, PartialEq)]
+struct RowView {
+    title: String,
+    status: String,
+    priority: Option<i32>,
+    /// `YYYY-MM-DD`
+    due: Option<String>,
+}
+
+/// One list item, the fields the tests compare.
+#[derive(Debug, Clone, PartialEq)]
+struct ItemView {
+    list: String,
+    id: String,
+    etag: Option<String>,
+    sync_key: Option<String>,
+    title: Option<String>,
+    status: Option<String>,
+    priority: Option<f64>,
+    due: Option<String>,
+}
+
+/// Everything one test owns: table, pipeline file, temp dir, emulator (own site and lists).
+struct Fixture {
+    name: String,
+    root: PathBuf,
+    /// Kept (not deleted) when the test panics, so the run logs can be read.
+    dir: Option<tempfile::TempDir>,
+    file: PathBuf,
+    port: u16,
+    site: String,
+    main_list: String,
+    archive_list: String,
+    emu: Option<RunningEmulator>,
+    http: reqwest::Client,
+    graph: GraphClient,
+    pg: Client,
+    runs: usize,
+    _db: DbGuard,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("{}: run logs kept in {}", self.name, d.keep().display());
+        }
+    }
+}
+
+impl Fixture {
+    /// Creates the table (`initial` rows), starts the emulator and writes the pipeline file.
+    async fn new(tag: &str, initial: &[(i64, RowView)]) -> Fixture {
+        let name = format!(
+            "pc_{tag}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let db = DbGuard { name: name.clone() };
+        let pg = pg_client().await;
+        pg.batch_execute(&format!(
+            "CREATE TABLE public.{name} (id bigint PRIMARY KEY, title text NOT NULL, \
+             status text NOT NULL, priority integer, due date)"
+        ))
+        .await
+        .unwrap();
+        for (id, r) in initial {
+            insert_row(&pg, &name, *id, r).await;
+        }
+
+        let site = format!("contoso.sharepoint.com:/sites/{tag}");
+        let emu = emulator::spawn(EmulatorArgs {
+            sites: vec![site.clone()],
+            ..EmulatorArgs::default()
+        })
+        .await
+        .expect("emulator starts");
+        let base = emu.base_url();
+        let graph_config = GraphConfig {
+            base_url: format!("{base}/v1.0").parse().unwrap(),
+            token_url: format!("{base}/{}/oauth2/v2.0/token", emulator::DEFAULT_TENANT)
+                .parse()
+                .unwrap(),
+            tenant: emulator::DEFAULT_TENANT.into(),
+            client_id: emulator::DEFAULT_CLIENT_ID.into(),
+            client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+            site: site.clone(),
+            ru_per_minute: 60_000,
+        };
+        let graph = GraphClient::new(
+            GraphClientConfig::from(&graph_config),
+            &LimiterRegistry::new(),
+        )
+        .unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let port = common::free_port();
+        let main_list = format!("PC {tag} Tasks");
+        let archive_list = format!("PC {tag} Archive");
+        let file = root.join("pipeline.yaml");
+        let yaml = format!(
+            r#"version: 1
+name: {name}
+source:
+  url: {url}
+log:
+  embedded: {{ path: {log} }}
+graph:
+  base_url: {base}/v1.0
+  token_url: {base}/{{tenant}}/oauth2/v2.0/token
+  tenant: {tenant}
+  client_id: {client_id}
+  client_secret: {secret}
+  site: {site}
+  ru_per_minute: 60000
+sync:
+  - table: public.{name}
+    list: {main_list}
+    fields:
+      title: Title
+      status: {{ field: Status, type: choice, choices: [open, in_progress, done, archived] }}
+      priority: {{ field: Priority, type: number }}
+      due: {{ field: DueDate, type: date }}
+    routes:
+      - when: "status == 'archived'"
+        list: {archive_list}
+control:
+  listen: 127.0.0.1:{port}
+"#,
+            url = common::database_url(),
+            log = root.join("log").display(),
+            tenant = emulator::DEFAULT_TENANT,
+            client_id = emulator::DEFAULT_CLIENT_ID,
+            secret = emulator::DEFAULT_CLIENT_SECRET,
+        );
+        std::fs::write(&file, yaml).unwrap();
+        Fixture {
+            name,
+            root,
+            dir: Some(dir),
+            file,
+            port,
+            site,
+            main_list,
+            archive_list,
+            emu: Some(emu),
+            http: reqwest::Client::new(),
+            graph,
+            pg,
+            runs: 0,
+            _db: db,
+        }
+    }
+
+    fn emu_base(&self) -> String {
+        self.emu.as_ref().expect("emulator").base_url()
+    }
+
+    /// `<embedded log path>-state/ledger` (runtime.rs: state dir beside the embedded log).
+    fn ledger_dir(&self) -> PathBuf {
+        self.root.join("log-state").join("ledger")
+    }
+
+    /// Starts `syncbridge run` (output to `run-<n>.log`), with `failpoints` armed if given.
+    fn spawn(&mut self, failpoints: Option<&str>) -> Run {
+        let log = self.root.join(format!("run-{}.log", self.runs));
+        self.runs += 1;
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        // `ulimit -c 0`: a failpoint aborts, and no machine should fill up with core files.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"ulimit -c 0; exec "$0" run "$1""#, BIN])
+            .arg(&self.file)
+            .current_dir(&self.root)
+            .env("RUST_LOG", CHILD_LOG_FILTER)
+            .env("SYNCBRIDGE_LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        match failpoints {
+            Some(f) => cmd.env("SYNCBRIDGE_FAILPOINTS", f),
+            None => cmd.env_remove("SYNCBRIDGE_FAILPOINTS"),
+        };
+        Run {
+            child: Some(cmd.spawn().expect("spawn syncbridge run")),
+            log,
+        }
+    }
+
+    /// Every row of the table.
+    async fn rows(&self) -> BTreeMap<i64, RowView> {
+        let rows = self
+            .pg
+            .query(
+                &format!(
+                    "SELECT id, title, status, priority, due::text FROM public.{}",
+                    self.name
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    RowView {
+                        title: r.get(1),
+                        status: r.get(2),
+                        priority: r.get(3),
+                        due: r.get(4),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Every item of both lists (a list that does not exist yet has none).
+    async fn items(&self) -> Vec<ItemView> {
+        let site = self.graph.resolve_site(&self.site).await.unwrap();
+        let mut out = Vec::new();
+        for list in [&self.main_list, &self.archive_list] {
+            let Some(info) = self.graph.get_list(&site.id, list).await.unwrap() else {
+                continue;
+            };
+            let items = self
+                .graph
+                .list_items(&site.id, &info.id, &ItemQuery::default())
+                .await
+                .unwrap();
+            for i in items {
+                let s = |k: &str| i.fields.get(k).and_then(Value::as_str).map(str::to_owned);
+                out.push(ItemView {
+                    list: list.clone(),
+                    id: i.id.clone(),
+                    etag: i.e_tag.clone(),
+                    sync_key: s("SyncKey"),
+                    title: s("Title"),
+                    status: s("Status"),
+                    priority: i.fields.get("Priority").and_then(Value::as_f64),
+                    due: s("DueDate"),
+                });
+            }
+        }
+        out
+    }
+
+    /// Everything that differs between the table and the lists (empty = equal).
+    fn discrepancies(&self, rows: &BTreeMap<i64, RowView>, items: &[ItemView]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut by_key: BTreeMap<String, Vec<&ItemView>> = BTreeMap::new();
+        for i in items {
+            match &i.sync_key {
+                Some(k) => by_key.entry(k.clone()).or_default().push(i),
+                None => problems.push(format!("item without SyncKey: {i:?}")),
+            }
+        }
+        for (k, its) in &by_key {
+            if its.len() > 1 {
+                problems.push(format!("duplicate SyncKey {k}: {its:?}"));
+            }
+            match k.parse::<i64>().ok().filter(|id| rows.contains_key(id)) {
+                None => problems.push(format!("item(s) for a deleted/unknown row {k}: {its:?}")),
+                Some(_) if its.len() > 1 => {}
+                Some(id) => {
+                    let (r, i) = (&rows[&id], its[0]);
+                    let list = self.route(r);
+                    let want = (
+                        list,
+                        Some(r.title.as_str()),
+                        Some(r.status.as_str()),
+                        r.priority.map(f64::from),
+                        r.due.as_ref().map(|d| format!("{d}T00:00:00Z")),
+                    );
+                    let got = (
+                        i.list.as_str(),
+                        i.title.as_deref(),
+                        i.status.as_deref(),
+                        i.priority,
+                        i.due.clone(),
+                    );
+                    if want != got {
+                        problems.push(format!(
+                            "row {id} {r:?}: want (list, Title, Status, Priority, DueDate) = \
+                             {want:?}, item {} has {got:?}",
+                            i.id
+                        ));
+                    }
+                }
+            }
+        }
+        for (id, r) in rows {
+            if !by_key.contains_key(&id.to_string()) {
+                problems.push(format!(
+                    "row {id} {r:?} has no item (route: {})",
+                    self.route(r)
+                ));
+            }
+        }
+        problems
+    }
+
+    fn route(&self, r: &RowView) -> &str {
+        if r.status == "archived" {
+            &self.archive_list
+        } else {
+            &self.main_list
+        }
+    }
+
+    /// Polls until the lists equal the table, for up to `secs`; the last discrepancies otherwise.
+    async fn converge(&self, run: &mut Run, secs: u64) -> Result<(), Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            run.assert_alive("waiting for the lists to converge");
+            let rows = self.rows().await;
+            let items = self.items().await;
+            let problems = self.discrepancies(&rows, &items);
+            if problems.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(problems);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The emulator's `/_emulator/stats`.
+    async fn stats(&self) -> Value {
+        self.http
+            .get(format!("{}/_emulator/stats", self.emu_base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The child's `/metrics` text (empty while the control plane is not up).
+    async fn metrics(&self) -> String {
+        match self
+            .http
+            .get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+async fn insert_row(pg: &Client, table: &str, id: i64, r: &RowView) {
+    pg.execute(
+        &format!(
+            "INSERT INTO public.{table} (id, title, status, priority, due) \
+             VALUES ($1, $2, $3, $4, ($5::text)::date)"
+        ),
+        &[&id, &r.title, &r.status, &r.priority, &r.due],
+    )
+    .await
+    .unwrap();
+}
+
+fn random_row(rng: &mut impl Rng, id: i64, tag: &str) -> RowView {
+    RowView {
+        title: format!("task {id} {tag}"),
+        status: if rng.random_bool(0.25) {
+            "archived".into()
+        } else {
+            STATUSES[rng.random_range(0..STATUSES.len())].into()
+        },
+        priority: rng.random_bool(0.8).then(|| rng.random_range(-5..1000)),
+        due: rng
+            .random_bool(0.8)
+            .then(|| random_date(rng).format("%Y-%m-%d").to_string()),
+    }
+}
+
+fn random_date(rng: &mut impl Rng) -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap()
+        + chrono::TimeDelta::days(rng.random_range(0..3000))
+}
+
+/// Sum of the samples of `metric` whose label set contains `label` (e.g. `reason="unchanged"`).
+fn metric_sum(text: &str, metric: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn by_method(stats: &Value, method: &str) -> u64 {
+    stats["requests"]["by_method"][method].as_u64().unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. kill -9 at random points during a mixed workload
+
+#[derive(Debug, Default)]
+struct WriterStats {
+    transactions: u64,
+    inserts: u64,
+    reinserts: u64,
+    updates: u64,
+    moves: u64,
+    deletes: u64,
+    noops: u64,
+}
+
+/// Commits small transactions (1–3 changes each) until `stop`: inserts, field updates (status
+/// changes that keep the route included), route-changing updates (moves between the lists),
+/// deletes, re-inserts of deleted ids and no-op updates. Keeps ~100–200 live rows.
+async fn writer(
+    table: String,
+    seed: u64,
+    mut alive: Vec<i64>,
+    stop: Arc<AtomicBool>,
+) -> WriterStats {
+    const MAX_TRANSACTIONS: u64 = 20_000;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x00c0_ffee);
+    let mut c = pg_client().await;
+    let mut next_id = alive.iter().max().copied().unwrap_or(0) + 1;
+    let mut deleted: Vec<i64> = Vec::new();
+    let mut st = WriterStats::default();
+    while !stop.load(Ordering::SeqCst) && st.transactions < MAX_TRANSACTIONS {
+        st.transactions += 1;
+        let tx = c.transaction().await.unwrap();
+        for _ in 0..rng.random_range(1..=3) {
+            let roll = rng.random_range(0..100);
+            let pick = |rng: &mut rand::rngs::StdRng, alive: &[i64]| {
+                alive[rng.random_range(0..alive.len())]
+            };
+            if alive.len() < 20 || (roll < 25 && alive.len() < 200) {
+                let id = next_id;
+                next_id += 1;
+                let r = random_row(&mut rng, id, &format!("i{}", st.transactions));
+                insert_row_tx(&tx, &table, id, &r).await;
+                alive.push(id);
+                st.inserts += 1;
+            } else if roll < 30 && !deleted.is_empty() {
+                let id = deleted.swap_remove(rng.random_range(0..deleted.len()));
+                let r = random_row(&mut rng, id, &format!("r{}", st.transactions));
+                insert_row_tx(&tx, &table, id, &r).await;
+                alive.push(id);
+                st.reinserts += 1;
+            } else if roll < 55 {
+                // Field update; the status changes only among the non-archived values.
+                let id = pick(&mut rng, &alive);
+                let status = STATUSES[rng.random_range(0..STATUSES.len())];
+                let priority: Option<i32> =
+                    rng.random_bool(0.85).then(|| rng.random_range(0..1000));
+                let due: Option<String> = rng
+                    .random_bool(0.85)
+                    .then(|| random_date(&mut rng).format("%Y-%m-%d").to_string());
+                tx.execute(
+                    &format!(
+                        "UPDATE public.{table} SET title = $2, \
+                         status = CASE WHEN status = 'archived' THEN status ELSE $3 END, \
+                         priority = $4, due = ($5::text)::date WHERE id = $1"
+                    ),
+                    &[
+                        &id,
+                        &format!("task {id} u{}", st.transactions),
+                        &status,
+                        &priority,
+                        &due,
+                    ],
+                )
+                .await
+                .unwrap();
+                st.updates += 1;
+            } else if roll < 72 {
+                // Route change: into or out of the archive list.
+                let id = pick(&mut rng, &alive);
+                let status = STATUSES[rng.random_range(0..STATUSES.len())];
+                tx.execute(
+                    &format!(
+                        "UPDATE public.{table} SET status = CASE WHEN status = 'archived' \
+                         THEN $2 ELSE 'archived' END, title = $3 WHERE id = $1"
+                    ),
+                    &[&id, &status, &format!("task {id} m{}", st.transactions)],
+                )
+                .await
+                .unwrap();
+                st.moves += 1;
+            } else if roll < 87 {
+                let i = rng.random_range(0..alive.len());
+                let id = alive.swap_remove(i);
+                tx.execute(&format!("DELETE FROM public.{table} WHERE id = $1"), &[&id])
+                    .await
+                    .unwrap();
+                deleted.push(id);
+                st.deletes += 1;
+            } else {
+                let id = pick(&mut rng, &alive);
+                tx.execute(
+                    &format!("UPDATE public.{table} SET title = title WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .unwrap();
+                st.noops += 1;
+            }
+        }
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
+    }
+    st
+}
+
+async fn insert_row_tx(tx: &tokio_postgres::Transaction<'_>, table: &str, id: i64, r: &RowView) {
+    tx.execute(
+        &format!(
+            "INSERT INTO public.{table} (id, title, status, priority, due) \
+             VALUES ($1, $2, $3, $4, ($5::text)::date)"
+        ),
+        &[&id, &r.title, &r.status, &r.priority, &r.due],
+    )
+    .await
+    .unwrap();
+}
+
+/// Acceptance: "kill -9 the process at ≥ 20 random points (including between Graph's answer and
+/// the ledger write) during a mixed workload; after restart the lists equal the table exactly,
+/// no duplicate `SyncKey`, no item missing".
+///
+/// Every iteration starts `syncbridge run`, lets it run 0.3–2.5 s and SIGKILLs it if it is still
+/// alive. Two iterations in three arm a failpoint (`push.after_graph=0.3`: abort after a `$batch`
+/// answered and before its outcome reaches the ledger; `push.after_intent=0.3`: abort right after
+/// the create intents were made durable, before Graph is called), so those runs usually end
+/// themselves with SIGABRT at exactly that point; the test counts the runs where that happened
+/// (exit by SIGABRT and "failpoint" in the output) and requires at least 3, at least one of them
+/// `push.after_graph`. A kill can also land during start-up (provisioning, snapshot, ledger open).
+///
+/// Finally a clean run (no failpoints) converges; asserted after its SIGTERM (exit 0): every
+/// table row has exactly one item, in the list its route names, with Title/Status/Priority/
+/// DueDate equal to the row's mapped values; no item for a deleted row; no duplicate SyncKey in
+/// or across the lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
+    hard_timeout(170, crash_body()).await;
+}
+
+async fn crash_body() {
+    const ITERATIONS: usize = 21;
+    const INITIAL_ROWS: i64 = 40;
+    let started = Instant::now();
+    let seed: u64 = std::env::var("PUSH_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("push crash test: seed {seed} (rerun with PUSH_CRASH_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let initial: Vec<(i64, RowView)> = (1..=INITIAL_ROWS)
+        .map(|id| (id, random_row(&mut rng, id, "init")))
+        .collect();
+    let mut fx = Fixture::new("crash", &initial).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer_task = tokio::spawn(writer(
+        fx.name.clone(),
+        seed,
+        (1..=INITIAL_ROWS).collect(),
+        stop.clone(),
+    ));
+
+    let mut hits: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut killed = 0;
+    for i in 0..ITERATIONS {
+        let failpoint = match rng.random_range(0..3) {
+            0 => None,
+            1 => Some("push.after_graph"),
+            _ => Some("push.after_intent"),
+        };
+        let up = Duration::from_millis(rng.random_range(300..=2500));
+        let down = Duration::from_millis(rng.random_range(20..=300));
+        let mut run = fx.spawn(failpoint.map(|f| format!("{f}=0.3")).as_deref());
+        let outcome = match run.wait_exit(up).await {
+            None => {
+                run.kill9();
+                killed += 1;
+                "killed -9".to_string()
+            }
+            Some(status) => {
+                let out = std::fs::read_to_string(&run.log).unwrap_or_default();
+                let fired = failpoint.filter(|f| out.contains(&format!("failpoint {f}")));
+                match (status.signal(), fired) {
+                    (Some(SIGABRT), Some(f)) => {
+                        *hits.entry(f).or_default() += 1;
+                        format!("aborted itself at failpoint {f}")
+                    }
+                    _ => panic!(
+                        "iteration {i} (failpoint {failpoint:?}): syncbridge exited on its own \
+                         with {status}:\n{}",
+                        tail(&run.log)
+                    ),
+                }
+            }
+        };
+        eprintln!(
+            "iteration {i}: failpoint {failpoint:?}, up {up:?}: {outcome}; down {down:?} \
+             ({:.1} s elapsed)",
+            started.elapsed().as_secs_f64()
+        );
+        drop(run);
+        tokio::time::sleep(down).await;
+    }
+
+    stop.store(true, Ordering::SeqCst);
+    let wrote = writer_task.await.expect("writer task");
+    eprintln!("writer: {wrote:?}");
+
+    // A clean run until the lists equal the (now static) table, then SIGTERM.
+    let mut run = fx.spawn(None);
+    let converged = fx.converge(&mut run, 60).await;
+    let status = run.terminate().await;
+    if let Err(problems) = converged {
+        panic!(
+            "the final run did not converge within 60 s; {} problem(s):\n  {}\nlog:\n{}",
+            problems.len(),
+            problems.join("\n  "),
+            tail(&run.log)
+        );
+    }
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "final run did not exit 0 on SIGTERM: {status}\n{}",
+        tail(&run.log)
+    );
+    let rows = fx.rows().await;
+    let items = fx.items().await;
+    let problems = fx.discrepancies(&rows, &items);
+    let log_text = std::fs::read_to_string(&run.log).unwrap_or_default();
+    let final_stats = log_text
+        .lines()
+        .rfind(|l| l.contains("push processor stopped"))
+        .unwrap_or("(no stats line)");
+    let in_archive = items.iter().filter(|i| i.list == fx.archive_list).count();
+    let total_hits: u32 = hits.values().sum();
+    eprintln!(
+        "push crash test: seed {seed}, {ITERATIONS} iterations ({killed} killed -9, \
+         failpoint hits {hits:?}), {} rows, {} items ({} main, {in_archive} archive), \
+         {:.1} s\nfinal run: {final_stats}",
+        rows.len(),
+        items.len(),
+        items.len() - in_archive,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        problems.is_empty(),
+        "after the final run (SIGTERM), {} problem(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+    assert!(
+        total_hits >= 3 && hits.get("push.after_graph").copied().unwrap_or(0) >= 1,
+        "failpoints fired too rarely to test anything: {hits:?} (seed {seed})"
+    );
+    assert!(killed + total_hits as usize == ITERATIONS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Ledger rebuild from the changelog
+
+/// Acceptance: "delete the sled directory, restart; the ledger is rebuilt from the changelog
+/// topic and no item is rewritten (0 Graph writes)".
+///
+/// A first run syncs 60 rows plus a round of updates, moves, deletes and inserts (so the
+/// changelog holds superseded entries and tombstones too), converges and is stopped (SIGTERM).
+/// Then `<state>/ledger` is deleted and the pipeline restarted; once the processor logged
+/// `ledger rebuilt from its changelog … records=N`, every row gets a no-op UPDATE (an event per
+/// row the processor must match against the rebuilt ledger), and the run is stopped once the
+/// processor has read them all and has nothing pending. Asserted: the binary replayed N ≥ rows
+/// records; the emulator saw 0 item writes (POST minus `$batch` envelopes, PATCH, DELETE) between
+/// the stats read before the restart and the one after the stop; every item is unchanged (same id,
+/// eTag and fields); the lists still equal the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_ledger_is_rebuilt_from_the_changelog_without_graph_writes() {
+    hard_timeout(120, rebuild_body()).await;
+}
+
+async fn rebuild_body() {
+    const ROWS: i64 = 60;
+    let started = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let initial: Vec<(i64, RowView)> = (1..=ROWS)
+        .map(|id| (id, random_row(&mut rng, id, "init")))
+        .collect();
+    let mut fx = Fixture::new("rebuild", &initial).await;
+    let t = fx.name.clone();
+
+    // First run: snapshot, then a round of changes, until converged.
+    let mut run = fx.spawn(None);
+    if let Err(p) = fx.converge(&mut run, 60).await {
+        panic!(
+            "first run did not sync the snapshot: {p:#?}\n{}",
+            tail(&run.log)
+        );
+    }
+    fx.pg
+        .batch_execute(&format!(
+            "UPDATE public.{t} SET title = title || ' (edited)', priority = NULL WHERE id <= 5;
+             UPDATE public.{t} SET status = CASE WHEN status = 'archived' THEN 'open' \
+               ELSE 'archived' END WHERE id BETWEEN 6 AND 12;
+             DELETE FROM public.{t} WHERE id BETWEEN 13 AND 17;
+             INSERT INTO public.{t} SELECT g, 'late ' || g, 'done', g, DATE '2030-01-01' + g \
+               FROM generate_series({a}, {b}) g;",
+            a = ROWS + 1,
+            b = ROWS + 5
+        ))
+        .await
+        .unwrap();
+    if let Err(p) = fx.converge(&mut run, 60).await {
+        panic!(
+            "first run did not sync the changes: {p:#?}\n{}",
+            tail(&run.log)
+        );
+    }
+    let status = run.terminate().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "first run: {status}\n{}",
+        tail(&run.log)
+    );
+    drop(run);
+
+    let rows = fx.rows().await;
+    let items_before = fx.items().await;
+    let stats_before = fx.stats().await;
+    let ledger = fx.ledger_dir();
+    assert!(ledger.is_dir(), "no ledger at {}", ledger.display());
+    std::fs::remove_dir_all(&ledger).unwrap();
+
+    // Second run on an empty sled store.
+    let mut run = fx.spawn(None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let replayed: u64 = loop {
+        run.assert_alive("waiting for the ledger rebuild");
+        let out = std::fs::read_to_string(&run.log).unwrap_or_default();
+        let rebuilt = out
+            .lines()
+            .find(|l| l.contains("ledger rebuilt from its changelog"))
+            .map(str::to_owned);
+        if let Some(line) = rebuilt
+            && out.contains("push processor started")
+        {
+            let n = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("records="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no records=N in {line:?}"));
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no \"ledger rebuilt from its changelog\" / \"push processor started\" within 30 s:\n{}",
+            tail(&run.log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // A no-op UPDATE of every row: each is an event the processor compares with the ledger.
+    let touched = fx
+        .pg
+        .execute(&format!("UPDATE public.{t} SET title = title"), &[])
+        .await
+        .unwrap();
+    assert_eq!(touched as usize, rows.len());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut settled_since: Option<Instant> = None;
+    let (updates_seen, skipped) = loop {
+        run.assert_alive("waiting for the no-op updates");
+        let m = fx.metrics().await;
+        let updates = metric_sum(&m, "syncbridge_push_events_total", "op=\"u\"");
+        let skipped = metric_sum(&m, "syncbridge_push_skipped_total", "reason=\"unchanged\"");
+        let pending = metric_sum(&m, "syncbridge_push_pending_rows", "pipeline=");
+        if updates >= touched as f64 && pending == 0.0 {
+            // Three flush windows with nothing pending: the last flush has finished.
+            let since = *settled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_millis(600) {
+                break (updates, skipped);
+            }
+        } else {
+            settled_since = None;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "the processor did not settle within 30 s (metrics: events u {updates}, skipped {skipped}, pending {pending})"
+            );
+            break (updates, skipped);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = run.terminate().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "second run: {status}\n{}",
+        tail(&run.log)
+    );
+
+    let stats_after = fx.stats().await;
+    let delta = |m: &str| by_method(&stats_after, m) - by_method(&stats_before, m);
+    let batches = stats_after["requests"]["batches"].as_u64().unwrap_or(0)
+        - stats_before["requests"]["batches"].as_u64().unwrap_or(0);
+    let (posts, patches, deletes, puts) =
+        (delta("POST"), delta("PATCH"), delta("DELETE"), delta("PUT"));
+    let item_writes = posts.saturating_sub(batches) + patches + deletes + puts;
+    let items_after = fx.items().await;
+    eprintln!(
+        "ledger rebuild: {} rows, {} items, records replayed {replayed}, no-op updates {touched} \
+         (processor saw {updates_seen}, skipped as unchanged {skipped}); Graph between the \
+         reads: GET {}, POST {posts} ($batch {batches}), PATCH {patches}, DELETE {deletes}, \
+         PUT {puts} → item writes {item_writes}; {:.1} s",
+        rows.len(),
+        items_after.len(),
+        delta("GET"),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        replayed >= rows.len() as u64,
+        "the ledger replayed {replayed} records, fewer than the {} live rows",
+        rows.len()
+    );
+    assert_eq!(
+        item_writes,
+        0,
+        "item writes after the rebuild: POST {posts} ($batch envelopes {batches}), PATCH \
+         {patches}, DELETE {deletes}, PUT {puts}\n{}",
+        tail(&run.log)
+    );
+    let key = |i: &ItemView| (i.list.clone(), i.id.clone());
+    let mut before = items_before.clone();
+    let mut after = items_after.clone();
+    before.sort_by_key(key);
+    after.sort_by_key(key);
+    assert!(
+        before == after,
+        "items changed across the rebuild:\nbefore {before:#?}\nafter {after:#?}"
+    );
+    let problems = fx.discrepancies(&fx.rows().await, &items_after);
+    assert!(
+        problems.is_empty(),
+        "lists differ from the table: {problems:#?}"
+    );
+    assert!(
+        updates_seen >= touched as f64 && skipped >= touched as f64,
+        "the processor saw {updates_seen} update events and skipped {skipped} as unchanged, \
+         expected ≥ {touched} each"
+    );
+    // Both emulators share nothing with other tests; stop ours cleanly.
+    if let Some(emu) = fx.emu.take() {
+        emu.stop().await.expect("emulator stops");
+    }
+}

@@ -33,15 +33,17 @@
 //! `CAPTURE_BENCH_KAFKA_BATCH_RECORDS` (librdkafka `batch.num.messages`; unset = production
 //! default), `CAPTURE_BENCH_STEP_TIMEOUT_SECS` (120 + rows/2000), `CAPTURE_BENCH_TIMEOUT_SECS`
 //! (whole run, 600 + rows × 3 ms), `PG_RECVLOGICAL` (path; default from the stack or PATH),
-//! `RUST_LOG` (capture logs on stderr).
+//! `RUST_LOG` (capture logs on stderr). Experiment knobs (not production settings):
+//! `CAPTURE_BENCH_SLED_CACHE_MB`, `CAPTURE_BENCH_BATCH_EVENTS`, `CAPTURE_BENCH_SNAPSHOT_CHUNK`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 use syncbridge::capture::avro::{schemas_topic, topic_name};
 use syncbridge::capture::snapshot::{FileProgress, SnapshotProgress, SnapshotState, TableProgress};
 use syncbridge::capture::{CaptureConfig, LogSink, TableSpec};
@@ -69,6 +71,10 @@ struct Settings {
     step_timeout: Duration,
     total_timeout: Duration,
     recvlogical: PathBuf,
+    /// Experiment knobs (unset = production defaults).
+    sled_cache_mb: Option<u64>,
+    batch_events: Option<usize>,
+    snapshot_chunk: Option<usize>,
 }
 
 fn env_opt(name: &str) -> Option<String> {
@@ -119,6 +125,9 @@ impl Settings {
             step_timeout: Duration::from_secs(step),
             total_timeout: Duration::from_secs(total),
             recvlogical: find_recvlogical(),
+            sled_cache_mb: env_num("CAPTURE_BENCH_SLED_CACHE_MB")?,
+            batch_events: env_num("CAPTURE_BENCH_BATCH_EVENTS")?,
+            snapshot_chunk: env_num("CAPTURE_BENCH_SNAPSHOT_CHUNK")?,
         })
     }
 
@@ -129,6 +138,36 @@ impl Settings {
         cfg.topic_prefix = String::new();
         cfg.producer_batch_records = self.kafka_batch_records;
         Ok(AnyLog::open(LogConfig::Kafka(cfg))?)
+    }
+
+    fn embedded_log(&self, dir: &Path) -> Result<AnyLog> {
+        let mut cfg = EmbeddedLogConfig::new(dir);
+        if let Some(mb) = self.sled_cache_mb {
+            cfg.cache_capacity_bytes = mb * 1024 * 1024;
+        }
+        Ok(AnyLog::open(LogConfig::Embedded(cfg))?)
+    }
+
+    /// The non-default knobs in effect, for the header.
+    fn knobs(&self) -> String {
+        let mut k = Vec::new();
+        if let Some(mb) = self.sled_cache_mb {
+            k.push(format!("sled cache {mb} MB"));
+        }
+        if let Some(n) = self.batch_events {
+            k.push(format!("batch_max_events {n}"));
+        }
+        if let Some(n) = self.snapshot_chunk {
+            k.push(format!("snapshot_chunk_size {n}"));
+        }
+        if let Ok(v) = std::env::var("MALLOC_ARENA_MAX") {
+            k.push(format!("MALLOC_ARENA_MAX={v}"));
+        }
+        if k.is_empty() {
+            "production defaults".into()
+        } else {
+            k.join(", ")
+        }
     }
 }
 
@@ -160,17 +199,6 @@ fn status_kb(pid: &str, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Resets this process's peak RSS (`VmHWM`) to its current RSS; returns the current RSS in kB.
-/// `None` when the kernel does not allow the reset (the peak then covers the whole run).
-fn reset_peak_rss() -> Option<u64> {
-    std::fs::write("/proc/self/clear_refs", "5").ok()?;
-    status_kb("self", "VmRSS:")
-}
-
-fn peak_rss_kb() -> Option<u64> {
-    status_kb("self", "VmHWM:")
 }
 
 fn fmt_lsn(lsn: u64) -> String {
@@ -580,7 +608,7 @@ struct CaptureTask {
 }
 
 impl CaptureTask {
-    fn spawn(config: CaptureConfig, log: std::sync::Arc<AnyLog>) -> Self {
+    fn spawn(config: CaptureConfig, log: Arc<AnyLog>) -> Self {
         let stop = CancellationToken::new();
         let sink = LogSink::new(log, PREFIX, &config.pipeline, TABLE_TOPIC_PARTITIONS);
         let handle = tokio::spawn(syncbridge::capture::run(config, sink, stop.clone()));
@@ -642,19 +670,25 @@ fn capture_config(
     c.feedback_interval = Duration::from_millis(100);
     c.max_backoff = Duration::from_secs(2);
     c.progress_bar = false;
+    if let Some(n) = s.batch_events {
+        c.batch_max_events = n;
+    }
+    if let Some(n) = s.snapshot_chunk {
+        c.snapshot_chunk_size = n;
+    }
     c
 }
 
-/// Runs capture from the slot's position until its `confirmed_flush_lsn` reaches `target`.
+/// Runs capture from the slot's position until its `confirmed_flush_lsn` reaches `target`;
+/// returns the seconds from start to acknowledgement.
 async fn run_capture(
     s: &Settings,
     observer: &Client,
-    log: std::sync::Arc<AnyLog>,
+    log: Arc<AnyLog>,
     config: CaptureConfig,
     target: u64,
-) -> Result<Measured> {
+) -> Result<f64> {
     let slot = config.slot_name.clone();
-    let base_kb = reset_peak_rss();
     let t0 = Instant::now();
     let task = CaptureTask::spawn(config, log);
     loop {
@@ -684,25 +718,20 @@ async fn run_capture(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let peak_kb = peak_rss_kb();
     task.stop().await?;
-    Ok(Measured {
-        secs,
-        peak_kb,
-        base_kb,
-    })
+    Ok(secs)
 }
 
-/// A fresh pipeline (no slot yet) over `table`: time until its initial snapshot is complete.
+/// A fresh pipeline (no slot yet) over `table`: seconds until its initial snapshot is complete,
+/// and until its slot existed.
 async fn run_snapshot(
     s: &Settings,
     observer: &Client,
-    log: std::sync::Arc<AnyLog>,
+    log: Arc<AnyLog>,
     config: CaptureConfig,
-) -> Result<(Measured, f64)> {
+) -> Result<(f64, f64)> {
     let slot = config.slot_name.clone();
     let progress = FileProgress::new(&config.state_dir, &slot);
-    let base_kb = reset_peak_rss();
     let t0 = Instant::now();
     let task = CaptureTask::spawn(config, log);
     let mut slot_secs = None;
@@ -731,16 +760,8 @@ async fn run_snapshot(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let peak_kb = peak_rss_kb();
     task.stop().await?;
-    Ok((
-        Measured {
-            secs,
-            peak_kb,
-            base_kb,
-        },
-        slot_secs.unwrap_or(0.0),
-    ))
+    Ok((secs, slot_secs.unwrap_or(0.0)))
 }
 
 /// Records in a topic of an embedded log (exact there; tansu reads end offsets by batch).
@@ -749,6 +770,119 @@ async fn embedded_count(log: &AnyLog, topic: &str) -> i64 {
         .await
         .map(|e| e.iter().sum())
         .unwrap_or(-1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capture runs in child processes: a fresh process per run, as a pipeline would be, so its peak
+// RSS is the capture's own (not what earlier runs left in this process's heap).
+
+/// The environment variable that turns this binary into one capture run (JSON [`Job`]).
+const JOB_ENV: &str = "CAPTURE_BENCH_JOB";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Job {
+    /// A fresh pipeline's initial snapshot (else: stream until `target` is acknowledged).
+    snapshot: bool,
+    /// The embedded log's directory; `None` means Kafka.
+    embedded: Option<PathBuf>,
+    pipeline: String,
+    table: String,
+    slot: String,
+    publication: String,
+    state_dir: PathBuf,
+    target: u64,
+    /// A topic whose records to count afterwards (embedded only).
+    count_topic: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct JobResult {
+    secs: f64,
+    /// VmHWM of the child at the end: the peak of the whole process.
+    peak_kb: Option<u64>,
+    /// VmRSS once the runtime, connections and log were open, just before capture started.
+    base_kb: Option<u64>,
+    slot_secs: Option<f64>,
+    stored: Option<i64>,
+}
+
+/// The child side: one run, result as `RESULT <json>` on stdout.
+async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
+    let observer = connect(&s.url).await?;
+    let log = Arc::new(match &job.embedded {
+        Some(dir) => s.embedded_log(dir)?,
+        None => s.kafka_log()?,
+    });
+    let config = capture_config(
+        s,
+        &job.pipeline,
+        &job.table,
+        &job.slot,
+        &job.publication,
+        &job.state_dir,
+    );
+    let base_kb = status_kb("self", "VmRSS:");
+    let (secs, slot_secs) = if job.snapshot {
+        let (secs, slot) = run_snapshot(s, &observer, log.clone(), config).await?;
+        (secs, Some(slot))
+    } else {
+        (
+            run_capture(s, &observer, log.clone(), config, job.target).await?,
+            None,
+        )
+    };
+    let peak_kb = status_kb("self", "VmHWM:");
+    let stored = match &job.count_topic {
+        Some(topic) => Some(embedded_count(&log, topic).await),
+        None => None,
+    };
+    Ok(JobResult {
+        secs,
+        peak_kb,
+        base_kb,
+        slot_secs,
+        stored,
+    })
+}
+
+/// The parent side: runs `job` in a child process of this binary (killed on timeout or drop).
+async fn run_job(s: &Settings, job: &Job) -> Result<JobResult> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.env(JOB_ENV, serde_json::to_string(job)?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    let child = cmd.spawn().context("starting a capture run")?;
+    let out = tokio::time::timeout(
+        s.step_timeout + Duration::from_secs(60),
+        child.wait_with_output(),
+    )
+    .await
+    .map_err(|_| anyhow!("the capture run on slot {} did not end in time", job.slot))??;
+    if !out.status.success() {
+        bail!(
+            "the capture run on slot {} failed ({})",
+            job.slot,
+            out.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .context("the capture run printed no result")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn measured(r: &JobResult) -> Measured {
+    Measured {
+        secs: r.secs,
+        peak_kb: r.peak_kb,
+        base_kb: r.base_kb,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -774,7 +908,6 @@ const KAFKA: &str = "capture → kafka";
 
 async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
     let c = connect(&s.url).await?;
-    let observer = connect(&s.url).await?;
     let version: String = c.query_one("SHOW server_version", &[]).await?.get(0);
     let wal_level: String = c.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
@@ -826,6 +959,7 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
             (Some(b), Some(n)) => format!("{b} (batch.num.messages={n})"),
         }
     );
+    println!("capture settings: {}", s.knobs());
 
     // Table, publication, slot and its copies; snapshot progress "complete" for our two slots
     // (they start at the empty table, as if the pipeline had snapshotted it).
@@ -909,38 +1043,47 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         }
 
         eprintln!("[{}] capture → embedded log…", phase.name());
-        let log = std::sync::Arc::new(AnyLog::open(LogConfig::Embedded(EmbeddedLogConfig::new(
-            &emb_dir,
-        )))?);
-        let config = capture_config(s, &pipeline, &table, &slot_emb, &publication, &state_dir);
-        let m = run_capture(s, &observer, log.clone(), config, end.before_commit).await?;
+        let job = Job {
+            snapshot: false,
+            embedded: Some(emb_dir.clone()),
+            pipeline: pipeline.clone(),
+            table: table.clone(),
+            slot: slot_emb.clone(),
+            publication: publication.clone(),
+            state_dir: state_dir.clone(),
+            target: end.before_commit,
+            count_topic: Some(table_topic.clone()),
+        };
+        let r = run_job(s, &job).await?;
         let expected = s.rows as i64 * (i as i64 + 1);
-        let stored = embedded_count(&log, &table_topic).await;
-        if stored != expected {
+        if r.stored != Some(expected) {
             eprintln!(
-                "note: the embedded table topic holds {stored} events, {expected} expected \
-                 (at-least-once re-deliveries?)"
+                "note: the embedded table topic holds {:?} events, {expected} expected \
+                 (at-least-once re-deliveries?)",
+                r.stored
             );
         }
-        drop(log);
         lines.push(Line {
             phase: phase.name(),
             consumer: EMB,
             rows: s.rows,
-            m,
+            m: measured(&r),
         });
 
         if kafka {
             eprintln!("[{}] capture → kafka…", phase.name());
-            let log = std::sync::Arc::new(s.kafka_log()?);
-            let config =
-                capture_config(s, &pipeline, &table, &slot_kafka, &publication, &state_dir);
-            let m = run_capture(s, &observer, log, config, end.before_commit).await?;
+            let job = Job {
+                embedded: None,
+                slot: slot_kafka.clone(),
+                count_topic: None,
+                ..job
+            };
+            let r = run_job(s, &job).await?;
             lines.push(Line {
                 phase: phase.name(),
                 consumer: KAFKA,
                 rows: s.rows,
-                m,
+                m: measured(&r),
             });
         }
     }
@@ -982,23 +1125,22 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         let slot = format!("sb_{snap_name}");
         cleanup.slot(&slot);
         cleanup.publication(&slot);
-        let log = std::sync::Arc::new(AnyLog::open(LogConfig::Embedded(EmbeddedLogConfig::new(
-            work.path().join("snap-log"),
-        )))?);
-        let config = capture_config(
-            s,
-            &snap_name,
-            &snap_table,
-            &slot,
-            &slot,
-            &work.path().join("snap-state"),
-        );
-        let (m, slot_secs) = run_snapshot(s, &observer, log.clone(), config).await?;
-        let stored = embedded_count(&log, &snap_topic).await;
-        if stored != s.rows as i64 {
+        let job = Job {
+            snapshot: true,
+            embedded: Some(work.path().join("snap-log")),
+            pipeline: snap_name.clone(),
+            table: snap_table.clone(),
+            slot: slot.clone(),
+            publication: slot.clone(),
+            state_dir: work.path().join("snap-state"),
+            target: 0,
+            count_topic: Some(snap_topic.clone()),
+        };
+        let r = run_job(s, &job).await?;
+        if r.stored != Some(s.rows as i64) {
             eprintln!(
-                "note: the snapshot topic holds {stored} events, {} expected",
-                s.rows
+                "note: the snapshot topic holds {:?} events, {} expected",
+                r.stored, s.rows
             );
         }
         snaps.push((
@@ -1006,9 +1148,9 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
                 phase: "snapshot",
                 consumer: EMB,
                 rows: s.rows,
-                m,
+                m: measured(&r),
             },
-            slot_secs,
+            r.slot_secs.unwrap_or(0.0),
         ));
     }
     if kafka {
@@ -1019,24 +1161,26 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         cleanup.publication(&slot);
         cleanup.topic(topic_name(PREFIX, &name, "public", &snap_name));
         cleanup.topic(schemas_topic(PREFIX, &name));
-        let log = std::sync::Arc::new(s.kafka_log()?);
-        let config = capture_config(
-            s,
-            &name,
-            &snap_table,
-            &slot,
-            &slot,
-            &work.path().join("snapk-state"),
-        );
-        let (m, slot_secs) = run_snapshot(s, &observer, log, config).await?;
+        let job = Job {
+            snapshot: true,
+            embedded: None,
+            pipeline: name.clone(),
+            table: snap_table.clone(),
+            slot: slot.clone(),
+            publication: slot.clone(),
+            state_dir: work.path().join("snapk-state"),
+            target: 0,
+            count_topic: None,
+        };
+        let r = run_job(s, &job).await?;
         snaps.push((
             Line {
                 phase: "snapshot",
                 consumer: KAFKA,
                 rows: s.rows,
-                m,
+                m: measured(&r),
             },
-            slot_secs,
+            r.slot_secs.unwrap_or(0.0),
         ));
     }
 
@@ -1198,6 +1342,34 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
     }
 }
 
+/// Runs one [`Job`] (this process is a child of the bench); returns the exit code.
+fn child_main(settings: &Settings, job: &str) -> i32 {
+    let job: Job = match serde_json::from_str(job) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("capture run: bad {JOB_ENV}: {e}");
+            return 1;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = rt.block_on(job_main(settings, job));
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match result.and_then(|r| Ok(serde_json::to_string(&r)?)) {
+        Ok(json) => {
+            println!("RESULT {json}");
+            0
+        }
+        Err(e) => {
+            eprintln!("capture run failed: {e:#}");
+            1
+        }
+    }
+}
+
 fn main() {
     if env_opt("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -1212,6 +1384,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Some(job) = env_opt(JOB_ENV) {
+        std::process::exit(child_main(&settings, &job));
+    }
     // Declared before the runtime, so it is dropped after it: tasks and children are gone by then.
     let cleanup = Cleanup::new(settings.url.clone(), settings.brokers.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()

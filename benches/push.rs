@@ -391,7 +391,10 @@ struct EmuStats {
 impl EmuStats {
     /// Graph requests, `$batch` inner requests counted one by one, envelopes not counted.
     fn requests(&self) -> u64 {
-        self.by_status.values().sum::<u64>().saturating_sub(self.batches)
+        self.by_status
+            .values()
+            .sum::<u64>()
+            .saturating_sub(self.batches)
     }
 
     fn status(&self, s: u16) -> u64 {
@@ -897,7 +900,10 @@ async fn phase_budget(
     let m0 = Metrics::now()?;
     let items0 = e0.items;
 
-    let mut sql = format!("INSERT INTO {} (id, title, status, priority) VALUES ", p.table);
+    let mut sql = format!(
+        "INSERT INTO {} (id, title, status, priority) VALUES ",
+        p.table
+    );
     for id in 1..=s.backlog {
         if id > 1 {
             sql.push(',');
@@ -1068,13 +1074,14 @@ struct LatencyReport {
 
 async fn token(http: &reqwest::Client, base: &str, id: &str, secret: &str) -> Result<String> {
     let v: Value = http
-        .post(format!("{base}/{}/oauth2/v2.0/token", emulator::DEFAULT_TENANT))
-        .form(&[
-            ("client_id", id),
-            ("client_secret", secret),
-            ("scope", "https://graph.microsoft.com/.default"),
-            ("grant_type", "client_credentials"),
-        ])
+        .post(format!(
+            "{base}/{}/oauth2/v2.0/token",
+            emulator::DEFAULT_TENANT
+        ))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "client_id={id}&client_secret={secret}&scope=https%3A%2F%2Fgraph.microsoft.com%2F.default&grant_type=client_credentials"
+        ))
         .send()
         .await
         .context("token")?
@@ -1131,7 +1138,10 @@ async fn phase_latency(
     let site_id = site["id"].as_str().context("site id")?.to_string();
     let list = get_json(
         http,
-        &format!("{base}/v1.0/sites/{site_id}/lists/{}", LIST.replace(' ', "%20")),
+        &format!(
+            "{base}/v1.0/sites/{site_id}/lists/{}",
+            LIST.replace(' ', "%20")
+        ),
         &auth,
     )
     .await?;
@@ -1344,7 +1354,10 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
     let mut summary = Vec::new();
     if s.ru {
         let r = phase_ru(s, cleanup, &http).await.context("RU efficiency")?;
-        print_phase("[RU efficiency] emulator unthrottled, client unpaced", &r.lines);
+        print_phase(
+            "[RU efficiency] emulator unthrottled, client unpaced",
+            &r.lines,
+        );
         summary.push(format!(
             "RU efficiency: RU spent ÷ minimum {:.3} (goal ≤ 1.05): {}",
             r.ratio,
@@ -1368,9 +1381,7 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         ));
     }
     if s.latency {
-        let r = phase_latency(s, cleanup, &http)
-            .await
-            .context("latency")?;
+        let r = phase_latency(s, cleanup, &http).await.context("latency")?;
         print_phase(
             &format!(
                 "[latency] {} rows/s single-row commits, emulator unthrottled",

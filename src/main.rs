@@ -33,7 +33,8 @@ enum Command {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
     },
-    /// Check pipeline files without connecting anywhere; lists every problem as file:line:col.
+    /// Check pipeline files without connecting anywhere (with --db: also the tables in the
+    /// source database); lists every problem as file:line:col.
     Validate {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,

@@ -22,6 +22,7 @@ use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
+use crate::pull::{PollerConfig, PullError, StartMode};
 use crate::telemetry::{self, TelemetryError};
 
 /// Why a run stopped with an error. `is_retryable` tells a supervisor whether restarting the
@@ -93,6 +94,9 @@ struct RunningPipeline {
     process_stop: CancellationToken,
     /// The push processor; `None` once awaited.
     process: Option<JoinHandle<Result<ProcessorStats, ProcessError>>>,
+    /// Delta pollers of the lists that pull (they feed the return stream).
+    pollers_stop: CancellationToken,
+    pollers: Vec<JoinHandle<Result<(), PullError>>>,
 }
 
 /// Runs `pipelines` until `shutdown` is cancelled, then drains them in order and returns.
@@ -242,7 +246,7 @@ async fn start_all(
 
         // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
         // the lists fails the run before a slot is created.
-        let processor = prepare_processor(p, log.clone(), &limiters)
+        let (processor, pollers) = prepare_processor(p, log.clone(), &limiters)
             .await
             .map_err(|source| RuntimeError::Process {
                 pipeline: p.name.clone(),
@@ -250,6 +254,7 @@ async fn start_all(
             })?;
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
+        let pollers_stop = CancellationToken::new();
         let capture_config = capture_config(p);
         capture_config
             .validate()
@@ -281,6 +286,17 @@ async fn start_all(
         ));
         // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
         readiness.set(&p.name, "capture", true);
+        let poller_tasks: Vec<_> = pollers
+            .into_iter()
+            .map(|(cfg, client)| {
+                tokio::spawn(crate::pull::poller::run(
+                    cfg,
+                    client,
+                    log.clone(),
+                    pollers_stop.clone(),
+                ))
+            })
+            .collect();
         running.push(RunningPipeline {
             name: p.name.clone(),
             log,
@@ -288,6 +304,8 @@ async fn start_all(
             capture: Some(capture),
             process_stop,
             process: Some(tokio::spawn(processor.run(process_stop_run))),
+            pollers_stop: pollers_stop.clone(),
+            pollers: poller_tasks,
         });
         readiness.set(&p.name, "process", true);
     }
@@ -301,14 +319,19 @@ async fn prepare_processor(
     p: &PipelineConfig,
     log: Arc<AnyLog>,
     limiters: &LimiterRegistry,
-) -> Result<Processor<AnyLog>, ProcessError> {
+) -> Result<(Processor<AnyLog>, Vec<(PollerConfig, Arc<GraphClient>)>), ProcessError> {
     let client = GraphClient::new(GraphClientConfig::from(&p.graph), limiters)?;
     let mut attempt = 0;
-    let targets = loop {
+    let (targets, facts) = loop {
         attempt += 1;
         let result = async {
-            let not_null = process::provision::not_null_columns(p).await?;
-            Ok::<_, ProcessError>(process::provision(&client, p, &not_null).await?)
+            let facts = process::provision::table_facts(p).await?;
+            let not_null = facts
+                .iter()
+                .map(|(t, f)| (t.clone(), f.not_null.clone()))
+                .collect();
+            let targets = process::provision(&client, p, &not_null).await?;
+            Ok::<_, ProcessError>((targets, facts))
         }
         .await;
         match result {
@@ -326,7 +349,29 @@ async fn prepare_processor(
         TABLE_TOPIC_PARTITIONS,
         state_dir(p),
     );
-    Processor::new(config, log, client, targets).await
+    // One delta poller per list of every entry that pulls. A list this run created is empty, so
+    // its poller starts from `token=latest`; an existing list is read in full once (items people
+    // made before become rows; ours are recognised by the ledger) when no cursor is stored yet.
+    let shared = Arc::new(client.clone());
+    let mut pollers = Vec::new();
+    for e in p.sync.iter().filter(|e| e.pull.enabled) {
+        for list in e.lists() {
+            let Some(t) = targets.lists.get(list) else { continue };
+            let start = if t.created { StartMode::Latest } else { StartMode::Full };
+            let cfg = PollerConfig::new(
+                topic_prefix(p),
+                &p.name,
+                &targets.site_id,
+                &t.id,
+                list,
+                std::time::Duration::from_millis(e.pull.interval_ms),
+                start,
+            );
+            pollers.push((cfg, shared.clone()));
+        }
+    }
+    let processor = Processor::new(config, log, client, targets, facts).await?;
+    Ok((processor, pollers))
 }
 
 fn capture_config(p: &PipelineConfig) -> CaptureConfig {
@@ -393,6 +438,15 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
             }
         }
         readiness.set(&p.name, "capture", false);
+        // Then the pollers (the other input of the processor).
+        p.pollers_stop.cancel();
+        for h in p.pollers {
+            match h.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(pipeline = %p.name, "delta poller ended with: {e}"),
+                Err(join) => warn!(pipeline = %p.name, "delta poller task: {join}"),
+            }
+        }
         // Then the processor: it flushes what it has read and commits, and stops.
         p.process_stop.cancel();
         if let Some(handle) = p.process {
@@ -436,7 +490,9 @@ fn log_config(p: &PipelineConfig) -> log::LogConfig {
             if let Ok(props) = std::env::var(KAFKA_PROPERTIES_ENV) {
                 for kv in props.split(',').filter(|kv| !kv.trim().is_empty()) {
                     if let Some((k, v)) = kv.split_once('=') {
-                        kafka.extra.push((k.trim().to_string(), v.trim().to_string()));
+                        kafka
+                            .extra
+                            .push((k.trim().to_string(), v.trim().to_string()));
                     } else {
                         warn!(property = %kv, "ignoring {KAFKA_PROPERTIES_ENV} entry without '='");
                     }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use syncbridge::config::{
-    self, ConfigReport, ConflictPolicy, Direction, FieldType, LogConfig, PipelineConfig, Secret,
+    self, ConfigReport, ConflictPolicy, Direction, FieldType, LogConfig, OnDelete, PipelineConfig,
+    Secret,
 };
 
 const PROJECTS: &str = include_str!("../pipelines/projects.yaml");
@@ -118,6 +119,7 @@ fn projects_example_builds_with_its_values_and_defaults() {
     );
     assert!(e.pull.enabled);
     assert_eq!(e.pull.interval_ms, 2000);
+    assert_eq!(e.pull.on_delete, OnDelete::Delete);
     assert_eq!(e.conflict, ConflictPolicy::SourceWins);
     assert_eq!(
         e.lists().collect::<Vec<_>>(),

@@ -283,6 +283,8 @@ sync:
     routes:
       - when: "status == 'archived'"
         list: {archive_list}
+    # The push path only: no delta poller / return path writing into the table.
+    pull: {{ enabled: false }}
 control:
   listen: 127.0.0.1:{port}
 "#,
@@ -497,6 +499,18 @@ control:
             .unwrap()
     }
 
+    /// Replaces the emulator's fault spec (`/_emulator/faults`).
+    async fn faults(&self, spec: Value) {
+        let r = self
+            .http
+            .post(format!("{}/_emulator/faults", self.emu_base()))
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "faults: {}", r.status());
+    }
+
     /// The child's `/metrics` text (empty while the control plane is not up).
     async fn metrics(&self) -> String {
         match self
@@ -690,8 +704,8 @@ async fn insert_row_tx(tx: &tokio_postgres::Transaction<'_>, table: &str, id: i6
 /// no duplicate `SyncKey`, no item missing".
 ///
 /// Every iteration starts `syncbridge run`, lets it run 0.3–2.5 s and SIGKILLs it if it is still
-/// alive. Two iterations in three arm a failpoint (`push.after_graph=0.3`: abort after a `$batch`
-/// answered and before its outcome reaches the ledger; `push.after_intent=0.3`: abort right after
+/// alive. Two iterations in three arm a failpoint (`push.after_graph=0.5`: abort after a `$batch`
+/// answered and before its outcome reaches the ledger; `push.after_intent=0.5`: abort right after
 /// the create intents were made durable, before Graph is called), so those runs usually end
 /// themselves with SIGABRT at exactly that point; the test counts the runs where that happened
 /// (exit by SIGABRT and "failpoint" in the output) and requires at least 3, at least one of them
@@ -709,6 +723,9 @@ async fn kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
 async fn crash_body() {
     const ITERATIONS: usize = 21;
     const INITIAL_ROWS: i64 = 40;
+    // Per flush; a run flushes every ~0.2 s while the writer runs, so an armed run usually
+    // aborts itself within its 0.3–2.5 s (and P(no after_graph hit in 7 runs) is ≈ 1e-4).
+    const FAILPOINT_P: f64 = 0.5;
     let started = Instant::now();
     let seed: u64 = std::env::var("PUSH_CRASH_SEED")
         .ok()
@@ -732,14 +749,14 @@ async fn crash_body() {
     let mut hits: BTreeMap<&str, u32> = BTreeMap::new();
     let mut killed = 0;
     for i in 0..ITERATIONS {
-        let failpoint = match rng.random_range(0..3) {
+        let failpoint = match i % 3 {
             0 => None,
             1 => Some("push.after_graph"),
             _ => Some("push.after_intent"),
         };
         let up = Duration::from_millis(rng.random_range(300..=2500));
         let down = Duration::from_millis(rng.random_range(20..=300));
-        let mut run = fx.spawn(failpoint.map(|f| format!("{f}=0.3")).as_deref());
+        let mut run = fx.spawn(failpoint.map(|f| format!("{f}={FAILPOINT_P}")).as_deref());
         let outcome = match run.wait_exit(up).await {
             None => {
                 run.kill9();
@@ -909,7 +926,7 @@ async fn rebuild_body() {
             .find(|l| l.contains("ledger rebuilt from its changelog"))
             .map(str::to_owned);
         if let Some(line) = rebuilt
-            && out.contains("push processor started")
+            && out.contains("processor started")
         {
             let n = line
                 .split_whitespace()
@@ -920,7 +937,7 @@ async fn rebuild_body() {
         }
         assert!(
             Instant::now() < deadline,
-            "no \"ledger rebuilt from its changelog\" / \"push processor started\" within 30 s:\n{}",
+            "no \"ledger rebuilt from its changelog\" / \"processor started\" within 30 s:\n{}",
             tail(&run.log)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1019,4 +1036,122 @@ async fn rebuild_body() {
     if let Some(emu) = fx.emu.take() {
         emu.stop().await.expect("emulator stops");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Regression: the deterministic form of what test 1 found
+
+/// A route change whose create reached Graph but not the ledger (`push.after_graph`), reverted
+/// while the process is down, must not leave the created item behind.
+///
+/// Steps: row 1 synced to the main list (item A); restart with `push.after_graph=1`; move row 1
+/// to the archive (the processor records the intent `create_in: archive`, Graph creates item B
+/// in the archive, the process aborts before the ledger hears of B); while it is down, move the
+/// row back; restart cleanly. The two events replay together and coalesce into "row 1 in the
+/// main list", so the flush sees `item = A (main)`, `intent = archive`, target main. Expected:
+/// B is found through the intent's list and deleted, A is updated. (Found by test 1, where a
+/// kill -9 / after_graph abort in the middle of a move left both lists with an item of the same
+/// SyncKey, the stale one never touched after its create.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverted_route_change_after_a_create_crash_leaves_no_orphan_item() {
+    hard_timeout(90, orphan_body()).await;
+}
+
+async fn orphan_body() {
+    let row = |id: i64, status: &str| {
+        (
+            id,
+            RowView {
+                title: format!("row {id}"),
+                status: status.into(),
+                priority: Some(id as i32),
+                due: None,
+            },
+        )
+    };
+    let mut fx = Fixture::new("orphan", &[row(1, "open"), row(2, "archived")]).await;
+    let t = fx.name.clone();
+    let mut run = fx.spawn(None);
+    if let Err(p) = fx.converge(&mut run, 60).await {
+        panic!("the first run did not sync: {p:#?}\n{}", tail(&run.log));
+    }
+    let status = run.terminate().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "first run: {status}\n{}",
+        tail(&run.log)
+    );
+    drop(run);
+
+    // Crash right after Graph answered the create of the move; the move back is committed while
+    // that `$batch` is held open (emulator latency), so capture logs it before the abort and the
+    // restart reads both events in one flush window.
+    let mut run = fx.spawn(Some("push.after_graph=1"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&run.log)
+        .unwrap_or_default()
+        .contains("processor started")
+    {
+        run.assert_alive("waiting for the processor");
+        assert!(
+            Instant::now() < deadline,
+            "processor not started within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.faults(serde_json::json!({ "latency_ms": 2500 })).await;
+    fx.pg
+        .execute(
+            &format!("UPDATE public.{t} SET status = 'archived' WHERE id = 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    fx.pg
+        .execute(
+            &format!("UPDATE public.{t} SET status = 'open', title = 'row 1 back' WHERE id = 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let status = run.wait_exit(Duration::from_secs(30)).await;
+    let out = std::fs::read_to_string(&run.log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.signal() == Some(SIGABRT))
+            && out.contains("failpoint push.after_graph"),
+        "expected an abort at push.after_graph, got {status:?}:\n{}",
+        tail(&run.log)
+    );
+    fx.faults(serde_json::json!({})).await;
+    drop(run);
+    let items = fx.items().await;
+    let with_key_1: Vec<&ItemView> = items
+        .iter()
+        .filter(|i| i.sync_key.as_deref() == Some("1"))
+        .collect();
+    assert_eq!(
+        with_key_1.len(),
+        2,
+        "precondition: Graph created the moved item before the abort: {items:#?}"
+    );
+
+    // A clean run.
+    let mut run = fx.spawn(None);
+    let converged = fx.converge(&mut run, 20).await;
+    let status = run.terminate().await;
+    if let Err(p) = converged {
+        panic!(
+            "after the restart the lists do not equal the table within 20 s:\n  {}\nlog:\n{}",
+            p.join("\n  "),
+            tail(&run.log)
+        );
+    }
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "last run: {status}\n{}",
+        tail(&run.log)
+    );
 }

@@ -416,7 +416,18 @@ impl Resnapper {
         };
         let rel = match catalog.relation(resolved.oid) {
             Some(r) => r.clone(),
-            None => catalog.relation_from_catalog(client, resolved.oid).await?,
+            None => match catalog.relation_from_catalog(client, resolved.oid).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // The session reconnects; the request must not stay "queued" forever.
+                    self.set_status(&id, |s| {
+                        s.state = ResnapshotState::Failed;
+                        s.error = Some(format!("cannot read the table's columns: {e}"));
+                        s.finished_at_ms = Some(now_ms());
+                    });
+                    return Err(e);
+                }
+            },
         };
         let key_idx: Option<Vec<usize>> = resolved
             .key

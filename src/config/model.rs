@@ -24,6 +24,9 @@ pub const DEFAULT_PULL_INTERVAL_MS: u64 = 2000;
 pub const MIN_PULL_INTERVAL_MS: u64 = 100;
 /// Pull is on by default: two-way sync is the product; turn it off for push-only mirrors.
 pub const DEFAULT_PULL_ENABLED: bool = true;
+/// Deleting the row is the default: the list mirrors the table, and in two-way sync a person
+/// deleting an item means the record is gone; `soft:<column>` or `ignore` keep the row on purpose.
+pub const DEFAULT_ON_DELETE: OnDelete = OnDelete::Delete;
 /// Loopback by default: health and metrics are unauthenticated and must be exposed on purpose.
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8088";
 /// Embedded log directory: `<this>/<pipeline name>`, relative to the working directory.
@@ -290,10 +293,42 @@ pub struct Route {
 }
 
 /// The return path for one entry.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PullConfig {
     pub enabled: bool,
     pub interval_ms: u64,
+    /// What deleting an item in the list does to its row.
+    pub on_delete: OnDelete,
+}
+
+/// What a pull does to the row of an item deleted in the list (`pull.on_delete`).
+///
+/// `Display` and `Serialize` give the YAML spelling: `delete`, `ignore`, `soft:<column>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OnDelete {
+    /// `DELETE` the row; the default ([`DEFAULT_ON_DELETE`]).
+    Delete,
+    /// Keep the row and set `column` (a PostgreSQL identifier, never a key column) to mark it
+    /// deleted, e.g. `soft:deleted_at`.
+    Soft { column: String },
+    /// Leave the row as it is.
+    Ignore,
+}
+
+impl fmt::Display for OnDelete {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OnDelete::Delete => f.write_str("delete"),
+            OnDelete::Soft { column } => write!(f, "soft:{column}"),
+            OnDelete::Ignore => f.write_str("ignore"),
+        }
+    }
+}
+
+impl Serialize for OnDelete {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// The control-plane HTTP server.

@@ -256,8 +256,13 @@ pub struct PullFile {
     #[serde(default)]
     #[schemars(range(min = 100))]
     pub interval_ms: Option<Sp<u64>>,
+    /// What deleting a list item does to its row: `delete` (default), `ignore`, or
+    /// `soft:<column>` (keep the row and set `<column>`, which must not be a key column).
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^(delete|ignore|soft:[A-Za-z_][A-Za-z0-9_$]{0,62})$"))]
+    pub on_delete: Option<Sp<String>>,
 }
-pub const PULL_KEYS: &[&str] = &["enabled", "interval_ms"];
+pub const PULL_KEYS: &[&str] = &["enabled", "interval_ms", "on_delete"];
 
 /// The control-plane HTTP server.
 #[derive(Debug, JsonSchema)]
@@ -713,9 +718,13 @@ impl Reader {
             let interval_ms = p
                 .get("interval_ms")
                 .and_then(|n| self.uint(n, &p.child("interval_ms")));
+            let on_delete = p
+                .get("on_delete")
+                .and_then(|n| self.string(n, &p.child("on_delete")));
             Some(PullFile {
                 enabled,
                 interval_ms,
+                on_delete,
             })
         });
         let conflict = m

@@ -1,4 +1,4 @@
-//! Unit tests: the reader's key lists match the generated schema.
+//! Unit tests: the reader's key lists match the generated schema; hostile YAML; `pull.on_delete`.
 
 use super::raw::*;
 use super::*;
@@ -95,4 +95,157 @@ fn hostile_yaml_is_rejected_without_panic() {
             "t.yaml:1:1: a pipeline file must be a mapping (version, name, source, graph, sync), found a sequence"
         ]
     );
+}
+
+/// A minimal valid pipeline whose one entry has `key: [id, tenant_id]` and `pull: { on_delete: <value> }`.
+fn with_on_delete(value: &str) -> String {
+    format!(
+        "version: 1
+name: t
+source:
+  url: postgres://u@h/db
+graph:
+  tenant: contoso.onmicrosoft.com
+  client_id: 11111111-2222-3333-4444-555555555555
+  client_secret: s
+  site: contoso.sharepoint.com:/sites/ops
+sync:
+  - table: public.t
+    list: T
+    key: [id, tenant_id]
+    fields:
+      name: Title
+    pull:
+      on_delete: {value}
+"
+    )
+}
+
+fn on_delete_of(text: &str) -> OnDelete {
+    let config = load_str("t.yaml", text, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    config.sync[0].pull.on_delete.clone()
+}
+
+#[test]
+fn on_delete_parses_each_spelling_and_defaults_to_delete() {
+    assert_eq!(on_delete_of(&with_on_delete("delete")), OnDelete::Delete);
+    assert_eq!(on_delete_of(&with_on_delete("ignore")), OnDelete::Ignore);
+    let soft = OnDelete::Soft {
+        column: "deleted_at".into(),
+    };
+    assert_eq!(on_delete_of(&with_on_delete("soft:deleted_at")), soft);
+    assert_eq!(on_delete_of(&with_on_delete("\"soft:deleted_at\"")), soft);
+    // 63 bytes is PostgreSQL's limit; `$` is allowed after the first character.
+    let long = format!("soft:{}", "c".repeat(MAX_PG_IDENT_LEN));
+    assert!(matches!(
+        on_delete_of(&with_on_delete(&long)),
+        OnDelete::Soft { .. }
+    ));
+    assert!(matches!(
+        on_delete_of(&with_on_delete("soft:_del$1")),
+        OnDelete::Soft { .. }
+    ));
+    // Omitted (and `pull:` omitted altogether): the default.
+    let text = with_on_delete("delete").replace("    pull:\n      on_delete: delete\n", "");
+    assert_eq!(on_delete_of(&text), DEFAULT_ON_DELETE);
+    assert_eq!(DEFAULT_ON_DELETE, OnDelete::Delete);
+    let text =
+        with_on_delete("delete").replace("      on_delete: delete\n", "      enabled: true\n");
+    assert_eq!(on_delete_of(&text), OnDelete::Delete);
+    // Without `key`, any identifier will do (the primary key is checked against the database).
+    let text = with_on_delete("soft:id").replace("    key: [id, tenant_id]\n", "");
+    assert_eq!(
+        on_delete_of(&text),
+        OnDelete::Soft {
+            column: "id".into()
+        }
+    );
+    // Environment values are typed from the substituted text.
+    let text = with_on_delete("${ON_DELETE}");
+    let got = load_str("t.yaml", &text, &|_| Some("ignore".into())).unwrap();
+    assert_eq!(got.sync[0].pull.on_delete, OnDelete::Ignore);
+}
+
+#[test]
+fn on_delete_displays_and_serializes_as_its_yaml_spelling() {
+    let soft = OnDelete::Soft {
+        column: "deleted_at".into(),
+    };
+    assert_eq!(soft.to_string(), "soft:deleted_at");
+    assert_eq!(OnDelete::Delete.to_string(), "delete");
+    assert_eq!(OnDelete::Ignore.to_string(), "ignore");
+    assert_eq!(serde_json::to_value(&soft).unwrap(), "soft:deleted_at");
+    let config = load_str("t.yaml", &with_on_delete("soft:deleted_at"), &|_| None).unwrap();
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(json["sync"][0]["pull"]["on_delete"], "soft:deleted_at");
+    assert_eq!(
+        json["sync"][0]["pull"]["interval_ms"],
+        DEFAULT_PULL_INTERVAL_MS
+    );
+}
+
+#[test]
+fn on_delete_problems_are_reported_at_the_value() {
+    let p = "t.yaml:17:18: `sync[0].pull.on_delete`";
+    for (value, message) in [
+        (
+            "purge",
+            "unknown value `purge`; expected one of: delete, ignore, soft:<column>",
+        ),
+        (
+            "Delete",
+            "unknown value `Delete`; expected one of: delete, ignore, soft:<column>",
+        ),
+        (
+            "soft",
+            "unknown value `soft`; expected one of: delete, ignore, soft:<column>",
+        ),
+        (
+            "\"soft:\"",
+            "`soft:` needs a column, e.g. `soft:deleted_at`",
+        ),
+        (
+            "soft:id",
+            "soft-delete column `id` is a key column; the key identifies the row and cannot mark it deleted",
+        ),
+        (
+            "soft:tenant_id",
+            "soft-delete column `tenant_id` is a key column; the key identifies the row and cannot mark it deleted",
+        ),
+        (
+            "\"soft:deleted at\"",
+            "soft-delete column `deleted at` is not a column name (ASCII letters, digits, _, $, not starting with a digit or $; at most 63 bytes)",
+        ),
+        (
+            "soft:1st",
+            "soft-delete column `1st` is not a column name (ASCII letters, digits, _, $, not starting with a digit or $; at most 63 bytes)",
+        ),
+    ] {
+        assert_eq!(
+            all_problems(&with_on_delete(value)),
+            [format!("{p}: {message}")],
+            "{value}"
+        );
+    }
+    // One byte over PostgreSQL's identifier limit.
+    let long = format!("soft:{}", "c".repeat(MAX_PG_IDENT_LEN + 1));
+    let got = all_problems(&with_on_delete(&long));
+    assert!(
+        got.len() == 1 && got[0].contains("is not a column name"),
+        "{got:?}"
+    );
+    // Not a string at all.
+    assert_eq!(
+        all_problems(&with_on_delete("[delete]")),
+        ["t.yaml:17:18: `sync[0].pull.on_delete`: expected a string, found a sequence"]
+    );
+    // A value from the environment is not echoed.
+    let got = load_str("t.yaml", &with_on_delete("${X}"), &|_| Some("purge".into())).unwrap_err();
+    assert_eq!(
+        got.to_string(),
+        "t.yaml:17:18: `sync[0].pull.on_delete`: unknown value a value from the environment; expected one of: delete, ignore, soft:<column>"
+    );
+    // Reported together with the entry's other problems.
+    let text = with_on_delete("purge").replace("    key: [id, tenant_id]\n", "    key: [id, id]\n");
+    assert_eq!(all_problems(&text).len(), 2);
 }

@@ -433,6 +433,12 @@ fn check_entry(
                 ms.value
             }
         },
+        on_delete: check_on_delete(
+            r,
+            e.pull.as_ref().and_then(|p| p.on_delete.as_ref()),
+            key.as_deref(),
+            &format!("{path}.pull.on_delete"),
+        ),
     };
     let mut routes = Vec::new();
     for (i, rt) in e.routes.iter().flatten().enumerate() {
@@ -526,6 +532,74 @@ fn check_entry(
             .as_ref()
             .map_or(ConflictPolicy::SourceWins, |c| c.value),
     })
+}
+
+/// A value for messages: backquoted and shortened, or hidden when it came from `${VAR}`.
+fn shown(value: &str, interpolated: bool) -> String {
+    if interpolated {
+        return "a value from the environment".into();
+    }
+    let mut text: String = value.chars().take(40).collect();
+    if value.chars().count() > 40 {
+        text.push('…');
+    }
+    format!("`{}`", text.escape_debug())
+}
+
+/// `delete`, `ignore` or `soft:<column>`; `<column>` is a PostgreSQL identifier that is not one
+/// of the entry's `key` columns (overwriting the key would lose the row's identity).
+fn check_on_delete(
+    r: &mut Reader,
+    value: Option<&Sp<String>>,
+    key: Option<&[String]>,
+    path: &str,
+) -> OnDelete {
+    let Some(v) = value else {
+        return DEFAULT_ON_DELETE;
+    };
+    let text = v.value.trim();
+    let column = match text {
+        "delete" => return OnDelete::Delete,
+        "ignore" => return OnDelete::Ignore,
+        _ => match text.strip_prefix("soft:") {
+            Some(column) => column,
+            None => {
+                r.issues.push((
+                    v.loc,
+                    format!(
+                        "`{path}`: unknown value {}; expected one of: delete, ignore, soft:<column>",
+                        shown(text, v.interpolated)
+                    ),
+                ));
+                return DEFAULT_ON_DELETE;
+            }
+        },
+    };
+    if column.is_empty() {
+        r.issues.push((
+            v.loc,
+            format!("`{path}`: `soft:` needs a column, e.g. `soft:deleted_at`"),
+        ));
+    } else if !is_pg_ident(column) {
+        r.issues.push((
+            v.loc,
+            format!(
+                "`{path}`: soft-delete column {} is not a column name (ASCII letters, digits, _, $, not starting with a digit or $; at most {MAX_PG_IDENT_LEN} bytes)",
+                shown(column, v.interpolated)
+            ),
+        ));
+    } else if key.is_some_and(|k| k.iter().any(|c| c == column)) {
+        r.issues.push((
+            v.loc,
+            format!(
+                "`{path}`: soft-delete column {} is a key column; the key identifies the row and cannot mark it deleted",
+                shown(column, v.interpolated)
+            ),
+        ));
+    }
+    OnDelete::Soft {
+        column: column.to_owned(),
+    }
 }
 
 fn check_field_name(r: &mut Reader, m: &FieldMapping, loc: Loc, path: &str) {

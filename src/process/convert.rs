@@ -167,24 +167,24 @@ fn text(cell: &Cell, m: &FieldMapping, max: usize) -> Result<String, Unmappable>
 }
 
 fn number(cell: &Cell, m: &FieldMapping) -> Result<Json, Unmappable> {
+    // Always a double: SharePoint stores numbers as doubles and reads them back as such, so the
+    // ledger's form equals what a delta read returns (echo detection compares them).
     let mismatch =
         |what: &str| Unmappable::new(m, "type_mismatch", format!("{what} is not a number"));
-    match cell {
-        Cell::Int(i) => Ok(json!(i)),
-        Cell::Float(f) if f.is_finite() => Ok(json!(f)),
-        Cell::Float(f) => Err(mismatch(&f.to_string())),
-        Cell::Decimal(s) | Cell::Text(s) => {
-            let t = s.trim();
-            if let Ok(i) = t.parse::<i64>() {
-                return Ok(json!(i));
-            }
-            match t.parse::<f64>() {
-                Ok(f) if f.is_finite() => Ok(json!(f)),
-                _ => Err(mismatch(&format!("{s:?}"))),
-            }
-        }
-        Cell::Bool(b) => Err(mismatch(&b.to_string())),
-        other => Err(mismatch(&format!("{other:?}"))),
+    let f = match cell {
+        Cell::Int(i) => *i as f64,
+        Cell::Float(f) => *f,
+        Cell::Decimal(s) | Cell::Text(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| mismatch(&format!("{s:?}")))?,
+        Cell::Bool(b) => return Err(mismatch(&b.to_string())),
+        other => return Err(mismatch(&format!("{other:?}"))),
+    };
+    if f.is_finite() {
+        Ok(json!(f))
+    } else {
+        Err(mismatch(&f.to_string()))
     }
 }
 
@@ -285,6 +285,132 @@ fn check_choice(v: &str, m: &FieldMapping) -> Result<(), Unmappable> {
     }
 }
 
+/// The item field a mapping reads: `<Field>LookupId` for persons and lookups (system fields
+/// `Author`/`Editor` too), `id` for `ID`, else the field itself.
+pub fn item_field_name(m: &FieldMapping) -> String {
+    match (m.field.as_str(), m.field_type) {
+        ("ID", _) => "id".to_string(),
+        (_, FieldType::Person | FieldType::Lookup) => format!("{}LookupId", m.field),
+        _ => m.field.clone(),
+    }
+}
+
+/// An item's value for `m` in the canonical form the push side writes and the ledger stores
+/// (same keys as [`to_fields`]), so "did the list change?" is an equality test. Absent fields
+/// (SharePoint omits empty ones) are null.
+pub fn canonical_from_item(
+    fields: &serde_json::Map<String, Json>,
+    m: &FieldMapping,
+) -> Vec<(String, Json)> {
+    let name = item_field_name(m);
+    let raw = fields
+        .get(&name)
+        .or_else(|| (m.field == "ID").then(|| fields.get("ID")).flatten())
+        .cloned()
+        .unwrap_or(Json::Null);
+    let v = match m.field_type {
+        FieldType::Number | FieldType::Currency => match &raw {
+            Json::Number(n) => n.as_f64().map_or(Json::Null, |f| json!(f)),
+            Json::String(s) => s.parse::<f64>().map_or(raw.clone(), |f| json!(f)),
+            _ => raw,
+        },
+        FieldType::Date => match &raw {
+            Json::String(s) if s.len() >= 10 => json!(s[..10]),
+            _ => raw,
+        },
+        FieldType::DateTime => match &raw {
+            Json::String(s) => chrono::DateTime::parse_from_rfc3339(s).map_or(raw.clone(), |t| {
+                json!(
+                    t.with_timezone(&chrono::Utc)
+                        .format("%Y-%m-%dT%H:%M:%SZ")
+                        .to_string()
+                )
+            }),
+            _ => raw,
+        },
+        FieldType::Person | FieldType::Lookup => match &raw {
+            Json::String(s) => s.parse::<u64>().map_or(raw.clone(), |n| json!(n)),
+            _ => raw,
+        },
+        FieldType::MultiChoice => {
+            let arr = match raw {
+                Json::Array(a) => Json::Array(a),
+                _ => json!([]),
+            };
+            return vec![
+                (
+                    format!("{}@odata.type", m.field),
+                    json!("Collection(Edm.String)"),
+                ),
+                (m.field.clone(), arr),
+            ];
+        }
+        _ => raw,
+    };
+    let key = match m.field_type {
+        FieldType::Person | FieldType::Lookup => format!("{}LookupId", m.field),
+        _ => m.field.clone(),
+    };
+    vec![(key, v)]
+}
+
+/// The column value (PostgreSQL text form; `None` = NULL) for a canonical item value of `m`.
+/// `resolved` carries the email of a person id or the foreign key of a lookup id, looked up by
+/// the caller. Values the column cannot take are the database's to reject (it names them).
+pub fn column_text(
+    canonical: &[(String, Json)],
+    m: &FieldMapping,
+    resolved: Option<String>,
+) -> Result<Option<String>, Unmappable> {
+    let v = canonical
+        .iter()
+        .find(|(k, _)| !k.ends_with("@odata.type"))
+        .map(|(_, v)| v.clone())
+        .unwrap_or(Json::Null);
+    if v.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(match m.field_type {
+        FieldType::Person | FieldType::Lookup => resolved.ok_or_else(|| {
+            Unmappable::new(m, "unresolved", format!("no row or user for id {v}"))
+        })?,
+        FieldType::MultiChoice => {
+            let items: Vec<String> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Json::as_str)
+                        .map(pg_array_element)
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("{{{}}}", items.join(","))
+        }
+        FieldType::Hyperlink => v["Url"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string()),
+        FieldType::Number | FieldType::Currency => match v.as_f64() {
+            // Integral doubles print without a fraction so integer columns accept them.
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            Some(f) => f.to_string(),
+            None => v
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| v.to_string()),
+        },
+        _ => match v {
+            Json::String(s) => s,
+            other => other.to_string(),
+        },
+    }))
+}
+
+/// One element of a PostgreSQL array literal, quoted.
+fn pg_array_element(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,7 +444,7 @@ mod tests {
         );
         assert_eq!(
             conv(Cell::Int(7), FieldType::Number).unwrap()[0].1,
-            json!(7)
+            json!(7.0)
         );
         assert_eq!(
             conv(Cell::Date(1), FieldType::Date).unwrap()[0].1,
@@ -376,6 +502,76 @@ mod tests {
         );
         let e = conv(Cell::Text("z".into()), FieldType::Choice).unwrap_err();
         assert!(e.to_string().contains("column c → field F"), "{e}");
+    }
+
+    #[test]
+    fn item_values_read_back_in_the_pushed_form() {
+        use serde_json::Map;
+        let cases = [
+            (FieldType::Number, Cell::Int(5), json!(5)),
+            (
+                FieldType::Currency,
+                Cell::Decimal("12.50".into()),
+                json!(12.5),
+            ),
+            (
+                FieldType::Date,
+                Cell::Date(1),
+                json!("1970-01-02T00:00:00Z"),
+            ),
+            (
+                FieldType::DateTime,
+                Cell::Timestamp(1_000_000),
+                json!("1970-01-01T00:00:01Z"),
+            ),
+            (FieldType::Choice, Cell::Text("a".into()), json!("a")),
+        ];
+        for (t, cell, read) in cases {
+            let pushed = conv(cell, t).unwrap();
+            let mut f = Map::new();
+            f.insert("F".into(), read);
+            assert_eq!(canonical_from_item(&f, &m(t)), pushed, "{t}");
+        }
+        let mut f = Map::new();
+        f.insert("FLookupId".into(), json!("6"));
+        let r = Resolved {
+            person: Some(6),
+            lookup_item: None,
+        };
+        assert_eq!(
+            canonical_from_item(&f, &m(FieldType::Person)),
+            to_fields(&Cell::Text("x@y".into()), &m(FieldType::Person), &r).unwrap()
+        );
+        // Absent multi-choice reads as the annotated empty array, like a pushed NULL.
+        assert_eq!(
+            canonical_from_item(&Map::new(), &m(FieldType::MultiChoice)),
+            conv(Cell::Null, FieldType::MultiChoice).unwrap()
+        );
+    }
+
+    #[test]
+    fn column_texts() {
+        let c = |t: FieldType, v: Json| column_text(&[("F".into(), v)], &m(t), None).unwrap();
+        assert_eq!(c(FieldType::Number, json!(5.0)), Some("5".into()));
+        assert_eq!(c(FieldType::Currency, json!(12.5)), Some("12.5".into()));
+        assert_eq!(c(FieldType::Text, Json::Null), None);
+        assert_eq!(c(FieldType::Boolean, json!(true)), Some("true".into()));
+        assert_eq!(
+            c(FieldType::MultiChoice, json!(["a", "b\"c"])),
+            Some("{\"a\",\"b\\\"c\"}".into())
+        );
+        assert_eq!(
+            c(FieldType::Hyperlink, json!({"Url": "https://x"})),
+            Some("https://x".into())
+        );
+        assert!(
+            column_text(
+                &[("FLookupId".into(), json!(3))],
+                &m(FieldType::Lookup),
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]

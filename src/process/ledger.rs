@@ -82,12 +82,19 @@ pub struct Entry {
     /// The old item of a move, still to be deleted (the new one is `item`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_delete: Option<ItemRef>,
+    /// Return path, on the intent entry of a person-created item: the SyncKey pre-allocated
+    /// for its new row (written to the item before the row is inserted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_row_key: Option<String>,
 }
 
 impl Entry {
     /// True when nothing is left to remember: no item, nothing in flight.
     pub fn is_empty(&self) -> bool {
-        self.item.is_none() && self.intent.is_none() && self.pending_delete.is_none()
+        self.item.is_none()
+            && self.intent.is_none()
+            && self.pending_delete.is_none()
+            && self.new_row_key.is_none()
     }
 }
 

@@ -38,7 +38,7 @@ pub mod row;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use processor::{Processor, ProcessorStats, sync_key};
+pub use processor::{ConflictRecord, FieldConflict, Processor, ProcessorStats, conflicts_topic, sync_key};
 pub use provision::{ProvisionError, Targets, provision};
 
 use crate::config::PipelineConfig;
@@ -66,6 +66,11 @@ pub fn ledger_topic(prefix: &str, pipeline: &str) -> String {
 /// `<prefix>.<pipeline>.sync`: the push processor's consumer group.
 pub fn sync_group(prefix: &str, pipeline: &str) -> String {
     format!("{prefix}.{pipeline}.sync")
+}
+
+/// `<prefix>.<pipeline>.return`: the return path's consumer group (list changes).
+pub fn return_group(prefix: &str, pipeline: &str) -> String {
+    format!("{prefix}.{pipeline}.return")
 }
 
 /// The replication origin the return path writes with (`syncbridge_<pipeline>`).

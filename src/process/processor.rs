@@ -4,6 +4,10 @@
 //! `LogConsumer::recv` is cancel-safe in both log implementations (a record is handed out only
 //! by the poll that returns it), so the loop may race it against the flush timer.
 
+mod pull;
+
+pub use pull::{ConflictRecord, FieldConflict, conflicts_topic};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::convert::{self, Resolved, Unmappable};
 use super::dlq::{DLQ_PARTITIONS, DeadLetter, SourcePosition, dlq_topic};
 use super::ledger::{self, Entry, Intent, ItemRef, Ledger, Provenance};
-use super::provision::Targets;
+use super::provision::{TableFacts, Targets};
 use super::route::Router;
 use super::row::{self, Cell, Row};
 use super::{
@@ -30,7 +34,8 @@ use crate::capture::avro::{
 };
 use crate::config::{Direction, FieldMapping, FieldType, SYNC_KEY_FIELD, SYSTEM_FIELDS, SyncEntry};
 use crate::graph::{BatchRequest, GraphClient, GraphError, ItemQuery, MAX_BATCH};
-use crate::log::{ConsumedRecord, EventLog, LogConsumer, TopicSpec};
+use crate::log::{ConsumedRecord, EventLog, LogConsumer, Record, TopicSpec};
+use crate::pull::Applier;
 use crate::telemetry::metrics as m;
 
 /// The SyncKey of a row: the key column's text for one-column keys, else a JSON array of the
@@ -58,6 +63,11 @@ pub struct ProcessorStats {
     pub adopted: u64,
     pub dead_letters: u64,
     pub flushes: u64,
+    /// Return path: list changes applied to PostgreSQL.
+    pub pulled: u64,
+    /// Return path: our own writes seen coming back (dropped).
+    pub echoes: u64,
+    pub conflicts: u64,
 }
 
 struct TablePlan {
@@ -90,6 +100,8 @@ struct Pending {
     sync_key: String,
     desired: Desired,
     lsn: u64,
+    /// Commit time of the latest change merged in (for `last_writer_wins`).
+    commit_ts_ms: i64,
     /// Lowest offset merged into this pending write, per (topic, partition).
     offsets: BTreeMap<(String, i32), i64>,
     last: LastEvent,
@@ -113,6 +125,8 @@ enum Outcome {
     NotFound,
     /// The create hit the unique `SyncKey`: an earlier attempt already created the item.
     Duplicate,
+    /// 412: the item changed in the list since our last write (conditional PATCH).
+    Stale,
     Rejected {
         message: String,
         request_id: Option<String>,
@@ -135,6 +149,9 @@ enum OpKind {
         fields: Map<String, Json>,
         projection: BTreeMap<String, Json>,
         hash: String,
+        /// The item's eTag when the entry pulls: a person's edit since our last write makes
+        /// the PATCH fail with 412 instead of being overwritten unseen.
+        if_match: Option<String>,
     },
     Delete {
         item: ItemRef,
@@ -173,6 +190,21 @@ pub struct Processor<L: EventLog> {
     dlq_topic: String,
     failpoints: Failpoints,
     stats: ProcessorStats,
+    /// Per table index: catalog facts (key columns, defaults).
+    facts: Vec<TableFacts>,
+    /// List id → table index, for lists whose entry pulls.
+    list_table: HashMap<String, usize>,
+    /// Pending list changes by `<list>/<item>`.
+    pulls: HashMap<String, pull::PendingPull>,
+    pull_topic: Option<String>,
+    pull_consumed: BTreeMap<(String, i32), i64>,
+    pull_committed: BTreeMap<(String, i32), i64>,
+    /// List id → (resync id, items seen) during a full re-read.
+    resync_seen: HashMap<String, (String, HashSet<String>)>,
+    applier: Option<Applier>,
+    catalog: Option<tokio_postgres::Client>,
+    emails: HashMap<u64, Option<String>>,
+    conflicts_topic: String,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -192,6 +224,7 @@ impl<L: EventLog + 'static> Processor<L> {
         log: Arc<L>,
         client: GraphClient,
         targets: Targets,
+        mut facts: HashMap<String, TableFacts>,
     ) -> Result<Self, ProcessError> {
         let p = &cfg.pipeline;
         let referenced: HashSet<&str> = p
@@ -252,7 +285,52 @@ impl<L: EventLog + 'static> Processor<L> {
         if ledger.replayed > 0 {
             info!(pipeline = %p.name, records = ledger.replayed, "ledger rebuilt from its changelog");
         }
+        let table_facts: Vec<TableFacts> = tables
+            .iter()
+            .map(|t| facts.remove(&t.table).unwrap_or_default())
+            .collect();
+        let mut list_table = HashMap::new();
+        for (i, t) in tables.iter().enumerate() {
+            if t.entry.pull.enabled {
+                for l in t.entry.lists() {
+                    if let Some(id) = targets.list_id(l) {
+                        list_table.insert(id.to_string(), i);
+                    }
+                }
+            }
+        }
+        let pulls = !list_table.is_empty();
+        let conflicts = pull::conflicts_topic(&cfg.prefix, &p.name);
+        let mut pull_topic = None;
+        let mut applier = None;
+        if pulls {
+            log.ensure_topic(&TopicSpec::new(conflicts.clone(), 1))
+                .await?;
+            let t = crate::pull::changes_topic(&cfg.prefix, &p.name);
+            log.ensure_topic(&TopicSpec::new(
+                t.clone(),
+                crate::pull::poller::CHANGES_PARTITIONS,
+            ))
+            .await?;
+            pull_topic = Some(t);
+            applier = Some(
+                Applier::connect(p.source.url.expose(), &p.name)
+                    .await
+                    .map_err(|e| ProcessError::Catalog(format!("return-path applier: {e}")))?,
+            );
+        }
         Ok(Processor {
+            facts: table_facts,
+            list_table,
+            pulls: HashMap::new(),
+            pull_topic,
+            pull_consumed: BTreeMap::new(),
+            pull_committed: BTreeMap::new(),
+            resync_seen: HashMap::new(),
+            applier,
+            catalog: None,
+            emails: HashMap::new(),
+            conflicts_topic: conflicts,
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
@@ -290,7 +368,20 @@ impl<L: EventLog + 'static> Processor<L> {
             .consumer(&group, &self.topics, stop.clone())
             .await?;
         let mut schemas = self.schema_cache().await?;
-        info!(pipeline = %name, topics = self.topics.len(), "push processor started");
+        // The return stream: its own group, so its position is independent of the push side's.
+        let mut pulls = match self.pull_topic.clone() {
+            Some(t) => Some(
+                self.log
+                    .consumer(
+                        &super::return_group(&self.cfg.prefix, &name),
+                        &[t],
+                        stop.clone(),
+                    )
+                    .await?,
+            ),
+            None => None,
+        };
+        info!(pipeline = %name, topics = self.topics.len(), pull = pulls.is_some(), "processor started");
         let window = self.cfg.flush_window;
         let mut deadline: Option<Instant> = None;
         loop {
@@ -306,18 +397,31 @@ impl<L: EventLog + 'static> Processor<L> {
                         self.ingest(rec, &mut schemas).await?;
                         deadline.get_or_insert_with(|| Instant::now() + window);
                         if self.pending.len() >= self.cfg.max_pending {
-                            self.flush_with_retry(&mut consumer, &shutdown).await?;
+                            self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                             deadline = None;
                         }
                     }
                     None => {
-                        self.flush_with_retry(&mut consumer, &shutdown).await?;
+                        self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                         break;
                     }
                 },
+                r = recv_opt(&mut pulls) => match r? {
+                    Some(rec) => {
+                        self.ingest_pull(rec).await?;
+                        deadline.get_or_insert_with(|| Instant::now() + window);
+                        if self.pulls.len() >= self.cfg.max_pending {
+                            self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
+                            deadline = None;
+                        }
+                    }
+                    // Shutdown: the table consumer ends too and does the final flush.
+                    None => pulls = None,
+                },
                 () = timer => {
-                    self.flush_with_retry(&mut consumer, &shutdown).await?;
-                    deadline = (!self.pending.is_empty()).then(|| Instant::now() + window);
+                    self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
+                    deadline = (!self.pending.is_empty() || !self.pulls.is_empty())
+                        .then(|| Instant::now() + window);
                 }
             }
         }
@@ -444,7 +548,15 @@ impl<L: EventLog + 'static> Processor<L> {
                 }
             }
             for (k, sk) in keys {
-                self.put(k, ti, sk, Desired::Delete, change.lsn, &last);
+                self.put(
+                    k,
+                    ti,
+                    sk,
+                    Desired::Delete,
+                    change.lsn,
+                    change.commit_ts_ms,
+                    &last,
+                );
             }
             return Ok(());
         }
@@ -487,7 +599,15 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(());
         }
         match change.op {
-            'd' => self.put(lkey, ti, sk, Desired::Delete, change.lsn, &last),
+            'd' => self.put(
+                lkey,
+                ti,
+                sk,
+                Desired::Delete,
+                change.lsn,
+                change.commit_ts_ms,
+                &last,
+            ),
             'c' | 'u' | 'r' => {
                 let Some(mut after) = change.after else {
                     let d = self.dead_letter(
@@ -514,13 +634,22 @@ impl<L: EventLog + 'static> Processor<L> {
                         }
                     }
                 }
-                self.put(lkey, ti, sk, Desired::Upsert(after), change.lsn, &last);
+                self.put(
+                    lkey,
+                    ti,
+                    sk,
+                    Desired::Upsert(after),
+                    change.lsn,
+                    change.commit_ts_ms,
+                    &last,
+                );
             }
             other => debug!(op = %other, "ignoring an event op the processor does not handle"),
         }
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn put(
         &mut self,
         key: Vec<u8>,
@@ -528,6 +657,7 @@ impl<L: EventLog + 'static> Processor<L> {
         sync_key: String,
         desired: Desired,
         lsn: u64,
+        commit_ts_ms: i64,
         last: &LastEvent,
     ) {
         let tp = (last.topic.clone(), last.partition);
@@ -538,6 +668,7 @@ impl<L: EventLog + 'static> Processor<L> {
                     .increment(1);
                 p.desired = desired;
                 p.lsn = p.lsn.max(lsn);
+                p.commit_ts_ms = p.commit_ts_ms.max(commit_ts_ms);
                 p.offsets.entry(tp).or_insert(last.offset);
                 p.last = last.clone();
             }
@@ -551,6 +682,7 @@ impl<L: EventLog + 'static> Processor<L> {
                         sync_key,
                         desired,
                         lsn,
+                        commit_ts_ms,
                         offsets,
                         last: last.clone(),
                         deferrals: 0,
@@ -617,6 +749,7 @@ impl<L: EventLog + 'static> Processor<L> {
     async fn flush_with_retry(
         &mut self,
         consumer: &mut L::Consumer,
+        pulls: &mut Option<L::Consumer>,
         shutdown: &CancellationToken,
     ) -> Result<(), ProcessError> {
         let mut delay = Duration::from_millis(200);
@@ -638,7 +771,30 @@ impl<L: EventLog + 'static> Processor<L> {
                 Err(e) => return Err(e),
             }
         }
-        self.commit_offsets(consumer).await
+        self.commit_offsets(consumer).await?;
+        if let Some(c) = pulls {
+            self.commit_pull_offsets(c).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_pull_offsets(
+        &mut self,
+        consumer: &mut L::Consumer,
+    ) -> Result<(), ProcessError> {
+        let mut floor: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for p in self.pulls.values() {
+            let e = floor.entry((p.topic.clone(), 0)).or_insert(p.offset);
+            *e = (*e).min(p.offset);
+        }
+        for (tp, next) in &self.pull_consumed {
+            let target = floor.get(tp).map_or(*next, |f| (*f).min(*next));
+            if self.pull_committed.get(tp).is_none_or(|c| *c < target) {
+                consumer.commit(&tp.0, tp.1, target).await?;
+                self.pull_committed.insert(tp.clone(), target);
+            }
+        }
+        Ok(())
     }
 
     async fn commit_offsets(&mut self, consumer: &mut L::Consumer) -> Result<(), ProcessError> {
@@ -660,12 +816,20 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     async fn flush(&mut self) -> Result<(), ProcessError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.pulls.is_empty() {
             return Ok(());
         }
         self.stats.flushes += 1;
         let started = Instant::now();
         let mut transient: Option<String> = None;
+        // List edits first: they decide conflicts against the pushes pending in this flush.
+        if let Err(e) = self.flush_pulls().await {
+            if e.is_retryable() {
+                transient.get_or_insert(e.to_string());
+            } else {
+                return Err(e);
+            }
+        }
         for stage in 0..=1u8 {
             let keys: Vec<Vec<u8>> = self
                 .pending
@@ -854,6 +1018,11 @@ impl<L: EventLog + 'static> Processor<L> {
                                             fields,
                                             projection,
                                             hash,
+                                            if_match: if self.tables[ti].entry.pull.enabled {
+                                                entry.etag.clone()
+                                            } else {
+                                                None
+                                            },
                                         },
                                     });
                                 }
@@ -1000,6 +1169,7 @@ impl<L: EventLog + 'static> Processor<L> {
                                         fields: f,
                                         projection,
                                         hash,
+                                        if_match: None,
                                     },
                                 });
                             }
@@ -1088,6 +1258,53 @@ impl<L: EventLog + 'static> Processor<L> {
                             }
                         }
                         entry.lsn = entry.lsn.max(p.lsn);
+                    }
+                    (OpKind::Update { item, .. }, Outcome::Stale) => {
+                        // A person changed the item since our last write: fetch it and let the
+                        // next flush decide the conflict by policy; the push stays pending.
+                        self.write_metric("update", "stale");
+                        let fetched = self
+                            .client
+                            .get_item(&self.targets.site_id, &item.list_id, &item.item_id)
+                            .await;
+                        match fetched {
+                            Ok(found) => {
+                                let modified = found.as_ref().and_then(|i| {
+                                    i.fields
+                                        .get("Modified")
+                                        .and_then(Json::as_str)
+                                        .and_then(|t| {
+                                            chrono::DateTime::parse_from_rfc3339(t)
+                                                .ok()
+                                                .map(|t| t.timestamp_millis())
+                                        })
+                                });
+                                let key = format!("{}/{}", item.list_id, item.item_id);
+                                let offset = self.pulls.get(&key).map_or(i64::MAX, |p| p.offset);
+                                self.pulls.insert(
+                                    key,
+                                    pull::PendingPull {
+                                        table: p.table,
+                                        list_id: item.list_id.clone(),
+                                        item_id: item.item_id.clone(),
+                                        etag: found.as_ref().and_then(|i| i.e_tag.clone()),
+                                        fields: found.map(|i| i.fields),
+                                        last_modified_ms: modified,
+                                        offset,
+                                        topic: self.pull_topic.clone().unwrap_or_default(),
+                                        deferrals: 0,
+                                    },
+                                );
+                                transient.get_or_insert(format!(
+                                    "{table} {}: item changed in the list since our last write",
+                                    p.sync_key
+                                ));
+                            }
+                            Err(e) => {
+                                transient.get_or_insert(e.to_string());
+                            }
+                        }
+                        unfinished.insert(k.clone());
                     }
                     (
                         kind,
@@ -1303,13 +1520,18 @@ impl<L: EventLog + 'static> Processor<L> {
                     OpKind::Create {
                         list_id, fields, ..
                     } => BatchRequest::create_item(id, &site, list_id, fields.clone()),
-                    OpKind::Update { item, fields, .. } => BatchRequest::update_fields(
+                    OpKind::Update {
+                        item,
+                        fields,
+                        if_match,
+                        ..
+                    } => BatchRequest::update_fields(
                         id,
                         &site,
                         &item.list_id,
                         &item.item_id,
                         fields.clone(),
-                        None,
+                        if_match.clone(),
                     ),
                     OpKind::Delete { item, .. } => {
                         BatchRequest::delete_item(id, &site, &item.list_id, &item.item_id, None)
@@ -1347,10 +1569,21 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 }
 
+/// `recv` of an optional consumer; pending forever when there is none.
+async fn recv_opt<C: LogConsumer>(
+    c: &mut Option<C>,
+) -> Result<Option<ConsumedRecord>, crate::log::LogError> {
+    match c {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn classify(o: crate::graph::BatchOutcome) -> Outcome {
     match o.result {
         Ok(()) => Outcome::Ok { body: o.body },
         Err(GraphError::NotFound { .. }) => Outcome::NotFound,
+        Err(GraphError::PreconditionFailed { .. }) => Outcome::Stale,
         Err(e) if e.is_retryable() => Outcome::Transient(e.to_string()),
         Err(e) => {
             let text = e.to_string();

@@ -293,30 +293,74 @@ pub fn verify(
     out
 }
 
-/// NOT NULL columns of every synced table (for `required` on created columns).
-pub async fn not_null_columns(p: &PipelineConfig) -> Result<NotNull, super::ProcessError> {
+/// Catalog facts about one synced table that the push and return paths need.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableFacts {
+    /// NOT NULL columns without a default (for `required` on created columns).
+    pub not_null: HashSet<String>,
+    /// Key columns in column order (the configured `key`, else the primary key): the order of
+    /// the capture key record, hence of multi-column `SyncKey`s.
+    pub key_columns: Vec<String>,
+    /// Per key column, an SQL expression that allocates a new value (its default, or `nextval`
+    /// of an identity column's sequence); used to pre-allocate keys for person-created items.
+    pub key_defaults: Vec<Option<String>>,
+    /// Per key column, `format_type()` (for typed key comparisons that can use the index).
+    pub key_types: Vec<String>,
+    /// Every column's `format_type()`.
+    pub column_types: HashMap<String, String>,
+}
+
+/// [`TableFacts`] of every synced table (`schema.table` → facts).
+pub async fn table_facts(
+    p: &PipelineConfig,
+) -> Result<HashMap<String, TableFacts>, super::ProcessError> {
     let err = |e: tokio_postgres::Error| super::ProcessError::Catalog(e.to_string());
     let (client, connection) =
         tokio_postgres::connect(p.source.url.expose(), tokio_postgres::NoTls)
             .await
             .map_err(err)?;
     let conn = tokio::spawn(connection);
-    let mut out = NotNull::new();
+    let mut out = HashMap::new();
     for e in &p.sync {
         let name = crate::capture::catalog::qualified_ident(&e.table.schema, &e.table.name);
         let rows = client
             .query(
-                "SELECT a.attname::text FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
-                   AND NOT a.attisdropped AND a.attnotnull",
+                "SELECT a.attname::text, a.attnotnull, \
+                        COALESCE(i.indisprimary, false), \
+                        CASE WHEN a.attidentity <> '' \
+                             THEN format('nextval(%L::regclass)', pg_get_serial_sequence($1, a.attname)) \
+                             ELSE pg_get_expr(d.adbin, d.adrelid) END, \
+                        format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                      AND a.attnum = ANY(i.indkey) \
+                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
                 &[&name],
             )
             .await
             .map_err(err)?;
-        out.insert(
-            e.table.to_string(),
-            rows.iter().map(|r| r.get::<_, String>(0)).collect(),
-        );
+        let mut facts = TableFacts::default();
+        for r in &rows {
+            let col: String = r.get(0);
+            facts.column_types.insert(col.clone(), r.get::<_, String>(4));
+            // NOT NULL with a default is not `required` in the list: a person creating an item
+            // cannot know the value, and the database fills it in.
+            if r.get::<_, bool>(1) && r.get::<_, Option<String>>(3).is_none() {
+                facts.not_null.insert(col.clone());
+            }
+            let is_key = match &e.key {
+                Some(k) => k.contains(&col),
+                None => r.get::<_, bool>(2),
+            };
+            if is_key {
+                facts.key_columns.push(col);
+                facts.key_defaults.push(r.get::<_, Option<String>>(3));
+                facts.key_types.push(r.get::<_, String>(4));
+            }
+        }
+        out.insert(e.table.to_string(), facts);
     }
     drop(client);
     let _ = conn.await;

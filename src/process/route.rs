@@ -122,7 +122,7 @@ mod tests {
 
     fn entry(routes: &str) -> SyncEntry {
         let yaml = format!(
-            "version: 1\nname: t\nsource: {{ url: 'postgres://u@h/d' }}\ngraph: {{ tenant: t.onmicrosoft.com, client_id: 11111111-2222-3333-4444-555555555555, client_secret: s, site: 'h:/sites/x' }}\nsync:\n  - table: public.t\n    list: Default\n    fields: {{ a: A }}\n    routes:\n{routes}"
+            "version: 1\nname: t\nsource: {{ url: 'postgres://u@h/d' }}\ngraph: {{ tenant: t.onmicrosoft.com, client_id: 11111111-2222-3333-4444-555555555555, client_secret: s, site: 'h.sharepoint.com:/sites/x' }}\nsync:\n  - table: public.t\n    list: Default\n    fields: {{ a: A }}\n    routes:\n{routes}"
         );
         load_str("t.yaml", &yaml, &|_| None).unwrap().sync.remove(0)
     }

@@ -79,6 +79,10 @@ pub const PUSH_PENDING_ROWS: &str = "syncbridge_push_pending_rows";
 pub const PUSH_FLUSH_SECONDS: &str = "syncbridge_push_flush_seconds";
 /// Counter of dead letters written to the DLQ topic, labels `pipeline`, `kind`.
 pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
+/// Counter of list changes recognised as our own writes coming back (echoes), label `pipeline`.
+pub const PULL_ECHOES_TOTAL: &str = "syncbridge_pull_echoes_total";
+/// Counter of fields changed on both sides, labels `pipeline`, `policy`, `outcome` (source/target/parked).
+pub const PULL_CONFLICTS_TOTAL: &str = "syncbridge_pull_conflicts_total";
 
 /// Counter of delta poll rounds, labels `pipeline`, `outcome` (changes/idle/error).
 pub const PULL_DELTA_POLLS_TOTAL: &str = "syncbridge_pull_delta_polls_total";
@@ -273,4 +277,6 @@ pub fn describe_all() {
         Unit::Count,
         "Dead letters written to the DLQ topic (labels: pipeline, kind)."
     );
+    describe_counter!(PULL_ECHOES_TOTAL, Unit::Count, "List changes recognised as our own writes and dropped (label: pipeline).");
+    describe_counter!(PULL_CONFLICTS_TOTAL, Unit::Count, "Fields changed on both sides, by policy and winner (labels: pipeline, policy, outcome).");
 }

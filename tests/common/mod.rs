@@ -63,6 +63,17 @@ pub fn drop_replication_objects(slot: &str, publication: &str, tables: &[String]
             let _ = c
                 .batch_execute(&format!("DROP PUBLICATION IF EXISTS {publication}"))
                 .await;
+            // The return path's replication origin (`syncbridge_<pipeline>`, slot `sb_<pipeline>`):
+            // each origin with progress holds one of the `max_replication_slots` state slots.
+            if let Some(pipeline) = slot.strip_prefix("sb_") {
+                let _ = c
+                    .execute(
+                        "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
+                         WHERE roname = $1",
+                        &[&format!("syncbridge_{pipeline}")],
+                    )
+                    .await;
+            }
             for t in tables {
                 let _ = c.batch_execute(&format!("DROP TABLE IF EXISTS {t}")).await;
             }

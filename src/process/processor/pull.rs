@@ -1,0 +1,1083 @@
+//! The return path inside the processor (DESIGN §8): list changes from the delta pollers
+//! (`<prefix>.<pipeline>.list-changes`, consumer group `<prefix>.<pipeline>.return`) are applied
+//! to PostgreSQL by the same task that pushes, against the same ledger entry. That is the
+//! partitioning answer to "a row's push and pull decisions see one consistent ledger entry":
+//! one owner per pipeline, and within a flush the pulls are decided first, knowing which rows
+//! also have a pending push (both sides changed → conflict policy).
+//!
+//! - **Echo suppression**: an item whose mapped fields (canonical form, see
+//!   `convert::canonical_from_item`) equal the ledger's projection is our own write: dropped.
+//! - **Conflicts**: a field changed in the list *and* in a pending push of the row is decided by
+//!   its policy (`source_wins`, `target_wins`, `last_writer_wins` by commit time vs
+//!   `lastModifiedDateTime`; `manual` parks the row: neither side is written). Every conflict is
+//!   recorded in `<prefix>.<pipeline>.conflicts` with both values and the decision. A push whose
+//!   conditional PATCH meets 412 (the item changed since our last write) refetches the item and
+//!   becomes such a conflict on the next flush.
+//! - **Person-created items** (no `SyncKey`): a key is pre-allocated from the key columns'
+//!   defaults, recorded as an intent, written to the item as `SyncKey`, then the row is inserted
+//!   (a replay finds the intent, and a second insert meets the primary key: idempotent).
+//! - **Deletes** follow `pull.on_delete` (delete the row, soft-delete, or ignore).
+//!
+//! Applies use the applier's replication-origin session, so capture marks the resulting events
+//! and the push side skips them; the ledger is updated to the pulled values as well, so even
+//! without the origin check the event would be recognised as in sync.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use tracing::{debug, warn};
+
+use super::*;
+use crate::config::{ConflictPolicy, OnDelete, TableName};
+use crate::graph::ops::USER_INFORMATION_LIST;
+use crate::pull::{Applier, ApplyError, ChangeKind, ListChange, RowChange, RowChangeKind};
+
+/// A list change waiting for the next flush (the latest per item).
+#[derive(Debug, Clone)]
+pub(super) struct PendingPull {
+    pub table: usize,
+    pub list_id: String,
+    pub item_id: String,
+    /// `None`: deleted in the list.
+    pub fields: Option<Map<String, Json>>,
+    pub etag: Option<String>,
+    pub last_modified_ms: Option<i64>,
+    /// Offset of the first change merged in (the changes topic has one partition).
+    pub offset: i64,
+    pub topic: String,
+    /// Flushes this change waited for a PostgreSQL change of the row to reach the processor.
+    pub deferrals: u32,
+}
+
+/// Flushes a list edit waits when the row also changed in PostgreSQL but that change has not
+/// reached the processor yet (so the conflict is decided with both sides and their times).
+const MAX_PULL_DEFERRALS: u32 = 10;
+
+/// One field both sides changed, as recorded in the conflicts topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldConflict {
+    pub field: String,
+    pub column: String,
+    pub source: Json,
+    pub target: Json,
+    pub policy: ConflictPolicy,
+    /// `source`, `target`, or `parked`.
+    pub winner: String,
+}
+
+/// A conflict record (value of `<prefix>.<pipeline>.conflicts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    pub id: String,
+    pub pipeline: String,
+    pub table: String,
+    pub key: String,
+    pub list_id: String,
+    pub item_id: String,
+    pub fields: Vec<FieldConflict>,
+    /// `resolved` (every field decided by its policy) or `parked` (manual).
+    pub decision: String,
+    pub source_commit_ts_ms: i64,
+    pub target_modified_ms: Option<i64>,
+    pub at_ms: i64,
+}
+
+/// `<prefix>.<pipeline>.conflicts`.
+pub fn conflicts_topic(prefix: &str, pipeline: &str) -> String {
+    format!("{prefix}.{pipeline}.conflicts")
+}
+
+fn parse_ms(s: Option<&str>) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s?)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// The key column values a SyncKey stands for (see [`sync_key`]).
+fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
+    if columns.len() == 1 {
+        return vec![(columns[0].clone(), Some(sk.to_string()))];
+    }
+    let parts: Vec<Option<String>> = serde_json::from_str(sk).unwrap_or_default();
+    columns.iter().cloned().zip(parts).collect()
+}
+
+/// A `to_json` value as a cell (what `convert` accepts for every field type).
+fn cell_from_json(v: &Json) -> Cell {
+    match v {
+        Json::Null => Cell::Null,
+        Json::Bool(b) => Cell::Bool(*b),
+        Json::Number(n) => n
+            .as_i64()
+            .map_or_else(|| Cell::Decimal(n.to_string()), Cell::Int),
+        Json::String(s) => Cell::Text(s.clone()),
+        Json::Array(a) => Cell::Array(a.iter().map(cell_from_json).collect()),
+        Json::Object(_) => Cell::Text(v.to_string()),
+    }
+}
+
+/// A pulled column value back as a cell, so a pending push can carry the target's value.
+fn cell_from_text(m: &FieldMapping, text: Option<&str>) -> Cell {
+    match text {
+        None => Cell::Null,
+        Some(t) if m.field_type == FieldType::MultiChoice => {
+            let inner = t.trim_start_matches('{').trim_end_matches('}');
+            Cell::Array(
+                inner
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Cell::Text(s.trim_matches('"').replace("\\\"", "\"")))
+                    .collect(),
+            )
+        }
+        Some(t) => Cell::Text(t.to_string()),
+    }
+}
+
+enum PullOutcome {
+    Done,
+    Dead(Box<DeadLetter>),
+    /// Try again next flush.
+    Defer,
+}
+
+impl<L: EventLog + 'static> Processor<L> {
+    /// Reads one list-change record into the pending pulls.
+    pub(super) async fn ingest_pull(&mut self, rec: ConsumedRecord) -> Result<(), ProcessError> {
+        let tp = (rec.topic.clone(), rec.partition);
+        self.pull_consumed.insert(tp, rec.offset + 1);
+        let Some(v) = rec.record.value.as_deref() else {
+            return Ok(());
+        };
+        let change: ListChange = match serde_json::from_slice(v) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(
+                    offset = rec.offset,
+                    "ignoring an unreadable list-change record: {e}"
+                );
+                return Ok(());
+            }
+        };
+        let Some(&ti) = self.list_table.get(&change.list_id) else {
+            return Ok(());
+        };
+        match change.kind {
+            ChangeKind::ResyncBegin => {
+                let id = change.resync_id.clone().unwrap_or_default();
+                self.resync_seen
+                    .insert(change.list_id.clone(), (id, HashSet::new()));
+            }
+            ChangeKind::ResyncEnd => {
+                let Some((id, seen)) = self.resync_seen.remove(&change.list_id) else {
+                    return Ok(());
+                };
+                if change.resync_id.as_deref() != Some(id.as_str()) {
+                    return Ok(());
+                }
+                // Items the ledger knows in this list that the full read did not return were
+                // deleted while no delta token covered them.
+                let table = self.tables[ti].table.clone();
+                for (_, e) in self.ledger.scan_table(&table)? {
+                    if let Some(item) = e.item
+                        && item.list_id == change.list_id
+                        && !seen.contains(&item.item_id)
+                    {
+                        self.put_pull(ti, &change.list_id, &item.item_id, None, None, None, &rec);
+                    }
+                }
+            }
+            ChangeKind::Upsert | ChangeKind::Deleted => {
+                let Some(item_id) = change.item_id.clone() else {
+                    return Ok(());
+                };
+                if change.resync
+                    && let Some((id, seen)) = self.resync_seen.get_mut(&change.list_id)
+                    && change.resync_id.as_deref() == Some(id.as_str())
+                {
+                    seen.insert(item_id.clone());
+                }
+                let fields = if change.kind == ChangeKind::Deleted {
+                    None
+                } else {
+                    change.fields.clone()
+                };
+                let modified = parse_ms(change.last_modified.as_deref());
+                self.put_pull(
+                    ti,
+                    &change.list_id,
+                    &item_id,
+                    fields,
+                    change.etag.clone(),
+                    modified,
+                    &rec,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_pull(
+        &mut self,
+        table: usize,
+        list_id: &str,
+        item_id: &str,
+        fields: Option<Map<String, Json>>,
+        etag: Option<String>,
+        last_modified_ms: Option<i64>,
+        rec: &ConsumedRecord,
+    ) {
+        let key = format!("{list_id}/{item_id}");
+        let offset = self
+            .pulls
+            .get(&key)
+            .map_or(rec.offset, |p| p.offset.min(rec.offset));
+        self.pulls.insert(
+            key,
+            PendingPull {
+                table,
+                list_id: list_id.to_string(),
+                item_id: item_id.to_string(),
+                fields,
+                etag,
+                last_modified_ms,
+                offset,
+                topic: rec.topic.clone(),
+                deferrals: 0,
+            },
+        );
+    }
+
+    /// The fields the return path reads for a table: bidirectional and pull_only ones.
+    fn pull_fields(&self, ti: usize) -> Vec<FieldMapping> {
+        self.tables[ti]
+            .entry
+            .fields
+            .iter()
+            .filter(|f| f.direction != Direction::PushOnly)
+            .cloned()
+            .collect()
+    }
+
+    /// The ledger key of the row an item belongs to (by SyncKey, else by a ledger scan).
+    fn row_of_item(
+        &self,
+        ti: usize,
+        p: &PendingPull,
+    ) -> Result<Option<(Vec<u8>, String)>, ProcessError> {
+        let table = &self.tables[ti].table;
+        if let Some(sk) = p
+            .fields
+            .as_ref()
+            .and_then(|f| f.get(SYNC_KEY_FIELD))
+            .and_then(Json::as_str)
+            && !sk.is_empty()
+        {
+            return Ok(Some((ledger::key(table, sk), sk.to_string())));
+        }
+        for (k, e) in self.ledger.scan_table(table)? {
+            if e.item
+                .as_ref()
+                .is_some_and(|i| i.list_id == p.list_id && i.item_id == p.item_id)
+            {
+                let sk = ledger::split_key(&k).map(|(_, s)| s).unwrap_or_default();
+                return Ok(Some((k, sk)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Applies the pending list changes (before the pushes of the same flush).
+    pub(super) async fn flush_pulls(&mut self) -> Result<(), ProcessError> {
+        if self.pulls.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = self.pulls.keys().cloned().collect();
+        let mut transient: Option<String> = None;
+        let mut dead = Vec::new();
+        for k in keys {
+            let Some(p) = self.pulls.get(&k).cloned() else {
+                continue;
+            };
+            let result = match &p.fields {
+                None => self.pull_delete(&p).await,
+                Some(fields) => {
+                    let has_key = fields
+                        .get(SYNC_KEY_FIELD)
+                        .and_then(Json::as_str)
+                        .is_some_and(|s| !s.is_empty());
+                    if has_key {
+                        self.pull_upsert(&p).await
+                    } else {
+                        self.pull_new_item(&p).await
+                    }
+                }
+            };
+            match result {
+                Ok(PullOutcome::Done) => {
+                    self.pulls.remove(&k);
+                }
+                Ok(PullOutcome::Dead(d)) => {
+                    dead.push(*d);
+                    self.pulls.remove(&k);
+                }
+                Ok(PullOutcome::Defer) => {
+                    if let Some(p) = self.pulls.get_mut(&k) {
+                        p.deferrals += 1;
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    transient.get_or_insert(e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.append_dead(dead).await?;
+        match transient {
+            None => Ok(()),
+            Some(message) => Err(ProcessError::Graph(GraphError::Transient {
+                status: None,
+                message,
+                request_id: None,
+            })),
+        }
+    }
+
+    fn pull_dead(&self, p: &PendingPull, key: &str, kind: &str, reason: String) -> DeadLetter {
+        DeadLetter {
+            pipeline: self.cfg.pipeline.name.clone(),
+            table: self.tables[p.table].table.clone(),
+            key: key.to_string(),
+            kind: kind.to_string(),
+            reason,
+            list: Some(p.list_id.clone()),
+            request_id: None,
+            client_request_id: None,
+            source: Some(SourcePosition {
+                topic: p.topic.clone(),
+                partition: 0,
+                offset: p.offset,
+            }),
+            event_key_b64: None,
+            event_value_b64: None,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    fn applier(&mut self) -> Result<&mut Applier, ProcessError> {
+        self.applier
+            .as_mut()
+            .ok_or_else(|| ProcessError::Config("the return path has no PostgreSQL applier".into()))
+    }
+
+    /// Applies one row change; connection failures are retryable errors of the flush (the
+    /// applier reconnects on the next call), data rejections are returned for the DLQ.
+    async fn apply(
+        &mut self,
+        change: RowChange,
+    ) -> Result<Result<crate::pull::Applied, ApplyError>, ProcessError> {
+        match self.applier()?.apply(&change).await {
+            Err(e) if e.is_retryable() => Err(ProcessError::Catalog(e.to_string())),
+            other => Ok(other),
+        }
+    }
+
+    fn table_name(&self, ti: usize) -> TableName {
+        self.tables[ti].entry.table.clone()
+    }
+
+    /// Column text of a pulled field (persons → email, lookups → foreign key).
+    async fn pulled_text(
+        &mut self,
+        f: &FieldMapping,
+        canon: &[(String, Json)],
+    ) -> Result<Result<Option<String>, Unmappable>, ProcessError> {
+        let id = canon
+            .iter()
+            .find(|(k, _)| k.ends_with("LookupId"))
+            .and_then(|(_, v)| v.as_u64());
+        let resolved = match (f.field_type, id) {
+            (FieldType::Person, Some(id)) => self.email(id).await?,
+            (FieldType::Lookup, Some(id)) => self.lookup_key(f, &id.to_string())?,
+            _ => None,
+        };
+        Ok(convert::column_text(canon, f, resolved))
+    }
+
+    async fn email(&mut self, id: u64) -> Result<Option<String>, ProcessError> {
+        if let Some(e) = self.emails.get(&id) {
+            return Ok(e.clone());
+        }
+        let item = self
+            .client
+            .get_item(
+                &self.targets.site_id,
+                USER_INFORMATION_LIST,
+                &id.to_string(),
+            )
+            .await?;
+        let email = item.and_then(|i| {
+            i.fields
+                .get("EMail")
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+        });
+        self.emails.insert(id, email.clone());
+        Ok(email)
+    }
+
+    /// The foreign key (the referenced row's SyncKey) of a lookup item id.
+    fn lookup_key(&self, f: &FieldMapping, item_id: &str) -> Result<Option<String>, ProcessError> {
+        let list = f.lookup_list.as_deref().unwrap_or_default();
+        let Some(list_id) = self.targets.list_id(list) else {
+            return Ok(None);
+        };
+        let Some(target) = self
+            .tables
+            .iter()
+            .find(|t| t.entry.lists().any(|l| l == list))
+        else {
+            return Ok(None);
+        };
+        for (k, e) in self.ledger.scan_table(&target.table)? {
+            if e.item
+                .as_ref()
+                .is_some_and(|i| i.list_id == list_id && i.item_id == item_id)
+            {
+                return Ok(ledger::split_key(&k).map(|(_, sk)| sk));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn pull_upsert(&mut self, p: &PendingPull) -> Result<PullOutcome, ProcessError> {
+        let ti = p.table;
+        let fields = p.fields.clone().unwrap_or_default();
+        let Some((lkey, sk)) = self.row_of_item(ti, p)? else {
+            return Ok(PullOutcome::Done);
+        };
+        let mut entry = self.ledger.get(&lkey)?.unwrap_or_default();
+        let policy_default = self.tables[ti].entry.conflict;
+        // Changed fields: canonical pulled value differs from the ledger's.
+        let mut changed: Vec<(FieldMapping, Vec<(String, Json)>)> = Vec::new();
+        let mut system_changed = Vec::new();
+        for f in self.pull_fields(ti) {
+            let canon = convert::canonical_from_item(&fields, &f);
+            let same = canon
+                .iter()
+                .all(|(k, v)| entry.projection.get(k).unwrap_or(&Json::Null) == v);
+            if !same {
+                if SYSTEM_FIELDS.contains(&f.field.as_str()) {
+                    system_changed.push((f, canon));
+                } else {
+                    changed.push((f, canon));
+                }
+            }
+        }
+        if entry.item.is_none() {
+            entry.item = Some(ItemRef {
+                list_id: p.list_id.clone(),
+                item_id: p.item_id.clone(),
+            });
+        }
+        if changed.is_empty() {
+            // Our own write coming back (or a change to unmapped columns only).
+            self.stats.echoes += 1;
+            metrics::counter!(m::PULL_ECHOES_TOTAL, "pipeline" => self.cfg.pipeline.name.clone())
+                .increment(1);
+            if p.etag.is_some() && entry.etag != p.etag {
+                entry.etag = p.etag.clone();
+                self.ledger.commit(vec![(lkey, Some(entry))]).await?;
+            }
+            return Ok(PullOutcome::Done);
+        }
+        // Conflict with a pending push of the same row?
+        let mut apply: Vec<(FieldMapping, Vec<(String, Json)>)> = Vec::new();
+        let mut conflicts = Vec::new();
+        let pending = self.pending.get(&lkey).cloned();
+        if let Some(Pending {
+            desired: Desired::Delete,
+            ..
+        }) = &pending
+        {
+            // Deleted in PostgreSQL while edited in the list: the delete is pushed next.
+            return Ok(PullOutcome::Done);
+        }
+        // The source side: the pending push, else the row as it is now in PostgreSQL (its change
+        // may not have reached the processor yet).
+        let (push_proj, from_pending) = match &pending {
+            Some(Pending {
+                desired: Desired::Upsert(row),
+                ..
+            }) => (self.project(ti, row, &entry).await.ok(), true),
+            _ => (self.source_projection(ti, &sk, &entry).await?, false),
+        };
+        let mut parked = false;
+        let mut target_cells: Vec<(String, Cell)> = Vec::new();
+        for (f, canon) in changed {
+            let source_changed = push_proj.as_ref().is_some_and(|pp| {
+                canon.iter().any(|(k, _)| {
+                    pp.get(k).unwrap_or(&Json::Null)
+                        != entry.projection.get(k).unwrap_or(&Json::Null)
+                })
+            });
+            if !source_changed || f.direction == Direction::PullOnly {
+                apply.push((f, canon));
+                continue;
+            }
+            if !from_pending && p.deferrals < MAX_PULL_DEFERRALS {
+                return Ok(PullOutcome::Defer);
+            }
+            let policy = f.conflict.unwrap_or(policy_default);
+            let source_ts = pending
+                .as_ref()
+                .map_or_else(|| chrono::Utc::now().timestamp_millis(), |p| p.commit_ts_ms);
+            let winner = match policy {
+                ConflictPolicy::SourceWins => "source",
+                ConflictPolicy::TargetWins => "target",
+                ConflictPolicy::LastWriterWins => {
+                    if p.last_modified_ms.is_some_and(|t| t > source_ts) {
+                        "target"
+                    } else {
+                        "source"
+                    }
+                }
+                ConflictPolicy::Manual => "parked",
+            };
+            let pp = push_proj.as_ref().expect("source changed");
+            let value = |m: &BTreeMap<String, Json>| {
+                canon
+                    .iter()
+                    .find(|(k, _)| !k.ends_with("@odata.type"))
+                    .and_then(|(k, _)| m.get(k).cloned())
+                    .unwrap_or(Json::Null)
+            };
+            let target_value = canon
+                .iter()
+                .find(|(k, _)| !k.ends_with("@odata.type"))
+                .map(|(_, v)| v.clone())
+                .unwrap_or(Json::Null);
+            conflicts.push(FieldConflict {
+                field: f.field.clone(),
+                column: f.column.clone(),
+                source: value(pp),
+                target: target_value,
+                policy,
+                winner: winner.to_string(),
+            });
+            match winner {
+                "target" => apply.push((f, canon)),
+                "parked" => parked = true,
+                _ => {}
+            }
+        }
+        let had_conflicts = !conflicts.is_empty();
+        if had_conflicts {
+            let record = ConflictRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                pipeline: self.cfg.pipeline.name.clone(),
+                table: self.tables[ti].table.clone(),
+                key: sk.clone(),
+                list_id: p.list_id.clone(),
+                item_id: p.item_id.clone(),
+                fields: conflicts,
+                decision: if parked { "parked" } else { "resolved" }.into(),
+                source_commit_ts_ms: pending.as_ref().map_or(0, |p| p.commit_ts_ms),
+                target_modified_ms: p.last_modified_ms,
+                at_ms: chrono::Utc::now().timestamp_millis(),
+            };
+            self.record_conflict(&record).await?;
+        }
+        if parked {
+            // Neither side is written until an operator decides.
+            self.pending.remove(&lkey);
+            return Ok(PullOutcome::Done);
+        }
+        if had_conflicts && p.etag.is_some() {
+            // The list's version is now known and decided on: the push's conditional PATCH must
+            // not meet 412 for it again.
+            entry.etag = p.etag.clone();
+            self.ledger
+                .commit(vec![(lkey.clone(), Some(entry.clone()))])
+                .await?;
+        }
+        // A pending push of the row must carry every value taken from the list (edits the source
+        // did not touch, and conflicts the target won), or it would write the old ones back.
+        if pending.is_some() {
+            for (f, canon) in &apply {
+                let text = self.pulled_text(f, canon).await?.ok().flatten();
+                target_cells.push((f.column.clone(), cell_from_text(f, text.as_deref())));
+            }
+            if let Some(Pending {
+                desired: Desired::Upsert(row),
+                ..
+            }) = self.pending.get_mut(&lkey)
+            {
+                for (col, cell) in target_cells.drain(..) {
+                    row.insert(col, cell);
+                }
+            }
+        }
+        if apply.is_empty() {
+            return Ok(PullOutcome::Done);
+        }
+        apply.extend(system_changed);
+        let mut set = Vec::new();
+        for (f, canon) in &apply {
+            match self.pulled_text(f, canon).await? {
+                Ok(text) => set.push((f.column.clone(), text)),
+                Err(u) => {
+                    return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                        p,
+                        &sk,
+                        u.kind,
+                        u.to_string(),
+                    ))));
+                }
+            }
+        }
+        let facts = &self.facts[ti];
+        let key = key_values(&facts.key_columns, &sk);
+        let change = RowChange {
+            table: self.table_name(ti),
+            key: key.clone(),
+            kind: RowChangeKind::Update { set: set.clone() },
+        };
+        let applied = match self.apply(change).await? {
+            Ok(a) if a.rows == 0 => {
+                // No such row (deleted meanwhile, or its insert was rejected): insert it.
+                // The applier inserts the key columns from `key`; `values` are the others.
+                // Empty list fields are left out so the columns' defaults apply.
+                let values: Vec<_> = set
+                    .into_iter()
+                    .filter(|(c, v)| v.is_some() && !key.iter().any(|(k, _)| k == c))
+                    .collect();
+                let insert = RowChange {
+                    table: self.table_name(ti),
+                    key: key.clone(),
+                    kind: RowChangeKind::Insert { values },
+                };
+                match self.apply(insert).await? {
+                    Ok(a) => a,
+                    Err(e) => {
+                        return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                            p,
+                            &sk,
+                            "pull_rejected",
+                            e.to_string(),
+                        ))));
+                    }
+                }
+            }
+            Ok(a) => a,
+            Err(e) => {
+                return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                    p,
+                    &sk,
+                    "pull_rejected",
+                    e.to_string(),
+                ))));
+            }
+        };
+        self.stats.pulled += 1;
+        for (_, canon) in apply {
+            for (k, v) in canon {
+                entry.projection.insert(k, v);
+            }
+        }
+        entry.hash = Some(hash_projection(&entry.projection));
+        entry.etag = p.etag.clone().or(entry.etag);
+        entry.provenance = Provenance::Pull;
+        entry.pulled_at_ms = Some(chrono::Utc::now().timestamp_millis());
+        if let Some(lsn) = applied.commit_lsn {
+            entry.lsn = entry.lsn.max(lsn);
+        }
+        // The pending push now includes the pulled values: it is as new as this apply, not a
+        // stale event to skip.
+        if let Some(pp) = self.pending.get_mut(&lkey) {
+            pp.lsn = pp.lsn.max(entry.lsn);
+        }
+        self.ledger.commit(vec![(lkey, Some(entry))]).await?;
+        debug!(table = %self.tables[ti].table, key = %sk, "applied a list edit");
+        Ok(PullOutcome::Done)
+    }
+
+    /// The row's mapped projection as it is now in PostgreSQL (`None`: no such row, or a value
+    /// that cannot be read back; then no source-side change is assumed).
+    async fn source_projection(
+        &mut self,
+        ti: usize,
+        sk: &str,
+        entry: &Entry,
+    ) -> Result<Option<BTreeMap<String, Json>>, ProcessError> {
+        let facts = self.facts[ti].clone();
+        let fields = self.tables[ti].push_fields.clone();
+        if fields.is_empty() || facts.key_columns.is_empty() {
+            return Ok(None);
+        }
+        let q = crate::pull::quote_ident;
+        let exprs: Vec<String> = fields
+            .iter()
+            .map(|f| {
+                let c = q(&f.column);
+                match facts.column_types.get(&f.column).map(String::as_str) {
+                    Some("json" | "jsonb") => format!("to_json({c}::text)"),
+                    Some(t) if t.starts_with("timestamp") && !t.contains("with time zone") => {
+                        format!("to_json(to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'))")
+                    }
+                    _ => format!("to_json({c})"),
+                }
+            })
+            .collect();
+        let keys = key_values(&facts.key_columns, sk);
+        let conds: Vec<String> = facts
+            .key_columns
+            .iter()
+            .zip(&facts.key_types)
+            .enumerate()
+            .map(|(i, (c, t))| format!("{} = ${}::text::{t}", q(c), i + 1))
+            .collect();
+        let t = &self.tables[ti].entry.table;
+        let sql = format!(
+            "SELECT {} FROM {}.{} WHERE {}",
+            exprs
+                .iter()
+                .map(|e| format!("({e})::text"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            q(&t.schema),
+            q(&t.name),
+            conds.join(" AND ")
+        );
+        let params: Vec<Option<String>> = keys.into_iter().map(|(_, v)| v).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let client = self.catalog().await?;
+        let row = client
+            .query_opt(&sql, &refs)
+            .await
+            .map_err(|e| ProcessError::Catalog(format!("reading the row back: {e}")))?;
+        let Some(row) = row else { return Ok(None) };
+        let mut cells = Row::new();
+        for (i, f) in fields.iter().enumerate() {
+            let v: Option<String> = row.get(i);
+            let v = v
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Json::Null);
+            cells.insert(f.column.clone(), cell_from_json(&v));
+        }
+        Ok(self.project(ti, &cells, entry).await.ok())
+    }
+
+    async fn record_conflict(&mut self, r: &ConflictRecord) -> Result<(), ProcessError> {
+        for f in &r.fields {
+            metrics::counter!(m::PULL_CONFLICTS_TOTAL, "pipeline" => r.pipeline.clone(), "policy" => f.policy.as_str(), "outcome" => f.winner.clone())
+                .increment(1);
+        }
+        self.stats.conflicts += 1;
+        warn!(table = %r.table, key = %r.key, decision = %r.decision, fields = r.fields.len(), "conflict: both sides changed");
+        let value = serde_json::to_vec(r).unwrap_or_default();
+        self.log
+            .append(
+                &self.conflicts_topic,
+                vec![Record::new(
+                    format!("{}\u{0}{}", r.table, r.key).into_bytes(),
+                    value,
+                )],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn pull_new_item(&mut self, p: &PendingPull) -> Result<PullOutcome, ProcessError> {
+        let ti = p.table;
+        let table = self.tables[ti].table.clone();
+        let fields = p.fields.clone().unwrap_or_default();
+        let intent_key = ledger::key(&table, &format!("\u{1}new:{}/{}", p.list_id, p.item_id));
+        let intent = self.ledger.get(&intent_key)?;
+        let pull_fields = self.pull_fields(ti);
+        // Column values from the item.
+        let mut values = Vec::new();
+        let mut projection = BTreeMap::new();
+        for f in &pull_fields {
+            let canon = convert::canonical_from_item(&fields, f);
+            match self.pulled_text(f, &canon).await? {
+                Ok(text) => values.push((f.column.clone(), text)),
+                Err(u) => {
+                    return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                        p,
+                        "?",
+                        u.kind,
+                        u.to_string(),
+                    ))));
+                }
+            }
+            projection.extend(canon);
+        }
+        let facts = self.facts[ti].clone();
+        let sk = match intent.as_ref().and_then(|e| e.new_row_key.clone()) {
+            Some(sk) => sk,
+            None => {
+                // Pre-allocate the key: a mapped value, else the column's default.
+                let mut parts = Vec::new();
+                for (col, default) in facts.key_columns.iter().zip(&facts.key_defaults) {
+                    if let Some((_, Some(v))) = values.iter().find(|(c, _)| c == col) {
+                        parts.push(Cell::Text(v.clone()));
+                        continue;
+                    }
+                    let Some(expr) = default else {
+                        return Ok(PullOutcome::Dead(Box::new(self.pull_dead(p, "?", "no_key",
+                            format!("key column {col} has no default and is not mapped from a list field; cannot create a row for a person-created item")))));
+                    };
+                    let v = self.eval_default(expr).await?;
+                    parts.push(Cell::Text(v));
+                }
+                let named: Vec<(String, Cell)> =
+                    facts.key_columns.iter().cloned().zip(parts).collect();
+                let sk = sync_key(&named);
+                let e = Entry {
+                    new_row_key: Some(sk.clone()),
+                    ..Entry::default()
+                };
+                self.ledger
+                    .commit(vec![(intent_key.clone(), Some(e))])
+                    .await?;
+                sk
+            }
+        };
+        // The item carries the key before the row exists: a crash after this is resumed by the
+        // intent, and the delta of this very write is recognised as an echo afterwards.
+        let mut f = Map::new();
+        f.insert(SYNC_KEY_FIELD.into(), Json::String(sk.clone()));
+        let etag = match self
+            .client
+            .update_item_fields(&self.targets.site_id, &p.list_id, &p.item_id, &f, None)
+            .await
+        {
+            Ok(u) => u.e_tag,
+            Err(GraphError::NotFound { .. }) => {
+                self.ledger.commit(vec![(intent_key, None)]).await?;
+                return Ok(PullOutcome::Done);
+            }
+            Err(e) if e.is_retryable() => return Err(e.into()),
+            Err(e) => {
+                return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                    p,
+                    &sk,
+                    "graph_rejected",
+                    format!("writing SyncKey: {e}"),
+                ))));
+            }
+        };
+        let key = key_values(&facts.key_columns, &sk);
+        // SharePoint omits empty fields: leave them out so the columns' defaults apply.
+        let row_values: Vec<_> = values
+            .into_iter()
+            .filter(|(c, v)| v.is_some() && !key.iter().any(|(k, _)| k == c))
+            .collect();
+        let insert = RowChange {
+            table: self.table_name(ti),
+            key: key.clone(),
+            kind: RowChangeKind::Insert { values: row_values },
+        };
+        let mut dead = None;
+        let mut lsn = 0;
+        match self.apply(insert).await? {
+            Ok(a) => lsn = a.commit_lsn.unwrap_or(0),
+            Err(ApplyError::Rejected { sqlstate, .. }) if sqlstate == "23505" => {} // inserted before a crash
+            Err(e) => dead = Some(self.pull_dead(p, &sk, "pull_rejected", e.to_string())),
+        }
+        let mut entry = Entry {
+            item: Some(ItemRef {
+                list_id: p.list_id.clone(),
+                item_id: p.item_id.clone(),
+            }),
+            projection,
+            etag,
+            lsn,
+            provenance: Provenance::Pull,
+            pulled_at_ms: Some(chrono::Utc::now().timestamp_millis()),
+            ..Entry::default()
+        };
+        // Values the database filled in (defaults, triggers) go back to the item now: the row's
+        // own capture event carries our origin and is not pushed.
+        if dead.is_none()
+            && let Some(source) = self.source_projection(ti, &sk, &entry).await?
+        {
+            let diff = diff(&entry.projection, &source);
+            if !diff.is_empty() {
+                match self
+                    .client
+                    .update_item_fields(&self.targets.site_id, &p.list_id, &p.item_id, &diff, None)
+                    .await
+                {
+                    Ok(u) => {
+                        entry.etag = u.e_tag.or(entry.etag);
+                        entry.projection.extend(source);
+                    }
+                    Err(e) if e.is_retryable() => return Err(e.into()),
+                    Err(e) => {
+                        warn!(table = %table, key = %sk, "writing database defaults back to the item: {e}")
+                    }
+                }
+            }
+        }
+        entry.hash = Some(hash_projection(&entry.projection));
+        self.ledger
+            .commit(vec![
+                (ledger::key(&table, &sk), Some(entry)),
+                (intent_key, None),
+            ])
+            .await?;
+        self.stats.pulled += 1;
+        Ok(match dead {
+            Some(d) => PullOutcome::Dead(Box::new(d)),
+            None => PullOutcome::Done,
+        })
+    }
+
+    async fn eval_default(&mut self, expr: &str) -> Result<String, ProcessError> {
+        let client = self.catalog().await?;
+        let row = client
+            .query_one(&format!("SELECT ({expr})::text"), &[])
+            .await
+            .map_err(|e| {
+                ProcessError::Catalog(format!("evaluating the key default {expr}: {e}"))
+            })?;
+        row.get::<_, Option<String>>(0)
+            .ok_or_else(|| ProcessError::Config(format!("the key default {expr} gave NULL")))
+    }
+
+    async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
+        if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, conn) = tokio_postgres::connect(
+                self.cfg.pipeline.source.url.expose(),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .map_err(|e| ProcessError::Catalog(e.to_string()))?;
+            tokio::spawn(conn);
+            self.catalog = Some(client);
+        }
+        Ok(self.catalog.as_ref().expect("connected"))
+    }
+
+    async fn pull_delete(&mut self, p: &PendingPull) -> Result<PullOutcome, ProcessError> {
+        let ti = p.table;
+        let Some((lkey, sk)) = self.row_of_item(ti, p)? else {
+            // Not ours (or our own delete coming back).
+            self.stats.echoes += 1;
+            return Ok(PullOutcome::Done);
+        };
+        let Some(mut entry) = self.ledger.get(&lkey)? else {
+            return Ok(PullOutcome::Done);
+        };
+        // A pending push re-creates the item when the source wins.
+        if let Some(Pending {
+            desired: Desired::Upsert(_),
+            commit_ts_ms,
+            ..
+        }) = self.pending.get(&lkey).cloned()
+        {
+            let policy = self.tables[ti].entry.conflict;
+            let source = match policy {
+                ConflictPolicy::SourceWins => true,
+                ConflictPolicy::LastWriterWins => {
+                    p.last_modified_ms.is_none_or(|t| t <= commit_ts_ms)
+                }
+                _ => false,
+            };
+            let record = ConflictRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                pipeline: self.cfg.pipeline.name.clone(),
+                table: self.tables[ti].table.clone(),
+                key: sk.clone(),
+                list_id: p.list_id.clone(),
+                item_id: p.item_id.clone(),
+                fields: vec![FieldConflict {
+                    field: "(item)".into(),
+                    column: "(row)".into(),
+                    source: Json::String("changed".into()),
+                    target: Json::String("deleted".into()),
+                    policy,
+                    winner: if policy == ConflictPolicy::Manual {
+                        "parked"
+                    } else if source {
+                        "source"
+                    } else {
+                        "target"
+                    }
+                    .into(),
+                }],
+                decision: if policy == ConflictPolicy::Manual {
+                    "parked"
+                } else {
+                    "resolved"
+                }
+                .into(),
+                source_commit_ts_ms: commit_ts_ms,
+                target_modified_ms: p.last_modified_ms,
+                at_ms: chrono::Utc::now().timestamp_millis(),
+            };
+            self.record_conflict(&record).await?;
+            entry.item = None;
+            entry.hash = None;
+            entry.projection.clear();
+            self.ledger
+                .commit(vec![(lkey.clone(), Some(entry.clone()))])
+                .await?;
+            if source || policy == ConflictPolicy::Manual {
+                if policy == ConflictPolicy::Manual {
+                    self.pending.remove(&lkey);
+                }
+                return Ok(PullOutcome::Done);
+            }
+            self.pending.remove(&lkey);
+        }
+        let on_delete = self.tables[ti].entry.pull.on_delete.clone();
+        let key = key_values(&self.facts[ti].key_columns, &sk);
+        let kind = match &on_delete {
+            OnDelete::Delete => Some(RowChangeKind::Delete),
+            OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete {
+                column: column.clone(),
+            }),
+            OnDelete::Ignore => None,
+        };
+        if let Some(kind) = kind {
+            match self
+                .apply(RowChange {
+                    table: self.table_name(ti),
+                    key,
+                    kind,
+                })
+                .await?
+            {
+                Ok(_) => self.stats.pulled += 1,
+                Err(e) => {
+                    return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                        p,
+                        &sk,
+                        "pull_rejected",
+                        e.to_string(),
+                    ))));
+                }
+            }
+        }
+        let change = match on_delete {
+            OnDelete::Delete => None,
+            _ => {
+                entry.item = None;
+                entry.hash = None;
+                entry.projection.clear();
+                entry.etag = None;
+                Some(entry)
+            }
+        };
+        self.ledger.commit(vec![(lkey, change)]).await?;
+        Ok(PullOutcome::Done)
+    }
+}

@@ -1,0 +1,298 @@
+//! The push/pull test harness: an in-process emulator, the real `syncbridge run` binary, a
+//! PostgreSQL connection, Graph reads and the process's /metrics. Included with
+//! `#[path = "common/harness.rs"] mod harness;` by the end-to-end test binaries.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use syncbridge::config::{GraphConfig, Secret};
+use syncbridge::emulator::{self, EmulatorArgs, RunningEmulator};
+use syncbridge::graph::{GraphClient, GraphClientConfig, ItemQuery, LimiterRegistry};
+use tokio_postgres::{Client, NoTls};
+
+use super::common::{database_url, drop_replication_objects, free_port};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_syncbridge");
+
+pub struct Harness {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub emu: RunningEmulator,
+    pub admin: reqwest::Client,
+    pub graph: GraphClient,
+    /// A person's client: its writes are attributed to a user, like edits in the browser.
+    pub person: GraphClient,
+    pub site: String,
+    pub db: Client,
+    pub tables: Vec<String>,
+    pub child: Option<Child>,
+    pub control_port: u16,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let slot = format!("sb_{}", self.name);
+        drop_replication_objects(&slot, &slot, &self.tables);
+    }
+}
+
+impl Harness {
+    pub async fn new(tag: &str) -> Harness {
+        let name = format!("{tag}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let emu = emulator::spawn(EmulatorArgs::default())
+            .await
+            .expect("emulator starts");
+        let base = emu.base_url();
+        let gc = GraphConfig {
+            base_url: format!("{base}/v1.0").parse().unwrap(),
+            token_url: format!("{base}/{}/oauth2/v2.0/token", emulator::DEFAULT_TENANT)
+                .parse()
+                .unwrap(),
+            tenant: emulator::DEFAULT_TENANT.into(),
+            client_id: emulator::DEFAULT_CLIENT_ID.into(),
+            client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+            site: emulator::DEFAULT_SITE.into(),
+            ru_per_minute: 100_000,
+        };
+        let graph =
+            GraphClient::new(GraphClientConfig::from(&gc), &LimiterRegistry::new()).unwrap();
+        // Adele Vance, editing lists by hand (the emulator's second client).
+        let person_cfg = GraphConfig {
+            client_id: emulator::DEFAULT_USER_CLIENT_ID.into(),
+            client_secret: Secret::new(emulator::DEFAULT_USER_CLIENT_SECRET),
+            ..gc.clone()
+        };
+        let person = GraphClient::new(
+            GraphClientConfig::from(&person_cfg),
+            &LimiterRegistry::new(),
+        )
+        .unwrap();
+        let site = graph.resolve_site(emulator::DEFAULT_SITE).await.unwrap().id;
+        let (db, conn) = tokio_postgres::connect(&database_url(), NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        Harness {
+            name,
+            dir: tempfile::tempdir().unwrap(),
+            emu,
+            admin: reqwest::Client::new(),
+            graph,
+            person,
+            site,
+            db,
+            tables: Vec::new(),
+            child: None,
+            control_port: free_port(),
+        }
+    }
+
+    pub fn t(&self, suffix: &str) -> String {
+        format!("{}_{suffix}", self.name)
+    }
+
+    /// Writes the pipeline file; `log` is the YAML of the `log:` value.
+    pub fn pipeline(&self, log: &str, sync: &str) -> PathBuf {
+        let base = self.emu.base_url();
+        let yaml = format!(
+            "version: 1\nname: {name}\nsource:\n  url: {db}\nlog: {log}\ngraph:\n  base_url: {base}/v1.0\n  token_url: {base}/{{tenant}}/oauth2/v2.0/token\n  tenant: {tenant}\n  client_id: {cid}\n  client_secret: {secret}\n  site: '{site}'\n  ru_per_minute: 100000\nsync:\n{sync}\ncontrol:\n  listen: 127.0.0.1:{port}\n",
+            name = self.name,
+            db = database_url(),
+            tenant = emulator::DEFAULT_TENANT,
+            cid = emulator::DEFAULT_CLIENT_ID,
+            secret = emulator::DEFAULT_CLIENT_SECRET,
+            site = emulator::DEFAULT_SITE,
+            port = self.control_port,
+        );
+        let path = self.dir.path().join("pipeline.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    pub fn embedded_log(&self) -> String {
+        format!(
+            "{{ embedded: {{ path: '{}' }} }}",
+            self.dir.path().join("log").display()
+        )
+    }
+
+    pub fn start(&mut self, file: &Path) {
+        let stderr = std::fs::File::create(self.dir.path().join("run.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg(file)
+            .env("RUST_LOG", "info")
+            // tansu serves offsets per producer batch (README): one record per batch.
+            .env("SYNCBRIDGE_KAFKA_PROPERTIES", "batch.num.messages=1")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start syncbridge run");
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "syncbridge run exited with {status}:\n{}",
+                    self.run_log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "syncbridge run did not stop:\n{}",
+                self.run_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn run_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
+    }
+
+    pub async fn sql(&self, q: &str) {
+        self.db
+            .batch_execute(q)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+    }
+
+    /// Items of a list by SyncKey (empty when the list does not exist yet).
+    pub async fn items(&self, list: &str) -> Vec<(String, serde_json::Map<String, Value>)> {
+        let Ok(Some(info)) = self.graph.get_list(&self.site, list).await else {
+            return Vec::new();
+        };
+        let items = self
+            .graph
+            .list_items(&self.site, &info.id, &ItemQuery::default())
+            .await
+            .unwrap();
+        items
+            .into_iter()
+            .map(|i| {
+                (
+                    i.fields
+                        .get("SyncKey")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    i.fields,
+                )
+            })
+            .collect()
+    }
+
+    pub async fn list_id(&self, list: &str) -> String {
+        self.graph
+            .get_list(&self.site, list)
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    }
+
+    /// Which item id has `key` in `list`.
+    pub async fn item_id(&self, list: &str, key: &str) -> String {
+        self.item(list, key).await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn item(&self, list: &str, key: &str) -> Option<serde_json::Map<String, Value>> {
+        self.items(list)
+            .await
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| f)
+    }
+
+    pub async fn wait_for<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !check().await {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.run_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.admin
+            .get(format!("{}/_emulator/stats", self.emu.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn emulator_limits(&self, body: Value) {
+        let r = self
+            .admin
+            .post(format!("{}/_emulator/limits", self.emu.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// The value of a counter in the process's /metrics, summed over series matching `labels`.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.control_port)).await
+        else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+pub fn writes(stats: &Value) -> (u64, u64) {
+    (
+        stats["ru_consumed"].as_u64().unwrap(),
+        stats["requests"]["by_method"]["POST"].as_u64().unwrap_or(0)
+            + stats["requests"]["by_method"]["PATCH"]
+                .as_u64()
+                .unwrap_or(0)
+            + stats["requests"]["by_method"]["DELETE"]
+                .as_u64()
+                .unwrap_or(0),
+    )
+}
+
+pub async fn hard_timeout<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded its {secs} s timeout"));
+}

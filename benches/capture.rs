@@ -531,8 +531,10 @@ struct Measured {
     secs: f64,
     /// Peak RSS in kB of the measured process.
     peak_kb: Option<u64>,
-    /// RSS in kB at the start (our capture only: the bench's own memory is included in the peak).
+    /// RSS in kB once connections and log were open, before capture started (our capture only).
     base_kb: Option<u64>,
+    /// Seconds inside the sink's append (our capture only).
+    sink_secs: Option<f64>,
 }
 
 /// `pg_recvlogical --start` on `slot` until `endpos`, output to /dev/null.
@@ -597,6 +599,7 @@ async fn run_recvlogical(
         secs,
         peak_kb: peak,
         base_kb: None,
+        sink_secs: None,
     })
 }
 
@@ -804,10 +807,33 @@ struct JobResult {
     base_kb: Option<u64>,
     slot_secs: Option<f64>,
     stored: Option<i64>,
+    /// Seconds spent inside `EventSink::append` (Avro encoding + log append), from the capture's
+    /// own `syncbridge_capture_log_append_seconds` histogram.
+    sink_secs: Option<f64>,
+}
+
+/// Sum of `<name>_sum` over all label sets in a Prometheus text rendering.
+fn prometheus_sum(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}_sum");
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            total = Some(total.unwrap_or(0.0) + v);
+        }
+    }
+    total
 }
 
 /// The child side: one run, result as `RESULT <json>` on stdout.
 async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
+    // As in `syncbridge run`: the process-wide Prometheus recorder (metrics cost included).
+    let metrics = syncbridge::telemetry::prometheus().ok();
     let observer = connect(&s.url).await?;
     let log = Arc::new(match &job.embedded {
         Some(dir) => s.embedded_log(dir)?,
@@ -836,12 +862,19 @@ async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
         Some(topic) => Some(embedded_count(&log, topic).await),
         None => None,
     };
+    let sink_secs = metrics.and_then(|m| {
+        prometheus_sum(
+            &m.render(),
+            syncbridge::telemetry::metrics::SINK_APPEND_SECONDS,
+        )
+    });
     Ok(JobResult {
         secs,
         peak_kb,
         base_kb,
         slot_secs,
         stored,
+        sink_secs,
     })
 }
 
@@ -882,6 +915,7 @@ fn measured(r: &JobResult) -> Measured {
         secs: r.secs,
         peak_kb: r.peak_kb,
         base_kb: r.base_kb,
+        sink_secs: r.sink_secs,
     }
 }
 
@@ -1210,6 +1244,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
                 secs: of.iter().map(|l| l.m.secs).sum(),
                 peak_kb: of.iter().filter_map(|l| l.m.peak_kb).max(),
                 base_kb: of.iter().filter_map(|l| l.m.base_kb).min(),
+                sink_secs: of.iter().map(|l| l.m.sink_secs).sum::<Option<f64>>(),
             },
         });
     }
@@ -1228,7 +1263,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
 
     println!();
     println!(
-        "{:<9} {:<20} {:>10} {:>9} {:>10} {:>16} {:>9} {:>11}",
+        "{:<9} {:<20} {:>10} {:>8} {:>9} {:>15} {:>9} {:>9} {:>8}",
         "phase",
         "consumer",
         "rows",
@@ -1236,34 +1271,41 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
         "rows/s",
         "vs recvlogical",
         "peak RSS",
-        "RSS at start"
+        "RSS start",
+        "in sink"
     );
-    for l in &all {
+    let print = |l: &Line, ratio: String| {
         println!(
-            "{:<9} {:<20} {:>10} {:>9.2} {:>10} {:>16} {:>9} {:>11}",
+            "{:<9} {:<20} {:>10} {:>8.2} {:>9} {:>15} {:>9} {:>9} {:>8}",
             l.phase,
             l.consumer,
             fmt_count(l.rows as f64),
             l.m.secs,
             fmt_count(l.rate()),
-            ratio_of(l).map_or_else(|| "-".into(), |r| format!("{r:.2}×")),
+            ratio,
             fmt_mb(l.m.peak_kb),
             l.m.base_kb.map_or_else(|| "-".into(), |b| fmt_mb(Some(b))),
+            l.m.sink_secs.map_or_else(
+                || "-".into(),
+                |t| format!("{:.0}%", 100.0 * t / l.m.secs.max(1e-9))
+            ),
+        );
+    };
+    for l in &all {
+        print(
+            l,
+            ratio_of(l).map_or_else(|| "-".into(), |r| format!("{r:.2}×")),
         );
     }
     for (l, slot_secs) in snaps {
-        println!(
-            "{:<9} {:<20} {:>10} {:>9.2} {:>10} {:>16} {:>9} {:>11}",
-            l.phase,
-            l.consumer,
-            fmt_count(l.rows as f64),
-            l.m.secs,
-            fmt_count(l.rate()),
-            format!("slot {slot_secs:.2} s"),
-            fmt_mb(l.m.peak_kb),
-            l.m.base_kb.map_or_else(|| "-".into(), |b| fmt_mb(Some(b))),
-        );
+        print(l, format!("slot {slot_secs:.2} s"));
     }
+    println!(
+        "(seconds: start of the session until the phase end is acknowledged; peak RSS: VmHWM of \
+         the process; RSS start: with log and connections open; in sink: share of the run inside \
+         EventSink::append = Avro encoding + durable log append; slot: seconds until the snapshot's \
+         slot existed)"
+    );
     println!();
     println!(
         "load (not a goal): {}",

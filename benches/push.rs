@@ -770,6 +770,8 @@ async fn phase_ru(s: &Settings, cleanup: &Cleanup, http: &reqwest::Client) -> Re
     let e1 = emu_stats(http, &emu).await?;
     let m1 = Metrics::now()?;
     let elapsed = started.elapsed();
+    // After the counters: the list must now hold exactly the table's mapped state.
+    let (matching, list_items) = check_final_state(http, &emu, &rows).await?;
     let name = p.name.clone();
     p.stop(Duration::from_secs(120)).await?;
     emu.stop().await.context("emulator stop")?;
@@ -862,10 +864,70 @@ async fn phase_ru(s: &Settings, cleanup: &Cleanup, http: &reqwest::Client) -> Re
         ),
         format!("elapsed: {:.0} s", elapsed.as_secs_f64()),
     ];
+    lines.push(format!(
+        "final state: {} of {} list items match the table's mapped columns ({} items in the list, \
+         canary included)",
+        n(matching),
+        n(s.rows),
+        n(list_items)
+    ));
     if dead > 0 {
         lines.push(format!("WARNING: {dead} dead letters"));
     }
     Ok(RuReport { lines, ratio })
+}
+
+/// Reads every item (as the person client, after the counters were taken) and counts the rows
+/// whose Title, Status and Priority in the list equal the table's.
+async fn check_final_state(
+    http: &reqwest::Client,
+    emu: &RunningEmulator,
+    rows: &[RowState],
+) -> Result<(u64, u64)> {
+    let base = emu.base_url();
+    let auth = token(
+        http,
+        &base,
+        emulator::DEFAULT_USER_CLIENT_ID,
+        emulator::DEFAULT_USER_CLIENT_SECRET,
+    )
+    .await?;
+    let (site_id, list_id) = site_and_list(http, &base, &auth).await?;
+    let mut url = format!(
+        "{base}/v1.0/sites/{site_id}/lists/{list_id}/items?$expand=fields($select=SyncKey,Title,Status,Priority)&$top=5000"
+    );
+    let mut found: HashMap<u64, (String, String, f64)> = HashMap::new();
+    loop {
+        let page = get_json(http, &url, &auth).await?;
+        for item in page["value"].as_array().into_iter().flatten() {
+            let f = &item["fields"];
+            if let Some(id) = f["SyncKey"].as_str().and_then(|k| k.parse::<u64>().ok()) {
+                found.insert(
+                    id,
+                    (
+                        f["Title"].as_str().unwrap_or_default().to_string(),
+                        f["Status"].as_str().unwrap_or_default().to_string(),
+                        f["Priority"].as_f64().unwrap_or(f64::NAN),
+                    ),
+                );
+            }
+        }
+        match page["@odata.nextLink"].as_str() {
+            Some(next) => url = next.to_string(),
+            None => break,
+        }
+    }
+    let matching = rows
+        .iter()
+        .filter(|r| {
+            found.get(&r.id).is_some_and(|(t, st, pr)| {
+                *t == title(r.id, r.mapped.title)
+                    && st == STATUSES[r.mapped.status as usize]
+                    && *pr == f64::from(r.mapped.priority + 1)
+            })
+        })
+        .count() as u64;
+    Ok((matching, found.len() as u64))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1109,6 +1171,27 @@ async fn get_json(http: &reqwest::Client, url: &str, auth: &str) -> Result<Value
         .with_context(|| format!("GET {url}: body"))
 }
 
+async fn site_and_list(http: &reqwest::Client, base: &str, auth: &str) -> Result<(String, String)> {
+    let site = get_json(
+        http,
+        &format!("{base}/v1.0/sites/{}", emulator::DEFAULT_SITE),
+        auth,
+    )
+    .await?;
+    let site_id = site["id"].as_str().context("site id")?.to_string();
+    let list = get_json(
+        http,
+        &format!(
+            "{base}/v1.0/sites/{site_id}/lists/{}",
+            LIST.replace(' ', "%20")
+        ),
+        auth,
+    )
+    .await?;
+    let list_id = list["id"].as_str().context("list id")?.to_string();
+    Ok((site_id, list_id))
+}
+
 async fn phase_latency(
     s: &Settings,
     cleanup: &Cleanup,
@@ -1129,23 +1212,7 @@ async fn phase_latency(
         emulator::DEFAULT_USER_CLIENT_SECRET,
     )
     .await?;
-    let site = get_json(
-        http,
-        &format!("{base}/v1.0/sites/{}", emulator::DEFAULT_SITE),
-        &auth,
-    )
-    .await?;
-    let site_id = site["id"].as_str().context("site id")?.to_string();
-    let list = get_json(
-        http,
-        &format!(
-            "{base}/v1.0/sites/{site_id}/lists/{}",
-            LIST.replace(' ', "%20")
-        ),
-        &auth,
-    )
-    .await?;
-    let list_id = list["id"].as_str().context("list id")?.to_string();
+    let (site_id, list_id) = site_and_list(http, &base, &auth).await?;
     let latest = get_json(
         http,
         &format!(
@@ -1162,6 +1229,43 @@ async fn phase_latency(
     let total = s.rate * s.latency_secs;
     let e0 = emu_stats(http, &emu).await?;
     let m0 = Metrics::now()?;
+
+    // Cumulative-flow sampler (diagnosis only): events appended to the table topic by capture,
+    // read by the processor, and creates acknowledged by Graph, every 20 ms.
+    let flow_stop = CancellationToken::new();
+    let flow = {
+        let stop = flow_stop.clone();
+        let name = p.name.clone();
+        let topic = format!("syncbridge.{name}.public.{name}");
+        tokio::spawn(async move {
+            let read = |m: &Metrics| {
+                [
+                    m.sum(
+                        "syncbridge_log_appended_records_total",
+                        &[("topic", topic.as_str())],
+                    ) as u64,
+                    m.pipeline("syncbridge_push_events_total", &name),
+                    m.sum(
+                        "syncbridge_push_writes_total",
+                        &[
+                            ("pipeline", name.as_str()),
+                            ("kind", "create"),
+                            ("outcome", "ok"),
+                        ],
+                    ) as u64,
+                ]
+            };
+            let base = read(&Metrics::now()?);
+            let mut samples: Vec<(Instant, [u64; 3])> = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let v = read(&Metrics::now()?);
+                samples.push((Instant::now(), [0, 1, 2].map(|i| v[i] - base[i])));
+            }
+            Ok::<_, anyhow::Error>(samples)
+        })
+    };
 
     // Reader: polls delta and stamps each row's first appearance.
     let stop = CancellationToken::new();
@@ -1257,6 +1361,8 @@ async fn phase_latency(
         stop.cancel();
     }
     let (seen, polls) = reader.await.context("reader task")??;
+    flow_stop.cancel();
+    let flow = flow.await.context("flow sampler")??;
     let e1 = emu_stats(http, &emu).await?;
     let m1 = Metrics::now()?;
     let name = p.name.clone();
@@ -1271,6 +1377,26 @@ async fn phase_latency(
     lat.sort();
     lags.sort();
     let missing = total - lat.len() as u64;
+    // The k-th commit (in acknowledgement order) reached a stage when that stage's counter first
+    // reached k: rows flow in order, so this is each row's stage time up to reordering.
+    let mut acks: Vec<Instant> = commits.values().copied().collect();
+    acks.sort();
+    let stages: Vec<(Duration, Duration)> = (0..3)
+        .map(|st| {
+            let mut d: Vec<Duration> = Vec::new();
+            let mut j = 0;
+            for (k, ack) in acks.iter().enumerate() {
+                while j < flow.len() && flow[j].1[st] < k as u64 + 1 {
+                    j += 1;
+                }
+                if let Some((t, _)) = flow.get(j) {
+                    d.push(t.saturating_duration_since(*ack));
+                }
+            }
+            d.sort();
+            (pct(&d, 0.50), pct(&d, 0.99))
+        })
+        .collect();
     let p50 = pct(&lat, 0.50);
     let p99 = pct(&lat, 0.99);
     let mean = lat.iter().sum::<Duration>() / (lat.len().max(1) as u32);
@@ -1307,6 +1433,19 @@ async fn phase_latency(
             "goal p50 ≤ 100 ms: {}   goal p99 ≤ 500 ms: {}",
             verdict(p50 <= Duration::from_millis(100) && missing == 0),
             verdict(p99 <= Duration::from_millis(500) && missing == 0)
+        ),
+        format!(
+            "where the time goes (cumulative flow, 20 ms samples; p50 / p99 after commit): in the \
+             log {} / {}, read by the processor {} / {}, create acknowledged by Graph {} / {}, \
+             visible to the reader {} / {}",
+            ms(stages[0].0),
+            ms(stages[0].1),
+            ms(stages[1].0),
+            ms(stages[1].1),
+            ms(stages[2].0),
+            ms(stages[2].1),
+            ms(p50),
+            ms(p99)
         ),
         format!(
             "processor: {} flushes ({:.1} rows each, {:.1} ms mean flush); Graph: {} requests in {} $batch envelopes",

@@ -61,6 +61,17 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Conflicts the return path recorded (both sides changed a field), newest last.
+    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
+    Conflicts {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// Only parked (`manual`) conflicts.
+        #[arg(long)]
+        parked: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the offline Microsoft Graph emulator (SharePoint lists) for tests and demos.
     GraphEmulator(emulator::EmulatorArgs),
     /// Print the JSON Schema of pipeline files.
@@ -130,6 +141,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Dlq { action } => dlq(action),
+        Command::Conflicts { file, parked, json } => conflicts(&file, parked, json),
         Command::GraphEmulator(args) => block_on(|shutdown| async move {
             emulator::run(args, shutdown)
                 .await
@@ -175,6 +187,77 @@ fn dlq(action: DlqAction) -> ExitCode {
                 println!("replayed {n} dead letter(s); `syncbridge run` processes them next");
             }
         }
+        Ok(())
+    })
+}
+
+/// `conflicts`: reads the pipeline's conflicts topic through its log.
+fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
+    let pipeline = match config::load_files(&[file.to_path_buf()]) {
+        Ok(mut p) => p.remove(0),
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    block_on(|_| async move {
+        use syncbridge::log::{EventLog, LogConsumer, TopicSpec};
+        let log = runtime::open_log(&pipeline).map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (with the embedded log, stop `syncbridge run` for this pipeline first)"
+            )
+        })?;
+        let topic =
+            syncbridge::process::conflicts_topic(runtime::topic_prefix(&pipeline), &pipeline.name);
+        log.ensure_topic(&TopicSpec::new(topic.clone(), 1)).await?;
+        let end = log.end_offsets(&topic).await?.first().copied().unwrap_or(0);
+        let stop = syncbridge::log::CancellationToken::new();
+        let group = format!("{topic}.cli.{}", uuid::Uuid::new_v4().simple());
+        let mut c = log
+            .consumer(&group, std::slice::from_ref(&topic), stop.clone())
+            .await?;
+        let mut shown = 0;
+        let mut read = 0;
+        while read < end {
+            let Ok(r) = tokio::time::timeout(std::time::Duration::from_secs(10), c.recv()).await
+            else {
+                break;
+            };
+            let Some(r) = r? else { break };
+            read = r.offset + 1;
+            let Some(v) = r.record.value else { continue };
+            let Ok(rec) = serde_json::from_slice::<syncbridge::process::ConflictRecord>(&v) else {
+                continue;
+            };
+            if parked && rec.decision != "parked" {
+                continue;
+            }
+            shown += 1;
+            if json {
+                println!("{}", serde_json::to_string(&rec)?);
+            } else {
+                let fields: Vec<String> = rec
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "{}: source={} target={} ({} → {})",
+                            f.field, f.source, f.target, f.policy, f.winner
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{} {} key={} [{}] {}",
+                    rec.id,
+                    rec.table,
+                    rec.key,
+                    rec.decision,
+                    fields.join("; ")
+                );
+            }
+        }
+        stop.cancel();
+        eprintln!("{shown} conflict(s)");
         Ok(())
     })
 }

@@ -388,6 +388,19 @@ async fn conflicts_follow_each_policy_and_are_recorded() {
         let c = conflicts(&h);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].decision, "parked");
+        // The operator's view: `syncbridge conflicts --parked`.
+        let out = std::process::Command::new(harness::BIN)
+            .args(["conflicts", "--parked", "--json"])
+            .arg(h.dir.path().join("pipeline.yaml"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["id"], json!(c[0].id));
     })
     .await;
 }

@@ -38,7 +38,9 @@ pub mod row;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use processor::{ConflictRecord, FieldConflict, Processor, ProcessorStats, conflicts_topic, sync_key};
+pub use processor::{
+    ConflictRecord, FieldConflict, Processor, ProcessorStats, conflicts_topic, sync_key,
+};
 pub use provision::{ProvisionError, Targets, provision};
 
 use crate::config::PipelineConfig;

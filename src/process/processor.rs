@@ -987,6 +987,32 @@ impl<L: EventLog + 'static> Processor<L> {
                         f.insert(SYNC_KEY_FIELD.into(), Json::String(p.sync_key.clone()));
                         f
                     };
+                    // An open intent for another list (the route changed since a create whose
+                    // outcome was never recorded): that create may have landed. Find it, so it is
+                    // moved from / deleted like any other item of the row, never left behind.
+                    if let Some(intent) = entry.intent.clone().filter(|i| i.create_in != list_id) {
+                        match self.find_by_sync_key(&intent.create_in, &p.sync_key).await {
+                            Ok(Some(id)) => {
+                                let landed = ItemRef {
+                                    list_id: intent.create_in.clone(),
+                                    item_id: id,
+                                };
+                                if let Some(old) = entry.item.replace(landed)
+                                    && old.list_id != intent.create_in
+                                {
+                                    entry.pending_delete = Some(old);
+                                }
+                                entry.hash = None;
+                                entry.projection.clear();
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                graph_error.get_or_insert(e);
+                                continue;
+                            }
+                        }
+                        entry.intent = None;
+                    }
                     match entry.item.clone() {
                         Some(item) if item.list_id == list_id && entry.intent.is_none() => {
                             if let Some(old) = entry.pending_delete.clone() {
@@ -1147,6 +1173,8 @@ impl<L: EventLog + 'static> Processor<L> {
                                 entry.item = Some(item.clone());
                                 entry.intent = None;
                                 entry.hash = None;
+                                // Its content is unknown: the next diff must send every field.
+                                entry.projection.clear();
                                 if let Some(old) = move_from.filter(|o| o.list_id != list_id) {
                                     entry.pending_delete = Some(old.clone());
                                     next.push(Op {

@@ -344,7 +344,9 @@ pub async fn table_facts(
         let mut facts = TableFacts::default();
         for r in &rows {
             let col: String = r.get(0);
-            facts.column_types.insert(col.clone(), r.get::<_, String>(4));
+            facts
+                .column_types
+                .insert(col.clone(), r.get::<_, String>(4));
             // NOT NULL with a default is not `required` in the list: a person creating an item
             // cannot know the value, and the database fills it in.
             if r.get::<_, bool>(1) && r.get::<_, Option<String>>(3).is_none() {

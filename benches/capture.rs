@@ -535,6 +535,8 @@ struct Measured {
     base_kb: Option<u64>,
     /// Seconds inside the sink's append (our capture only).
     sink_secs: Option<f64>,
+    /// Of that, seconds inside the log's append (our capture only).
+    log_secs: Option<f64>,
 }
 
 /// `pg_recvlogical --start` on `slot` until `endpos`, output to /dev/null.
@@ -600,6 +602,7 @@ async fn run_recvlogical(
         peak_kb: peak,
         base_kb: None,
         sink_secs: None,
+        log_secs: None,
     })
 }
 
@@ -810,6 +813,8 @@ struct JobResult {
     /// Seconds spent inside `EventSink::append` (Avro encoding + log append), from the capture's
     /// own `syncbridge_capture_log_append_seconds` histogram.
     sink_secs: Option<f64>,
+    /// Of that, seconds inside `EventLog::append` (`syncbridge_log_append_seconds`).
+    log_secs: Option<f64>,
 }
 
 /// Sum of `<name>_sum` over all label sets in a Prometheus text rendering.
@@ -862,12 +867,15 @@ async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
         Some(topic) => Some(embedded_count(&log, topic).await),
         None => None,
     };
-    let sink_secs = metrics.and_then(|m| {
-        prometheus_sum(
-            &m.render(),
-            syncbridge::telemetry::metrics::SINK_APPEND_SECONDS,
-        )
-    });
+    let rendered = metrics.map(|m| m.render()).unwrap_or_default();
+    let sink_secs = prometheus_sum(
+        &rendered,
+        syncbridge::telemetry::metrics::SINK_APPEND_SECONDS,
+    );
+    let log_secs = prometheus_sum(
+        &rendered,
+        syncbridge::telemetry::metrics::LOG_APPEND_SECONDS,
+    );
     Ok(JobResult {
         secs,
         peak_kb,
@@ -875,6 +883,7 @@ async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
         slot_secs,
         stored,
         sink_secs,
+        log_secs,
     })
 }
 
@@ -916,6 +925,7 @@ fn measured(r: &JobResult) -> Measured {
         peak_kb: r.peak_kb,
         base_kb: r.base_kb,
         sink_secs: r.sink_secs,
+        log_secs: r.log_secs,
     }
 }
 
@@ -1245,6 +1255,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
                 peak_kb: of.iter().filter_map(|l| l.m.peak_kb).max(),
                 base_kb: of.iter().filter_map(|l| l.m.base_kb).min(),
                 sink_secs: of.iter().map(|l| l.m.sink_secs).sum::<Option<f64>>(),
+                log_secs: of.iter().map(|l| l.m.log_secs).sum::<Option<f64>>(),
             },
         });
     }
@@ -1263,7 +1274,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
 
     println!();
     println!(
-        "{:<9} {:<20} {:>10} {:>8} {:>9} {:>15} {:>9} {:>9} {:>8}",
+        "{:<9} {:<20} {:>10} {:>8} {:>9} {:>15} {:>9} {:>9} {:>8} {:>7}",
         "phase",
         "consumer",
         "rows",
@@ -1272,11 +1283,18 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
         "vs recvlogical",
         "peak RSS",
         "RSS start",
-        "in sink"
+        "in sink",
+        "in log"
     );
     let print = |l: &Line, ratio: String| {
+        let share = |t: Option<f64>| {
+            t.map_or_else(
+                || "-".into(),
+                |t| format!("{:.0}%", 100.0 * t / l.m.secs.max(1e-9)),
+            )
+        };
         println!(
-            "{:<9} {:<20} {:>10} {:>8.2} {:>9} {:>15} {:>9} {:>9} {:>8}",
+            "{:<9} {:<20} {:>10} {:>8.2} {:>9} {:>15} {:>9} {:>9} {:>8} {:>7}",
             l.phase,
             l.consumer,
             fmt_count(l.rows as f64),
@@ -1285,10 +1303,8 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
             ratio,
             fmt_mb(l.m.peak_kb),
             l.m.base_kb.map_or_else(|| "-".into(), |b| fmt_mb(Some(b))),
-            l.m.sink_secs.map_or_else(
-                || "-".into(),
-                |t| format!("{:.0}%", 100.0 * t / l.m.secs.max(1e-9))
-            ),
+            share(l.m.sink_secs),
+            share(l.m.log_secs),
         );
     };
     for l in &all {
@@ -1303,7 +1319,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
     println!(
         "(seconds: start of the session until the phase end is acknowledged; peak RSS: VmHWM of \
          the process; RSS start: with log and connections open; in sink: share of the run inside \
-         EventSink::append = Avro encoding + durable log append; slot: seconds until the snapshot's \
+         EventSink::append = Avro encoding + durable log append; in log: of that, EventLog::append; slot: seconds until the snapshot's \
          slot existed)"
     );
     println!();

@@ -707,7 +707,11 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         s.idle_secs,
         load_average()
     );
-    println!("  binary {}", s.bin.display());
+    println!(
+        "  binary {}{}",
+        s.bin.display(),
+        if s.quick { " (quick run)" } else { "" }
+    );
 
     let emu = emulator::spawn(EmulatorArgs::default())
         .await
@@ -774,7 +778,7 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
     let seeded = seed_started.elapsed();
     let m = wait_quiet(&mut p, Duration::from_secs(3), Duration::from_secs(300)).await?;
     println!(
-        "  seeded: {} items pushed in {:.1} s; their delta echoes: {} received, {} dropped as echoes",
+        "  seeded: {} items in the list {:.1} s after /ready; their delta echoes: {} received, {} dropped as echoes",
         n(s.items),
         seeded.as_secs_f64(),
         fmt_count(m.sum("syncbridge_pull_items_received_total", &[])),
@@ -871,7 +875,7 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         }
     );
     p.stop().await?;
-    ctx.emu.stop().await;
+    let _ = ctx.emu.stop().await;
     println!(
         "pull bench done in {:.0} s",
         started.elapsed().as_secs_f64()

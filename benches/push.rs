@@ -332,6 +332,12 @@ async fn connect(url: &str) -> Result<Client> {
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    // The test stack runs with `synchronous_commit = off` (speed); production's default is `on`.
+    // With `off` a commit reaches logical decoding only when the WAL writer flushes (up to
+    // `wal_writer_delay`, 200 ms), which would be measured as capture latency.
+    c.batch_execute("SET synchronous_commit = on")
+        .await
+        .context("SET synchronous_commit")?;
     Ok(c)
 }
 

@@ -82,6 +82,10 @@ pub struct Entry {
     /// The old item of a move, still to be deleted (the new one is `item`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_delete: Option<ItemRef>,
+    /// Fields of an update sent but not yet confirmed: after a crash the item may hold the old
+    /// or the new value, so they are sent again whatever the diff says.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub in_flight: std::collections::BTreeSet<String>,
     /// Return path, on the intent entry of a person-created item: the SyncKey pre-allocated
     /// for its new row (written to the item before the row is inserted).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -48,7 +48,9 @@ use crate::graph::GraphError;
 use crate::log::LogError;
 
 /// Changes to one row within this window become one write of its latest state. 200 ms keeps
-/// push latency well under a second while collapsing bursts (bulk UPDATEs, app retries).
+/// push latency well under a second while collapsing bursts (bulk UPDATEs, app retries). The
+/// window is an upper bound: a processor that has caught up with its input flushes at once, and
+/// a transaction still arriving is never split (see `Processor::flush_deadline`).
 pub const DEFAULT_FLUSH_WINDOW: Duration = Duration::from_millis(200);
 /// Pending rows that force a flush before the window ends: bounds memory and the size of one
 /// flush (100 `$batch` requests of 20).
@@ -57,8 +59,9 @@ pub const DEFAULT_MAX_PENDING: usize = 2000;
 /// bounds the burst against one site.
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 4;
 /// Flushes a row waits for its lookup target to be written (another table's row, possibly read
-/// from another topic a little later) before it is dead-lettered.
-pub const MAX_LOOKUP_DEFERRALS: u32 = 25;
+/// from another topic a little later) before it is dead-lettered: about 5 s at the processor's
+/// 50 ms retry pause.
+pub const MAX_LOOKUP_DEFERRALS: u32 = 100;
 
 /// `<prefix>.<pipeline>.ledger`.
 pub fn ledger_topic(prefix: &str, pipeline: &str) -> String {

@@ -38,6 +38,15 @@ use crate::log::{ConsumedRecord, EventLog, LogConsumer, Record, TopicSpec};
 use crate::pull::Applier;
 use crate::telemetry::metrics as m;
 
+/// No record for this long: the processor has caught up with its input, so it flushes.
+const CAUGHT_UP: Duration = Duration::from_millis(2);
+/// A gap this long inside a transaction's records ends waiting for the rest of it.
+const TX_GAP: Duration = Duration::from_millis(20);
+/// Pause before re-flushing work a flush left pending (deferred list edits or lookups).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// The longest a flush waits for the rest of a transaction (bounded size: `max_pending` too).
+const MAX_TX_WAIT: Duration = Duration::from_secs(1);
+
 /// The SyncKey of a row: the key column's text for one-column keys, else a JSON array of the
 /// texts in key order. Stable across restarts and versions: it is stored in every item.
 pub fn sync_key(key: &[(String, Cell)]) -> String {
@@ -205,6 +214,9 @@ pub struct Processor<L: EventLog> {
     catalog: Option<tokio_postgres::Client>,
     emails: HashMap<u64, Option<String>>,
     conflicts_topic: String,
+    /// When the last table record arrived, and whether it continued the transaction before it.
+    last_event: (Instant, bool),
+    last_lsn: u64,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -331,6 +343,8 @@ impl<L: EventLog + 'static> Processor<L> {
             catalog: None,
             emails: HashMap::new(),
             conflicts_topic: conflicts,
+            last_event: (Instant::now(), false),
+            last_lsn: 0,
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
@@ -383,8 +397,17 @@ impl<L: EventLog + 'static> Processor<L> {
         };
         info!(pipeline = %name, topics = self.topics.len(), pull = pulls.is_some(), "processor started");
         let window = self.cfg.flush_window;
-        let mut deadline: Option<Instant> = None;
+        // When to flush (see `flush_deadline`): the window bounds how long a change waits to be
+        // coalesced; caught-up input flushes at once; a transaction still arriving is not split.
+        let mut window_start: Option<Instant> = None;
+        // After a flush that left work behind (a list edit waiting for its row's change, a row
+        // waiting for its lookup target), the next one waits a little instead of spinning.
+        let mut not_before: Option<Instant> = None;
         loop {
+            let deadline = window_start.map(|start| {
+                let d = self.flush_deadline(start, window);
+                not_before.map_or(d, |n| d.max(n))
+            });
             let timer = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -395,10 +418,10 @@ impl<L: EventLog + 'static> Processor<L> {
                 r = consumer.recv() => match r? {
                     Some(rec) => {
                         self.ingest(rec, &mut schemas).await?;
-                        deadline.get_or_insert_with(|| Instant::now() + window);
+                        window_start.get_or_insert_with(Instant::now);
                         if self.pending.len() >= self.cfg.max_pending {
                             self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
-                            deadline = None;
+                            window_start = None;
                         }
                     }
                     None => {
@@ -409,10 +432,10 @@ impl<L: EventLog + 'static> Processor<L> {
                 r = recv_opt(&mut pulls) => match r? {
                     Some(rec) => {
                         self.ingest_pull(rec).await?;
-                        deadline.get_or_insert_with(|| Instant::now() + window);
+                        window_start.get_or_insert_with(Instant::now);
                         if self.pulls.len() >= self.cfg.max_pending {
                             self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
-                            deadline = None;
+                            window_start = None;
                         }
                     }
                     // Shutdown: the table consumer ends too and does the final flush.
@@ -420,14 +443,30 @@ impl<L: EventLog + 'static> Processor<L> {
                 },
                 () = timer => {
                     self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
-                    deadline = (!self.pending.is_empty() || !self.pulls.is_empty())
-                        .then(|| Instant::now() + window);
+                    window_start = (!self.pending.is_empty() || !self.pulls.is_empty())
+                        .then(Instant::now);
+                    not_before = window_start.map(|t| t + RETRY_PAUSE);
                 }
             }
         }
         schemas.stop.cancel();
         info!(pipeline = %name, stats = ?self.stats, "push processor stopped");
         Ok(self.stats)
+    }
+
+    /// The flush moment for a window that started at `start`:
+    /// - input caught up (no record for [`CAUGHT_UP`]) → now: latency is not spent waiting;
+    /// - the last record belongs to a transaction whose other records may still be arriving
+    ///   (same commit LSN as the one before) → when they stop for [`TX_GAP`], at most
+    ///   [`MAX_TX_WAIT`] after the start: one transaction's changes are written together;
+    /// - otherwise at the end of the window (coalescing bursts of changes to the same rows).
+    fn flush_deadline(&self, start: Instant, window: Duration) -> Instant {
+        let (last_at, mid_tx) = self.last_event;
+        if mid_tx {
+            (last_at + TX_GAP).min(start + MAX_TX_WAIT.max(window))
+        } else {
+            (last_at + CAUGHT_UP).min(start + window)
+        }
     }
 
     async fn schema_cache(&self) -> Result<SchemaCache<L::Consumer>, ProcessError> {
@@ -529,6 +568,11 @@ impl<L: EventLog + 'static> Processor<L> {
                 return self.append_dead(vec![d]).await;
             }
         };
+        self.last_event = (
+            Instant::now(),
+            change.lsn != 0 && change.lsn == self.last_lsn,
+        );
+        self.last_lsn = change.lsn;
         metrics::counter!(m::PUSH_EVENTS_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "op" => change.op.to_string())
             .increment(1);
         let Some(&ti) = self.by_table.get(&change.table) else {
@@ -1024,19 +1068,36 @@ impl<L: EventLog + 'static> Processor<L> {
                                     },
                                 });
                             }
-                            if entry.hash.as_deref() == Some(hash.as_str()) {
+                            // Fields of an update whose outcome was never recorded (a crash
+                            // between Graph's answer and the ledger) may hold either value in
+                            // the item: they are always sent again.
+                            let uncertain = !entry.in_flight.is_empty();
+                            if !uncertain && entry.hash.as_deref() == Some(hash.as_str()) {
                                 self.stats.skipped_ledger += 1;
                                 self.skip_metric("unchanged");
                                 if entry.pending_delete.is_none() {
                                     done.push(k.clone());
                                 }
                             } else {
-                                let fields = diff(&entry.projection, &projection);
+                                let mut fields = diff(&entry.projection, &projection);
+                                for f in &entry.in_flight {
+                                    if let Some(v) = projection.get(f) {
+                                        fields.insert(f.clone(), v.clone());
+                                    }
+                                }
                                 if fields.is_empty() {
                                     self.stats.skipped_ledger += 1;
                                     self.skip_metric("unchanged");
+                                    if uncertain {
+                                        entry.in_flight.clear();
+                                        ledger_changes.push((k.clone(), Some(entry.clone())));
+                                    }
                                     done.push(k.clone());
                                 } else {
+                                    // Recorded before the PATCH is sent (with the intents).
+                                    entry.in_flight = fields.keys().cloned().collect();
+                                    entry.hash = None;
+                                    ledger_changes.push((k.clone(), Some(entry.clone())));
                                     ops.push(Op {
                                         key: k.clone(),
                                         kind: OpKind::Update {
@@ -1320,7 +1381,7 @@ impl<L: EventLog + 'static> Processor<L> {
                                         last_modified_ms: modified,
                                         offset,
                                         topic: self.pull_topic.clone().unwrap_or_default(),
-                                        deferrals: 0,
+                                        deferred_since: None,
                                     },
                                 );
                                 transient.get_or_insert(format!(
@@ -1639,6 +1700,7 @@ fn set_written(
     entry.item = Some(item);
     entry.projection = projection;
     entry.hash = Some(hash);
+    entry.in_flight.clear();
     entry.etag = etag;
     entry.lsn = entry.lsn.max(lsn);
     entry.provenance = Provenance::Push;

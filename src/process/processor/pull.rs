@@ -46,13 +46,14 @@ pub(super) struct PendingPull {
     /// Offset of the first change merged in (the changes topic has one partition).
     pub offset: i64,
     pub topic: String,
-    /// Flushes this change waited for a PostgreSQL change of the row to reach the processor.
-    pub deferrals: u32,
+    /// Since when this change waits for a PostgreSQL change of the row to reach the processor.
+    pub deferred_since: Option<Instant>,
 }
 
-/// Flushes a list edit waits when the row also changed in PostgreSQL but that change has not
-/// reached the processor yet (so the conflict is decided with both sides and their times).
-const MAX_PULL_DEFERRALS: u32 = 10;
+/// How long a list edit waits when the row also changed in PostgreSQL but that change has not
+/// reached the processor yet (so the conflict is decided with both sides and their times):
+/// capture delivers a commit well within this, even under load.
+const MAX_PULL_DEFER: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// One field both sides changed, as recorded in the conflicts topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -245,7 +246,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 last_modified_ms,
                 offset,
                 topic: rec.topic.clone(),
-                deferrals: 0,
+                deferred_since: None,
             },
         );
     }
@@ -325,7 +326,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 }
                 Ok(PullOutcome::Defer) => {
                     if let Some(p) = self.pulls.get_mut(&k) {
-                        p.deferrals += 1;
+                        p.deferred_since.get_or_insert_with(Instant::now);
                     }
                 }
                 Err(e) if e.is_retryable() => {
@@ -527,7 +528,10 @@ impl<L: EventLog + 'static> Processor<L> {
                 apply.push((f, canon));
                 continue;
             }
-            if !from_pending && p.deferrals < MAX_PULL_DEFERRALS {
+            if !from_pending
+                && p.deferred_since
+                    .is_none_or(|t| t.elapsed() < MAX_PULL_DEFER)
+            {
                 return Ok(PullOutcome::Defer);
             }
             let policy = f.conflict.unwrap_or(policy_default);

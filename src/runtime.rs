@@ -246,12 +246,13 @@ async fn start_all(
 
         // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
         // the lists fails the run before a slot is created.
-        let (processor, pollers) = prepare_processor(p, log.clone(), &limiters)
-            .await
-            .map_err(|source| RuntimeError::Process {
-                pipeline: p.name.clone(),
-                source,
-            })?;
+        let (processor, pollers) =
+            prepare_processor(p, log.clone(), &limiters)
+                .await
+                .map_err(|source| RuntimeError::Process {
+                    pipeline: p.name.clone(),
+                    source,
+                })?;
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
         let pollers_stop = CancellationToken::new();
@@ -320,7 +321,13 @@ async fn prepare_processor(
     log: Arc<AnyLog>,
     limiters: &LimiterRegistry,
 ) -> Result<(Processor<AnyLog>, Vec<(PollerConfig, Arc<GraphClient>)>), ProcessError> {
-    let client = GraphClient::new(GraphClientConfig::from(&p.graph), limiters)?;
+    let mut graph = GraphClientConfig::from(&p.graph);
+    if !p.sync.iter().any(|e| e.pull.enabled) {
+        // No delta poller will use the reserved share: writers may spend the whole budget. (The
+        // first pipeline of a tenant sets its limiter; pipelines sharing a tenant share it.)
+        graph.limiter.delta_reserve = 0.0;
+    }
+    let client = GraphClient::new(graph, limiters)?;
     let mut attempt = 0;
     let (targets, facts) = loop {
         attempt += 1;
@@ -356,8 +363,14 @@ async fn prepare_processor(
     let mut pollers = Vec::new();
     for e in p.sync.iter().filter(|e| e.pull.enabled) {
         for list in e.lists() {
-            let Some(t) = targets.lists.get(list) else { continue };
-            let start = if t.created { StartMode::Latest } else { StartMode::Full };
+            let Some(t) = targets.lists.get(list) else {
+                continue;
+            };
+            let start = if t.created {
+                StartMode::Latest
+            } else {
+                StartMode::Full
+            };
             let cfg = PollerConfig::new(
                 topic_prefix(p),
                 &p.name,

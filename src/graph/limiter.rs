@@ -33,9 +33,11 @@ use tokio::time::Instant;
 /// 10 % of the smallest tier (1,250 RU/min) still allows ~2 polls per second for the return path
 /// while writers use the remaining 90 %.
 pub const DEFAULT_DELTA_RESERVE: f64 = 0.10;
-/// Share of each window's budget that may be spent as an instantaneous burst (10 %). The rest is
-/// paced evenly; a bigger burst means less steady-state rate, since burst + rate·window ≤ budget.
-pub const DEFAULT_BURST_SHARE: f64 = 0.10;
+/// Share of each window's budget that may be spent as an instantaneous burst (2 %, at least one
+/// request of the highest cost). The rest is paced evenly; a bigger burst means less steady-state
+/// rate, since burst + rate·window ≤ budget: 2 % keeps 98 % of the budget usable while a
+/// `$batch` of a few writes still goes out at once.
+pub const DEFAULT_BURST_SHARE: f64 = 0.02;
 /// Requests in flight per tenant. Microsoft asks to "reduce concurrency"; 8 keeps two cores busy
 /// with Graph latencies of 100–500 ms without spiking.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 8;
@@ -337,19 +339,19 @@ mod tests {
 
     #[tokio::test]
     async fn burst_is_bounded_and_reserve_is_kept_from_writers() {
-        // 100 RU/min: all-lanes burst 10, writer budget 90 → writer burst 9.
-        let l = TenantLimiter::new("t", LimiterConfig::new(100));
+        // 1,000 RU/min: all-lanes burst 20 (2 %), writer budget 900 → writer burst 18.
+        let l = TenantLimiter::new("t", LimiterConfig::new(1000));
         let n = NonZeroU32::new(1).unwrap();
         let mut writer_burst = 0;
         while l.writers.check_n(n).is_ok_and(|r| r.is_ok()) {
             writer_burst += 1;
         }
-        assert_eq!(writer_burst, 9);
+        assert_eq!(writer_burst, 18);
         let mut all_burst = 0;
         while l.all.check_n(n).is_ok_and(|r| r.is_ok()) {
             all_burst += 1;
         }
-        assert_eq!(all_burst, 10);
+        assert_eq!(all_burst, 20);
         // The largest cost always fits a burst, so acquire can never fail on capacity.
         let tiny = TenantLimiter::new("t", LimiterConfig::new(1));
         assert!(tiny.writers.check_n(NonZeroU32::new(5).unwrap()).is_ok());

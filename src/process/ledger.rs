@@ -86,6 +86,9 @@ pub struct Entry {
     /// or the new value, so they are sent again whatever the diff says.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub in_flight: std::collections::BTreeSet<String>,
+    /// Id of the last conflict recorded for this row (a replayed decision is not recorded again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_conflict: Option<String>,
     /// Return path, on the intent entry of a person-created item: the SyncKey pre-allocated
     /// for its new row (written to the item before the row is inserted).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -635,9 +635,16 @@ impl<L: EventLog + 'static> Processor<L> {
         let sk = sync_key(&key_cells);
         let lkey = ledger::key(&table, &sk);
         if change.origin.as_deref() == Some(self.origin.as_str()) {
-            // Our own return-path write: the list already has it, and it supersedes any older
-            // pending push of the row.
-            self.pending.remove(&lkey);
+            // Our own return-path write: the list already has it. An older pending push of the
+            // row is replaced by this state (not dropped): the flush diffs it against the ledger,
+            // so only what the list lacks (a push lost to a crash) is still sent.
+            if let Some(p) = self.pending.get_mut(&lkey) {
+                match (change.op, change.after) {
+                    ('c' | 'u' | 'r', Some(after)) => p.desired = Desired::Upsert(after),
+                    _ => p.desired = Desired::Delete,
+                }
+                p.lsn = p.lsn.max(change.lsn);
+            }
             self.stats.skipped_origin += 1;
             self.skip_metric("own_origin");
             return Ok(());

@@ -277,6 +277,14 @@ pub fn describe_all() {
         Unit::Count,
         "Dead letters written to the DLQ topic (labels: pipeline, kind)."
     );
-    describe_counter!(PULL_ECHOES_TOTAL, Unit::Count, "List changes recognised as our own writes and dropped (label: pipeline).");
-    describe_counter!(PULL_CONFLICTS_TOTAL, Unit::Count, "Fields changed on both sides, by policy and winner (labels: pipeline, policy, outcome).");
+    describe_counter!(
+        PULL_ECHOES_TOTAL,
+        Unit::Count,
+        "List changes recognised as our own writes and dropped (label: pipeline)."
+    );
+    describe_counter!(
+        PULL_CONFLICTS_TOTAL,
+        Unit::Count,
+        "Fields changed on both sides, by policy and winner (labels: pipeline, policy, outcome)."
+    );
 }

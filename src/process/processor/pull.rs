@@ -104,6 +104,24 @@ fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
     columns.iter().cloned().zip(parts).collect()
 }
 
+/// A deterministic conflict id: table, key, item, list version and the decided fields.
+fn conflict_id(
+    table: &str,
+    key: &str,
+    item: &str,
+    etag: Option<&str>,
+    fields: &[FieldConflict],
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [table, key, item, etag.unwrap_or("")] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.update(serde_json::to_vec(fields).unwrap_or_default());
+    hex::encode(&h.finalize()[..16])
+}
+
 /// A `to_json` value as a cell (what `convert` accepts for every field type).
 fn cell_from_json(v: &Json) -> Cell {
     match v {
@@ -516,6 +534,9 @@ impl<L: EventLog + 'static> Processor<L> {
             _ => (self.source_projection(ti, &sk, &entry).await?, false),
         };
         let mut parked = false;
+        // Source values that won without a pending push (its event was lost to a crash or is
+        // older than the ledger): written to the item here, or nobody would.
+        let mut source_fields = Map::new();
         let mut target_cells: Vec<(String, Cell)> = Vec::new();
         for (f, canon) in changed {
             let source_changed = push_proj.as_ref().is_some_and(|pp| {
@@ -574,13 +595,28 @@ impl<L: EventLog + 'static> Processor<L> {
             match winner {
                 "target" => apply.push((f, canon)),
                 "parked" => parked = true,
+                _ if !from_pending => {
+                    for (k, _) in &canon {
+                        source_fields.insert(k.clone(), pp.get(k).cloned().unwrap_or(Json::Null));
+                    }
+                }
                 _ => {}
             }
         }
         let had_conflicts = !conflicts.is_empty();
-        if had_conflicts {
+        // The same decision replayed after a crash (same row, list version and values) is
+        // recorded once: the id is derived from them and remembered in the ledger.
+        let conflict_id = conflict_id(
+            &self.tables[ti].table,
+            &sk,
+            &p.item_id,
+            p.etag.as_deref(),
+            &conflicts,
+        );
+        if had_conflicts && entry.last_conflict.as_deref() != Some(conflict_id.as_str()) {
+            entry.last_conflict = Some(conflict_id.clone());
             let record = ConflictRecord {
-                id: uuid::Uuid::new_v4().to_string(),
+                id: conflict_id,
                 pipeline: self.cfg.pipeline.name.clone(),
                 table: self.tables[ti].table.clone(),
                 key: sk.clone(),
@@ -599,10 +635,37 @@ impl<L: EventLog + 'static> Processor<L> {
             self.pending.remove(&lkey);
             return Ok(PullOutcome::Done);
         }
-        if had_conflicts && p.etag.is_some() {
+        if had_conflicts {
             // The list's version is now known and decided on: the push's conditional PATCH must
             // not meet 412 for it again.
-            entry.etag = p.etag.clone();
+            entry.etag = p.etag.clone().or(entry.etag);
+            if !source_fields.is_empty() {
+                match self
+                    .client
+                    .update_item_fields(
+                        &self.targets.site_id,
+                        &p.list_id,
+                        &p.item_id,
+                        &source_fields,
+                        p.etag.as_deref(),
+                    )
+                    .await
+                {
+                    Ok(u) => {
+                        entry.etag = u.e_tag.or(entry.etag);
+                        entry.projection.extend(source_fields.clone());
+                        entry.hash = Some(hash_projection(&entry.projection));
+                    }
+                    // A newer list version exists: it arrives as its own change and is decided then.
+                    Err(GraphError::PreconditionFailed { .. }) => {
+                        self.ledger
+                            .commit(vec![(lkey.clone(), Some(entry.clone()))])
+                            .await?;
+                        return Ok(PullOutcome::Done);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             self.ledger
                 .commit(vec![(lkey.clone(), Some(entry.clone()))])
                 .await?;
@@ -864,7 +927,37 @@ impl<L: EventLog + 'static> Processor<L> {
         {
             Ok(u) => u.e_tag,
             Err(GraphError::NotFound { .. }) => {
-                self.ledger.commit(vec![(intent_key, None)]).await?;
+                // The person deleted the item meanwhile. A resumed intent means an earlier
+                // attempt may have inserted the row before a crash: the deletion applies to it.
+                if intent.is_some() {
+                    let key = key_values(&facts.key_columns, &sk);
+                    let kind = match &self.tables[ti].entry.pull.on_delete {
+                        OnDelete::Delete => Some(RowChangeKind::Delete),
+                        OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete {
+                            column: column.clone(),
+                        }),
+                        OnDelete::Ignore => None,
+                    };
+                    if let Some(kind) = kind
+                        && let Err(e) = self
+                            .apply(RowChange {
+                                table: self.table_name(ti),
+                                key,
+                                kind,
+                            })
+                            .await?
+                    {
+                        return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                            p,
+                            &sk,
+                            "pull_rejected",
+                            e.to_string(),
+                        ))));
+                    }
+                }
+                self.ledger
+                    .commit(vec![(intent_key, None), (ledger::key(&table, &sk), None)])
+                    .await?;
                 return Ok(PullOutcome::Done);
             }
             Err(e) if e.is_retryable() => return Err(e.into()),

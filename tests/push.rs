@@ -266,3 +266,111 @@ async fn push_path_over_the_kafka_log() {
     })
     .await;
 }
+
+/// Issue 5, "Bad input and faults": with 20 % 429/503 and 5 % connection resets injected, and the
+/// access token revoked mid-run, the lists converge to the exact table state, no duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_injected_faults_the_lists_converge_without_duplicates() {
+    hard_timeout(240, async {
+        let mut h = Harness::new("pushflt").await;
+        create_tables(&mut h).await;
+        let (m, n) = (h.t("m"), h.name.clone());
+        let (main, archive) = (format!("Main {n}"), format!("Archive {n}"));
+        h.sql(&format!(
+            "INSERT INTO public.{m} (id, title, status, qty) \
+             SELECT g, 'row ' || g, CASE WHEN g % 5 = 0 THEN 'archived' ELSE 'open' END, g \
+             FROM generate_series(1, 120) g"
+        ))
+        .await;
+        let (admin, base) = (h.admin.clone(), h.emu.base_url());
+        let post = |path: &'static str, body: Value| {
+            let (admin, base) = (admin.clone(), base.clone());
+            async move {
+                let r = admin
+                    .post(format!("{base}/_emulator/{path}"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{path}: {}", r.status());
+            }
+        };
+        post(
+            "faults",
+            json!({ "throttle_rate": 0.1, "unavailable_rate": 0.1, "reset_rate": 0.05,
+                    "retry_after_secs": 1, "seed": 42 }),
+        )
+        .await;
+        let file = h.pipeline(&h.embedded_log(), &sync_entries(&h));
+        h.start(&file);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Updates, moves both ways, deletes, inserts while faults stay on; the token is revoked.
+        h.sql(&format!(
+            "UPDATE public.{m} SET qty = qty + 1000 WHERE id % 3 = 0; \
+             UPDATE public.{m} SET status = 'archived' WHERE id IN (1, 2, 3); \
+             UPDATE public.{m} SET status = 'open' WHERE id IN (5, 10); \
+             DELETE FROM public.{m} WHERE id BETWEEN 100 AND 109; \
+             INSERT INTO public.{m} (id, title, status) VALUES (500, 'late', 'open');"
+        ))
+        .await;
+        post("expire-tokens", json!({})).await;
+        h.sql(&format!(
+            "UPDATE public.{m} SET title = title || ' v2' WHERE id % 7 = 0"
+        ))
+        .await;
+        let rows =
+            h.db.query(
+                &format!("SELECT id, title, status, qty FROM public.{m}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let want: Vec<(String, String, String, Option<f64>)> = rows
+            .iter()
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let status: String = r.get(2);
+                let list = if status == "archived" {
+                    archive.clone()
+                } else {
+                    main.clone()
+                };
+                (
+                    id.to_string(),
+                    list,
+                    r.get(1),
+                    r.get::<_, Option<i32>>(3).map(f64::from),
+                )
+            })
+            .collect();
+        h.wait_for("the exact table state under faults", || async {
+            let mut items = Vec::new();
+            for l in [&main, &archive] {
+                for (k, f) in h.items(l).await {
+                    items.push((k, l.clone(), f));
+                }
+            }
+            items.len() == want.len()
+                && want.iter().all(|(k, l, title, qty)| {
+                    items.iter().filter(|(ik, _, _)| ik == k).count() == 1
+                        && items.iter().any(|(ik, il, f)| {
+                            ik == k
+                                && il == l
+                                && f.get("Title").and_then(Value::as_str) == Some(title.as_str())
+                                && f.get("Qty").and_then(Value::as_f64) == *qty
+                        })
+                })
+        })
+        .await;
+        let stats = h.stats().await;
+        let injected = stats["faults"]["injected_throttles"].as_u64().unwrap_or(0)
+            + stats["faults"]["injected_unavailable"]
+                .as_u64()
+                .unwrap_or(0);
+        let resets = stats["faults"]["injected_resets"].as_u64().unwrap_or(0);
+        eprintln!("faults injected: {injected} 429/503, {resets} connection resets");
+        assert!(injected > 0, "the run must actually have met faults");
+        h.stop().await;
+    })
+    .await;
+}

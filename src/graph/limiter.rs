@@ -33,11 +33,14 @@ use tokio::time::Instant;
 /// 10 % of the smallest tier (1,250 RU/min) still allows ~2 polls per second for the return path
 /// while writers use the remaining 90 %.
 pub const DEFAULT_DELTA_RESERVE: f64 = 0.10;
-/// Share of each window's budget that may be spent as an instantaneous burst (2 %, at least one
-/// request of the highest cost). The rest is paced evenly; a bigger burst means less steady-state
-/// rate, since burst + rate·window ≤ budget: 2 % keeps 98 % of the budget usable while a
-/// `$batch` of a few writes still goes out at once.
-pub const DEFAULT_BURST_SHARE: f64 = 0.02;
+/// Share of each window's budget that may be spent as an instantaneous burst (0: one request of
+/// the highest cost). The rest is paced evenly, since burst + rate·window ≤ budget: a big burst
+/// costs steady-state rate, and paced admission fills a `$batch` within a second or two anyway.
+pub const DEFAULT_BURST_SHARE: f64 = 0.0;
+/// RU kept unspent per window (5 % of it at most): requests admitted near the end of a window
+/// reach Graph in one `$batch` a little later, possibly in the next window; one full batch of
+/// writes (20 × 2 RU) absorbs that, so a fixed-window budget is never exceeded by our own pacing.
+pub const WINDOW_SPILL_MARGIN_RU: f64 = 40.0;
 /// Requests in flight per tenant. Microsoft asks to "reduce concurrency"; 8 keeps two cores busy
 /// with Graph latencies of 100–500 ms without spiking.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 8;
@@ -129,6 +132,7 @@ type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 /// A GCRA admitting at most `budget` units in any interval of length `window`.
 fn window_limiter(budget: f64, window: Duration) -> Direct {
     let budget = budget.max(f64::from(MAX_COST) * 2.0);
+    let budget = budget - WINDOW_SPILL_MARGIN_RU.min(budget * 0.05);
     let burst = (budget * DEFAULT_BURST_SHARE)
         .floor()
         .max(f64::from(MAX_COST))
@@ -339,19 +343,19 @@ mod tests {
 
     #[tokio::test]
     async fn burst_is_bounded_and_reserve_is_kept_from_writers() {
-        // 1,000 RU/min: all-lanes burst 20 (2 %), writer budget 900 → writer burst 18.
+        // The burst is one request of the highest cost on every lane.
         let l = TenantLimiter::new("t", LimiterConfig::new(1000));
         let n = NonZeroU32::new(1).unwrap();
         let mut writer_burst = 0;
         while l.writers.check_n(n).is_ok_and(|r| r.is_ok()) {
             writer_burst += 1;
         }
-        assert_eq!(writer_burst, 18);
+        assert_eq!(writer_burst, MAX_COST);
         let mut all_burst = 0;
         while l.all.check_n(n).is_ok_and(|r| r.is_ok()) {
             all_burst += 1;
         }
-        assert_eq!(all_burst, 20);
+        assert_eq!(all_burst, MAX_COST);
         // The largest cost always fits a burst, so acquire can never fail on capacity.
         let tiny = TenantLimiter::new("t", LimiterConfig::new(1));
         assert!(tiny.writers.check_n(NonZeroU32::new(5).unwrap()).is_ok());

@@ -477,7 +477,16 @@ impl<L: EventLog + 'static> Processor<L> {
         let Some((lkey, sk)) = self.row_of_item(ti, p)? else {
             return Ok(PullOutcome::Done);
         };
-        let mut entry = self.ledger.get(&lkey)?.unwrap_or_default();
+        let known = self.ledger.get(&lkey)?;
+        // A person-created item whose row was being made when the process stopped (its SyncKey
+        // is written, its ledger entry not yet): the row came from this item, so its values are
+        // taken as they are, not checked for a conflict.
+        let resumed_key = ledger::key(
+            &self.tables[ti].table,
+            &format!("\u{1}new:{}/{}", p.list_id, p.item_id),
+        );
+        let resumed_new = known.is_none() && self.ledger.get(&resumed_key)?.is_some();
+        let mut entry = known.unwrap_or_default();
         let policy_default = self.tables[ti].entry.conflict;
         // Changed fields: canonical pulled value differs from the ledger's.
         let mut changed: Vec<(FieldMapping, Vec<(String, Json)>)> = Vec::new();
@@ -531,6 +540,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 desired: Desired::Upsert(row),
                 ..
             }) => (self.project(ti, row, &entry).await.ok(), true),
+            _ if resumed_new => (None, false),
             _ => (self.source_projection(ti, &sk, &entry).await?, false),
         };
         let mut parked = false;
@@ -766,7 +776,11 @@ impl<L: EventLog + 'static> Processor<L> {
         if let Some(pp) = self.pending.get_mut(&lkey) {
             pp.lsn = pp.lsn.max(entry.lsn);
         }
-        self.ledger.commit(vec![(lkey, Some(entry))]).await?;
+        let mut changes = vec![(lkey, Some(entry))];
+        if resumed_new {
+            changes.push((resumed_key, None));
+        }
+        self.ledger.commit(changes).await?;
         debug!(table = %self.tables[ti].table, key = %sk, "applied a list edit");
         Ok(PullOutcome::Done)
     }
@@ -1066,6 +1080,41 @@ impl<L: EventLog + 'static> Processor<L> {
     async fn pull_delete(&mut self, p: &PendingPull) -> Result<PullOutcome, ProcessError> {
         let ti = p.table;
         let Some((lkey, sk)) = self.row_of_item(ti, p)? else {
+            // A person-created item whose row was being made when the process stopped: its
+            // intent knows the key, and the row may already exist (the item's create and its
+            // delete were coalesced on replay, so only the delete is seen here).
+            let table = self.tables[ti].table.clone();
+            let intent_key = ledger::key(&table, &format!("\u{1}new:{}/{}", p.list_id, p.item_id));
+            if let Some(sk) = self.ledger.get(&intent_key)?.and_then(|e| e.new_row_key) {
+                let key = key_values(&self.facts[ti].key_columns, &sk);
+                let kind = match &self.tables[ti].entry.pull.on_delete {
+                    OnDelete::Delete => Some(RowChangeKind::Delete),
+                    OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete {
+                        column: column.clone(),
+                    }),
+                    OnDelete::Ignore => None,
+                };
+                if let Some(kind) = kind
+                    && let Err(e) = self
+                        .apply(RowChange {
+                            table: self.table_name(ti),
+                            key,
+                            kind,
+                        })
+                        .await?
+                {
+                    return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
+                        p,
+                        &sk,
+                        "pull_rejected",
+                        e.to_string(),
+                    ))));
+                }
+                self.ledger
+                    .commit(vec![(intent_key, None), (ledger::key(&table, &sk), None)])
+                    .await?;
+                return Ok(PullOutcome::Done);
+            }
             // Not ours (or our own delete coming back).
             self.stats.echoes += 1;
             return Ok(PullOutcome::Done);

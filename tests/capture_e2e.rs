@@ -319,9 +319,12 @@ graph:
   client_id: 11111111-2222-3333-4444-555555555555
   client_secret: dev-secret
   site: contoso.sharepoint.com:/sites/dev
+  # The stack's emulator is unthrottled; the default tier would slow these capture tests.
+  ru_per_minute: 100000
 sync:
   - table: public.{name}
-    list: E2E Items
+    list: E2E Items {name}
+    pull: {{ enabled: false }}
     fields:
       v: Title
 control:

@@ -723,8 +723,16 @@ impl<L: EventLog + 'static> Processor<L> {
             kind: RowChangeKind::Update { set: set.clone() },
         };
         let applied = match self.apply(change).await? {
+            Ok(a) if a.rows == 0 && !resumed_new => {
+                // No such row: deleted in PostgreSQL (its delete is pushed next, or was while we
+                // were down), or an item with a SyncKey this pipeline never wrote. Never
+                // resurrect a row from an item: the list edit is dropped, with a warning.
+                warn!(table = %self.tables[ti].table, key = %sk, item = %p.item_id,
+                    "list edit of an item whose row does not exist; not applied");
+                return Ok(PullOutcome::Done);
+            }
             Ok(a) if a.rows == 0 => {
-                // No such row (deleted meanwhile, or its insert was rejected): insert it.
+                // A person-created item whose row's insert did not happen before a crash.
                 // The applier inserts the key columns from `key`; `values` are the others.
                 // Empty list fields are left out so the columns' defaults apply.
                 let values: Vec<_> = set

@@ -486,6 +486,14 @@ impl<L: EventLog + 'static> Processor<L> {
             &format!("\u{1}new:{}/{}", p.list_id, p.item_id),
         );
         let resumed_new = known.is_none() && self.ledger.get(&resumed_key)?.is_some();
+        if known.is_none() && !resumed_new {
+            // An item with a SyncKey this pipeline has no record of (a list from an earlier
+            // installation, a lost state directory without its changelog): there is no last
+            // sync to compare with, so it is not a conflict. The database is the system of
+            // record: the push side adopts the item by its SyncKey and writes the row's values.
+            debug!(table = %self.tables[ti].table, key = %sk, "list change of an item without a ledger entry: left to the push side");
+            return Ok(PullOutcome::Done);
+        }
         let mut entry = known.unwrap_or_default();
         let policy_default = self.tables[ti].entry.conflict;
         // Changed fields: canonical pulled value differs from the ledger's.

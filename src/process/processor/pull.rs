@@ -959,31 +959,10 @@ impl<L: EventLog + 'static> Processor<L> {
             Err(GraphError::NotFound { .. }) => {
                 // The person deleted the item meanwhile. A resumed intent means an earlier
                 // attempt may have inserted the row before a crash: the deletion applies to it.
-                if intent.is_some() {
-                    let key = key_values(&facts.key_columns, &sk);
-                    let kind = match &self.tables[ti].entry.pull.on_delete {
-                        OnDelete::Delete => Some(RowChangeKind::Delete),
-                        OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete {
-                            column: column.clone(),
-                        }),
-                        OnDelete::Ignore => None,
-                    };
-                    if let Some(kind) = kind
-                        && let Err(e) = self
-                            .apply(RowChange {
-                                table: self.table_name(ti),
-                                key,
-                                kind,
-                            })
-                            .await?
-                    {
-                        return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
-                            p,
-                            &sk,
-                            "pull_rejected",
-                            e.to_string(),
-                        ))));
-                    }
+                if intent.is_some()
+                    && let Some(d) = self.apply_on_delete(ti, &sk, p).await?
+                {
+                    return Ok(PullOutcome::Dead(Box::new(d)));
                 }
                 self.ledger
                     .commit(vec![(intent_key, None), (ledger::key(&table, &sk), None)])
@@ -1067,6 +1046,33 @@ impl<L: EventLog + 'static> Processor<L> {
         })
     }
 
+    /// Applies `pull.on_delete` to the row `sk` of table `ti` (an item deleted in the list);
+    /// a database rejection comes back as the dead letter to write.
+    async fn apply_on_delete(
+        &mut self,
+        ti: usize,
+        sk: &str,
+        p: &PendingPull,
+    ) -> Result<Option<DeadLetter>, ProcessError> {
+        let kind = match &self.tables[ti].entry.pull.on_delete {
+            OnDelete::Delete => RowChangeKind::Delete,
+            OnDelete::Soft { column } => RowChangeKind::SoftDelete {
+                column: column.clone(),
+            },
+            OnDelete::Ignore => return Ok(None),
+        };
+        let key = key_values(&self.facts[ti].key_columns, sk);
+        let change = RowChange {
+            table: self.table_name(ti),
+            key,
+            kind,
+        };
+        Ok(match self.apply(change).await? {
+            Ok(_) => None,
+            Err(e) => Some(self.pull_dead(p, sk, "pull_rejected", e.to_string())),
+        })
+    }
+
     async fn eval_default(&mut self, expr: &str) -> Result<String, ProcessError> {
         let client = self.catalog().await?;
         let row = client
@@ -1102,29 +1108,8 @@ impl<L: EventLog + 'static> Processor<L> {
             let table = self.tables[ti].table.clone();
             let intent_key = ledger::key(&table, &format!("\u{1}new:{}/{}", p.list_id, p.item_id));
             if let Some(sk) = self.ledger.get(&intent_key)?.and_then(|e| e.new_row_key) {
-                let key = key_values(&self.facts[ti].key_columns, &sk);
-                let kind = match &self.tables[ti].entry.pull.on_delete {
-                    OnDelete::Delete => Some(RowChangeKind::Delete),
-                    OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete {
-                        column: column.clone(),
-                    }),
-                    OnDelete::Ignore => None,
-                };
-                if let Some(kind) = kind
-                    && let Err(e) = self
-                        .apply(RowChange {
-                            table: self.table_name(ti),
-                            key,
-                            kind,
-                        })
-                        .await?
-                {
-                    return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
-                        p,
-                        &sk,
-                        "pull_rejected",
-                        e.to_string(),
-                    ))));
+                if let Some(d) = self.apply_on_delete(ti, &sk, p).await? {
+                    return Ok(PullOutcome::Dead(Box::new(d)));
                 }
                 self.ledger
                     .commit(vec![(intent_key, None), (ledger::key(&table, &sk), None)])
@@ -1201,33 +1186,11 @@ impl<L: EventLog + 'static> Processor<L> {
             self.pending.remove(&lkey);
         }
         let on_delete = self.tables[ti].entry.pull.on_delete.clone();
-        let key = key_values(&self.facts[ti].key_columns, &sk);
-        let kind = match &on_delete {
-            OnDelete::Delete => Some(RowChangeKind::Delete),
-            OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete {
-                column: column.clone(),
-            }),
-            OnDelete::Ignore => None,
-        };
-        if let Some(kind) = kind {
-            match self
-                .apply(RowChange {
-                    table: self.table_name(ti),
-                    key,
-                    kind,
-                })
-                .await?
-            {
-                Ok(_) => self.stats.pulled += 1,
-                Err(e) => {
-                    return Ok(PullOutcome::Dead(Box::new(self.pull_dead(
-                        p,
-                        &sk,
-                        "pull_rejected",
-                        e.to_string(),
-                    ))));
-                }
-            }
+        if let Some(d) = self.apply_on_delete(ti, &sk, p).await? {
+            return Ok(PullOutcome::Dead(Box::new(d)));
+        }
+        if on_delete != OnDelete::Ignore {
+            self.stats.pulled += 1;
         }
         let change = match on_delete {
             OnDelete::Delete => None,

@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ use syncbridge::graph::{GraphClient, GraphClientConfig, ItemQuery, LimiterRegist
 use tokio_postgres::{Client, NoTls};
 
 mod common;
+#[path = "common/run.rs"]
+mod run;
+use run::{Run, tail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncbridge");
 /// SIGABRT: what `std::process::abort` (a failpoint) ends the process with.
@@ -73,86 +76,6 @@ impl Drop for DbGuard {
         let slot = format!("sb_{}", self.name);
         common::drop_replication_objects(&slot, &slot, &[format!("public.{}", self.name)]);
     }
-}
-
-/// One `syncbridge run` child; SIGKILLed and reaped on drop.
-struct Run {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Run {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("child running").id()
-    }
-
-    /// Polls for exit for up to `dur`; `Some(status)` if the child exited in that time.
-    async fn wait_exit(&mut self, dur: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + dur;
-        loop {
-            let child = self.child.as_mut()?;
-            if let Some(s) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Panics with the log tail if the child has exited.
-    fn assert_alive(&mut self, what: &str) {
-        if let Some(child) = self.child.as_mut()
-            && let Some(s) = child.try_wait().unwrap()
-        {
-            self.child = None;
-            panic!(
-                "{what}: syncbridge exited on its own with {s}:\n{}",
-                tail(&self.log)
-            );
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // std's Child::kill is SIGKILL on Unix.
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then waits up to 30 s for the exit.
-    async fn terminate(&mut self) -> ExitStatus {
-        let pid = self.pid().to_string();
-        let ok = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {pid} failed");
-        self.wait_exit(Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|| {
-                panic!(
-                    "syncbridge did not exit within 30 s of SIGTERM:\n{}",
-                    tail(&self.log)
-                )
-            })
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// A row as the lists should show it.

@@ -93,6 +93,11 @@ pub struct Entry {
     /// for its new row (written to the item before the row is inserted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_row_key: Option<String>,
+    /// Return path, on that intent entry: the row was inserted and the item carries its
+    /// SyncKey. The entry is kept (until the item is deleted) because the item's creation can
+    /// be read again after a restart, and must then not make a second row.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub row_created: bool,
 }
 
 impl Entry {

@@ -635,15 +635,42 @@ impl<L: EventLog + 'static> Processor<L> {
         let sk = sync_key(&key_cells);
         let lkey = ledger::key(&table, &sk);
         if change.origin.as_deref() == Some(self.origin.as_str()) {
-            // Our own return-path write: the list already has it. An older pending push of the
-            // row is replaced by this state (not dropped): the flush diffs it against the ledger,
-            // so only what the list lacks (a push lost to a crash) is still sent.
-            if let Some(p) = self.pending.get_mut(&lkey) {
-                match (change.op, change.after) {
-                    ('c' | 'u' | 'r', Some(after)) => p.desired = Desired::Upsert(after),
-                    _ => p.desired = Desired::Delete,
+            // Our own return-path write: the list already has what it wrote. But its row image
+            // is the newest state of the row, and it also folds in database changes committed
+            // before it that this processor skips as older than the ledger (the pull raised the
+            // ledger's LSN to this commit). So it is not dropped: it replaces an older pending
+            // push, or becomes one when the ledger knows the row's item; the flush diffs it
+            // against the ledger, so the pulled values (already there) cost nothing and only
+            // what the list lacks is sent. A row whose ledger entry the return path has not
+            // written yet (a person-created item mid-creation) is left to the return path.
+            // Replayed after a restart, an event older than the ledger is history: skipped.
+            let known_item = self
+                .ledger
+                .get(&lkey)?
+                .is_some_and(|e| e.item.is_some() && change.lsn >= e.lsn);
+            match self.pending.get_mut(&lkey) {
+                Some(p) => {
+                    match (change.op, change.after) {
+                        ('c' | 'u' | 'r', Some(after)) => p.desired = Desired::Upsert(after),
+                        _ => p.desired = Desired::Delete,
+                    }
+                    p.lsn = p.lsn.max(change.lsn);
                 }
-                p.lsn = p.lsn.max(change.lsn);
+                None if known_item && matches!(change.op, 'c' | 'u' | 'r') => {
+                    if let Some(after) = change.after {
+                        self.put(
+                            lkey,
+                            ti,
+                            sk,
+                            Desired::Upsert(after),
+                            change.lsn,
+                            change.commit_ts_ms,
+                            &last,
+                        );
+                        return Ok(());
+                    }
+                }
+                None => {}
             }
             self.stats.skipped_origin += 1;
             self.skip_metric("own_origin");

@@ -123,6 +123,46 @@ fn conflict_id(
 }
 
 /// A `to_json` value as a cell (what `convert` accepts for every field type).
+/// `(item GUID, version)` of a list item eTag (`"{guid},{n}"`, quoted or not, braced or not;
+/// graph-api.md §5.8): the version rises with every write to the item.
+fn etag_version(etag: &str) -> Option<(String, u64)> {
+    let t = etag.trim().trim_matches('"');
+    let (guid, n) = t.rsplit_once(',')?;
+    let guid = guid
+        .trim_matches(|c| c == '{' || c == '}')
+        .to_ascii_lowercase();
+    Some((guid, n.trim().parse().ok()?))
+}
+
+/// True when the list version `incoming` is one the ledger already holds or has passed (same
+/// item, version not above the ledger's). Every write that sets the ledger's eTag either is
+/// conditional on the version the ledger knew or rewrites every mapped field, so the ledger's
+/// projection holds that version's content: an older or equal list record is a replay (a list
+/// change read again after a restart) or the echo of our own write, never news.
+fn is_stale(incoming: Option<&str>, known: Option<&str>) -> bool {
+    match (
+        incoming.and_then(etag_version),
+        known.and_then(etag_version),
+    ) {
+        (Some((g1, v1)), Some((g2, v2))) => g1 == g2 && v1 <= v2,
+        _ => false,
+    }
+}
+
+/// Ledger key of a person-created item's intent (and, once its row exists, its marker).
+fn new_item_key(table: &str, p: &PendingPull) -> Vec<u8> {
+    ledger::key(table, &format!("\u{1}new:{}/{}", p.list_id, p.item_id))
+}
+
+/// The intent entry of a person-created item whose row `sk` was inserted.
+fn created_marker(sk: &str) -> Entry {
+    Entry {
+        new_row_key: Some(sk.to_string()),
+        row_created: true,
+        ..Entry::default()
+    }
+}
+
 fn cell_from_json(v: &Json) -> Cell {
     match v {
         Json::Null => Cell::Null,
@@ -267,6 +307,15 @@ impl<L: EventLog + 'static> Processor<L> {
                 deferred_since: None,
             },
         );
+    }
+
+    /// The row's pending push, unless it is older than the ledger (a replayed event the flush
+    /// skips as stale): such a push is no source-side change to weigh against a list change.
+    fn live_pending(&self, lkey: &[u8], entry: &Entry) -> Option<Pending> {
+        self.pending
+            .get(lkey)
+            .filter(|p| p.lsn == 0 || p.lsn >= entry.lsn)
+            .cloned()
     }
 
     /// The fields the return path reads for a table: bidirectional and pull_only ones.
@@ -481,17 +530,26 @@ impl<L: EventLog + 'static> Processor<L> {
         // A person-created item whose row was being made when the process stopped (its SyncKey
         // is written, its ledger entry not yet): the row came from this item, so its values are
         // taken as they are, not checked for a conflict.
-        let resumed_key = ledger::key(
-            &self.tables[ti].table,
-            &format!("\u{1}new:{}/{}", p.list_id, p.item_id),
-        );
-        let resumed_new = known.is_none() && self.ledger.get(&resumed_key)?.is_some();
+        let resumed_key = new_item_key(&self.tables[ti].table, p);
+        let resumed_new = known.is_none()
+            && self
+                .ledger
+                .get(&resumed_key)?
+                .is_some_and(|e| !e.row_created);
         if known.is_none() && !resumed_new {
             // An item with a SyncKey this pipeline has no record of (a list from an earlier
             // installation, a lost state directory without its changelog): there is no last
             // sync to compare with, so it is not a conflict. The database is the system of
             // record: the push side adopts the item by its SyncKey and writes the row's values.
             debug!(table = %self.tables[ti].table, key = %sk, "list change of an item without a ledger entry: left to the push side");
+            return Ok(PullOutcome::Done);
+        }
+        if let Some(k) = &known
+            && is_stale(p.etag.as_deref(), k.etag.as_deref())
+        {
+            self.stats.echoes += 1;
+            metrics::counter!(m::PULL_ECHOES_TOTAL, "pipeline" => self.cfg.pipeline.name.clone())
+                .increment(1);
             return Ok(PullOutcome::Done);
         }
         let mut entry = known.unwrap_or_default();
@@ -532,7 +590,7 @@ impl<L: EventLog + 'static> Processor<L> {
         // Conflict with a pending push of the same row?
         let mut apply: Vec<(FieldMapping, Vec<(String, Json)>)> = Vec::new();
         let mut conflicts = Vec::new();
-        let pending = self.pending.get(&lkey).cloned();
+        let pending = self.live_pending(&lkey, &entry);
         if let Some(Pending {
             desired: Desired::Delete,
             ..
@@ -552,6 +610,8 @@ impl<L: EventLog + 'static> Processor<L> {
             _ => (self.source_projection(ti, &sk, &entry).await?, false),
         };
         let mut parked = false;
+        let mut converged: Vec<(String, Json)> = Vec::new();
+        let mut lost_targets: Vec<(String, Json)> = Vec::new();
         // Source values that won without a pending push (its event was lost to a crash or is
         // older than the ledger): written to the item here, or nobody would.
         let mut source_fields = Map::new();
@@ -565,6 +625,16 @@ impl<L: EventLog + 'static> Processor<L> {
             });
             if !source_changed || f.direction == Direction::PullOnly {
                 apply.push((f, canon));
+                continue;
+            }
+            if push_proj.as_ref().is_some_and(|pp| {
+                canon
+                    .iter()
+                    .all(|(k, v)| pp.get(k).unwrap_or(&Json::Null) == v)
+            }) {
+                // Both sides hold the same value (typically our own write whose ledger record a
+                // crash cut off): in sync, nothing to decide or write.
+                converged.extend(canon);
                 continue;
             }
             if !from_pending
@@ -618,7 +688,10 @@ impl<L: EventLog + 'static> Processor<L> {
                         source_fields.insert(k.clone(), pp.get(k).cloned().unwrap_or(Json::Null));
                     }
                 }
-                _ => {}
+                // The pending push writes the winner. Until then the item holds the losing
+                // value at this version: the ledger records it as read, so the push diffs
+                // against it and a later list version still carrying it is no new change.
+                _ => lost_targets.extend(canon),
             }
         }
         let had_conflicts = !conflicts.is_empty();
@@ -647,16 +720,35 @@ impl<L: EventLog + 'static> Processor<L> {
                 at_ms: chrono::Utc::now().timestamp_millis(),
             };
             self.record_conflict(&record).await?;
+            // Remembered at once (before any write to the item), so a crash from here on
+            // replays the decision without recording it again.
+            self.ledger
+                .commit(vec![(lkey.clone(), Some(entry.clone()))])
+                .await?;
         }
         if parked {
             // Neither side is written until an operator decides.
             self.pending.remove(&lkey);
             return Ok(PullOutcome::Done);
         }
+        if !converged.is_empty() {
+            entry.projection.extend(converged);
+            entry.hash = Some(hash_projection(&entry.projection));
+            if !had_conflicts && apply.is_empty() {
+                entry.etag = p.etag.clone().or(entry.etag);
+                self.ledger
+                    .commit(vec![(lkey.clone(), Some(entry.clone()))])
+                    .await?;
+            }
+        }
         if had_conflicts {
             // The list's version is now known and decided on: the push's conditional PATCH must
             // not meet 412 for it again.
             entry.etag = p.etag.clone().or(entry.etag);
+            if !lost_targets.is_empty() {
+                entry.projection.extend(lost_targets);
+                entry.hash = Some(hash_projection(&entry.projection));
+            }
             if !source_fields.is_empty() {
                 match self
                     .client
@@ -792,9 +884,14 @@ impl<L: EventLog + 'static> Processor<L> {
         if let Some(pp) = self.pending.get_mut(&lkey) {
             pp.lsn = pp.lsn.max(entry.lsn);
         }
+        if resumed_new && !self.write_back_row_values(ti, &sk, &mut entry, p).await? {
+            // Changed again meanwhile: the newer version resumes (the intent stays).
+            return Ok(PullOutcome::Done);
+        }
+        entry.hash = Some(hash_projection(&entry.projection));
         let mut changes = vec![(lkey, Some(entry))];
         if resumed_new {
-            changes.push((resumed_key, None));
+            changes.push((resumed_key, Some(created_marker(&sk))));
         }
         self.ledger.commit(changes).await?;
         debug!(table = %self.tables[ti].table, key = %sk, "applied a list edit");
@@ -894,8 +991,16 @@ impl<L: EventLog + 'static> Processor<L> {
         let ti = p.table;
         let table = self.tables[ti].table.clone();
         let fields = p.fields.clone().unwrap_or_default();
-        let intent_key = ledger::key(&table, &format!("\u{1}new:{}/{}", p.list_id, p.item_id));
+        let intent_key = new_item_key(&table, p);
         let intent = self.ledger.get(&intent_key)?;
+        if intent.as_ref().is_some_and(|e| e.row_created) {
+            // The item's creation read again after a restart (offsets trail the ledger): its row
+            // exists, and the item's later changes (at least the echo of the SyncKey write)
+            // follow in the log with its whole state. A new key now would make a second row.
+            debug!(table = %table, item = %p.item_id, "replayed creation of a person-created item whose row exists: skipped");
+            self.stats.echoes += 1;
+            return Ok(PullOutcome::Done);
+        }
         let pull_fields = self.pull_fields(ti);
         // Column values from the item.
         let mut values = Vec::new();
@@ -950,12 +1055,25 @@ impl<L: EventLog + 'static> Processor<L> {
         // intent, and the delta of this very write is recognised as an echo afterwards.
         let mut f = Map::new();
         f.insert(SYNC_KEY_FIELD.into(), Json::String(sk.clone()));
+        // Conditional on the version read: a person's later edit must not hide inside the
+        // version this write makes (the ledger takes that version as holding the read values).
         let etag = match self
             .client
-            .update_item_fields(&self.targets.site_id, &p.list_id, &p.item_id, &f, None)
+            .update_item_fields(
+                &self.targets.site_id,
+                &p.list_id,
+                &p.item_id,
+                &f,
+                p.etag.as_deref(),
+            )
             .await
         {
             Ok(u) => u.e_tag,
+            Err(GraphError::PreconditionFailed { .. }) => {
+                // Changed since this record was read (a person's edit, or our own SyncKey write
+                // before a restart): the newer version follows in the log and resumes the intent.
+                return Ok(PullOutcome::Done);
+            }
             Err(GraphError::NotFound { .. }) => {
                 // The person deleted the item meanwhile. A resumed intent means an earlier
                 // attempt may have inserted the row before a crash: the deletion applies to it.
@@ -1009,34 +1127,17 @@ impl<L: EventLog + 'static> Processor<L> {
             pulled_at_ms: Some(chrono::Utc::now().timestamp_millis()),
             ..Entry::default()
         };
-        // Values the database filled in (defaults, triggers) go back to the item now: the row's
-        // own capture event carries our origin and is not pushed.
-        if dead.is_none()
-            && let Some(source) = self.source_projection(ti, &sk, &entry).await?
-        {
-            let diff = diff(&entry.projection, &source);
-            if !diff.is_empty() {
-                match self
-                    .client
-                    .update_item_fields(&self.targets.site_id, &p.list_id, &p.item_id, &diff, None)
-                    .await
-                {
-                    Ok(u) => {
-                        entry.etag = u.e_tag.or(entry.etag);
-                        entry.projection.extend(source);
-                    }
-                    Err(e) if e.is_retryable() => return Err(e.into()),
-                    Err(e) => {
-                        warn!(table = %table, key = %sk, "writing database defaults back to the item: {e}")
-                    }
-                }
-            }
+        if dead.is_none() && !self.write_back_row_values(ti, &sk, &mut entry, p).await? {
+            // The item changed meanwhile: its newer version resumes the intent (row kept).
+            return Ok(PullOutcome::Done);
         }
         entry.hash = Some(hash_projection(&entry.projection));
+        // A rejected insert made no row: the intent goes (a replay may try again with a new key).
+        let marker = dead.is_none().then(|| created_marker(&sk));
         self.ledger
             .commit(vec![
                 (ledger::key(&table, &sk), Some(entry)),
-                (intent_key, None),
+                (intent_key, marker),
             ])
             .await?;
         self.stats.pulled += 1;
@@ -1044,6 +1145,49 @@ impl<L: EventLog + 'static> Processor<L> {
             Some(d) => PullOutcome::Dead(Box::new(d)),
             None => PullOutcome::Done,
         })
+    }
+
+    /// Writes the values the database filled in for a person-created item's new row (defaults,
+    /// triggers) back to the item: the row's own capture event carries our origin and is not
+    /// pushed. Conditional on `entry.etag` (the version whose content the ledger holds);
+    /// `false` when the item changed meanwhile, so nothing may be recorded for this version.
+    async fn write_back_row_values(
+        &mut self,
+        ti: usize,
+        sk: &str,
+        entry: &mut Entry,
+        p: &PendingPull,
+    ) -> Result<bool, ProcessError> {
+        let Some(source) = self.source_projection(ti, sk, entry).await? else {
+            return Ok(true);
+        };
+        let diff = diff(&entry.projection, &source);
+        if diff.is_empty() {
+            return Ok(true);
+        }
+        match self
+            .client
+            .update_item_fields(
+                &self.targets.site_id,
+                &p.list_id,
+                &p.item_id,
+                &diff,
+                entry.etag.as_deref(),
+            )
+            .await
+        {
+            Ok(u) => {
+                entry.etag = u.e_tag.or(entry.etag.take());
+                entry.projection.extend(source);
+                Ok(true)
+            }
+            Err(GraphError::PreconditionFailed { .. }) => Ok(false),
+            Err(e) if e.is_retryable() => Err(e.into()),
+            Err(e) => {
+                warn!(table = %self.tables[ti].table, key = %sk, "writing database defaults back to the item: {e}");
+                Ok(true)
+            }
+        }
     }
 
     /// Applies `pull.on_delete` to the row `sk` of table `ti` (an item deleted in the list);
@@ -1106,8 +1250,17 @@ impl<L: EventLog + 'static> Processor<L> {
             // intent knows the key, and the row may already exist (the item's create and its
             // delete were coalesced on replay, so only the delete is seen here).
             let table = self.tables[ti].table.clone();
-            let intent_key = ledger::key(&table, &format!("\u{1}new:{}/{}", p.list_id, p.item_id));
-            if let Some(sk) = self.ledger.get(&intent_key)?.and_then(|e| e.new_row_key) {
+            let intent_key = new_item_key(&table, p);
+            let intent = self.ledger.get(&intent_key)?;
+            if let Some(e) = &intent
+                && e.row_created
+            {
+                // Its row was made and now belongs to another item (a source win re-created
+                // it) or is gone: this deletion no longer concerns the row.
+                self.ledger.commit(vec![(intent_key, None)]).await?;
+                return Ok(PullOutcome::Done);
+            }
+            if let Some(sk) = intent.and_then(|e| e.new_row_key) {
                 if let Some(d) = self.apply_on_delete(ti, &sk, p).await? {
                     return Ok(PullOutcome::Dead(Box::new(d)));
                 }
@@ -1123,13 +1276,21 @@ impl<L: EventLog + 'static> Processor<L> {
         let Some(mut entry) = self.ledger.get(&lkey)? else {
             return Ok(PullOutcome::Done);
         };
-        // A pending push re-creates the item when the source wins.
-        if let Some(Pending {
-            desired: Desired::Upsert(_),
-            commit_ts_ms,
-            ..
-        }) = self.pending.get(&lkey).cloned()
+        // A pending push that changes the item re-creates it when the source wins (one that
+        // only restates the ledger, such as our own return-path write, changes nothing).
+        let mut changing = None;
+        if let Some(pp) = self.live_pending(&lkey, &entry)
+            && let Desired::Upsert(row) = &pp.desired
         {
+            let proj = self.project(ti, row, &entry).await.ok();
+            if proj.is_none_or(|proj| {
+                proj.iter()
+                    .any(|(k, v)| entry.projection.get(k).unwrap_or(&Json::Null) != v)
+            }) {
+                changing = Some(pp);
+            }
+        }
+        if let Some(Pending { commit_ts_ms, .. }) = changing {
             let policy = self.tables[ti].entry.conflict;
             let source = match policy {
                 ConflictPolicy::SourceWins => true,
@@ -1202,7 +1363,13 @@ impl<L: EventLog + 'static> Processor<L> {
                 Some(entry)
             }
         };
-        self.ledger.commit(vec![(lkey, change)]).await?;
+        let mut changes = vec![(lkey, change)];
+        // A person-created item's marker goes with the item.
+        let marker_key = new_item_key(&self.tables[ti].table, p);
+        if self.ledger.get(&marker_key)?.is_some() {
+            changes.push((marker_key, None));
+        }
+        self.ledger.commit(changes).await?;
         Ok(PullOutcome::Done)
     }
 }

@@ -493,7 +493,7 @@ fn plan(
                 return Err(ResolveError::Changed {
                     id: record.id.clone(),
                     what: format!(
-                        "the item's {} is {now_item} now, it was {} when the conflict was recorded",
+                        "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
                         f.field, c.target
                     ),
                 });
@@ -502,7 +502,7 @@ fn plan(
                 return Err(ResolveError::Changed {
                     id: record.id.clone(),
                     what: format!(
-                        "the row's {} is {now_row} now, it was {} when the conflict was recorded",
+                        "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
                         f.column, c.source
                     ),
                 });

@@ -11,6 +11,7 @@ use syncbridge::{config, emulator, runtime, telemetry};
 use tokio_util::sync::CancellationToken;
 
 const EXIT_INVALID_CONFIG: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_RUNTIME: u8 = 3;
 
 #[derive(Debug, Parser)]
@@ -61,12 +62,15 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Conflicts the return path recorded (both sides changed a field), newest last.
-    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
+    /// Conflicts the return path recorded (both sides changed a field), and resolving the
+    /// parked ones. `syncbridge conflicts [--parked] [--json] <PIPELINE.yaml>` is `list`.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Conflicts {
-        #[arg(value_name = "PIPELINE.yaml")]
-        file: PathBuf,
-        /// Only parked (`manual`) conflicts.
+        #[command(subcommand)]
+        action: Option<ConflictsAction>,
+        #[arg(value_name = "PIPELINE.yaml", required = true)]
+        file: Option<PathBuf>,
+        /// Only parked conflicts still waiting for an operator.
         #[arg(long)]
         parked: bool,
         #[arg(long)]
@@ -93,6 +97,45 @@ enum DlqAction {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConflictsAction {
+    /// Recorded conflicts, oldest first, with their state: decided (by policy), open (parked),
+    /// resolved (by whom, when, which side), superseded (the row conflicted again since). Asks
+    /// the running process; when none listens, reads the log (stopped process, or Kafka).
+    List {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// Only parked conflicts still waiting for an operator.
+        #[arg(long)]
+        parked: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide a parked conflict: the running process writes the row's current values to the
+    /// item (`--take source`) or the item's to the row (`--take target`). Exit 2: the id names
+    /// no open parked conflict; 3: the process is not running, a side changed since, or a write
+    /// failed (the conflict stays open).
+    Resolve {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// The conflict id (first column of `syncbridge conflicts list`).
+        id: String,
+        #[arg(long, value_enum)]
+        take: TakeArg,
+        /// Who decided (recorded with the resolution); default `$USER`.
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TakeArg {
+    /// PostgreSQL's values win.
+    Source,
+    /// SharePoint's values win.
+    Target,
 }
 
 fn main() -> ExitCode {
@@ -141,7 +184,24 @@ fn main() -> ExitCode {
             })
         }
         Command::Dlq { action } => dlq(action),
-        Command::Conflicts { file, parked, json } => conflicts(&file, parked, json),
+        Command::Conflicts {
+            action: Some(ConflictsAction::List { file, parked, json }),
+            ..
+        }
+        | Command::Conflicts {
+            action: None,
+            file: Some(file),
+            parked,
+            json,
+        } => conflicts(&file, parked, json),
+        Command::Conflicts {
+            action: Some(ConflictsAction::Resolve { file, id, take, by }),
+            ..
+        } => resolve(&file, &id, take, by),
+        Command::Conflicts { .. } => {
+            eprintln!("error: `syncbridge conflicts` needs a pipeline file (see --help)");
+            ExitCode::from(EXIT_USAGE)
+        }
         Command::GraphEmulator(args) => block_on(|shutdown| async move {
             emulator::run(args, shutdown)
                 .await
@@ -191,7 +251,8 @@ fn dlq(action: DlqAction) -> ExitCode {
     })
 }
 
-/// `conflicts`: reads the pipeline's conflicts topic through its log.
+/// `conflicts [list]`: asks the running process; when none listens, reads the conflicts topic
+/// through the pipeline's log.
 fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
     let pipeline = match config::load_files(&[file.to_path_buf()]) {
         Ok(mut p) => p.remove(0),
@@ -201,65 +262,170 @@ fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
         }
     };
     block_on(|_| async move {
-        use syncbridge::log::{EventLog, LogConsumer, TopicSpec};
-        let log = runtime::open_log(&pipeline).map_err(|e| {
-            anyhow::anyhow!(
-                "{e} (with the embedded log, stop `syncbridge run` for this pipeline first)"
-            )
-        })?;
-        let topic =
-            syncbridge::process::conflicts_topic(runtime::topic_prefix(&pipeline), &pipeline.name);
-        log.ensure_topic(&TopicSpec::new(topic.clone(), 1)).await?;
-        let end = log.end_offsets(&topic).await?.first().copied().unwrap_or(0);
-        let stop = syncbridge::log::CancellationToken::new();
-        let group = format!("{topic}.cli.{}", uuid::Uuid::new_v4().simple());
-        let mut c = log
-            .consumer(&group, std::slice::from_ref(&topic), stop.clone())
-            .await?;
-        let mut shown = 0;
-        let mut read = 0;
-        while read < end {
-            let Ok(r) = tokio::time::timeout(std::time::Duration::from_secs(10), c.recv()).await
-            else {
-                break;
-            };
-            let Some(r) = r? else { break };
-            read = r.offset + 1;
-            let Some(v) = r.record.value else { continue };
-            let Ok(rec) = serde_json::from_slice::<syncbridge::process::ConflictRecord>(&v) else {
-                continue;
-            };
-            if parked && rec.decision != "parked" {
-                continue;
+        use syncbridge::control::client::{self, ClientError};
+        use syncbridge::process::{self, ConflictState};
+        let addr = pipeline.control.listen;
+        let views = match client::list_conflicts(addr, &pipeline.name, parked).await {
+            Ok(v) => v,
+            // No process runs this pipeline there: the log is free to read.
+            Err(ClientError::NotListening { .. })
+            | Err(ClientError::Refused {
+                status: 404,
+                kind: None,
+                ..
+            }) => {
+                let log = runtime::open_log(&pipeline).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e} (the embedded log is locked by a `syncbridge run` whose control \
+                         plane does not answer at {addr})"
+                    )
+                })?;
+                let topic =
+                    process::conflicts_topic(runtime::topic_prefix(&pipeline), &pipeline.name);
+                let entries = process::read_conflicts(&log, &topic).await?;
+                process::conflict_views(entries)
+                    .into_iter()
+                    .filter(|v| !parked || v.state == ConflictState::Open)
+                    .collect()
             }
-            shown += 1;
+            Err(e) => return Err(e.into()),
+        };
+        for v in &views {
             if json {
-                println!("{}", serde_json::to_string(&rec)?);
+                println!("{}", serde_json::to_string(v)?);
             } else {
-                let fields: Vec<String> = rec
-                    .fields
-                    .iter()
-                    .map(|f| {
-                        format!(
-                            "{}: source={} target={} ({} → {})",
-                            f.field, f.source, f.target, f.policy, f.winner
-                        )
-                    })
-                    .collect();
-                println!(
-                    "{} {} key={} [{}] {}",
-                    rec.id,
-                    rec.table,
-                    rec.key,
-                    rec.decision,
-                    fields.join("; ")
-                );
+                println!("{}", describe_conflict(v));
             }
         }
-        stop.cancel();
-        eprintln!("{shown} conflict(s)");
+        eprintln!(
+            "{} conflict(s){}",
+            views.len(),
+            if parked {
+                " waiting for an operator"
+            } else {
+                ""
+            }
+        );
         Ok(())
     })
+}
+
+/// One line per conflict: id, table, key, state, fields.
+fn describe_conflict(v: &syncbridge::process::ConflictView) -> String {
+    use syncbridge::process::ConflictState;
+    let rec = &v.record;
+    let state = match v.state {
+        ConflictState::Decided => rec.decision.clone(),
+        ConflictState::Open => "parked, open".into(),
+        ConflictState::Superseded => format!(
+            "parked, superseded by {}",
+            v.superseded_by.as_deref().unwrap_or("?")
+        ),
+        ConflictState::Resolved => match &v.resolution {
+            Some(r) => format!(
+                "parked, resolved: took {} by {} at {}",
+                r.take,
+                r.resolved_by.as_deref().unwrap_or("?"),
+                syncbridge::process::format_ms(r.at_ms)
+            ),
+            None => "parked, resolved".into(),
+        },
+    };
+    let fields: Vec<String> = rec
+        .fields
+        .iter()
+        .map(|f| {
+            format!(
+                "{}: source={} target={} ({} → {})",
+                f.field, f.source, f.target, f.policy, f.winner
+            )
+        })
+        .collect();
+    format!(
+        "{} {} key={} [{}] {}",
+        rec.id,
+        rec.table,
+        rec.key,
+        state,
+        fields.join("; ")
+    )
+}
+
+/// `conflicts resolve FILE ID --take source|target`: asks the running process.
+fn resolve(file: &std::path::Path, id: &str, take: TakeArg, by: Option<String>) -> ExitCode {
+    use syncbridge::control::client::{self, ClientError};
+    use syncbridge::process::Take;
+    let p = match config::load_files(&[file.to_path_buf()]) {
+        Ok(mut p) if p.len() == 1 => p.remove(0),
+        Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let take = match take {
+        TakeArg::Source => Take::Source,
+        TakeArg::Target => Take::Target,
+    };
+    let by = by.or_else(|| std::env::var("USER").ok());
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let addr = p.control.listen;
+    // A busy processor (the row or item has a change in progress) is asked again for a while.
+    let result = rt.block_on(async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match client::resolve_conflict(addr, &p.name, id, take, by.as_deref()).await {
+                Err(ClientError::Refused {
+                    kind: Some(k),
+                    message,
+                    ..
+                }) if k == "busy" && std::time::Instant::now() < deadline => {
+                    tracing::info!("{message}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                other => break other,
+            }
+        }
+    });
+    match result {
+        Ok(v) => {
+            println!("{}", describe_conflict(&v));
+            println!(
+                "conflict {id} resolved: took {take} ({} field(s) decided)",
+                v.resolution.as_ref().map_or(0, |r| r.fields.len())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::NotListening { .. }) => {
+            eprintln!(
+                "error: no SyncBridge process is listening on {addr} (control.listen of pipeline \
+                 {}): start it with `syncbridge run {}` and resolve again; the running process \
+                 applies the decision (it owns the ledger)",
+                p.name,
+                file.display()
+            );
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(ClientError::Refused { message, kind, .. }) => {
+            eprintln!("error: {message}");
+            match kind.as_deref() {
+                Some("unknown" | "not_parked" | "already_resolved" | "superseded" | "gone") => {
+                    ExitCode::from(EXIT_USAGE)
+                }
+                _ => ExitCode::from(EXIT_RUNTIME),
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// `validate --db`: the offline checks, then the database checks of each pipeline.

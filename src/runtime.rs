@@ -119,6 +119,8 @@ pub async fn run(
     let readiness = Readiness::default();
     // Re-snapshot requests: control plane → each pipeline's capture (one queued at a time).
     let snapshots = control::SnapshotRegistry::default();
+    // Operator decisions on parked conflicts: control plane → each pipeline's processor.
+    let conflicts = control::ConflictRegistry::default();
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
     let control_task = tokio::spawn(control::run(
@@ -126,12 +128,13 @@ pub async fn run(
         readiness.clone(),
         prometheus,
         snapshots.clone(),
+        conflicts.clone(),
         control_stop.clone(),
     ));
     info!(%listen, "control plane listening (/health, /ready, /metrics)");
 
     let mut running = Vec::with_capacity(pipelines.len());
-    let started = start_all(&pipelines, &readiness, &snapshots, &mut running).await;
+    let started = start_all(&pipelines, &readiness, &snapshots, &conflicts, &mut running).await;
     if let Err(e) = started {
         let _ = drain(running, &readiness).await;
         control_stop.cancel();
@@ -226,6 +229,7 @@ async fn start_all(
     pipelines: &[PipelineConfig],
     readiness: &Readiness,
     snapshots: &control::SnapshotRegistry,
+    conflicts: &control::ConflictRegistry,
     running: &mut Vec<RunningPipeline>,
 ) -> Result<(), RuntimeError> {
     for p in pipelines {
@@ -246,13 +250,14 @@ async fn start_all(
 
         // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
         // the lists fails the run before a slot is created.
-        let (processor, pollers) =
+        let (mut processor, pollers) =
             prepare_processor(p, log.clone(), &limiters)
                 .await
                 .map_err(|source| RuntimeError::Process {
                     pipeline: p.name.clone(),
                     source,
                 })?;
+        conflicts.register(processor.conflict_handle());
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
         let pollers_stop = CancellationToken::new();

@@ -1,5 +1,6 @@
 //! The CLI side of the pipeline API: `syncbridge snapshot` asks the process that runs the pipeline
-//! (it owns the replication slot) over its control plane.
+//! (it owns the replication slot) over its control plane; `syncbridge conflicts list|resolve`
+//! asks its processor (it owns the ledger).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,9 +18,14 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
-    /// The server answered with an error status (404 unknown pipeline/table, 409 busy, …).
+    /// The server answered with an error status (404 unknown pipeline/table, 409 busy, …);
+    /// `kind` is the machine-readable reason when the server gives one.
     #[error("{message} (HTTP {status})")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        message: String,
+        kind: Option<String>,
+    },
     #[error("control plane request failed: {0}")]
     Http(#[from] reqwest::Error),
     #[error("re-snapshot {id} of {table} failed: {error}")]
@@ -64,6 +70,10 @@ async fn answer(
         Err(ClientError::Refused {
             status: status.as_u16(),
             message,
+            kind: body
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .map(str::to_string),
         })
     }
 }
@@ -79,6 +89,7 @@ pub async fn request_snapshot(
             ClientError::Refused {
                 status: 0,
                 message: format!("invalid pipeline name or table: {e}"),
+                kind: None,
             }
         })?;
     let r = client()?.post(target).send().await;
@@ -122,4 +133,73 @@ pub async fn wait_for_snapshot(
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
+}
+
+/// How long the CLI waits for a resolution: the processor finishes its current flush first and
+/// then writes to Graph and PostgreSQL.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `GET /pipelines/{pipeline}/conflicts[?parked=true]`: the recorded conflicts with their state.
+pub async fn list_conflicts(
+    addr: SocketAddr,
+    pipeline: &str,
+    parked: bool,
+) -> Result<Vec<crate::process::ConflictView>, ClientError> {
+    let mut target = url::Url::parse(&format!("http://{addr}/pipelines/{pipeline}/conflicts"))
+        .map_err(|e| ClientError::Refused {
+            status: 0,
+            message: format!("invalid pipeline name: {e}"),
+            kind: None,
+        })?;
+    if parked {
+        target.query_pairs_mut().append_pair("parked", "true");
+    }
+    let r = client()?.get(target).send().await;
+    let body = answer(addr, r).await?;
+    serde_json::from_value(body).map_err(|e| ClientError::Refused {
+        status: 200,
+        message: format!("unreadable conflict list: {e}"),
+        kind: None,
+    })
+}
+
+/// `POST /pipelines/{pipeline}/conflicts/{id}/resolve?take=…&by=…`: the resolved conflict.
+pub async fn resolve_conflict(
+    addr: SocketAddr,
+    pipeline: &str,
+    id: &str,
+    take: crate::process::Take,
+    by: Option<&str>,
+) -> Result<crate::process::ConflictView, ClientError> {
+    let mut target =
+        url::Url::parse(&format!("http://{addr}/")).map_err(|e| ClientError::Refused {
+            status: 0,
+            message: format!("invalid address: {e}"),
+            kind: None,
+        })?;
+    target
+        .path_segments_mut()
+        .map_err(|()| ClientError::Refused {
+            status: 0,
+            message: "invalid address".into(),
+            kind: None,
+        })?
+        .clear()
+        .extend(["pipelines", pipeline, "conflicts", id, "resolve"]);
+    target.query_pairs_mut().append_pair("take", take.as_str());
+    if let Some(by) = by {
+        target.query_pairs_mut().append_pair("by", by);
+    }
+    let r = reqwest::Client::builder()
+        .timeout(RESOLVE_TIMEOUT)
+        .build()?
+        .post(target)
+        .send()
+        .await;
+    let body = answer(addr, r).await?;
+    serde_json::from_value(body).map_err(|e| ClientError::Refused {
+        status: 200,
+        message: format!("unreadable answer: {e}"),
+        kind: None,
+    })
 }

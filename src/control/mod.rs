@@ -8,6 +8,15 @@
 //! `chunks`, `rows`, `superseded`, …; `{"state": "idle"}` when none was requested).
 //! [`client`] is the CLI side (`syncbridge snapshot`).
 //!
+//! Conflicts: `GET /pipelines/{name}/conflicts[?parked=true]` lists the recorded conflicts with
+//! their state (`open`, `resolved` with `resolution`, `superseded` with `superseded_by`,
+//! `decided`; `parked=true`: open ones only), read by the running processor.
+//! `POST /pipelines/{name}/conflicts/{id}/resolve?take=source|target[&by=NAME]` hands an
+//! operator's decision to the processor and answers once it is applied and durable: 200 with the
+//! resolved conflict; errors carry `{"error", "kind"}`: 400 bad `take`, 404 unknown pipeline or
+//! id, 409 not parked / already resolved / superseded / gone, 412 a side changed since the
+//! conflict was recorded, 502 a write failed, 503 busy or the processor stopped.
+//!
 //! Binding happens in [`bind`], before any stage starts, so a taken port fails the run at once
 //! instead of after a snapshot has begun.
 
@@ -28,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::ResnapshotHandle;
 use crate::capture::resnapshot::RequestError;
+use crate::process::{ConflictHandle, ConflictState, ResolveError, Take};
 use crate::telemetry::metrics::STAGE_UP;
 
 /// Control-plane settings (from the pipeline file's `control:` section).
@@ -115,11 +125,35 @@ impl SnapshotRegistry {
     }
 }
 
+/// The conflict handles of the running pipelines' processors, by pipeline name.
+#[derive(Debug, Clone, Default)]
+pub struct ConflictRegistry {
+    pipelines: Arc<Mutex<BTreeMap<String, ConflictHandle>>>,
+}
+
+impl ConflictRegistry {
+    pub fn register(&self, handle: ConflictHandle) {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.pipeline().to_string(), handle);
+    }
+
+    fn get(&self, pipeline: &str) -> Option<ConflictHandle> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pipeline)
+            .cloned()
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     readiness: Readiness,
     prometheus: PrometheusHandle,
     snapshots: SnapshotRegistry,
+    conflicts: ConflictRegistry,
 }
 
 /// Binds the listening socket; call before starting stages.
@@ -137,6 +171,7 @@ pub fn router(
     readiness: Readiness,
     prometheus: PrometheusHandle,
     snapshots: SnapshotRegistry,
+    conflicts: ConflictRegistry,
 ) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -146,10 +181,16 @@ pub fn router(
             "/pipelines/{name}/snapshot",
             get(snapshot_status).post(snapshot_start),
         )
+        .route("/pipelines/{name}/conflicts", get(conflicts_list))
+        .route(
+            "/pipelines/{name}/conflicts/{id}/resolve",
+            axum::routing::post(conflict_resolve),
+        )
         .with_state(AppState {
             readiness,
             prometheus,
             snapshots,
+            conflicts,
         })
 }
 
@@ -159,12 +200,16 @@ pub async fn run(
     readiness: Readiness,
     prometheus: PrometheusHandle,
     snapshots: SnapshotRegistry,
+    conflicts: ConflictRegistry,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
-    axum::serve(listener, router(readiness, prometheus, snapshots))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(ControlError::Serve)
+    axum::serve(
+        listener,
+        router(readiness, prometheus, snapshots, conflicts),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .map_err(ControlError::Serve)
 }
 
 async fn health() -> impl IntoResponse {
@@ -224,6 +269,70 @@ async fn snapshot_status(State(state): State<AppState>, Path(name): Path<String>
     match handle.status() {
         Some(status) => axum::Json(status).into_response(),
         None => axum::Json(serde_json::json!({ "state": "idle" })).into_response(),
+    }
+}
+
+fn resolve_error(e: &ResolveError) -> Response {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": e.to_string(), "kind": e.kind() })),
+    )
+        .into_response()
+}
+
+async fn conflicts_list(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(handle) = state.conflicts.get(&name) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline {name:?} runs in this process"),
+        );
+    };
+    let parked = query.get("parked").is_some_and(|v| v != "false");
+    match handle.list().await {
+        Ok(views) => axum::Json(
+            views
+                .into_iter()
+                .filter(|v| !parked || v.state == ConflictState::Open)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => resolve_error(&e),
+    }
+}
+
+async fn conflict_resolve(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(handle) = state.conflicts.get(&name) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline {name:?} runs in this process"),
+        );
+    };
+    let take = match query.get("take").map(|t| t.parse::<Take>()) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return json_error(StatusCode::BAD_REQUEST, e),
+        None => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "missing query parameter `take` (source or target)".into(),
+            );
+        }
+    };
+    let by = query
+        .get("by")
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty());
+    match handle.resolve(&id, take, by).await {
+        Ok(view) => axum::Json(view).into_response(),
+        Err(e) => resolve_error(&e),
     }
 }
 

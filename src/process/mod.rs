@@ -39,7 +39,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use processor::{
-    ConflictRecord, FieldConflict, Processor, ProcessorStats, conflicts_topic, sync_key,
+    ConflictCommand, ConflictEntry, ConflictHandle, ConflictRecord, ConflictState, ConflictView,
+    FieldConflict, PARKED, Processor, ProcessorStats, RESOLVED_MANUALLY, Resolution, ResolveError,
+    Take, conflict_views, conflicts_topic, format_ms, read_conflicts, sync_key,
 };
 pub use provision::{ProvisionError, Targets, provision};
 

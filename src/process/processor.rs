@@ -5,8 +5,13 @@
 //! by the poll that returns it), so the loop may race it against the flush timer.
 
 mod pull;
+mod resolve;
 
 pub use pull::{ConflictRecord, FieldConflict, conflicts_topic};
+pub use resolve::{
+    ConflictCommand, ConflictEntry, ConflictHandle, ConflictState, ConflictView, PARKED,
+    RESOLVED_MANUALLY, Resolution, ResolveError, Take, conflict_views, format_ms, read_conflicts,
+};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -217,6 +222,8 @@ pub struct Processor<L: EventLog> {
     /// When the last table record arrived, and whether it continued the transaction before it.
     last_event: (Instant, bool),
     last_lsn: u64,
+    /// Operator commands (manual conflict resolution), once a handle was taken.
+    commands: Option<tokio::sync::mpsc::Receiver<resolve::ConflictCommand>>,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -345,6 +352,7 @@ impl<L: EventLog + 'static> Processor<L> {
             conflicts_topic: conflicts,
             last_event: (Instant::now(), false),
             last_lsn: 0,
+            commands: None,
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
@@ -397,6 +405,7 @@ impl<L: EventLog + 'static> Processor<L> {
         };
         info!(pipeline = %name, topics = self.topics.len(), pull = pulls.is_some(), "processor started");
         let window = self.cfg.flush_window;
+        let mut commands = self.commands.take();
         // When to flush (see `flush_deadline`): the window bounds how long a change waits to be
         // coalesced; caught-up input flushes at once; a transaction still arriving is not split.
         let mut window_start: Option<Instant> = None;
@@ -440,6 +449,15 @@ impl<L: EventLog + 'static> Processor<L> {
                     }
                     // Shutdown: the table consumer ends too and does the final flush.
                     None => pulls = None,
+                },
+                cmd = recv_cmd(&mut commands) => match cmd {
+                    Some(cmd) => {
+                        self.serve_command(cmd).await?;
+                        if window_start.is_none() && (!self.pending.is_empty() || !self.pulls.is_empty()) {
+                            window_start = Some(Instant::now());
+                        }
+                    }
+                    None => commands = None,
                 },
                 () = timer => {
                     self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
@@ -1689,6 +1707,16 @@ impl<L: EventLog + 'static> Processor<L> {
             .await;
         results.sort_by_key(|(i, _)| *i);
         results.into_iter().flat_map(|(_, o)| o).collect()
+    }
+}
+
+/// The next operator command; pending forever when there is no handle.
+async fn recv_cmd(
+    c: &mut Option<tokio::sync::mpsc::Receiver<resolve::ConflictCommand>>,
+) -> Option<resolve::ConflictCommand> {
+    match c {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -83,6 +83,9 @@ pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
 pub const PULL_ECHOES_TOTAL: &str = "syncbridge_pull_echoes_total";
 /// Counter of fields changed on both sides, labels `pipeline`, `policy`, `outcome` (source/target/parked).
 pub const PULL_CONFLICTS_TOTAL: &str = "syncbridge_pull_conflicts_total";
+/// Counter of operator resolutions of parked conflicts, labels `pipeline`, `take` (source/target),
+/// `outcome` (applied, or why not: unknown/not_parked/already_resolved/superseded/gone/changed/busy/failed).
+pub const PULL_CONFLICT_RESOLUTIONS_TOTAL: &str = "syncbridge_pull_conflict_resolutions_total";
 
 /// Counter of delta poll rounds, labels `pipeline`, `outcome` (changes/idle/error).
 pub const PULL_DELTA_POLLS_TOTAL: &str = "syncbridge_pull_delta_polls_total";
@@ -286,5 +289,10 @@ pub fn describe_all() {
         PULL_CONFLICTS_TOTAL,
         Unit::Count,
         "Fields changed on both sides, by policy and winner (labels: pipeline, policy, outcome)."
+    );
+    describe_counter!(
+        PULL_CONFLICT_RESOLUTIONS_TOTAL,
+        Unit::Count,
+        "Operator resolutions of parked conflicts (labels: pipeline, take, outcome)."
     );
 }

@@ -278,6 +278,33 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Changes fields of the item with SyncKey `key` as a person would (the user client).
+    pub async fn person_edit(&self, list: &str, key: &str, fields: Value) {
+        let list_id = self.list_id(list).await;
+        let item = self.item_id(list, key).await;
+        let f = fields.as_object().expect("an object of fields").clone();
+        self.person
+            .update_item_fields(&self.site, &list_id, &item, &f, None)
+            .await
+            .unwrap();
+    }
+
+    /// Runs the `syncbridge` binary with `args` (off the async workers); (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(&args).output())
+            .await
+            .unwrap()
+            .expect("run syncbridge");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
 pub fn writes(stats: &Value) -> (u64, u64) {
     (
         stats["ru_consumed"].as_u64().unwrap(),

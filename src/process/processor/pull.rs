@@ -96,7 +96,7 @@ fn parse_ms(s: Option<&str>) -> Option<i64> {
 }
 
 /// The key column values a SyncKey stands for (see [`sync_key`]).
-fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
+pub(super) fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
     if columns.len() == 1 {
         return vec![(columns[0].clone(), Some(sk.to_string()))];
     }
@@ -442,7 +442,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// Applies one row change; connection failures are retryable errors of the flush (the
     /// applier reconnects on the next call), data rejections are returned for the DLQ.
-    async fn apply(
+    pub(super) async fn apply(
         &mut self,
         change: RowChange,
     ) -> Result<Result<crate::pull::Applied, ApplyError>, ProcessError> {
@@ -452,12 +452,12 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
-    fn table_name(&self, ti: usize) -> TableName {
+    pub(super) fn table_name(&self, ti: usize) -> TableName {
         self.tables[ti].entry.table.clone()
     }
 
     /// Column text of a pulled field (persons → email, lookups → foreign key).
-    async fn pulled_text(
+    pub(super) async fn pulled_text(
         &mut self,
         f: &FieldMapping,
         canon: &[(String, Json)],
@@ -900,7 +900,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// The row's mapped projection as it is now in PostgreSQL (`None`: no such row, or a value
     /// that cannot be read back; then no source-side change is assumed).
-    async fn source_projection(
+    pub(super) async fn source_projection(
         &mut self,
         ti: usize,
         sk: &str,
@@ -1229,7 +1229,7 @@ impl<L: EventLog + 'static> Processor<L> {
             .ok_or_else(|| ProcessError::Config(format!("the key default {expr} gave NULL")))
     }
 
-    async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
+    pub(super) async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
         if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
             let (client, conn) = tokio_postgres::connect(
                 self.cfg.pipeline.source.url.expose(),

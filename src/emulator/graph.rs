@@ -60,6 +60,12 @@ pub struct Call {
 /// Runs one call through faults, throttling and the handler, and counts it.
 pub fn execute(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Call) -> Reply {
     *st.stats.by_method.entry(call.method.clone()).or_default() += 1;
+    *st.stats
+        .by_client
+        .entry(caller.app_key.clone())
+        .or_default()
+        .entry(call.method.clone())
+        .or_default() += 1;
     let reply = execute_inner(st, env, ids, caller, call);
     *st.stats.by_status.entry(reply.status).or_default() += 1;
     reply

@@ -103,6 +103,9 @@ pub struct Stats {
     pub by_method: BTreeMap<String, u64>,
     pub by_status: BTreeMap<u16, u64>,
     pub batches: u64,
+    /// Calls (direct, and each `$batch` entry; not the envelope) by client id, then method: tells
+    /// the service's writes from a person's when both work on one list (echo-write tests).
+    pub by_client: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 #[derive(Debug)]
@@ -163,7 +166,8 @@ impl State {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
         json!({
-            "requests": { "by_method": self.stats.by_method, "by_status": by_status, "batches": self.stats.batches },
+            "requests": { "by_method": self.stats.by_method, "by_status": by_status, "batches": self.stats.batches,
+                          "by_client": self.stats.by_client },
             "ru_consumed": self.throttle.consumed,
             "throttled": self.throttle.throttled,
             "budget": self.throttle.json(now_ms),

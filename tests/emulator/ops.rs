@@ -86,3 +86,43 @@ async fn unknown_paths_and_bad_json() {
     );
     assert_eq!(emu.admin("nope", json!({})).await.status, 404);
 }
+
+#[tokio::test]
+async fn stats_count_calls_per_client_with_batch_entries_by_their_method() {
+    let emu = Emu::start().await;
+    let list = emu.create_list("Per client", json!([])).await;
+    let rel = list.trim_start_matches("/v1.0").to_string();
+    emu.create_item(&list, json!({ "Title": "app" })).await;
+    let requests = json!([
+        { "id": "1", "method": "POST", "url": format!("{rel}/items"),
+          "headers": { "Content-Type": "application/json" }, "body": { "fields": { "Title": "b" } } },
+        { "id": "2", "method": "PATCH", "url": format!("{rel}/items/1/fields"),
+          "headers": { "Content-Type": "application/json" }, "body": { "Title": "c" } },
+    ]);
+    let r = emu
+        .post("/v1.0/$batch", json!({ "requests": requests }))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let person = emu.token_for(USER_CLIENT_ID, USER_SECRET).await;
+    let r = emu
+        .call_as(
+            &person,
+            reqwest::Method::PATCH,
+            &format!("{list}/items/1/fields"),
+            Some(json!({ "Title": "by a person" })),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let stats = emu.stats().await;
+    let by_client = &stats["requests"]["by_client"];
+    // The app: list create, item create and the batch's POST entry (not the envelope).
+    assert_eq!(by_client[CLIENT_ID]["POST"], 3, "{by_client}");
+    assert_eq!(by_client[CLIENT_ID]["PATCH"], 1, "{by_client}");
+    assert_eq!(by_client[USER_CLIENT_ID]["PATCH"], 1, "{by_client}");
+    assert!(
+        by_client[USER_CLIENT_ID].get("POST").is_none(),
+        "{by_client}"
+    );
+    assert_eq!(stats["requests"]["batches"], 1);
+}

@@ -95,27 +95,6 @@ fn parse_ms(s: Option<&str>) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-/// An item eTag `"{guid},{version}"` as (normalised guid, version); `None` when not of that form.
-/// SharePoint increments the version on every write of the item (graph-api.md §11.8).
-fn etag_version(etag: &str) -> Option<(String, u64)> {
-    let inner = etag.trim().trim_start_matches("W/").trim_matches('"');
-    let (guid, version) = inner.rsplit_once(',')?;
-    let guid = guid.trim().trim_matches(['{', '}']).to_ascii_lowercase();
-    (!guid.is_empty()).then_some(())?;
-    Some((guid, version.trim().parse().ok()?))
-}
-
-/// Whether `pulled` is an older version of the same item than `known`: a state delta read
-/// between two of our own consecutive writes (a person-created item's SyncKey, then its database
-/// defaults; a row pushed twice), reaching the processor after the later write. Applying it
-/// would write our own older values back to the row; the newer state comes in a later round.
-fn older_version(pulled: Option<&str>, known: Option<&str>) -> bool {
-    match (pulled.and_then(etag_version), known.and_then(etag_version)) {
-        (Some((g1, v1)), Some((g2, v2))) => g1 == g2 && v1 < v2,
-        _ => false,
-    }
-}
-
 /// The key column values a SyncKey stands for (see [`sync_key`]).
 pub(super) fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
     if columns.len() == 1 {
@@ -143,15 +122,13 @@ fn conflict_id(
     hex::encode(&h.finalize()[..16])
 }
 
-/// A `to_json` value as a cell (what `convert` accepts for every field type).
 /// `(item GUID, version)` of a list item eTag (`"{guid},{n}"`, quoted or not, braced or not;
 /// graph-api.md §5.8): the version rises with every write to the item.
 fn etag_version(etag: &str) -> Option<(String, u64)> {
-    let t = etag.trim().trim_matches('"');
+    let t = etag.trim().trim_start_matches("W/").trim_matches('"');
     let (guid, n) = t.rsplit_once(',')?;
-    let guid = guid
-        .trim_matches(|c| c == '{' || c == '}')
-        .to_ascii_lowercase();
+    let guid = guid.trim().trim_matches(['{', '}']).to_ascii_lowercase();
+    (!guid.is_empty()).then_some(())?;
     Some((guid, n.trim().parse().ok()?))
 }
 
@@ -184,6 +161,7 @@ fn created_marker(sk: &str) -> Entry {
     }
 }
 
+/// A `to_json` value as a cell (what `convert` accepts for every field type).
 fn cell_from_json(v: &Json) -> Cell {
     match v {
         Json::Null => Cell::Null,
@@ -574,15 +552,6 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(PullOutcome::Done);
         }
         let mut entry = known.unwrap_or_default();
-        if older_version(p.etag.as_deref(), entry.etag.as_deref()) {
-            // An intermediate state of our own writes (see `older_version`): nothing to apply.
-            self.stats.echoes += 1;
-            metrics::counter!(m::PULL_ECHOES_TOTAL, "pipeline" => self.cfg.pipeline.name.clone())
-                .increment(1);
-            debug!(table = %self.tables[ti].table, key = %sk, etag = ?p.etag, known = ?entry.etag,
-                "list change older than the version last written or seen; dropped");
-            return Ok(PullOutcome::Done);
-        }
         let policy_default = self.tables[ti].entry.conflict;
         // Changed fields: canonical pulled value differs from the ledger's.
         let mut changed: Vec<(FieldMapping, Vec<(String, Json)>)> = Vec::new();
@@ -1416,14 +1385,15 @@ mod tests {
         );
         assert_eq!(etag_version("\"g,x\""), None);
         assert_eq!(etag_version("no-comma"), None);
-        assert!(older_version(Some("\"g,3\""), Some("\"g,4\"")));
-        assert!(older_version(Some("\"G,3\""), Some("\"{g},4\"")));
-        // The same version may carry a person's edit we wrote over without If-Match: not dropped.
-        assert!(!older_version(Some("\"g,4\""), Some("\"g,4\"")));
-        assert!(!older_version(Some("\"g,5\""), Some("\"g,4\"")));
+        assert!(is_stale(Some("\"g,3\""), Some("\"g,4\"")));
+        assert!(is_stale(Some("\"G,3\""), Some("\"{g},4\"")));
+        // The version the ledger holds (every write that sets it is conditional or whole, so
+        // the ledger has its content): a replay or our own echo.
+        assert!(is_stale(Some("\"g,4\""), Some("\"g,4\"")));
+        assert!(!is_stale(Some("\"g,5\""), Some("\"g,4\"")));
         // Another item (re-created elsewhere) or no known eTag: not comparable.
-        assert!(!older_version(Some("\"h,1\""), Some("\"g,4\"")));
-        assert!(!older_version(Some("\"g,1\""), None));
-        assert!(!older_version(None, Some("\"g,4\"")));
+        assert!(!is_stale(Some("\"h,1\""), Some("\"g,4\"")));
+        assert!(!is_stale(Some("\"g,1\""), None));
+        assert!(!is_stale(None, Some("\"g,4\"")));
     }
 }

@@ -74,6 +74,10 @@ struct Env {
 
 /// A table `(id int PRIMARY KEY, t text)` with one row from before the slot, and the Kafka log.
 async fn env(tag: &str) -> Env {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let name = format!("{tag}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let slot = format!("sb_{name}");
     let db = DbGuard {
@@ -94,6 +98,7 @@ async fn env(tag: &str) -> Env {
     // LogSink names topics `<prefix>.<pipeline>.…`; tansu needs one record per batch (README).
     cfg.topic_prefix = String::new();
     cfg.producer_batch_records = Some(1);
+    let state = tempfile::tempdir().unwrap();
     let log = Arc::new(AnyLog::open(LogConfig::Kafka(cfg)).unwrap());
     Env {
         topic: topic_name(PREFIX, &name, "public", &name),
@@ -101,7 +106,7 @@ async fn env(tag: &str) -> Env {
         slot,
         c,
         log,
-        state: tempfile::tempdir().unwrap(),
+        state,
         _db: db,
     }
 }
@@ -566,6 +571,7 @@ async fn incompatible_schema_stops_capture_with_an_operator_error() {
         let err = result.expect_err("capture fails");
         assert!(!err.is_retryable(), "{err}");
         let text = err.to_string();
+        println!("operator error: {text}");
         let subject = format!("{}-value", env.topic);
         assert!(text.contains(&subject), "names the subject: {text}");
         assert!(

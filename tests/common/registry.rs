@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use apache_avro::Schema;
-use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -279,8 +279,19 @@ async fn register(State(st): State<St>, Path(subject): Path<String>, body: Strin
         && level != "NONE"
     {
         let old = Schema::parse_str(&st.schemas[latest as usize - 1].0).unwrap();
-        let backward = SchemaCompatibility::can_read(&old, &parsed);
-        let forward = SchemaCompatibility::can_read(&parsed, &old);
+        // Confluent requires every writer union branch to resolve; apache_avro calls a union
+        // that resolves only for some branches `Partial`, which Confluent rejects.
+        let check = |writer: &Schema, reader: &Schema| match SchemaCompatibility::can_read(
+            writer, reader,
+        ) {
+            Ok(Compatibility::Full) => Ok(()),
+            Ok(Compatibility::Partial) => {
+                Err("some writer union branches cannot be read".to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let backward = check(&old, &parsed);
+        let forward = check(&parsed, &old);
         let problem = match level.trim_end_matches("_TRANSITIVE") {
             "BACKWARD" => backward.err(),
             "FORWARD" => forward.err(),

@@ -355,7 +355,8 @@ async fn versions(State(st): State<St>, Path(subject): Path<String>) -> Response
     }
 }
 
-fn compat_body(body: &str) -> Result<String, Response> {
+/// The level of a `{"compatibility": "..."}` body, if valid.
+fn compat_body(body: &str) -> Option<String> {
     const LEVELS: &[&str] = &[
         "NONE",
         "BACKWARD",
@@ -368,14 +369,7 @@ fn compat_body(body: &str) -> Result<String, Response> {
     let level = serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|v| v.get("compatibility")?.as_str().map(str::to_string));
-    match level {
-        Some(l) if LEVELS.contains(&l.as_str()) => Ok(l),
-        _ => Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            42203,
-            "Invalid compatibility level",
-        )),
-    }
+    level.filter(|l| LEVELS.contains(&l.as_str()))
 }
 
 async fn get_global_config(State(st): State<St>) -> Response {
@@ -389,11 +383,15 @@ async fn get_global_config(State(st): State<St>) -> Response {
 
 async fn put_global_config(State(st): State<St>, body: String) -> Response {
     match compat_body(&body) {
-        Ok(l) => {
+        Some(l) => {
             st.lock().unwrap().global_compat = Some(l.clone());
             ok(json!({"compatibility": l}))
         }
-        Err(r) => r,
+        None => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            "Invalid compatibility level",
+        ),
     }
 }
 
@@ -415,10 +413,14 @@ async fn put_subject_config(
     body: String,
 ) -> Response {
     match compat_body(&body) {
-        Ok(l) => {
+        Some(l) => {
             st.lock().unwrap().subject_compat.insert(subject, l.clone());
             ok(json!({"compatibility": l}))
         }
-        Err(r) => r,
+        None => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            "Invalid compatibility level",
+        ),
     }
 }

@@ -8,7 +8,6 @@
 //! drops the database objects even on failure.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 mod common;
+#[path = "common/harness.rs"]
+mod harness;
 #[path = "common/registry.rs"]
 mod registry;
 
@@ -40,11 +41,7 @@ fn kafka_brokers() -> String {
         })
 }
 
-async fn hard_timeout<F: Future<Output = ()>>(secs: u64, f: F) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("test exceeded its {secs} s timeout"));
-}
+use harness::hard_timeout;
 
 /// Drops the slot, publication and table on drop (also when the test fails).
 struct DbGuard {
@@ -589,6 +586,67 @@ async fn incompatible_schema_stops_capture_with_an_operator_error() {
             "slot acknowledged {acked:X} past the rejected event ({inside:X})"
         );
         assert_eq!(reg.versions(&subject).len(), 1);
+    })
+    .await;
+}
+
+/// `syncbridge run` with `log.kafka.schema_registry` (basic auth in the URL's user info): capture
+/// registers and writes the Confluent wire format, the push processor resolves the ids through the
+/// registry and the rows reach the list; the password never reaches the run log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncbridge_run_syncs_through_the_registry_wire_format() {
+    hard_timeout(180, async {
+        let reg = Registry::start_new().await;
+        let password = "sr-pa55-w0rd";
+        reg.require_auth("sb", password);
+        let mut h = harness::Harness::new("regrun").await;
+        let t = h.t("t");
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, qty int);
+             INSERT INTO public.{t} VALUES (1, 'one', 1), (2, 'two', 2);"
+        ))
+        .await;
+        h.tables.push(format!("public.{t}"));
+        let n = h.name.clone();
+        let list = format!("Reg {n}");
+        let registry_url = reg.url().replace("http://", &format!("http://sb:{password}@"));
+        let log = format!(
+            "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbr{}', schema_registry: '{registry_url}' }} }}",
+            kafka_brokers(),
+            &n[n.len() - 8..]
+        );
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      qty: {{ field: Qty, type: number }}\n    pull: {{ enabled: false }}"
+        );
+        let file = h.pipeline(&log, &sync);
+        h.start(&file);
+        h.wait_for("the snapshot rows in the list", || async {
+            h.items(&list).await.len() == 2
+        })
+        .await;
+        h.sql(&format!(
+            "INSERT INTO public.{t} VALUES (3, 'three', 3); UPDATE public.{t} SET qty = 20 WHERE id = 2"
+        ))
+        .await;
+        h.wait_for("the streamed insert and update in the list", || async {
+            h.items(&list).await.len() == 3
+                && h.item(&list, "2").await.is_some_and(|i| i["Qty"].as_f64() == Some(20.0))
+        })
+        .await;
+        h.stop().await;
+
+        let seen = reg.seen();
+        let topic = format!("sbr{}.{n}.public.{t}", &n[n.len() - 8..]);
+        assert_eq!(reg.versions(&format!("{topic}-value")).len(), 1, "{seen:#?}");
+        assert_eq!(reg.versions(&format!("{topic}-key")).len(), 1, "{seen:#?}");
+        assert!(seen.iter().all(|s| s.status == 200), "{seen:#?}");
+        assert!(
+            seen.iter().any(|s| s.method == "GET" && s.path.starts_with("/schemas/ids/")),
+            "the processor resolved ids through the registry: {seen:#?}"
+        );
+        let run_log = h.run_log();
+        assert!(run_log.contains("registered schema"), "{run_log}");
+        assert!(!run_log.contains(password), "password in the run log:\n{run_log}");
     })
     .await;
 }

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::capture::avro::registry::RegistryClient;
 use crate::capture::snapshot::FileProgress;
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
@@ -268,12 +269,20 @@ async fn start_all(
                 pipeline: p.name.clone(),
                 source,
             })?;
-        let sink = LogSink::new(
+        let mut sink = LogSink::new(
             log.clone(),
             topic_prefix(p),
             &p.name,
             TABLE_TOPIC_PARTITIONS,
         );
+        if let config::LogConfig::Kafka {
+            schema_registry: Some(registry),
+            ..
+        } = &p.log
+        {
+            info!(pipeline = %p.name, registry = %registry.url, "Confluent wire format: schemas are registered with the schema registry");
+            sink = sink.with_schema_registry(RegistryClient::new(registry));
+        }
         let capture_stop = CancellationToken::new();
         let tables = capture_config
             .tables
@@ -496,6 +505,7 @@ fn log_config(p: &PipelineConfig) -> log::LogConfig {
         config::LogConfig::Kafka {
             brokers,
             topic_prefix,
+            // Used by the capture sink (Confluent wire format), not by the log client.
             schema_registry: _,
         } => {
             let mut kafka = KafkaLogConfig::new(brokers.join(","));

@@ -458,6 +458,33 @@ fn quoted_numbers_and_yaml_1_1_booleans_are_type_errors() {
     assert!(got[1].ends_with("`sync[0].pull.interval_ms`: expected an unsigned integer, found the quoted string `2000`"), "{got:?}");
 }
 
+/// Basic-auth credentials in the registry URL's user info are split off into a `Secret`: the URL
+/// that `Debug` and the API's JSON show has none, and the password never appears in either.
+#[test]
+fn schema_registry_user_info_becomes_a_redacted_secret() {
+    let text = DEMO.replace(
+        "  embedded: { path: .syncbridge/demo }",
+        "  kafka: { brokers: \"k1:9092\", schema_registry: \"https://sb%40corp:${SR_PASSWORD}@sr.example:8081/base\" }",
+    );
+    let c = load(&text, &env_of(&[("SR_PASSWORD", "p%2Fw-sr-s3cret")]));
+    let LogConfig::Kafka {
+        schema_registry: Some(r),
+        ..
+    } = &c.log
+    else {
+        panic!("{:?}", c.log)
+    };
+    assert_eq!(r.url.as_str(), "https://sr.example:8081/base");
+    assert_eq!(r.username.as_deref(), Some("sb@corp"));
+    assert_eq!(
+        r.password.as_ref().map(|p| p.expose()),
+        Some("p/w-sr-s3cret")
+    );
+    let shown = format!("{c:?}{}", serde_json::to_string(&c).unwrap());
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("https://sr.example:8081/base"), "{shown}");
+}
+
 #[test]
 fn kafka_log_and_lookups_build() {
     let text = DEMO
@@ -478,9 +505,10 @@ fn kafka_log_and_lookups_build() {
     assert_eq!(brokers, &["k1:9092", "k2:9092"]);
     assert_eq!(topic_prefix, config::DEFAULT_TOPIC_PREFIX);
     assert_eq!(
-        schema_registry.as_ref().map(|u| u.as_str()),
+        schema_registry.as_ref().map(|r| r.url.as_str()),
         Some("http://sr:8081/")
     );
+    assert!(schema_registry.as_ref().unwrap().password.is_none());
     let e = &c.sync[0];
     let parent = e.fields.iter().find(|f| f.column == "parent_id").unwrap();
     assert_eq!(parent.lookup_list.as_deref(), Some("demo tasks archive"));

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::avro::registry::{ConfluentFramer, RegistryClient};
 use super::avro::{Encoder, schemas_topic, topic_name};
 use super::event::ChangeEvent;
 use super::sink::{EventSink, SinkError};
@@ -93,6 +94,8 @@ pub struct LogSink<L> {
     ensured: HashSet<String>,
     /// The schemas topic's records as read at start-up (`None` until read).
     preloaded: Option<Vec<(String, String)>>,
+    /// Confluent wire format instead of single-object encoding (`log.kafka.schema_registry`).
+    framer: Option<ConfluentFramer>,
 }
 
 impl<L: EventLog> LogSink<L> {
@@ -106,7 +109,15 @@ impl<L: EventLog> LogSink<L> {
             encoder: Encoder::new(pipeline),
             ensured: HashSet::new(),
             preloaded: None,
+            framer: None,
         }
+    }
+
+    /// Writes keys and values in the Confluent wire format, registering each schema with this
+    /// registry before the first record that uses it (see [`ConfluentFramer`]).
+    pub fn with_schema_registry(mut self, client: RegistryClient) -> Self {
+        self.framer = Some(ConfluentFramer::new(client));
+        self
     }
 
     /// Reads the schemas topic once and registers every schema with the encoder.
@@ -149,7 +160,7 @@ impl<L: EventLog> LogSink<L> {
         let mut order: Vec<String> = Vec::new();
         let mut by_topic: HashMap<String, Vec<Record>> = HashMap::new();
         for e in events {
-            let enc = self.encoder.encode(e).map_err(|err| {
+            let mut enc = self.encoder.encode(e).map_err(|err| {
                 // Data problems of one event; retrying cannot help (dead-letter handling is the
                 // processor's concern, capture stops with the reason).
                 SinkError::fatal(format!(
@@ -160,15 +171,31 @@ impl<L: EventLog> LogSink<L> {
                     e.source.lsn
                 ))
             })?;
-            for (fp, json) in enc.new_schemas {
-                schemas.push(Record::new(fp.into_bytes(), json.into_bytes()));
-            }
             let topic = topic_name(
                 &self.prefix,
                 &self.pipeline,
                 &e.relation.schema,
                 &e.relation.name,
             );
+            if let Some(framer) = &mut self.framer {
+                // Registered before anything of this batch is appended.
+                framer
+                    .frame(&topic, &mut enc)
+                    .await
+                    .map_err(|err| SinkError {
+                        retryable: err.is_retryable(),
+                        message: format!(
+                            "cannot encode {} event of {}.{} at LSN {:X}: {err}",
+                            e.op.code(),
+                            e.relation.schema,
+                            e.relation.name,
+                            e.source.lsn
+                        ),
+                    })?;
+            }
+            for (fp, json) in enc.new_schemas {
+                schemas.push(Record::new(fp.into_bytes(), json.into_bytes()));
+            }
             let ts = if e.source.commit_ts_ms > 0 {
                 e.source.commit_ts_ms
             } else {

@@ -164,13 +164,6 @@ fn ser_url<S: Serializer>(url: &Url, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(url.as_str())
 }
 
-fn ser_opt_url<S: Serializer>(url: &Option<Url>, s: S) -> Result<S::Ok, S::Error> {
-    match url {
-        Some(url) => s.serialize_str(url.as_str()),
-        None => s.serialize_none(),
-    }
-}
-
 /// A validated pipeline: one file, one replication slot, one set of topics.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineConfig {
@@ -203,9 +196,61 @@ pub enum LogConfig {
         /// `host:port` bootstrap servers.
         brokers: Vec<String>,
         topic_prefix: String,
-        #[serde(serialize_with = "ser_opt_url")]
-        schema_registry: Option<Url>,
+        /// Confluent wire format (schema ids from this registry) instead of single-object
+        /// encoding.
+        schema_registry: Option<SchemaRegistryConfig>,
     },
+}
+
+/// A Confluent-compatible schema registry (`log.kafka.schema_registry`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SchemaRegistryConfig {
+    /// The registry's base URL, without user info.
+    #[serde(serialize_with = "ser_url")]
+    pub url: Url,
+    /// HTTP basic auth user, from the URL's user info (percent-decoded).
+    pub username: Option<String>,
+    /// HTTP basic auth password, from the URL's user info (percent-decoded).
+    pub password: Option<Secret>,
+}
+
+impl SchemaRegistryConfig {
+    /// Splits `url`'s user info (`https://user:password@host`) off into basic-auth credentials,
+    /// so the URL itself can be logged and served.
+    pub fn from_url(mut url: Url) -> Self {
+        let username = Some(decode(url.username())).filter(|u| !u.is_empty());
+        let password = url.password().map(|p| Secret::new(decode(p)));
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        SchemaRegistryConfig {
+            url,
+            username,
+            password,
+        }
+    }
+}
+
+/// Percent-decodes URL user info (`%40` → `@`); invalid escapes are kept as they are.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Microsoft Graph access for one tenant and site.

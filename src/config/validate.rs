@@ -214,7 +214,7 @@ fn check_kafka(r: &mut Reader, k: &KafkaFile) -> Option<LogConfig> {
         Some(s) => {
             let url = http_url(r, s, "log.kafka.schema_registry");
             ok &= url.is_some();
-            url
+            url.map(SchemaRegistryConfig::from_url)
         }
     };
     ok.then_some(LogConfig::Kafka {

@@ -134,6 +134,9 @@ pub enum ProcessError {
     Catalog(String),
     #[error("{0}")]
     Config(String),
+    /// Resolving a Confluent schema id (`log.kafka.schema_registry`) failed.
+    #[error(transparent)]
+    Registry(#[from] crate::capture::avro::registry::RegistryError),
 }
 
 impl ProcessError {
@@ -146,6 +149,7 @@ impl ProcessError {
             ProcessError::Provision(e) => e.is_retryable(),
             ProcessError::Catalog(_) => true,
             ProcessError::Config(_) => false,
+            ProcessError::Registry(e) => e.is_retryable(),
         }
     }
 }

@@ -34,6 +34,7 @@ use super::{
     Failpoints, MAX_LOOKUP_DEFERRALS, ProcessError, ProcessorConfig, ledger_topic, origin_name,
     sync_group,
 };
+use crate::capture::avro::registry::{RegistryClient, confluent_schema_id, to_single_object};
 use crate::capture::avro::{
     DecodeError, SchemaResolver, decode_with_fingerprint, schemas_topic, topic_name,
 };
@@ -128,6 +129,10 @@ struct SchemaCache<C> {
     topic: String,
     read_to: i64,
     stop: CancellationToken,
+    /// With `log.kafka.schema_registry`: resolves Confluent schema ids to fingerprints.
+    registry: Option<RegistryClient>,
+    /// Registry id → CRC-64-AVRO fingerprint of that schema.
+    by_id: HashMap<u32, u64>,
 }
 
 /// What a Graph write came back with, classified for the processor.
@@ -499,12 +504,21 @@ impl<L: EventLog + 'static> Processor<L> {
             .log
             .consumer(&group, std::slice::from_ref(&topic), stop.clone())
             .await?;
+        let registry = match &self.cfg.pipeline.log {
+            crate::config::LogConfig::Kafka {
+                schema_registry: Some(r),
+                ..
+            } => Some(RegistryClient::new(r)),
+            _ => None,
+        };
         Ok(SchemaCache {
             resolver: SchemaResolver::new(),
             consumer,
             topic,
             read_to: 0,
             stop,
+            registry,
+            by_id: HashMap::new(),
         })
     }
 
@@ -544,6 +558,19 @@ impl<L: EventLog + 'static> Processor<L> {
         cache: &mut SchemaCache<L::Consumer>,
         bytes: &[u8],
     ) -> Result<Result<(u64, apache_avro::types::Value), DecodeError>, ProcessError> {
+        // Confluent wire format: the id names the schema the capture sink registered; the same
+        // schema (with its `sb.*` field properties) is in the schemas topic under its fingerprint.
+        let reframed;
+        let bytes = match confluent_schema_id(bytes) {
+            Some(id) => match self.fingerprint_of_id(cache, id).await? {
+                Ok(fp) => {
+                    reframed = to_single_object(bytes, fp);
+                    &reframed[..]
+                }
+                Err(e) => return Ok(Err(e)),
+            },
+            None => bytes,
+        };
         match decode_with_fingerprint(bytes, &cache.resolver) {
             Err(DecodeError::UnknownFingerprint(_)) => {
                 self.refresh_schemas(cache).await?;
@@ -551,6 +578,46 @@ impl<L: EventLog + 'static> Processor<L> {
             }
             other => Ok(other),
         }
+    }
+
+    /// The fingerprint of registry schema `id` (fetched once); the schemas topic is re-read when
+    /// it does not have that schema yet, and the registry's copy is used when it never does.
+    async fn fingerprint_of_id(
+        &self,
+        cache: &mut SchemaCache<L::Consumer>,
+        id: u32,
+    ) -> Result<Result<u64, DecodeError>, ProcessError> {
+        if let Some(fp) = cache.by_id.get(&id) {
+            return Ok(Ok(*fp));
+        }
+        let Some(client) = &cache.registry else {
+            return Ok(Err(DecodeError::NeedsRegistry(id)));
+        };
+        let json = match client.schema_by_id(id).await {
+            Ok(json) => json,
+            Err(e @ crate::capture::avro::registry::RegistryError::UnknownId { .. }) => {
+                return Ok(Err(DecodeError::Schema {
+                    origin: format!("schema registry id {id}"),
+                    reason: e.to_string(),
+                }));
+            }
+            Err(e) => return Err(ProcessError::Registry(e)),
+        };
+        let mut probe = SchemaResolver::new();
+        let fp = match probe.add_schema_json(&json) {
+            Ok(fp) => fp,
+            Err(e) => return Ok(Err(e)),
+        };
+        if cache.resolver.get(fp).is_none() {
+            self.refresh_schemas(cache).await?;
+        }
+        if cache.resolver.get(fp).is_none()
+            && let Err(e) = cache.resolver.add_schema_json(&json)
+        {
+            return Ok(Err(e));
+        }
+        cache.by_id.insert(id, fp);
+        Ok(Ok(fp))
     }
 
     async fn ingest(

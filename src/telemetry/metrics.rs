@@ -40,6 +40,9 @@ pub const RESNAPSHOT_ROWS_SUPERSEDED_TOTAL: &str =
     "syncbridge_capture_resnapshot_rows_superseded_total";
 /// Histogram (seconds): one capture append to the log until it is durable, label `pipeline`.
 pub const SINK_APPEND_SECONDS: &str = "syncbridge_capture_log_append_seconds";
+/// Counter of schema registry HTTP calls (attempts), labels `op` (register/get_schema), `outcome`
+/// (ok, unreachable, unavailable, incompatible, invalid_schema, unauthorized, unknown_id, protocol).
+pub const SCHEMA_REGISTRY_REQUESTS_TOTAL: &str = "syncbridge_schema_registry_requests_total";
 
 /// Counter of Graph HTTP requests (attempts), labels `method`, `outcome` (ok or the error kind).
 pub const GRAPH_REQUESTS_TOTAL: &str = "syncbridge_graph_requests_total";
@@ -160,6 +163,11 @@ pub fn describe_all() {
         SINK_APPEND_SECONDS,
         Unit::Seconds,
         "Capture append to the log until durable (label: pipeline)."
+    );
+    describe_counter!(
+        SCHEMA_REGISTRY_REQUESTS_TOTAL,
+        Unit::Count,
+        "Schema registry HTTP calls (attempts) (labels: op, outcome)."
     );
     describe_counter!(
         GRAPH_REQUESTS_TOTAL,

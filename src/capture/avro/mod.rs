@@ -6,7 +6,9 @@
 //! `C3 01` + CRC-64-AVRO fingerprint of the Envelope schema (8 bytes, little-endian) + the Avro
 //! binary `sb.<pipeline>.<schema>.<table>.Envelope {before, after, source, op, ts_ms}`. Keys are a
 //! `...Key` record of the key columns, single-object encoded too (empty for TRUNCATE and keyless
-//! tables, to be written as a null Kafka key like Debezium does).
+//! tables, to be written as a null Kafka key like Debezium does). With a schema registry
+//! ([`registry`]) key and value are reframed in place to the Confluent wire format
+//! (`00` + 4-byte big-endian schema id + the same datum).
 //!
 //! Hot path: schemas are built, canonicalised, fingerprinted and validated once per relation
 //! version; each event is then written straight to Avro binary from the PostgreSQL text form
@@ -15,6 +17,7 @@
 
 mod convert;
 mod decode;
+pub mod registry;
 mod schema;
 
 #[cfg(test)]
@@ -46,8 +49,8 @@ pub enum WireFormat {
     /// Avro single-object encoding (`C3 01` + fingerprint): no registry needed.
     SingleObject,
     /// Confluent wire format (`00` + schema id) when `log.kafka.schema_registry` is set. The
-    /// encoder always produces single-object bytes; a registry client (not written yet) registers
-    /// `new_schemas` and reframes with [`to_confluent`].
+    /// encoder always produces single-object bytes; [`registry::ConfluentFramer`] registers the
+    /// event's schemas and reframes them in place.
     Confluent,
 }
 
@@ -157,6 +160,11 @@ pub struct EncodedEvent {
     pub new_schemas: Vec<(String, String)>,
     pub key_fingerprint: Option<u64>,
     pub value_fingerprint: u64,
+    /// JSON of the `...Key` schema (`None` without key columns), shared per relation version: what
+    /// a schema registry needs whether or not the schema is in `new_schemas`.
+    pub key_schema: Option<Arc<str>>,
+    /// JSON of the `...Envelope` schema.
+    pub value_schema: Arc<str>,
 }
 
 /// Schemas and write plans of one relation version.
@@ -167,8 +175,8 @@ struct Plan {
     value_fields: Vec<FieldPlan>,
     key_fields: Vec<FieldPlan>,
     envelope_fp: u64,
-    envelope_json: String,
-    key: Option<(u64, String)>,
+    envelope_json: Arc<str>,
+    key: Option<(u64, Arc<str>)>,
 }
 
 /// A schema ready to publish: fingerprint, extended canonical form (collision check), JSON.
@@ -314,8 +322,8 @@ impl Encoder {
             value_fields: ts.value_fields,
             key_fields: ts.key_fields,
             envelope_fp: envelope.fp,
-            envelope_json: envelope.json,
-            key: key.map(|k| (k.fp, k.json)),
+            envelope_json: Arc::from(envelope.json),
+            key: key.map(|k| (k.fp, Arc::from(k.json))),
         })
     }
 
@@ -402,7 +410,7 @@ impl Encoder {
             .chain([(p.envelope_fp, &p.envelope_json)]);
         for (fp, json) in schemas {
             if self.emitted.insert(fp) {
-                new_schemas.push((fingerprint_hex(fp), json.clone()));
+                new_schemas.push((fingerprint_hex(fp), json.to_string()));
             }
         }
         Ok(EncodedEvent {
@@ -411,6 +419,8 @@ impl Encoder {
             new_schemas,
             key_fingerprint,
             value_fingerprint: p.envelope_fp,
+            key_schema: p.key.as_ref().map(|(_, j)| j.clone()),
+            value_schema: p.envelope_json.clone(),
         })
     }
 }

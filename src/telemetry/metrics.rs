@@ -40,6 +40,9 @@ pub const RESNAPSHOT_ROWS_SUPERSEDED_TOTAL: &str =
     "syncbridge_capture_resnapshot_rows_superseded_total";
 /// Histogram (seconds): one capture append to the log until it is durable, label `pipeline`.
 pub const SINK_APPEND_SECONDS: &str = "syncbridge_capture_log_append_seconds";
+/// Histogram (seconds): the capture reader waiting for the sink because `sink_in_flight` batches
+/// were not yet durable (backpressure; its sum is the time reading stood still), label `pipeline`.
+pub const CAPTURE_SINK_WAIT_SECONDS: &str = "syncbridge_capture_sink_wait_seconds";
 
 /// Counter of Graph HTTP requests (attempts), labels `method`, `outcome` (ok or the error kind).
 pub const GRAPH_REQUESTS_TOTAL: &str = "syncbridge_graph_requests_total";
@@ -157,6 +160,11 @@ pub fn describe_all() {
         SINK_APPEND_SECONDS,
         Unit::Seconds,
         "Capture append to the log until durable (label: pipeline)."
+    );
+    describe_histogram!(
+        CAPTURE_SINK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Capture reader waiting for the sink task (all in-flight batches not yet durable) (label: pipeline)."
     );
     describe_counter!(
         GRAPH_REQUESTS_TOTAL,

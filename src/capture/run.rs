@@ -466,15 +466,14 @@ async fn session<S: EventSink + 'static, P: SnapshotProgress>(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    if let Some(lsn) = batch.flush(&mut sinker).await? {
+                    let mut durable = |lsn| {
                         ack(lsn, durable_lsn);
-                    }
-                    for lsn in sinker.drain().await? {
-                        ack(lsn, durable_lsn);
-                    }
-                    if let Some(lsn) = batch.flush(&mut sinker).await? {
-                        ack(lsn, durable_lsn);
-                    }
+                        Ok(())
+                    };
+                    batch.flush(&mut sinker, &mut durable).await?;
+                    sinker.drain(&mut durable).await?;
+                    // Event-less positions left once nothing is in flight.
+                    batch.flush(&mut sinker, &mut durable).await?;
                     // Best effort: the slot also resumes correctly from an older position.
                     let _ = stream.send_feedback().await;
                     return Ok(());
@@ -486,16 +485,20 @@ async fn session<S: EventSink + 'static, P: SnapshotProgress>(
                 done = sinker.next_done(), if !sinker.idle() => {
                     ack(done?, durable_lsn);
                     // Event-less positions that arrived while batches were in flight.
-                    if sinker.idle() && batch.events.is_empty()
-                        && let Some(lsn) = batch.flush(&mut sinker).await?
-                    {
-                        ack(lsn, durable_lsn);
+                    if sinker.idle() && batch.events.is_empty() {
+                        batch.flush(&mut sinker, &mut |lsn| {
+                            ack(lsn, durable_lsn);
+                            Ok(())
+                        })
+                        .await?;
                     }
                 }
                 _ = sleep_until_opt(linger), if linger.is_some() => {
-                    if let Some(lsn) = batch.flush(&mut sinker).await? {
+                    batch.flush(&mut sinker, &mut |lsn| {
                         ack(lsn, durable_lsn);
-                    }
+                        Ok(())
+                    })
+                    .await?;
                 }
                 _ = tick.tick() => stream.maybe_send_feedback().await,
                 req = Resnapper::next_request(&mut resnap.requests), if resnap.idle() => {
@@ -548,12 +551,12 @@ async fn session<S: EventSink + 'static, P: SnapshotProgress>(
                                         batch.push(chunk.events, end_lsn);
                                         // Durable before the next chunk starts: the job's
                                         // position is always a durable chunk.
-                                        if let Some(lsn) = batch.flush(&mut sinker).await? {
+                                        let mut durable = |lsn| {
                                             ack(lsn, durable_lsn);
-                                        }
-                                        for lsn in sinker.drain().await? {
-                                            ack(lsn, durable_lsn);
-                                        }
+                                            Ok(())
+                                        };
+                                        batch.flush(&mut sinker, &mut durable).await?;
+                                        sinker.drain(&mut durable).await?;
                                         resnap.chunk_durable(&config.pipeline);
                                     }
                                     Err(e) => resnap.fail(&config.pipeline, e),
@@ -568,10 +571,12 @@ async fn session<S: EventSink + 'static, P: SnapshotProgress>(
                             }
                         }
                     }
-                    if batch.events.len() >= config.batch_max_events
-                        && let Some(lsn) = batch.flush(&mut sinker).await?
-                    {
-                        ack(lsn, durable_lsn);
+                    if batch.events.len() >= config.batch_max_events {
+                        batch.flush(&mut sinker, &mut |lsn| {
+                            ack(lsn, durable_lsn);
+                            Ok(())
+                        })
+                        .await?;
                     }
                 }
             }
@@ -613,22 +618,29 @@ impl Batch {
         self.end_lsn = self.end_lsn.max(end_lsn);
     }
 
-    /// Hands the events to the sink task (waiting when it is full). Returns an LSN that may be
-    /// acknowledged now: the oldest batch's that became durable while waiting, or this batch's
-    /// own position when it has no events and nothing waits for the sink. An event-less position
-    /// while batches are in flight stays here: the next batch carries it, or it is acknowledged
-    /// once the sink task is idle.
-    async fn flush(&mut self, sinker: &mut SinkTask<u64>) -> Result<Option<u64>, CaptureError> {
+    /// Hands the events to the sink task (waiting when it is full). `durable` gets every LSN
+    /// that may be acknowledged now: those of earlier batches that became durable while waiting,
+    /// or this batch's own position when it has no events and nothing waits for the sink. An
+    /// event-less position while batches are in flight stays here: the next batch carries it, or
+    /// it is acknowledged once the sink task is idle.
+    async fn flush<F>(
+        &mut self,
+        sinker: &mut SinkTask<u64>,
+        durable: &mut F,
+    ) -> Result<(), CaptureError>
+    where
+        F: FnMut(u64) -> Result<(), CaptureError> + Send,
+    {
         self.since = None;
         if self.events.is_empty() {
             if sinker.idle() && self.end_lsn > 0 {
-                return Ok(Some(std::mem::take(&mut self.end_lsn)));
+                durable(std::mem::take(&mut self.end_lsn))?;
             }
-            return Ok(None);
+            return Ok(());
         }
         let events = std::mem::take(&mut self.events);
         let lsn = std::mem::take(&mut self.end_lsn);
-        sinker.submit(events, lsn).await
+        sinker.submit(events, lsn, durable).await
     }
 }
 

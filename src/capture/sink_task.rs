@@ -120,35 +120,37 @@ impl<T: Send + 'static> SinkTask<T> {
     }
 
     /// Hands a batch to the task. When `depth` batches are in flight it first waits for the
-    /// oldest one and returns its tag (the caller acknowledges it); an error of the sink is
-    /// returned as [`CaptureError::Sink`] and the batch is not submitted.
-    pub(crate) async fn submit(
+    /// oldest one (backpressure) and passes its tag to `durable`, like every tag that becomes
+    /// known here, before any error is returned: an error of the sink is returned as
+    /// [`CaptureError::Sink`] and the batch is not submitted.
+    pub(crate) async fn submit<F>(
         &mut self,
         events: Vec<ChangeEvent>,
         tag: T,
-    ) -> Result<Option<T>, CaptureError> {
-        let freed = if self.in_flight >= self.depth {
+        durable: &mut F,
+    ) -> Result<(), CaptureError>
+    where
+        F: FnMut(T) -> Result<(), CaptureError> + Send,
+    {
+        if self.in_flight >= self.depth {
             let t0 = Instant::now();
-            let tag = self.next_done().await?;
+            while self.in_flight >= self.depth {
+                durable(self.next_done().await?)?;
+            }
             metrics::histogram!(m::CAPTURE_SINK_WAIT_SECONDS, "pipeline" => self.pipeline.clone())
                 .record(t0.elapsed().as_secs_f64());
-            Some(tag)
-        } else {
-            None
-        };
+        }
         let sent = match &self.jobs {
             Some(tx) => tx.send(Job { events, tag }).await.is_ok(),
             None => false,
         };
         if !sent {
-            // The task ended; its outcome (an error) is among the ones not yet taken, or it died.
-            while self.in_flight > 0 {
-                self.next_done().await?;
-            }
+            // The task ended: its outcomes (durable tags, then the error) are still queued.
+            self.drain(durable).await?;
             return Err(gone());
         }
         self.in_flight += 1;
-        Ok(freed)
+        Ok(())
     }
 
     /// The tag of the oldest batch in flight once it is durable. Cancel-safe; pending forever
@@ -176,13 +178,15 @@ impl<T: Send + 'static> SinkTask<T> {
         }
     }
 
-    /// Waits until every submitted batch is durable; the tags in order (empty on no batches).
-    pub(crate) async fn drain(&mut self) -> Result<Vec<T>, CaptureError> {
-        let mut tags = Vec::with_capacity(self.in_flight);
+    /// Waits until every submitted batch is durable, passing the tags to `durable` in order.
+    pub(crate) async fn drain<F>(&mut self, durable: &mut F) -> Result<(), CaptureError>
+    where
+        F: FnMut(T) -> Result<(), CaptureError> + Send,
+    {
         while self.in_flight > 0 {
-            tags.push(self.next_done().await?);
+            durable(self.next_done().await?)?;
         }
-        Ok(tags)
+        Ok(())
     }
 
     /// Stops after the append in progress (queued batches are skipped) and waits for the task.
@@ -301,6 +305,14 @@ mod tests {
         SinkTask::spawn(Arc::new(Mutex::new(sink.clone())), depth, "p")
     }
 
+    /// Collects the tags reported durable.
+    fn collect(into: &mut Vec<u64>) -> impl FnMut(u64) -> Result<(), CaptureError> + Send + '_ {
+        |tag| {
+            into.push(tag);
+            Ok(())
+        }
+    }
+
     #[tokio::test]
     async fn tags_come_back_in_order_after_each_append() {
         let sink = Scripted::default();
@@ -310,12 +322,17 @@ mod tests {
             .unwrap()
             .extend([(80, true), (5, true), (0, true)]);
         let mut t = task(&sink, 3);
+        let mut acked = Vec::new();
         for lsn in [10, 20, 30] {
-            assert_eq!(t.submit(vec![event(lsn as i64)], lsn).await.unwrap(), None);
+            t.submit(vec![event(lsn as i64)], lsn, &mut collect(&mut acked))
+                .await
+                .unwrap();
         }
+        assert!(acked.is_empty());
         assert_eq!(t.in_flight(), 3);
         assert_eq!(t.next_done().await.unwrap(), 10);
-        assert_eq!(t.drain().await.unwrap(), vec![20, 30]);
+        t.drain(&mut collect(&mut acked)).await.unwrap();
+        assert_eq!(acked, vec![20, 30]);
         assert!(t.idle());
         assert_eq!(*sink.stored.lock().unwrap(), vec![10, 20, 30]);
     }
@@ -328,33 +345,81 @@ mod tests {
             .unwrap()
             .extend([(20, true), (0, false), (0, true)]);
         let mut t = task(&sink, 3);
+        let mut acked = Vec::new();
         for lsn in [10, 20, 30] {
-            t.submit(vec![event(lsn as i64)], lsn).await.unwrap();
+            t.submit(vec![event(lsn as i64)], lsn, &mut collect(&mut acked))
+                .await
+                .unwrap();
         }
-        assert_eq!(t.next_done().await.unwrap(), 10);
-        let err = t.next_done().await.unwrap_err();
+        let err = t.drain(&mut collect(&mut acked)).await.unwrap_err();
         assert!(
             matches!(err, CaptureError::Sink(ref e) if e.retryable),
             "{err}"
         );
-        // Nothing more is reported or accepted, and the third batch never reached the sink.
+        // Only the batch before the failed one is reported; the third never reached the sink,
+        // and nothing more is accepted.
+        assert_eq!(acked, vec![10]);
         assert!(t.idle());
-        assert!(t.submit(vec![event(40)], 40).await.is_err());
+        assert!(
+            t.submit(vec![event(40)], 40, &mut collect(&mut acked))
+                .await
+                .is_err()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(acked, vec![10]);
         assert_eq!(*sink.stored.lock().unwrap(), vec![10]);
         assert_eq!(*sink.calls.lock().unwrap(), 2);
     }
 
     #[tokio::test]
-    async fn a_full_pipeline_returns_the_oldest_tag_before_taking_more() {
+    async fn a_full_pipeline_waits_for_the_oldest_batch() {
         let sink = Scripted::default();
         sink.script.lock().unwrap().extend([(30, true), (30, true)]);
-        let mut t = task(&sink, 1);
-        assert_eq!(t.submit(vec![event(1)], 1).await.unwrap(), None);
-        // Depth 1: the second submit waits until the first batch is durable.
-        assert_eq!(t.submit(vec![event(2)], 2).await.unwrap(), Some(1));
+        let mut t = task(&sink, 2);
+        let mut acked = Vec::new();
+        t.submit(vec![event(1)], 1, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        t.submit(vec![event(2)], 2, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        assert!(acked.is_empty());
+        // Depth 2: the third submit returns only once the first batch is durable.
+        t.submit(vec![event(3)], 3, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        assert_eq!(acked, vec![1]);
         assert_eq!(*sink.stored.lock().unwrap(), vec![1]);
-        assert_eq!(t.drain().await.unwrap(), vec![2]);
+        t.drain(&mut collect(&mut acked)).await.unwrap();
+        assert_eq!(acked, vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn durable_tags_are_reported_before_a_later_failure() {
+        let sink = Scripted::default();
+        sink.script.lock().unwrap().extend([(0, true), (0, false)]);
+        let mut t = task(&sink, 2);
+        let mut acked = Vec::new();
+        t.submit(vec![event(1)], 1, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        t.submit(vec![event(2)], 2, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        // The task has failed on batch 2 and ended before the reader looks again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let err = t
+            .submit(vec![event(3)], 3, &mut collect(&mut acked))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CaptureError::Sink(ref e) if e.retryable),
+            "{err}"
+        );
+        // Batch 1 is durable and reported; nothing after it.
+        assert_eq!(acked, vec![1]);
+        assert_eq!(*sink.stored.lock().unwrap(), vec![1]);
+        assert_eq!(*sink.calls.lock().unwrap(), 2);
     }
 
     #[tokio::test]
@@ -362,9 +427,15 @@ mod tests {
         let sink = Scripted::default();
         sink.script.lock().unwrap().extend([(40, true)]);
         let mut t = task(&sink, 2);
-        t.submit(vec![event(1)], 1).await.unwrap();
-        t.submit(Vec::new(), 2).await.unwrap();
-        assert_eq!(t.drain().await.unwrap(), vec![1, 2]);
+        let mut acked = Vec::new();
+        t.submit(vec![event(1)], 1, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        t.submit(Vec::new(), 2, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        t.drain(&mut collect(&mut acked)).await.unwrap();
+        assert_eq!(acked, vec![1, 2]);
         assert_eq!(*sink.calls.lock().unwrap(), 1);
     }
 
@@ -373,8 +444,13 @@ mod tests {
         let sink = Scripted::default();
         sink.script.lock().unwrap().extend([(60, true), (0, true)]);
         let mut t = task(&sink, 2);
-        t.submit(vec![event(1)], 1).await.unwrap();
-        t.submit(vec![event(2)], 2).await.unwrap();
+        let mut acked = Vec::new();
+        t.submit(vec![event(1)], 1, &mut collect(&mut acked))
+            .await
+            .unwrap();
+        t.submit(vec![event(2)], 2, &mut collect(&mut acked))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(t.stop().await, vec![1]);
         assert_eq!(*sink.stored.lock().unwrap(), vec![1]);

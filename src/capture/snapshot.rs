@@ -228,9 +228,7 @@ pub(crate) async fn run_snapshot<S: EventSink + 'static, P: SnapshotProgress>(
             }
         }
         // Shutdown or the end: what was read is made durable and recorded.
-        for done in sinker.drain().await? {
-            rec.record(done)?;
-        }
+        sinker.drain(&mut |done| rec.record(done)).await?;
         Ok(complete)
     }
     .await;
@@ -426,9 +424,9 @@ async fn snapshot_table<P: SnapshotProgress>(
                 started: None,
             };
             // The next chunk is queried while this one is appended.
-            if let Some(done) = sinker.submit(events, done).await? {
-                rec.record(done)?;
-            }
+            sinker
+                .submit(events, done, &mut |done| rec.record(done))
+                .await?;
         }
         if n < config.snapshot_chunk_size {
             break;
@@ -441,8 +439,8 @@ async fn snapshot_table<P: SnapshotProgress>(
         rows: 0,
         started: Some(started),
     };
-    if let Some(done) = sinker.submit(Vec::new(), done).await? {
-        rec.record(done)?;
-    }
+    sinker
+        .submit(Vec::new(), done, &mut |done| rec.record(done))
+        .await?;
     Ok(true)
 }

@@ -537,6 +537,8 @@ struct Measured {
     sink_secs: Option<f64>,
     /// Of that, seconds inside the log's append (our capture only).
     log_secs: Option<f64>,
+    /// Seconds the reader waited for the sink task (all batches in flight not yet durable).
+    wait_secs: Option<f64>,
 }
 
 /// `pg_recvlogical --start` on `slot` until `endpos`, output to /dev/null.
@@ -603,6 +605,7 @@ async fn run_recvlogical(
         base_kb: None,
         sink_secs: None,
         log_secs: None,
+        wait_secs: None,
     })
 }
 
@@ -815,6 +818,10 @@ struct JobResult {
     sink_secs: Option<f64>,
     /// Of that, seconds inside `EventLog::append` (`syncbridge_log_append_seconds`).
     log_secs: Option<f64>,
+    /// Seconds the reader stood still waiting for the sink task
+    /// (`syncbridge_capture_sink_wait_seconds`).
+    #[serde(default)]
+    wait_secs: Option<f64>,
 }
 
 /// Sum of `<name>_sum` over all label sets in a Prometheus text rendering.
@@ -876,6 +883,14 @@ async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
         &rendered,
         syncbridge::telemetry::metrics::LOG_APPEND_SECONDS,
     );
+    // Absent until the reader first waited: no waiting is 0.
+    let wait_secs = sink_secs.map(|_| {
+        prometheus_sum(
+            &rendered,
+            syncbridge::telemetry::metrics::CAPTURE_SINK_WAIT_SECONDS,
+        )
+        .unwrap_or(0.0)
+    });
     Ok(JobResult {
         secs,
         peak_kb,
@@ -884,6 +899,7 @@ async fn job_main(s: &Settings, job: Job) -> Result<JobResult> {
         stored,
         sink_secs,
         log_secs,
+        wait_secs,
     })
 }
 
@@ -926,6 +942,7 @@ fn measured(r: &JobResult) -> Measured {
         base_kb: r.base_kb,
         sink_secs: r.sink_secs,
         log_secs: r.log_secs,
+        wait_secs: r.wait_secs,
     }
 }
 
@@ -1256,6 +1273,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
                 base_kb: of.iter().filter_map(|l| l.m.base_kb).min(),
                 sink_secs: of.iter().map(|l| l.m.sink_secs).sum::<Option<f64>>(),
                 log_secs: of.iter().map(|l| l.m.log_secs).sum::<Option<f64>>(),
+                wait_secs: of.iter().map(|l| l.m.wait_secs).sum::<Option<f64>>(),
             },
         });
     }
@@ -1274,7 +1292,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
 
     println!();
     println!(
-        "{:<9} {:<20} {:>10} {:>8} {:>9} {:>15} {:>9} {:>9} {:>8} {:>7}",
+        "{:<9} {:<20} {:>10} {:>8} {:>9} {:>15} {:>9} {:>9} {:>8} {:>7} {:>8}",
         "phase",
         "consumer",
         "rows",
@@ -1284,7 +1302,8 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
         "peak RSS",
         "RSS start",
         "in sink",
-        "in log"
+        "in log",
+        "rd waits"
     );
     let print = |l: &Line, ratio: String| {
         let share = |t: Option<f64>| {
@@ -1294,7 +1313,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
             )
         };
         println!(
-            "{:<9} {:<20} {:>10} {:>8.2} {:>9} {:>15} {:>9} {:>9} {:>8} {:>7}",
+            "{:<9} {:<20} {:>10} {:>8.2} {:>9} {:>15} {:>9} {:>9} {:>8} {:>7} {:>8}",
             l.phase,
             l.consumer,
             fmt_count(l.rows as f64),
@@ -1305,6 +1324,7 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
             l.m.base_kb.map_or_else(|| "-".into(), |b| fmt_mb(Some(b))),
             share(l.m.sink_secs),
             share(l.m.log_secs),
+            share(l.m.wait_secs),
         );
     };
     for l in &all {
@@ -1319,8 +1339,10 @@ fn report(s: &Settings, lines: &[Line], loads: &[(Phase, f64)], snaps: &[(Line, 
     println!(
         "(seconds: start of the session until the phase end is acknowledged; peak RSS: VmHWM of \
          the process; RSS start: with log and connections open; in sink: share of the run inside \
-         EventSink::append = Avro encoding + durable log append; in log: of that, EventLog::append; slot: seconds until the snapshot's \
-         slot existed)"
+         EventSink::append = Avro encoding + durable log append, on the sink task, overlapping the \
+         reading; in log: of that, EventLog::append; rd waits: share of the run the reader stood \
+         still because the batches in flight were not durable yet; slot: seconds until the \
+         snapshot's slot existed)"
     );
     println!();
     println!(

@@ -18,6 +18,10 @@ pub const DEFAULT_FEEDBACK_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 2_000;
 /// How long committed events may wait for more before they are appended.
 pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
+/// Batches handed to the sink task and not yet durable (see [`super::sink_task`]): one being
+/// appended and one queued behind it, so the sink never waits for the reader while the reader is
+/// ahead; more would only hold more memory.
+pub const DEFAULT_SINK_IN_FLIGHT: usize = 2;
 /// How often a standby instance retries the advisory lock.
 pub const DEFAULT_LOCK_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -78,6 +82,8 @@ pub struct CaptureConfig {
     pub feedback_interval: Duration,
     pub batch_max_events: usize,
     pub batch_linger: Duration,
+    /// Batches (stream) or snapshot chunks appended while the next one is read; ≥ 1.
+    pub sink_in_flight: usize,
     pub lock_poll_interval: Duration,
     /// pgoutput `streaming on` (protocol 2): large transactions arrive in chunks before commit.
     pub streaming: bool,
@@ -107,6 +113,7 @@ impl CaptureConfig {
             feedback_interval: DEFAULT_FEEDBACK_INTERVAL,
             batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
             batch_linger: DEFAULT_BATCH_LINGER,
+            sink_in_flight: DEFAULT_SINK_IN_FLIGHT,
             lock_poll_interval: DEFAULT_LOCK_POLL_INTERVAL,
             streaming: true,
             max_backoff: Duration::from_secs(30),
@@ -157,8 +164,10 @@ impl CaptureConfig {
         if self.feedback_interval > Duration::from_secs(1) || self.feedback_interval.is_zero() {
             return bad("feedback interval must be > 0 and ≤ 1 s".into());
         }
-        if self.snapshot_chunk_size == 0 || self.batch_max_events == 0 {
-            return bad("snapshot chunk size and batch size must be > 0".into());
+        if self.snapshot_chunk_size == 0 || self.batch_max_events == 0 || self.sink_in_flight == 0 {
+            return bad(
+                "snapshot chunk size, batch size and sink in-flight batches must be > 0".into(),
+            );
         }
         if self.heartbeat_interval.is_zero() || self.lock_poll_interval.is_zero() {
             return bad("heartbeat and lock poll intervals must be > 0".into());

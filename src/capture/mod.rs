@@ -11,6 +11,9 @@
 //!    transaction after [`EventSink::append`] returned `Ok` for its events and for every event
 //!    before them; a heartbeat's LSN only when nothing is waiting for the sink. A failed append
 //!    acknowledges nothing more; the session reconnects and the slot re-sends from the last ack.
+//!    Appending runs on a task of its own so reading goes on meanwhile: batches are handed over
+//!    with their end LSN (at most `sink_in_flight` at a time, then the reader waits), appended
+//!    strictly in order, and reported back in order only once durable (see `sink_task.rs`).
 //! 3. **At least once.** After a restart, reconnect, PostgreSQL restart or killed walsender, reading
 //!    resumes at the slot's `confirmed_flush_lsn` (or this process's higher durable LSN): events
 //!    after the last acknowledgement may arrive again (same `source.lsn`), none are lost.
@@ -72,6 +75,7 @@ pub mod log_sink;
 pub mod resnapshot;
 mod run;
 pub mod sink;
+mod sink_task;
 pub mod snapshot;
 
 pub use config::{CaptureConfig, TableSpec};

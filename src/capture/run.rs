@@ -22,6 +22,7 @@ use super::event::ChangeEvent;
 use super::now_ms;
 use super::resnapshot::{Resnapper, ResnapshotRequests};
 use super::sink::EventSink;
+use super::sink_task::{SharedSink, SinkTask};
 use super::snapshot::{
     FileProgress, SnapshotProgress, SnapshotState, Stop, TableProgress, run_snapshot,
 };
@@ -29,7 +30,7 @@ use crate::telemetry::metrics as m;
 
 /// Runs capture for one pipeline until `shutdown` is cancelled or a non-retryable error occurs.
 /// Snapshot progress is kept in a [`FileProgress`] under `config.state_dir`.
-pub async fn run<S: EventSink>(
+pub async fn run<S: EventSink + 'static>(
     config: CaptureConfig,
     sink: S,
     shutdown: CancellationToken,
@@ -39,7 +40,7 @@ pub async fn run<S: EventSink>(
 }
 
 /// [`run`] with an explicit snapshot progress store.
-pub async fn run_with_progress<S: EventSink, P: SnapshotProgress>(
+pub async fn run_with_progress<S: EventSink + 'static, P: SnapshotProgress>(
     config: CaptureConfig,
     sink: S,
     progress: P,
@@ -50,7 +51,7 @@ pub async fn run_with_progress<S: EventSink, P: SnapshotProgress>(
 
 /// [`run_with_progress`] that also serves on-demand re-snapshots requested through the
 /// [`super::ResnapshotHandle`] paired with `requests` (see [`super::resnapshot`]).
-pub async fn run_with_control<S: EventSink, P: SnapshotProgress>(
+pub async fn run_with_control<S: EventSink + 'static, P: SnapshotProgress>(
     config: CaptureConfig,
     sink: S,
     progress: P,
@@ -63,14 +64,16 @@ pub async fn run_with_control<S: EventSink, P: SnapshotProgress>(
     result
 }
 
-async fn run_inner<S: EventSink, P: SnapshotProgress>(
+async fn run_inner<S: EventSink + 'static, P: SnapshotProgress>(
     config: CaptureConfig,
-    mut sink: S,
+    sink: S,
     mut progress: P,
     resnap: &mut Resnapper,
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
     config.validate()?;
+    // Appends run on a task of their own (see `sink_task`); sessions take turns with the sink.
+    let sink: SharedSink<S> = Arc::new(tokio::sync::Mutex::new(sink));
     let mut backoff = Backoff::new(config.max_backoff);
     // Highest LSN whose events (and all before) are durable, known to this process.
     let mut durable_lsn = 0u64;
@@ -95,7 +98,7 @@ async fn run_inner<S: EventSink, P: SnapshotProgress>(
             let before = durable_lsn;
             let result = session(
                 &config,
-                &mut sink,
+                &sink,
                 &mut progress,
                 &lock,
                 &shutdown,
@@ -269,9 +272,9 @@ impl Drop for AbortOnDrop {
 
 /// One connected session: setup, snapshot if needed, then stream until error or shutdown.
 #[allow(clippy::too_many_arguments)]
-async fn session<S: EventSink, P: SnapshotProgress>(
+async fn session<S: EventSink + 'static, P: SnapshotProgress>(
     config: &CaptureConfig,
-    sink: &mut S,
+    sink: &SharedSink<S>,
     progress: &mut P,
     lock: &Conn,
     shutdown: &CancellationToken,
@@ -442,6 +445,8 @@ async fn session<S: EventSink, P: SnapshotProgress>(
     let pipeline = config.pipeline.clone();
     // A re-snapshot interrupted by a reconnect continues from its last durable chunk.
     resnap.ensure_task(config);
+    // Only ever called with an LSN whose events, and all before them, are durable: a batch's tag
+    // reported by the sink task (in order), or an event-less position while nothing waits for it.
     let ack = |lsn: u64, durable: &mut u64| {
         if lsn > *durable {
             *durable = lsn;
@@ -449,106 +454,141 @@ async fn session<S: EventSink, P: SnapshotProgress>(
             metrics::gauge!(m::CAPTURE_ACKED_LSN, "pipeline" => pipeline.clone()).set(lsn as f64);
         }
     };
+    // Reading continues while earlier batches are encoded and appended on this task.
+    let mut sinker: SinkTask<u64> =
+        SinkTask::spawn(sink.clone(), config.sink_in_flight, &config.pipeline);
 
-    loop {
-        let linger = batch
-            .since
-            .map(|t| tokio::time::Instant::from_std(t + config.batch_linger));
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                if let Some(lsn) = batch.flush(sink, config).await? {
-                    ack(lsn, durable_lsn);
+    let result: Result<(), CaptureError> = async {
+        loop {
+            let linger = batch
+                .since
+                .map(|t| tokio::time::Instant::from_std(t + config.batch_linger));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let mut durable = |lsn| {
+                        ack(lsn, durable_lsn);
+                        Ok(())
+                    };
+                    batch.flush(&mut sinker, &mut durable).await?;
+                    sinker.drain(&mut durable).await?;
+                    // Event-less positions left once nothing is in flight.
+                    batch.flush(&mut sinker, &mut durable).await?;
+                    // Best effort: the slot also resumes correctly from an older position.
+                    let _ = stream.send_feedback().await;
+                    return Ok(());
                 }
-                // Best effort: the slot also resumes correctly from an older position.
-                let _ = stream.send_feedback().await;
-                return Ok(());
-            }
-            _ = lock.lost.cancelled() => return Err(CaptureError::LostLock),
-            _ = conn.lost.cancelled() => {
-                return Err(CaptureError::ConnectionLost("catalog connection closed".into()));
-            }
-            _ = sleep_until_opt(linger), if linger.is_some() => {
-                if let Some(lsn) = batch.flush(sink, config).await? {
-                    ack(lsn, durable_lsn);
+                _ = lock.lost.cancelled() => return Err(CaptureError::LostLock),
+                _ = conn.lost.cancelled() => {
+                    return Err(CaptureError::ConnectionLost("catalog connection closed".into()));
                 }
-            }
-            _ = tick.tick() => stream.maybe_send_feedback().await,
-            req = Resnapper::next_request(&mut resnap.requests), if resnap.idle() => {
-                if let Some((id, table)) = req {
-                    resnap.start(id, table, &tables, &mut catalog, &client, config).await?;
-                }
-            }
-            chunk = Resnapper::next_chunk(&mut resnap.job), if resnap.has_task() => {
-                if let Err(e) = resnap.accept_chunk(chunk) {
-                    resnap.fail(&config.pipeline, e);
-                }
-            }
-            raw = stream.next_raw_event(&never) => {
-                let raw = raw?;
-                metrics::counter!(m::CAPTURE_BYTES_TOTAL, "pipeline" => config.pipeline.clone())
-                    .increment(raw.data.len() as u64);
-                if raw.data.is_empty() {
-                    continue;
-                }
-                let msg = parser
-                    .parse_wal_message_bytes(raw.data)
-                    .map_err(|e| CaptureError::Protocol(e.to_string()))?;
-                if let M::Relation { relation_id, replica_identity, columns, .. } = &msg.message {
-                    let cols: Vec<(String, u32, i32)> = columns
-                        .iter()
-                        .map(|c| (c.name.to_string(), c.type_id, c.type_modifier))
-                        .collect();
-                    catalog
-                        .relation_from_message(&client, *relation_id, *replica_identity, &cols)
+                done = sinker.next_done(), if !sinker.idle() => {
+                    ack(done?, durable_lsn);
+                    // Event-less positions that arrived while batches were in flight.
+                    if sinker.idle() && batch.events.is_empty() {
+                        batch.flush(&mut sinker, &mut |lsn| {
+                            ack(lsn, durable_lsn);
+                            Ok(())
+                        })
                         .await?;
-                    continue;
+                    }
                 }
-                match asm.handle(msg, &catalog)? {
-                    Decoded::Nothing => {}
-                    Decoded::Committed { events, end_lsn, commit_ts_ms, watermarks } => {
-                        metrics::gauge!(m::CAPTURE_LAG_SECONDS, "pipeline" => config.pipeline.clone())
-                            .set((now_ms() - commit_ts_ms).max(0) as f64 / 1000.0);
-                        count_events(&config.pipeline, &events);
-                        resnap.observe(&events);
-                        if events.is_empty() && batch.events.is_empty() {
-                            ack(end_lsn, durable_lsn);
-                        } else {
-                            batch.push(events, end_lsn);
-                        }
-                        for w in &watermarks {
-                            match resnap.watermark(w, end_lsn, &catalog, &db, &config.pipeline) {
-                                Ok(None) => {}
-                                Ok(Some(chunk)) => {
-                                    count_events(&config.pipeline, &chunk.events);
-                                    batch.push(chunk.events, end_lsn);
-                                    // Durable before the next chunk starts: the job's position
-                                    // is always a durable chunk.
-                                    if let Some(lsn) = batch.flush(sink, config).await? {
-                                        ack(lsn, durable_lsn);
+                _ = sleep_until_opt(linger), if linger.is_some() => {
+                    batch.flush(&mut sinker, &mut |lsn| {
+                        ack(lsn, durable_lsn);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                _ = tick.tick() => stream.maybe_send_feedback().await,
+                req = Resnapper::next_request(&mut resnap.requests), if resnap.idle() => {
+                    if let Some((id, table)) = req {
+                        resnap.start(id, table, &tables, &mut catalog, &client, config).await?;
+                    }
+                }
+                chunk = Resnapper::next_chunk(&mut resnap.job), if resnap.has_task() => {
+                    if let Err(e) = resnap.accept_chunk(chunk) {
+                        resnap.fail(&config.pipeline, e);
+                    }
+                }
+                raw = stream.next_raw_event(&never) => {
+                    let raw = raw?;
+                    metrics::counter!(m::CAPTURE_BYTES_TOTAL, "pipeline" => config.pipeline.clone())
+                        .increment(raw.data.len() as u64);
+                    if raw.data.is_empty() {
+                        continue;
+                    }
+                    let msg = parser
+                        .parse_wal_message_bytes(raw.data)
+                        .map_err(|e| CaptureError::Protocol(e.to_string()))?;
+                    if let M::Relation { relation_id, replica_identity, columns, .. } = &msg.message {
+                        let cols: Vec<(String, u32, i32)> = columns
+                            .iter()
+                            .map(|c| (c.name.to_string(), c.type_id, c.type_modifier))
+                            .collect();
+                        catalog
+                            .relation_from_message(&client, *relation_id, *replica_identity, &cols)
+                            .await?;
+                        continue;
+                    }
+                    match asm.handle(msg, &catalog)? {
+                        Decoded::Nothing => {}
+                        Decoded::Committed { events, end_lsn, commit_ts_ms, watermarks } => {
+                            metrics::gauge!(m::CAPTURE_LAG_SECONDS, "pipeline" => config.pipeline.clone())
+                                .set((now_ms() - commit_ts_ms).max(0) as f64 / 1000.0);
+                            count_events(&config.pipeline, &events);
+                            resnap.observe(&events);
+                            if events.is_empty() && batch.events.is_empty() && sinker.idle() {
+                                ack(end_lsn, durable_lsn);
+                            } else {
+                                batch.push(events, end_lsn);
+                            }
+                            for w in &watermarks {
+                                match resnap.watermark(w, end_lsn, &catalog, &db, &config.pipeline) {
+                                    Ok(None) => {}
+                                    Ok(Some(chunk)) => {
+                                        count_events(&config.pipeline, &chunk.events);
+                                        batch.push(chunk.events, end_lsn);
+                                        // Durable before the next chunk starts: the job's
+                                        // position is always a durable chunk.
+                                        let mut durable = |lsn| {
+                                            ack(lsn, durable_lsn);
+                                            Ok(())
+                                        };
+                                        batch.flush(&mut sinker, &mut durable).await?;
+                                        sinker.drain(&mut durable).await?;
+                                        resnap.chunk_durable(&config.pipeline);
                                     }
-                                    resnap.chunk_durable(&config.pipeline);
+                                    Err(e) => resnap.fail(&config.pipeline, e),
                                 }
-                                Err(e) => resnap.fail(&config.pipeline, e),
+                            }
+                        }
+                        Decoded::Heartbeat { lsn } => {
+                            if batch.events.is_empty() && sinker.idle() {
+                                ack(lsn, durable_lsn);
+                            } else {
+                                batch.push(Vec::new(), lsn);
                             }
                         }
                     }
-                    Decoded::Heartbeat { lsn } => {
-                        if batch.events.is_empty() {
+                    if batch.events.len() >= config.batch_max_events {
+                        batch.flush(&mut sinker, &mut |lsn| {
                             ack(lsn, durable_lsn);
-                        } else {
-                            batch.end_lsn = batch.end_lsn.max(lsn);
-                        }
+                            Ok(())
+                        })
+                        .await?;
                     }
-                }
-                if batch.events.len() >= config.batch_max_events
-                    && let Some(lsn) = batch.flush(sink, config).await?
-                {
-                    ack(lsn, durable_lsn);
                 }
             }
         }
     }
+    .await;
+    // On an error, the append in progress finishes (never cancelled half-way) and the queued
+    // batches are dropped; whatever became durable meanwhile may still be acknowledged.
+    for lsn in sinker.stop().await {
+        ack(lsn, durable_lsn);
+    }
+    result
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -558,37 +598,49 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Committed events not yet appended, and the LSN to acknowledge once they are.
+/// Committed events not yet handed to the sink task, and the LSN to acknowledge once they (and
+/// every batch before them) are durable.
 #[derive(Debug, Default)]
 struct Batch {
     events: Vec<ChangeEvent>,
     end_lsn: u64,
+    /// When the first event arrived (the linger deadline counts from there).
     since: Option<Instant>,
 }
 
 impl Batch {
+    /// Adds a transaction's events; with no events, only the acknowledgeable position moves.
     fn push(&mut self, events: Vec<ChangeEvent>, end_lsn: u64) {
+        if !events.is_empty() {
+            self.since.get_or_insert_with(Instant::now);
+        }
         self.events.extend(events);
         self.end_lsn = self.end_lsn.max(end_lsn);
-        self.since.get_or_insert_with(Instant::now);
     }
 
-    /// Appends (durably) and returns the LSN that may now be acknowledged.
-    async fn flush<S: EventSink>(
+    /// Hands the events to the sink task (waiting when it is full). `durable` gets every LSN
+    /// that may be acknowledged now: those of earlier batches that became durable while waiting,
+    /// or this batch's own position when it has no events and nothing waits for the sink. An
+    /// event-less position while batches are in flight stays here: the next batch carries it, or
+    /// it is acknowledged once the sink task is idle.
+    async fn flush<F>(
         &mut self,
-        sink: &mut S,
-        config: &CaptureConfig,
-    ) -> Result<Option<u64>, CaptureError> {
+        sinker: &mut SinkTask<u64>,
+        durable: &mut F,
+    ) -> Result<(), CaptureError>
+    where
+        F: FnMut(u64) -> Result<(), CaptureError> + Send,
+    {
         self.since = None;
-        if !self.events.is_empty() {
-            let t0 = Instant::now();
-            sink.append(&self.events).await?;
-            metrics::histogram!(m::SINK_APPEND_SECONDS, "pipeline" => config.pipeline.clone())
-                .record(t0.elapsed().as_secs_f64());
-            self.events.clear();
+        if self.events.is_empty() {
+            if sinker.idle() && self.end_lsn > 0 {
+                durable(std::mem::take(&mut self.end_lsn))?;
+            }
+            return Ok(());
         }
+        let events = std::mem::take(&mut self.events);
         let lsn = std::mem::take(&mut self.end_lsn);
-        Ok((lsn > 0).then_some(lsn))
+        sinker.submit(events, lsn, durable).await
     }
 }
 

@@ -31,6 +31,7 @@ use super::error::CaptureError;
 use super::event::{ChangeEvent, Op, Relation, Source, Value};
 use super::now_ms;
 use super::sink::EventSink;
+use super::sink_task::{SharedSink, SinkTask};
 use crate::telemetry::metrics as m;
 
 /// Snapshot progress of one table.
@@ -140,10 +141,14 @@ impl SnapshotProgress for FileProgress {
 /// `exported` is the slot's exported snapshot name on the first run, `None` when resuming (a fresh
 /// snapshot is used then, see the module docs). `client` must be a connection dedicated to this
 /// read (it holds the transaction). Returns `Ok(false)` when `stop.shutdown` interrupted it (the
-/// finished chunks are durable) and fails with [`CaptureError::LostLock`] when the single-reader
-/// lock was lost, so a standby that takes over never snapshots concurrently with us.
+/// chunks read are durable and recorded) and fails with [`CaptureError::LostLock`] when the
+/// single-reader lock was lost, so a standby that takes over never snapshots concurrently with us.
+///
+/// The next chunk is queried while the previous ones are encoded and appended on the sink task
+/// (at most `config.sink_in_flight` chunks in flight); a chunk's position is recorded only after
+/// its append, and every append before it, returned durable.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
+pub(crate) async fn run_snapshot<S: EventSink + 'static, P: SnapshotProgress>(
     stop: &Stop<'_>,
     config: &CaptureConfig,
     client: &Client,
@@ -151,7 +156,7 @@ pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
     exported: Option<&str>,
     tables: &[ResolvedTable],
     catalog: &mut Catalog,
-    sink: &mut S,
+    sink: &SharedSink<S>,
     progress: &mut P,
     state: &mut SnapshotState,
 ) -> Result<bool, CaptureError> {
@@ -198,30 +203,44 @@ pub(crate) async fn run_snapshot<S: EventSink, P: SnapshotProgress>(
         None
     };
 
-    for (done_tables, table) in pending.iter().enumerate() {
-        let rel = catalog.relation_from_catalog(client, table.oid).await?;
-        let qualified = table.spec.qualified();
-        if let Some(bar) = &bar {
-            bar.set_message(qualified.clone());
+    let mut sinker: SinkTask<ChunkDone> =
+        SinkTask::spawn(sink.clone(), config.sink_in_flight, &config.pipeline);
+    let mut rec = Recorder {
+        config,
+        progress,
+        state,
+        bar: bar.as_ref(),
+        pending: pending.len(),
+    };
+    let result: Result<bool, CaptureError> = async {
+        let mut complete = true;
+        for table in &pending {
+            let rel = catalog.relation_from_catalog(client, table.oid).await?;
+            if let Some(bar) = &bar {
+                bar.set_message(table.spec.qualified());
+            }
+            let table_complete =
+                snapshot_table(stop, config, client, db, table, &rel, &mut sinker, &mut rec)
+                    .await?;
+            if !table_complete {
+                complete = false;
+                break;
+            }
         }
-        let complete = snapshot_table(
-            stop,
-            config,
-            client,
-            db,
-            table,
-            &rel,
-            sink,
-            progress,
-            state,
-            bar.as_ref(),
-        )
-        .await?;
-        if !complete {
-            return Ok(false);
+        // Shutdown or the end: what was read is made durable and recorded.
+        sinker.drain(&mut |done| rec.record(done)).await?;
+        Ok(complete)
+    }
+    .await;
+    // On an error the append in progress finishes (the queued chunks are dropped); a chunk that
+    // became durable meanwhile is recorded, so a resumed snapshot re-reads less.
+    for done in sinker.stop().await {
+        if let Err(e) = rec.record(done) {
+            tracing::warn!(pipeline = %config.pipeline, error = %e, "could not record a durable snapshot chunk");
         }
-        metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone())
-            .set((pending.len() - done_tables - 1) as f64);
+    }
+    if !result? {
+        return Ok(false);
     }
     client.batch_execute("COMMIT").await?;
     if let Some(bar) = bar {
@@ -237,24 +256,71 @@ pub(crate) struct Stop<'a> {
     pub lock_lost: &'a tokio_util::sync::CancellationToken,
 }
 
+/// The progress a chunk handed to the sink task makes once it is durable.
+struct ChunkDone {
+    table: String,
+    progress: TableProgress,
+    /// Rows of the chunk (0 for the end-of-table marker).
+    rows: u64,
+    /// When the table's read started (on the end-of-table marker, for the log line).
+    started: Option<Instant>,
+}
+
+/// Records durable chunks, in the order the sink task reports them.
+struct Recorder<'a, P> {
+    config: &'a CaptureConfig,
+    progress: &'a mut P,
+    state: &'a mut SnapshotState,
+    bar: Option<&'a indicatif::ProgressBar>,
+    /// Tables of this run not yet `Done`.
+    pending: usize,
+}
+
+impl<P: SnapshotProgress> Recorder<'_, P> {
+    fn record(&mut self, done: ChunkDone) -> Result<(), CaptureError> {
+        let finished = match &done.progress {
+            TableProgress::Done { rows } => Some(*rows),
+            _ => None,
+        };
+        self.state.tables.insert(done.table.clone(), done.progress);
+        self.progress.save(self.state)?;
+        let pipeline = &self.config.pipeline;
+        if done.rows > 0 {
+            metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.clone(), "table" => done.table.clone())
+                .increment(done.rows);
+            if let Some(bar) = self.bar {
+                bar.inc(done.rows);
+            }
+        }
+        if let Some(rows) = finished {
+            self.pending = self.pending.saturating_sub(1);
+            metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => pipeline.clone())
+                .set(self.pending as f64);
+            let elapsed_ms = done.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+            tracing::info!(table = %done.table, rows, elapsed_ms, "snapshot of table done");
+        }
+        Ok(())
+    }
+}
+
+/// Reads one table's remaining chunks and hands them to the sink task; `Ok(false)` on shutdown.
 #[allow(clippy::too_many_arguments)]
-async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
+async fn snapshot_table<P: SnapshotProgress>(
     stop: &Stop<'_>,
     config: &CaptureConfig,
     client: &Client,
     db: &str,
     table: &ResolvedTable,
     rel: &Arc<Relation>,
-    sink: &mut S,
-    progress: &mut P,
-    state: &mut SnapshotState,
-    bar: Option<&indicatif::ProgressBar>,
+    sinker: &mut SinkTask<ChunkDone>,
+    rec: &mut Recorder<'_, P>,
 ) -> Result<bool, CaptureError> {
     let qualified = table.spec.qualified();
-    let (mut last_key, mut rows) = match state.tables.get(&qualified) {
+    let (mut last_key, mut rows) = match rec.state.tables.get(&qualified) {
         Some(TableProgress::InProgress { last_key, rows }) => (Some(last_key.clone()), *rows),
         _ => (None, 0),
     };
+    let consistent_point = rec.state.consistent_point;
     let select_list: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let key_idx: Vec<usize> = table
         .key
@@ -322,7 +388,7 @@ async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
                     source: Source {
                         pipeline: config.pipeline.clone(),
                         db: db.to_string(),
-                        lsn: state.consistent_point,
+                        lsn: consistent_point,
                         tx_id: None,
                         commit_ts_ms: ts,
                         origin: None,
@@ -346,34 +412,35 @@ async fn snapshot_table<S: EventSink, P: SnapshotProgress>(
                     }
                 }
             }
-            let t0 = Instant::now();
-            sink.append(&events).await?;
-            metrics::histogram!(m::SINK_APPEND_SECONDS, "pipeline" => config.pipeline.clone())
-                .record(t0.elapsed().as_secs_f64());
             rows += n as u64;
             last_key = Some(key.clone());
-            state.tables.insert(
-                qualified.clone(),
-                TableProgress::InProgress {
+            let done = ChunkDone {
+                table: qualified.clone(),
+                progress: TableProgress::InProgress {
                     last_key: key,
                     rows,
                 },
-            );
-            progress.save(state)?;
-            metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => config.pipeline.clone(), "table" => qualified.clone())
-                .increment(n as u64);
-            if let Some(bar) = bar {
-                bar.inc(n as u64);
-            }
+                rows: n as u64,
+                started: None,
+            };
+            // The next chunk is queried while this one is appended.
+            sinker
+                .submit(events, done, &mut |done| rec.record(done))
+                .await?;
         }
         if n < config.snapshot_chunk_size {
             break;
         }
     }
-    state
-        .tables
-        .insert(qualified.clone(), TableProgress::Done { rows });
-    progress.save(state)?;
-    tracing::info!(table = %qualified, rows, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot of table done");
+    // An event-less marker: the table is recorded done once all its chunks are durable.
+    let done = ChunkDone {
+        table: qualified,
+        progress: TableProgress::Done { rows },
+        rows: 0,
+        started: Some(started),
+    };
+    sinker
+        .submit(Vec::new(), done, &mut |done| rec.record(done))
+        .await?;
     Ok(true)
 }

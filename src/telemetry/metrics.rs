@@ -43,6 +43,9 @@ pub const SINK_APPEND_SECONDS: &str = "syncbridge_capture_log_append_seconds";
 /// Counter of schema registry HTTP calls (attempts), labels `op` (register/get_schema), `outcome`
 /// (ok, unreachable, unavailable, incompatible, invalid_schema, unauthorized, unknown_id, protocol).
 pub const SCHEMA_REGISTRY_REQUESTS_TOTAL: &str = "syncbridge_schema_registry_requests_total";
+/// Histogram (seconds): the capture reader waiting for the sink because `sink_in_flight` batches
+/// were not yet durable (backpressure; its sum is the time reading stood still), label `pipeline`.
+pub const CAPTURE_SINK_WAIT_SECONDS: &str = "syncbridge_capture_sink_wait_seconds";
 
 /// Counter of Graph HTTP requests (attempts), labels `method`, `outcome` (ok or the error kind).
 pub const GRAPH_REQUESTS_TOTAL: &str = "syncbridge_graph_requests_total";
@@ -163,6 +166,11 @@ pub fn describe_all() {
         SINK_APPEND_SECONDS,
         Unit::Seconds,
         "Capture append to the log until durable (label: pipeline)."
+    );
+    describe_histogram!(
+        CAPTURE_SINK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Capture reader waiting for the sink task (all in-flight batches not yet durable) (label: pipeline)."
     );
     describe_counter!(
         SCHEMA_REGISTRY_REQUESTS_TOTAL,

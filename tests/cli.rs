@@ -130,8 +130,8 @@ source:
 log:
   embedded: {{ path: {log} }}
 graph:
-  base_url: http://127.0.0.1:8900/v1.0
-  token_url: http://127.0.0.1:8900/{{tenant}}/oauth2/v2.0/token
+  base_url: ${{GRAPH_BASE_URL}}
+  token_url: ${{GRAPH_TOKEN_URL}}
   tenant: contoso.onmicrosoft.com
   client_id: 11111111-2222-3333-4444-555555555555
   client_secret: dev-secret

@@ -44,8 +44,8 @@ name: {name}
 source:
   url: {url}
 graph:
-  base_url: http://127.0.0.1:8900/v1.0
-  token_url: http://127.0.0.1:8900/{{tenant}}/oauth2/v2.0/token
+  base_url: ${{GRAPH_BASE_URL}}
+  token_url: ${{GRAPH_TOKEN_URL}}
   tenant: contoso.onmicrosoft.com
   client_id: 11111111-2222-3333-4444-555555555555
   client_secret: dev-secret
@@ -166,8 +166,8 @@ name: vd_down
 source:
   url: postgres://nobody@127.0.0.1:{port}/x?sslmode=disable
 graph:
-  base_url: http://127.0.0.1:8900/v1.0
-  token_url: http://127.0.0.1:8900/{{tenant}}/oauth2/v2.0/token
+  base_url: ${{GRAPH_BASE_URL}}
+  token_url: ${{GRAPH_TOKEN_URL}}
   tenant: contoso.onmicrosoft.com
   client_id: 11111111-2222-3333-4444-555555555555
   client_secret: dev-secret

@@ -1289,6 +1289,12 @@ impl<L: EventLog + 'static> Processor<L> {
                 changing = Some(pp);
             }
         }
+        if changing.is_none() {
+            // A pending push that only restates the ledger (our own return-path write) or
+            // deletes the row is superseded by this deletion: left pending, its flush would
+            // create a new item for a row the deletion removes.
+            self.pending.remove(&lkey);
+        }
         if let Some(Pending { commit_ts_ms, .. }) = changing {
             let policy = self.tables[ti].entry.conflict;
             let source = match policy {

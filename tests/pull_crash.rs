@@ -570,11 +570,9 @@ async fn person(
 /// failpoint hits (exit by SIGABRT and "failpoint" in the output; ≥ 3 required, ≥ 1 of them
 /// `push.after_graph`). Then the writers stop and a clean run converges (both sides equal and
 /// unchanged for 2 s, ≤ 60 s) and is stopped with SIGTERM (exit 0). Asserted: see the module doc.
-// Known failing (issue 6, open): after kill -9 during a two-way workload a person-created item's
-// row can end up without its item (1 row of ~100 in the last run, after the fixes for duplicate
-// conflict records, lost source wins and coalesced create+delete of a person's item).
-// Kept runnable: `cargo test --test pull_crash -- --ignored`.
-#[ignore = "known failing: person-created rows can lose their item after kill -9 (issue 6)"]
+// Faults it found and that are fixed: duplicate conflict records, lost source wins, a person's
+// item created and deleted around a crash, second rows from a replayed item creation, replayed
+// list versions overturning newer state, and an item re-created for a row the person deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_two_way_workload_leaves_both_sides_equal() {
     hard_timeout(175, crash_body()).await;

@@ -2,10 +2,71 @@
 //!
 //! `v1 = [1][timestamp i64][key_len u32][key][has_value u8]([value_len u32][value])?
 //!       [header_count u32]([name_len u32][name utf-8][value_len u32][value])*`
+//!
+//! A segment (several consecutive records of one partition stored as one value) is
+//! `[SEGMENT_VERSION][count u32]([record_len u32][v1 record])*`.
 
 use super::{LogError, Record};
 
 const VERSION: u8 = 1;
+const SEGMENT_VERSION: u8 = 1;
+
+/// Builds one segment value out of consecutive encoded records.
+#[derive(Debug)]
+pub(crate) struct SegmentBuf {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl SegmentBuf {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.push(SEGMENT_VERSION);
+        buf.extend_from_slice(&0u32.to_be_bytes());
+        Self { buf, count: 0 }
+    }
+
+    /// Encoded size so far.
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub(crate) fn push(&mut self, r: &Record) -> Result<(), LogError> {
+        let encoded = encode(r)?;
+        put_bytes(&mut self.buf, &encoded)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        self.buf[1..5].copy_from_slice(&self.count.to_be_bytes());
+        self.buf
+    }
+}
+
+/// The encoded records of a segment, in offset order (each still to be [`decode`]d).
+pub(crate) fn split_segment(buf: &[u8]) -> Result<Vec<&[u8]>, LogError> {
+    let mut rd = Reader { buf };
+    let version = rd.u8()?;
+    if version != SEGMENT_VERSION {
+        return Err(LogError::Corrupt(format!(
+            "unknown segment encoding version {version}"
+        )));
+    }
+    let count = rd.len()?;
+    // Each record takes at least 4 bytes, so a corrupt count cannot make us allocate wildly.
+    let mut out = Vec::with_capacity(count.min(rd.buf.len() / 4));
+    for _ in 0..count {
+        out.push(rd.bytes()?);
+    }
+    if !rd.buf.is_empty() {
+        return Err(LogError::Corrupt(format!(
+            "{} trailing bytes after segment",
+            rd.buf.len()
+        )));
+    }
+    Ok(out)
+}
 
 pub(crate) fn encode(r: &Record) -> Result<Vec<u8>, LogError> {
     let headers_len: usize = r.headers.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
@@ -139,5 +200,31 @@ mod tests {
                 assert!(decode(&enc[..cut]).is_err());
             }
         }
+    }
+
+    #[test]
+    fn segment_round_trip() {
+        let records = [
+            Record::new("k", "v").with_header("h", "1"),
+            Record::tombstone("gone"),
+            Record::new("", ""),
+        ];
+        let mut seg = SegmentBuf::new(64);
+        for r in &records {
+            seg.push(r).unwrap();
+        }
+        let enc = seg.finish();
+        let parts = split_segment(&enc).unwrap();
+        assert_eq!(parts.len(), 3);
+        let decoded: Vec<Record> = parts.iter().map(|b| decode(b).unwrap()).collect();
+        assert_eq!(decoded, records);
+        for cut in 0..enc.len() {
+            assert!(split_segment(&enc[..cut]).is_err(), "prefix of {cut} bytes");
+        }
+        assert!(
+            split_segment(&SegmentBuf::new(8).finish())
+                .unwrap()
+                .is_empty()
+        );
     }
 }

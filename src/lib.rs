@@ -8,6 +8,7 @@
 //! - [`emulator`]: an offline Microsoft Graph for SharePoint lists (tests, demos, users without a tenant).
 //! - [`runtime`]: runs pipelines: one cancellation tree, stages started and drained in data-path order.
 //! - [`telemetry`]: tracing setup and the one module of metric names.
+//! - [`pg`]: PostgreSQL client connections with libpq's TLS semantics (`sslmode`, `sslrootcert`).
 //! - [`control`]: the control-plane HTTP server (`/health`, `/ready`, `/metrics`).
 //!
 //! Delivery guarantees (the contract every stage keeps):
@@ -24,6 +25,7 @@ pub mod control;
 pub mod emulator;
 pub mod graph;
 pub mod log;
+pub mod pg;
 pub mod process;
 pub mod pull;
 pub mod runtime;

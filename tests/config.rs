@@ -385,6 +385,32 @@ fn secrets_never_print() {
         ]),
     );
     assert!(!bad.contains(CLIENT_SECRET), "{bad}");
+
+    // Unusable TLS options are located at source.url, the password never shown.
+    let bad = load_err_text(
+        DEMO,
+        &env_of(&[(
+            "DATABASE_URL",
+            "postgres://u:pa55-w0rd-db@h/db?sslmode=verify_full",
+        )]),
+    );
+    assert!(bad.contains("t.yaml:"), "{bad}");
+    assert!(
+        bad.contains("`source.url`: sslmode=\"verify_full\" is not one of"),
+        "{bad}"
+    );
+    assert!(!bad.contains(DB_PASSWORD), "{bad}");
+    let bad = load_err_text(
+        DEMO,
+        &env_of(&[(
+            "DATABASE_URL",
+            "postgres://u@h/db?sslmode=verify-full&sslkey=k.pem",
+        )]),
+    );
+    assert!(
+        bad.contains("sslkey (client certificate authentication) is not supported"),
+        "{bad}"
+    );
 }
 
 fn load_err_text(text: &str, env: &dyn Fn(&str) -> Option<String>) -> String {

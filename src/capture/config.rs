@@ -154,12 +154,16 @@ impl CaptureConfig {
         if self.tables.is_empty() {
             return bad("no tables configured".into());
         }
-        if !self.source_url.contains("sslmode=") {
-            return bad(
-                "source url must set sslmode explicitly (e.g. ?sslmode=disable or ?sslmode=verify-full): \
-                 libpq's default `prefer` silently falls back between TLS and plaintext"
-                    .into(),
-            );
+        match crate::pg::TlsOptions::parse(&self.source_url) {
+            Err(e) => return bad(format!("source url: {e}")),
+            Ok(tls) if tls.mode.is_none() => {
+                return bad(
+                    "source url must set sslmode explicitly (e.g. ?sslmode=disable or ?sslmode=verify-full): \
+                     libpq's default `prefer` silently falls back between TLS and plaintext"
+                        .into(),
+                );
+            }
+            Ok(_) => {}
         }
         if self.feedback_interval > Duration::from_secs(1) || self.feedback_interval.is_zero() {
             return bad("feedback interval must be > 0 and ≤ 1 s".into());

@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::catalog::primary_key;
 use crate::config::LocatedPipeline;
@@ -59,7 +59,7 @@ pub enum DbCheckError {
     Connect {
         file: String,
         #[source]
-        source: tokio_postgres::Error,
+        source: crate::pg::PgConnectError,
     },
     #[error("{file}: catalog query failed: {source}")]
     Query {
@@ -87,7 +87,7 @@ fn sql_ident(name: &str) -> String {
 
 /// Runs every check of one pipeline against its `source.url`.
 pub async fn check_pipeline(p: &LocatedPipeline) -> Result<Vec<Finding>, DbCheckError> {
-    let (client, connection) = tokio_postgres::connect(p.config.source.url.expose(), NoTls)
+    let (client, connection) = crate::pg::connect(p.config.source.url.expose())
         .await
         .map_err(|source| DbCheckError::Connect {
             file: p.file.clone(),

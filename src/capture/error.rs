@@ -34,6 +34,16 @@ pub enum CaptureError {
     ConnectionLost(String),
 }
 
+impl From<crate::pg::PgConnectError> for CaptureError {
+    fn from(e: crate::pg::PgConnectError) -> Self {
+        use crate::pg::PgConnectError as P;
+        match e {
+            P::Postgres(e) => CaptureError::Postgres(e),
+            other => CaptureError::Config(other.to_string()),
+        }
+    }
+}
+
 impl CaptureError {
     /// Whether reconnecting (and resuming from the slot) may succeed without operator action.
     pub fn is_retryable(&self) -> bool {

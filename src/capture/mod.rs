@@ -52,9 +52,10 @@
 //! GRANT SELECT ON schema.table1, schema.table2 TO syncbridge;
 //! GRANT CREATE ON DATABASE mydb TO syncbridge;  -- first run only, for CREATE PUBLICATION
 //! ```
-//! The replication connection uses libpq (`sslmode` is required in the URL); catalog, snapshot,
-//! lock and heartbeat connections use tokio-postgres without TLS, so today `sslmode` must be
-//! `disable` or `prefer` for them (TLS for those connections is not implemented yet).
+//! The replication connection uses libpq; catalog, snapshot, lock and heartbeat connections use
+//! tokio-postgres through [`crate::pg`], which gives `sslmode` / `sslrootcert` libpq's meaning, so
+//! every connection has the same TLS. `sslmode` is required in the URL (libpq's default `prefer`
+//! silently falls back to plaintext); production URLs should say `verify-full`.
 //!
 //! # Limits
 //! - Streamed (large) transactions are buffered in memory until their commit.

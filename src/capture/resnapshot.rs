@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::catalog::{Catalog, ResolvedTable, qualified_ident, quote_ident, quote_literal};
 use super::config::CaptureConfig;
@@ -722,7 +722,7 @@ impl ChunkReader {
         rows_tx: &mpsc::Sender<Result<ChunkRead, String>>,
         mut next_rx: mpsc::Receiver<Next>,
     ) -> Result<(), String> {
-        let (client, connection) = tokio_postgres::connect(&self.url, NoTls)
+        let (client, connection) = crate::pg::connect(&self.url)
             .await
             .map_err(|e| format!("cannot connect for the re-snapshot: {e}"))?;
         let _conn = AbortOnDrop(tokio::spawn(async move {

@@ -9,7 +9,7 @@ use pg_walstream::{
     ReplicationSlotOptions, ReplicationStreamConfig, RetryConfig, StreamingMode,
 };
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{
@@ -179,7 +179,7 @@ impl Drop for Conn {
 }
 
 async fn connect(url: &str) -> Result<Conn, CaptureError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let (client, connection) = crate::pg::connect(url).await?;
     let lost = CancellationToken::new();
     let lost2 = lost.clone();
     let driver = tokio::spawn(async move {

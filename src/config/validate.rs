@@ -91,7 +91,13 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         .as_ref()
         .and_then(|s| match PgUrl::parse(s.url.value.expose().trim()) {
             // The message never echoes the URL: it may hold a password.
-            Ok(url) => Some(SourceConfig { url }),
+            Ok(url) => match crate::pg::TlsOptions::parse(url.expose()) {
+                Ok(_) => Some(SourceConfig { url }),
+                Err(why) => {
+                    r.issues.push((s.url.loc, format!("`source.url`: {why}")));
+                    None
+                }
+            },
             Err(why) => {
                 r.issues.push((s.url.loc, format!("`source.url` {why}")));
                 None

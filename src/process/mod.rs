@@ -139,6 +139,16 @@ pub enum ProcessError {
     Registry(#[from] crate::capture::avro::registry::RegistryError),
 }
 
+impl From<crate::pg::PgConnectError> for ProcessError {
+    /// Bad TLS options or root certificates need an operator; connection failures are retried.
+    fn from(e: crate::pg::PgConnectError) -> Self {
+        match e {
+            crate::pg::PgConnectError::Postgres(e) => ProcessError::Catalog(e.to_string()),
+            other => ProcessError::Config(format!("source.url: {other}")),
+        }
+    }
+}
+
 impl ProcessError {
     /// Whether retrying (the flush, or the stage) can help.
     pub fn is_retryable(&self) -> bool {

@@ -57,8 +57,7 @@
 //! appliers of the same pipeline exclude each other: the second gets a retryable error (55006).
 //!
 //! # Connection
-//! tokio-postgres without TLS, like capture's catalog and snapshot connections: the URL's
-//! `sslmode` must be `disable` or `prefer` (TLS for these connections is not implemented yet).
+//! tokio-postgres through [`crate::pg`]: the URL's `sslmode` / `sslrootcert` as libpq reads them.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -66,8 +65,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::task::JoinHandle;
+use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls};
 
 use crate::config::TableName;
 use crate::telemetry::metrics as m;
@@ -161,6 +160,10 @@ pub enum ApplyError {
     /// The change cannot be expressed against the table (unknown column, empty key, …).
     #[error("invalid row change: {0}")]
     Invalid(String),
+    /// The source URL's connection options are unusable (bad TLS options, unreadable root
+    /// certificates): an operator must fix the configuration.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Config(String),
 }
 
 impl ApplyError {
@@ -169,7 +172,7 @@ impl ApplyError {
         match self {
             ApplyError::Connection { .. } => true,
             ApplyError::Database { retryable, .. } => *retryable,
-            ApplyError::Rejected { .. } | ApplyError::Invalid(_) => false,
+            ApplyError::Rejected { .. } | ApplyError::Invalid(_) | ApplyError::Config(_) => false,
         }
     }
 
@@ -656,16 +659,16 @@ impl Applier {
             return Ok(());
         }
         self.conn = None;
-        let (client, connection) =
-            tokio_postgres::connect(&self.url, NoTls)
-                .await
-                .map_err(|e| match e.as_db_error() {
-                    Some(_) => classify(&e, false),
-                    None => ApplyError::Connection {
-                        message: e.to_string(),
-                        maybe_applied: false,
-                    },
-                })?;
+        let (client, connection) = crate::pg::connect(&self.url).await.map_err(|e| match e {
+            crate::pg::PgConnectError::Postgres(e) => match e.as_db_error() {
+                Some(_) => classify(&e, false),
+                None => ApplyError::Connection {
+                    message: e.to_string(),
+                    maybe_applied: false,
+                },
+            },
+            other => ApplyError::Config(other.to_string()),
+        })?;
         let pipeline = self.pipeline.clone();
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {

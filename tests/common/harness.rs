@@ -30,6 +30,8 @@ pub struct Harness {
     pub tables: Vec<String>,
     pub child: Option<Child>,
     pub control_port: u16,
+    /// `source.url` of the pipelines [`Harness::pipeline`] writes (`DATABASE_URL` unless set).
+    pub source_url: String,
 }
 
 impl Drop for Harness {
@@ -91,6 +93,7 @@ impl Harness {
             tables: Vec::new(),
             child: None,
             control_port: free_port(),
+            source_url: database_url(),
         }
     }
 
@@ -104,7 +107,7 @@ impl Harness {
         let yaml = format!(
             "version: 1\nname: {name}\nsource:\n  url: {db}\nlog: {log}\ngraph:\n  base_url: {base}/v1.0\n  token_url: {base}/{{tenant}}/oauth2/v2.0/token\n  tenant: {tenant}\n  client_id: {cid}\n  client_secret: {secret}\n  site: '{site}'\n  ru_per_minute: 100000\nsync:\n{sync}\ncontrol:\n  listen: 127.0.0.1:{port}\n",
             name = self.name,
-            db = database_url(),
+            db = self.source_url,
             tenant = emulator::DEFAULT_TENANT,
             cid = emulator::DEFAULT_CLIENT_ID,
             secret = emulator::DEFAULT_CLIENT_SECRET,

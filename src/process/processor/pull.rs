@@ -447,6 +447,8 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<Result<crate::pull::Applied, ApplyError>, ProcessError> {
         match self.applier()?.apply(&change).await {
             Err(e) if e.is_retryable() => Err(ProcessError::Catalog(e.to_string())),
+            // Not the row's fault: stop rather than dead-letter every change.
+            Err(ApplyError::Config(m)) => Err(ProcessError::Config(m)),
             other => Ok(other),
         }
     }
@@ -1230,12 +1232,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     pub(super) async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
         if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = tokio_postgres::connect(
-                self.cfg.pipeline.source.url.expose(),
-                tokio_postgres::NoTls,
-            )
-            .await
-            .map_err(|e| ProcessError::Catalog(e.to_string()))?;
+            let (client, conn) = crate::pg::connect(self.cfg.pipeline.source.url.expose()).await?;
             tokio::spawn(conn);
             self.catalog = Some(client);
         }

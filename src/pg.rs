@@ -1,0 +1,519 @@
+//! PostgreSQL client connections besides the replication stream (catalog, snapshot, advisory
+//! lock, heartbeat, re-snapshot, applier, provisioning, `validate`), with the source URL's TLS
+//! options honoured the way libpq honours them.
+//!
+//! The replication stream goes through libpq, which reads the URL itself. tokio-postgres knows
+//! only `sslmode=disable|prefer|require` and no root certificates, so [`connect`] takes the TLS
+//! options out of the URL, gives the rest to tokio-postgres and does TLS with rustls:
+//!
+//! | `sslmode` | TLS | server certificate check |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `allow`, `prefer` | when the server offers it | none (libpq checks none either) |
+//! | `require` | always | none; the chain when root certificates are given or `~/.postgresql/root.crt` exists (as libpq) |
+//! | `verify-ca` | always | the chain, against the root certificates |
+//! | `verify-full` | always | the chain and the host name (or IP address) |
+//!
+//! Root certificates: `sslrootcert=<PEM file>`, `sslrootcert=system` (the operating system's
+//! store), else `~/.postgresql/root.crt` like libpq. Client certificates (`sslcert`, `sslkey`) are
+//! not supported: [`TlsOptions::parse`] rejects a URL that names them instead of connecting
+//! without. (`allow` means "plaintext first" to libpq; here it is `prefer`.)
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// URL parameters this module handles (and keeps away from tokio-postgres, which rejects some).
+const TLS_PARAMS: [&str; 3] = ["sslmode", "sslrootcert", "sslnegotiation"];
+/// libpq parameters for client certificates, which are not supported.
+const CLIENT_CERT_PARAMS: [&str; 4] = ["sslcert", "sslkey", "sslpassword", "sslcrl"];
+
+/// The connection future to spawn (drives the socket until the client is dropped).
+pub type PgConnection = Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PgConnectError {
+    /// The URL's TLS options are invalid or unsupported (not retryable).
+    #[error("{0}")]
+    Options(String),
+    /// The root certificates could not be read (not retryable until the file is fixed).
+    #[error("cannot read root certificates {path}: {detail}")]
+    RootCert {
+        /// The file (`sslrootcert` or `~/.postgresql/root.crt`).
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Connecting or the TLS handshake failed (retryable unless it is a server-side refusal).
+    /// The message carries the causes (tokio-postgres' own says only "error performing TLS
+    /// handshake").
+    #[error("{}", with_causes(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// `e: cause: cause…`.
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl PgConnectError {
+    /// Whether trying again later can help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Options(_) | Self::RootCert { .. } => false,
+            Self::Postgres(e) => e.as_db_error().is_none(),
+        }
+    }
+
+    /// The server's error, when the server refused (authentication, unknown database, ...).
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        match self {
+            Self::Postgres(e) => e.as_db_error(),
+            _ => None,
+        }
+    }
+}
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// `disable`
+    Disable,
+    /// `allow` (treated as `prefer`)
+    Allow,
+    /// `prefer`: libpq's default, which is why validation insists on an explicit mode.
+    Prefer,
+    /// `require`
+    Require,
+    /// `verify-ca`
+    VerifyCa,
+    /// `verify-full`
+    VerifyFull,
+}
+
+/// Where root certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// Not given: `~/.postgresql/root.crt` if it exists.
+    Default,
+    /// `sslrootcert=system`.
+    System,
+    /// `sslrootcert=<file>`.
+    File(PathBuf),
+}
+
+/// The TLS options of a source URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// `sslmode`; `None` when the URL has none (libpq would use `prefer`).
+    pub mode: Option<SslMode>,
+    /// `sslrootcert`.
+    pub root_cert: RootCert,
+}
+
+impl TlsOptions {
+    /// Reads the TLS options of a `postgres://` URL or a `key=value` connection string (no IO).
+    ///
+    /// # Errors
+    /// An unknown `sslmode`, `sslnegotiation=direct`, or client-certificate parameters.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (_, params) = split(url)?;
+        let mut out = TlsOptions {
+            mode: None,
+            root_cert: RootCert::Default,
+        };
+        for (k, v) in params {
+            match k.as_str() {
+                "sslmode" => {
+                    out.mode = Some(match v.as_str() {
+                        "disable" => SslMode::Disable,
+                        "allow" => SslMode::Allow,
+                        "prefer" => SslMode::Prefer,
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
+                        other => {
+                            return Err(format!(
+                                "sslmode={other:?} is not one of disable, allow, prefer, require, \
+                                 verify-ca, verify-full"
+                            ));
+                        }
+                    });
+                }
+                "sslrootcert" if v == "system" => out.root_cert = RootCert::System,
+                "sslrootcert" => out.root_cert = RootCert::File(PathBuf::from(v)),
+                "sslnegotiation" if v != "postgres" => {
+                    return Err(format!(
+                        "sslnegotiation={v:?} is not supported (only the default `postgres`)"
+                    ));
+                }
+                k if CLIENT_CERT_PARAMS.contains(&k) => {
+                    return Err(format!(
+                        "{k} (client certificate authentication) is not supported yet; \
+                         use password or SCRAM authentication over sslmode=verify-full"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if out.root_cert != RootCert::Default
+            && matches!(
+                out.mode,
+                Some(SslMode::Disable | SslMode::Allow | SslMode::Prefer)
+            )
+        {
+            // libpq ignores the root certificate then; saying so beats a false sense of safety.
+            return Err(
+                "sslrootcert is only used with sslmode=require, verify-ca or verify-full".into(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// `(the URL without the TLS parameters, the TLS parameters)`.
+fn split(url: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let is_tls = |k: &str| TLS_PARAMS.contains(&k) || CLIENT_CERT_PARAMS.contains(&k);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let mut parsed =
+            url::Url::parse(url).map_err(|e| format!("source url is not a valid URL: {e}"))?;
+        let (tls, rest): (Vec<_>, Vec<_>) = parsed
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .partition(|(k, _)| is_tls(k));
+        if rest.is_empty() {
+            parsed.set_query(None);
+        } else {
+            parsed.query_pairs_mut().clear().extend_pairs(&rest);
+        }
+        Ok((parsed.into(), tls))
+    } else {
+        // key=value form; values with spaces need quotes, which this simple split keeps intact
+        // only for non-TLS parameters (TLS values never contain spaces here).
+        let mut tls = Vec::new();
+        let mut rest = Vec::new();
+        for token in url.split_whitespace() {
+            match token.split_once('=') {
+                Some((k, v)) if is_tls(k) => {
+                    tls.push((k.to_owned(), v.trim_matches('\'').to_owned()))
+                }
+                _ => rest.push(token),
+            }
+        }
+        Ok((rest.join(" "), tls))
+    }
+}
+
+/// Connects to `url` honouring its TLS options (see the module docs). Spawn the returned
+/// connection (`tokio::spawn(connection)`); the client works while it runs.
+///
+/// # Errors
+/// See [`PgConnectError`].
+pub async fn connect(url: &str) -> Result<(Client, PgConnection), PgConnectError> {
+    let (rest, _) = split(url).map_err(PgConnectError::Options)?;
+    let tls = TlsOptions::parse(url).map_err(PgConnectError::Options)?;
+    let mut config: tokio_postgres::Config = rest.parse()?;
+    config.ssl_mode(match tls.mode {
+        Some(SslMode::Disable) => tokio_postgres::config::SslMode::Disable,
+        None | Some(SslMode::Allow | SslMode::Prefer) => tokio_postgres::config::SslMode::Prefer,
+        Some(SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) => {
+            tokio_postgres::config::SslMode::Require
+        }
+    });
+    let connector = MakeRustlsConnect::new(client_config(&tls)?);
+    Ok(config.connect(connector).await?)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The rustls configuration for `tls` (reads root certificate files).
+fn client_config(tls: &TlsOptions) -> Result<ClientConfig, PgConnectError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgConnectError::Options(format!("TLS setup: {e}")))?;
+    let verify = match tls.mode {
+        None | Some(SslMode::Disable | SslMode::Allow | SslMode::Prefer) => Verify::Nothing,
+        Some(SslMode::Require) => match &tls.root_cert {
+            RootCert::Default => match default_root_file().filter(|p| p.exists()) {
+                Some(p) => Verify::Chain(load_roots(&RootCert::File(p))?),
+                None => Verify::Nothing,
+            },
+            other => Verify::Chain(load_roots(other)?),
+        },
+        Some(SslMode::VerifyCa) => Verify::Chain(load_roots(&tls.root_cert)?),
+        Some(SslMode::VerifyFull) => Verify::Full(load_roots(&tls.root_cert)?),
+    };
+    let config = match verify {
+        Verify::Full(roots) => builder.with_root_certificates(roots),
+        Verify::Chain(roots) => {
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| PgConnectError::Options(format!("TLS setup: {e}")))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly { inner }))
+        }
+        Verify::Nothing => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoCheck { provider })),
+    };
+    Ok(config.with_no_client_auth())
+}
+
+enum Verify {
+    Nothing,
+    Chain(RootCertStore),
+    Full(RootCertStore),
+}
+
+fn default_root_file() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt"))
+}
+
+fn load_roots(root: &RootCert) -> Result<RootCertStore, PgConnectError> {
+    let mut store = RootCertStore::empty();
+    let path = match root {
+        RootCert::System => {
+            let loaded = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(loaded.certs);
+            if added == 0 {
+                return Err(PgConnectError::RootCert {
+                    path: PathBuf::from("system"),
+                    detail: format!(
+                        "no usable certificates in the system store ({:?})",
+                        loaded.errors
+                    ),
+                });
+            }
+            return Ok(store);
+        }
+        RootCert::File(p) => p.clone(),
+        RootCert::Default => default_root_file().ok_or_else(|| PgConnectError::RootCert {
+            path: PathBuf::from("~/.postgresql/root.crt"),
+            detail: "HOME is not set; give sslrootcert=<file> or sslrootcert=system".into(),
+        })?,
+    };
+    let err = |detail: String| PgConnectError::RootCert {
+        path: path.clone(),
+        detail,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| {
+            err(format!(
+                "{e} (sslmode verify-ca/verify-full need root certificates: sslrootcert=<PEM file> \
+                 or sslrootcert=system)"
+            ))
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    let (added, _) = store.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(store)
+}
+
+/// `verify-ca` (and `require` with root certificates): the chain must verify, the name need not.
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `prefer` / `require` without root certificates: encrypted, the server not authenticated (what
+/// libpq does; `verify-full` is what production URLs should say).
+#[derive(Debug)]
+struct NoCheck {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for NoCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_urls_and_connection_strings() {
+        let (rest, tls) = split(
+            "postgres://u:p@db.example:5432/app?sslmode=verify-full&application_name=sb&sslrootcert=/etc/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            rest,
+            "postgres://u:p@db.example:5432/app?application_name=sb"
+        );
+        assert_eq!(tls.len(), 2);
+        let (rest, _) = split("postgres://h/db?sslmode=disable").unwrap();
+        assert_eq!(rest, "postgres://h/db");
+        let (rest, tls) = split("host=h dbname=d sslmode=require user=u").unwrap();
+        assert_eq!(rest, "host=h dbname=d user=u");
+        assert_eq!(tls, [("sslmode".to_owned(), "require".to_owned())]);
+    }
+
+    #[test]
+    fn options_parse_like_libpq_and_reject_what_is_unsupported() {
+        let p = |u: &str| TlsOptions::parse(u);
+        assert_eq!(
+            p("postgres://h/d?sslmode=verify-full&sslrootcert=system").unwrap(),
+            TlsOptions {
+                mode: Some(SslMode::VerifyFull),
+                root_cert: RootCert::System
+            }
+        );
+        assert_eq!(
+            p("postgres://h/d?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem")
+                .unwrap()
+                .root_cert,
+            RootCert::File("/etc/ca.pem".into())
+        );
+        assert_eq!(p("postgres://h/d").unwrap().mode, None);
+        assert!(
+            p("postgres://h/d?sslmode=verify_full")
+                .unwrap_err()
+                .contains("verify-full")
+        );
+        assert!(
+            p("postgres://h/d?sslmode=require&sslcert=c.pem")
+                .unwrap_err()
+                .contains("sslcert")
+        );
+        assert!(
+            p("postgres://h/d?sslmode=prefer&sslrootcert=ca.pem")
+                .unwrap_err()
+                .contains("only used")
+        );
+        assert!(p("postgres://h/d?sslnegotiation=direct").is_err());
+    }
+
+    #[test]
+    fn a_missing_root_certificate_file_is_named() {
+        let tls = TlsOptions {
+            mode: Some(SslMode::VerifyFull),
+            root_cert: RootCert::File("/nonexistent/ca.pem".into()),
+        };
+        match client_config(&tls) {
+            Err(e @ PgConnectError::RootCert { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("/nonexistent/ca.pem"), "{msg}");
+                assert!(!e.is_retryable());
+            }
+            other => panic!("expected RootCert, got {:?}", other.map(|_| ())),
+        }
+    }
+}

@@ -197,18 +197,34 @@ impl TlsOptions {
 fn split(url: &str) -> Result<(String, Vec<(String, String)>), String> {
     let is_tls = |k: &str| TLS_PARAMS.contains(&k) || CLIENT_CERT_PARAMS.contains(&k);
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let mut parsed =
-            url::Url::parse(url).map_err(|e| format!("source url is not a valid URL: {e}"))?;
-        let (tls, rest): (Vec<_>, Vec<_>) = parsed
-            .query_pairs()
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .partition(|(k, _)| is_tls(k));
-        if rest.is_empty() {
-            parsed.set_query(None);
-        } else {
-            parsed.query_pairs_mut().clear().extend_pairs(&rest);
+        url::Url::parse(url).map_err(|e| format!("source url is not a valid URL: {e}"))?;
+        // Filter the raw `&`-separated parameters: re-encoding them (form encoding turns spaces
+        // into `+`) would change values such as `options=-c%20work_mem%3D64kB` for the server.
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), Vec::new()));
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let mut tls = Vec::new();
+        let mut rest = Vec::new();
+        for param in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = param.split_once('=').unwrap_or((param, ""));
+            let key = decode(k);
+            if is_tls(&key) {
+                tls.push((key, decode(v)));
+            } else {
+                rest.push(param);
+            }
         }
-        Ok((parsed.into(), tls))
+        let rest = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        Ok((rest, tls))
     } else {
         // key=value form; values with spaces need quotes, which this simple split keeps intact
         // only for non-TLS parameters (TLS values never contain spaces here).
@@ -461,6 +477,14 @@ mod tests {
         assert_eq!(tls.len(), 2);
         let (rest, _) = split("postgres://h/db?sslmode=disable").unwrap();
         assert_eq!(rest, "postgres://h/db");
+        // Other parameters pass through byte for byte; TLS values are percent-decoded like libpq
+        // does (a `+` stays a `+`).
+        let (rest, tls) = split(
+            "postgres://h/db?options=-c%20work_mem%3D64kB&sslmode=require&sslrootcert=%2Fca+1.pem",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://h/db?options=-c%20work_mem%3D64kB");
+        assert_eq!(tls[1], ("sslrootcert".to_owned(), "/ca+1.pem".to_owned()));
         let (rest, tls) = split("host=h dbname=d sslmode=require user=u").unwrap();
         assert_eq!(rest, "host=h dbname=d user=u");
         assert_eq!(tls, [("sslmode".to_owned(), "require".to_owned())]);

@@ -139,7 +139,10 @@ impl TlsOptions {
     /// # Errors
     /// An unknown `sslmode`, `sslnegotiation=direct`, or client-certificate parameters.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let (_, params) = split(url)?;
+        Self::from_params(split(url)?.1)
+    }
+
+    fn from_params(params: Vec<(String, String)>) -> Result<Self, String> {
         let mut out = TlsOptions {
             mode: None,
             root_cert: RootCert::Default,
@@ -248,8 +251,8 @@ fn split(url: &str) -> Result<(String, Vec<(String, String)>), String> {
 /// # Errors
 /// See [`PgConnectError`].
 pub async fn connect(url: &str) -> Result<(Client, PgConnection), PgConnectError> {
-    let (rest, _) = split(url).map_err(PgConnectError::Options)?;
-    let tls = TlsOptions::parse(url).map_err(PgConnectError::Options)?;
+    let (rest, params) = split(url).map_err(PgConnectError::Options)?;
+    let tls = TlsOptions::from_params(params).map_err(PgConnectError::Options)?;
     let mut config: tokio_postgres::Config = rest.parse()?;
     config.ssl_mode(match tls.mode {
         Some(SslMode::Disable) => tokio_postgres::config::SslMode::Disable,
@@ -287,16 +290,23 @@ fn client_config(tls: &TlsOptions) -> Result<ClientConfig, PgConnectError> {
     let config = match verify {
         Verify::Full(roots) => builder.with_root_certificates(roots),
         Verify::Chain(roots) => {
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| PgConnectError::Options(format!("TLS setup: {e}")))?;
+            let chain =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                    .build()
+                    .map_err(|e| PgConnectError::Options(format!("TLS setup: {e}")))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly { inner }))
+                .with_custom_certificate_verifier(Arc::new(Lenient {
+                    chain: Some(chain),
+                    provider,
+                }))
         }
         Verify::Nothing => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCheck { provider })),
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                chain: None,
+                provider,
+            })),
     };
     Ok(config.with_no_client_auth())
 }
@@ -354,13 +364,16 @@ fn load_roots(root: &RootCert) -> Result<RootCertStore, PgConnectError> {
     Ok(store)
 }
 
-/// `verify-ca` (and `require` with root certificates): the chain must verify, the name need not.
+/// The checks below `verify-full`: none (`prefer`, `require` without root certificates: encrypted,
+/// the server not authenticated, as libpq does) or the chain without the host name (`verify-ca`,
+/// `require` with root certificates). Handshake signatures are always verified.
 #[derive(Debug)]
-struct ChainOnly {
-    inner: Arc<WebPkiServerVerifier>,
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -369,60 +382,15 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// `prefer` / `require` without root certificates: encrypted, the server not authenticated (what
-/// libpq does; `verify-full` is what production URLs should say).
-#[derive(Debug)]
-struct NoCheck {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

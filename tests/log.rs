@@ -41,8 +41,18 @@ impl Backend for Embedded {
     type Log = EmbeddedLog;
     const NAME: &'static str = "embedded";
 
+    /// Waits (bounded) for an earlier handle in this process to let go: sled's background
+    /// threads keep the directory lock for a moment after the last handle drops.
     fn open(&self) -> EmbeddedLog {
-        EmbeddedLog::open(EmbeddedLogConfig::new(self.dir.path())).expect("open embedded log")
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match EmbeddedLog::open(EmbeddedLogConfig::new(self.dir.path())) {
+                Err(LogError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other.expect("open embedded log"),
+            }
+        }
     }
 
     fn first_record_timeout(&self) -> Duration {

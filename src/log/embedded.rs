@@ -817,6 +817,20 @@ mod tests {
         out
     }
 
+    /// Opens the log in `dir` once an earlier handle in this process has let go of it: sled's
+    /// background threads keep the directory lock for a moment after the last handle drops.
+    fn reopen(dir: &Path) -> EmbeddedLog {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match EmbeddedLog::open(EmbeddedLogConfig::new(dir)) {
+                Err(LogError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     fn big(i: usize) -> Record {
         // ~1 KiB each: a batch of 100 spans several segments.
         Record::new(format!("k{}", i % 7), format!("{i}:{}", "x".repeat(1000)))
@@ -843,7 +857,7 @@ mod tests {
         drop(c);
         drop(log);
 
-        let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path())).unwrap();
+        let log = reopen(dir.path());
         let ends = log.end_offsets("t").await.unwrap();
         assert_eq!(ends.iter().sum::<i64>(), 100);
         let mut c = log
@@ -903,7 +917,7 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path())).unwrap();
+        let log = reopen(dir.path());
         assert_eq!(log.end_offsets("old").await.unwrap(), vec![3]);
         let d = log
             .append("old", vec![Record::new("k", "v3")])

@@ -11,35 +11,65 @@ use super::{LogError, Record};
 const VERSION: u8 = 1;
 const SEGMENT_VERSION: u8 = 1;
 
-/// Builds one segment value out of consecutive encoded records.
+/// Builds one segment out of consecutive records, encoding each straight into the buffer.
 #[derive(Debug)]
 pub(crate) struct SegmentBuf {
     buf: Vec<u8>,
+    /// Where the segment starts in `buf` (after room the caller reserved for its own header).
+    start: usize,
     count: u32,
 }
 
 impl SegmentBuf {
-    pub(crate) fn new(capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity);
+    /// A segment that starts after `reserved` zero bytes (a header the caller fills in later).
+    pub(crate) fn with_reserved(reserved: usize, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(reserved + capacity);
+        buf.resize(reserved, 0);
         buf.push(SEGMENT_VERSION);
         buf.extend_from_slice(&0u32.to_be_bytes());
-        Self { buf, count: 0 }
+        Self {
+            buf,
+            start: reserved,
+            count: 0,
+        }
     }
 
-    /// Encoded size so far.
+    /// Encoded size of the segment so far (without the reserved bytes).
     pub(crate) fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
+    }
+
+    /// Records pushed so far.
+    pub(crate) fn count(&self) -> u32 {
+        self.count
     }
 
     pub(crate) fn push(&mut self, r: &Record) -> Result<(), LogError> {
-        let encoded = encode(r)?;
-        put_bytes(&mut self.buf, &encoded)?;
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        let len = encode_into(&mut self.buf, r).and_then(|()| {
+            let len = self.buf.len() - at - 4;
+            u32::try_from(len).map_err(|_| {
+                LogError::InvalidArgument(format!("record of {len} bytes is too large"))
+            })
+        });
+        let len = match len {
+            Ok(len) => len,
+            Err(e) => {
+                // Leave the segment as it was: the record is not in it.
+                self.buf.truncate(at);
+                return Err(e);
+            }
+        };
+        self.buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
         self.count += 1;
         Ok(())
     }
 
+    /// The reserved bytes followed by the segment.
     pub(crate) fn finish(mut self) -> Vec<u8> {
-        self.buf[1..5].copy_from_slice(&self.count.to_be_bytes());
+        let at = self.start + 1;
+        self.buf[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
         self.buf
     }
 }
@@ -73,22 +103,28 @@ pub(crate) fn encode(r: &Record) -> Result<Vec<u8>, LogError> {
     let mut out = Vec::with_capacity(
         1 + 8 + 4 + r.key.len() + 1 + 4 + r.value.as_ref().map_or(0, Vec::len) + 4 + headers_len,
     );
+    encode_into(&mut out, r)?;
+    Ok(out)
+}
+
+/// Appends the v1 encoding of `r` to `out`.
+pub(crate) fn encode_into(out: &mut Vec<u8>, r: &Record) -> Result<(), LogError> {
     out.push(VERSION);
     out.extend_from_slice(&r.timestamp_ms.to_be_bytes());
-    put_bytes(&mut out, &r.key)?;
+    put_bytes(out, &r.key)?;
     match &r.value {
         Some(v) => {
             out.push(1);
-            put_bytes(&mut out, v)?;
+            put_bytes(out, v)?;
         }
         None => out.push(0),
     }
-    put_len(&mut out, r.headers.len())?;
+    put_len(out, r.headers.len())?;
     for (name, value) in &r.headers {
-        put_bytes(&mut out, name.as_bytes())?;
-        put_bytes(&mut out, value)?;
+        put_bytes(out, name.as_bytes())?;
+        put_bytes(out, value)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 pub(crate) fn decode(buf: &[u8]) -> Result<Record, LogError> {
@@ -209,12 +245,15 @@ mod tests {
             Record::tombstone("gone"),
             Record::new("", ""),
         ];
-        let mut seg = SegmentBuf::new(64);
+        let mut seg = SegmentBuf::with_reserved(3, 64);
         for r in &records {
             seg.push(r).unwrap();
         }
+        assert_eq!(seg.count(), 3);
         let enc = seg.finish();
-        let parts = split_segment(&enc).unwrap();
+        assert_eq!(enc[..3], [0, 0, 0]);
+        let enc = &enc[3..];
+        let parts = split_segment(enc).unwrap();
         assert_eq!(parts.len(), 3);
         let decoded: Vec<Record> = parts.iter().map(|b| decode(b).unwrap()).collect();
         assert_eq!(decoded, records);
@@ -222,7 +261,7 @@ mod tests {
             assert!(split_segment(&enc[..cut]).is_err(), "prefix of {cut} bytes");
         }
         assert!(
-            split_segment(&SegmentBuf::new(8).finish())
+            split_segment(&SegmentBuf::with_reserved(0, 8).finish())
                 .unwrap()
                 .is_empty()
         );

@@ -1,23 +1,23 @@
-//! The embedded log: one sled database in a directory, single process.
+//! The embedded log: one directory, one process. sled for metadata, positions and compacted
+//! topics; an append-only file per non-compacted topic for the records themselves.
 //!
 //! Layout (all integers big-endian so sled's byte order is numeric order):
 //! - tree `topics`: `name → [partitions i32][compacted u8]([layout u8])?` (no layout byte: the
-//!   per-record layout every topic had before segments existed).
-//! - tree `log`, per topic in one of two layouts:
-//!   - *segments* (every topic created as non-compacted): `'s' topic 0x00 partition(u32)
-//!     first_offset(u64) → segment` of consecutive records (codec), at most about
-//!     [`SEGMENT_TARGET_BYTES`] each. One sled key per ~16 KiB instead of one per record: sled's
-//!     cost (CPU and memory) is per key, and a CDC topic holds millions of small records.
-//!   - *records* (compacted topics, which remove single records): `'r' topic 0x00 partition(u32)
-//!     offset(u64) → codec v1`, and the latest offset of each key `'k' topic 0x00 partition(u32)
-//!     key → offset(u64)`.
-//!
-//!   Everything of one batch lives in this one tree so it is applied atomically (`apply_batch`).
+//!   per-record layout every topic had before topic files existed).
+//! - non-compacted topics (layout *files*): `segments/<topic>.log`, frames of consecutive records
+//!   of one partition (see [`super::topic_file`]); the file's durable length is noted in tree
+//!   `log` under `'c' topic` (not flushed per append: it only bounds how much of the file's tail
+//!   is crc-checked when the log is opened).
+//! - compacted topics (layout *records*, which remove single records), tree `log`:
+//!   `'r' topic 0x00 partition(u32) offset(u64) → codec v1`, and the latest offset of each key
+//!   `'k' topic 0x00 partition(u32) key → offset(u64)`; everything of one batch in this one tree
+//!   so it is applied atomically (`apply_batch`).
 //! - tree `offsets`: `len(group)(u16) group topic 0x00 partition(u32) → next offset (i64)`.
 //!
-//! Durability: `append` applies the batch atomically, then `flush_async` (fsync) before it
-//! returns; only then does the partition's durable high watermark move, so consumers never see a
-//! record that a crash could take back. Group positions are flushed on every commit.
+//! Durability: `append` writes the batch (a topic file's frames, or one sled batch), then
+//! fsyncs (`fdatasync` of the file, or sled's `flush_async`) before it returns; only then does the
+//! partition's durable high watermark move, so consumers never see a record that a crash could
+//! take back. Group positions are flushed on every commit.
 //!
 //! Compaction is immediate: appending a key to a compacted topic physically removes the key's
 //! previous record in the same atomic batch, so exactly the latest record per key (tombstones
@@ -32,6 +32,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::topic_file::{FrameBuf, TopicFile};
 use super::{
     CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError, Record,
     TopicSpec, codec, partition_for, validate_group, validate_spec, validate_topic_name,
@@ -46,10 +47,8 @@ pub const EMBEDDED_FETCH_BATCH: usize = 256;
 /// its tail, so a small cache keeps the service's footprint predictable.
 pub const DEFAULT_EMBEDDED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Size a segment value is closed at (it may exceed it by one record). Large enough that sled
-/// keeps one key per ~50–100 change events, well below the 128 KiB (a quarter of sled's 512 KiB
-/// log segment) above which sled moves a page to a blob file of its own.
-pub const SEGMENT_TARGET_BYTES: usize = 16 * 1024;
+/// Directory of the topic files, inside the log directory.
+const TOPIC_FILES_DIR: &str = "segments";
 
 const BACKEND: &str = "embedded";
 
@@ -78,13 +77,13 @@ impl EmbeddedLogConfig {
 /// `(partition index, new end offset)` of each partition a batch touched.
 type PartitionEnds = Vec<(usize, i64)>;
 
-/// How a topic's records are laid out in the `log` tree (see the module docs).
+/// Where a topic's records live (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
-    /// One key per record (compacted topics and topics created before segments).
+    /// One sled key per record (compacted topics and topics created before topic files).
     Records,
-    /// One key per run of consecutive records of a partition.
-    Segments,
+    /// The topic's own append-only file.
+    Files,
 }
 
 /// Per-topic state shared by writers and consumers.
@@ -98,6 +97,8 @@ struct TopicState {
     next: Mutex<Vec<i64>>,
     /// Durable high watermark per partition: records below it are fsynced and visible.
     durable: Vec<AtomicI64>,
+    /// The data file (layout [`Layout::Files`]).
+    file: Option<TopicFile>,
 }
 
 #[derive(Debug)]
@@ -144,8 +145,31 @@ impl EmbeddedLog {
                 .map_err(|e| LogError::Corrupt(format!("topic name not utf-8: {e}")))?;
             let (partitions, compacted, layout) = decode_topic_meta(&v)?;
             let mut next = Vec::with_capacity(partitions as usize);
-            for p in 0..partitions {
-                next.push(last_offset(&log, &name, p, layout)?.map_or(0, |o| o + 1));
+            let mut file = None;
+            match layout {
+                Layout::Records => {
+                    for p in 0..partitions {
+                        next.push(last_record_offset(&log, &name, p)?.map_or(0, |o| o + 1));
+                    }
+                }
+                Layout::Files => {
+                    let checkpoint = log
+                        .get(checkpoint_key(&name))?
+                        .map(|v| decode_i64(&v))
+                        .transpose()?
+                        .unwrap_or(0);
+                    let r = TopicFile::open(
+                        &config.path.join(TOPIC_FILES_DIR),
+                        &name,
+                        partitions,
+                        checkpoint as u64,
+                    )?;
+                    if r.cut_bytes > 0 {
+                        tracing::warn!(topic = %name, bytes = r.cut_bytes, "embedded log: cut an unacknowledged, incomplete append off the end of the topic file (a crash during the append)");
+                    }
+                    next = r.next;
+                    file = Some(r.file);
+                }
             }
             let durable = next.iter().map(|&n| AtomicI64::new(n)).collect();
             topics.insert(
@@ -157,6 +181,7 @@ impl EmbeddedLog {
                     layout,
                     next: Mutex::new(next),
                     durable,
+                    file,
                 }),
             );
         }
@@ -196,10 +221,12 @@ impl EmbeddedLog {
             check_existing(t, spec)?;
             return Ok(false);
         }
-        let layout = if spec.compacted {
-            Layout::Records
+        let (layout, file) = if spec.compacted {
+            (Layout::Records, None)
         } else {
-            Layout::Segments
+            let dir = self.inner.path.join(TOPIC_FILES_DIR);
+            let file = TopicFile::create(&dir, &spec.name, spec.partitions)?;
+            (Layout::Files, Some(file))
         };
         self.inner.topics_tree.insert(
             spec.name.as_bytes(),
@@ -215,27 +242,34 @@ impl EmbeddedLog {
                 layout,
                 next: Mutex::new(vec![0; n]),
                 durable: (0..n).map(|_| AtomicI64::new(0)).collect(),
+                file,
             }),
         );
         Ok(true)
     }
 
-    /// Assigns offsets and applies the batch atomically (not yet durable). Returns the positions
-    /// and the new end offset of each touched partition.
+    /// Assigns offsets and writes the batch atomically (not yet durable). Returns the positions,
+    /// the new end offset of each touched partition and, for a topic file, its new length.
     fn write_batch(
         &self,
         topic: &TopicState,
         records: &[Record],
-    ) -> Result<(Vec<Delivered>, PartitionEnds), LogError> {
+    ) -> Result<(Vec<Delivered>, PartitionEnds, Option<u64>), LogError> {
         let mut next_guard = topic.next.lock().unwrap_or_else(PoisonError::into_inner);
-        // Work on a copy: offsets advance only if the batch is applied.
+        // Work on a copy: offsets advance only if the batch is written.
         let mut next = next_guard.clone();
-        let mut batch = sled::Batch::default();
-        let delivered = match topic.layout {
-            Layout::Records => self.batch_records(topic, records, &mut next, &mut batch)?,
-            Layout::Segments => batch_segments(topic, records, &mut next, &mut batch)?,
+        let (delivered, file_len) = match &topic.file {
+            None => {
+                let mut batch = sled::Batch::default();
+                let delivered = self.batch_records(topic, records, &mut next, &mut batch)?;
+                self.inner.log.apply_batch(batch)?;
+                (delivered, None)
+            }
+            Some(file) => {
+                let (delivered, frames) = frames_of(topic, records, &mut next)?;
+                (delivered, Some(file.write(frames)?))
+            }
         };
-        self.inner.log.apply_batch(batch)?;
         let ends = next
             .iter()
             .zip(next_guard.iter())
@@ -244,7 +278,7 @@ impl EmbeddedLog {
             .map(|(p, (new, _))| (p, *new))
             .collect();
         *next_guard = next;
-        Ok((delivered, ends))
+        Ok((delivered, ends, file_len))
     }
 
     /// Adds `records` to `batch` one key each (and, for compacted topics, removes each key's
@@ -291,33 +325,29 @@ impl EmbeddedLog {
     }
 }
 
-/// Adds `records` to `batch` as segments: per partition, runs of consecutive records closed at
-/// [`SEGMENT_TARGET_BYTES`], keyed by their first offset.
-fn batch_segments(
+/// Assigns offsets and encodes `records` into frames: per partition, runs of consecutive
+/// records closed at [`super::topic_file::FRAME_TARGET_BYTES`].
+fn frames_of(
     topic: &TopicState,
     records: &[Record],
     next: &mut [i64],
-    batch: &mut sled::Batch,
-) -> Result<Vec<Delivered>, LogError> {
-    // Per partition: (first offset, segment being filled).
-    let mut open: Vec<Option<(i64, codec::SegmentBuf)>> =
-        (0..topic.partitions).map(|_| None).collect();
+) -> Result<(Vec<Delivered>, Vec<FrameBuf>), LogError> {
+    let mut open: Vec<Option<FrameBuf>> = (0..topic.partitions).map(|_| None).collect();
+    let mut frames = Vec::new();
     let mut delivered = Vec::with_capacity(records.len());
     for r in records {
         let p = partition_for(&r.key, topic.partitions);
         let slot = &mut next[p as usize];
         let offset = *slot;
         *slot += 1;
-        let seg = &mut open[p as usize];
-        if seg
-            .as_ref()
-            .is_some_and(|(_, s)| s.len() >= SEGMENT_TARGET_BYTES)
-            && let Some((first, full)) = seg.take()
+        let frame = &mut open[p as usize];
+        if frame.as_ref().is_some_and(FrameBuf::is_full)
+            && let Some(full) = frame.take()
         {
-            batch.insert(segment_key(&topic.name, p, first), full.finish());
+            frames.push(full);
         }
-        seg.get_or_insert_with(|| (offset, codec::SegmentBuf::new(SEGMENT_TARGET_BYTES + 1024)))
-            .1
+        frame
+            .get_or_insert_with(|| FrameBuf::new(p, offset))
             .push(r)?;
         delivered.push(Delivered {
             topic: topic.name.clone(),
@@ -325,12 +355,8 @@ fn batch_segments(
             offset,
         });
     }
-    for (p, seg) in open.into_iter().enumerate() {
-        if let Some((first, s)) = seg {
-            batch.insert(segment_key(&topic.name, p as i32, first), s.finish());
-        }
-    }
-    Ok(delivered)
+    frames.extend(open.into_iter().flatten());
+    Ok((delivered, frames))
 }
 
 impl Inner {
@@ -364,9 +390,21 @@ impl EventLog for EmbeddedLog {
         }
         let started = Instant::now();
         let result = async {
-            let (delivered, ends) = self.write_batch(&state, &records)?;
-            // One fsync per batch; it also covers batches applied earlier by other writers.
-            self.inner.db.flush_async().await?;
+            let (delivered, ends, file_len) = self.write_batch(&state, &records)?;
+            // One fsync per batch; it also covers batches written earlier by other writers.
+            match (&state.file, file_len) {
+                (Some(file), Some(len)) => {
+                    file.sync(len).await?;
+                    // Persisted with sled's next flush; see `TopicFile::open` for its use.
+                    self.inner.log.insert(
+                        checkpoint_key(&state.name),
+                        (len as i64).to_be_bytes().to_vec(),
+                    )?;
+                }
+                _ => {
+                    self.inner.db.flush_async().await?;
+                }
+            }
             for (p, end) in ends {
                 state.durable[p].fetch_max(end, Ordering::SeqCst);
             }
@@ -405,6 +443,7 @@ impl EventLog for EmbeddedLog {
                     topic: Arc::clone(&t),
                     partition: p,
                     next,
+                    cursor: None,
                 });
             }
         }
@@ -457,6 +496,9 @@ struct Position {
     topic: Arc<TopicState>,
     partition: i32,
     next: i64,
+    /// Topic files: a frame position no later than the frame holding `next` (none before it
+    /// holds `next` or later), so a fetch walks on from there instead of seeking again.
+    cursor: Option<u64>,
 }
 
 /// A consumer of the embedded log. At most one per group at a time (dropping it frees the group).
@@ -490,13 +532,7 @@ impl EmbeddedConsumer {
                     self.inner.fetch_batch,
                     &mut self.buf,
                 )?,
-                Layout::Segments => fill_segments(
-                    &self.inner.log,
-                    pos,
-                    hw,
-                    self.inner.fetch_batch,
-                    &mut self.buf,
-                )?,
+                Layout::Files => fill_from_file(pos, hw, self.inner.fetch_batch, &mut self.buf)?,
             }
             if self.buf.is_empty() {
                 // Only compaction gaps up to the watermark.
@@ -534,28 +570,37 @@ fn fill_records(
     Ok(())
 }
 
-/// Buffers up to `max` records of `pos`'s partition from `pos.next` below `hw` (segments layout).
-fn fill_segments(
-    log: &sled::Tree,
+/// Buffers up to `max` records of `pos`'s partition from `pos.next` below `hw` (topic file).
+fn fill_from_file(
     pos: &mut Position,
     hw: i64,
     max: usize,
     buf: &mut VecDeque<ConsumedRecord>,
 ) -> Result<(), LogError> {
-    let (name, p) = (&pos.topic.name, pos.partition);
-    // Start at the segment holding `pos.next`: the last one that begins at or before it.
-    let start = match log
-        .range(partition_prefix(b's', name, p)..=segment_key(name, p, pos.next))
-        .next_back()
-    {
-        Some(item) => item?.0.to_vec(),
-        None => segment_key(name, p, pos.next),
+    let topic = Arc::clone(&pos.topic);
+    let Some(file) = &topic.file else {
+        return Err(LogError::Corrupt(format!(
+            "topic {} has no data file",
+            topic.name
+        )));
     };
+    // Read after `hw`: the file's durable length moves before the watermarks do.
+    let end = file.durable_len();
+    let mut at = match pos.cursor {
+        Some(at) => at,
+        None => file.seek(pos.partition, pos.next),
+    };
+    let mut scratch = Vec::new();
     let mut taken = 0;
-    for item in log.range(start..segment_key(name, p, hw)) {
-        let (k, v) = item?;
-        let first = offset_of_record_key(&k)?;
-        for (offset, encoded) in (first..).zip(codec::split_segment(&v)?) {
+    while at < end {
+        let h = file.header_at(at)?;
+        if h.partition != pos.partition || h.end_offset() <= pos.next {
+            at = h.end();
+            pos.cursor = Some(at);
+            continue;
+        }
+        let segment = file.segment(&h, &mut scratch)?;
+        for (offset, encoded) in (h.first_offset..).zip(codec::split_segment(segment)?) {
             if offset < pos.next {
                 continue;
             }
@@ -563,14 +608,16 @@ fn fill_segments(
                 return Ok(());
             }
             buf.push_back(ConsumedRecord {
-                topic: name.clone(),
-                partition: p,
+                topic: topic.name.clone(),
+                partition: pos.partition,
                 offset,
                 record: codec::decode(encoded)?,
             });
             pos.next = offset + 1;
             taken += 1;
         }
+        at = h.end();
+        pos.cursor = Some(at);
     }
     Ok(())
 }
@@ -672,9 +719,10 @@ fn check_existing(t: &TopicState, spec: &TopicSpec) -> Result<(), LogError> {
 
 fn encode_topic_meta(spec: &TopicSpec, layout: Layout) -> [u8; 6] {
     let p = spec.partitions.to_be_bytes();
+    // 1 was a pre-release layout (runs of records as sled values) that never shipped.
     let layout = match layout {
         Layout::Records => 0,
-        Layout::Segments => 1,
+        Layout::Files => 2,
     };
     [p[0], p[1], p[2], p[3], u8::from(spec.compacted), layout]
 }
@@ -683,7 +731,7 @@ fn decode_topic_meta(v: &[u8]) -> Result<(i32, bool, Layout), LogError> {
     let (a, b, c, d, flag, layout) = match v {
         [a, b, c, d, flag] => (a, b, c, d, flag, Layout::Records),
         [a, b, c, d, flag, 0] => (a, b, c, d, flag, Layout::Records),
-        [a, b, c, d, flag, 1] => (a, b, c, d, flag, Layout::Segments),
+        [a, b, c, d, flag, 2] => (a, b, c, d, flag, Layout::Files),
         _ => return Err(LogError::Corrupt("bad topic metadata".into())),
     };
     let compacted = match flag {
@@ -716,9 +764,9 @@ fn record_key(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
     k
 }
 
-fn segment_key(topic: &str, partition: i32, first_offset: i64) -> Vec<u8> {
-    let mut k = partition_prefix(b's', topic, partition);
-    k.extend_from_slice(&(first_offset as u64).to_be_bytes());
+fn checkpoint_key(topic: &str) -> Vec<u8> {
+    let mut k = vec![b'c'];
+    k.extend_from_slice(topic.as_bytes());
     k
 }
 
@@ -744,36 +792,15 @@ fn decode_i64(v: &[u8]) -> Result<i64, LogError> {
     Ok(i64::from_be_bytes(a))
 }
 
-fn last_offset(
+fn last_record_offset(
     log: &sled::Tree,
     topic: &str,
     partition: i32,
-    layout: Layout,
 ) -> Result<Option<i64>, LogError> {
-    let tag = match layout {
-        Layout::Records => b'r',
-        Layout::Segments => b's',
-    };
-    let Some(item) = log
-        .scan_prefix(partition_prefix(tag, topic, partition))
+    log.scan_prefix(partition_prefix(b'r', topic, partition))
         .next_back()
-    else {
-        return Ok(None);
-    };
-    let (k, v) = item?;
-    let first = offset_of_record_key(&k)?;
-    Ok(Some(match layout {
-        Layout::Records => first,
-        Layout::Segments => {
-            let count = codec::split_segment(&v)?.len() as i64;
-            if count == 0 {
-                return Err(LogError::Corrupt(format!(
-                    "empty segment at {topic}/{partition} offset {first}"
-                )));
-            }
-            first + count - 1
-        }
-    }))
+        .map(|item| offset_of_record_key(&item?.0))
+        .transpose()
 }
 
 fn position_key(group: &str, topic: &str, partition: i32) -> Result<Vec<u8>, LogError> {
@@ -837,16 +864,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn segments_split_resume_mid_segment_and_survive_reopen() {
+    async fn frames_split_resume_mid_frame_and_survive_reopen() {
+        const N: i64 = 200;
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path())).unwrap();
         log.ensure_topic(&TopicSpec::new("t", 2)).await.unwrap();
-        log.append("t", (0..100).map(big).collect()).await.unwrap();
-        let segments = log.inner.log.scan_prefix([b's']).count();
-        assert!(segments > 2, "100 KiB in {segments} segment(s)");
+        log.append("t", (0..N as usize).map(big).collect())
+            .await
+            .unwrap();
+        let topic = log.inner.topic("t").unwrap();
+        let file = topic.file.as_ref().unwrap();
+        let (mut frames, mut at) = (0, 0);
+        while at < file.durable_len() {
+            at = file.header_at(at).unwrap().end();
+            frames += 1;
+        }
+        assert!(frames > 2, "200 KiB in {frames} frame(s)");
         assert_eq!(log.inner.log.scan_prefix([b'r']).count(), 0);
+        drop(topic);
 
-        // Commit a position inside a segment; the next consumer starts exactly there.
+        // Commit a position inside a frame; the next consumer starts exactly there.
         let mut c = log
             .consumer("g", &["t".to_owned()], CancellationToken::new())
             .await
@@ -859,13 +896,13 @@ mod tests {
 
         let log = reopen(dir.path());
         let ends = log.end_offsets("t").await.unwrap();
-        assert_eq!(ends.iter().sum::<i64>(), 100);
+        assert_eq!(ends.iter().sum::<i64>(), N);
         let mut c = log
             .consumer("g", &["t".to_owned()], CancellationToken::new())
             .await
             .unwrap();
         let mut seen = Vec::new();
-        for _ in 0..(100 - mid) {
+        for _ in 0..(N - mid) {
             let r = c.recv().await.unwrap().unwrap();
             seen.push((r.partition, r.offset));
         }
@@ -881,24 +918,56 @@ mod tests {
         drop(c);
 
         // Appends continue the offsets; everything reads back in per-key order.
-        let d = log.append("t", vec![big(100)]).await.unwrap();
+        let d = log.append("t", vec![big(N as usize)]).await.unwrap();
         assert_eq!(d[0].offset, ends[d[0].partition as usize]);
         let all = read_all(&log, "all", "t").await;
-        assert_eq!(all.len(), 101);
+        assert_eq!(all.len(), N as usize + 1);
         for p in 0..2 {
             let offsets: Vec<i64> = all.iter().filter(|r| r.0 == p).map(|r| r.1).collect();
             assert_eq!(offsets, (0..offsets.len() as i64).collect::<Vec<_>>());
         }
         // (Record::new stamps the current time, so compare keys and values.)
         let mut got: Vec<_> = all.iter().map(|r| (&r.2.key, &r.2.value)).collect();
-        let want: Vec<Record> = (0..101).map(big).collect();
+        let want: Vec<Record> = (0..=N as usize).map(big).collect();
         let mut want: Vec<_> = want.iter().map(|r| (&r.key, &r.value)).collect();
         got.sort();
         want.sort();
         assert_eq!(got, want);
     }
 
-    /// A topic written before segments existed (5-byte metadata, one key per record) still reads,
+    /// A crash in the middle of an append leaves a torn tail: reopening cuts it, keeps every
+    /// acknowledged record and continues the offsets.
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path())).unwrap();
+        log.ensure_topic(&TopicSpec::new("t", 1)).await.unwrap();
+        log.append("t", (0..10).map(big).collect()).await.unwrap();
+        drop(log);
+        let path = TopicFile::path_in(&dir.path().join(TOPIC_FILES_DIR), "t");
+        let len = std::fs::metadata(&path).unwrap().len();
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            // Half a header and some of a payload, as a kill -9 mid-write leaves it.
+            f.write_all(&[0, 0, 1, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 7])
+                .unwrap();
+        }
+        let log = reopen(dir.path());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(log.end_offsets("t").await.unwrap(), vec![10]);
+        let d = log.append("t", vec![big(10)]).await.unwrap();
+        assert_eq!(d[0].offset, 10);
+        let all = read_all(&log, "g", "t").await;
+        let values: Vec<_> = all.iter().map(|r| r.2.value.clone()).collect();
+        let want: Vec<_> = (0..=10).map(|i| big(i).value).collect();
+        assert_eq!(values, want);
+    }
+
+    /// A topic written before topic files existed (5-byte metadata, one key per record) still reads,
     /// resumes its offsets and keeps its layout.
     #[tokio::test]
     async fn per_record_topics_of_earlier_versions_keep_working() {
@@ -924,7 +993,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(d[0].offset, 3);
-        assert_eq!(log.inner.log.scan_prefix([b's']).count(), 0);
+        assert!(log.inner.topic("old").unwrap().file.is_none());
         let all = read_all(&log, "g", "old").await;
         let values: Vec<_> = all.iter().map(|r| r.2.value.clone().unwrap()).collect();
         assert_eq!(

@@ -54,6 +54,18 @@ pub enum LogError {
     #[error("embedded store error: {0}")]
     Storage(#[from] sled::Error),
 
+    /// A data file of the embedded log failed.
+    #[error("embedded log file {path:?}: {op}: {source}")]
+    File {
+        /// The file (or directory).
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Kafka (librdkafka) reported an error.
     #[error("kafka error: {0}")]
     Kafka(#[from] KafkaError),
@@ -86,6 +98,7 @@ impl LogError {
             | Self::GroupBusy(_)
             | Self::Corrupt(_)
             | Self::Storage(_)
+            | Self::File { .. }
             | Self::Closed(_) => false,
         }
     }

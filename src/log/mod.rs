@@ -60,6 +60,7 @@ mod embedded;
 mod error;
 mod kafka;
 mod partition;
+mod topic_file;
 
 use std::collections::BTreeMap;
 use std::future::Future;

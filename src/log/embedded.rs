@@ -92,13 +92,20 @@ struct TopicState {
     name: String,
     partitions: i32,
     compacted: bool,
-    layout: Layout,
+    storage: Storage,
     /// Next offset to assign per partition; the lock also serialises writers of this topic.
     next: Mutex<Vec<i64>>,
     /// Durable high watermark per partition: records below it are fsynced and visible.
     durable: Vec<AtomicI64>,
-    /// The data file (layout [`Layout::Files`]).
-    file: Option<TopicFile>,
+}
+
+/// Where a topic's records are kept, as its [`Layout`] says.
+#[derive(Debug)]
+enum Storage {
+    /// One key per record in the `log` tree.
+    Records,
+    /// The topic's own file.
+    File(TopicFile),
 }
 
 #[derive(Debug)]
@@ -144,13 +151,12 @@ impl EmbeddedLog {
             let name = String::from_utf8(k.to_vec())
                 .map_err(|e| LogError::Corrupt(format!("topic name not utf-8: {e}")))?;
             let (partitions, compacted, layout) = decode_topic_meta(&v)?;
-            let mut next = Vec::with_capacity(partitions as usize);
-            let mut file = None;
-            match layout {
+            let (next, storage) = match layout {
                 Layout::Records => {
-                    for p in 0..partitions {
-                        next.push(last_record_offset(&log, &name, p)?.map_or(0, |o| o + 1));
-                    }
+                    let next = (0..partitions)
+                        .map(|p| Ok(last_record_offset(&log, &name, p)?.map_or(0, |o| o + 1)))
+                        .collect::<Result<Vec<_>, LogError>>()?;
+                    (next, Storage::Records)
                 }
                 Layout::Files => {
                     let checkpoint = log
@@ -167,10 +173,9 @@ impl EmbeddedLog {
                     if r.cut_bytes > 0 {
                         tracing::warn!(topic = %name, bytes = r.cut_bytes, "embedded log: cut an unacknowledged, incomplete append off the end of the topic file (a crash during the append)");
                     }
-                    next = r.next;
-                    file = Some(r.file);
+                    (r.next, Storage::File(r.file))
                 }
-            }
+            };
             let durable = next.iter().map(|&n| AtomicI64::new(n)).collect();
             topics.insert(
                 name.clone(),
@@ -178,10 +183,9 @@ impl EmbeddedLog {
                     name,
                     partitions,
                     compacted,
-                    layout,
+                    storage,
                     next: Mutex::new(next),
                     durable,
-                    file,
                 }),
             );
         }
@@ -221,12 +225,12 @@ impl EmbeddedLog {
             check_existing(t, spec)?;
             return Ok(false);
         }
-        let (layout, file) = if spec.compacted {
-            (Layout::Records, None)
+        let (layout, storage) = if spec.compacted {
+            (Layout::Records, Storage::Records)
         } else {
             let dir = self.inner.path.join(TOPIC_FILES_DIR);
             let file = TopicFile::create(&dir, &spec.name, spec.partitions)?;
-            (Layout::Files, Some(file))
+            (Layout::Files, Storage::File(file))
         };
         self.inner.topics_tree.insert(
             spec.name.as_bytes(),
@@ -239,35 +243,35 @@ impl EmbeddedLog {
                 name: spec.name.clone(),
                 partitions: spec.partitions,
                 compacted: spec.compacted,
-                layout,
+                storage,
                 next: Mutex::new(vec![0; n]),
                 durable: (0..n).map(|_| AtomicI64::new(0)).collect(),
-                file,
             }),
         );
         Ok(true)
     }
 
-    /// Assigns offsets and writes the batch atomically (not yet durable). Returns the positions,
-    /// the new end offset of each touched partition and, for a topic file, its new length.
+    /// Assigns offsets and writes the batch atomically (not yet durable). Returns the positions
+    /// and the new end offset of each touched partition.
     fn write_batch(
         &self,
         topic: &TopicState,
         records: &[Record],
-    ) -> Result<(Vec<Delivered>, PartitionEnds, Option<u64>), LogError> {
+    ) -> Result<(Vec<Delivered>, PartitionEnds), LogError> {
         let mut next_guard = topic.next.lock().unwrap_or_else(PoisonError::into_inner);
         // Work on a copy: offsets advance only if the batch is written.
         let mut next = next_guard.clone();
-        let (delivered, file_len) = match &topic.file {
-            None => {
+        let delivered = match &topic.storage {
+            Storage::Records => {
                 let mut batch = sled::Batch::default();
                 let delivered = self.batch_records(topic, records, &mut next, &mut batch)?;
                 self.inner.log.apply_batch(batch)?;
-                (delivered, None)
+                delivered
             }
-            Some(file) => {
+            Storage::File(file) => {
                 let (delivered, frames) = frames_of(topic, records, &mut next)?;
-                (delivered, Some(file.write(frames)?))
+                file.write(frames)?;
+                delivered
             }
         };
         let ends = next
@@ -278,7 +282,7 @@ impl EmbeddedLog {
             .map(|(p, (new, _))| (p, *new))
             .collect();
         *next_guard = next;
-        Ok((delivered, ends, file_len))
+        Ok((delivered, ends))
     }
 
     /// Adds `records` to `batch` one key each (and, for compacted topics, removes each key's
@@ -390,18 +394,18 @@ impl EventLog for EmbeddedLog {
         }
         let started = Instant::now();
         let result = async {
-            let (delivered, ends, file_len) = self.write_batch(&state, &records)?;
+            let (delivered, ends) = self.write_batch(&state, &records)?;
             // One fsync per batch; it also covers batches written earlier by other writers.
-            match (&state.file, file_len) {
-                (Some(file), Some(len)) => {
-                    file.sync(len).await?;
+            match &state.storage {
+                Storage::File(file) => {
+                    let len = file.sync().await?;
                     // Persisted with sled's next flush; see `TopicFile::open` for its use.
                     self.inner.log.insert(
                         checkpoint_key(&state.name),
                         (len as i64).to_be_bytes().to_vec(),
                     )?;
                 }
-                _ => {
+                Storage::Records => {
                     self.inner.db.flush_async().await?;
                 }
             }
@@ -524,15 +528,17 @@ impl EmbeddedConsumer {
             if pos.next >= hw {
                 continue;
             }
-            match pos.topic.layout {
-                Layout::Records => fill_records(
+            match &pos.topic.storage {
+                Storage::Records => fill_records(
                     &self.inner.log,
                     pos,
                     hw,
                     self.inner.fetch_batch,
                     &mut self.buf,
                 )?,
-                Layout::Files => fill_from_file(pos, hw, self.inner.fetch_batch, &mut self.buf)?,
+                Storage::File(_) => {
+                    fill_from_file(pos, hw, self.inner.fetch_batch, &mut self.buf)?;
+                }
             }
             if self.buf.is_empty() {
                 // Only compaction gaps up to the watermark.
@@ -578,11 +584,8 @@ fn fill_from_file(
     buf: &mut VecDeque<ConsumedRecord>,
 ) -> Result<(), LogError> {
     let topic = Arc::clone(&pos.topic);
-    let Some(file) = &topic.file else {
-        return Err(LogError::Corrupt(format!(
-            "topic {} has no data file",
-            topic.name
-        )));
+    let Storage::File(file) = &topic.storage else {
+        return Ok(());
     };
     // Read after `hw`: the file's durable length moves before the watermarks do.
     let end = file.durable_len();
@@ -873,7 +876,9 @@ mod tests {
             .await
             .unwrap();
         let topic = log.inner.topic("t").unwrap();
-        let file = topic.file.as_ref().unwrap();
+        let Storage::File(file) = &topic.storage else {
+            panic!("non-compacted topic without a file");
+        };
         let (mut frames, mut at) = (0, 0);
         while at < file.durable_len() {
             at = file.header_at(at).unwrap().end();
@@ -993,7 +998,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(d[0].offset, 3);
-        assert!(log.inner.topic("old").unwrap().file.is_none());
+        assert!(matches!(
+            log.inner.topic("old").unwrap().storage,
+            Storage::Records
+        ));
         let all = read_all(&log, "g", "old").await;
         let values: Vec<_> = all.iter().map(|r| r.2.value.clone().unwrap()).collect();
         assert_eq!(

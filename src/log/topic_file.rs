@@ -112,7 +112,7 @@ impl FrameBuf {
     }
 
     /// The complete frame bytes with header and crc.
-    fn finish(self, last: bool) -> Result<(Vec<u8>, FrameHeader), LogError> {
+    fn finish(self, last: bool) -> Result<Vec<u8>, LogError> {
         let count = self.seg.count();
         let mut buf = self.seg.finish();
         let len = u32::try_from(buf.len() - 8)
@@ -124,9 +124,7 @@ impl FrameBuf {
         buf[21..25].copy_from_slice(&count.to_be_bytes());
         let crc = crc32fast::hash(&buf[8..]);
         buf[4..8].copy_from_slice(&crc.to_be_bytes());
-        let mut head = [0u8; FRAME_HEADER_BYTES];
-        head.copy_from_slice(&buf[..FRAME_HEADER_BYTES]);
-        Ok((buf, FrameHeader::parse(0, &head)))
+        Ok(buf)
     }
 }
 
@@ -250,7 +248,7 @@ impl TopicFile {
         let mut last_indexed: Vec<Option<u64>> = vec![None; n];
         let mut next = vec![0i64; n];
         // State as of the end of the last complete append.
-        let mut committed = (0u64, next.clone());
+        let (mut valid, mut committed_next) = (0u64, next.clone());
         let mut pos = 0u64;
         let mut scratch = Vec::new();
         let damaged = |pos: u64, why: &str| {
@@ -290,10 +288,11 @@ impl TopicFile {
             }
             pos = h.end();
             if h.flags & LAST_OF_APPEND != 0 {
-                committed = (pos, next.clone());
+                valid = pos;
+                committed_next.clone_from(&next);
             }
         }
-        let (valid, next) = committed;
+        let next = committed_next;
         if valid < checkpoint {
             return Err(damaged(valid, "the append ending there is incomplete"));
         }
@@ -314,8 +313,7 @@ impl TopicFile {
 
     /// Writes the frames of one append after everything written before (not yet durable; see
     /// [`Self::sync`]). On a failed write the file is cut back so the next append starts clean.
-    /// Returns the file length after the append.
-    pub(crate) fn write(&self, frames: Vec<FrameBuf>) -> Result<u64, LogError> {
+    pub(crate) fn write(&self, frames: Vec<FrameBuf>) -> Result<(), LogError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(self.broken_error());
         }
@@ -323,22 +321,21 @@ impl TopicFile {
         let frames = frames
             .into_iter()
             .enumerate()
-            .map(|(i, f)| f.finish(i == last))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(i, f)| Ok((f.partition as usize, f.first_offset, f.finish(i == last)?)))
+            .collect::<Result<Vec<_>, LogError>>()?;
         let mut w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let start = w.len;
         let indexed_before = w.last_indexed.clone();
         let mut new_index = Vec::new();
         let mut pos = start;
         let mut result = Ok(());
-        for (bytes, h) in frames {
+        for (p, first_offset, bytes) in frames {
             if let Err(e) = self.file.write_all_at(&bytes, pos) {
                 result = Err(e);
                 break;
             }
-            let p = h.partition as usize;
             if w.last_indexed[p].is_none_or(|at| pos - at >= INDEX_INTERVAL_BYTES) {
-                new_index.push((p, h.first_offset, pos));
+                new_index.push((p, first_offset, pos));
                 w.last_indexed[p] = Some(pos);
             }
             pos += bytes.len() as u64;
@@ -359,12 +356,18 @@ impl TopicFile {
                 index[p].push((first, at));
             }
         }
-        Ok(pos)
+        Ok(())
     }
 
-    /// Makes everything written up to `len` durable (one `fdatasync`, which also covers appends
-    /// written before by other writers) and lets readers see it.
-    pub(crate) async fn sync(&self, len: u64) -> Result<(), LogError> {
+    /// Makes everything written so far durable (one `fdatasync`, which also covers appends of
+    /// other writers) and lets readers see it. Returns the durable length.
+    pub(crate) async fn sync(&self) -> Result<u64, LogError> {
+        // Every byte below this length is written before the fsync starts.
+        let len = self
+            .write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len;
         let file = Arc::clone(&self.file);
         let synced = tokio::task::spawn_blocking(move || file.sync_data())
             .await
@@ -376,7 +379,7 @@ impl TopicFile {
             return Err(io_err(&self.path, "fsync")(e));
         }
         self.durable_len.fetch_max(len, Ordering::SeqCst);
-        Ok(())
+        Ok(len)
     }
 
     fn broken_error(&self) -> LogError {
@@ -466,6 +469,12 @@ mod tests {
         f
     }
 
+    /// Writes one append; the file length after it.
+    fn written(tf: &TopicFile, frames: Vec<FrameBuf>) -> u64 {
+        tf.write(frames).unwrap();
+        tf.write.lock().unwrap().len
+    }
+
     fn values(tf: &TopicFile, h: &FrameHeader) -> Vec<String> {
         let mut buf = Vec::new();
         let seg = tf.segment(h, &mut buf).unwrap();
@@ -480,12 +489,10 @@ mod tests {
     async fn frames_round_trip_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let tf = TopicFile::create(dir.path(), "t", 2).unwrap();
-        let len = tf
-            .write(vec![frame(0, 0, &["a", "b"]), frame(1, 0, &["c"])])
-            .unwrap();
-        tf.sync(len).await.unwrap();
-        let len = tf.write(vec![frame(0, 2, &["d"])]).unwrap();
-        tf.sync(len).await.unwrap();
+        let len = written(&tf, vec![frame(0, 0, &["a", "b"]), frame(1, 0, &["c"])]);
+        assert_eq!(tf.sync().await.unwrap(), len);
+        let len = written(&tf, vec![frame(0, 2, &["d"])]);
+        tf.sync().await.unwrap();
         assert_eq!(tf.durable_len(), len);
 
         let h0 = tf.header_at(0).unwrap();
@@ -510,12 +517,10 @@ mod tests {
     async fn a_torn_append_is_cut_whole() {
         let dir = tempfile::tempdir().unwrap();
         let tf = TopicFile::create(dir.path(), "t", 2).unwrap();
-        let first = tf.write(vec![frame(0, 0, &["a"])]).unwrap();
-        tf.sync(first).await.unwrap();
+        let first = written(&tf, vec![frame(0, 0, &["a"])]);
+        tf.sync().await.unwrap();
         // An append of two frames whose second frame is torn: the first must go too.
-        let end = tf
-            .write(vec![frame(1, 0, &["b"]), frame(0, 1, &["c", "d"])])
-            .unwrap();
+        let end = written(&tf, vec![frame(1, 0, &["b"]), frame(0, 1, &["c", "d"])]);
         drop(tf);
         let path = TopicFile::path_in(dir.path(), "t");
         for cut in [end - 1, end - 10, first + 30, first + 1] {
@@ -544,9 +549,9 @@ mod tests {
     async fn damage_before_the_checkpoint_is_an_error_and_after_it_a_cut() {
         let dir = tempfile::tempdir().unwrap();
         let tf = TopicFile::create(dir.path(), "t", 1).unwrap();
-        let a = tf.write(vec![frame(0, 0, &["a"])]).unwrap();
-        let b = tf.write(vec![frame(0, 1, &["b"])]).unwrap();
-        tf.sync(b).await.unwrap();
+        let a = written(&tf, vec![frame(0, 0, &["a"])]);
+        let b = written(&tf, vec![frame(0, 1, &["b"])]);
+        tf.sync().await.unwrap();
         drop(tf);
         let path = TopicFile::path_in(dir.path(), "t");
         // Damage the second frame's record.
@@ -572,8 +577,8 @@ mod tests {
 
         // A damaged header before the checkpoint (here: the first offset) stops the open.
         let tf = TopicFile::open(dir.path(), "t", 1, a).unwrap().file;
-        let b = tf.write(vec![frame(0, 1, &["b"])]).unwrap();
-        tf.sync(b).await.unwrap();
+        let b = written(&tf, vec![frame(0, 1, &["b"])]);
+        tf.sync().await.unwrap();
         drop(tf);
         flip_byte(&path, a + 20);
         let err = TopicFile::open(dir.path(), "t", 1, b).unwrap_err();
@@ -590,11 +595,9 @@ mod tests {
         let big = "x".repeat(20_000);
         let mut len = 0;
         for i in 0..20 {
-            len = tf
-                .write(vec![frame(0, i, &[&big]), frame(1, i, &["small"])])
-                .unwrap();
+            len = written(&tf, vec![frame(0, i, &[&big]), frame(1, i, &["small"])]);
         }
-        tf.sync(len).await.unwrap();
+        tf.sync().await.unwrap();
         for p in 0..2 {
             for offset in 0..20 {
                 let at = tf.seek(p, offset);

@@ -44,9 +44,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use syncbridge::capture::avro::{schemas_topic, topic_name};
 use syncbridge::capture::snapshot::{FileProgress, SnapshotProgress, SnapshotState, TableProgress};
 use syncbridge::capture::{CaptureConfig, LogSink, TableSpec};
+use syncbridge::event::{schemas_topic, topic_name};
 use syncbridge::log::{
     AnyLog, CancellationToken, EmbeddedLogConfig, EventLog, KafkaLogConfig, LogConfig,
 };

@@ -2,6 +2,9 @@
 //!
 //! Modules follow the data path:
 //! - [`capture`]: PostgreSQL logical replication → Debezium-style Avro change events in the log.
+//! - [`event`]: the change-event format, the contract between capture and its consumers: the
+//!   in-process change event, the Debezium-style envelope, Avro schemas, encoder and decoder,
+//!   fingerprints and the Confluent schema-registry client.
 //! - [`config`]: pipeline YAML → parse → validate (no IO, every problem at once) → typed config.
 //! - [`log`]: the durable event log (`EventLog`): Kafka in production, embedded sled by default.
 //! - [`graph`]: the Microsoft Graph client: auth, RU-priced per-tenant limiter, retries, list/item ops, `$batch`.
@@ -23,6 +26,7 @@ pub mod capture;
 pub mod config;
 pub mod control;
 pub mod emulator;
+pub mod event;
 pub mod graph;
 pub mod log;
 pub mod pg;

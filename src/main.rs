@@ -263,7 +263,7 @@ fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
     };
     block_on(|_| async move {
         use syncbridge::control::client::{self, ClientError};
-        use syncbridge::process::{self, ConflictState};
+        use syncbridge::pull::{self, ConflictState};
         let addr = pipeline.control.listen;
         let views = match client::list_conflicts(addr, &pipeline.name, parked).await {
             Ok(v) => v,
@@ -280,10 +280,9 @@ fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
                          plane does not answer at {addr})"
                     )
                 })?;
-                let topic =
-                    process::conflicts_topic(runtime::topic_prefix(&pipeline), &pipeline.name);
-                let entries = process::read_conflicts(&log, &topic).await?;
-                process::conflict_views(entries)
+                let topic = pull::conflicts_topic(runtime::topic_prefix(&pipeline), &pipeline.name);
+                let entries = pull::read_conflicts(&log, &topic).await?;
+                pull::conflict_views(entries)
                     .into_iter()
                     .filter(|v| !parked || v.state == ConflictState::Open)
                     .collect()
@@ -311,8 +310,8 @@ fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
 }
 
 /// One line per conflict: id, table, key, state, fields.
-fn describe_conflict(v: &syncbridge::process::ConflictView) -> String {
-    use syncbridge::process::ConflictState;
+fn describe_conflict(v: &syncbridge::pull::ConflictView) -> String {
+    use syncbridge::pull::ConflictState;
     let rec = &v.record;
     let state = match v.state {
         ConflictState::Decided => rec.decision.clone(),
@@ -326,7 +325,7 @@ fn describe_conflict(v: &syncbridge::process::ConflictView) -> String {
                 "parked, resolved: took {} by {} at {}",
                 r.take,
                 r.resolved_by.as_deref().unwrap_or("?"),
-                syncbridge::process::format_ms(r.at_ms)
+                syncbridge::pull::format_ms(r.at_ms)
             ),
             None => "parked, resolved".into(),
         },
@@ -354,7 +353,7 @@ fn describe_conflict(v: &syncbridge::process::ConflictView) -> String {
 /// `conflicts resolve FILE ID --take source|target`: asks the running process.
 fn resolve(file: &std::path::Path, id: &str, take: TakeArg, by: Option<String>) -> ExitCode {
     use syncbridge::control::client::{self, ClientError};
-    use syncbridge::process::Take;
+    use syncbridge::pull::Take;
     let p = match config::load_files(&[file.to_path_buf()]) {
         Ok(mut p) if p.len() == 1 => p.remove(0),
         Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),

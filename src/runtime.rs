@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::capture::avro::registry::RegistryClient;
 use crate::capture::snapshot::FileProgress;
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::{self, ControlConfig, ControlError, Readiness};
+use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};

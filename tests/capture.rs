@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use syncbridge::capture::event::{ChangeEvent, Op, Value};
 use syncbridge::capture::{CaptureConfig, CaptureError, EventSink, SinkError, TableSpec};
+use syncbridge::event::change::{ChangeEvent, Op, Value};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -996,8 +996,8 @@ async fn log_sink_appends_encoded_events() {
         ))
         .await
         .unwrap();
-        let topic = syncbridge::capture::avro::topic_name("sb", &env.name, "public", &t);
-        let schemas = syncbridge::capture::avro::schemas_topic("sb", &env.name);
+        let topic = syncbridge::event::topic_name("sb", &env.name, "public", &t);
+        let schemas = syncbridge::event::schemas_topic("sb", &env.name);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let n: i64 = match log.end_offsets(&topic).await {

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use apache_avro::types::Value as Av;
-use syncbridge::capture::avro::{
+use syncbridge::event::change::{ChangeEvent, Column, Op, Relation, Row, Source, TypeKind, Value};
+use syncbridge::event::{
     DecodeError, EncodedEvent, Encoder, SchemaResolver, UNCHANGED_SYMBOL, decimal_to_string,
     decode, source_schema_json, unchanged_schema_json,
 };
-use syncbridge::capture::event::{ChangeEvent, Column, Op, Relation, Row, Source, TypeKind, Value};
 
 fn schemas_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")

@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as Av;
 use rand::{Rng, SeedableRng};
-use syncbridge::capture::avro::{
-    SchemaResolver, decimal_to_string, decode, schemas_topic, topic_name,
-};
 use syncbridge::capture::{CaptureConfig, LogSink, TableSpec};
+use syncbridge::event::{SchemaResolver, decimal_to_string, decode, schemas_topic, topic_name};
 use syncbridge::log::{
     AnyLog, CancellationToken, ConsumedRecord, EmbeddedLogConfig, EventLog, KafkaLogConfig,
     LogConfig, LogConsumer,

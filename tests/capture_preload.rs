@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use syncbridge::capture::avro::{SchemaResolver, decode, schemas_topic, topic_name};
 use syncbridge::capture::{CaptureConfig, CaptureError, LogSink, TableSpec};
+use syncbridge::event::{SchemaResolver, decode, schemas_topic, topic_name};
 use syncbridge::log::{EmbeddedLog, EmbeddedLogConfig, EventLog, LogConsumer};
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;

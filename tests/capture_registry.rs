@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as Av;
-use syncbridge::capture::avro::registry::{ConfluentResolver, RegistryClient, confluent_schema_id};
-use syncbridge::capture::avro::{schemas_topic, topic_name};
 use syncbridge::capture::{CaptureConfig, CaptureError, LogSink, TableSpec};
 use syncbridge::config::SchemaRegistryConfig;
+use syncbridge::event::registry::{ConfluentResolver, RegistryClient, confluent_schema_id};
+use syncbridge::event::{schemas_topic, topic_name};
 use syncbridge::log::{
     AnyLog, CancellationToken, ConsumedRecord, EventLog, KafkaLogConfig, LogConfig, LogConsumer,
 };

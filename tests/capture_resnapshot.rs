@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as Avro;
-use syncbridge::capture::avro::{SchemaResolver, decode, schemas_topic, topic_name};
 use syncbridge::capture::log_sink::read_schema_records;
 use syncbridge::capture::snapshot::FileProgress;
 use syncbridge::capture::{
     CaptureConfig, LogSink, ResnapshotHandle, ResnapshotState, TableSpec, run_with_control,
 };
+use syncbridge::event::{SchemaResolver, decode, schemas_topic, topic_name};
 use syncbridge::log::{EmbeddedLog, EmbeddedLogConfig, EventLog, LogConsumer};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;

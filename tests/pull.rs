@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use syncbridge::log::{AnyLog, EmbeddedLogConfig, EventLog, LogConfig, LogConsumer};
-use syncbridge::process::ConflictRecord;
+use syncbridge::pull::ConflictRecord;
 
 mod common;
 #[path = "common/harness.rs"]
@@ -300,7 +300,7 @@ fn conflicts(h: &Harness) -> Vec<ConflictRecord> {
     std::thread::spawn(move || {
         rt.block_on(async move {
             let log = AnyLog::open(LogConfig::Embedded(EmbeddedLogConfig::new(dir))).unwrap();
-            let topic = syncbridge::process::conflicts_topic("syncbridge", &name);
+            let topic = syncbridge::pull::conflicts_topic("syncbridge", &name);
             let end = log.end_offsets(&topic).await.unwrap()[0];
             let stop = syncbridge::log::CancellationToken::new();
             let mut c = log

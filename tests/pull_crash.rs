@@ -49,7 +49,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value, json};
 use syncbridge::graph::GraphClient;
 use syncbridge::log::{AnyLog, EmbeddedLogConfig, EventLog, LogConfig, LogConsumer};
-use syncbridge::process::ConflictRecord;
+use syncbridge::pull::ConflictRecord;
 use tokio_postgres::NoTls;
 
 mod common;
@@ -306,7 +306,7 @@ impl Fixture {
         std::thread::spawn(move || {
             rt.block_on(async move {
                 let log = AnyLog::open(LogConfig::Embedded(EmbeddedLogConfig::new(dir))).unwrap();
-                let topic = syncbridge::process::conflicts_topic("syncbridge", &name);
+                let topic = syncbridge::pull::conflicts_topic("syncbridge", &name);
                 let end = log.end_offsets(&topic).await.unwrap()[0];
                 let stop = syncbridge::log::CancellationToken::new();
                 let mut c = log

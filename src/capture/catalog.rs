@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use super::config::{CaptureConfig, TableSpec};
 use super::error::CaptureError;
-use super::event::{Column, Relation, TypeKind};
+use crate::event::change::{Column, Relation, TypeKind};
 
 /// PostgreSQL 14 is the oldest release whose pgoutput speaks protocol 2 with `streaming` and
 /// `messages`, and whose `pg_replication_slots` has `wal_status`.

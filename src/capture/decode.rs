@@ -9,8 +9,8 @@ use pg_walstream::{LogicalReplicationMessage as M, StreamingReplicationMessage, 
 
 use super::catalog::Catalog;
 use super::error::CaptureError;
-use super::event::{ChangeEvent, Op, Relation, Row, Source, Value};
 use super::now_ms;
+use crate::event::change::{ChangeEvent, Op, Relation, Row, Source, Value};
 
 /// Prefix of our heartbeat messages (`pg_logical_emit_message(false, 'syncbridge', ...)`).
 pub const HEARTBEAT_PREFIX: &str = "syncbridge";

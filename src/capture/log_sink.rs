@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::avro::registry::{ConfluentFramer, RegistryClient};
-use super::avro::{Encoder, schemas_topic, topic_name};
-use super::event::ChangeEvent;
 use super::sink::{EventSink, SinkError};
+use crate::event::change::ChangeEvent;
+use crate::event::registry::{ConfluentFramer, RegistryClient};
+use crate::event::{Encoder, schemas_topic, topic_name};
 use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
 
 /// Longest wait for reading the schemas topic to its end at start-up.

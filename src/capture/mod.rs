@@ -26,7 +26,7 @@
 //!    events (`syncbridge_<pipeline>` for our own return-path writes); they are delivered and
 //!    acknowledged like any other, the processor decides not to push them back.
 //! 6. **Unchanged TOAST** values (REPLICA IDENTITY DEFAULT, column not touched by an UPDATE) are
-//!    [`event::Value::UnchangedToast`], never NULL or a placeholder. A primary-key change is a
+//!    [`crate::event::change::Value::UnchangedToast`], never NULL or a placeholder. A primary-key change is a
 //!    Delete of the old key followed by a Create of the new one in the same transaction.
 //! 7. **One reader per slot.** A `pg_try_advisory_lock(lock_key(slot))` on a dedicated connection is
 //!    held while reading; other instances poll and take over when its connection dies. Losing the
@@ -65,13 +65,11 @@
 //! - Relation facts besides name/type/typmod/order (nullability, type kind) are read from the
 //!   current catalog when a Relation message arrives, not from the catalog as of that WAL position.
 
-pub mod avro;
 pub mod catalog;
 pub mod config;
 pub mod db_check;
 mod decode;
 pub mod error;
-pub mod event;
 pub mod log_sink;
 pub mod resnapshot;
 mod run;

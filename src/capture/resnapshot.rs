@@ -61,8 +61,8 @@ use super::catalog::{Catalog, ResolvedTable, qualified_ident, quote_ident, quote
 use super::config::CaptureConfig;
 use super::decode::WATERMARK_PREFIX;
 use super::error::CaptureError;
-use super::event::{ChangeEvent, Op, Relation, Row, Source, Value};
 use super::now_ms;
+use crate::event::change::{ChangeEvent, Op, Relation, Row, Source, Value};
 use crate::telemetry::metrics as m;
 
 /// Where a re-snapshot is.

@@ -18,7 +18,6 @@ use super::catalog::{
 use super::config::CaptureConfig;
 use super::decode::{Assembler, Decoded};
 use super::error::CaptureError;
-use super::event::ChangeEvent;
 use super::now_ms;
 use super::resnapshot::{Resnapper, ResnapshotRequests};
 use super::sink::EventSink;
@@ -26,6 +25,7 @@ use super::sink_task::{SharedSink, SinkTask};
 use super::snapshot::{
     FileProgress, SnapshotProgress, SnapshotState, Stop, TableProgress, run_snapshot,
 };
+use crate::event::change::ChangeEvent;
 use crate::telemetry::metrics as m;
 
 /// Runs capture for one pipeline until `shutdown` is cancelled or a non-retryable error occurs.

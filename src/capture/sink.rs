@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use super::event::ChangeEvent;
+use crate::event::change::ChangeEvent;
 
 /// A sink refused (part of) a batch. Nothing of the batch counts as durable.
 #[derive(Debug, Clone, thiserror::Error)]

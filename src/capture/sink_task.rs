@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::error::CaptureError;
-use super::event::ChangeEvent;
 use super::sink::{EventSink, SinkError};
+use crate::event::change::ChangeEvent;
 use crate::telemetry::metrics as m;
 
 struct Job<T> {
@@ -234,7 +234,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::capture::event::{Column, Op, Relation, Source, TypeKind, Value};
+    use crate::event::change::{Column, Op, Relation, Source, TypeKind, Value};
 
     fn event(n: i64) -> ChangeEvent {
         let relation = Arc::new(Relation {

@@ -28,10 +28,10 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use super::catalog::{Catalog, ResolvedTable, quote_ident, quote_literal};
 use super::config::CaptureConfig;
 use super::error::CaptureError;
-use super::event::{ChangeEvent, Op, Relation, Source, Value};
 use super::now_ms;
 use super::sink::EventSink;
 use super::sink_task::{SharedSink, SinkTask};
+use crate::event::change::{ChangeEvent, Op, Relation, Source, Value};
 use crate::telemetry::metrics as m;
 
 /// Snapshot progress of one table.

@@ -144,7 +144,7 @@ pub async fn list_conflicts(
     addr: SocketAddr,
     pipeline: &str,
     parked: bool,
-) -> Result<Vec<crate::process::ConflictView>, ClientError> {
+) -> Result<Vec<crate::pull::ConflictView>, ClientError> {
     let mut target = url::Url::parse(&format!("http://{addr}/pipelines/{pipeline}/conflicts"))
         .map_err(|e| ClientError::Refused {
             status: 0,
@@ -168,9 +168,9 @@ pub async fn resolve_conflict(
     addr: SocketAddr,
     pipeline: &str,
     id: &str,
-    take: crate::process::Take,
+    take: crate::pull::Take,
     by: Option<&str>,
-) -> Result<crate::process::ConflictView, ClientError> {
+) -> Result<crate::pull::ConflictView, ClientError> {
     let mut target =
         url::Url::parse(&format!("http://{addr}/")).map_err(|e| ClientError::Refused {
             status: 0,

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::ResnapshotHandle;
 use crate::capture::resnapshot::RequestError;
-use crate::process::{ConflictHandle, ConflictState, ResolveError, Take};
+use crate::pull::{ConflictHandle, ConflictState, ResolveError, Take};
 use crate::telemetry::metrics::STAGE_UP;
 
 /// Control-plane settings (from the pipeline file's `control:` section).

@@ -30,7 +30,7 @@
 pub mod convert;
 pub mod dlq;
 pub mod ledger;
-mod processor;
+pub(crate) mod processor;
 pub mod provision;
 pub mod route;
 pub mod row;
@@ -38,11 +38,7 @@ pub mod row;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use processor::{
-    ConflictCommand, ConflictEntry, ConflictHandle, ConflictRecord, ConflictState, ConflictView,
-    FieldConflict, PARKED, Processor, ProcessorStats, RESOLVED_MANUALLY, Resolution, ResolveError,
-    Take, conflict_views, conflicts_topic, format_ms, read_conflicts, sync_key,
-};
+pub use processor::{Processor, ProcessorStats, sync_key};
 pub use provision::{ProvisionError, Targets, provision};
 
 use crate::config::PipelineConfig;
@@ -136,7 +132,7 @@ pub enum ProcessError {
     Config(String),
     /// Resolving a Confluent schema id (`log.kafka.schema_registry`) failed.
     #[error(transparent)]
-    Registry(#[from] crate::capture::avro::registry::RegistryError),
+    Registry(#[from] crate::event::registry::RegistryError),
 }
 
 impl From<crate::pg::PgConnectError> for ProcessError {

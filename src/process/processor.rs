@@ -4,15 +4,6 @@
 //! `LogConsumer::recv` is cancel-safe in both log implementations (a record is handed out only
 //! by the poll that returns it), so the loop may race it against the flush timer.
 
-mod pull;
-mod resolve;
-
-pub use pull::{ConflictRecord, FieldConflict, conflicts_topic};
-pub use resolve::{
-    ConflictCommand, ConflictEntry, ConflictHandle, ConflictState, ConflictView, PARKED,
-    RESOLVED_MANUALLY, Resolution, ResolveError, Take, conflict_views, format_ms, read_conflicts,
-};
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,13 +25,13 @@ use super::{
     Failpoints, MAX_LOOKUP_DEFERRALS, ProcessError, ProcessorConfig, ledger_topic, origin_name,
     sync_group,
 };
-use crate::capture::avro::registry::{RegistryClient, confluent_schema_id, to_single_object};
-use crate::capture::avro::{
+use crate::config::{Direction, FieldMapping, FieldType, SYNC_KEY_FIELD, SYSTEM_FIELDS, SyncEntry};
+use crate::event::registry::{RegistryClient, confluent_schema_id, to_single_object};
+use crate::event::{
     DecodeError, SchemaResolver, decode_with_fingerprint, schemas_topic, topic_name,
 };
-use crate::config::{Direction, FieldMapping, FieldType, SYNC_KEY_FIELD, SYSTEM_FIELDS, SyncEntry};
 use crate::graph::{BatchRequest, GraphClient, GraphError, ItemQuery, MAX_BATCH};
-use crate::log::{ConsumedRecord, EventLog, LogConsumer, Record, TopicSpec};
+use crate::log::{ConsumedRecord, EventLog, LogConsumer, TopicSpec};
 use crate::pull::Applier;
 use crate::telemetry::metrics as m;
 
@@ -85,59 +76,59 @@ pub struct ProcessorStats {
     pub conflicts: u64,
 }
 
-struct TablePlan {
-    table: String,
-    entry: SyncEntry,
-    push_fields: Vec<FieldMapping>,
-    router: Router,
+pub(crate) struct TablePlan {
+    pub(crate) table: String,
+    pub(crate) entry: SyncEntry,
+    pub(crate) push_fields: Vec<FieldMapping>,
+    pub(crate) router: Router,
     /// 0 for tables other tables' lookups point into (written first), else 1.
-    stage: u8,
+    pub(crate) stage: u8,
 }
 
 #[derive(Debug, Clone)]
-enum Desired {
+pub(crate) enum Desired {
     Upsert(Row),
     Delete,
 }
 
 #[derive(Debug, Clone)]
-struct LastEvent {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
+pub(crate) struct LastEvent {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
-struct Pending {
-    table: usize,
-    sync_key: String,
-    desired: Desired,
-    lsn: u64,
+pub(crate) struct Pending {
+    pub(crate) table: usize,
+    pub(crate) sync_key: String,
+    pub(crate) desired: Desired,
+    pub(crate) lsn: u64,
     /// Commit time of the latest change merged in (for `last_writer_wins`).
-    commit_ts_ms: i64,
+    pub(crate) commit_ts_ms: i64,
     /// Lowest offset merged into this pending write, per (topic, partition).
-    offsets: BTreeMap<(String, i32), i64>,
-    last: LastEvent,
-    deferrals: u32,
+    pub(crate) offsets: BTreeMap<(String, i32), i64>,
+    pub(crate) last: LastEvent,
+    pub(crate) deferrals: u32,
 }
 
-struct SchemaCache<C> {
-    resolver: SchemaResolver,
-    consumer: C,
-    topic: String,
-    read_to: i64,
-    stop: CancellationToken,
+pub(crate) struct SchemaCache<C> {
+    pub(crate) resolver: SchemaResolver,
+    pub(crate) consumer: C,
+    pub(crate) topic: String,
+    pub(crate) read_to: i64,
+    pub(crate) stop: CancellationToken,
     /// With `log.kafka.schema_registry`: resolves Confluent schema ids to fingerprints.
-    registry: Option<RegistryClient>,
+    pub(crate) registry: Option<RegistryClient>,
     /// Registry id → CRC-64-AVRO fingerprint of that schema.
-    by_id: HashMap<u32, u64>,
+    pub(crate) by_id: HashMap<u32, u64>,
 }
 
 /// What a Graph write came back with, classified for the processor.
 #[derive(Debug)]
-enum Outcome {
+pub(crate) enum Outcome {
     Ok {
         body: Option<Json>,
     },
@@ -155,7 +146,7 @@ enum Outcome {
 }
 
 #[derive(Debug, Clone)]
-enum OpKind {
+pub(crate) enum OpKind {
     Create {
         list_id: String,
         fields: Map<String, Json>,
@@ -180,12 +171,12 @@ enum OpKind {
 }
 
 #[derive(Debug, Clone)]
-struct Op {
-    key: Vec<u8>,
-    kind: OpKind,
+pub(crate) struct Op {
+    pub(crate) key: Vec<u8>,
+    pub(crate) kind: OpKind,
 }
 
-enum ProjectError {
+pub(crate) enum ProjectError {
     Unmappable(Unmappable),
     Defer(String),
     Graph(GraphError),
@@ -193,42 +184,42 @@ enum ProjectError {
 
 /// The push processor of one pipeline.
 pub struct Processor<L: EventLog> {
-    cfg: ProcessorConfig,
-    log: Arc<L>,
-    client: GraphClient,
-    targets: Targets,
-    ledger: Ledger<L>,
-    tables: Vec<TablePlan>,
-    by_table: HashMap<String, usize>,
-    topics: Vec<String>,
-    pending: HashMap<Vec<u8>, Pending>,
-    consumed: BTreeMap<(String, i32), i64>,
-    committed: BTreeMap<(String, i32), i64>,
-    people: HashMap<String, Option<u64>>,
-    origin: String,
-    dlq_topic: String,
-    failpoints: Failpoints,
-    stats: ProcessorStats,
+    pub(crate) cfg: ProcessorConfig,
+    pub(crate) log: Arc<L>,
+    pub(crate) client: GraphClient,
+    pub(crate) targets: Targets,
+    pub(crate) ledger: Ledger<L>,
+    pub(crate) tables: Vec<TablePlan>,
+    pub(crate) by_table: HashMap<String, usize>,
+    pub(crate) topics: Vec<String>,
+    pub(crate) pending: HashMap<Vec<u8>, Pending>,
+    pub(crate) consumed: BTreeMap<(String, i32), i64>,
+    pub(crate) committed: BTreeMap<(String, i32), i64>,
+    pub(crate) people: HashMap<String, Option<u64>>,
+    pub(crate) origin: String,
+    pub(crate) dlq_topic: String,
+    pub(crate) failpoints: Failpoints,
+    pub(crate) stats: ProcessorStats,
     /// Per table index: catalog facts (key columns, defaults).
-    facts: Vec<TableFacts>,
+    pub(crate) facts: Vec<TableFacts>,
     /// List id → table index, for lists whose entry pulls.
-    list_table: HashMap<String, usize>,
+    pub(crate) list_table: HashMap<String, usize>,
     /// Pending list changes by `<list>/<item>`.
-    pulls: HashMap<String, pull::PendingPull>,
-    pull_topic: Option<String>,
-    pull_consumed: BTreeMap<(String, i32), i64>,
-    pull_committed: BTreeMap<(String, i32), i64>,
+    pub(crate) pulls: HashMap<String, crate::pull::processor::PendingPull>,
+    pub(crate) pull_topic: Option<String>,
+    pub(crate) pull_consumed: BTreeMap<(String, i32), i64>,
+    pub(crate) pull_committed: BTreeMap<(String, i32), i64>,
     /// List id → (resync id, items seen) during a full re-read.
-    resync_seen: HashMap<String, (String, HashSet<String>)>,
-    applier: Option<Applier>,
-    catalog: Option<tokio_postgres::Client>,
-    emails: HashMap<u64, Option<String>>,
-    conflicts_topic: String,
+    pub(crate) resync_seen: HashMap<String, (String, HashSet<String>)>,
+    pub(crate) applier: Option<Applier>,
+    pub(crate) catalog: Option<tokio_postgres::Client>,
+    pub(crate) emails: HashMap<u64, Option<String>>,
+    pub(crate) conflicts_topic: String,
     /// When the last table record arrived, and whether it continued the transaction before it.
-    last_event: (Instant, bool),
-    last_lsn: u64,
+    pub(crate) last_event: (Instant, bool),
+    pub(crate) last_lsn: u64,
     /// Operator commands (manual conflict resolution), once a handle was taken.
-    commands: Option<tokio::sync::mpsc::Receiver<resolve::ConflictCommand>>,
+    pub(crate) commands: Option<tokio::sync::mpsc::Receiver<crate::pull::ConflictCommand>>,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -324,7 +315,7 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         let pulls = !list_table.is_empty();
-        let conflicts = pull::conflicts_topic(&cfg.prefix, &p.name);
+        let conflicts = crate::pull::conflicts_topic(&cfg.prefix, &p.name);
         let mut pull_topic = None;
         let mut applier = None;
         if pulls {
@@ -483,7 +474,7 @@ impl<L: EventLog + 'static> Processor<L> {
     ///   (same commit LSN as the one before) → when they stop for [`TX_GAP`], at most
     ///   [`MAX_TX_WAIT`] after the start: one transaction's changes are written together;
     /// - otherwise at the end of the window (coalescing bursts of changes to the same rows).
-    fn flush_deadline(&self, start: Instant, window: Duration) -> Instant {
+    pub(crate) fn flush_deadline(&self, start: Instant, window: Duration) -> Instant {
         let (last_at, mid_tx) = self.last_event;
         if mid_tx {
             (last_at + TX_GAP).min(start + MAX_TX_WAIT.max(window))
@@ -492,7 +483,7 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
-    async fn schema_cache(&self) -> Result<SchemaCache<L::Consumer>, ProcessError> {
+    pub(crate) async fn schema_cache(&self) -> Result<SchemaCache<L::Consumer>, ProcessError> {
         let topic = schemas_topic(&self.cfg.prefix, &self.cfg.pipeline.name);
         self.log
             .ensure_topic(&TopicSpec::compacted(topic.clone(), 1))
@@ -522,7 +513,7 @@ impl<L: EventLog + 'static> Processor<L> {
         })
     }
 
-    async fn refresh_schemas(
+    pub(crate) async fn refresh_schemas(
         &self,
         cache: &mut SchemaCache<L::Consumer>,
     ) -> Result<(), ProcessError> {
@@ -553,7 +544,7 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(())
     }
 
-    async fn decode(
+    pub(crate) async fn decode(
         &self,
         cache: &mut SchemaCache<L::Consumer>,
         bytes: &[u8],
@@ -582,7 +573,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// The fingerprint of registry schema `id` (fetched once); the schemas topic is re-read when
     /// it does not have that schema yet, and the registry's copy is used when it never does.
-    async fn fingerprint_of_id(
+    pub(crate) async fn fingerprint_of_id(
         &self,
         cache: &mut SchemaCache<L::Consumer>,
         id: u32,
@@ -595,7 +586,7 @@ impl<L: EventLog + 'static> Processor<L> {
         };
         let json = match client.schema_by_id(id).await {
             Ok(json) => json,
-            Err(e @ crate::capture::avro::registry::RegistryError::UnknownId { .. }) => {
+            Err(e @ crate::event::registry::RegistryError::UnknownId { .. }) => {
                 return Ok(Err(DecodeError::Schema {
                     origin: format!("schema registry id {id}"),
                     reason: e.to_string(),
@@ -620,7 +611,7 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(Ok(fp))
     }
 
-    async fn ingest(
+    pub(crate) async fn ingest(
         &mut self,
         rec: ConsumedRecord,
         cache: &mut SchemaCache<L::Consumer>,
@@ -813,7 +804,7 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn put(
+    pub(crate) fn put(
         &mut self,
         key: Vec<u8>,
         table: usize,
@@ -857,12 +848,12 @@ impl<L: EventLog + 'static> Processor<L> {
             .set(self.pending.len() as f64);
     }
 
-    fn skip_metric(&self, reason: &'static str) {
+    pub(crate) fn skip_metric(&self, reason: &'static str) {
         metrics::counter!(m::PUSH_SKIPPED_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "reason" => reason)
             .increment(1);
     }
 
-    fn dead_letter(
+    pub(crate) fn dead_letter(
         &self,
         table: &str,
         key: &str,
@@ -891,7 +882,7 @@ impl<L: EventLog + 'static> Processor<L> {
         .with_event(&last.key, last.value.as_deref())
     }
 
-    async fn append_dead(&mut self, dead: Vec<DeadLetter>) -> Result<(), ProcessError> {
+    pub(crate) async fn append_dead(&mut self, dead: Vec<DeadLetter>) -> Result<(), ProcessError> {
         if dead.is_empty() {
             return Ok(());
         }
@@ -909,7 +900,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// Flushes until it succeeds (retryable failures back off), then commits offsets. On
     /// shutdown a retryable failure stops retrying: the uncommitted events replay on restart.
-    async fn flush_with_retry(
+    pub(crate) async fn flush_with_retry(
         &mut self,
         consumer: &mut L::Consumer,
         pulls: &mut Option<L::Consumer>,
@@ -941,7 +932,7 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(())
     }
 
-    async fn commit_pull_offsets(
+    pub(crate) async fn commit_pull_offsets(
         &mut self,
         consumer: &mut L::Consumer,
     ) -> Result<(), ProcessError> {
@@ -960,7 +951,10 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(())
     }
 
-    async fn commit_offsets(&mut self, consumer: &mut L::Consumer) -> Result<(), ProcessError> {
+    pub(crate) async fn commit_offsets(
+        &mut self,
+        consumer: &mut L::Consumer,
+    ) -> Result<(), ProcessError> {
         let mut floor: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for p in self.pending.values() {
             for (tp, off) in &p.offsets {
@@ -978,7 +972,7 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), ProcessError> {
+    pub(crate) async fn flush(&mut self) -> Result<(), ProcessError> {
         if self.pending.is_empty() && self.pulls.is_empty() {
             return Ok(());
         }
@@ -1026,7 +1020,7 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// One stage of a flush: plan, record intents, write, record outcomes.
-    async fn flush_keys(&mut self, keys: Vec<Vec<u8>>) -> Result<(), ProcessError> {
+    pub(crate) async fn flush_keys(&mut self, keys: Vec<Vec<u8>>) -> Result<(), ProcessError> {
         let mut entries: HashMap<Vec<u8>, Entry> = HashMap::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut done: Vec<Vec<u8>> = Vec::new();
@@ -1491,7 +1485,7 @@ impl<L: EventLog + 'static> Processor<L> {
                                 let offset = self.pulls.get(&key).map_or(i64::MAX, |p| p.offset);
                                 self.pulls.insert(
                                     key,
-                                    pull::PendingPull {
+                                    crate::pull::processor::PendingPull {
                                         table: p.table,
                                         list_id: item.list_id.clone(),
                                         item_id: item.item_id.clone(),
@@ -1599,13 +1593,13 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
-    fn write_metric(&self, kind: &'static str, outcome: &'static str) {
+    pub(crate) fn write_metric(&self, kind: &'static str, outcome: &'static str) {
         metrics::counter!(m::PUSH_WRITES_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "kind" => kind, "outcome" => outcome)
             .increment(1);
     }
 
     /// Maps a row to its projection (Graph field → JSON), resolving persons and lookups.
-    async fn project(
+    pub(crate) async fn project(
         &mut self,
         ti: usize,
         row: &Row,
@@ -1659,7 +1653,7 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(out)
     }
 
-    async fn person(&mut self, email: &str) -> Result<Option<u64>, GraphError> {
+    pub(crate) async fn person(&mut self, email: &str) -> Result<Option<u64>, GraphError> {
         let norm = email.trim().to_ascii_lowercase();
         if let Some(v) = self.people.get(&norm) {
             return Ok(*v);
@@ -1672,7 +1666,11 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(id)
     }
 
-    fn lookup_item(&self, f: &FieldMapping, cell: &Cell) -> Result<Option<String>, ProjectError> {
+    pub(crate) fn lookup_item(
+        &self,
+        f: &FieldMapping,
+        cell: &Cell,
+    ) -> Result<Option<String>, ProjectError> {
         let list = f.lookup_list.as_deref().unwrap_or_default();
         let Some(list_id) = self.targets.list_id(list) else {
             return Ok(None);
@@ -1695,7 +1693,7 @@ impl<L: EventLog + 'static> Processor<L> {
             .map(|i| i.item_id))
     }
 
-    async fn find_by_sync_key(
+    pub(crate) async fn find_by_sync_key(
         &self,
         list_id: &str,
         sync_key: &str,
@@ -1717,7 +1715,7 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// Runs `ops` as `$batch`es (≤ 20 each, a few in flight); one outcome per op, in order.
-    async fn execute(&self, ops: &[Op]) -> Vec<Outcome> {
+    pub(crate) async fn execute(&self, ops: &[Op]) -> Vec<Outcome> {
         let site = self.targets.site_id.clone();
         let reqs: Vec<BatchRequest> = ops
             .iter()
@@ -1778,9 +1776,9 @@ impl<L: EventLog + 'static> Processor<L> {
 }
 
 /// The next operator command; pending forever when there is no handle.
-async fn recv_cmd(
-    c: &mut Option<tokio::sync::mpsc::Receiver<resolve::ConflictCommand>>,
-) -> Option<resolve::ConflictCommand> {
+pub(crate) async fn recv_cmd(
+    c: &mut Option<tokio::sync::mpsc::Receiver<crate::pull::ConflictCommand>>,
+) -> Option<crate::pull::ConflictCommand> {
     match c {
         Some(c) => c.recv().await,
         None => std::future::pending().await,
@@ -1788,7 +1786,7 @@ async fn recv_cmd(
 }
 
 /// `recv` of an optional consumer; pending forever when there is none.
-async fn recv_opt<C: LogConsumer>(
+pub(crate) async fn recv_opt<C: LogConsumer>(
     c: &mut Option<C>,
 ) -> Result<Option<ConsumedRecord>, crate::log::LogError> {
     match c {
@@ -1797,7 +1795,7 @@ async fn recv_opt<C: LogConsumer>(
     }
 }
 
-fn classify(o: crate::graph::BatchOutcome) -> Outcome {
+pub(crate) fn classify(o: crate::graph::BatchOutcome) -> Outcome {
     match o.result {
         Ok(()) => Outcome::Ok { body: o.body },
         Err(GraphError::NotFound { .. }) => Outcome::NotFound,
@@ -1817,7 +1815,7 @@ fn classify(o: crate::graph::BatchOutcome) -> Outcome {
     }
 }
 
-fn set_written(
+pub(crate) fn set_written(
     entry: &mut Entry,
     item: ItemRef,
     projection: BTreeMap<String, Json>,
@@ -1843,7 +1841,10 @@ pub(crate) fn hash_projection(p: &BTreeMap<String, Json>) -> String {
 }
 
 /// The fields of `new` that differ from `old`, with their `@odata.type` annotations.
-fn diff(old: &BTreeMap<String, Json>, new: &BTreeMap<String, Json>) -> Map<String, Json> {
+pub(crate) fn diff(
+    old: &BTreeMap<String, Json>,
+    new: &BTreeMap<String, Json>,
+) -> Map<String, Json> {
     let mut out = Map::new();
     for (k, v) in new {
         if old.get(k) != Some(v) {

@@ -1,7 +1,7 @@
 //! Decoding a capture record (Avro envelope) into typed rows the processor can map and route.
 //!
 //! The processor reads the same bytes any external consumer reads: single-object Avro resolved
-//! through the schemas topic (`capture::avro::SchemaResolver`). Field names in the Avro schema
+//! through the schemas topic (`event::SchemaResolver`). Field names in the Avro schema
 //! are sanitized; the real column name is the field's `sb.column` attribute, so rows here are
 //! keyed by real column names. Decimals are rendered exactly (text) using the schema's scale.
 
@@ -11,7 +11,7 @@ use apache_avro::Schema;
 use apache_avro::schema::{RecordSchema, UnionSchema};
 use apache_avro::types::Value as Avro;
 
-use crate::capture::avro::{UNCHANGED_SYMBOL, decimal_to_string};
+use crate::event::{UNCHANGED_SYMBOL, decimal_to_string};
 
 /// One typed column value, as the change event carried it.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,7 +121,7 @@ pub struct Change {
 #[error("cannot read the change event: {0}")]
 pub struct RowError(pub String);
 
-/// Decodes a value decoded by `capture::avro::decode` with its writer schema.
+/// Decodes a value decoded by `event::decode` with its writer schema.
 pub fn change_from_avro(schema: &Schema, value: &Avro) -> Result<Change, RowError> {
     let Schema::Record(envelope) = schema else {
         return Err(RowError("the envelope schema is not a record".into()));

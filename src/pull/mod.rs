@@ -16,6 +16,8 @@
 
 pub mod apply;
 pub mod poller;
+pub(crate) mod processor;
+pub mod resolve;
 
 pub use apply::{
     Applied, Applier, ApplyError, ColumnValues, RowChange, RowChangeKind, origin_name, quote_ident,
@@ -23,4 +25,9 @@ pub use apply::{
 pub use poller::{
     ChangeKind, CursorPhase, ListChange, PollerConfig, PullError, ResyncReason, StartMode,
     StoredCursor, changes_topic, cursors_topic, read_cursor, run,
+};
+pub use processor::{ConflictRecord, FieldConflict, conflicts_topic};
+pub use resolve::{
+    ConflictCommand, ConflictEntry, ConflictHandle, ConflictState, ConflictView, PARKED,
+    RESOLVED_MANUALLY, Resolution, ResolveError, Take, conflict_views, format_ms, read_conflicts,
 };

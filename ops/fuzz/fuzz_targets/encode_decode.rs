@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 
-// The encoder's own sources, at the same module paths as in the service crate.
+// The event format's own sources, at the same module path as in the service crate.
 #[allow(dead_code, unused_imports)]
-#[path = "capture_shim.rs"]
-mod capture;
+#[path = "../../../src/event/mod.rs"]
+mod event;
 
-use capture::avro::{Encoder, SchemaResolver, decode};
-use capture::event::{ChangeEvent, Column, Op, Relation, Source, TypeKind, Value};
+use event::change::{ChangeEvent, Column, Op, Relation, Source, TypeKind, Value};
+use event::{Encoder, SchemaResolver, decode};
 
 fn col(name: &str, oid: u32, typmod: i32, kind: TypeKind, key: bool) -> Column {
     Column {

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use super::convert::{Scalar, civil_from_days, parse_array};
 use super::*;
-use crate::capture::event::{ChangeEvent, Column, Op, Relation, Source, TypeKind, Value};
+use crate::event::change::{ChangeEvent, Column, Op, Relation, Source, TypeKind, Value};
 
 fn col(name: &str, oid: u32, type_name: &str, typmod: i32, kind: TypeKind) -> Column {
     Column {

@@ -1,6 +1,9 @@
-//! Change events → Avro: the Debezium-compatible envelope, per-table schemas derived from the
-//! [`Relation`], lossless PostgreSQL type mapping, Avro single-object encoding, and the decoder a
-//! consumer needs (only `schemas/` plus the `<prefix>.<pipeline>.schemas` topic).
+//! The change-event format: the contract between capture (the producer) and every consumer
+//! (the push processor, the return path, external Kafka consumers). It holds the in-process
+//! [`change::ChangeEvent`], the Debezium-compatible envelope, per-table schemas derived from the
+//! [`Relation`], lossless PostgreSQL type mapping, Avro single-object encoding, fingerprints, the
+//! decoder a consumer needs (only `schemas/` plus the `<prefix>.<pipeline>.schemas` topic) and the
+//! Confluent schema-registry client ([`registry`]).
 //!
 //! Layout of one message value (see `schemas/README.md` for the consumer-facing rules):
 //! `C3 01` + CRC-64-AVRO fingerprint of the Envelope schema (8 bytes, little-endian) + the Avro
@@ -15,6 +18,7 @@
 //! (no `apache_avro::types::Value`, no JSON). The decoder uses `apache_avro`, so every test that
 //! decodes also checks the hand-written binary against the published schema.
 
+pub mod change;
 mod convert;
 mod decode;
 // The fuzz crate (ops/fuzz) compiles this module tree without the service's HTTP/config stack.
@@ -28,7 +32,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::capture::event::{ChangeEvent, Column, Op, Relation, Row, Source, Value};
+use crate::event::change::{ChangeEvent, Column, Op, Relation, Row, Source, Value};
 use convert::{Written, parse_array, write_bytes, write_long};
 use schema::{FieldPlan, Shape};
 

@@ -22,20 +22,30 @@
 //! and the push side skips them; the ledger is updated to the pulled values as well, so even
 //! without the origin check the event would be recognised as in sync.
 
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::*;
+use super::{Applier, ApplyError, ChangeKind, ListChange, RowChange, RowChangeKind};
 use crate::config::{ConflictPolicy, OnDelete, TableName};
+use crate::config::{Direction, FieldMapping, FieldType, SYNC_KEY_FIELD, SYSTEM_FIELDS};
+use crate::graph::GraphError;
 use crate::graph::ops::USER_INFORMATION_LIST;
-use crate::pull::{Applier, ApplyError, ChangeKind, ListChange, RowChange, RowChangeKind};
+use crate::log::{ConsumedRecord, EventLog, Record};
+use crate::process::convert::{self, Unmappable};
+use crate::process::dlq::{DeadLetter, SourcePosition};
+use crate::process::ledger::{self, Entry, ItemRef, Provenance};
+use crate::process::processor::*;
+use crate::process::row::{Cell, Row};
+use crate::process::{ProcessError, sync_key};
+use crate::telemetry::metrics as m;
 
 /// A list change waiting for the next flush (the latest per item).
 #[derive(Debug, Clone)]
-pub(super) struct PendingPull {
+pub(crate) struct PendingPull {
     pub table: usize,
     pub list_id: String,
     pub item_id: String,
@@ -96,7 +106,7 @@ fn parse_ms(s: Option<&str>) -> Option<i64> {
 }
 
 /// The key column values a SyncKey stands for (see [`sync_key`]).
-pub(super) fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
+pub(crate) fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
     if columns.len() == 1 {
         return vec![(columns[0].clone(), Some(sk.to_string()))];
     }
@@ -202,7 +212,7 @@ enum PullOutcome {
 
 impl<L: EventLog + 'static> Processor<L> {
     /// Reads one list-change record into the pending pulls.
-    pub(super) async fn ingest_pull(&mut self, rec: ConsumedRecord) -> Result<(), ProcessError> {
+    pub(crate) async fn ingest_pull(&mut self, rec: ConsumedRecord) -> Result<(), ProcessError> {
         let tp = (rec.topic.clone(), rec.partition);
         self.pull_consumed.insert(tp, rec.offset + 1);
         let Some(v) = rec.record.value.as_deref() else {
@@ -357,7 +367,7 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// Applies the pending list changes (before the pushes of the same flush).
-    pub(super) async fn flush_pulls(&mut self) -> Result<(), ProcessError> {
+    pub(crate) async fn flush_pulls(&mut self) -> Result<(), ProcessError> {
         if self.pulls.is_empty() {
             return Ok(());
         }
@@ -441,7 +451,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// Applies one row change; connection failures are retryable errors of the flush (the
     /// applier reconnects on the next call), data rejections are returned for the DLQ.
-    pub(super) async fn apply(
+    pub(crate) async fn apply(
         &mut self,
         change: RowChange,
     ) -> Result<Result<crate::pull::Applied, ApplyError>, ProcessError> {
@@ -453,12 +463,12 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
-    pub(super) fn table_name(&self, ti: usize) -> TableName {
+    pub(crate) fn table_name(&self, ti: usize) -> TableName {
         self.tables[ti].entry.table.clone()
     }
 
     /// Column text of a pulled field (persons → email, lookups → foreign key).
-    pub(super) async fn pulled_text(
+    pub(crate) async fn pulled_text(
         &mut self,
         f: &FieldMapping,
         canon: &[(String, Json)],
@@ -901,7 +911,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// The row's mapped projection as it is now in PostgreSQL (`None`: no such row, or a value
     /// that cannot be read back; then no source-side change is assumed).
-    pub(super) async fn source_projection(
+    pub(crate) async fn source_projection(
         &mut self,
         ti: usize,
         sk: &str,
@@ -1230,7 +1240,7 @@ impl<L: EventLog + 'static> Processor<L> {
             .ok_or_else(|| ProcessError::Config(format!("the key default {expr} gave NULL")))
     }
 
-    pub(super) async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
+    pub(crate) async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
         if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
             let (client, conn) = crate::pg::connect(self.cfg.pipeline.source.url.expose()).await?;
             tokio::spawn(conn);

@@ -29,18 +29,29 @@
 //! with `target` by applying `pull.on_delete` to the row, and with `source` by re-emitting the
 //! row (a no-op `UPDATE` outside the replication origin), so the push path creates a new item.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot};
+
+use super::processor::{ConflictRecord, FieldConflict, key_values};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::{Map, Value as Json};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::pull::{ConflictRecord, FieldConflict, key_values};
-use super::*;
+use super::{RowChange, RowChangeKind};
 use crate::config::OnDelete;
-use crate::pull::{RowChange, RowChangeKind};
+use crate::config::{Direction, FieldMapping, SYSTEM_FIELDS};
+use crate::graph::GraphError;
+use crate::log::{EventLog, LogConsumer, Record, TopicSpec};
+use crate::process::ProcessError;
+use crate::process::convert::{self};
+use crate::process::ledger::{self, Entry, Provenance};
+use crate::process::processor::*;
+use crate::telemetry::metrics as m;
 
 /// `decision` of a resolution record.
 pub const RESOLVED_MANUALLY: &str = "resolved_manually";
@@ -579,7 +590,7 @@ impl<L: EventLog + 'static> Processor<L> {
     /// Serves one command. Pending work is flushed first, so the decision is taken against a
     /// ledger that reflects every change read so far. A non-retryable processor failure is
     /// answered and then returned (it stops the processor, as in a flush).
-    pub(super) async fn serve_command(&mut self, cmd: ConflictCommand) -> Result<(), ProcessError> {
+    pub(crate) async fn serve_command(&mut self, cmd: ConflictCommand) -> Result<(), ProcessError> {
         match cmd {
             ConflictCommand::List { reply } => {
                 let r = read_conflicts(self.log.as_ref(), &self.conflicts_topic)
@@ -938,7 +949,7 @@ impl<L: EventLog + 'static> Processor<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ConflictPolicy;
+    use crate::config::{ConflictPolicy, FieldType};
     use serde_json::json;
 
     fn mapping(column: &str, field: &str, t: FieldType, d: Direction) -> FieldMapping {

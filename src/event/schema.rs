@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use serde_json::{Map, Value as Json, json};
 
 use super::convert::Scalar;
-use crate::capture::event::{Column, Relation, TypeKind};
+use crate::event::change::{Column, Relation, TypeKind};
 
 /// Name of the shared marker enum for unchanged TOASTed values.
 pub const UNCHANGED_NAME: &str = "sb.Unchanged";

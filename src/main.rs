@@ -76,6 +76,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Resume a pipeline that paused itself (a run of dead letters of one kind, or a change event
+    /// whose schema cannot be had; `/ready` and `GET /pipelines/{name}/pause` say why) after the
+    /// cause is fixed: its processor restarts from the last acknowledged event. Exit 2: not
+    /// paused; 3: no process listening.
+    Resume {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+    },
     /// Run the offline Microsoft Graph emulator (SharePoint lists) for tests and demos.
     GraphEmulator(emulator::EmulatorArgs),
     /// Print the JSON Schema of pipeline files.
@@ -147,6 +155,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { files, db: true } => validate_db(&files),
         Command::Snapshot { file, table, wait } => snapshot(&file, &table, wait),
+        Command::Resume { file } => resume(&file),
         Command::Validate { files, db: false } => match config::load_files(&files) {
             Ok(pipelines) => {
                 for p in &pipelines {
@@ -510,6 +519,49 @@ fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
         }
         Ok(())
     })
+}
+
+fn resume(file: &std::path::Path) -> ExitCode {
+    let p = match config::load_files(&[file.to_path_buf()]) {
+        Ok(mut p) if p.len() == 1 => p.remove(0),
+        Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    use syncbridge::control::client::{self, ClientError};
+    match rt.block_on(client::resume(p.control.listen, &p.name)) {
+        Ok(body) => {
+            let pause = &body["pause"];
+            println!(
+                "pipeline {} resumed (it was paused: {} {})",
+                p.name,
+                pause["kind"].as_str().unwrap_or("?"),
+                pause["reason"].as_str().unwrap_or("")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Refused {
+            status: 409,
+            message,
+            ..
+        }) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// One problem per line, `file:line:col: message`, on stderr.

@@ -22,8 +22,10 @@ use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
+use crate::process::guard::PauseHandle;
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
 use crate::pull::{PollerConfig, PullError, StartMode};
+use crate::telemetry::metrics as m;
 use crate::telemetry::{self, TelemetryError};
 
 /// Why a run stopped with an error. `is_retryable` tells a supervisor whether restarting the
@@ -117,25 +119,27 @@ pub async fn run(
         }
     }
     let listener = control::bind(&ControlConfig { listen }).await?;
-    let readiness = Readiness::default();
-    // Re-snapshot requests: control plane → each pipeline's capture (one queued at a time).
-    let snapshots = control::SnapshotRegistry::default();
-    // Operator decisions on parked conflicts: control plane → each pipeline's processor.
-    let conflicts = control::ConflictRegistry::default();
+    // Re-snapshot requests (→ capture), operator decisions on parked conflicts and resumes of
+    // paused pipelines (→ processor): the control plane reaches each pipeline through these.
+    let registries = control::Registries {
+        readiness: Readiness::default(),
+        snapshots: control::SnapshotRegistry::default(),
+        conflicts: control::ConflictRegistry::default(),
+        pauses: control::PauseRegistry::default(),
+    };
+    let readiness = registries.readiness.clone();
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
     let control_task = tokio::spawn(control::run(
         listener,
-        readiness.clone(),
+        registries.clone(),
         prometheus,
-        snapshots.clone(),
-        conflicts.clone(),
         control_stop.clone(),
     ));
     info!(%listen, "control plane listening (/health, /ready, /metrics)");
 
     let mut running = Vec::with_capacity(pipelines.len());
-    let started = start_all(&pipelines, &readiness, &snapshots, &conflicts, &mut running).await;
+    let started = start_all(&pipelines, &registries, &mut running).await;
     if let Err(e) = started {
         let _ = drain(running, &readiness).await;
         control_stop.cancel();
@@ -228,18 +232,17 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
 
 async fn start_all(
     pipelines: &[PipelineConfig],
-    readiness: &Readiness,
-    snapshots: &control::SnapshotRegistry,
-    conflicts: &control::ConflictRegistry,
+    registries: &control::Registries,
     running: &mut Vec<RunningPipeline>,
 ) -> Result<(), RuntimeError> {
+    let readiness = &registries.readiness;
     for p in pipelines {
         readiness.register(&p.name, "log");
         readiness.register(&p.name, "capture");
         readiness.register(&p.name, "process");
     }
     // One limiter per tenant, shared by every pipeline of the process (graph-api.md §8.3).
-    let limiters = LimiterRegistry::new();
+    let limiters = Arc::new(LimiterRegistry::new());
     for p in pipelines {
         let log = AnyLog::open(log_config(p)).map_err(|source| RuntimeError::Log {
             pipeline: p.name.clone(),
@@ -258,7 +261,9 @@ async fn start_all(
                     pipeline: p.name.clone(),
                     source,
                 })?;
-        conflicts.register(processor.conflict_handle());
+        registries.conflicts.register(processor.conflict_handle());
+        let pause = PauseHandle::new(&p.name);
+        registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
         let pollers_stop = CancellationToken::new();
@@ -290,7 +295,7 @@ async fn start_all(
             .map(|t| t.qualified())
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
-        snapshots.register(handle);
+        registries.snapshots.register(handle);
         let progress = FileProgress::new(&capture_config.state_dir, &capture_config.slot_name);
         let capture = tokio::spawn(capture::run_with_control(
             capture_config,
@@ -314,17 +319,90 @@ async fn start_all(
             .collect();
         running.push(RunningPipeline {
             name: p.name.clone(),
-            log,
+            log: log.clone(),
             capture_stop,
             capture: Some(capture),
             process_stop,
-            process: Some(tokio::spawn(processor.run(process_stop_run))),
+            process: Some(tokio::spawn(supervise_processor(
+                processor,
+                Supervision {
+                    pipeline: p.clone(),
+                    log: log.clone(),
+                    limiters: limiters.clone(),
+                    registries: registries.clone(),
+                    pause,
+                },
+                process_stop_run,
+            ))),
             pollers_stop: pollers_stop.clone(),
             pollers: poller_tasks,
         });
         readiness.set(&p.name, "process", true);
     }
     Ok(())
+}
+
+/// What the processor's supervisor needs to rebuild it after a pause.
+struct Supervision {
+    pipeline: PipelineConfig,
+    log: Arc<AnyLog>,
+    limiters: Arc<LimiterRegistry>,
+    registries: control::Registries,
+    pause: PauseHandle,
+}
+
+/// Runs the processor; when it pauses itself ([`ProcessError::Paused`]: a dead-letter storm, a
+/// schema that cannot be had) the pipeline is marked not ready with the reason and waits for the
+/// operator's resume, then a new processor starts from the committed offsets (nothing past the
+/// first failing event was acknowledged, so every held event is processed again). Lists are
+/// verified again on the way, so a fix made to a list is seen.
+async fn supervise_processor(
+    mut processor: Processor<AnyLog>,
+    s: Supervision,
+    stop: CancellationToken,
+) -> Result<ProcessorStats, ProcessError> {
+    let name = s.pipeline.name.clone();
+    loop {
+        let paused = match processor.run(stop.clone()).await {
+            Err(ProcessError::Paused(p)) => p,
+            other => return other,
+        };
+        error!(pipeline = %name, kind = %paused.kind, at = ?paused.at,
+            "pipeline paused: {}; fix the cause, then `syncbridge resume`", paused.reason);
+        metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => paused.kind.clone())
+            .set(1.0);
+        metrics::counter!(m::PIPELINE_PAUSES_TOTAL, "pipeline" => name.clone(), "kind" => paused.kind.clone())
+            .increment(1);
+        s.registries.readiness.set_not_ready(
+            &name,
+            "process",
+            format!("paused ({}): {}", paused.kind, paused.reason),
+        );
+        let kind = paused.kind.clone();
+        s.pause.pause(paused);
+        tokio::select! {
+            () = s.pause.resumed() => {}
+            () = stop.cancelled() => return Ok(ProcessorStats::default()),
+        }
+        metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => kind).set(0.0);
+        info!(pipeline = %name, "resumed by the operator: restarting the processor from its committed offsets");
+        processor = loop {
+            match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters).await {
+                // The pollers of the first start keep running; only the processor is new.
+                Ok((p, _pollers)) => break p,
+                Err(e) if e.is_retryable() => {
+                    warn!(pipeline = %name, "restarting the processor failed, retrying: {e}");
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                        () = stop.cancelled() => return Ok(ProcessorStats::default()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        s.registries.conflicts.register(processor.conflict_handle());
+        s.registries.readiness.set(&name, "process", true);
+    }
 }
 
 /// Graph client, catalog facts, provisioning and the processor of one pipeline. Transient Graph

@@ -175,6 +175,7 @@ pub struct PipelineConfig {
     /// In file order.
     pub sync: Vec<SyncEntry>,
     pub control: ControlConfig,
+    pub guard: GuardConfig,
 }
 
 /// The PostgreSQL database the tables live in.
@@ -380,6 +381,40 @@ impl Serialize for OnDelete {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ControlConfig {
     pub listen: SocketAddr,
+}
+
+/// Guards that pause a pipeline (`guard:`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct GuardConfig {
+    pub dead_letters: DeadLetterGuard,
+}
+
+/// Dead letters of one kind beyond these limits pause the pipeline (0 turns a rule off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DeadLetterGuard {
+    pub consecutive: u32,
+    pub window: u32,
+    pub max_percent: u8,
+}
+
+/// 20 in a row: a few bad rows in a burst (a bulk import with one bad column) stay below it,
+/// while a pipeline fault (a lost schema, a list that rejects every write) trips it within a
+/// second of traffic, before many events are dead-lettered.
+pub const DEFAULT_DEAD_LETTER_RUN: u32 = 20;
+/// The share rule catches faults interleaved with successes (every write to one of two lists
+/// fails); 200 events is long enough not to trip on a short bad burst.
+pub const DEFAULT_DEAD_LETTER_WINDOW: u32 = 200;
+/// More than half of the window failing the same way is not a data problem.
+pub const DEFAULT_DEAD_LETTER_PERCENT: u8 = 50;
+
+impl Default for DeadLetterGuard {
+    fn default() -> Self {
+        Self {
+            consecutive: DEFAULT_DEAD_LETTER_RUN,
+            window: DEFAULT_DEAD_LETTER_WINDOW,
+            max_percent: DEFAULT_DEAD_LETTER_PERCENT,
+        }
+    }
 }
 
 /// Declares an enum of YAML words with a table used both for parsing and for messages.

@@ -61,9 +61,12 @@ pub struct PipelineFile {
     pub sync: Vec<SyncFile>,
     #[serde(default)]
     pub control: Option<ControlFile>,
+    /// When a pipeline pauses itself instead of carrying on.
+    #[serde(default)]
+    pub guard: Option<GuardFile>,
 }
 pub const PIPELINE_KEYS: &[&str] = &[
-    "version", "name", "source", "log", "graph", "sync", "control",
+    "version", "name", "source", "log", "graph", "sync", "control", "guard",
 ];
 
 /// The PostgreSQL source database.
@@ -274,6 +277,35 @@ pub struct ControlFile {
 }
 pub const CONTROL_KEYS: &[&str] = &["listen"];
 
+/// Guards that pause a pipeline when its failures look like a fault of the pipeline, not of rows.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuardFile {
+    #[serde(default)]
+    pub dead_letters: Option<DeadLetterGuardFile>,
+}
+pub const GUARD_KEYS: &[&str] = &["dead_letters"];
+
+/// A storm of dead letters of one kind (every event undecodable, every write rejected) pauses
+/// the pipeline; nothing past the first failing event is acknowledged.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterGuardFile {
+    /// Pause after this many dead letters of one kind in a row; 0 turns the rule off. Default 20.
+    #[serde(default)]
+    pub consecutive: Option<Sp<u64>>,
+    /// Size of the sliding window of processed events for `max_percent`; 0 turns the rule off.
+    /// Default 200.
+    #[serde(default)]
+    pub window: Option<Sp<u64>>,
+    /// Pause when more than this share (1–100 %) of the last `window` events are dead letters of
+    /// one kind. Default 50.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_percent: Option<Sp<u64>>,
+}
+pub const DEAD_LETTER_GUARD_KEYS: &[&str] = &["consecutive", "window", "max_percent"];
+
 /// What the reader recovered from a file: every section that could be read.
 #[derive(Debug, Default)]
 pub struct PartialFile {
@@ -285,6 +317,7 @@ pub struct PartialFile {
     /// The entries that could be read.
     pub sync: Vec<SyncFile>,
     pub control: Option<ControlFile>,
+    pub guard: Option<GuardFile>,
 }
 
 /// Collects problems while reading.
@@ -591,6 +624,7 @@ impl Reader {
             }
         }
         file.control = m.get("control").and_then(|n| self.control(n, "control"));
+        file.guard = m.get("guard").and_then(|n| self.guard(n, "guard"));
         file
     }
 
@@ -818,6 +852,24 @@ impl Reader {
             .get("listen")
             .and_then(|n| self.string(n, &m.child("listen")));
         Some(ControlFile { listen })
+    }
+
+    fn guard(&mut self, node: &Node, path: &str) -> Option<GuardFile> {
+        let m = self.map(node, path, GUARD_KEYS)?;
+        let dead_letters = m
+            .get("dead_letters")
+            .and_then(|n| self.dead_letter_guard(n, &m.child("dead_letters")));
+        Some(GuardFile { dead_letters })
+    }
+
+    fn dead_letter_guard(&mut self, node: &Node, path: &str) -> Option<DeadLetterGuardFile> {
+        let m = self.map(node, path, DEAD_LETTER_GUARD_KEYS)?;
+        let mut num = |key: &str| m.get(key).and_then(|n| self.uint(n, &m.child(key)));
+        Some(DeadLetterGuardFile {
+            consecutive: num("consecutive"),
+            window: num("window"),
+            max_percent: num("max_percent"),
+        })
     }
 }
 

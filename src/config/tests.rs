@@ -34,6 +34,8 @@ fn reader_keys_match_schema() {
         ("RouteFile", ROUTE_KEYS),
         ("PullFile", PULL_KEYS),
         ("ControlFile", CONTROL_KEYS),
+        ("GuardFile", GUARD_KEYS),
+        ("DeadLetterGuardFile", DEAD_LETTER_GUARD_KEYS),
     ];
     for (name, keys) in expected {
         let def = defs
@@ -248,4 +250,29 @@ fn on_delete_problems_are_reported_at_the_value() {
     // Reported together with the entry's other problems.
     let text = with_on_delete("purge").replace("    key: [id, tenant_id]\n", "    key: [id, id]\n");
     assert_eq!(all_problems(&text).len(), 2);
+}
+
+#[test]
+fn guard_defaults_parse_and_out_of_range_values_are_named() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.guard.dead_letters, DeadLetterGuard::default());
+    let text = format!("{base}guard:\n  dead_letters:\n    consecutive: 5\n    window: 0\n");
+    let config = load_str("t.yaml", &text, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(
+        config.guard.dead_letters,
+        DeadLetterGuard {
+            consecutive: 5,
+            window: 0,
+            max_percent: DEFAULT_DEAD_LETTER_PERCENT,
+        }
+    );
+    let bad = format!("{base}guard:\n  dead_letters:\n    max_percent: 0\n    burst: 3\n");
+    let got = all_problems(&bad);
+    assert!(
+        got.iter()
+            .any(|p| p.ends_with("`guard.dead_letters.max_percent` must be between 1 and 100")),
+        "{got:#?}"
+    );
+    assert!(got.iter().any(|p| p.contains("burst")), "{got:#?}");
 }

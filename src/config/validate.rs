@@ -61,6 +61,36 @@ fn http_url(r: &mut Reader, s: &Sp<String>, path: &str) -> Option<Url> {
     }
 }
 
+/// `guard:`; every value falls back to its named default.
+fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
+    let mut dead_letters = DeadLetterGuard::default();
+    let Some(d) = g.and_then(|g| g.dead_letters.as_ref()) else {
+        return GuardConfig { dead_letters };
+    };
+    let mut bounded = |v: &Option<Sp<u64>>, key: &str, min: u64, max: u64| -> Option<u64> {
+        let v = v.as_ref()?;
+        if (min..=max).contains(&v.value) {
+            Some(v.value)
+        } else {
+            r.issues.push((
+                v.loc,
+                format!("`guard.dead_letters.{key}` must be between {min} and {max}"),
+            ));
+            None
+        }
+    };
+    if let Some(n) = bounded(&d.consecutive, "consecutive", 0, 1_000_000) {
+        dead_letters.consecutive = n as u32;
+    }
+    if let Some(n) = bounded(&d.window, "window", 0, 1_000_000) {
+        dead_letters.window = n as u32;
+    }
+    if let Some(n) = bounded(&d.max_percent, "max_percent", 1, 100) {
+        dead_letters.max_percent = n as u8;
+    }
+    GuardConfig { dead_letters }
+}
+
 /// Checks a file and builds its config. Problems go to `r.issues`; `Some` only without any.
 pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, CrossRefs)> {
     let before = r.issues.len();
@@ -126,6 +156,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             }
         },
     };
+    let guard = check_guard(r, f.guard.as_ref());
     if r.issues.len() != before {
         return None;
     }
@@ -137,6 +168,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         graph: graph?,
         sync,
         control: ControlConfig { listen: control? },
+        guard,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;

@@ -1,6 +1,7 @@
 //! The CLI side of the pipeline API: `syncbridge snapshot` asks the process that runs the pipeline
 //! (it owns the replication slot) over its control plane; `syncbridge conflicts list|resolve`
-//! asks its processor (it owns the ledger).
+//! asks its processor (it owns the ledger); `syncbridge resume` restarts a paused pipeline's
+//! processor.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -76,6 +77,16 @@ async fn answer(
                 .map(str::to_string),
         })
     }
+}
+
+/// `POST /pipelines/{pipeline}/resume`: the pause it ended (`{"resumed": true, "pause": …}`);
+/// HTTP 409 when the pipeline is not paused.
+pub async fn resume(addr: SocketAddr, pipeline: &str) -> Result<serde_json::Value, ClientError> {
+    let r = client()?
+        .post(format!("http://{addr}/pipelines/{pipeline}/resume"))
+        .send()
+        .await;
+    answer(addr, r).await
 }
 
 /// `POST /pipelines/{pipeline}/snapshot?table=…`: the queued status (with its `id`).

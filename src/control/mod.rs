@@ -17,6 +17,12 @@
 //! id, 409 not parked / already resolved / superseded / gone, 412 a side changed since the
 //! conflict was recorded, 502 a write failed, 503 busy or the processor stopped.
 //!
+//! Pauses: a pipeline whose guard tripped (a run of dead letters of one kind, a change event whose
+//! schema cannot be had; see [`crate::process::guard`]) is not ready, and `/ready` names the reason
+//! under `reasons`. `GET /pipelines/{name}/pause` shows it (`{"paused": false}` or the pause with
+//! `kind`, `reason`, `at`, `since_ms`); `POST /pipelines/{name}/resume` restarts the processor from
+//! its committed offsets (200 with the pause it ended; 409 not paused; 404 unknown pipeline).
+//!
 //! Binding happens in [`bind`], before any stage starts, so a taken port fails the run at once
 //! instead of after a snapshot has begun.
 
@@ -37,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::ResnapshotHandle;
 use crate::capture::resnapshot::RequestError;
+use crate::process::guard::PauseHandle;
 use crate::pull::{ConflictHandle, ConflictState, ResolveError, Take};
 use crate::telemetry::metrics::STAGE_UP;
 
@@ -69,6 +76,8 @@ impl ControlError {
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     stages: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// Why a stage is not ready, when it says so (e.g. a paused pipeline).
+    reasons: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Readiness {
@@ -79,6 +88,23 @@ impl Readiness {
 
     /// Marks a stage ready (or not ready again, e.g. while it reconnects).
     pub fn set(&self, pipeline: &str, stage: &str, ready: bool) {
+        self.reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&format!("{pipeline}/{stage}"));
+        self.mark(pipeline, stage, ready);
+    }
+
+    /// Marks a stage not ready and says why (shown by `/ready`).
+    pub fn set_not_ready(&self, pipeline: &str, stage: &str, reason: String) {
+        self.reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(format!("{pipeline}/{stage}"), reason);
+        self.mark(pipeline, stage, false);
+    }
+
+    fn mark(&self, pipeline: &str, stage: &str, ready: bool) {
         let key = format!("{pipeline}/{stage}");
         self.stages
             .lock()
@@ -96,6 +122,13 @@ impl Readiness {
 
     fn snapshot(&self) -> BTreeMap<String, bool> {
         self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn reasons(&self) -> BTreeMap<String, String> {
+        self.reasons
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -148,12 +181,45 @@ impl ConflictRegistry {
     }
 }
 
+/// The pause switches of the running pipelines, by pipeline name.
+#[derive(Debug, Clone, Default)]
+pub struct PauseRegistry {
+    pipelines: Arc<Mutex<BTreeMap<String, PauseHandle>>>,
+}
+
+impl PauseRegistry {
+    pub fn register(&self, handle: PauseHandle) {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.pipeline().to_string(), handle);
+    }
+
+    fn get(&self, pipeline: &str) -> Option<PauseHandle> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pipeline)
+            .cloned()
+    }
+}
+
+/// What the control plane serves: shared with the runtime, which registers each pipeline.
+#[derive(Debug, Clone)]
+pub struct Registries {
+    pub readiness: Readiness,
+    pub snapshots: SnapshotRegistry,
+    pub conflicts: ConflictRegistry,
+    pub pauses: PauseRegistry,
+}
+
 #[derive(Clone)]
 struct AppState {
     readiness: Readiness,
     prometheus: PrometheusHandle,
     snapshots: SnapshotRegistry,
     conflicts: ConflictRegistry,
+    pauses: PauseRegistry,
 }
 
 /// Binds the listening socket; call before starting stages.
@@ -167,12 +233,13 @@ pub async fn bind(config: &ControlConfig) -> Result<TcpListener, ControlError> {
 }
 
 /// The control-plane routes, separate from serving so tests can drive them in-process.
-pub fn router(
-    readiness: Readiness,
-    prometheus: PrometheusHandle,
-    snapshots: SnapshotRegistry,
-    conflicts: ConflictRegistry,
-) -> Router {
+pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
+    let Registries {
+        readiness,
+        snapshots,
+        conflicts,
+        pauses,
+    } = registries;
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -186,30 +253,28 @@ pub fn router(
             "/pipelines/{name}/conflicts/{id}/resolve",
             axum::routing::post(conflict_resolve),
         )
+        .route("/pipelines/{name}/pause", get(pause_status))
+        .route("/pipelines/{name}/resume", axum::routing::post(resume))
         .with_state(AppState {
             readiness,
             prometheus,
             snapshots,
             conflicts,
+            pauses,
         })
 }
 
 /// Serves until `shutdown` is cancelled, then finishes in-flight requests and returns.
 pub async fn run(
     listener: TcpListener,
-    readiness: Readiness,
+    registries: Registries,
     prometheus: PrometheusHandle,
-    snapshots: SnapshotRegistry,
-    conflicts: ConflictRegistry,
     shutdown: CancellationToken,
 ) -> Result<(), ControlError> {
-    axum::serve(
-        listener,
-        router(readiness, prometheus, snapshots, conflicts),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
-    .map_err(ControlError::Serve)
+    axum::serve(listener, router(registries, prometheus))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(ControlError::Serve)
 }
 
 async fn health() -> impl IntoResponse {
@@ -218,7 +283,11 @@ async fn health() -> impl IntoResponse {
 
 async fn ready(State(state): State<AppState>) -> Response {
     let ready = state.readiness.is_ready();
-    let body = serde_json::json!({ "ready": ready, "stages": state.readiness.snapshot() });
+    let mut body = serde_json::json!({ "ready": ready, "stages": state.readiness.snapshot() });
+    let reasons = state.readiness.reasons();
+    if !reasons.is_empty() {
+        body["reasons"] = serde_json::json!(reasons);
+    }
     let status = if ready {
         StatusCode::OK
     } else {
@@ -333,6 +402,35 @@ async fn conflict_resolve(
     match handle.resolve(&id, take, by).await {
         Ok(view) => axum::Json(view).into_response(),
         Err(e) => resolve_error(&e),
+    }
+}
+
+async fn pause_status(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let Some(handle) = state.pauses.get(&name) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline {name:?} runs in this process"),
+        );
+    };
+    match handle.paused() {
+        Some(p) => axum::Json(serde_json::json!({ "paused": true, "pause": p })).into_response(),
+        None => axum::Json(serde_json::json!({ "paused": false })).into_response(),
+    }
+}
+
+async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let Some(handle) = state.pauses.get(&name) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline {name:?} runs in this process"),
+        );
+    };
+    match handle.resume() {
+        Some(p) => axum::Json(serde_json::json!({ "resumed": true, "pause": p })).into_response(),
+        None => json_error(
+            StatusCode::CONFLICT,
+            format!("pipeline {name:?} is not paused"),
+        ),
     }
 }
 

@@ -29,6 +29,7 @@
 
 pub mod convert;
 pub mod dlq;
+pub mod guard;
 pub mod ledger;
 pub(crate) mod processor;
 pub mod provision;
@@ -133,6 +134,10 @@ pub enum ProcessError {
     /// Resolving a Confluent schema id (`log.kafka.schema_registry`) failed.
     #[error(transparent)]
     Registry(#[from] crate::event::registry::RegistryError),
+    /// The pipeline paused itself (a dead-letter storm, a schema that cannot be had): nothing
+    /// past the first failing event was acknowledged; the runtime waits for the operator.
+    #[error("pipeline paused ({}): {}", .0.kind, .0.reason)]
+    Paused(guard::Paused),
 }
 
 impl From<crate::pg::PgConnectError> for ProcessError {
@@ -156,6 +161,7 @@ impl ProcessError {
             ProcessError::Catalog(_) => true,
             ProcessError::Config(_) => false,
             ProcessError::Registry(e) => e.is_retryable(),
+            ProcessError::Paused(_) => false,
         }
     }
 }

@@ -85,6 +85,11 @@ pub const PUSH_PENDING_ROWS: &str = "syncbridge_push_pending_rows";
 pub const PUSH_FLUSH_SECONDS: &str = "syncbridge_push_flush_seconds";
 /// Counter of dead letters written to the DLQ topic, labels `pipeline`, `kind`.
 pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
+/// Gauge 0/1: the pipeline paused itself and waits for an operator's resume, labels `pipeline`,
+/// `kind` (dead_letter_storm/schema_unavailable).
+pub const PIPELINE_PAUSED: &str = "syncbridge_pipeline_paused";
+/// Counter of pauses (guard trips and schemas that could not be had), labels `pipeline`, `kind`.
+pub const PIPELINE_PAUSES_TOTAL: &str = "syncbridge_pipeline_pauses_total";
 /// Counter of list changes recognised as our own writes coming back (echoes), label `pipeline`.
 pub const PULL_ECHOES_TOTAL: &str = "syncbridge_pull_echoes_total";
 /// Counter of fields changed on both sides, labels `pipeline`, `policy`, `outcome` (source/target/parked).
@@ -295,6 +300,15 @@ pub fn describe_all() {
         PUSH_DEAD_LETTERS_TOTAL,
         Unit::Count,
         "Dead letters written to the DLQ topic (labels: pipeline, kind)."
+    );
+    describe_gauge!(
+        PIPELINE_PAUSED,
+        "1 while the pipeline is paused by a guard and waits for a resume (labels: pipeline, kind)."
+    );
+    describe_counter!(
+        PIPELINE_PAUSES_TOTAL,
+        Unit::Count,
+        "Times the pipeline paused itself (labels: pipeline, kind)."
     );
     describe_counter!(
         PULL_ECHOES_TOTAL,

@@ -73,9 +73,11 @@ pub mod error;
 pub mod log_sink;
 pub mod resnapshot;
 mod run;
+mod session;
 pub mod sink;
 mod sink_task;
 pub mod snapshot;
+mod streaming;
 
 pub use config::{CaptureConfig, TableSpec};
 pub use error::CaptureError;

@@ -174,6 +174,19 @@ impl Assembler {
                     tx.watermarks.push((x, text));
                 }
             }
+            other => self.change(change_xid, other, catalog)?,
+        }
+        Ok(Decoded::Nothing)
+    }
+
+    /// A row change (Insert, Update, Delete, Truncate): its events join the open transaction.
+    fn change(
+        &mut self,
+        change_xid: Option<u32>,
+        message: M,
+        catalog: &Catalog,
+    ) -> Result<(), CaptureError> {
+        match message {
             M::Insert { relation_id, tuple } => {
                 let rel = self.relation(catalog, relation_id)?;
                 let after = to_row(&rel, &tuple)?;
@@ -231,7 +244,7 @@ impl Assembler {
             // two-phase messages are not requested.
             _ => {}
         }
-        Ok(Decoded::Nothing)
+        Ok(())
     }
 
     fn relation(&self, catalog: &Catalog, oid: u32) -> Result<Arc<Relation>, CaptureError> {

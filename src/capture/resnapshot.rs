@@ -259,6 +259,73 @@ pub(crate) struct Job {
     pending: Option<ChunkRead>,
 }
 
+impl Job {
+    /// The rows of chunk `chunk` of this run, read before its high watermark was written.
+    fn take_chunk(&mut self, run: u64, chunk: u64) -> Result<ChunkRead, String> {
+        if self.pending.as_ref().is_none_or(|p| p.chunk != chunk) {
+            // The task sent the rows before writing this watermark: they are queued.
+            let msg = self.task.as_mut().map(|t| t.rows_rx.try_recv());
+            match msg {
+                Some(Ok(Ok(c))) => self.pending = Some(c),
+                Some(Ok(Err(e))) => return Err(e),
+                _ => return Err(format!("rows of chunk {chunk} are missing")),
+            }
+        }
+        self.pending
+            .take_if(|p| p.chunk == chunk && p.run == run)
+            .ok_or_else(|| format!("rows of chunk {chunk} are missing"))
+    }
+
+    /// A DDL since the job started: the chunk's row shape is no longer the stream's.
+    fn check_columns(&self, catalog: &Catalog) -> Result<(), String> {
+        if let Some(now) = catalog.relation(self.table.oid)
+            && now
+                .columns
+                .iter()
+                .map(|c| &c.name)
+                .ne(self.rel.columns.iter().map(|c| &c.name))
+        {
+            return Err(format!(
+                "the columns of {} changed during the re-snapshot; request it again",
+                self.table.spec.qualified()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `op = r` events for the chunk's rows whose key the stream did not change in the window.
+    fn unchanged_rows(
+        &self,
+        window: &Window,
+        read: &ChunkRead,
+        source: Source,
+    ) -> Vec<ChangeEvent> {
+        let mut events = Vec::with_capacity(read.rows.len());
+        for row in read.rows.iter() {
+            let key: Option<Vec<String>> = self
+                .key_idx
+                .iter()
+                .map(|&i| match &row[i] {
+                    Value::Text(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            if key.as_ref().is_some_and(|k| window.changed.contains(k)) {
+                continue;
+            }
+            events.push(ChangeEvent {
+                relation: self.rel.clone(),
+                op: Op::Read,
+                before: None,
+                after: Some(row.clone()),
+                source: source.clone(),
+                ts_ms: source.commit_ts_ms,
+            });
+        }
+        events
+    }
+}
+
 #[derive(Debug)]
 struct Task {
     rows_rx: mpsc::Receiver<Result<ChunkRead, String>>,
@@ -559,98 +626,64 @@ impl Resnapper {
                 });
                 Ok(None)
             }
-            "high" => {
-                let Some(window) = job.window.take_if(|w| w.chunk == chunk) else {
-                    return Ok(None);
-                };
-                if job.pending.as_ref().is_none_or(|p| p.chunk != chunk) {
-                    // The task sent the rows before writing this watermark: they are queued.
-                    let msg = job.task.as_mut().map(|t| t.rows_rx.try_recv());
-                    match msg {
-                        Some(Ok(Ok(c))) => job.pending = Some(c),
-                        Some(Ok(Err(e))) => return Err(e),
-                        _ => return Err(format!("rows of chunk {chunk} are missing")),
-                    }
-                }
-                let Some(read) = job.pending.take_if(|p| p.chunk == chunk && p.run == run) else {
-                    return Err(format!("rows of chunk {chunk} are missing"));
-                };
-                // A DDL since the job started: the chunk's row shape is no longer the stream's.
-                if let Some(now) = catalog.relation(job.table.oid)
-                    && now.columns.iter().map(|c| &c.name).ne(job
-                        .rel
-                        .columns
-                        .iter()
-                        .map(|c| &c.name))
-                {
-                    return Err(format!(
-                        "the columns of {} changed during the re-snapshot; request it again",
-                        job.table.spec.qualified()
-                    ));
-                }
-                let qualified = job.table.spec.qualified();
-                if window.tainted {
-                    if let Some(t) = &job.task {
-                        let _ = t.next_tx.try_send(Next::Retry);
-                    }
-                    self.update(|s| s.retried_chunks += 1);
-                    return Ok(None);
-                }
-                let ts = now_ms();
-                let total = read.rows.len();
-                let mut events = Vec::with_capacity(total);
-                for row in read.rows.iter() {
-                    let key: Option<Vec<String>> = job
-                        .key_idx
-                        .iter()
-                        .map(|&i| match &row[i] {
-                            Value::Text(s) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    if key.as_ref().is_some_and(|k| window.changed.contains(k)) {
-                        continue;
-                    }
-                    events.push(ChangeEvent {
-                        relation: job.rel.clone(),
-                        op: Op::Read,
-                        before: None,
-                        after: Some(row.clone()),
-                        source: Source {
-                            pipeline: pipeline.to_string(),
-                            db: db.to_string(),
-                            lsn,
-                            tx_id: None,
-                            commit_ts_ms: ts,
-                            origin: None,
-                            snapshot: true,
-                        },
-                        ts_ms: ts,
-                    });
-                }
-                let superseded = (total - events.len()) as u64;
-                let emitted = events.len() as u64;
-                metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified.clone())
-                    .increment(emitted);
-                metrics::counter!(m::RESNAPSHOT_ROWS_SUPERSEDED_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified)
-                    .increment(superseded);
-                let last_key = read.last_key.clone();
-                let last = read.last;
-                job.pending = Some(ChunkRead {
-                    run,
-                    chunk,
-                    rows: Vec::new(),
-                    last_key,
-                    last,
-                });
-                self.update(|s| {
-                    s.rows += emitted;
-                    s.superseded += superseded;
-                });
-                Ok(Some(ChunkOutcome { events }))
-            }
+            "high" => self.high_watermark(run, chunk, lsn, catalog, db, pipeline),
             _ => Ok(None),
         }
+    }
+
+    /// The high watermark closing chunk `chunk`'s window: its rows minus the keys the stream
+    /// changed inside the window, or a retry of the chunk when the window is tainted.
+    fn high_watermark(
+        &mut self,
+        run: u64,
+        chunk: u64,
+        lsn: u64,
+        catalog: &Catalog,
+        db: &str,
+        pipeline: &str,
+    ) -> Result<Option<ChunkOutcome>, String> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(None);
+        };
+        let Some(window) = job.window.take_if(|w| w.chunk == chunk) else {
+            return Ok(None);
+        };
+        let read = job.take_chunk(run, chunk)?;
+        job.check_columns(catalog)?;
+        if window.tainted {
+            if let Some(t) = &job.task {
+                let _ = t.next_tx.try_send(Next::Retry);
+            }
+            self.update(|s| s.retried_chunks += 1);
+            return Ok(None);
+        }
+        let qualified = job.table.spec.qualified();
+        let source = Source {
+            pipeline: pipeline.to_string(),
+            db: db.to_string(),
+            lsn,
+            tx_id: None,
+            commit_ts_ms: now_ms(),
+            origin: None,
+            snapshot: true,
+        };
+        let events = job.unchanged_rows(&window, &read, source);
+        let superseded = (read.rows.len() - events.len()) as u64;
+        let emitted = events.len() as u64;
+        metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified.clone())
+            .increment(emitted);
+        metrics::counter!(m::RESNAPSHOT_ROWS_SUPERSEDED_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified)
+            .increment(superseded);
+        // The rows are handed over; the position stays until the chunk is durable.
+        job.pending = Some(ChunkRead {
+            rows: Vec::new(),
+            ..read
+        });
+        self.update(|s| {
+            s.rows += emitted;
+            s.superseded += superseded;
+        });
+        Ok(Some(ChunkOutcome { events }))
     }
 
     /// The chunk returned by [`Resnapper::watermark`] is durable: move on (or finish).

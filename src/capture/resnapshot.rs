@@ -235,6 +235,17 @@ enum Next {
     Retry,
 }
 
+/// What a high watermark did with its chunk.
+enum Closed {
+    /// The window was tainted: the chunk is read again.
+    Retry,
+    /// Append these events (the rows not superseded by the stream).
+    Emit {
+        events: Vec<ChangeEvent>,
+        superseded: u64,
+    },
+}
+
 /// The window between a chunk's low and high watermarks.
 #[derive(Debug, Default)]
 struct Window {
@@ -291,6 +302,50 @@ impl Job {
             ));
         }
         Ok(())
+    }
+
+    /// The high watermark closed `window`: its chunk's rows minus the keys the stream changed
+    /// inside the window, or a retry of the chunk when the window is tainted.
+    fn close_window(
+        &mut self,
+        window: Window,
+        run: u64,
+        lsn: u64,
+        catalog: &Catalog,
+        db: &str,
+        pipeline: &str,
+    ) -> Result<Closed, String> {
+        let read = self.take_chunk(run, window.chunk)?;
+        self.check_columns(catalog)?;
+        if window.tainted {
+            if let Some(t) = &self.task {
+                let _ = t.next_tx.try_send(Next::Retry);
+            }
+            return Ok(Closed::Retry);
+        }
+        let qualified = self.table.spec.qualified();
+        let source = Source {
+            pipeline: pipeline.to_string(),
+            db: db.to_string(),
+            lsn,
+            tx_id: None,
+            commit_ts_ms: now_ms(),
+            origin: None,
+            snapshot: true,
+        };
+        let events = self.unchanged_rows(&window, &read, source);
+        let superseded = (read.rows.len() - events.len()) as u64;
+        let emitted = events.len() as u64;
+        metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified.clone())
+            .increment(emitted);
+        metrics::counter!(m::RESNAPSHOT_ROWS_SUPERSEDED_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified)
+            .increment(superseded);
+        // The rows are handed over; the position stays until the chunk is durable.
+        self.pending = Some(ChunkRead {
+            rows: Vec::new(),
+            ..read
+        });
+        Ok(Closed::Emit { events, superseded })
     }
 
     /// `op = r` events for the chunk's rows whose key the stream did not change in the window.
@@ -626,64 +681,27 @@ impl Resnapper {
                 });
                 Ok(None)
             }
-            "high" => self.high_watermark(run, chunk, lsn, catalog, db, pipeline),
+            "high" => {
+                let Some(window) = job.window.take_if(|w| w.chunk == chunk) else {
+                    return Ok(None);
+                };
+                match job.close_window(window, run, lsn, catalog, db, pipeline)? {
+                    Closed::Retry => {
+                        self.update(|s| s.retried_chunks += 1);
+                        Ok(None)
+                    }
+                    Closed::Emit { events, superseded } => {
+                        let emitted = events.len() as u64;
+                        self.update(|s| {
+                            s.rows += emitted;
+                            s.superseded += superseded;
+                        });
+                        Ok(Some(ChunkOutcome { events }))
+                    }
+                }
+            }
             _ => Ok(None),
         }
-    }
-
-    /// The high watermark closing chunk `chunk`'s window: its rows minus the keys the stream
-    /// changed inside the window, or a retry of the chunk when the window is tainted.
-    fn high_watermark(
-        &mut self,
-        run: u64,
-        chunk: u64,
-        lsn: u64,
-        catalog: &Catalog,
-        db: &str,
-        pipeline: &str,
-    ) -> Result<Option<ChunkOutcome>, String> {
-        let Some(job) = self.job.as_mut() else {
-            return Ok(None);
-        };
-        let Some(window) = job.window.take_if(|w| w.chunk == chunk) else {
-            return Ok(None);
-        };
-        let read = job.take_chunk(run, chunk)?;
-        job.check_columns(catalog)?;
-        if window.tainted {
-            if let Some(t) = &job.task {
-                let _ = t.next_tx.try_send(Next::Retry);
-            }
-            self.update(|s| s.retried_chunks += 1);
-            return Ok(None);
-        }
-        let qualified = job.table.spec.qualified();
-        let source = Source {
-            pipeline: pipeline.to_string(),
-            db: db.to_string(),
-            lsn,
-            tx_id: None,
-            commit_ts_ms: now_ms(),
-            origin: None,
-            snapshot: true,
-        };
-        let events = job.unchanged_rows(&window, &read, source);
-        let superseded = (read.rows.len() - events.len()) as u64;
-        let emitted = events.len() as u64;
-        metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified.clone())
-            .increment(emitted);
-        metrics::counter!(m::RESNAPSHOT_ROWS_SUPERSEDED_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified)
-            .increment(superseded);
-        // The rows are handed over; the position stays until the chunk is durable.
-        job.pending = Some(ChunkRead {
-            rows: Vec::new(),
-            ..read
-        });
-        self.update(|s| {
-            s.rows += emitted;
-            s.superseded += superseded;
-        });
-        Ok(Some(ChunkOutcome { events }))
     }
 
     /// The chunk returned by [`Resnapper::watermark`] is durable: move on (or finish).

@@ -64,28 +64,18 @@ pub(super) async fn session<S: EventSink + 'static, P: SnapshotProgress>(
     };
     let catalog = opening.catalog;
     metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone()).set(0.0);
-    let streaming = Streaming::start(
-        config,
-        &source.client,
-        &source.db,
-        &source.tables,
-        catalog,
-        stream,
-        sink,
-        resnap,
-        durable_lsn,
-    );
+    let streaming = Streaming::start(config, &source, catalog, stream, sink, resnap, durable_lsn);
     streaming.run(&lock.lost, &source.conn.lost, shutdown).await
 }
 
 /// The source database as this session sees it: the catalog connection (its loss ends the
 /// session), the server version, the captured tables (in the publication) and the database name.
-struct Source {
-    conn: Conn,
-    client: Arc<Client>,
+pub(super) struct Source {
+    pub(super) conn: Conn,
+    pub(super) client: Arc<Client>,
     version: i32,
-    tables: Vec<ResolvedTable>,
-    db: String,
+    pub(super) tables: Vec<ResolvedTable>,
+    pub(super) db: String,
 }
 
 impl Source {

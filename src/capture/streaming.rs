@@ -16,12 +16,13 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::catalog::{Catalog, ResolvedTable};
+use super::catalog::Catalog;
 use super::config::CaptureConfig;
 use super::decode::{Assembler, Decoded};
 use super::error::CaptureError;
 use super::now_ms;
 use super::resnapshot::Resnapper;
+use super::session::Source;
 use super::sink::EventSink;
 use super::sink_task::{SharedSink, SinkTask};
 use crate::event::change::ChangeEvent;
@@ -30,9 +31,7 @@ use crate::telemetry::metrics as m;
 /// A session's stream after the snapshot, with everything its loop reads and writes.
 pub(super) struct Streaming<'a> {
     config: &'a CaptureConfig,
-    client: &'a Arc<Client>,
-    db: &'a str,
-    tables: &'a [ResolvedTable],
+    source: &'a Source,
     catalog: Catalog,
     stream: LogicalReplicationStream,
     parser: LogicalReplicationParser,
@@ -46,12 +45,9 @@ pub(super) struct Streaming<'a> {
 
 impl<'a> Streaming<'a> {
     /// Starts the heartbeat, a re-snapshot interrupted by a reconnect, and the sink task.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn start<S: EventSink + 'static>(
         config: &'a CaptureConfig,
-        client: &'a Arc<Client>,
-        db: &'a str,
-        tables: &'a [ResolvedTable],
+        source: &'a Source,
         catalog: Catalog,
         stream: LogicalReplicationStream,
         sink: &SharedSink<S>,
@@ -59,7 +55,7 @@ impl<'a> Streaming<'a> {
         durable_lsn: &'a mut u64,
     ) -> Self {
         let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
-            client.clone(),
+            source.client.clone(),
             config.pipeline.clone(),
             config.slot_name.clone(),
             config.heartbeat_interval,
@@ -75,13 +71,11 @@ impl<'a> Streaming<'a> {
         let sinker = SinkTask::spawn(sink.clone(), config.sink_in_flight, &config.pipeline);
         Self {
             config,
-            client,
-            db,
-            tables,
+            source,
             catalog,
             stream,
             parser: LogicalReplicationParser::with_protocol_version(2),
-            asm: Assembler::new(&config.pipeline, db),
+            asm: Assembler::new(&config.pipeline, &source.db),
             batch: Batch::default(),
             sinker,
             acks,
@@ -139,7 +133,14 @@ impl<'a> Streaming<'a> {
                 req = Resnapper::next_request(&mut self.resnap.requests), if self.resnap.idle() => {
                     if let Some((id, table)) = req {
                         self.resnap
-                            .start(id, table, self.tables, &mut self.catalog, self.client, self.config)
+                            .start(
+                                id,
+                                table,
+                                &self.source.tables,
+                                &mut self.catalog,
+                                &self.source.client,
+                                self.config,
+                            )
                             .await?;
                     }
                 }
@@ -186,7 +187,7 @@ impl<'a> Streaming<'a> {
                 .map(|c| (c.name.to_string(), c.type_id, c.type_modifier))
                 .collect();
             self.catalog
-                .relation_from_message(self.client, *relation_id, *replica_identity, &cols)
+                .relation_from_message(&self.source.client, *relation_id, *replica_identity, &cols)
                 .await?;
             return Ok(());
         }
@@ -237,7 +238,7 @@ impl<'a> Streaming<'a> {
         let pipeline = &self.config.pipeline;
         match self
             .resnap
-            .watermark(content, end_lsn, &self.catalog, self.db, pipeline)
+            .watermark(content, end_lsn, &self.catalog, &self.source.db, pipeline)
         {
             Ok(None) => {}
             Ok(Some(chunk)) => {

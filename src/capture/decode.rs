@@ -147,14 +147,7 @@ impl Assembler {
                 xid,
                 subtransaction_xid,
                 ..
-            } => {
-                if xid == subtransaction_xid {
-                    self.streamed.remove(&xid);
-                } else if let Some(tx) = self.streamed.get_mut(&xid) {
-                    tx.events.retain(|(x, _)| *x != subtransaction_xid);
-                    tx.watermarks.retain(|(x, _)| *x != subtransaction_xid);
-                }
-            }
+            } => self.abort_streamed(xid, subtransaction_xid),
             // Non-transactional (flags bit 0 clear) heartbeats are sent as they are decoded,
             // between transactions in the output, so everything before them has been sent.
             M::Message {
@@ -177,6 +170,16 @@ impl Assembler {
             other => self.change(change_xid, other, catalog)?,
         }
         Ok(Decoded::Nothing)
+    }
+
+    /// StreamAbort: drops the streamed transaction, or only the aborted subtransaction's changes.
+    fn abort_streamed(&mut self, xid: u32, subtransaction_xid: u32) {
+        if xid == subtransaction_xid {
+            self.streamed.remove(&xid);
+        } else if let Some(tx) = self.streamed.get_mut(&xid) {
+            tx.events.retain(|(x, _)| *x != subtransaction_xid);
+            tx.watermarks.retain(|(x, _)| *x != subtransaction_xid);
+        }
     }
 
     /// A row change (Insert, Update, Delete, Truncate): its events join the open transaction.

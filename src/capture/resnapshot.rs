@@ -768,6 +768,67 @@ struct ChunkReader {
 }
 
 impl ChunkReader {
+    /// Reads the chunk after `self.last_key` (keyset query, text values).
+    async fn read_chunk(&self, client: &Client, chunk: u64) -> Result<ChunkRead, String> {
+        let select_list: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        let key_list: Vec<String> = self.key_cols.iter().map(|(k, _)| quote_ident(k)).collect();
+        let filter = match &self.last_key {
+            None => String::new(),
+            Some(values) => {
+                let lits: Vec<String> = values
+                    .iter()
+                    .zip(&self.key_cols)
+                    .map(|(v, (_, ty))| format!("{}::{ty}", quote_literal(v)))
+                    .collect();
+                format!(" WHERE ({}) > ({})", key_list.join(", "), lits.join(", "))
+            }
+        };
+        let sql = format!(
+            "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
+            select_list.join(", "),
+            self.from,
+            key_list.join(", "),
+            self.chunk_size
+        );
+        let mut rows = Vec::new();
+        for msg in client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| format!("re-snapshot chunk query failed: {e}"))?
+        {
+            if let SimpleQueryMessage::Row(r) = msg {
+                let mut row = Vec::with_capacity(self.columns.len());
+                for i in 0..self.columns.len() {
+                    row.push(match r.try_get(i).map_err(|e| e.to_string())? {
+                        Some(s) => Value::Text(s.to_string()),
+                        None => Value::Null,
+                    });
+                }
+                rows.push(row);
+            }
+        }
+        let last = rows.len() < self.chunk_size;
+        let last_key = match rows.last() {
+            None => None,
+            Some(row) => Some(
+                self.key_idx
+                    .iter()
+                    .map(|&i| match &row[i] {
+                        Value::Text(s) => Ok(s.clone()),
+                        _ => Err("a key column is NULL: key columns must be NOT NULL"),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(ChunkRead {
+            run: self.run,
+            chunk,
+            rows,
+            last_key,
+            last,
+        })
+    }
+
     async fn run(
         mut self,
         rows_tx: &mpsc::Sender<Result<ChunkRead, String>>,
@@ -779,68 +840,13 @@ impl ChunkReader {
         let _conn = AbortOnDrop(tokio::spawn(async move {
             let _ = connection.await;
         }));
-        let select_list: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
-        let key_list: Vec<String> = self.key_cols.iter().map(|(k, _)| quote_ident(k)).collect();
         let mut chunk = 0u64;
         loop {
             chunk += 1;
             let mark = |kind: &str| format!("{}:{}:{chunk}:{kind}", self.id, self.run);
             emit(&client, &mark("low")).await?;
-            let filter = match &self.last_key {
-                None => String::new(),
-                Some(values) => {
-                    let lits: Vec<String> = values
-                        .iter()
-                        .zip(&self.key_cols)
-                        .map(|(v, (_, ty))| format!("{}::{ty}", quote_literal(v)))
-                        .collect();
-                    format!(" WHERE ({}) > ({})", key_list.join(", "), lits.join(", "))
-                }
-            };
-            let sql = format!(
-                "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
-                select_list.join(", "),
-                self.from,
-                key_list.join(", "),
-                self.chunk_size
-            );
-            let mut rows = Vec::new();
-            for msg in client
-                .simple_query(&sql)
-                .await
-                .map_err(|e| format!("re-snapshot chunk query failed: {e}"))?
-            {
-                if let SimpleQueryMessage::Row(r) = msg {
-                    let mut row = Vec::with_capacity(self.columns.len());
-                    for i in 0..self.columns.len() {
-                        row.push(match r.try_get(i).map_err(|e| e.to_string())? {
-                            Some(s) => Value::Text(s.to_string()),
-                            None => Value::Null,
-                        });
-                    }
-                    rows.push(row);
-                }
-            }
-            let last = rows.len() < self.chunk_size;
-            let last_key = match rows.last() {
-                None => None,
-                Some(row) => Some(
-                    self.key_idx
-                        .iter()
-                        .map(|&i| match &row[i] {
-                            Value::Text(s) => Ok(s.clone()),
-                            _ => Err("a key column is NULL: key columns must be NOT NULL"),
-                        })
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-            };
-            let read = ChunkRead {
-                run: self.run,
-                chunk,
-                rows,
-                last_key: last_key.clone(),
-                last,
-            };
+            let read = self.read_chunk(&client, chunk).await?;
+            let (last, last_key) = (read.last, read.last_key.clone());
             if rows_tx.send(Ok(read)).await.is_err() {
                 return Ok(());
             }

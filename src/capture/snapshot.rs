@@ -180,28 +180,7 @@ pub(crate) async fn run_snapshot<S: EventSink + 'static, P: SnapshotProgress>(
     metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone())
         .set(pending.len() as f64);
 
-    let bar = if config.progress_bar && std::io::stderr().is_terminal() {
-        let mut estimate = 0u64;
-        for t in &pending {
-            let row = client
-                .query_one(
-                    "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
-                    &[&t.oid],
-                )
-                .await?;
-            estimate += row.get::<_, i64>(0).max(0) as u64;
-        }
-        let bar = indicatif::ProgressBar::new(estimate);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(bar)
-    } else {
-        None
-    };
+    let bar = progress_bar(config, client, &pending).await?;
 
     let mut sinker: SinkTask<ChunkDone> =
         SinkTask::spawn(sink.clone(), config.sink_in_flight, &config.pipeline);
@@ -247,6 +226,36 @@ pub(crate) async fn run_snapshot<S: EventSink + 'static, P: SnapshotProgress>(
         bar.finish_with_message("snapshot done");
     }
     Ok(true)
+}
+
+/// A terminal progress bar over the pending tables' estimated rows (`reltuples`), when asked for
+/// and stderr is a terminal.
+async fn progress_bar(
+    config: &CaptureConfig,
+    client: &Client,
+    pending: &[&ResolvedTable],
+) -> Result<Option<indicatif::ProgressBar>, CaptureError> {
+    if !config.progress_bar || !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let mut estimate = 0u64;
+    for t in pending {
+        let row = client
+            .query_one(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+                &[&t.oid],
+            )
+            .await?;
+        estimate += row.get::<_, i64>(0).max(0) as u64;
+    }
+    let bar = indicatif::ProgressBar::new(estimate);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Ok(Some(bar))
 }
 
 /// Why a snapshot must stop between chunks.

@@ -1,18 +1,23 @@
 //! SyncBridge keeps PostgreSQL tables and SharePoint / Teams lists in sync through Microsoft Graph.
 //!
 //! Modules follow the data path:
-//! - [`capture`]: PostgreSQL logical replication → Debezium-style Avro change events in the log.
+//! - [`config`]: pipeline YAML → parse → validate (no IO, every problem at once) → typed config.
+//! - [`capture`]: PostgreSQL logical replication and snapshots → change events appended to the log.
 //! - [`event`]: the change-event format, the contract between capture and its consumers: the
 //!   in-process change event, the Debezium-style envelope, Avro schemas, encoder and decoder,
 //!   fingerprints and the Confluent schema-registry client.
-//! - [`config`]: pipeline YAML → parse → validate (no IO, every problem at once) → typed config.
-//! - [`log`]: the durable event log (`EventLog`): Kafka in production, embedded sled by default.
+//! - [`log`]: the durable event log (`EventLog`): Kafka in production, embedded by default.
+//! - [`process`]: the push processor: consume the log, map and route rows, content-hash ledger,
+//!   write to the lists, dead letters, list provisioning.
 //! - [`graph`]: the Microsoft Graph client: auth, RU-priced per-tenant limiter, retries, list/item ops, `$batch`.
-//! - [`emulator`]: an offline Microsoft Graph for SharePoint lists (tests, demos, users without a tenant).
-//! - [`runtime`]: runs pipelines: one cancellation tree, stages started and drained in data-path order.
+//! - [`pull`]: the return path: delta pollers, return processor, conflicts and their resolution,
+//!   PostgreSQL applier.
+//! - [`runtime`]: runs pipelines: one cancellation tree, inputs drained before their consumers.
+//! - [`control`]: the control-plane HTTP server (`/health`, `/ready`, `/metrics`) and pipeline API
+//!   (re-snapshots, conflicts).
 //! - [`telemetry`]: tracing setup and the one module of metric names.
+//! - [`emulator`]: an offline Microsoft Graph for SharePoint lists (tests, demos, users without a tenant).
 //! - [`pg`]: PostgreSQL client connections with libpq's TLS semantics (`sslmode`, `sslrootcert`).
-//! - [`control`]: the control-plane HTTP server (`/health`, `/ready`, `/metrics`).
 //!
 //! Delivery guarantees (the contract every stage keeps):
 //! - A progress marker (replication LSN, log offset, delta token) moves only after the step downstream

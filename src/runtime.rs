@@ -1,11 +1,11 @@
-//! Runs pipelines inside one process: one cancellation tree, stages started in data-path order
-//! (log → capture → process → write → return) and drained in that same order on shutdown, so
-//! nothing new enters a stage after the one before it has stopped. The control plane starts
-//! first (a taken port fails the run before any work begins) and stops last (`/health` stays
-//! up while draining).
-//!
-//! Today the stages are the control plane, each pipeline's log and its capture; processors and
-//! writers join here as they land.
+//! Runs pipelines inside one process under one cancellation tree. Per pipeline: the log opens,
+//! the lists are provisioned (or verified) and the push processor prepared (so a mapping that
+//! does not fit fails the run before a slot is created), then capture, the delta pollers of the
+//! return path and the processor start. Shutdown drains inputs before their consumer: capture
+//! (acknowledges what is durable, stops reading), then the pollers, then the processor (flushes
+//! and commits), and the log closes last, so nothing new enters a stage after the one feeding it
+//! has stopped. The control plane starts first (a taken port fails the run before any work
+//! begins) and stops last (`/health` stays up while draining).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -494,7 +494,7 @@ fn capture_config(p: &PipelineConfig) -> CaptureConfig {
     CaptureConfig::new(&p.name, p.source.url.expose(), tables, state_dir(p))
 }
 
-/// Where a pipeline keeps local state besides the log (snapshot progress, later the ledger):
+/// Where a pipeline keeps local state besides the log (snapshot progress, the ledger):
 /// beside the embedded log, or under the default state folder with Kafka.
 fn state_dir(p: &PipelineConfig) -> PathBuf {
     match &p.log {
@@ -522,8 +522,9 @@ pub fn topic_prefix(p: &PipelineConfig) -> &str {
     }
 }
 
-/// Stops pipelines in the order they were started; within a pipeline, stages in data-path order:
-/// capture first (it acknowledges what is durable and stops reading), then the log.
+/// Stops pipelines in the order they were started; within a pipeline, inputs before their
+/// consumer: capture first (it acknowledges what is durable and stops reading), then the delta
+/// pollers, then the processor, and the log last.
 async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(), RuntimeError> {
     let mut first_error = None;
     for p in running {

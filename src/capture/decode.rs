@@ -147,14 +147,7 @@ impl Assembler {
                 xid,
                 subtransaction_xid,
                 ..
-            } => {
-                if xid == subtransaction_xid {
-                    self.streamed.remove(&xid);
-                } else if let Some(tx) = self.streamed.get_mut(&xid) {
-                    tx.events.retain(|(x, _)| *x != subtransaction_xid);
-                    tx.watermarks.retain(|(x, _)| *x != subtransaction_xid);
-                }
-            }
+            } => self.abort_streamed(xid, subtransaction_xid),
             // Non-transactional (flags bit 0 clear) heartbeats are sent as they are decoded,
             // between transactions in the output, so everything before them has been sent.
             M::Message {
@@ -174,6 +167,29 @@ impl Assembler {
                     tx.watermarks.push((x, text));
                 }
             }
+            other => self.change(change_xid, other, catalog)?,
+        }
+        Ok(Decoded::Nothing)
+    }
+
+    /// StreamAbort: drops the streamed transaction, or only the aborted subtransaction's changes.
+    fn abort_streamed(&mut self, xid: u32, subtransaction_xid: u32) {
+        if xid == subtransaction_xid {
+            self.streamed.remove(&xid);
+        } else if let Some(tx) = self.streamed.get_mut(&xid) {
+            tx.events.retain(|(x, _)| *x != subtransaction_xid);
+            tx.watermarks.retain(|(x, _)| *x != subtransaction_xid);
+        }
+    }
+
+    /// A row change (Insert, Update, Delete, Truncate): its events join the open transaction.
+    fn change(
+        &mut self,
+        change_xid: Option<u32>,
+        message: M,
+        catalog: &Catalog,
+    ) -> Result<(), CaptureError> {
+        match message {
             M::Insert { relation_id, tuple } => {
                 let rel = self.relation(catalog, relation_id)?;
                 let after = to_row(&rel, &tuple)?;
@@ -231,7 +247,7 @@ impl Assembler {
             // two-phase messages are not requested.
             _ => {}
         }
-        Ok(Decoded::Nothing)
+        Ok(())
     }
 
     fn relation(&self, catalog: &Catalog, oid: u32) -> Result<Arc<Relation>, CaptureError> {

@@ -42,6 +42,13 @@
 //!    minus the keys the stream changed in between, so the newer value always wins per key
 //!    (see [`resnapshot`]).
 //!
+//! # Where each step lives
+//! `run.rs` holds the single-reader lock and restarts sessions with backoff; `session.rs` runs one
+//! session (connect and check the source, resolve tables and publication, create or resume the
+//! slot, the initial snapshot in `snapshot.rs`); `streaming.rs` is the stream loop (decode in
+//! `decode.rs`, batch, acknowledge, re-snapshot chunks from `resnapshot.rs`); `sink_task.rs`
+//! appends batches in order through the [`EventSink`] ([`LogSink`] in production).
+//!
 //! # Requirements and grants
 //! PostgreSQL ≥ 14 with `wal_level = logical`. The capture role needs `REPLICATION` (replication
 //! connection, slot, `pg_logical_emit_message` heartbeats) and `SELECT` on the captured tables;
@@ -73,9 +80,11 @@ pub mod error;
 pub mod log_sink;
 pub mod resnapshot;
 mod run;
+mod session;
 pub mod sink;
 mod sink_task;
 pub mod snapshot;
+mod streaming;
 
 pub use config::{CaptureConfig, TableSpec};
 pub use error::CaptureError;

@@ -235,6 +235,17 @@ enum Next {
     Retry,
 }
 
+/// What a high watermark did with its chunk.
+enum Closed {
+    /// The window was tainted: the chunk is read again.
+    Retry,
+    /// Append these events (the rows not superseded by the stream).
+    Emit {
+        events: Vec<ChangeEvent>,
+        superseded: u64,
+    },
+}
+
 /// The window between a chunk's low and high watermarks.
 #[derive(Debug, Default)]
 struct Window {
@@ -257,6 +268,117 @@ pub(crate) struct Job {
     task: Option<Task>,
     window: Option<Window>,
     pending: Option<ChunkRead>,
+}
+
+impl Job {
+    /// The rows of chunk `chunk` of this run, read before its high watermark was written.
+    fn take_chunk(&mut self, run: u64, chunk: u64) -> Result<ChunkRead, String> {
+        if self.pending.as_ref().is_none_or(|p| p.chunk != chunk) {
+            // The task sent the rows before writing this watermark: they are queued.
+            let msg = self.task.as_mut().map(|t| t.rows_rx.try_recv());
+            match msg {
+                Some(Ok(Ok(c))) => self.pending = Some(c),
+                Some(Ok(Err(e))) => return Err(e),
+                _ => return Err(format!("rows of chunk {chunk} are missing")),
+            }
+        }
+        self.pending
+            .take_if(|p| p.chunk == chunk && p.run == run)
+            .ok_or_else(|| format!("rows of chunk {chunk} are missing"))
+    }
+
+    /// A DDL since the job started: the chunk's row shape is no longer the stream's.
+    fn check_columns(&self, catalog: &Catalog) -> Result<(), String> {
+        if let Some(now) = catalog.relation(self.table.oid)
+            && now
+                .columns
+                .iter()
+                .map(|c| &c.name)
+                .ne(self.rel.columns.iter().map(|c| &c.name))
+        {
+            return Err(format!(
+                "the columns of {} changed during the re-snapshot; request it again",
+                self.table.spec.qualified()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The high watermark closed `window`: its chunk's rows minus the keys the stream changed
+    /// inside the window, or a retry of the chunk when the window is tainted.
+    fn close_window(
+        &mut self,
+        window: Window,
+        run: u64,
+        lsn: u64,
+        catalog: &Catalog,
+        db: &str,
+        pipeline: &str,
+    ) -> Result<Closed, String> {
+        let read = self.take_chunk(run, window.chunk)?;
+        self.check_columns(catalog)?;
+        if window.tainted {
+            if let Some(t) = &self.task {
+                let _ = t.next_tx.try_send(Next::Retry);
+            }
+            return Ok(Closed::Retry);
+        }
+        let qualified = self.table.spec.qualified();
+        let source = Source {
+            pipeline: pipeline.to_string(),
+            db: db.to_string(),
+            lsn,
+            tx_id: None,
+            commit_ts_ms: now_ms(),
+            origin: None,
+            snapshot: true,
+        };
+        let events = self.unchanged_rows(&window, &read, source);
+        let superseded = (read.rows.len() - events.len()) as u64;
+        let emitted = events.len() as u64;
+        metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified.clone())
+            .increment(emitted);
+        metrics::counter!(m::RESNAPSHOT_ROWS_SUPERSEDED_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified)
+            .increment(superseded);
+        // The rows are handed over; the position stays until the chunk is durable.
+        self.pending = Some(ChunkRead {
+            rows: Vec::new(),
+            ..read
+        });
+        Ok(Closed::Emit { events, superseded })
+    }
+
+    /// `op = r` events for the chunk's rows whose key the stream did not change in the window.
+    fn unchanged_rows(
+        &self,
+        window: &Window,
+        read: &ChunkRead,
+        source: Source,
+    ) -> Vec<ChangeEvent> {
+        let mut events = Vec::with_capacity(read.rows.len());
+        for row in read.rows.iter() {
+            let key: Option<Vec<String>> = self
+                .key_idx
+                .iter()
+                .map(|&i| match &row[i] {
+                    Value::Text(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            if key.as_ref().is_some_and(|k| window.changed.contains(k)) {
+                continue;
+            }
+            events.push(ChangeEvent {
+                relation: self.rel.clone(),
+                op: Op::Read,
+                before: None,
+                after: Some(row.clone()),
+                source: source.clone(),
+                ts_ms: source.commit_ts_ms,
+            });
+        }
+        events
+    }
 }
 
 #[derive(Debug)]
@@ -563,91 +685,20 @@ impl Resnapper {
                 let Some(window) = job.window.take_if(|w| w.chunk == chunk) else {
                     return Ok(None);
                 };
-                if job.pending.as_ref().is_none_or(|p| p.chunk != chunk) {
-                    // The task sent the rows before writing this watermark: they are queued.
-                    let msg = job.task.as_mut().map(|t| t.rows_rx.try_recv());
-                    match msg {
-                        Some(Ok(Ok(c))) => job.pending = Some(c),
-                        Some(Ok(Err(e))) => return Err(e),
-                        _ => return Err(format!("rows of chunk {chunk} are missing")),
+                match job.close_window(window, run, lsn, catalog, db, pipeline)? {
+                    Closed::Retry => {
+                        self.update(|s| s.retried_chunks += 1);
+                        Ok(None)
+                    }
+                    Closed::Emit { events, superseded } => {
+                        let emitted = events.len() as u64;
+                        self.update(|s| {
+                            s.rows += emitted;
+                            s.superseded += superseded;
+                        });
+                        Ok(Some(ChunkOutcome { events }))
                     }
                 }
-                let Some(read) = job.pending.take_if(|p| p.chunk == chunk && p.run == run) else {
-                    return Err(format!("rows of chunk {chunk} are missing"));
-                };
-                // A DDL since the job started: the chunk's row shape is no longer the stream's.
-                if let Some(now) = catalog.relation(job.table.oid)
-                    && now.columns.iter().map(|c| &c.name).ne(job
-                        .rel
-                        .columns
-                        .iter()
-                        .map(|c| &c.name))
-                {
-                    return Err(format!(
-                        "the columns of {} changed during the re-snapshot; request it again",
-                        job.table.spec.qualified()
-                    ));
-                }
-                let qualified = job.table.spec.qualified();
-                if window.tainted {
-                    if let Some(t) = &job.task {
-                        let _ = t.next_tx.try_send(Next::Retry);
-                    }
-                    self.update(|s| s.retried_chunks += 1);
-                    return Ok(None);
-                }
-                let ts = now_ms();
-                let total = read.rows.len();
-                let mut events = Vec::with_capacity(total);
-                for row in read.rows.iter() {
-                    let key: Option<Vec<String>> = job
-                        .key_idx
-                        .iter()
-                        .map(|&i| match &row[i] {
-                            Value::Text(s) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    if key.as_ref().is_some_and(|k| window.changed.contains(k)) {
-                        continue;
-                    }
-                    events.push(ChangeEvent {
-                        relation: job.rel.clone(),
-                        op: Op::Read,
-                        before: None,
-                        after: Some(row.clone()),
-                        source: Source {
-                            pipeline: pipeline.to_string(),
-                            db: db.to_string(),
-                            lsn,
-                            tx_id: None,
-                            commit_ts_ms: ts,
-                            origin: None,
-                            snapshot: true,
-                        },
-                        ts_ms: ts,
-                    });
-                }
-                let superseded = (total - events.len()) as u64;
-                let emitted = events.len() as u64;
-                metrics::counter!(m::SNAPSHOT_ROWS_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified.clone())
-                    .increment(emitted);
-                metrics::counter!(m::RESNAPSHOT_ROWS_SUPERSEDED_TOTAL, "pipeline" => pipeline.to_string(), "table" => qualified)
-                    .increment(superseded);
-                let last_key = read.last_key.clone();
-                let last = read.last;
-                job.pending = Some(ChunkRead {
-                    run,
-                    chunk,
-                    rows: Vec::new(),
-                    last_key,
-                    last,
-                });
-                self.update(|s| {
-                    s.rows += emitted;
-                    s.superseded += superseded;
-                });
-                Ok(Some(ChunkOutcome { events }))
             }
             _ => Ok(None),
         }
@@ -717,6 +768,67 @@ struct ChunkReader {
 }
 
 impl ChunkReader {
+    /// Reads the chunk after `self.last_key` (keyset query, text values).
+    async fn read_chunk(&self, client: &Client, chunk: u64) -> Result<ChunkRead, String> {
+        let select_list: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        let key_list: Vec<String> = self.key_cols.iter().map(|(k, _)| quote_ident(k)).collect();
+        let filter = match &self.last_key {
+            None => String::new(),
+            Some(values) => {
+                let lits: Vec<String> = values
+                    .iter()
+                    .zip(&self.key_cols)
+                    .map(|(v, (_, ty))| format!("{}::{ty}", quote_literal(v)))
+                    .collect();
+                format!(" WHERE ({}) > ({})", key_list.join(", "), lits.join(", "))
+            }
+        };
+        let sql = format!(
+            "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
+            select_list.join(", "),
+            self.from,
+            key_list.join(", "),
+            self.chunk_size
+        );
+        let mut rows = Vec::new();
+        for msg in client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| format!("re-snapshot chunk query failed: {e}"))?
+        {
+            if let SimpleQueryMessage::Row(r) = msg {
+                let mut row = Vec::with_capacity(self.columns.len());
+                for i in 0..self.columns.len() {
+                    row.push(match r.try_get(i).map_err(|e| e.to_string())? {
+                        Some(s) => Value::Text(s.to_string()),
+                        None => Value::Null,
+                    });
+                }
+                rows.push(row);
+            }
+        }
+        let last = rows.len() < self.chunk_size;
+        let last_key = match rows.last() {
+            None => None,
+            Some(row) => Some(
+                self.key_idx
+                    .iter()
+                    .map(|&i| match &row[i] {
+                        Value::Text(s) => Ok(s.clone()),
+                        _ => Err("a key column is NULL: key columns must be NOT NULL"),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(ChunkRead {
+            run: self.run,
+            chunk,
+            rows,
+            last_key,
+            last,
+        })
+    }
+
     async fn run(
         mut self,
         rows_tx: &mpsc::Sender<Result<ChunkRead, String>>,
@@ -728,68 +840,13 @@ impl ChunkReader {
         let _conn = AbortOnDrop(tokio::spawn(async move {
             let _ = connection.await;
         }));
-        let select_list: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
-        let key_list: Vec<String> = self.key_cols.iter().map(|(k, _)| quote_ident(k)).collect();
         let mut chunk = 0u64;
         loop {
             chunk += 1;
             let mark = |kind: &str| format!("{}:{}:{chunk}:{kind}", self.id, self.run);
             emit(&client, &mark("low")).await?;
-            let filter = match &self.last_key {
-                None => String::new(),
-                Some(values) => {
-                    let lits: Vec<String> = values
-                        .iter()
-                        .zip(&self.key_cols)
-                        .map(|(v, (_, ty))| format!("{}::{ty}", quote_literal(v)))
-                        .collect();
-                    format!(" WHERE ({}) > ({})", key_list.join(", "), lits.join(", "))
-                }
-            };
-            let sql = format!(
-                "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {}",
-                select_list.join(", "),
-                self.from,
-                key_list.join(", "),
-                self.chunk_size
-            );
-            let mut rows = Vec::new();
-            for msg in client
-                .simple_query(&sql)
-                .await
-                .map_err(|e| format!("re-snapshot chunk query failed: {e}"))?
-            {
-                if let SimpleQueryMessage::Row(r) = msg {
-                    let mut row = Vec::with_capacity(self.columns.len());
-                    for i in 0..self.columns.len() {
-                        row.push(match r.try_get(i).map_err(|e| e.to_string())? {
-                            Some(s) => Value::Text(s.to_string()),
-                            None => Value::Null,
-                        });
-                    }
-                    rows.push(row);
-                }
-            }
-            let last = rows.len() < self.chunk_size;
-            let last_key = match rows.last() {
-                None => None,
-                Some(row) => Some(
-                    self.key_idx
-                        .iter()
-                        .map(|&i| match &row[i] {
-                            Value::Text(s) => Ok(s.clone()),
-                            _ => Err("a key column is NULL: key columns must be NOT NULL"),
-                        })
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-            };
-            let read = ChunkRead {
-                run: self.run,
-                chunk,
-                rows,
-                last_key: last_key.clone(),
-                last,
-            };
+            let read = self.read_chunk(&client, chunk).await?;
+            let (last, last_key) = (read.last, read.last_key.clone());
             if rows_tx.send(Ok(read)).await.is_err() {
                 return Ok(());
             }

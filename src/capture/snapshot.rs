@@ -180,28 +180,7 @@ pub(crate) async fn run_snapshot<S: EventSink + 'static, P: SnapshotProgress>(
     metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone())
         .set(pending.len() as f64);
 
-    let bar = if config.progress_bar && std::io::stderr().is_terminal() {
-        let mut estimate = 0u64;
-        for t in &pending {
-            let row = client
-                .query_one(
-                    "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
-                    &[&t.oid],
-                )
-                .await?;
-            estimate += row.get::<_, i64>(0).max(0) as u64;
-        }
-        let bar = indicatif::ProgressBar::new(estimate);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(bar)
-    } else {
-        None
-    };
+    let bar = progress_bar(config, client, &pending).await?;
 
     let mut sinker: SinkTask<ChunkDone> =
         SinkTask::spawn(sink.clone(), config.sink_in_flight, &config.pipeline);
@@ -247,6 +226,36 @@ pub(crate) async fn run_snapshot<S: EventSink + 'static, P: SnapshotProgress>(
         bar.finish_with_message("snapshot done");
     }
     Ok(true)
+}
+
+/// A terminal progress bar over the pending tables' estimated rows (`reltuples`), when asked for
+/// and stderr is a terminal.
+async fn progress_bar(
+    config: &CaptureConfig,
+    client: &Client,
+    pending: &[&ResolvedTable],
+) -> Result<Option<indicatif::ProgressBar>, CaptureError> {
+    if !config.progress_bar || !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let mut estimate = 0u64;
+    for t in pending {
+        let row = client
+            .query_one(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1",
+                &[&t.oid],
+            )
+            .await?;
+        estimate += row.get::<_, i64>(0).max(0) as u64;
+    }
+    let bar = indicatif::ProgressBar::new(estimate);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Ok(Some(bar))
 }
 
 /// Why a snapshot must stop between chunks.
@@ -321,21 +330,7 @@ async fn snapshot_table<P: SnapshotProgress>(
         _ => (None, 0),
     };
     let consistent_point = rec.state.consistent_point;
-    let select_list: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let key_idx: Vec<usize> = table
-        .key
-        .iter()
-        .map(|k| {
-            rel.columns
-                .iter()
-                .position(|c| &c.name == k)
-                .ok_or_else(|| {
-                    CaptureError::Config(format!("key column {k:?} missing from {qualified}"))
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    let key_list: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
-    let from = super::catalog::qualified_ident(&table.spec.schema, &table.spec.name);
+    let query = ChunkQuery::new(table, rel)?;
     let started = Instant::now();
     loop {
         if stop.lock_lost.is_cancelled() {
@@ -344,74 +339,21 @@ async fn snapshot_table<P: SnapshotProgress>(
         if stop.shutdown.is_cancelled() {
             return Ok(false);
         }
-        let filter = match &last_key {
-            None => String::new(),
-            Some(values) => {
-                if values.len() != key_idx.len() {
-                    return Err(CaptureError::Progress(format!(
-                        "stored snapshot position of {qualified} has {} key values, the key has {}",
-                        values.len(),
-                        key_idx.len()
-                    )));
-                }
-                let lits: Vec<String> = values
-                    .iter()
-                    .zip(&key_idx)
-                    .map(|(v, &i)| format!("{}::{}", quote_literal(v), rel.columns[i].type_name))
-                    .collect();
-                format!(" WHERE ({}) > ({})", key_list.join(", "), lits.join(", "))
-            }
-        };
-        // Simple query protocol: every value comes back in PostgreSQL's text output form.
-        let sql = format!(
-            "SELECT {} FROM {from}{filter} ORDER BY {} LIMIT {}",
-            select_list.join(", "),
-            key_list.join(", "),
-            config.snapshot_chunk_size
-        );
+        let sql = query.sql(last_key.as_deref(), config.snapshot_chunk_size)?;
         let ts = now_ms();
-        let mut events = Vec::new();
-        for msg in client.simple_query(&sql).await? {
-            if let SimpleQueryMessage::Row(row) = msg {
-                let mut values = Vec::with_capacity(rel.columns.len());
-                for i in 0..rel.columns.len() {
-                    values.push(match row.try_get(i)? {
-                        Some(s) => Value::Text(s.to_string()),
-                        None => Value::Null,
-                    });
-                }
-                events.push(ChangeEvent {
-                    relation: rel.clone(),
-                    op: Op::Read,
-                    before: None,
-                    after: Some(values),
-                    source: Source {
-                        pipeline: config.pipeline.clone(),
-                        db: db.to_string(),
-                        lsn: consistent_point,
-                        tx_id: None,
-                        commit_ts_ms: ts,
-                        origin: None,
-                        snapshot: true,
-                    },
-                    ts_ms: ts,
-                });
-            }
-        }
+        let source = Source {
+            pipeline: config.pipeline.clone(),
+            db: db.to_string(),
+            lsn: consistent_point,
+            tx_id: None,
+            commit_ts_ms: ts,
+            origin: None,
+            snapshot: true,
+        };
+        let events = read_chunk(client, &sql, rel, &source).await?;
         let n = events.len();
         if let Some(last) = events.last() {
-            let mut key = Vec::with_capacity(key_idx.len());
-            for &i in &key_idx {
-                match last.after.as_ref().and_then(|r| r.get(i)) {
-                    Some(Value::Text(s)) => key.push(s.clone()),
-                    _ => {
-                        return Err(CaptureError::Config(format!(
-                            "key column {} of {qualified} is NULL in a row: key columns must be NOT NULL",
-                            rel.columns[i].name
-                        )));
-                    }
-                }
-            }
+            let key = query.key_of(last)?;
             rows += n as u64;
             last_key = Some(key.clone());
             let done = ChunkDone {
@@ -443,4 +385,124 @@ async fn snapshot_table<P: SnapshotProgress>(
         .submit(Vec::new(), done, &mut |done| rec.record(done))
         .await?;
     Ok(true)
+}
+
+/// The keyset query of one table's chunks: all columns, ordered by the key, after a key.
+struct ChunkQuery<'a> {
+    rel: &'a Relation,
+    qualified: String,
+    select_list: Vec<String>,
+    key_list: Vec<String>,
+    /// Position of each key column in the relation's columns.
+    key_idx: Vec<usize>,
+    from: String,
+}
+
+impl<'a> ChunkQuery<'a> {
+    fn new(table: &ResolvedTable, rel: &'a Relation) -> Result<Self, CaptureError> {
+        let qualified = table.spec.qualified();
+        let key_idx: Vec<usize> = table
+            .key
+            .iter()
+            .map(|k| {
+                rel.columns
+                    .iter()
+                    .position(|c| &c.name == k)
+                    .ok_or_else(|| {
+                        CaptureError::Config(format!("key column {k:?} missing from {qualified}"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            rel,
+            select_list: rel.columns.iter().map(|c| quote_ident(&c.name)).collect(),
+            key_list: table.key.iter().map(|k| quote_ident(k)).collect(),
+            key_idx,
+            from: super::catalog::qualified_ident(&table.spec.schema, &table.spec.name),
+            qualified,
+        })
+    }
+
+    /// The next chunk after `last_key` (the first chunk without one).
+    fn sql(&self, last_key: Option<&[String]>, chunk_size: usize) -> Result<String, CaptureError> {
+        let filter = match last_key {
+            None => String::new(),
+            Some(values) => {
+                if values.len() != self.key_idx.len() {
+                    return Err(CaptureError::Progress(format!(
+                        "stored snapshot position of {} has {} key values, the key has {}",
+                        self.qualified,
+                        values.len(),
+                        self.key_idx.len()
+                    )));
+                }
+                let lits: Vec<String> = values
+                    .iter()
+                    .zip(&self.key_idx)
+                    .map(|(v, &i)| {
+                        format!("{}::{}", quote_literal(v), self.rel.columns[i].type_name)
+                    })
+                    .collect();
+                format!(
+                    " WHERE ({}) > ({})",
+                    self.key_list.join(", "),
+                    lits.join(", ")
+                )
+            }
+        };
+        // Simple query protocol: every value comes back in PostgreSQL's text output form.
+        Ok(format!(
+            "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {chunk_size}",
+            self.select_list.join(", "),
+            self.from,
+            self.key_list.join(", "),
+        ))
+    }
+
+    /// The key (text) of a row read by this query: where the next chunk starts.
+    fn key_of(&self, event: &ChangeEvent) -> Result<Vec<String>, CaptureError> {
+        let mut key = Vec::with_capacity(self.key_idx.len());
+        for &i in &self.key_idx {
+            match event.after.as_ref().and_then(|r| r.get(i)) {
+                Some(Value::Text(s)) => key.push(s.clone()),
+                _ => {
+                    return Err(CaptureError::Config(format!(
+                        "key column {} of {} is NULL in a row: key columns must be NOT NULL",
+                        self.rel.columns[i].name, self.qualified
+                    )));
+                }
+            }
+        }
+        Ok(key)
+    }
+}
+
+/// Runs one chunk query; every row becomes an `op = r` event from `source`.
+async fn read_chunk(
+    client: &Client,
+    sql: &str,
+    rel: &Arc<Relation>,
+    source: &Source,
+) -> Result<Vec<ChangeEvent>, CaptureError> {
+    let mut events = Vec::new();
+    for msg in client.simple_query(sql).await? {
+        if let SimpleQueryMessage::Row(row) = msg {
+            let mut values = Vec::with_capacity(rel.columns.len());
+            for i in 0..rel.columns.len() {
+                values.push(match row.try_get(i)? {
+                    Some(s) => Value::Text(s.to_string()),
+                    None => Value::Null,
+                });
+            }
+            events.push(ChangeEvent {
+                relation: rel.clone(),
+                op: Op::Read,
+                before: None,
+                after: Some(values),
+                source: source.clone(),
+                ts_ms: source.commit_ts_ms,
+            });
+        }
+    }
+    Ok(events)
 }

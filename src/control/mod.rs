@@ -1,7 +1,7 @@
 //! Control-plane HTTP server: `/health` (the process is up), `/ready` (every registered stage has
-//! started) and `/metrics` (Prometheus text format). The pipeline API and admin UI mount here later.
+//! started), `/metrics` (Prometheus text format) and the pipeline API below.
 //!
-//! Pipeline API so far: `POST /pipelines/{name}/snapshot?table=schema.table` asks the running
+//! Re-snapshots: `POST /pipelines/{name}/snapshot?table=schema.table` asks the running
 //! capture to re-snapshot one table while streaming continues (202 with the queued status and its
 //! `id`; 404 unknown pipeline or table; 409 one is already queued or running) and
 //! `GET /pipelines/{name}/snapshot` shows the latest one (`state`: queued, running, done, failed;

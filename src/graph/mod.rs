@@ -28,8 +28,8 @@
 //! - **Secrets** are never logged ([`crate::config::Secret`]); query strings are not logged either,
 //!   since `$filter` values can hold row data.
 //!
-//! Not here: provisioning from the mapping and column diffing (the writer builds on
-//! [`GraphClient::list_columns`] / [`GraphClient::create_list`]).
+//! Not here: provisioning from the mapping and column diffing ([`crate::process::provision`]
+//! builds on [`GraphClient::list_columns`] / [`GraphClient::create_list`]).
 
 pub mod auth;
 pub mod batch;

@@ -3,7 +3,7 @@
 //! `v1 = [1][timestamp i64][key_len u32][key][has_value u8]([value_len u32][value])?
 //!       [header_count u32]([name_len u32][name utf-8][value_len u32][value])*`
 //!
-//! A segment (several consecutive records of one partition stored as one value) is
+//! A segment (several consecutive records of one partition, the body of one topic-file frame) is
 //! `[SEGMENT_VERSION][count u32]([record_len u32][v1 record])*`.
 
 use super::{LogError, Record};

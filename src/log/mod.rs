@@ -4,7 +4,8 @@
 //! Two implementations pass one conformance suite (`tests/log.rs`):
 //! - [`KafkaLog`]: Apache Kafka (or a Kafka-compatible broker) through rdkafka, for production and
 //!   horizontal scale through consumer groups.
-//! - [`EmbeddedLog`]: a sled database in one directory, the default when no brokers are configured.
+//! - [`EmbeddedLog`]: one directory (sled for metadata and compacted topics, an append-only file
+//!   per other topic), the default when no brokers are configured.
 //!   Single process (the directory is locked), durable across `kill -9`.
 //!
 //! [`AnyLog`] picks one at startup from [`LogConfig`]; the rest of the service is written against

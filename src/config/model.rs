@@ -384,9 +384,25 @@ pub struct ControlConfig {
 }
 
 /// Guards that pause a pipeline (`guard:`).
-#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuardConfig {
     pub dead_letters: DeadLetterGuard,
+    /// How long an event with a schema not yet in the schemas topic waits before a pause.
+    pub schema_wait_ms: u64,
+}
+
+/// A minute covers a consumer joining its group on a slow broker and a partition leader moving
+/// (capture writes a schema before its first record, so on a healthy log it is there at once),
+/// and is short enough that an operator hears of a truly lost schema.
+pub const DEFAULT_SCHEMA_WAIT_MS: u64 = 60_000;
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            dead_letters: DeadLetterGuard::default(),
+            schema_wait_ms: DEFAULT_SCHEMA_WAIT_MS,
+        }
+    }
 }
 
 /// Dead letters of one kind beyond these limits pause the pipeline (0 turns a rule off).

@@ -283,8 +283,13 @@ pub const CONTROL_KEYS: &[&str] = &["listen"];
 pub struct GuardFile {
     #[serde(default)]
     pub dead_letters: Option<DeadLetterGuardFile>,
+    /// How long a change event whose schema is not (yet) in the schemas topic waits for it
+    /// before the pipeline pauses (it is never dead-lettered). Default 60000.
+    #[serde(default)]
+    #[schemars(range(min = 100))]
+    pub schema_wait_ms: Option<Sp<u64>>,
 }
-pub const GUARD_KEYS: &[&str] = &["dead_letters"];
+pub const GUARD_KEYS: &[&str] = &["dead_letters", "schema_wait_ms"];
 
 /// A storm of dead letters of one kind (every event undecodable, every write rejected) pauses
 /// the pipeline; nothing past the first failing event is acknowledged.
@@ -859,7 +864,13 @@ impl Reader {
         let dead_letters = m
             .get("dead_letters")
             .and_then(|n| self.dead_letter_guard(n, &m.child("dead_letters")));
-        Some(GuardFile { dead_letters })
+        let schema_wait_ms = m
+            .get("schema_wait_ms")
+            .and_then(|n| self.uint(n, &m.child("schema_wait_ms")));
+        Some(GuardFile {
+            dead_letters,
+            schema_wait_ms,
+        })
     }
 
     fn dead_letter_guard(&mut self, node: &Node, path: &str) -> Option<DeadLetterGuardFile> {

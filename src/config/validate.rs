@@ -63,9 +63,9 @@ fn http_url(r: &mut Reader, s: &Sp<String>, path: &str) -> Option<Url> {
 
 /// `guard:`; every value falls back to its named default.
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
-    let mut dead_letters = DeadLetterGuard::default();
-    let Some(d) = g.and_then(|g| g.dead_letters.as_ref()) else {
-        return GuardConfig { dead_letters };
+    let mut guard = GuardConfig::default();
+    let Some(g) = g else {
+        return guard;
     };
     let mut bounded = |v: &Option<Sp<u64>>, key: &str, min: u64, max: u64| -> Option<u64> {
         let v = v.as_ref()?;
@@ -74,21 +74,28 @@ fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
         } else {
             r.issues.push((
                 v.loc,
-                format!("`guard.dead_letters.{key}` must be between {min} and {max}"),
+                format!("`guard.{key}` must be between {min} and {max}"),
             ));
             None
         }
     };
-    if let Some(n) = bounded(&d.consecutive, "consecutive", 0, 1_000_000) {
-        dead_letters.consecutive = n as u32;
+    if let Some(ms) = bounded(&g.schema_wait_ms, "schema_wait_ms", 100, 86_400_000) {
+        guard.schema_wait_ms = ms;
     }
-    if let Some(n) = bounded(&d.window, "window", 0, 1_000_000) {
-        dead_letters.window = n as u32;
+    let Some(d) = &g.dead_letters else {
+        return guard;
+    };
+    let dl = &mut guard.dead_letters;
+    if let Some(n) = bounded(&d.consecutive, "dead_letters.consecutive", 0, 1_000_000) {
+        dl.consecutive = n as u32;
     }
-    if let Some(n) = bounded(&d.max_percent, "max_percent", 1, 100) {
-        dead_letters.max_percent = n as u8;
+    if let Some(n) = bounded(&d.window, "dead_letters.window", 0, 1_000_000) {
+        dl.window = n as u32;
     }
-    GuardConfig { dead_letters }
+    if let Some(n) = bounded(&d.max_percent, "dead_letters.max_percent", 1, 100) {
+        dl.max_percent = n as u8;
+    }
+    guard
 }
 
 /// Checks a file and builds its config. Problems go to `r.issues`; `Some` only without any.

@@ -70,9 +70,12 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `message.timeout.ms`: librdkafka retries a record (safely, the producer is idempotent) until
 /// this elapses; then `append` fails with a retryable error and the caller retries the batch.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
-/// `session.timeout.ms`: how long a dead consumer keeps its partitions. 10 s fails over quickly
-/// without flapping on GC-free Rust processes (librdkafka's default is 45 s).
-pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// `session.timeout.ms`: how long a dead consumer keeps its partitions, i.e. how long a processor
+/// restarted after a crash waits before it reads again. 6 s is Apache Kafka's lowest allowed
+/// (`group.min.session.timeout.ms`) and fails over quickly without flapping on GC-free Rust
+/// processes (librdkafka's default is 45 s). Not 10 s: tansu 0.6.0 then leaves a SIGKILLed
+/// member's partitions unassigned for 40 s or more (DESIGN §11), while 6 s takes 6 s.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// `linger.ms`: wait up to 5 ms to fill producer batches; capture emits bursts per transaction.
 pub const DEFAULT_LINGER_MS: u32 = 5;
 /// `queued.max.messages.kbytes`: bound on a consumer's prefetch queue (librdkafka's default is
@@ -283,9 +286,11 @@ impl KafkaLog {
         let cfg = &self.inner.cfg;
         self.ensure_topic(&TopicSpec::new(PROBE_TOPIC, 1)).await?;
         let physical = cfg.physical_name(PROBE_TOPIC);
-        // linger.ms long enough that both records leave in one batch (one ProduceRequest).
+        // linger.ms long enough that both records leave in one batch (one ProduceRequest); not
+        // idempotent, which saves the InitProducerId round trip at every start.
         let probe: FutureProducer = producer_config(cfg, None)
-            .set("linger.ms", "200")
+            .set("linger.ms", "50")
+            .set("enable.idempotence", "false")
             .create()?;
         const PAYLOADS: [&[u8]; 2] = [b"probe-1", b"probe-2"];
         let mut pending = Vec::with_capacity(PAYLOADS.len());

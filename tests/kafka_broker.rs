@@ -87,6 +87,14 @@ async fn produce_one_batch(brokers: &str, topic: &str, n: usize) -> Vec<i64> {
     offsets
 }
 
+/// A new 1-partition topic holding one batch of 5 records; its name and their offsets.
+async fn topic_with_one_batch(brokers: &str, tag: &str) -> (String, Vec<i64>) {
+    let topic = unique(tag);
+    create_topic(brokers, &topic).await;
+    let offsets = produce_one_batch(brokers, &topic, 5).await;
+    (topic, offsets)
+}
+
 /// Offsets a consumer assigned at `from` receives within `wait` (at most `max`).
 fn fetch_from(brokers: &str, topic: &str, from: i64, max: usize, wait: Duration) -> Vec<i64> {
     let c: BaseConsumer = ClientConfig::new()
@@ -109,6 +117,22 @@ fn fetch_from(brokers: &str, topic: &str, from: i64, max: usize, wait: Duration)
     got
 }
 
+async fn bounded(secs: u64, body: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded {secs} s"));
+}
+
+/// A [`KafkaLog`] configuration with default properties in a namespace of its own.
+fn log_config(brokers: String, tag: &str) -> KafkaLogConfig {
+    let mut cfg = KafkaLogConfig::new(brokers);
+    cfg.topic_prefix = unique(tag);
+    cfg.replication_factor = 1;
+    cfg.session_timeout = Duration::from_secs(6);
+    cfg.request_timeout = TIMEOUT;
+    cfg
+}
+
 fn high_watermark(brokers: &str, topic: &str) -> i64 {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -119,16 +143,12 @@ fn high_watermark(brokers: &str, topic: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_record_batch_on_the_raw_broker() {
-    tokio::time::timeout(Duration::from_secs(60), raw_body())
-        .await
-        .expect("test exceeded 60 s");
+    bounded(60, raw_body()).await;
 }
 
 async fn raw_body() {
     let brokers = brokers();
-    let topic = unique("raw");
-    create_topic(&brokers, &topic).await;
-    let batch = produce_one_batch(&brokers, &topic, 5).await;
+    let (topic, batch) = topic_with_one_batch(&brokers, "raw").await;
     assert_eq!(
         batch,
         vec![0, 1, 2, 3, 4],
@@ -173,17 +193,11 @@ async fn raw_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_log_defaults_read_every_record_of_one_append() {
-    tokio::time::timeout(Duration::from_secs(90), log_body())
-        .await
-        .expect("test exceeded 90 s");
+    bounded(90, log_body()).await;
 }
 
 async fn log_body() {
-    let mut cfg = KafkaLogConfig::new(brokers());
-    cfg.topic_prefix = unique("log");
-    cfg.replication_factor = 1;
-    cfg.session_timeout = Duration::from_secs(6);
-    cfg.request_timeout = TIMEOUT;
+    let cfg = log_config(brokers(), "log");
     assert_eq!(
         cfg.producer_batch_records, None,
         "the defaults are under test"
@@ -238,22 +252,15 @@ async fn log_body() {
 /// (which is what the default configuration above is protected from).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_explicit_batch_size_skips_the_probe() {
-    tokio::time::timeout(Duration::from_secs(60), explicit_body())
-        .await
-        .expect("test exceeded 60 s");
+    bounded(60, explicit_body()).await;
 }
 
 async fn explicit_body() {
     let brokers = brokers();
-    let raw_topic = unique("rawx");
-    create_topic(&brokers, &raw_topic).await;
-    produce_one_batch(&brokers, &raw_topic, 5).await;
+    let (raw_topic, _) = topic_with_one_batch(&brokers, "rawx").await;
     let per_batch_broker = high_watermark(&brokers, &raw_topic) == 1;
 
-    let mut cfg = KafkaLogConfig::new(brokers);
-    cfg.topic_prefix = unique("explicit");
-    cfg.replication_factor = 1;
-    cfg.request_timeout = TIMEOUT;
+    let mut cfg = log_config(brokers, "explicit");
     cfg.linger_ms = 200;
     cfg.extra = vec![("batch.num.messages".into(), "10000".into())];
     let log = KafkaLog::new(cfg).unwrap();

@@ -592,8 +592,8 @@ fn log_config(p: &PipelineConfig) -> log::LogConfig {
             // a client-side prefix on top would double it.
             let _ = topic_prefix;
             kafka.topic_prefix = String::new();
-            // Extra librdkafka properties for every client, e.g. `batch.num.messages=1` against
-            // the tansu test broker (README, "tansu"): `k=v` pairs separated by commas.
+            // Extra librdkafka properties for every client (security, tuning): `k=v` pairs
+            // separated by commas. Not needed for the tansu test broker: the log probes it.
             if let Ok(props) = std::env::var(KAFKA_PROPERTIES_ENV) {
                 for kv in props.split(',').filter(|kv| !kv.trim().is_empty()) {
                     if let Some((k, v)) = kv.split_once('=') {

@@ -35,16 +35,7 @@ const PREFIX: &str = "syncbridge";
 
 mod common;
 
-use common::{database_url as db_url, free_port};
-
-fn kafka_brokers() -> String {
-    std::env::var("KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| {
-            panic!("KAFKA_BROKERS is not set: run `eval \"$(ops/stack env)\"` (and `ops/stack up`) first")
-        })
-}
+use common::{database_url as db_url, free_port, kafka_brokers};
 
 async fn client() -> Client {
     let (c, conn) = tokio_postgres::connect(&db_url(), NoTls)
@@ -301,15 +292,61 @@ impl Drop for ChildGuard {
     }
 }
 
-fn write_pipeline(dir: &Path, name: &str, port: u16) -> PathBuf {
+/// Which log `syncbridge run` writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Log {
+    /// The embedded log in the test's temp dir.
+    Embedded,
+    /// The stack's broker (`KAFKA_BROKERS`) with default properties; the pipeline name makes the
+    /// topics unique.
+    Kafka,
+}
+
+impl Log {
+    fn yaml(self, dir: &Path) -> String {
+        match self {
+            Log::Embedded => format!("{{ embedded: {{ path: {} }} }}", dir.join("log").display()),
+            Log::Kafka => format!("{{ kafka: {{ brokers: ['{}'] }} }}", kafka_brokers()),
+        }
+    }
+
+    /// The log as `syncbridge run` opened it, for reading after the runs. Embedded: the
+    /// directory itself (only once no process has it open).
+    fn open(self, dir: &Path) -> AnyLog {
+        match self {
+            Log::Embedded => {
+                AnyLog::open(LogConfig::Embedded(EmbeddedLogConfig::new(dir.join("log")))).unwrap()
+            }
+            Log::Kafka => AnyLog::open(LogConfig::Kafka(run_kafka_config())).unwrap(),
+        }
+    }
+
+    /// End offsets of `topic` right after a kill: a crash image of the embedded log (a copy),
+    /// or the broker's answer (the broker outlives the killed process).
+    async fn end_offsets_after_kill(self, dir: &Path, topic: &str) -> Vec<i64> {
+        match self {
+            Log::Embedded => end_offsets_of_copy(&dir.join("log"), topic).await,
+            Log::Kafka => self.open(dir).end_offsets(topic).await.unwrap_or_default(),
+        }
+    }
+}
+
+/// A Kafka client configured like `syncbridge run`'s (runtime.rs: no client-side prefix, the
+/// topic names carry `<prefix>.<pipeline>`).
+fn run_kafka_config() -> KafkaLogConfig {
+    let mut cfg = KafkaLogConfig::new(kafka_brokers());
+    cfg.topic_prefix = String::new();
+    cfg
+}
+
+fn write_pipeline(dir: &Path, name: &str, port: u16, log: Log) -> PathBuf {
     let file = dir.join("pipeline.yaml");
     let yaml = format!(
         r#"version: 1
 name: {name}
 source:
   url: {url}
-log:
-  embedded: {{ path: {log} }}
+log: {log}
 graph:
   base_url: ${{GRAPH_BASE_URL}}
   token_url: ${{GRAPH_TOKEN_URL}}
@@ -328,7 +365,7 @@ sync:
 control:
   listen: 127.0.0.1:{port}
 "#,
-        log = dir.join("log").display(),
+        log = log.yaml(dir),
         url = db_url(),
     );
     std::fs::write(&file, yaml).unwrap();
@@ -488,10 +525,16 @@ fn row_id_v(row: &Av) -> (i64, Option<String>) {
 /// TOASTed values, no large (streamed) transactions here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_loses_nothing() {
-    hard_timeout(150, kill_9_body()).await;
+    hard_timeout(150, kill_9_body(Log::Embedded)).await;
 }
 
-async fn kill_9_body() {
+/// The same with `syncbridge run` on the stack's Kafka broker (issue 17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill_9_at_random_points_loses_nothing() {
+    hard_timeout(200, kill_9_body(Log::Kafka)).await;
+}
+
+async fn kill_9_body(log: Log) {
     const ITERATIONS: usize = 10;
     const INITIAL_ROWS: i64 = 50;
     let seed: u64 = std::env::var("E2E_SEED")
@@ -516,8 +559,7 @@ async fn kill_9_body() {
     .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let log_dir = dir.path().join("log");
-    let file = write_pipeline(dir.path(), &name, free_port());
+    let file = write_pipeline(dir.path(), &name, free_port(), log);
     let table_topic = topic_name(PREFIX, &name, "public", &name);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -555,7 +597,12 @@ async fn kill_9_body() {
                 stop.clone(),
             )));
         }
-        let up_ms = rng.random_range(200..=1500);
+        // On Kafka a start costs more (topic metadata, the batch-offset probe, the schemas
+        // preload, ~1.5 s on tansu): longer runs, so kills land in streaming there too.
+        let up_ms = match log {
+            Log::Embedded => rng.random_range(200..=1500),
+            Log::Kafka => rng.random_range(1500..=4000),
+        };
         let down_ms = rng.random_range(50..=400);
         tokio::time::sleep(Duration::from_millis(up_ms)).await;
         if let Some(status) = child.child().try_wait().unwrap() {
@@ -581,7 +628,7 @@ async fn kill_9_body() {
                 acked
             }
         };
-        let ends = end_offsets_of_copy(&log_dir, &table_topic).await;
+        let ends = log.end_offsets_after_kill(dir.path(), &table_topic).await;
         println!(
             "iteration {i}: up {up_ms} ms, killed; confirmed_flush before kill {acked:?}, \
              at restart {resume:?}, table topic end offsets {ends:?}; down {down_ms} ms"
@@ -627,8 +674,8 @@ async fn kill_9_body() {
         tail(&dir.path().join(format!("run-{ITERATIONS}.log")))
     );
 
-    // The process is stopped: open the log directory itself and read everything.
-    let log = AnyLog::open(LogConfig::Embedded(EmbeddedLogConfig::new(&log_dir))).unwrap();
+    // The process is stopped: open the log (the embedded directory itself) and read everything.
+    let log = log.open(dir.path());
     let resolver = resolver_for(&log, &name).await;
     println!(
         "schemas topic end offsets after {} runs: {:?} (compacted; re-appended per run)",
@@ -807,9 +854,9 @@ async fn kafka_body() {
     .unwrap();
 
     let mut cfg = KafkaLogConfig::new(brokers);
-    // LogSink already names topics `<prefix>.<pipeline>.…`; tansu needs one record per batch.
+    // LogSink already names topics `<prefix>.<pipeline>.…`; defaults otherwise (the log probes
+    // the broker for tansu's per-batch offsets itself).
     cfg.topic_prefix = String::new();
-    cfg.producer_batch_records = Some(1);
     let log = Arc::new(AnyLog::open(LogConfig::Kafka(cfg)).unwrap());
 
     let state = tempfile::tempdir().unwrap();

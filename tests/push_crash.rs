@@ -101,6 +101,29 @@ struct ItemView {
     due: Option<String>,
 }
 
+/// Which log the pipeline runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Log {
+    /// The embedded log in the test's temp dir.
+    Embedded,
+    /// The stack's broker (`KAFKA_BROKERS`) with default properties; topics are unique per test
+    /// through the pipeline name.
+    Kafka,
+}
+
+impl Log {
+    /// The YAML of the pipeline's `log:` value.
+    fn yaml(self, root: &std::path::Path) -> String {
+        match self {
+            Log::Embedded => format!("{{ embedded: {{ path: {} }} }}", root.join("log").display()),
+            Log::Kafka => format!(
+                "{{ kafka: {{ brokers: ['{}'] }} }}",
+                common::kafka_brokers()
+            ),
+        }
+    }
+}
+
 /// Everything one test owns: table, pipeline file, temp dir, emulator (own site and lists).
 struct Fixture {
     name: String,
@@ -117,6 +140,7 @@ struct Fixture {
     graph: GraphClient,
     pg: Client,
     runs: usize,
+    log: Log,
     _db: DbGuard,
 }
 
@@ -132,7 +156,7 @@ impl Drop for Fixture {
 
 impl Fixture {
     /// Creates the table (`initial` rows), starts the emulator and writes the pipeline file.
-    async fn new(tag: &str, initial: &[(i64, RowView)]) -> Fixture {
+    async fn new(tag: &str, initial: &[(i64, RowView)], log: Log) -> Fixture {
         let name = format!(
             "pc_{tag}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -185,8 +209,7 @@ impl Fixture {
 name: {name}
 source:
   url: {url}
-log:
-  embedded: {{ path: {log} }}
+log: {log}
 graph:
   base_url: {base}/v1.0
   token_url: {base}/{{tenant}}/oauth2/v2.0/token
@@ -212,7 +235,7 @@ control:
   listen: 127.0.0.1:{port}
 "#,
             url = common::database_url(),
-            log = root.join("log").display(),
+            log = log.yaml(&root),
             tenant = emulator::DEFAULT_TENANT,
             client_id = emulator::DEFAULT_CLIENT_ID,
             secret = emulator::DEFAULT_CLIENT_SECRET,
@@ -232,6 +255,7 @@ control:
             graph,
             pg,
             runs: 0,
+            log,
             _db: db,
         }
     }
@@ -240,9 +264,17 @@ control:
         self.emu.as_ref().expect("emulator").base_url()
     }
 
-    /// `<embedded log path>-state/ledger` (runtime.rs: state dir beside the embedded log).
+    /// The ledger's sled directory (runtime.rs `state_dir`): beside the embedded log, or under
+    /// `.syncbridge/<name>-state` in the working directory (the temp dir) with Kafka.
     fn ledger_dir(&self) -> PathBuf {
-        self.root.join("log-state").join("ledger")
+        match self.log {
+            Log::Embedded => self.root.join("log-state").join("ledger"),
+            Log::Kafka => self
+                .root
+                .join(".syncbridge")
+                .join(format!("{}-state", self.name))
+                .join("ledger"),
+        }
     }
 
     /// Starts `syncbridge run` (output to `run-<n>.log`), with `failpoints` armed if given.
@@ -640,11 +672,23 @@ async fn insert_row_tx(tx: &tokio_postgres::Transaction<'_>, table: &str, id: i6
 /// or across the lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
-    hard_timeout(170, crash_body()).await;
+    hard_timeout(170, crash_body(Log::Embedded)).await;
 }
 
-async fn crash_body() {
-    const ITERATIONS: usize = 21;
+/// The same on the stack's Kafka broker (issue 17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
+    hard_timeout(240, crash_body(Log::Kafka)).await;
+}
+
+async fn crash_body(log: Log) {
+    // On Kafka a restarted processor gets its partitions only once the killed member's session
+    // expired (`session.timeout.ms`, 6 s by default), so each run is up for longer than that and
+    // there are fewer of them (the failpoints need the processor to be flushing).
+    let (iterations, up_ms) = match log {
+        Log::Embedded => (21, 300..=2500),
+        Log::Kafka => (9, 9000..=12000),
+    };
     const INITIAL_ROWS: i64 = 40;
     // Per flush; a run flushes every ~0.2 s while the writer runs, so an armed run usually
     // aborts itself within its 0.3–2.5 s (and P(no after_graph hit in 7 runs) is ≈ 1e-4).
@@ -659,7 +703,7 @@ async fn crash_body() {
     let initial: Vec<(i64, RowView)> = (1..=INITIAL_ROWS)
         .map(|id| (id, random_row(&mut rng, id, "init")))
         .collect();
-    let mut fx = Fixture::new("crash", &initial).await;
+    let mut fx = Fixture::new("crash", &initial, log).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer_task = tokio::spawn(writer(
@@ -671,13 +715,13 @@ async fn crash_body() {
 
     let mut hits: BTreeMap<&str, u32> = BTreeMap::new();
     let mut killed = 0;
-    for i in 0..ITERATIONS {
+    for i in 0..iterations {
         let failpoint = match i % 3 {
             0 => None,
             1 => Some("push.after_graph"),
             _ => Some("push.after_intent"),
         };
-        let up = Duration::from_millis(rng.random_range(300..=2500));
+        let up = Duration::from_millis(rng.random_range(up_ms.clone()));
         let down = Duration::from_millis(rng.random_range(20..=300));
         let mut run = fx.spawn(failpoint.map(|f| format!("{f}={FAILPOINT_P}")).as_deref());
         let outcome = match run.wait_exit(up).await {
@@ -744,7 +788,7 @@ async fn crash_body() {
     let in_archive = items.iter().filter(|i| i.list == fx.archive_list).count();
     let total_hits: u32 = hits.values().sum();
     eprintln!(
-        "push crash test: seed {seed}, {ITERATIONS} iterations ({killed} killed -9, \
+        "push crash test: seed {seed}, {iterations} iterations ({killed} killed -9, \
          failpoint hits {hits:?}), {} rows, {} items ({} main, {in_archive} archive), \
          {:.1} s\nfinal run: {final_stats}",
         rows.len(),
@@ -762,7 +806,7 @@ async fn crash_body() {
         total_hits >= 3 && hits.get("push.after_graph").copied().unwrap_or(0) >= 1,
         "failpoints fired too rarely to test anything: {hits:?} (seed {seed})"
     );
-    assert!(killed + total_hits as usize == ITERATIONS);
+    assert!(killed + total_hits as usize == iterations);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -782,17 +826,24 @@ async fn crash_body() {
 /// eTag and fields); the lists still equal the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_ledger_is_rebuilt_from_the_changelog_without_graph_writes() {
-    hard_timeout(120, rebuild_body()).await;
+    hard_timeout(120, rebuild_body(Log::Embedded)).await;
 }
 
-async fn rebuild_body() {
+/// The same on the stack's Kafka broker: the changelog topic is read to its end offset, which
+/// tansu 0.6.0 reported short for multi-record batches (issue 17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_deleted_ledger_is_rebuilt_from_the_changelog_without_graph_writes() {
+    hard_timeout(180, rebuild_body(Log::Kafka)).await;
+}
+
+async fn rebuild_body(log: Log) {
     const ROWS: i64 = 60;
     let started = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let initial: Vec<(i64, RowView)> = (1..=ROWS)
         .map(|id| (id, random_row(&mut rng, id, "init")))
         .collect();
-    let mut fx = Fixture::new("rebuild", &initial).await;
+    let mut fx = Fixture::new("rebuild", &initial, log).await;
     let t = fx.name.clone();
 
     // First run: snapshot, then a round of changes, until converged.
@@ -977,10 +1028,16 @@ async fn rebuild_body() {
 /// SyncKey, the stale one never touched after its create.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverted_route_change_after_a_create_crash_leaves_no_orphan_item() {
-    hard_timeout(90, orphan_body()).await;
+    hard_timeout(90, orphan_body(Log::Embedded)).await;
 }
 
-async fn orphan_body() {
+/// The same on the stack's Kafka broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_reverted_route_change_after_a_create_crash_leaves_no_orphan_item() {
+    hard_timeout(150, orphan_body(Log::Kafka)).await;
+}
+
+async fn orphan_body(log: Log) {
     let row = |id: i64, status: &str| {
         (
             id,
@@ -992,7 +1049,7 @@ async fn orphan_body() {
             },
         )
     };
-    let mut fx = Fixture::new("orphan", &[row(1, "open"), row(2, "archived")]).await;
+    let mut fx = Fixture::new("orphan", &[row(1, "open"), row(2, "archived")], log).await;
     let t = fx.name.clone();
     let mut run = fx.spawn(None);
     if let Err(p) = fx.converge(&mut run, 60).await {

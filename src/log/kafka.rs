@@ -13,12 +13,27 @@
 //!   a timeout.
 //!
 //! # Broker quirks (tansu 0.6.0, the local test broker)
-//! - Fetch and ListOffsets work by record-batch base offset: the high watermark reads as
-//!   "base offset of the last batch + 1", and a fetch from an offset inside a multi-record batch
-//!   returns the *next* batch (the rest of the batch is skipped). A consumer resuming from a
-//!   committed offset in the middle of a batch would lose records. Workaround: one record per
-//!   batch (`producer_batch_records = Some(1)`), which the test suite uses; Apache Kafka needs
-//!   no workaround.
+//! - Fetch and ListOffsets work by record-batch base offset (`tests/kafka_broker.rs` reproduces
+//!   it with rdkafka alone; tansu-storage 0.6.0 `dynostore.rs`): ListOffsets(latest), which
+//!   librdkafka's watermark query and so [`EventLog::end_offsets`] use, answers "base offset of
+//!   the most recently written batch + 1", so 5 records appended in one batch read as an end
+//!   offset of 1; a fetch from an offset inside a multi-record batch returns the *next* batch, so
+//!   a consumer resuming from a committed offset inside a batch loses the rest of it. Every
+//!   reader "up to `end_offsets()`" stops short: the processor's schemas-topic refresh read 1 of
+//!   the schema records capture had appended in one batch, and decoding failed with "unknown
+//!   schema fingerprint" (issue 17); the ledger rebuild and the capture schema preload read the
+//!   same way.
+//! - Workaround, chosen at run time and not by configuration: before the first append, a probe
+//!   appends a 2-record batch to [`PROBE_TOPIC`] and checks that the high watermark covers the
+//!   second record and that a fetch from the second record starts there. A broker failing either
+//!   check gets a producer with `batch.num.messages=1` (one record per batch: every batch base is
+//!   a record offset, so both answers are exact for what this log writes) and a WARN naming the
+//!   behaviour and its cost. A behaviour probe rather than recognising tansu: the Kafka protocol
+//!   does not name the broker software to clients, and a probe also catches other brokers (or
+//!   later tansu versions) with the same defect, or clears them once fixed. An explicit
+//!   [`KafkaLogConfig::producer_batch_records`] or `batch.num.messages` in
+//!   [`KafkaLogConfig::extra`] skips the probe. Records that others wrote in multi-record
+//!   batches still read short on such a broker; nothing in this service reads such topics.
 //! - No transactions (not used here). Closing a consumer after `committed()` on it can hang,
 //!   hence the separate short-lived consumer in `committed` and the detached close.
 
@@ -34,9 +49,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -54,9 +70,12 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `message.timeout.ms`: librdkafka retries a record (safely, the producer is idempotent) until
 /// this elapses; then `append` fails with a retryable error and the caller retries the batch.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
-/// `session.timeout.ms`: how long a dead consumer keeps its partitions. 10 s fails over quickly
-/// without flapping on GC-free Rust processes (librdkafka's default is 45 s).
-pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// `session.timeout.ms`: how long a dead consumer keeps its partitions, i.e. how long a processor
+/// restarted after a crash waits before it reads again. 6 s is Apache Kafka's lowest allowed
+/// (`group.min.session.timeout.ms`) and fails over quickly without flapping on GC-free Rust
+/// processes (librdkafka's default is 45 s). Not 10 s: tansu 0.6.0 then leaves a SIGKILLed
+/// member's partitions unassigned for 40 s or more (DESIGN §11), while 6 s takes 6 s.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// `linger.ms`: wait up to 5 ms to fill producer batches; capture emits bursts per transaction.
 pub const DEFAULT_LINGER_MS: u32 = 5;
 /// `queued.max.messages.kbytes`: bound on a consumer's prefetch queue (librdkafka's default is
@@ -64,6 +83,21 @@ pub const DEFAULT_LINGER_MS: u32 = 5;
 pub const DEFAULT_CONSUMER_QUEUE_KBYTES: u32 = 16 * 1024;
 /// Replication factor of created topics; `-1` = the broker's `default.replication.factor`.
 pub const DEFAULT_REPLICATION_FACTOR: i32 = -1;
+/// The 1-partition topic the batch-offset probe appends 2 records to, once per [`KafkaLog`]
+/// (prefixed like every topic).
+pub const PROBE_TOPIC: &str = "syncbridge-probe";
+/// How long the probe waits for a fetch from inside its batch; on Apache Kafka it answers in
+/// milliseconds, so running out means the broker skipped the record (per-batch reads).
+const PROBE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the broker addresses records of a multi-record batch in Fetch and ListOffsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchOffsets {
+    /// Per record (Apache Kafka): any offset can be fetched, end offsets count every record.
+    PerRecord,
+    /// Per batch base offset (tansu 0.6.0): only one record per batch keeps reads whole.
+    PerBatch,
+}
 
 const BACKEND: &str = "kafka";
 
@@ -86,10 +120,9 @@ pub struct KafkaLogConfig {
     pub linger_ms: u32,
     /// [`DEFAULT_CONSUMER_QUEUE_KBYTES`].
     pub consumer_queue_kbytes: u32,
-    /// `batch.num.messages`: most records per producer batch (`None` = librdkafka's 10000).
-    /// Set `Some(1)` against tansu 0.6.0, which serves fetches and high watermarks by batch
-    /// base offset: a consumer resuming inside a multi-record batch skips the rest of that batch
-    /// there, and end offsets read low (see the module docs).
+    /// `batch.num.messages`: most records per producer batch. `None` (the default) = probe the
+    /// broker before the first append and use 1 on a broker that serves offsets per batch (tansu
+    /// 0.6.0), librdkafka's 10000 otherwise (see the module docs). `Some(n)` skips the probe.
     pub producer_batch_records: Option<u32>,
     /// `client.id` reported to the brokers.
     pub client_id: String,
@@ -146,6 +179,18 @@ impl KafkaLogConfig {
         c
     }
 
+    /// The batch size set by the operator, which skips the probe: `producer_batch_records`, or
+    /// `batch.num.messages` among the extra properties (`Some(None)` = librdkafka's default).
+    fn explicit_batch_records(&self) -> Option<Option<u32>> {
+        if self.producer_batch_records.is_some() {
+            return Some(self.producer_batch_records);
+        }
+        self.extra
+            .iter()
+            .any(|(k, _)| k == "batch.num.messages")
+            .then_some(None)
+    }
+
     fn physical_topic(&self, name: &str) -> Result<String, LogError> {
         validate_topic_name(name)?;
         let p = self.physical_name(name);
@@ -158,8 +203,10 @@ impl KafkaLogConfig {
 
 struct Inner {
     cfg: KafkaLogConfig,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    /// Created on first use, after the batch-offset probe chose `batch.num.messages`.
+    producer: OnceCell<FutureProducer>,
+    /// Also the client for metadata and watermarks (the producer does not exist before the probe).
+    admin: Arc<AdminClient<DefaultClientContext>>,
     /// Partition counts by logical topic (fixed for a topic's life).
     partitions: Mutex<HashMap<String, i32>>,
 }
@@ -180,33 +227,127 @@ impl fmt::Debug for KafkaLog {
 }
 
 impl KafkaLog {
-    /// Creates the producer and admin clients (connections are made lazily).
+    /// Creates the admin client (connections are made lazily). The producer is created on the
+    /// first append, after the batch-offset probe (see the module docs) when the batch size is not
+    /// set explicitly.
     ///
     /// # Errors
     /// [`LogError::Kafka`] when librdkafka rejects the configuration.
     pub fn new(cfg: KafkaLogConfig) -> Result<Self, LogError> {
-        let mut pc = cfg.client_config();
-        pc.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", cfg.linger_ms.to_string())
-            .set("message.timeout.ms", millis(cfg.delivery_timeout))
-            .set("request.timeout.ms", millis(cfg.request_timeout));
-        if let Some(n) = cfg.producer_batch_records {
-            pc.set("batch.num.messages", n.max(1).to_string());
-        }
-        for (k, v) in &cfg.extra {
-            pc.set(k, v);
-        }
-        let producer: FutureProducer = pc.create()?;
         let admin: AdminClient<DefaultClientContext> = cfg.client_config().create()?;
+        let producer = OnceCell::new();
+        if let Some(explicit) = cfg.explicit_batch_records() {
+            // An explicit setting wins over the probe; a bad one is reported here, not later.
+            let p = producer_config(&cfg, explicit).create()?;
+            let _ = producer.set(p);
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 producer,
-                admin,
+                admin: Arc::new(admin),
                 partitions: Mutex::new(HashMap::new()),
             }),
+        })
+    }
+
+    /// The producer, created on first use: with one record per batch when the broker serves
+    /// offsets per batch (probed once), else with librdkafka's batching.
+    async fn producer(&self) -> Result<&FutureProducer, LogError> {
+        self.inner
+            .producer
+            .get_or_try_init(|| async {
+                let batch_records = match self.probe_batch_offsets().await? {
+                    BatchOffsets::PerRecord => None,
+                    BatchOffsets::PerBatch => {
+                        tracing::warn!(
+                            brokers = %self.inner.cfg.brokers,
+                            "the kafka broker serves fetches and end offsets per record batch \
+                             (tansu 0.6.0 does): a read from inside a multi-record batch skips \
+                             the rest of it and end offsets read low; producing one record per \
+                             batch (batch.num.messages=1), which costs one produce request per \
+                             record on a busy partition; set producer_batch_records or \
+                             batch.num.messages to override"
+                        );
+                        Some(1)
+                    }
+                };
+                Ok::<_, LogError>(producer_config(&self.inner.cfg, batch_records).create()?)
+            })
+            .await
+    }
+
+    /// Whether the broker reads a multi-record batch per record (Apache Kafka) or per batch
+    /// (tansu 0.6.0): appends a 2-record batch to the probe topic, then asks for the high
+    /// watermark and fetches from the batch's second record. Either answer being short of the
+    /// second record means per-batch; so does a fetch that returns nothing within
+    /// [`PROBE_FETCH_TIMEOUT`] (the safe side: one record per batch is always correct).
+    async fn probe_batch_offsets(&self) -> Result<BatchOffsets, LogError> {
+        let cfg = &self.inner.cfg;
+        self.ensure_topic(&TopicSpec::new(PROBE_TOPIC, 1)).await?;
+        let physical = cfg.physical_name(PROBE_TOPIC);
+        // linger.ms long enough that both records leave in one batch (one ProduceRequest); not
+        // idempotent, which saves the InitProducerId round trip at every start.
+        let probe: FutureProducer = producer_config(cfg, None)
+            .set("linger.ms", "50")
+            .set("enable.idempotence", "false")
+            .create()?;
+        const PAYLOADS: [&[u8]; 2] = [b"probe-1", b"probe-2"];
+        let mut pending = Vec::with_capacity(PAYLOADS.len());
+        for payload in PAYLOADS {
+            let fr = FutureRecord::<[u8], [u8]>::to(&physical)
+                .partition(0)
+                .payload(payload);
+            pending.push(probe.send_result(fr).map_err(|(e, _)| LogError::Kafka(e))?);
+        }
+        let mut offsets = Vec::with_capacity(pending.len());
+        for f in pending {
+            match f.await {
+                Ok(Ok(d)) => offsets.push(d.offset),
+                Ok(Err((e, _))) => return Err(e.into()),
+                Err(_) => return Err(LogError::Closed("probe producer dropped a delivery".into())),
+            }
+        }
+        drop(probe);
+        let second = offsets[1];
+        if offsets[0] + 1 != second {
+            // Not one batch after all (another producer in between): assume the worst.
+            return Ok(BatchOffsets::PerBatch);
+        }
+        let admin = self.inner.admin.clone();
+        let (topic, timeout) = (physical.clone(), cfg.request_timeout);
+        let high =
+            blocking(move || Ok(admin.inner().fetch_watermarks(&topic, 0, timeout)?.1)).await?;
+        if high <= second {
+            tracing::info!(topic = %physical, second, high, "kafka probe: the high watermark is short of an acknowledged record");
+            return Ok(BatchOffsets::PerBatch);
+        }
+        let cc = cfg.client_config();
+        let first_read = blocking(move || {
+            let c: BaseConsumer = cc.create()?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&physical, 0, Offset::Offset(second))?;
+            c.assign(&tpl)?;
+            let deadline = Instant::now() + PROBE_FETCH_TIMEOUT;
+            let mut got = None;
+            while got.is_none() && Instant::now() < deadline {
+                if let Some(m) = c.poll(Duration::from_millis(100)) {
+                    got = Some(m?.offset());
+                }
+            }
+            close_detached(c);
+            Ok(got)
+        })
+        .await?;
+        Ok(if first_read == Some(second) {
+            BatchOffsets::PerRecord
+        } else {
+            tracing::info!(
+                second,
+                ?first_read,
+                "kafka probe: a fetch from inside a batch did not start at the requested record"
+            );
+            BatchOffsets::PerBatch
         })
     }
 
@@ -217,10 +358,10 @@ impl KafkaLog {
 
     /// Partition count of a topic from the cluster's metadata; `None` when it does not exist.
     async fn fetch_partitions(&self, physical: String) -> Result<Option<i32>, LogError> {
-        let producer = self.inner.producer.clone();
+        let admin = self.inner.admin.clone();
         let timeout = self.inner.cfg.request_timeout;
         blocking(move || {
-            let md = producer.client().fetch_metadata(Some(&physical), timeout)?;
+            let md = admin.inner().fetch_metadata(Some(&physical), timeout)?;
             let Some(t) = md.topics().iter().find(|t| t.name() == physical) else {
                 return Ok(None);
             };
@@ -270,6 +411,7 @@ impl KafkaLog {
         partitions: i32,
         records: &[Record],
     ) -> Result<Vec<Delivered>, LogError> {
+        let producer = self.producer().await?;
         let mut pending = Vec::with_capacity(records.len());
         for r in records {
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
@@ -289,7 +431,7 @@ impl KafkaLog {
             }
             // Enqueue synchronously, one after the other: this is what keeps input order.
             loop {
-                match self.inner.producer.send_result(fr) {
+                match producer.send_result(fr) {
                     Ok(f) => {
                         pending.push(f);
                         break;
@@ -493,12 +635,12 @@ impl EventLog for KafkaLog {
     async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
         let n = self.partition_count(topic).await?;
         let physical = self.inner.cfg.physical_name(topic);
-        let producer = self.inner.producer.clone();
+        let admin = self.inner.admin.clone();
         let timeout = self.inner.cfg.request_timeout;
         blocking(move || {
             (0..n)
                 .map(|p| {
-                    let (_low, high) = producer.client().fetch_watermarks(&physical, p, timeout)?;
+                    let (_low, high) = admin.inner().fetch_watermarks(&physical, p, timeout)?;
                     Ok(high)
                 })
                 .collect()
@@ -637,6 +779,24 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| LogError::Closed(format!("blocking kafka call failed: {e}")))?
+}
+
+/// The producer's configuration; `batch_records` sets `batch.num.messages` (`extra` still wins).
+fn producer_config(cfg: &KafkaLogConfig, batch_records: Option<u32>) -> ClientConfig {
+    let mut pc = cfg.client_config();
+    pc.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("message.timeout.ms", millis(cfg.delivery_timeout))
+        .set("request.timeout.ms", millis(cfg.request_timeout));
+    if let Some(n) = batch_records {
+        pc.set("batch.num.messages", n.max(1).to_string());
+    }
+    for (k, v) in &cfg.extra {
+        pc.set(k, v);
+    }
+    pc
 }
 
 fn millis(d: Duration) -> String {

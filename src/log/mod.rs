@@ -75,7 +75,7 @@ pub use error::LogError;
 pub use kafka::{
     DEFAULT_CONSUMER_QUEUE_KBYTES, DEFAULT_DELIVERY_TIMEOUT, DEFAULT_LINGER_MS,
     DEFAULT_REPLICATION_FACTOR, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SESSION_TIMEOUT,
-    DEFAULT_TOPIC_PREFIX, KafkaConsumer, KafkaLog, KafkaLogConfig,
+    DEFAULT_TOPIC_PREFIX, KafkaConsumer, KafkaLog, KafkaLogConfig, PROBE_TOPIC,
 };
 pub use partition::{murmur2, partition_for};
 pub use tokio_util::sync::CancellationToken;

@@ -132,8 +132,6 @@ impl Harness {
             .arg("run")
             .arg(file)
             .env("RUST_LOG", "info")
-            // tansu serves offsets per producer batch (README): one record per batch.
-            .env("SYNCBRIDGE_KAFKA_PROPERTIES", "batch.num.messages=1")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -11,6 +11,16 @@ pub fn database_url() -> String {
     })
 }
 
+/// The stack's Kafka broker(s); tests that need it fail (not skip) without it.
+pub fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| {
+            panic!("KAFKA_BROKERS is not set: run `eval \"$(ops/stack env)\"` (and `ops/stack up`) first")
+        })
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

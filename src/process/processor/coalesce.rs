@@ -120,7 +120,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// A truncate: every row of the table the ledger knows, and every pending one, is to be
     /// deleted.
-    pub(crate) fn truncate(
+    pub(super) fn truncate(
         &mut self,
         ti: usize,
         change: &Change,
@@ -161,7 +161,7 @@ impl<L: EventLog + 'static> Processor<L> {
     /// entry the return path has not written yet (a person-created item mid-creation) is left
     /// to the return path. Replayed after a restart, an event older than the ledger is history:
     /// skipped.
-    pub(crate) fn fold_own_write(
+    pub(super) fn fold_own_write(
         &mut self,
         lkey: Vec<u8>,
         ti: usize,
@@ -204,7 +204,7 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// An unchanged TOAST value: take it from the pending state when there is one (the
     /// ledger's projection covers the rest at flush time).
-    pub(crate) fn fill_unchanged(&self, lkey: &[u8], after: &mut Row) {
+    pub(super) fn fill_unchanged(&self, lkey: &[u8], after: &mut Row) {
         if let Some(Pending {
             desired: Desired::Upsert(prev),
             ..

@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use apache_avro::Schema;
+use apache_avro::types::Value as Avro;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -21,7 +23,7 @@ use crate::event::{DecodeError, SchemaResolver, decode_with_fingerprint, schemas
 use crate::log::{ConsumedRecord, EventLog, LogConsumer, TopicSpec};
 use crate::process::ProcessError;
 use crate::process::ledger;
-use crate::process::row::{self, Cell, Change};
+use crate::process::row::{self, Change};
 use crate::telemetry::metrics as m;
 
 /// The writer schemas seen so far, and the consumer that reads more of them on demand.
@@ -52,7 +54,10 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(());
         };
         let last = LastEvent::of(&rec);
-        let change = match self.decode_change(cache, value).await? {
+        let change = match self
+            .decode_as(cache, value, "", row::change_from_avro)
+            .await?
+        {
             Ok(c) => c,
             Err(e) => return self.dead_undecodable("?", "?", e.to_string(), &last).await,
         };
@@ -64,7 +69,11 @@ impl<L: EventLog + 'static> Processor<L> {
         if change.op == 't' {
             return self.truncate(ti, &change, &last);
         }
-        let key_cells = match self.decode_key(cache, &rec.record.key).await? {
+        let key = &rec.record.key;
+        let key_cells = match self
+            .decode_as(cache, key, "key: ", row::key_from_avro)
+            .await?
+        {
             Ok(k) if !k.is_empty() => k,
             Ok(_) => {
                 let why = "the event has no key".to_string();
@@ -97,35 +106,23 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(())
     }
 
-    /// The record's value as a [`Change`]; `Err` for bytes that will never decode.
-    async fn decode_change(
+    /// Decodes `bytes` and reads the value with its writer schema (`read`: a change, or key
+    /// columns). The inner `Err` is for bytes that will never decode; `what` prefixes its
+    /// reason.
+    async fn decode_as<T>(
         &self,
         cache: &mut SchemaCache<L::Consumer>,
-        value: &[u8],
-    ) -> Result<Result<Change, row::RowError>, ProcessError> {
-        Ok(match self.decode(cache, value).await? {
+        bytes: &[u8],
+        what: &str,
+        read: impl FnOnce(&Schema, &Avro) -> Result<T, row::RowError>,
+    ) -> Result<Result<T, row::RowError>, ProcessError> {
+        Ok(match self.decode(cache, bytes).await? {
             Ok((fp, v)) => cache
                 .resolver
                 .get(fp)
                 .ok_or_else(|| row::RowError("schema vanished".into()))
-                .and_then(|s| row::change_from_avro(s, &v)),
-            Err(e) => Err(row::RowError(e.to_string())),
-        })
-    }
-
-    /// The record's key columns; `Err` for bytes that will never decode.
-    async fn decode_key(
-        &self,
-        cache: &mut SchemaCache<L::Consumer>,
-        key: &[u8],
-    ) -> Result<Result<Vec<(String, Cell)>, row::RowError>, ProcessError> {
-        Ok(match self.decode(cache, key).await? {
-            Ok((fp, v)) => cache
-                .resolver
-                .get(fp)
-                .ok_or_else(|| row::RowError("schema vanished".into()))
-                .and_then(|s| row::key_from_avro(s, &v)),
-            Err(e) => Err(row::RowError(format!("key: {e}"))),
+                .and_then(|s| read(s, &v)),
+            Err(e) => Err(row::RowError(format!("{what}{e}"))),
         })
     }
 

@@ -98,19 +98,18 @@ impl<L: EventLog + 'static> Processor<L> {
         &mut self,
         consumer: &mut L::Consumer,
     ) -> Result<(), ProcessError> {
-        let mut floor: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for p in self.pulls.values() {
-            let e = floor.entry((p.topic.clone(), 0)).or_insert(p.offset);
-            *e = (*e).min(p.offset);
-        }
-        for (tp, next) in &self.pull_consumed {
-            let target = floor.get(tp).map_or(*next, |f| (*f).min(*next));
-            if self.pull_committed.get(tp).is_none_or(|c| *c < target) {
-                consumer.commit(&tp.0, tp.1, target).await?;
-                self.pull_committed.insert(tp.clone(), target);
-            }
-        }
-        Ok(())
+        let floor = lowest(
+            self.pulls
+                .values()
+                .map(|p| ((p.topic.clone(), 0), p.offset)),
+        );
+        commit_up_to(
+            consumer,
+            &self.pull_consumed,
+            &floor,
+            &mut self.pull_committed,
+        )
+        .await
     }
 
     /// Commits each input partition up to what was consumed, but never past the lowest offset
@@ -119,21 +118,9 @@ impl<L: EventLog + 'static> Processor<L> {
         &mut self,
         consumer: &mut L::Consumer,
     ) -> Result<(), ProcessError> {
-        let mut floor: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        for p in self.pending.values() {
-            for (tp, off) in &p.offsets {
-                let e = floor.entry(tp.clone()).or_insert(*off);
-                *e = (*e).min(*off);
-            }
-        }
-        for (tp, next) in &self.consumed {
-            let target = floor.get(tp).map_or(*next, |f| (*f).min(*next));
-            if self.committed.get(tp).is_none_or(|c| *c < target) {
-                consumer.commit(&tp.0, tp.1, target).await?;
-                self.committed.insert(tp.clone(), target);
-            }
-        }
-        Ok(())
+        let pending = self.pending.values().flat_map(|p| p.offsets.iter());
+        let floor = lowest(pending.map(|(tp, off)| (tp.clone(), *off)));
+        commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await
     }
 
     /// One flush: list edits, then the pending rows stage by stage. A retryable failure of one
@@ -278,4 +265,36 @@ impl<L: EventLog + 'static> Processor<L> {
             })),
         }
     }
+}
+
+/// Offsets by (topic, partition).
+type Offsets = BTreeMap<(String, i32), i64>;
+
+/// The lowest offset per (topic, partition).
+fn lowest(offsets: impl Iterator<Item = ((String, i32), i64)>) -> Offsets {
+    let mut floor = Offsets::new();
+    for (tp, off) in offsets {
+        let e = floor.entry(tp).or_insert(off);
+        *e = (*e).min(off);
+    }
+    floor
+}
+
+/// Commits each partition up to what was `consumed`, but never past its `floor` (the lowest
+/// offset pending work still holds); `committed` remembers what was committed, so a partition
+/// is only committed when its target moved forward.
+async fn commit_up_to<C: LogConsumer>(
+    consumer: &mut C,
+    consumed: &Offsets,
+    floor: &Offsets,
+    committed: &mut Offsets,
+) -> Result<(), ProcessError> {
+    for (tp, next) in consumed {
+        let target = floor.get(tp).map_or(*next, |f| (*f).min(*next));
+        if committed.get(tp).is_none_or(|c| *c < target) {
+            consumer.commit(&tp.0, tp.1, target).await?;
+            committed.insert(tp.clone(), target);
+        }
+    }
+    Ok(())
 }

@@ -33,8 +33,9 @@
 //! - the methods `project` (a row → list fields, as the push side maps it), `flush`,
 //!   `append_dead` and `dead_letter`.
 //!
-//! Every item that was `pub(crate)` in the single-file processor stays reachable as
-//! `crate::process::processor::X`.
+//! The other shared types (`LastEvent`, `SchemaCache`, `Op`, `OpKind`, `Outcome`,
+//! `ProjectError`, `TablePlan`, `ProcessorStats`) and `recv_cmd`/`recv_opt` are reachable here
+//! too, as they were when the processor was one file.
 
 mod coalesce;
 mod consume;

@@ -3,8 +3,8 @@
 //!
 //! Invariant (*offsets follow durability*): an event that is not written counts as handled
 //! only once its dead letter is appended to the log ([`Processor::append_dead`] returns after
-//! the append); callers append before they let the row leave the pending set or its offset
-//! be committed.
+//! the append, and its error fails the caller: ingest, or the flush before offsets are
+//! committed).
 
 use tracing::warn;
 

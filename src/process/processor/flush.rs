@@ -243,6 +243,10 @@ impl<L: EventLog + 'static> Processor<L> {
     /// Ends a stage: rows whose every step is recorded, and rows settled without a write, leave
     /// the pending set; the remaining dead letters are appended. Rows with work left (an open
     /// intent, an old item to delete, an unsettled write) stay; the retry replans them.
+    ///
+    /// Known gap: the remaining dead letters (those of a stage without writes) are appended
+    /// after their rows left the pending set; if that append fails, the flush fails but its
+    /// retry no longer holds those rows.
     async fn settle(&mut self, stage: Stage) -> Result<(), ProcessError> {
         for (k, e) in &stage.entries {
             let finished =

@@ -3,9 +3,10 @@
 //! and lookups (the referenced row's item, from the ledger), plus the projection's hash and the
 //! field-level diff the ledger check uses.
 //!
-//! Invariant: a projection depends only on the row and the ledger (never on what the list
-//! holds), so the same row state always hashes the same and an unchanged row costs no write.
-//! A lookup whose target row has no item yet is deferred, never written as empty.
+//! Invariant: a projection depends on the row, the ledger (lookup targets' items, the values of
+//! unchanged TOAST columns) and the site's user ids, never on the item's current content, so
+//! the same row state hashes the same and an unchanged row costs no write. A lookup whose
+//! target row has no item yet is deferred, never written as empty.
 
 use std::collections::BTreeMap;
 

@@ -13,7 +13,7 @@
 //!
 //! # Delivery contract
 //! Each promise is documented again, in more detail, next to the code that keeps it (the files
-//! of [`processor`]: `consume` → `coalesce` → `project` → `plan` → `write` → `outcome` →
+//! of `processor`: `consume` → `coalesce` → `project` → `plan` → `write` → `outcome` →
 //! `flush`).
 //! - **Offsets follow durability.** An input offset is committed only when every event below it
 //!   is reflected in a durable ledger entry, a durable dead letter, or was skipped on purpose

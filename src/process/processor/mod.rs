@@ -17,7 +17,7 @@
 //!    merged into it.
 //! 3. [`project`]: a row's values → list fields (persons, lookups); projection hash and diff.
 //! 4. [`plan`]: route + ledger check → the writes to send; intents before creates.
-//! 5. [`write`]: sending the writes as `$batch`es and classifying each answer.
+//! 5. [`write`](mod@write): sending the writes as `$batch`es and classifying each answer.
 //! 6. [`outcome`]: applying each answer to the row's ledger entry (adopt, move, re-create, 412).
 //! 7. [`flush`]: one flush end to end (stages, rounds, ledger commits) and the offset commit.
 //!

@@ -1,5 +1,5 @@
 //! Mapping a row to list fields: a row's column values become the Graph fields of its
-//! projection (via [`convert`](crate::process::convert)), resolving persons (by email, cached)
+//! projection (via [`convert`])), resolving persons (by email, cached)
 //! and lookups (the referenced row's item, from the ledger), plus the projection's hash and the
 //! field-level diff the ledger check uses.
 //!

@@ -229,57 +229,7 @@ pub fn verify(
             continue;
         }
         let facet = have.facet.get(have_facet).cloned().unwrap_or(Json::Null);
-        match m.field_type {
-            FieldType::Choice | FieldType::MultiChoice => {
-                let have_choices: Vec<&str> = facet["choices"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Json::as_str).collect())
-                    .unwrap_or_default();
-                let missing: Vec<&String> = m
-                    .choices
-                    .iter()
-                    .filter(|c| !have_choices.contains(&c.as_str()))
-                    .collect();
-                if !missing.is_empty() {
-                    out.push(format!(
-                        "list {list:?}: field {} lacks the choices {missing:?} (it has {have_choices:?})",
-                        m.field
-                    ));
-                }
-                let multi = facet["displayAs"] == "checkBoxes";
-                if multi != (m.field_type == FieldType::MultiChoice) {
-                    out.push(format!(
-                        "list {list:?}: field {} is a {} choice column, the mapping says {}",
-                        m.field,
-                        if multi { "multi" } else { "single" },
-                        m.field_type
-                    ));
-                }
-            }
-            FieldType::Note | FieldType::Text => {
-                let multi = facet["allowMultipleLines"] == true;
-                if multi != (m.field_type == FieldType::Note) {
-                    out.push(format!(
-                        "list {list:?}: field {} is {} text, the mapping says {}",
-                        m.field,
-                        if multi { "multi-line" } else { "single-line" },
-                        m.field_type
-                    ));
-                }
-            }
-            FieldType::Date | FieldType::DateTime => {
-                let date_only = facet["format"] == "dateOnly";
-                if date_only != (m.field_type == FieldType::Date) {
-                    out.push(format!(
-                        "list {list:?}: field {} is a {} column, the mapping says {}",
-                        m.field,
-                        if date_only { "date-only" } else { "date-time" },
-                        m.field_type
-                    ));
-                }
-            }
-            _ => {}
-        }
+        facet_mismatches(list, m, &facet, &mut out);
     }
     match find(SYNC_KEY_FIELD) {
         None => out.push(format!(
@@ -291,6 +241,62 @@ pub fn verify(
         Some(_) => {}
     }
     out
+}
+
+/// The differences between the column's type facet and what mapping `m` needs (choices,
+/// single/multi, single-/multi-line text, date-only/date-time), appended to `out`.
+fn facet_mismatches(list: &str, m: &FieldMapping, facet: &Json, out: &mut Vec<String>) {
+    match m.field_type {
+        FieldType::Choice | FieldType::MultiChoice => {
+            let have_choices: Vec<&str> = facet["choices"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Json::as_str).collect())
+                .unwrap_or_default();
+            let missing: Vec<&String> = m
+                .choices
+                .iter()
+                .filter(|c| !have_choices.contains(&c.as_str()))
+                .collect();
+            if !missing.is_empty() {
+                out.push(format!(
+                    "list {list:?}: field {} lacks the choices {missing:?} (it has {have_choices:?})",
+                    m.field
+                ));
+            }
+            let multi = facet["displayAs"] == "checkBoxes";
+            if multi != (m.field_type == FieldType::MultiChoice) {
+                out.push(format!(
+                    "list {list:?}: field {} is a {} choice column, the mapping says {}",
+                    m.field,
+                    if multi { "multi" } else { "single" },
+                    m.field_type
+                ));
+            }
+        }
+        FieldType::Note | FieldType::Text => {
+            let multi = facet["allowMultipleLines"] == true;
+            if multi != (m.field_type == FieldType::Note) {
+                out.push(format!(
+                    "list {list:?}: field {} is {} text, the mapping says {}",
+                    m.field,
+                    if multi { "multi-line" } else { "single-line" },
+                    m.field_type
+                ));
+            }
+        }
+        FieldType::Date | FieldType::DateTime => {
+            let date_only = facet["format"] == "dateOnly";
+            if date_only != (m.field_type == FieldType::Date) {
+                out.push(format!(
+                    "list {list:?}: field {} is a {} column, the mapping says {}",
+                    m.field,
+                    if date_only { "date-only" } else { "date-time" },
+                    m.field_type
+                ));
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Catalog facts about one synced table that the push and return paths need.

@@ -60,19 +60,7 @@ pub fn to_fields(
 ) -> Result<Vec<(String, Json)>, Unmappable> {
     let one = |v: Json| Ok(vec![(m.field.clone(), v)]);
     if matches!(cell, Cell::Null) {
-        return match m.field_type {
-            FieldType::MultiChoice => Ok(vec![
-                (
-                    format!("{}@odata.type", m.field),
-                    json!("Collection(Edm.String)"),
-                ),
-                (m.field.clone(), json!([])),
-            ]),
-            FieldType::Person | FieldType::Lookup => {
-                Ok(vec![(format!("{}LookupId", m.field), Json::Null)])
-            }
-            _ => one(Json::Null),
-        };
+        return Ok(null_fields(m));
     }
     match m.field_type {
         FieldType::Text => one(json!(text(cell, m, MAX_TEXT_LEN)?)),
@@ -86,26 +74,7 @@ pub fn to_fields(
             check_choice(&v, m)?;
             one(json!(v))
         }
-        FieldType::MultiChoice => {
-            let values = match cell {
-                Cell::Array(items) => items
-                    .iter()
-                    .filter(|c| !matches!(c, Cell::Null))
-                    .map(|c| text(c, m, MAX_TEXT_LEN))
-                    .collect::<Result<Vec<_>, _>>()?,
-                other => vec![text(other, m, MAX_TEXT_LEN)?],
-            };
-            for v in &values {
-                check_choice(v, m)?;
-            }
-            Ok(vec![
-                (
-                    format!("{}@odata.type", m.field),
-                    json!("Collection(Edm.String)"),
-                ),
-                (m.field.clone(), json!(values)),
-            ])
-        }
+        FieldType::MultiChoice => Ok(multi_choice_fields(m, json!(multi_choice(cell, m)?))),
         FieldType::Person => {
             let email = text(cell, m, MAX_TEXT_LEN)?;
             match resolved.person {
@@ -144,6 +113,46 @@ pub fn to_fields(
             one(json!({ "Url": url, "Description": url }))
         }
     }
+}
+
+/// The fields of a NULL cell: an empty collection for multi-choice, no lookup id for person and
+/// lookup fields, else null.
+fn null_fields(m: &FieldMapping) -> Vec<(String, Json)> {
+    match m.field_type {
+        FieldType::MultiChoice => multi_choice_fields(m, json!([])),
+        FieldType::Person | FieldType::Lookup => {
+            vec![(format!("{}LookupId", m.field), Json::Null)]
+        }
+        _ => vec![(m.field.clone(), Json::Null)],
+    }
+}
+
+/// The choices of a multi-choice cell (an array, or one value), each checked against the
+/// field's choices.
+fn multi_choice(cell: &Cell, m: &FieldMapping) -> Result<Vec<String>, Unmappable> {
+    let values = match cell {
+        Cell::Array(items) => items
+            .iter()
+            .filter(|c| !matches!(c, Cell::Null))
+            .map(|c| text(c, m, MAX_TEXT_LEN))
+            .collect::<Result<Vec<_>, _>>()?,
+        other => vec![text(other, m, MAX_TEXT_LEN)?],
+    };
+    for v in &values {
+        check_choice(v, m)?;
+    }
+    Ok(values)
+}
+
+/// A multi-choice value with the `@odata.type` annotation Graph needs for collections.
+fn multi_choice_fields(m: &FieldMapping, values: Json) -> Vec<(String, Json)> {
+    vec![
+        (
+            format!("{}@odata.type", m.field),
+            json!("Collection(Edm.String)"),
+        ),
+        (m.field.clone(), values),
+    ]
 }
 
 /// The text that a person/lookup column holds (email or foreign key), for resolution.

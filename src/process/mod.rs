@@ -12,20 +12,31 @@
 //!    written ([`dlq`]), and only then commits the input offsets.
 //!
 //! # Delivery contract
+//! Each promise is documented again, in more detail, next to the code that keeps it (the files
+//! of `processor`: `consume` → `coalesce` → `project` → `plan` → `write` → `outcome` →
+//! `flush`).
 //! - **Offsets follow durability.** An input offset is committed only when every event below it
 //!   is reflected in a durable ledger entry, a durable dead letter, or was skipped on purpose
 //!   (own-origin, stale, unmapped table). A crash replays from the committed offsets.
+//!   Kept by `processor::coalesce` (a pending write remembers its lowest offset),
+//!   `processor::dead_letters` (dead letters are appended before a row is let go) and
+//!   `processor::flush` (rows leave the pending set after their ledger step; the offset commit
+//!   stops at the lowest pending offset).
 //! - **Never two items, never none.** Before a create the ledger records an *intent*. A create
 //!   is only ever retried as a create: if the earlier attempt had reached SharePoint, the unique
 //!   `SyncKey` column rejects the second one and the processor adopts the existing item (looked
 //!   up by `SyncKey`). A move creates in the new list, records it, then deletes the old item;
 //!   a crash in between is repaired on replay (the old item is remembered as `pending_delete`).
+//!   Kept by `processor::plan` (intents, open intents resolved), `processor::flush` (intents
+//!   durable before the writes; each step recorded before the next), `processor::write`
+//!   (`Duplicate`) and `processor::outcome` (adoption, moves, re-creates).
 //! - **Idempotent replays.** Updates carry the full changed projection (re-applying is harmless);
 //!   deletes of a missing item count as done. Replayed events older than the ledger's LSN for the
-//!   row are skipped.
+//!   row are skipped. Kept by `processor::plan` (stale rows, unchanged hashes, fields in flight)
+//!   and `processor::outcome` (a missing item's delete is done).
 //! - **Own writes are not echoed.** Events whose transaction carries this pipeline's replication
 //!   origin (the return path's applier) are skipped, and they cancel an older pending push of the
-//!   same row.
+//!   same row. Kept by `processor::coalesce` (`Processor::fold_own_write`).
 
 pub mod convert;
 pub mod dlq;

@@ -229,57 +229,7 @@ pub fn verify(
             continue;
         }
         let facet = have.facet.get(have_facet).cloned().unwrap_or(Json::Null);
-        match m.field_type {
-            FieldType::Choice | FieldType::MultiChoice => {
-                let have_choices: Vec<&str> = facet["choices"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Json::as_str).collect())
-                    .unwrap_or_default();
-                let missing: Vec<&String> = m
-                    .choices
-                    .iter()
-                    .filter(|c| !have_choices.contains(&c.as_str()))
-                    .collect();
-                if !missing.is_empty() {
-                    out.push(format!(
-                        "list {list:?}: field {} lacks the choices {missing:?} (it has {have_choices:?})",
-                        m.field
-                    ));
-                }
-                let multi = facet["displayAs"] == "checkBoxes";
-                if multi != (m.field_type == FieldType::MultiChoice) {
-                    out.push(format!(
-                        "list {list:?}: field {} is a {} choice column, the mapping says {}",
-                        m.field,
-                        if multi { "multi" } else { "single" },
-                        m.field_type
-                    ));
-                }
-            }
-            FieldType::Note | FieldType::Text => {
-                let multi = facet["allowMultipleLines"] == true;
-                if multi != (m.field_type == FieldType::Note) {
-                    out.push(format!(
-                        "list {list:?}: field {} is {} text, the mapping says {}",
-                        m.field,
-                        if multi { "multi-line" } else { "single-line" },
-                        m.field_type
-                    ));
-                }
-            }
-            FieldType::Date | FieldType::DateTime => {
-                let date_only = facet["format"] == "dateOnly";
-                if date_only != (m.field_type == FieldType::Date) {
-                    out.push(format!(
-                        "list {list:?}: field {} is a {} column, the mapping says {}",
-                        m.field,
-                        if date_only { "date-only" } else { "date-time" },
-                        m.field_type
-                    ));
-                }
-            }
-            _ => {}
-        }
+        facet_mismatches(list, m, &facet, &mut out);
     }
     match find(SYNC_KEY_FIELD) {
         None => out.push(format!(
@@ -291,6 +241,59 @@ pub fn verify(
         Some(_) => {}
     }
     out
+}
+
+/// The differences between the column's type facet and what mapping `m` needs (choices,
+/// single/multi, single-/multi-line text, date-only/date-time), appended to `out`.
+fn facet_mismatches(list: &str, m: &FieldMapping, facet: &Json, out: &mut Vec<String>) {
+    // A two-way facet: whether the column has it, the type that needs it, and how the message
+    // names the column (`is {pre}{yes|no}{post}`).
+    let (has, needed_by, pre, (yes, no), post) = match m.field_type {
+        FieldType::Choice | FieldType::MultiChoice => {
+            missing_choices(list, m, facet, out);
+            let multi = facet["displayAs"] == "checkBoxes";
+            let names = ("multi", "single");
+            (multi, FieldType::MultiChoice, "a ", names, " choice column")
+        }
+        FieldType::Note | FieldType::Text => {
+            let multi = facet["allowMultipleLines"] == true;
+            let names = ("multi-line", "single-line");
+            (multi, FieldType::Note, "", names, " text")
+        }
+        FieldType::Date | FieldType::DateTime => {
+            let date_only = facet["format"] == "dateOnly";
+            let names = ("date-only", "date-time");
+            (date_only, FieldType::Date, "a ", names, " column")
+        }
+        _ => return,
+    };
+    if has != (m.field_type == needed_by) {
+        out.push(format!(
+            "list {list:?}: field {} is {pre}{}{post}, the mapping says {}",
+            m.field,
+            if has { yes } else { no },
+            m.field_type
+        ));
+    }
+}
+
+/// The choices mapping `m` needs that the choice column lacks, appended to `out`.
+fn missing_choices(list: &str, m: &FieldMapping, facet: &Json, out: &mut Vec<String>) {
+    let have_choices: Vec<&str> = facet["choices"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Json::as_str).collect())
+        .unwrap_or_default();
+    let missing: Vec<&String> = m
+        .choices
+        .iter()
+        .filter(|c| !have_choices.contains(&c.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "list {list:?}: field {} lacks the choices {missing:?} (it has {have_choices:?})",
+            m.field
+        ));
+    }
 }
 
 /// Catalog facts about one synced table that the push and return paths need.

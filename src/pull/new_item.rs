@@ -17,7 +17,7 @@ use serde_json::{Map, Value as Json};
 use tracing::{debug, warn};
 
 use super::processor::{PendingPull, PullOutcome};
-use super::values::key_values;
+use super::values::{ItemWrite, key_values};
 use super::{ApplyError, RowChange, RowChangeKind};
 use crate::config::SYNC_KEY_FIELD;
 use crate::graph::GraphError;
@@ -166,21 +166,12 @@ impl<L: EventLog + 'static> Processor<L> {
         f.insert(SYNC_KEY_FIELD.into(), Json::String(sk.to_string()));
         // Conditional on the version read: a person's later edit must not hide inside the
         // version this write makes (the ledger takes that version as holding the read values).
-        let written = self
-            .client
-            .update_item_fields(
-                &self.targets.site_id,
-                &p.list_id,
-                &p.item_id,
-                &f,
-                p.etag.as_deref(),
-            )
-            .await;
+        let written = self.write_item(p, &f, p.etag.as_deref()).await;
         let outcome = match written {
-            Ok(u) => return Ok(ControlFlow::Continue(u.e_tag)),
+            Ok(ItemWrite::Written(etag)) => return Ok(ControlFlow::Continue(etag)),
             // Changed since this record was read (a person's edit, or our own SyncKey write
             // before a restart): the newer version follows in the log and resumes the intent.
-            Err(GraphError::PreconditionFailed { .. }) => PullOutcome::Done,
+            Ok(ItemWrite::Changed) => PullOutcome::Done,
             // The person deleted the item meanwhile. A resumed intent means an earlier attempt
             // may have inserted the row before a crash: the deletion applies to it.
             Err(GraphError::NotFound { .. }) => {
@@ -230,16 +221,7 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<PullOutcome, ProcessError> {
         let ti = p.table;
         let key = key_values(&self.facts[ti].key_columns, sk);
-        // SharePoint omits empty fields: leave them out so the columns' defaults apply.
-        let row_values: Vec<_> = values
-            .into_iter()
-            .filter(|(c, v)| v.is_some() && !key.iter().any(|(k, _)| k == c))
-            .collect();
-        let insert = RowChange {
-            table: self.table_name(ti),
-            key,
-            kind: RowChangeKind::Insert { values: row_values },
-        };
+        let insert = self.row_insert(ti, key, values);
         let mut dead = None;
         let mut lsn = 0;
         match self.apply(insert).await? {
@@ -294,23 +276,13 @@ impl<L: EventLog + 'static> Processor<L> {
         if diff.is_empty() {
             return Ok(true);
         }
-        match self
-            .client
-            .update_item_fields(
-                &self.targets.site_id,
-                &p.list_id,
-                &p.item_id,
-                &diff,
-                entry.etag.as_deref(),
-            )
-            .await
-        {
-            Ok(u) => {
-                entry.etag = u.e_tag.or(entry.etag.take());
+        match self.write_item(p, &diff, entry.etag.as_deref()).await {
+            Ok(ItemWrite::Written(etag)) => {
+                entry.etag = etag.or(entry.etag.take());
                 entry.projection.extend(source);
                 Ok(true)
             }
-            Err(GraphError::PreconditionFailed { .. }) => Ok(false),
+            Ok(ItemWrite::Changed) => Ok(false),
             Err(e) if e.is_retryable() => Err(e.into()),
             Err(e) => {
                 warn!(table = %self.tables[ti].table, key = %sk, "writing database defaults back to the item: {e}");

@@ -25,10 +25,9 @@ use super::conflict::{
 };
 use super::new_item::{created_marker, new_item_key};
 use super::processor::{PendingPull, PullOutcome};
-use super::values::{cell_from_text, key_values};
+use super::values::{ItemWrite, cell_from_text, key_values};
 use super::{Applied, RowChange, RowChangeKind};
 use crate::config::SYSTEM_FIELDS;
-use crate::graph::GraphError;
 use crate::log::EventLog;
 use crate::process::ProcessError;
 use crate::process::convert;
@@ -296,23 +295,15 @@ impl<L: EventLog + 'static> Processor<L> {
         let mut current = true;
         if !source_fields.is_empty() {
             match self
-                .client
-                .update_item_fields(
-                    &self.targets.site_id,
-                    &p.list_id,
-                    &p.item_id,
-                    &source_fields,
-                    p.etag.as_deref(),
-                )
-                .await
+                .write_item(p, &source_fields, p.etag.as_deref())
+                .await?
             {
-                Ok(u) => {
-                    entry.etag = u.e_tag.or(entry.etag.take());
+                ItemWrite::Written(etag) => {
+                    entry.etag = etag.or(entry.etag.take());
                     entry.projection.extend(source_fields);
                     entry.hash = Some(hash_projection(&entry.projection));
                 }
-                Err(GraphError::PreconditionFailed { .. }) => current = false,
-                Err(e) => return Err(e.into()),
+                ItemWrite::Changed => current = false,
             }
         }
         self.ledger
@@ -380,17 +371,7 @@ impl<L: EventLog + 'static> Processor<L> {
             }
             Ok(a) if a.rows == 0 => {
                 // A person-created item whose row's insert did not happen before a crash.
-                // The applier inserts the key columns from `key`; `values` are the others.
-                // Empty list fields are left out so the columns' defaults apply.
-                let values: Vec<_> = set
-                    .into_iter()
-                    .filter(|(c, v)| v.is_some() && !key.iter().any(|(k, _)| k == c))
-                    .collect();
-                let insert = RowChange {
-                    table: self.table_name(ti),
-                    key,
-                    kind: RowChangeKind::Insert { values },
-                };
+                let insert = self.row_insert(ti, key, set);
                 match self.apply(insert).await? {
                     Ok(a) => ControlFlow::Continue(a),
                     Err(e) => ControlFlow::Break(self.rejected(p, sk, e.to_string())),

@@ -8,10 +8,12 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 
-use super::{Applied, Applier, ApplyError, RowChange, quote_ident};
+use super::processor::PendingPull;
+use super::{Applied, Applier, ApplyError, RowChange, RowChangeKind, quote_ident};
 use crate::config::{FieldMapping, FieldType, TableName};
+use crate::graph::GraphError;
 use crate::graph::ops::USER_INFORMATION_LIST;
 use crate::log::EventLog;
 use crate::process::ProcessError;
@@ -89,7 +91,39 @@ pub(super) fn cell_from_text(m: &FieldMapping, text: Option<&str>) -> Cell {
     }
 }
 
+/// What a conditional write to a list item came back with.
+pub(super) enum ItemWrite {
+    /// Written; the item's new eTag.
+    Written(Option<String>),
+    /// 412: the item is no longer at the version the write was conditional on.
+    Changed,
+}
+
 impl<L: EventLog + 'static> Processor<L> {
+    /// Writes `fields` to the item of `p` if it is still at version `if_match`.
+    pub(super) async fn write_item(
+        &self,
+        p: &PendingPull,
+        fields: &Map<String, Json>,
+        if_match: Option<&str>,
+    ) -> Result<ItemWrite, GraphError> {
+        let written = self
+            .client
+            .update_item_fields(
+                &self.targets.site_id,
+                &p.list_id,
+                &p.item_id,
+                fields,
+                if_match,
+            )
+            .await;
+        match written {
+            Ok(u) => Ok(ItemWrite::Written(u.e_tag)),
+            Err(GraphError::PreconditionFailed { .. }) => Ok(ItemWrite::Changed),
+            Err(e) => Err(e),
+        }
+    }
+
     fn applier(&mut self) -> Result<&mut Applier, ProcessError> {
         self.applier
             .as_mut()
@@ -112,6 +146,26 @@ impl<L: EventLog + 'static> Processor<L> {
 
     pub(super) fn table_name(&self, ti: usize) -> TableName {
         self.tables[ti].entry.table.clone()
+    }
+
+    /// The insert of a new row of table `ti`: the applier inserts the key columns from `key`,
+    /// `values` give the others. Empty values are left out (SharePoint omits empty fields) so
+    /// the columns' defaults apply.
+    pub(super) fn row_insert(
+        &self,
+        ti: usize,
+        key: Vec<(String, Option<String>)>,
+        values: Vec<(String, Option<String>)>,
+    ) -> RowChange {
+        let values = values
+            .into_iter()
+            .filter(|(c, v)| v.is_some() && !key.iter().any(|(k, _)| k == c))
+            .collect();
+        RowChange {
+            table: self.table_name(ti),
+            key,
+            kind: RowChangeKind::Insert { values },
+        }
     }
 
     /// Column text of a pulled field (persons → email, lookups → foreign key).

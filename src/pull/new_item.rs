@@ -16,9 +16,9 @@ use std::ops::ControlFlow;
 use serde_json::{Map, Value as Json};
 use tracing::{debug, warn};
 
+use super::ApplyError;
 use super::processor::{PendingPull, PullOutcome};
 use super::values::{ItemWrite, key_values};
-use super::{ApplyError, RowChange, RowChangeKind};
 use crate::config::SYNC_KEY_FIELD;
 use crate::graph::GraphError;
 use crate::log::EventLog;

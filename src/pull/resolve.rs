@@ -447,6 +447,63 @@ fn field_keys(f: &FieldMapping) -> Vec<String> {
         .collect()
 }
 
+/// Which sides a field flows to: `(pullable, pushable)` (read-only system fields never go to
+/// the item).
+fn sides(f: &FieldMapping) -> (bool, bool) {
+    let pullable = f.direction != Direction::PushOnly;
+    let pushable = f.direction != Direction::PullOnly && !SYSTEM_FIELDS.contains(&f.field.as_str());
+    (pullable, pushable)
+}
+
+/// A field the conflict record lists: the side it is decided for (its policy's winner, or the
+/// operator's `take` for a parked one), once both sides' values `now` (item, row) are checked
+/// to be the recorded or the already decided one; with the field as the resolution records it.
+fn decide_recorded(
+    id: &str,
+    f: &FieldMapping,
+    c: &FieldConflict,
+    take: Take,
+    (now_item, now_row): (Json, Json),
+) -> Result<(Take, FieldConflict), ResolveError> {
+    let (pullable, pushable) = sides(f);
+    let s = match c.winner.as_str() {
+        "source" => Take::Source,
+        "target" => Take::Target,
+        _ => take,
+    };
+    let chosen = match s {
+        Take::Source => &c.source,
+        Take::Target => &c.target,
+    };
+    if pullable && now_item != c.target && now_item != *chosen {
+        return Err(ResolveError::Changed {
+            id: id.to_string(),
+            what: format!(
+                "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
+                f.field, c.target
+            ),
+        });
+    }
+    if pushable && now_row != c.source && now_row != *chosen {
+        return Err(ResolveError::Changed {
+            id: id.to_string(),
+            what: format!(
+                "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
+                f.column, c.source
+            ),
+        });
+    }
+    let decided = FieldConflict {
+        field: c.field.clone(),
+        column: c.column.clone(),
+        source: now_row,
+        target: now_item,
+        policy: c.policy,
+        winner: s.as_str().to_string(),
+    };
+    Ok((s, decided))
+}
+
 /// Three-way merge of one conflicted row: `ledger` is the last synced projection, `item` the
 /// item's fields now, `source` the row's projection now. Fails with [`ResolveError::Changed`]
 /// when a conflicted field holds neither its recorded value nor the decided one on some side.
@@ -465,56 +522,22 @@ fn plan(
     let get = |m: &BTreeMap<String, Json>, k: &str| m.get(k).cloned().unwrap_or(Json::Null);
     let mut system = Vec::new();
     for f in fields {
-        let pullable = f.direction != Direction::PushOnly;
-        let pushable =
-            f.direction != Direction::PullOnly && !SYSTEM_FIELDS.contains(&f.field.as_str());
+        let (pullable, pushable) = sides(f);
         let keys = field_keys(f);
         let item_canon = convert::canonical_from_item(item, f);
         let row_canon: Vec<(String, Json)> =
             keys.iter().map(|k| (k.clone(), get(source, k))).collect();
         let item_changed = pullable && item_canon.iter().any(|(k, v)| *v != get(ledger, k));
         let row_changed = pushable && row_canon.iter().any(|(k, v)| *v != get(ledger, k));
-        let recorded = record.fields.iter().find(|c| c.field == f.field);
-        let mut side = None;
-        if let Some(c) = recorded {
-            let s = match c.winner.as_str() {
-                "source" => Take::Source,
-                "target" => Take::Target,
-                _ => take,
-            };
-            let chosen = match s {
-                Take::Source => &c.source,
-                Take::Target => &c.target,
-            };
-            let (now_item, now_row) = (main_value(&item_canon), main_value(&row_canon));
-            if pullable && now_item != c.target && now_item != *chosen {
-                return Err(ResolveError::Changed {
-                    id: record.id.clone(),
-                    what: format!(
-                        "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
-                        f.field, c.target
-                    ),
-                });
+        let side = match record.fields.iter().find(|c| c.field == f.field) {
+            Some(c) => {
+                let now = (main_value(&item_canon), main_value(&row_canon));
+                let (side, decided) = decide_recorded(&record.id, f, c, take, now)?;
+                out.decided.push(decided);
+                Some(side)
             }
-            if pushable && now_row != c.source && now_row != *chosen {
-                return Err(ResolveError::Changed {
-                    id: record.id.clone(),
-                    what: format!(
-                        "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
-                        f.column, c.source
-                    ),
-                });
-            }
-            out.decided.push(FieldConflict {
-                field: c.field.clone(),
-                column: c.column.clone(),
-                source: now_row,
-                target: now_item,
-                policy: c.policy,
-                winner: s.as_str().to_string(),
-            });
-            side = Some(s);
-        }
+            None => None,
+        };
         let same = item_canon == row_canon;
         let winner = match (item_changed, row_changed) {
             (false, false) => continue,

@@ -26,18 +26,24 @@
 //! not as a task of its own: one owner per pipeline must decide a row's push and its pull
 //! against one ledger entry (DESIGN §8), so within a flush the pulls are decided first, knowing
 //! which rows also have a pending push. It reaches the push side only through the items of
-//! `crate::process::processor` that its modules import by name: the [`Processor`] state it
-//! shares (the ledger, the pending pushes by ledger key, the table plans, the Graph client, the
-//! applier and catalog connections, the stats), [`Pending`] and [`Desired`] (a row's pending
-//! push), `Processor::project` (a row as the ledger's projection), `hash_projection`, `diff`,
-//! and `append_dead` (dead letters). The push side calls into the return path only through
-//! `ingest_pull` (a list-change record), `flush_pulls` (before its own writes), `serve_command`
-//! and `conflict_handle` (manual resolution), and by queueing a `processor::PendingPull` for an
-//! item whose conditional PATCH met 412 (decided as a conflict on the next flush).
+//! `crate::process::processor` that its modules import by name:
+//! - [`Processor`]'s state: the ledger, the pending pushes by ledger key, the table plans and
+//!   facts, the Graph client and targets, the applier and catalog connections, the log and the
+//!   conflicts topic, the stats; and the return path's own fields (pending pulls, their
+//!   offsets, resync bookkeeping, the command queue), which the push side only flushes and
+//!   commits;
+//! - `Pending` and `Desired`: a row's pending push, read to decide conflicts and given the
+//!   values a pull takes, so the push does not write old ones back;
+//! - `Processor::project` (a row as the ledger's projection), `hash_projection`, `diff`,
+//!   `Processor::append_dead` (dead letters) and `Processor::flush` (manual resolution flushes
+//!   pending work before deciding).
+//!
+//! The push side calls into the return path only through `ingest_pull` (a list-change record),
+//! `flush_pulls` (before its own writes), `serve_command` and `conflict_handle` (manual
+//! resolution), and by queueing a `processor::PendingPull` for an item whose conditional PATCH
+//! met 412 (decided as a conflict on the next flush).
 //!
 //! [`Processor`]: crate::process::Processor
-//! [`Pending`]: crate::process::processor::Pending
-//! [`Desired`]: crate::process::processor::Desired
 
 pub mod apply;
 mod conflict;

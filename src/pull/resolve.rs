@@ -475,23 +475,21 @@ fn decide_recorded(
         Take::Source => &c.source,
         Take::Target => &c.target,
     };
+    let changed = |what: String| ResolveError::Changed {
+        id: id.to_string(),
+        what,
+    };
     if pullable && now_item != c.target && now_item != *chosen {
-        return Err(ResolveError::Changed {
-            id: id.to_string(),
-            what: format!(
-                "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
-                f.field, c.target
-            ),
-        });
+        return Err(changed(format!(
+            "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
+            f.field, c.target
+        )));
     }
     if pushable && now_row != c.source && now_row != *chosen {
-        return Err(ResolveError::Changed {
-            id: id.to_string(),
-            what: format!(
-                "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
-                f.column, c.source
-            ),
-        });
+        return Err(changed(format!(
+            "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
+            f.column, c.source
+        )));
     }
     let decided = FieldConflict {
         field: c.field.clone(),

@@ -753,133 +753,163 @@ impl<L: EventLog> Poller<L> {
         let mut items = 0u64;
         let mut pages = 0u32;
         loop {
-            match pos.clone() {
-                Position::Latest => {
-                    let url = self.cfg.latest_url();
-                    let Some(r) = self.fetch(&url).await else {
-                        return Ok(Round::Cancelled);
-                    };
-                    let page = self.page(r.map_err(|e| self.graph_err(e))?)?;
-                    let Some(dl) = page.delta_link else {
-                        return Err(self.decode_err("token=latest answered without a deltaLink"));
-                    };
-                    self.store(&dl, CursorPhase::Delta, None).await?;
-                    *pos = Position::Link {
-                        link: dl,
-                        phase: CursorPhase::Delta,
-                        resync: None,
-                    };
-                    return Ok(Round::Done { items: 0 });
-                }
+            let (link, phase, resync) = match pos.clone() {
+                Position::Latest => return self.start_at_latest(pos).await,
                 Position::StartResync(reason) => {
-                    let rs = ResyncState {
-                        id: uuid::Uuid::new_v4().to_string(),
-                        reason,
-                        items: 0,
-                    };
-                    metrics::counter!(m::PULL_RESYNCS_TOTAL, "pipeline" => self.cfg.pipeline.clone(), "reason" => reason.as_str())
-                        .increment(1);
-                    tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, reason = reason.as_str(),
-                        resync_id = %rs.id, "full enumeration of the list starts");
-                    self.append(&[ListChange::marker(
-                        &self.cfg.list_id,
-                        ChangeKind::ResyncBegin,
-                        &rs,
-                    )])
-                    .await?;
-                    let link = self.cfg.full_url();
-                    self.store(&link, CursorPhase::Next, Some(&rs)).await?;
-                    *pos = Position::Link {
-                        link,
-                        phase: CursorPhase::Next,
-                        resync: Some(rs),
-                    };
+                    self.start_resync(reason, pos).await?;
+                    continue;
                 }
                 Position::Link {
                     link,
                     phase,
                     resync,
-                } => {
-                    let Some(r) = self.fetch(&link).await else {
-                        return Ok(Round::Cancelled);
+                } => (link, phase, resync),
+            };
+            let Some(r) = self.fetch(&link).await else {
+                return Ok(Round::Cancelled);
+            };
+            let value = match r {
+                Ok(v) => v,
+                Err(e) if is_resync_error(&e) => {
+                    tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, error = %e,
+                        "delta token refused; re-enumerating the list");
+                    *pos = Position::StartResync(ResyncReason::TokenExpired);
+                    continue;
+                }
+                Err(e) => return Err(self.graph_err(e)),
+            };
+            pages += 1;
+            let page = self.page(value)?;
+            let changes = page_changes(&self.cfg.list_id, &page.value, resync.as_ref())
+                .map_err(|m| self.decode_err(m))?;
+            let n = changes.len() as u64;
+            let mut resync = resync;
+            if let Some(rs) = resync.as_mut() {
+                rs.items += changes
+                    .iter()
+                    .filter(|c| c.kind == ChangeKind::Upsert)
+                    .count() as u64;
+            }
+            items += n;
+            match (page.next_link, page.delta_link) {
+                (Some(next), _) => {
+                    self.append(&changes).await?;
+                    self.count(&changes);
+                    self.store(&next, CursorPhase::Next, resync.as_ref())
+                        .await?;
+                    *pos = Position::Link {
+                        link: next,
+                        phase: CursorPhase::Next,
+                        resync,
                     };
-                    let value = match r {
-                        Ok(v) => v,
-                        Err(e) if is_resync_error(&e) => {
-                            tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, error = %e,
-                                "delta token refused; re-enumerating the list");
-                            *pos = Position::StartResync(ResyncReason::TokenExpired);
-                            continue;
-                        }
-                        Err(e) => return Err(self.graph_err(e)),
-                    };
-                    pages += 1;
-                    let page = self.page(value)?;
-                    let mut changes = page_changes(&self.cfg.list_id, &page.value, resync.as_ref())
-                        .map_err(|m| self.decode_err(m))?;
-                    let n = changes.len() as u64;
-                    let mut resync = resync;
-                    if let Some(rs) = resync.as_mut() {
-                        rs.items += changes
-                            .iter()
-                            .filter(|c| c.kind == ChangeKind::Upsert)
-                            .count() as u64;
-                    }
-                    match (page.next_link, page.delta_link) {
-                        (Some(next), _) => {
-                            self.append(&changes).await?;
-                            self.count(&changes);
-                            self.store(&next, CursorPhase::Next, resync.as_ref())
-                                .await?;
-                            items += n;
-                            *pos = Position::Link {
-                                link: next,
-                                phase: CursorPhase::Next,
-                                resync,
-                            };
-                        }
-                        (None, Some(delta)) => {
-                            if let Some(rs) = &resync {
-                                changes.push(ListChange::marker(
-                                    &self.cfg.list_id,
-                                    ChangeKind::ResyncEnd,
-                                    rs,
-                                ));
-                            }
-                            self.append(&changes).await?;
-                            self.count(&changes);
-                            items += n;
-                            // An idle single-page round keeps the stored (older, equivalent) link
-                            // unless it is getting old; anything else is stored now.
-                            let idle = changes.is_empty()
-                                && pages == 1
-                                && phase == CursorPhase::Delta
-                                && self
-                                    .last_store
-                                    .is_some_and(|t| t.elapsed() < IDLE_CURSOR_REFRESH);
-                            if !idle {
-                                self.store(&delta, CursorPhase::Delta, None).await?;
-                            }
-                            if let Some(rs) = &resync {
-                                tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name,
-                                    resync_id = %rs.id, items = rs.items, "full enumeration of the list complete");
-                            }
-                            *pos = Position::Link {
-                                link: delta,
-                                phase: CursorPhase::Delta,
-                                resync: None,
-                            };
-                            return Ok(Round::Done { items });
-                        }
-                        (None, None) => {
-                            return Err(self.decode_err(
-                                "page has neither @odata.nextLink nor @odata.deltaLink",
-                            ));
-                        }
-                    }
+                }
+                (None, Some(delta)) => {
+                    // Only an idle single-page delta round may keep the stored cursor.
+                    let single_delta_page = pages == 1 && phase == CursorPhase::Delta;
+                    self.finish_round(pos, changes, delta, resync, single_delta_page)
+                        .await?;
+                    return Ok(Round::Done { items });
+                }
+                (None, None) => {
+                    return Err(
+                        self.decode_err("page has neither @odata.nextLink nor @odata.deltaLink")
+                    );
                 }
             }
         }
+    }
+
+    /// No cursor and `StartMode::Latest`: `token=latest` gives the deltaLink to start from,
+    /// stored at once; no item change is read.
+    async fn start_at_latest(&mut self, pos: &mut Position) -> Result<Round, PullError> {
+        let url = self.cfg.latest_url();
+        let Some(r) = self.fetch(&url).await else {
+            return Ok(Round::Cancelled);
+        };
+        let page = self.page(r.map_err(|e| self.graph_err(e))?)?;
+        let Some(dl) = page.delta_link else {
+            return Err(self.decode_err("token=latest answered without a deltaLink"));
+        };
+        self.store(&dl, CursorPhase::Delta, None).await?;
+        *pos = Position::Link {
+            link: dl,
+            phase: CursorPhase::Delta,
+            resync: None,
+        };
+        Ok(Round::Done { items: 0 })
+    }
+
+    /// Begins a full enumeration: its `resync_begin` marker is appended and the cursor stored
+    /// at the first page before any item of it is read.
+    async fn start_resync(
+        &mut self,
+        reason: ResyncReason,
+        pos: &mut Position,
+    ) -> Result<(), PullError> {
+        let rs = ResyncState {
+            id: uuid::Uuid::new_v4().to_string(),
+            reason,
+            items: 0,
+        };
+        metrics::counter!(m::PULL_RESYNCS_TOTAL, "pipeline" => self.cfg.pipeline.clone(), "reason" => reason.as_str())
+            .increment(1);
+        tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, reason = reason.as_str(),
+            resync_id = %rs.id, "full enumeration of the list starts");
+        self.append(&[ListChange::marker(
+            &self.cfg.list_id,
+            ChangeKind::ResyncBegin,
+            &rs,
+        )])
+        .await?;
+        let link = self.cfg.full_url();
+        self.store(&link, CursorPhase::Next, Some(&rs)).await?;
+        *pos = Position::Link {
+            link,
+            phase: CursorPhase::Next,
+            resync: Some(rs),
+        };
+        Ok(())
+    }
+
+    /// The last page of a round (it carries the deltaLink): its changes (with the
+    /// `resync_end` marker of a full enumeration) are appended, then the deltaLink is stored.
+    async fn finish_round(
+        &mut self,
+        pos: &mut Position,
+        mut changes: Vec<ListChange>,
+        delta: String,
+        resync: Option<ResyncState>,
+        single_delta_page: bool,
+    ) -> Result<(), PullError> {
+        if let Some(rs) = &resync {
+            changes.push(ListChange::marker(
+                &self.cfg.list_id,
+                ChangeKind::ResyncEnd,
+                rs,
+            ));
+        }
+        self.append(&changes).await?;
+        self.count(&changes);
+        // An idle single-page round keeps the stored (older, equivalent) link unless it is
+        // getting old; anything else is stored now.
+        let idle = changes.is_empty()
+            && single_delta_page
+            && self
+                .last_store
+                .is_some_and(|t| t.elapsed() < IDLE_CURSOR_REFRESH);
+        if !idle {
+            self.store(&delta, CursorPhase::Delta, None).await?;
+        }
+        if let Some(rs) = &resync {
+            tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name,
+                resync_id = %rs.id, items = rs.items, "full enumeration of the list complete");
+        }
+        *pos = Position::Link {
+            link: delta,
+            phase: CursorPhase::Delta,
+            resync: None,
+        };
+        Ok(())
     }
 
     fn page(&self, v: Value) -> Result<DeltaPage, PullError> {

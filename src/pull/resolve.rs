@@ -29,28 +29,26 @@
 //! with `target` by applying `pull.on_delete` to the row, and with `source` by re-emitting the
 //! row (a no-op `UPDATE` outside the replication origin), so the push path creates a new item.
 
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
-
-use super::processor::{ConflictRecord, FieldConflict, key_values};
 use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{RowChange, RowChangeKind};
-use crate::config::OnDelete;
-use crate::config::{Direction, FieldMapping, SYSTEM_FIELDS};
+use super::conflict::{ConflictRecord, DELETE_CONFLICT_FIELD, FieldConflict, main_value};
+use super::values::{key_match, key_values, sql_params};
+use super::{RowChange, RowChangeKind, quote_ident};
+use crate::config::{Direction, FieldMapping, OnDelete, SYSTEM_FIELDS};
 use crate::graph::GraphError;
 use crate::log::{EventLog, LogConsumer, Record, TopicSpec};
 use crate::process::ProcessError;
-use crate::process::convert::{self};
+use crate::process::convert;
 use crate::process::ledger::{self, Entry, Provenance};
-use crate::process::processor::*;
+use crate::process::processor::{Processor, hash_projection};
 use crate::telemetry::metrics as m;
 
 /// `decision` of a resolution record.
@@ -61,8 +59,6 @@ pub const PARKED: &str = "parked";
 const COMMAND_QUEUE: usize = 8;
 /// How long the processor waits for one record of the conflicts topic while reading it.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// The field name of a delete conflict (the item was deleted while the row changed).
-const DELETE_CONFLICT_FIELD: &str = "(item)";
 
 /// Which side an operator takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,13 +447,59 @@ fn field_keys(f: &FieldMapping) -> Vec<String> {
         .collect()
 }
 
-/// The value of a canonical field (its annotation left out), null when absent.
-fn main_value(canon: &[(String, Json)]) -> Json {
-    canon
-        .iter()
-        .find(|(k, _)| !k.ends_with("@odata.type"))
-        .map(|(_, v)| v.clone())
-        .unwrap_or(Json::Null)
+/// Which sides a field flows to: `(pullable, pushable)` (read-only system fields never go to
+/// the item).
+fn sides(f: &FieldMapping) -> (bool, bool) {
+    let pullable = f.direction != Direction::PushOnly;
+    let pushable = f.direction != Direction::PullOnly && !SYSTEM_FIELDS.contains(&f.field.as_str());
+    (pullable, pushable)
+}
+
+/// A field the conflict record lists: the side it is decided for (its policy's winner, or the
+/// operator's `take` for a parked one), once both sides' values `now` (item, row) are checked
+/// to be the recorded or the already decided one; with the field as the resolution records it.
+fn decide_recorded(
+    id: &str,
+    f: &FieldMapping,
+    c: &FieldConflict,
+    take: Take,
+    (now_item, now_row): (Json, Json),
+) -> Result<(Take, FieldConflict), ResolveError> {
+    let (pullable, pushable) = sides(f);
+    let s = match c.winner.as_str() {
+        "source" => Take::Source,
+        "target" => Take::Target,
+        _ => take,
+    };
+    let chosen = match s {
+        Take::Source => &c.source,
+        Take::Target => &c.target,
+    };
+    let changed = |what: String| ResolveError::Changed {
+        id: id.to_string(),
+        what,
+    };
+    if pullable && now_item != c.target && now_item != *chosen {
+        return Err(changed(format!(
+            "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
+            f.field, c.target
+        )));
+    }
+    if pushable && now_row != c.source && now_row != *chosen {
+        return Err(changed(format!(
+            "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
+            f.column, c.source
+        )));
+    }
+    let decided = FieldConflict {
+        field: c.field.clone(),
+        column: c.column.clone(),
+        source: now_row,
+        target: now_item,
+        policy: c.policy,
+        winner: s.as_str().to_string(),
+    };
+    Ok((s, decided))
 }
 
 /// Three-way merge of one conflicted row: `ledger` is the last synced projection, `item` the
@@ -478,56 +520,22 @@ fn plan(
     let get = |m: &BTreeMap<String, Json>, k: &str| m.get(k).cloned().unwrap_or(Json::Null);
     let mut system = Vec::new();
     for f in fields {
-        let pullable = f.direction != Direction::PushOnly;
-        let pushable =
-            f.direction != Direction::PullOnly && !SYSTEM_FIELDS.contains(&f.field.as_str());
+        let (pullable, pushable) = sides(f);
         let keys = field_keys(f);
         let item_canon = convert::canonical_from_item(item, f);
         let row_canon: Vec<(String, Json)> =
             keys.iter().map(|k| (k.clone(), get(source, k))).collect();
         let item_changed = pullable && item_canon.iter().any(|(k, v)| *v != get(ledger, k));
         let row_changed = pushable && row_canon.iter().any(|(k, v)| *v != get(ledger, k));
-        let recorded = record.fields.iter().find(|c| c.field == f.field);
-        let mut side = None;
-        if let Some(c) = recorded {
-            let s = match c.winner.as_str() {
-                "source" => Take::Source,
-                "target" => Take::Target,
-                _ => take,
-            };
-            let chosen = match s {
-                Take::Source => &c.source,
-                Take::Target => &c.target,
-            };
-            let (now_item, now_row) = (main_value(&item_canon), main_value(&row_canon));
-            if pullable && now_item != c.target && now_item != *chosen {
-                return Err(ResolveError::Changed {
-                    id: record.id.clone(),
-                    what: format!(
-                        "the item's {} changed since the conflict was recorded (it was {}, it is {now_item} now)",
-                        f.field, c.target
-                    ),
-                });
+        let side = match record.fields.iter().find(|c| c.field == f.field) {
+            Some(c) => {
+                let now = (main_value(&item_canon), main_value(&row_canon));
+                let (side, decided) = decide_recorded(&record.id, f, c, take, now)?;
+                out.decided.push(decided);
+                Some(side)
             }
-            if pushable && now_row != c.source && now_row != *chosen {
-                return Err(ResolveError::Changed {
-                    id: record.id.clone(),
-                    what: format!(
-                        "the row's {} changed since the conflict was recorded (it was {}, it is {now_row} now)",
-                        f.column, c.source
-                    ),
-                });
-            }
-            out.decided.push(FieldConflict {
-                field: c.field.clone(),
-                column: c.column.clone(),
-                source: now_row,
-                target: now_item,
-                policy: c.policy,
-                winner: s.as_str().to_string(),
-            });
-            side = Some(s);
-        }
+            None => None,
+        };
         let same = item_canon == row_canon;
         let winner = match (item_changed, row_changed) {
             (false, false) => continue,
@@ -574,6 +582,21 @@ fn process_failure(id: &str, e: ProcessError) -> ResolveError {
         retryable: e.is_retryable(),
         message: e.to_string(),
     }
+}
+
+fn gone(id: &str, reason: &str) -> ResolveError {
+    ResolveError::Gone {
+        id: id.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A parked conflict found resolvable, with its row's ledger entry as it is now.
+struct Parked {
+    view: ConflictView,
+    ti: usize,
+    lkey: Vec<u8>,
+    entry: Entry,
 }
 
 impl<L: EventLog + 'static> Processor<L> {
@@ -650,39 +673,21 @@ impl<L: EventLog + 'static> Processor<L> {
             .increment(1);
     }
 
+    /// Resolves the parked conflict `id` by taking `take` (see the module docs): find it, apply
+    /// the decision to the row and the item, then record the resolution.
     async fn resolve_conflict(
         &mut self,
         id: &str,
         take: Take,
         by: Option<String>,
     ) -> Result<ConflictView, ResolveError> {
-        let fail = |e: ProcessError| process_failure(id, e);
-        let gone = |reason: &str| ResolveError::Gone {
-            id: id.to_string(),
-            reason: reason.to_string(),
-        };
-        let views = read_conflicts(self.log.as_ref(), &self.conflicts_topic)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        let views = conflict_views(views);
-        let view = resolvable(&views, id)?.clone();
+        let Parked {
+            view,
+            ti,
+            lkey,
+            entry,
+        } = self.parked_conflict(id).await?;
         let record = &view.record;
-        let Some(&ti) = self.by_table.get(&record.table) else {
-            return Err(gone("its table is no longer synced by this pipeline"));
-        };
-        let lkey = ledger::key(&record.table, &record.key);
-        if self.pending.contains_key(&lkey)
-            || self
-                .pulls
-                .contains_key(&format!("{}/{}", record.list_id, record.item_id))
-        {
-            return Err(ResolveError::Busy(
-                "a newer change of this row or item is still being processed".into(),
-            ));
-        }
-        let Some(mut entry) = self.ledger.get(&lkey).map_err(|e| fail(e.into()))? else {
-            return Err(gone("the row or its item was deleted since"));
-        };
         let decided = if record
             .fields
             .iter()
@@ -690,146 +695,11 @@ impl<L: EventLog + 'static> Processor<L> {
         {
             self.resolve_delete(ti, record, take, &lkey, entry).await?
         } else {
-            if entry
-                .item
-                .as_ref()
-                .is_none_or(|i| i.list_id != record.list_id || i.item_id != record.item_id)
-            {
-                return Err(gone(
-                    "the row's item was deleted or moved to another list since",
-                ));
-            }
-            let item = self
-                .client
-                .get_item(&self.targets.site_id, &record.list_id, &record.item_id)
-                .await
-                .map_err(|e| fail(e.into()))?
-                .ok_or_else(|| gone("its item was deleted since"))?;
-            let source = self
-                .source_projection(ti, &record.key, &entry)
-                .await
-                .map_err(fail)?
-                .ok_or_else(|| gone("its row was deleted since (or cannot be read back)"))?;
-            let fields: Vec<FieldMapping> = self.tables[ti].entry.fields.clone();
-            let plan = plan(
-                &fields,
-                record,
-                take,
-                &entry.projection,
-                &item.fields,
-                &source,
-            )?;
-            entry.etag = item.e_tag.clone().or(entry.etag);
-            let now = chrono::Utc::now().timestamp_millis();
-            if !plan.to_item.is_empty() {
-                match self
-                    .client
-                    .update_item_fields(
-                        &self.targets.site_id,
-                        &record.list_id,
-                        &record.item_id,
-                        &plan.to_item,
-                        item.e_tag.as_deref(),
-                    )
-                    .await
-                {
-                    Ok(u) => {
-                        entry.etag = u.e_tag.or(entry.etag);
-                        for (k, v) in &plan.to_item {
-                            entry.projection.insert(k.clone(), v.clone());
-                        }
-                        entry.hash = Some(hash_projection(&entry.projection));
-                        entry.provenance = Provenance::Push;
-                        entry.pushed_at_ms = Some(now);
-                        // Recorded before the row is written: the item's echo is recognised
-                        // even if the row write below fails.
-                        self.ledger
-                            .commit(vec![(lkey.clone(), Some(entry.clone()))])
-                            .await
-                            .map_err(|e| fail(e.into()))?;
-                    }
-                    Err(GraphError::PreconditionFailed { .. }) => {
-                        return Err(ResolveError::Changed {
-                            id: id.to_string(),
-                            what: "the item changed again while the decision was being written \
-                                   (HTTP 412)"
-                                .into(),
-                        });
-                    }
-                    Err(e) => return Err(fail(e.into())),
-                }
-            }
-            if !plan.to_row.is_empty() {
-                let mut set = Vec::new();
-                for (f, canon) in &plan.to_row {
-                    match self.pulled_text(f, canon).await.map_err(fail)? {
-                        Ok(text) => set.push((f.column.clone(), text)),
-                        Err(u) => {
-                            return Err(ResolveError::Failed {
-                                id: id.to_string(),
-                                message: format!(
-                                    "the item's value cannot be written to the row: {u}"
-                                ),
-                                retryable: false,
-                            });
-                        }
-                    }
-                }
-                let change = RowChange {
-                    table: self.table_name(ti),
-                    key: key_values(&self.facts[ti].key_columns, &record.key),
-                    kind: RowChangeKind::Update { set },
-                };
-                match self.apply(change).await.map_err(fail)? {
-                    Ok(a) if a.rows == 0 => return Err(gone("its row was deleted since")),
-                    Ok(a) => {
-                        if let Some(lsn) = a.commit_lsn {
-                            entry.lsn = entry.lsn.max(lsn);
-                        }
-                        entry.provenance = Provenance::Pull;
-                        entry.pulled_at_ms = Some(now);
-                    }
-                    Err(e) => {
-                        return Err(ResolveError::Failed {
-                            id: id.to_string(),
-                            message: format!("PostgreSQL refused the item's values: {e}"),
-                            retryable: e.is_retryable(),
-                        });
-                    }
-                }
-            }
-            entry.projection = plan.projection;
-            entry.hash = Some(hash_projection(&entry.projection));
-            entry.in_flight.clear();
-            self.ledger
-                .commit(vec![(lkey.clone(), Some(entry))])
-                .await
-                .map_err(|e| fail(e.into()))?;
-            plan.decided
+            self.resolve_fields(ti, record, take, lkey, entry).await?
         };
-        // Last: the record that closes the conflict (a crash before it leaves the conflict open,
-        // and resolving it again finds the decision applied and only records it).
-        let at_ms = chrono::Utc::now().timestamp_millis();
-        let resolution = ConflictEntry {
-            record: ConflictRecord {
-                decision: RESOLVED_MANUALLY.into(),
-                fields: decided.clone(),
-                at_ms,
-                ..record.clone()
-            },
-            take: Some(take),
-            resolved_by: by.clone(),
-        };
-        self.log
-            .append(
-                &self.conflicts_topic,
-                vec![Record::new(
-                    format!("{}\u{0}{}", record.table, record.key).into_bytes(),
-                    serde_json::to_vec(&resolution).unwrap_or_default(),
-                )],
-            )
-            .await
-            .map_err(|e| fail(e.into()))?;
+        let at_ms = self
+            .append_resolution(record, take, by.clone(), decided.clone())
+            .await?;
         info!(pipeline = %self.cfg.pipeline.name, conflict = %id, table = %record.table,
             key = %record.key, %take, by = by.as_deref().unwrap_or(""), "conflict resolved by an operator");
         Ok(ConflictView {
@@ -845,6 +715,231 @@ impl<L: EventLog + 'static> Processor<L> {
         })
     }
 
+    /// The conflict `id` if it is parked, open, of a synced table, and its row and item have no
+    /// change still being processed; with the row's ledger entry.
+    async fn parked_conflict(&mut self, id: &str) -> Result<Parked, ResolveError> {
+        let fail = |e: ProcessError| process_failure(id, e);
+        let views = read_conflicts(self.log.as_ref(), &self.conflicts_topic)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let views = conflict_views(views);
+        let view = resolvable(&views, id)?.clone();
+        let record = &view.record;
+        let Some(&ti) = self.by_table.get(&record.table) else {
+            return Err(gone(id, "its table is no longer synced by this pipeline"));
+        };
+        let lkey = ledger::key(&record.table, &record.key);
+        if self.pending.contains_key(&lkey)
+            || self
+                .pulls
+                .contains_key(&format!("{}/{}", record.list_id, record.item_id))
+        {
+            return Err(ResolveError::Busy(
+                "a newer change of this row or item is still being processed".into(),
+            ));
+        }
+        let Some(entry) = self.ledger.get(&lkey).map_err(|e| fail(e.into()))? else {
+            return Err(gone(id, "the row or its item was deleted since"));
+        };
+        Ok(Parked {
+            view,
+            ti,
+            lkey,
+            entry,
+        })
+    }
+
+    /// A parked field conflict: both sides read as they are now, merged three ways ([`plan`]),
+    /// `source` values written to the item, `target` values to the row, and the ledger given
+    /// the merged projection. The decided fields come back for the resolution record.
+    async fn resolve_fields(
+        &mut self,
+        ti: usize,
+        record: &ConflictRecord,
+        take: Take,
+        lkey: Vec<u8>,
+        mut entry: Entry,
+    ) -> Result<Vec<FieldConflict>, ResolveError> {
+        let id = record.id.as_str();
+        let fail = |e: ProcessError| process_failure(id, e);
+        if entry
+            .item
+            .as_ref()
+            .is_none_or(|i| i.list_id != record.list_id || i.item_id != record.item_id)
+        {
+            return Err(gone(
+                id,
+                "the row's item was deleted or moved to another list since",
+            ));
+        }
+        let item = self
+            .client
+            .get_item(&self.targets.site_id, &record.list_id, &record.item_id)
+            .await
+            .map_err(|e| fail(e.into()))?
+            .ok_or_else(|| gone(id, "its item was deleted since"))?;
+        let source = self
+            .source_projection(ti, &record.key, &entry)
+            .await
+            .map_err(fail)?
+            .ok_or_else(|| gone(id, "its row was deleted since (or cannot be read back)"))?;
+        let fields: Vec<FieldMapping> = self.tables[ti].entry.fields.clone();
+        let plan = plan(
+            &fields,
+            record,
+            take,
+            &entry.projection,
+            &item.fields,
+            &source,
+        )?;
+        entry.etag = item.e_tag.clone().or(entry.etag);
+        let now = chrono::Utc::now().timestamp_millis();
+        if !plan.to_item.is_empty() {
+            let if_match = item.e_tag.as_deref();
+            self.write_to_item(record, &lkey, &mut entry, &plan.to_item, if_match, now)
+                .await?;
+        }
+        if !plan.to_row.is_empty() {
+            self.write_to_row(ti, record, &mut entry, &plan.to_row, now)
+                .await?;
+        }
+        entry.projection = plan.projection;
+        entry.hash = Some(hash_projection(&entry.projection));
+        entry.in_flight.clear();
+        self.ledger
+            .commit(vec![(lkey, Some(entry))])
+            .await
+            .map_err(|e| fail(e.into()))?;
+        Ok(plan.decided)
+    }
+
+    /// The `source` side of a resolution: the row's values go to the item, with `If-Match` on
+    /// the eTag just read, and are recorded before the row is written (the item's echo is then
+    /// recognised even if the row write fails).
+    async fn write_to_item(
+        &mut self,
+        record: &ConflictRecord,
+        lkey: &[u8],
+        entry: &mut Entry,
+        to_item: &Map<String, Json>,
+        if_match: Option<&str>,
+        now: i64,
+    ) -> Result<(), ResolveError> {
+        let id = record.id.as_str();
+        let written = self
+            .client
+            .update_item_fields(
+                &self.targets.site_id,
+                &record.list_id,
+                &record.item_id,
+                to_item,
+                if_match,
+            )
+            .await;
+        match written {
+            Ok(u) => {
+                entry.etag = u.e_tag.or(entry.etag.take());
+                for (k, v) in to_item {
+                    entry.projection.insert(k.clone(), v.clone());
+                }
+                entry.hash = Some(hash_projection(&entry.projection));
+                entry.provenance = Provenance::Push;
+                entry.pushed_at_ms = Some(now);
+                self.ledger
+                    .commit(vec![(lkey.to_vec(), Some(entry.clone()))])
+                    .await
+                    .map_err(|e| process_failure(id, e.into()))
+            }
+            Err(GraphError::PreconditionFailed { .. }) => Err(ResolveError::Changed {
+                id: id.to_string(),
+                what: "the item changed again while the decision was being written (HTTP 412)"
+                    .into(),
+            }),
+            Err(e) => Err(process_failure(id, e.into())),
+        }
+    }
+
+    /// The `target` side of a resolution: the item's values go to the row through the
+    /// applier's replication-origin session (so capture does not push them back).
+    async fn write_to_row(
+        &mut self,
+        ti: usize,
+        record: &ConflictRecord,
+        entry: &mut Entry,
+        to_row: &[(FieldMapping, Vec<(String, Json)>)],
+        now: i64,
+    ) -> Result<(), ResolveError> {
+        let id = record.id.as_str();
+        let fail = |e: ProcessError| process_failure(id, e);
+        let mut set = Vec::new();
+        for (f, canon) in to_row {
+            match self.pulled_text(f, canon).await.map_err(fail)? {
+                Ok(text) => set.push((f.column.clone(), text)),
+                Err(u) => {
+                    return Err(ResolveError::Failed {
+                        id: id.to_string(),
+                        message: format!("the item's value cannot be written to the row: {u}"),
+                        retryable: false,
+                    });
+                }
+            }
+        }
+        let change = RowChange {
+            table: self.table_name(ti),
+            key: key_values(&self.facts[ti].key_columns, &record.key),
+            kind: RowChangeKind::Update { set },
+        };
+        match self.apply(change).await.map_err(fail)? {
+            Ok(a) if a.rows == 0 => Err(gone(id, "its row was deleted since")),
+            Ok(a) => {
+                if let Some(lsn) = a.commit_lsn {
+                    entry.lsn = entry.lsn.max(lsn);
+                }
+                entry.provenance = Provenance::Pull;
+                entry.pulled_at_ms = Some(now);
+                Ok(())
+            }
+            Err(e) => Err(ResolveError::Failed {
+                id: id.to_string(),
+                message: format!("PostgreSQL refused the item's values: {e}"),
+                retryable: e.is_retryable(),
+            }),
+        }
+    }
+
+    /// Last: the record that closes the conflict (a crash before it leaves the conflict open,
+    /// and resolving it again finds the decision applied and only records it). Returns its time.
+    async fn append_resolution(
+        &mut self,
+        record: &ConflictRecord,
+        take: Take,
+        by: Option<String>,
+        decided: Vec<FieldConflict>,
+    ) -> Result<i64, ResolveError> {
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        let resolution = ConflictEntry {
+            record: ConflictRecord {
+                decision: RESOLVED_MANUALLY.into(),
+                fields: decided,
+                at_ms,
+                ..record.clone()
+            },
+            take: Some(take),
+            resolved_by: by,
+        };
+        self.log
+            .append(
+                &self.conflicts_topic,
+                vec![Record::new(
+                    format!("{}\u{0}{}", record.table, record.key).into_bytes(),
+                    serde_json::to_vec(&resolution).unwrap_or_default(),
+                )],
+            )
+            .await
+            .map_err(|e| process_failure(&record.id, e.into()))?;
+        Ok(at_ms)
+    }
+
     /// A parked delete conflict (the item was deleted while the row had a pending change; the
     /// ledger entry has no item since). `target`: `pull.on_delete` applies to the row.
     /// `source`: the row is re-emitted (a no-op `UPDATE` without our replication origin), so
@@ -858,82 +953,18 @@ impl<L: EventLog + 'static> Processor<L> {
         entry: Entry,
     ) -> Result<Vec<FieldConflict>, ResolveError> {
         let id = record.id.as_str();
-        let fail = |e: ProcessError| process_failure(id, e);
         if entry.item.is_some() {
-            return Err(ResolveError::Gone {
-                id: id.to_string(),
-                reason: "the row has an item again (it was re-created since)".into(),
-            });
+            return Err(gone(
+                id,
+                "the row has an item again (it was re-created since)",
+            ));
         }
         if self.facts[ti].key_columns.is_empty() {
-            return Err(ResolveError::Gone {
-                id: id.to_string(),
-                reason: "the table has no key columns any more".into(),
-            });
+            return Err(gone(id, "the table has no key columns any more"));
         }
-        let key = key_values(&self.facts[ti].key_columns, &record.key);
         match take {
-            Take::Target => {
-                let kind = match self.tables[ti].entry.pull.on_delete.clone() {
-                    OnDelete::Delete => Some(RowChangeKind::Delete),
-                    OnDelete::Soft { column } => Some(RowChangeKind::SoftDelete { column }),
-                    OnDelete::Ignore => None,
-                };
-                if let Some(kind) = kind {
-                    let change = RowChange {
-                        table: self.table_name(ti),
-                        key,
-                        kind: kind.clone(),
-                    };
-                    if let Err(e) = self.apply(change).await.map_err(fail)? {
-                        return Err(ResolveError::Failed {
-                            id: id.to_string(),
-                            message: format!("PostgreSQL refused pull.on_delete: {e}"),
-                            retryable: e.is_retryable(),
-                        });
-                    }
-                    if kind == RowChangeKind::Delete {
-                        self.ledger
-                            .commit(vec![(lkey.to_vec(), None)])
-                            .await
-                            .map_err(|e| fail(e.into()))?;
-                    }
-                }
-            }
-            Take::Source => {
-                let facts = self.facts[ti].clone();
-                let q = crate::pull::quote_ident;
-                let t = self.tables[ti].entry.table.clone();
-                let first = q(&facts.key_columns[0]);
-                let conds: Vec<String> = facts
-                    .key_columns
-                    .iter()
-                    .zip(&facts.key_types)
-                    .enumerate()
-                    .map(|(i, (c, ty))| format!("{} = ${}::text::{ty}", q(c), i + 1))
-                    .collect();
-                let sql = format!(
-                    "UPDATE {}.{} SET {first} = {first} WHERE {}",
-                    q(&t.schema),
-                    q(&t.name),
-                    conds.join(" AND ")
-                );
-                let params: Vec<Option<String>> = key.into_iter().map(|(_, v)| v).collect();
-                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                    .iter()
-                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                let client = self.catalog().await.map_err(fail)?;
-                let n = client.execute(&sql, &refs).await.map_err(|e| {
-                    fail(ProcessError::Catalog(format!("re-emitting the row: {e}")))
-                })?;
-                if n == 0 {
-                    return Err(ResolveError::Gone {
-                        id: id.to_string(),
-                        reason: "its row was deleted since".into(),
-                    });
-                }
-            }
+            Take::Target => self.delete_row(ti, record, lkey).await?,
+            Take::Source => self.reemit_row(ti, record).await?,
         }
         Ok(record
             .fields
@@ -943,6 +974,68 @@ impl<L: EventLog + 'static> Processor<L> {
                 ..f.clone()
             })
             .collect())
+    }
+
+    /// `pull.on_delete` applied to the row of a delete conflict; a deleted row's ledger entry
+    /// goes with it.
+    async fn delete_row(
+        &mut self,
+        ti: usize,
+        record: &ConflictRecord,
+        lkey: &[u8],
+    ) -> Result<(), ResolveError> {
+        let id = record.id.as_str();
+        let fail = |e: ProcessError| process_failure(id, e);
+        let kind = match self.tables[ti].entry.pull.on_delete.clone() {
+            OnDelete::Delete => RowChangeKind::Delete,
+            OnDelete::Soft { column } => RowChangeKind::SoftDelete { column },
+            OnDelete::Ignore => return Ok(()),
+        };
+        let change = RowChange {
+            table: self.table_name(ti),
+            key: key_values(&self.facts[ti].key_columns, &record.key),
+            kind: kind.clone(),
+        };
+        if let Err(e) = self.apply(change).await.map_err(fail)? {
+            return Err(ResolveError::Failed {
+                id: id.to_string(),
+                message: format!("PostgreSQL refused pull.on_delete: {e}"),
+                retryable: e.is_retryable(),
+            });
+        }
+        if kind == RowChangeKind::Delete {
+            self.ledger
+                .commit(vec![(lkey.to_vec(), None)])
+                .await
+                .map_err(|e| fail(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Re-emits the row of a delete conflict: a no-op `UPDATE` on the catalog connection (not
+    /// the applier's origin session), so capture sees an application change and it is pushed.
+    async fn reemit_row(&mut self, ti: usize, record: &ConflictRecord) -> Result<(), ResolveError> {
+        let id = record.id.as_str();
+        let fail = |e: ProcessError| process_failure(id, e);
+        let facts = self.facts[ti].clone();
+        let q = quote_ident;
+        let t = self.tables[ti].entry.table.clone();
+        let first = q(&facts.key_columns[0]);
+        let (conds, params) = key_match(&facts, &record.key);
+        let sql = format!(
+            "UPDATE {}.{} SET {first} = {first} WHERE {conds}",
+            q(&t.schema),
+            q(&t.name),
+        );
+        let client = self.catalog().await.map_err(fail)?;
+        let n = client
+            .execute(&sql, &sql_params(&params))
+            .await
+            .map_err(|e| fail(ProcessError::Catalog(format!("re-emitting the row: {e}"))))?;
+        if n == 0 {
+            return Err(gone(id, "its row was deleted since"));
+        }
+        Ok(())
     }
 }
 

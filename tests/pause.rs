@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use syncbridge::event::Encoder;
-use syncbridge::event::change::{ChangeEvent, Column, Op, Relation, Source, TypeKind, Value as Cell};
+use syncbridge::event::change::{
+    ChangeEvent, Column, Op, Relation, Source, TypeKind, Value as Cell,
+};
 use syncbridge::log::{AnyLog, EventLog, KafkaLogConfig, LogConfig, Record};
 
 mod common;
@@ -77,7 +79,11 @@ fn events(pipeline: &str, table: &str, n: i64) -> (Vec<Record>, Vec<Record>) {
         oid: 4_000_000_001,
         schema: "public".into(),
         name: table.into(),
-        columns: vec![col("id", 20, true), col("title", 25, false), col("late_marker", 25, false)],
+        columns: vec![
+            col("id", 20, true),
+            col("title", 25, false),
+            col("late_marker", 25, false),
+        ],
         replica_identity: 'd',
         version: 1,
     });
@@ -155,7 +161,11 @@ async fn wait_paused(h: &Harness, within: Duration) -> String {
 async fn distinct_items(h: &Harness, list: &str) -> BTreeSet<String> {
     let items = h.items(list).await;
     let keys: BTreeSet<String> = items.iter().map(|(k, _)| k.clone()).collect();
-    assert_eq!(keys.len(), items.len(), "duplicate items in {list}: {items:?}");
+    assert_eq!(
+        keys.len(),
+        items.len(),
+        "duplicate items in {list}: {items:?}"
+    );
     keys
 }
 
@@ -164,8 +174,10 @@ async fn a_late_schema_is_waited_for_not_dead_lettered() {
     hard_timeout(180, async {
         let mut h = Harness::new("late").await;
         let t = h.t("t");
-        h.sql(&format!("CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"))
-            .await;
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
+        ))
+        .await;
         h.tables.push(format!("public.{t}"));
         let list = format!("Late {}", h.name);
         let (log_yaml, prefix) = kafka_log_yaml(&h);
@@ -179,7 +191,10 @@ async fn a_late_schema_is_waited_for_not_dead_lettered() {
         kafka.append(&topic, data).await.unwrap();
         // The schema arrives after the events that use it.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(h.items(&list).await.is_empty(), "nothing can be written before the schema");
+        assert!(
+            h.items(&list).await.is_empty(),
+            "nothing can be written before the schema"
+        );
         let schemas_topic = syncbridge::event::schemas_topic(&prefix, &h.name);
         kafka.append(&schemas_topic, schemas).await.unwrap();
 
@@ -203,8 +218,10 @@ async fn events_whose_schema_never_comes_pause_the_pipeline_until_it_does() {
     hard_timeout(240, async {
         let mut h = Harness::new("noschema").await;
         let t = h.t("t");
-        h.sql(&format!("CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"))
-            .await;
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
+        ))
+        .await;
         h.tables.push(format!("public.{t}"));
         let list = format!("NoSchema {}", h.name);
         let (log_yaml, prefix) = kafka_log_yaml(&h);
@@ -223,12 +240,22 @@ async fn events_whose_schema_never_comes_pause_the_pipeline_until_it_does() {
         let waited = started.elapsed();
         let schemas_topic = syncbridge::event::schemas_topic(&prefix, &h.name);
         assert!(reason.contains("schema_unavailable"), "{reason}");
-        assert!(reason.contains(&schemas_topic), "names the schemas topic: {reason}");
+        assert!(
+            reason.contains(&schemas_topic),
+            "names the schemas topic: {reason}"
+        );
         assert!(reason.contains(&topic), "names the event's topic: {reason}");
         assert!(reason.contains("fingerprint"), "{reason}");
-        assert!(waited >= Duration::from_secs(3), "waited {waited:?} before pausing");
+        assert!(
+            waited >= Duration::from_secs(3),
+            "waited {waited:?} before pausing"
+        );
         assert_eq!(
-            h.metric("syncbridge_pipeline_paused", &[&h.name, "schema_unavailable"]).await,
+            h.metric(
+                "syncbridge_pipeline_paused",
+                &[&h.name, "schema_unavailable"]
+            )
+            .await,
             1.0
         );
         assert!(h.items(&list).await.is_empty());
@@ -244,7 +271,8 @@ async fn events_whose_schema_never_comes_pause_the_pipeline_until_it_does() {
         assert_eq!(distinct_items(&h, &list).await.len(), 50);
         assert_eq!(ready(&h).await.0, 200, "ready again after the resume");
         assert_eq!(
-            h.metric("syncbridge_push_dead_letters_total", &[&h.name]).await,
+            h.metric("syncbridge_push_dead_letters_total", &[&h.name])
+                .await,
             0.0
         );
         let (code, _, err) = h.cli(&["resume", file.to_str().unwrap()]).await;
@@ -268,7 +296,8 @@ async fn a_storm_of_rejected_writes_pauses_the_pipeline_and_resume_syncs_every_r
         h.tables.push(format!("public.{t}"));
         // SharePoint Online answers 400 to hyperlink writes through Graph (graph-api.md §5.7);
         // the emulator does the same by default: every row is rejected.
-        h.emulator_limits(json!({ "hyperlink_writes": false })).await;
+        h.emulator_limits(json!({ "hyperlink_writes": false }))
+            .await;
         let list = format!("Storm {}", h.name);
         let file = h.pipeline(
             &h.embedded_log(),
@@ -277,13 +306,21 @@ async fn a_storm_of_rejected_writes_pauses_the_pipeline_and_resume_syncs_every_r
         h.start(&file);
         let reason = wait_paused(&h, Duration::from_secs(60)).await;
         assert!(reason.contains("dead_letter_storm"), "{reason}");
-        assert!(reason.contains("graph_rejected"), "names the kind: {reason}");
+        assert!(
+            reason.contains("graph_rejected"),
+            "names the kind: {reason}"
+        );
         assert_eq!(
-            h.metric("syncbridge_pipeline_paused", &[&h.name, "dead_letter_storm"]).await,
+            h.metric(
+                "syncbridge_pipeline_paused",
+                &[&h.name, "dead_letter_storm"]
+            )
+            .await,
             1.0
         );
         assert_eq!(
-            h.metric("syncbridge_push_dead_letters_total", &[&h.name]).await,
+            h.metric("syncbridge_push_dead_letters_total", &[&h.name])
+                .await,
             0.0,
             "a tripped guard appends no dead letter"
         );
@@ -299,8 +336,10 @@ async fn a_storm_of_rejected_writes_pauses_the_pipeline_and_resume_syncs_every_r
         assert_eq!(body["paused"], true, "{body}");
         assert_eq!(body["pause"]["kind"], "dead_letter_storm", "{body}");
         // Paused means paused: more changes wait in the log.
-        h.sql(&format!("UPDATE public.{t} SET title = title || ' (edited)' WHERE id <= 5"))
-            .await;
+        h.sql(&format!(
+            "UPDATE public.{t} SET title = title || ' (edited)' WHERE id <= 5"
+        ))
+        .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(h.items(&list).await.is_empty());
 
@@ -324,7 +363,9 @@ async fn a_storm_of_rejected_writes_pauses_the_pipeline_and_resume_syncs_every_r
         .await;
         assert_eq!(ready(&h).await.0, 200, "ready again after the resume");
         h.stop().await;
-        let (code, out, err) = h.cli(&["dlq", "list", "--json", file.to_str().unwrap()]).await;
+        let (code, out, err) = h
+            .cli(&["dlq", "list", "--json", file.to_str().unwrap()])
+            .await;
         assert_eq!(code, 0, "{err}");
         assert_eq!(out.trim(), "", "nothing was dead-lettered: {out}");
     })

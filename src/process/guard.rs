@@ -29,6 +29,11 @@ use tokio::sync::Notify;
 
 use crate::config::DeadLetterGuard as Limits;
 
+/// `Paused::kind` of a run of dead letters of one kind.
+pub const DEAD_LETTER_STORM: &str = "dead_letter_storm";
+/// `Paused::kind` of a change event whose schema did not appear in the schemas topic.
+pub const SCHEMA_UNAVAILABLE: &str = "schema_unavailable";
+
 /// Why a guard tripped: the kind of dead letter, how many, and the rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trip {

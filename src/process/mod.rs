@@ -46,6 +46,7 @@ pub(crate) mod processor;
 pub mod provision;
 pub mod route;
 pub mod row;
+pub(crate) mod schemas;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -374,16 +374,16 @@ impl<L: EventLog + 'static> Processor<L> {
                 let insert = self.row_insert(ti, key, set);
                 match self.apply(insert).await? {
                     Ok(a) => ControlFlow::Continue(a),
-                    Err(e) => ControlFlow::Break(self.rejected(p, sk, e.to_string())),
+                    Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, e.to_string())),
                 }
             }
             Ok(a) => ControlFlow::Continue(a),
-            Err(e) => ControlFlow::Break(self.rejected(p, sk, e.to_string())),
+            Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, e.to_string())),
         })
     }
 
     /// The outcome of a list change PostgreSQL refused: a dead letter.
-    pub(super) fn rejected(&self, p: &PendingPull, sk: &str, reason: String) -> PullOutcome {
+    pub(super) fn pull_rejected(&self, p: &PendingPull, sk: &str, reason: String) -> PullOutcome {
         PullOutcome::dead(self.pull_dead(p, sk, "pull_rejected", reason))
     }
 

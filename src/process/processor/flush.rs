@@ -48,8 +48,10 @@ pub(super) struct Stage {
     pub(super) ops: Vec<Op>,
     /// Rows settled without (more) writes: stale, unchanged, dead-lettered, nothing to delete.
     pub(super) done: Vec<Vec<u8>>,
-    /// Dead letters not yet appended.
+    /// Dead letters not yet handed to the guard.
     pub(super) dead: Vec<DeadLetter>,
+    /// Rows of this stage that were dead-lettered (the others that settle are successes).
+    pub(super) dead_rows: usize,
     /// Ledger changes to make durable before any write is sent (intents, fields in flight).
     pub(super) intents: Vec<(Vec<u8>, Option<Entry>)>,
     /// The first retryable failure; reported once everything else is recorded.
@@ -119,13 +121,15 @@ impl<L: EventLog + 'static> Processor<L> {
         consumer: &mut L::Consumer,
     ) -> Result<(), ProcessError> {
         let pending = self.pending.values().flat_map(|p| p.offsets.iter());
-        let floor = lowest(pending.map(|(tp, off)| (tp.clone(), *off)));
+        let held = self.held_positions();
+        let floor = lowest(pending.map(|(tp, off)| (tp.clone(), *off)).chain(held));
         commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await
     }
 
     /// One flush: list edits, then the pending rows stage by stage. A retryable failure of one
     /// part does not stop the others; the first is reported after all have run.
     pub(crate) async fn flush(&mut self) -> Result<(), ProcessError> {
+        self.release_quiet().await?;
         if self.pending.is_empty() && self.pulls.is_empty() {
             return Ok(());
         }
@@ -221,7 +225,10 @@ impl<L: EventLog + 'static> Processor<L> {
                     stage.transient.get_or_insert(why);
                     stage.unfinished.insert(k);
                 }
-                Applied::Dead(d) => stage.dead.push(*d),
+                Applied::Dead(d) => {
+                    stage.dead.push(*d);
+                    stage.dead_rows += 1;
+                }
             }
         }
         let step: Vec<(Vec<u8>, Option<Entry>)> = touched
@@ -234,32 +241,36 @@ impl<L: EventLog + 'static> Processor<L> {
                     .map(|e| (k.clone(), Some(e.clone()).filter(|e| !e.is_empty())))
             })
             .collect();
-        self.append_dead(std::mem::take(&mut stage.dead)).await?;
+        self.dead_letter_push(std::mem::take(&mut stage.dead))
+            .await?;
         self.ledger.commit(step).await?;
         stage.ops = next;
         Ok(())
     }
 
-    /// Ends a stage: rows whose every step is recorded, and rows settled without a write, leave
-    /// the pending set; the remaining dead letters are appended. Rows with work left (an open
-    /// intent, an old item to delete, an unsettled write) stay; the retry replans them.
-    ///
-    /// Known gap: the remaining dead letters (those of a stage without writes) are appended
-    /// after their rows left the pending set; if that append fails, the flush fails but its
-    /// retry no longer holds those rows.
+    /// Ends a stage: the remaining dead letters go to the guard (held until durable, see
+    /// [`dead_letters`](super::dead_letters)); rows whose every step is recorded, and rows
+    /// settled without a write, leave the pending set, and those without a dead letter count as
+    /// successes for the guard. Rows with work left (an open intent, an old item to delete, an
+    /// unsettled write) stay; the retry replans them.
     async fn settle(&mut self, stage: Stage) -> Result<(), ProcessError> {
+        self.dead_letter_push(stage.dead).await?;
+        let mut settled: usize = 0;
         for (k, e) in &stage.entries {
             let finished =
                 !stage.unfinished.contains(k) && e.intent.is_none() && e.pending_delete.is_none();
             let dead_or_done = stage.done.contains(k);
-            if finished || dead_or_done {
-                self.pending.remove(k);
+            if (finished || dead_or_done) && self.pending.remove(k).is_some() {
+                settled += 1;
             }
         }
         for k in &stage.done {
-            self.pending.remove(k);
+            if self.pending.remove(k).is_some() {
+                settled += 1;
+            }
         }
-        self.append_dead(stage.dead).await?;
+        self.settled_ok(settled.saturating_sub(stage.dead_rows))
+            .await?;
         match stage.transient {
             None => Ok(()),
             Some(message) => Err(ProcessError::Graph(GraphError::Transient {

@@ -61,7 +61,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::dlq::{DLQ_PARTITIONS, dlq_topic};
+use super::dlq::{DLQ_PARTITIONS, DeadLetter, dlq_topic};
+use super::guard::DeadLetterGuard;
 use super::ledger::Ledger;
 use super::provision::{TableFacts, Targets};
 use super::route::Router;
@@ -131,6 +132,12 @@ pub struct Processor<L: EventLog> {
     pub(crate) dlq_topic: String,
     pub(crate) failpoints: Failpoints,
     pub(crate) stats: ProcessorStats,
+    /// The dead-letter guard and the dead letters of its open run, held back (see
+    /// [`dead_letters`]).
+    pub(crate) dead_guard: DeadLetterGuard,
+    pub(crate) held: Vec<DeadLetter>,
+    /// When the last dead letter joined `held`.
+    pub(crate) held_at: Option<Instant>,
     /// Per table index: catalog facts (key columns, defaults).
     pub(crate) facts: Vec<TableFacts>,
     /// List id → table index, for lists whose entry pulls.
@@ -212,6 +219,7 @@ impl<L: EventLog + 'static> Processor<L> {
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
+            dead_guard: DeadLetterGuard::new(cfg.pipeline.guard.dead_letters),
             cfg,
             log,
             client,
@@ -225,6 +233,8 @@ impl<L: EventLog + 'static> Processor<L> {
             committed: BTreeMap::new(),
             people: HashMap::new(),
             stats: ProcessorStats::default(),
+            held: Vec::new(),
+            held_at: None,
         })
     }
 
@@ -301,10 +311,15 @@ impl<L: EventLog + 'static> Processor<L> {
                     window_start = (!self.pending.is_empty() || !self.pulls.is_empty())
                         .then(Instant::now);
                     not_before = window_start.map(|t| t + RETRY_PAUSE);
+                    // Held dead letters of a run that went quiet are released by a later flush.
+                    if window_start.is_none() && let Some(at) = self.held_release_at() {
+                        window_start = Some(Instant::now());
+                        not_before = Some(at);
+                    }
                 }
             }
         }
-        schemas.stop.cancel();
+        schemas.close();
         info!(pipeline = %name, stats = ?self.stats, "push processor stopped");
         Ok(self.stats)
     }

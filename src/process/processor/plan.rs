@@ -318,6 +318,7 @@ impl<L: EventLog + 'static> Processor<L> {
         let mut d = self.dead_letter(&table, &p.sync_key, kind, why, &p.last);
         d.list = Some(list_name);
         stage.dead.push(d);
+        stage.dead_rows += 1;
         stage.done.push(k);
     }
 

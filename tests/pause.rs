@@ -56,6 +56,52 @@ fn kafka_log_yaml(h: &Harness) -> (String, String) {
     )
 }
 
+/// A running pipeline on the Kafka log over an empty table `public.<name>_t` (so capture never
+/// writes a schema of its own), and a client to write into its topics as capture would.
+struct KafkaPipeline {
+    h: Harness,
+    table: String,
+    list: String,
+    file: std::path::PathBuf,
+    prefix: String,
+    /// The table's topic.
+    topic: String,
+    kafka: Arc<AnyLog>,
+}
+
+impl KafkaPipeline {
+    async fn start(tag: &str, extra_yaml: &str) -> Self {
+        let mut h = Harness::new(tag).await;
+        let table = h.t("t");
+        h.sql(&format!(
+            "CREATE TABLE public.{table} (id bigint PRIMARY KEY, title text)"
+        ))
+        .await;
+        h.tables.push(format!("public.{table}"));
+        let list = format!("{tag} {}", h.name);
+        let (log_yaml, prefix) = kafka_log_yaml(&h);
+        let file = h.pipeline(&log_yaml, &sync_entry(&table, &list, ""));
+        let text = std::fs::read_to_string(&file).unwrap() + extra_yaml;
+        std::fs::write(&file, text).unwrap();
+        h.start(&file);
+        wait_ready(&h).await;
+        let topic = syncbridge::event::topic_name(&prefix, &h.name, "public", &table);
+        Self {
+            h,
+            table,
+            list,
+            file,
+            prefix,
+            topic,
+            kafka: kafka_client(),
+        }
+    }
+
+    fn schemas_topic(&self) -> String {
+        syncbridge::event::schemas_topic(&self.prefix, &self.h.name)
+    }
+}
+
 /// A Kafka client of the test's own, writing into the pipeline's topics as capture would.
 fn kafka_client() -> Arc<AnyLog> {
     let mut cfg = KafkaLogConfig::new(kafka_brokers());
@@ -172,43 +218,29 @@ async fn distinct_items(h: &Harness, list: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_schema_is_waited_for_not_dead_lettered() {
     hard_timeout(180, async {
-        let mut h = Harness::new("late").await;
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
-        ))
-        .await;
-        h.tables.push(format!("public.{t}"));
-        let list = format!("Late {}", h.name);
-        let (log_yaml, prefix) = kafka_log_yaml(&h);
-        let file = h.pipeline(&log_yaml, &sync_entry(&t, &list, ""));
-        h.start(&file);
-        wait_ready(&h).await;
-
-        let (schemas, data) = events(&h.name, &t, 5);
-        let kafka = kafka_client();
-        let topic = syncbridge::event::topic_name(&prefix, &h.name, "public", &t);
-        kafka.append(&topic, data).await.unwrap();
+        let mut k = KafkaPipeline::start("late", "").await;
+        let (h, t, list) = (&k.h, &k.table, &k.list);
+        let (schemas, data) = events(&h.name, t, 5);
+        k.kafka.append(&k.topic, data).await.unwrap();
         // The schema arrives after the events that use it.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(
-            h.items(&list).await.is_empty(),
+            h.items(list).await.is_empty(),
             "nothing can be written before the schema"
         );
-        let schemas_topic = syncbridge::event::schemas_topic(&prefix, &h.name);
-        kafka.append(&schemas_topic, schemas).await.unwrap();
+        k.kafka.append(&k.schemas_topic(), schemas).await.unwrap();
 
         h.wait_for("5 items once the schema arrived", || async {
-            h.items(&list).await.len() == 5
+            h.items(list).await.len() == 5
         })
         .await;
-        assert_eq!(distinct_items(&h, &list).await.len(), 5);
+        assert_eq!(distinct_items(h, list).await.len(), 5);
         let dead = h
             .metric("syncbridge_push_dead_letters_total", &[&h.name])
             .await;
         assert_eq!(dead, 0.0, "a late schema is never a dead letter");
-        assert_eq!(ready(&h).await.0, 200, "never paused");
-        h.stop().await;
+        assert_eq!(ready(h).await.0, 200, "never paused");
+        k.h.stop().await;
     })
     .await;
 }
@@ -216,35 +248,23 @@ async fn a_late_schema_is_waited_for_not_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_whose_schema_never_comes_pause_the_pipeline_until_it_does() {
     hard_timeout(240, async {
-        let mut h = Harness::new("noschema").await;
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
-        ))
-        .await;
-        h.tables.push(format!("public.{t}"));
-        let list = format!("NoSchema {}", h.name);
-        let (log_yaml, prefix) = kafka_log_yaml(&h);
-        let file = h.pipeline(&log_yaml, &sync_entry(&t, &list, ""));
-        let text = std::fs::read_to_string(&file).unwrap() + "guard:\n  schema_wait_ms: 3000\n";
-        std::fs::write(&file, text).unwrap();
-        h.start(&file);
-        wait_ready(&h).await;
-
-        let (schemas, data) = events(&h.name, &t, 50);
-        let kafka = kafka_client();
-        let topic = syncbridge::event::topic_name(&prefix, &h.name, "public", &t);
-        kafka.append(&topic, data).await.unwrap();
+        let mut k = KafkaPipeline::start("noschema", "guard:\n  schema_wait_ms: 3000\n").await;
+        let (h, t, list, topic) = (&k.h, &k.table, &k.list, &k.topic);
+        let (schemas, data) = events(&h.name, t, 50);
+        k.kafka.append(topic, data).await.unwrap();
         let started = Instant::now();
-        let reason = wait_paused(&h, Duration::from_secs(60)).await;
+        let reason = wait_paused(h, Duration::from_secs(60)).await;
         let waited = started.elapsed();
-        let schemas_topic = syncbridge::event::schemas_topic(&prefix, &h.name);
+        let schemas_topic = k.schemas_topic();
         assert!(reason.contains("schema_unavailable"), "{reason}");
         assert!(
             reason.contains(&schemas_topic),
             "names the schemas topic: {reason}"
         );
-        assert!(reason.contains(&topic), "names the event's topic: {reason}");
+        assert!(
+            reason.contains(topic.as_str()),
+            "names the event's topic: {reason}"
+        );
         assert!(reason.contains("fingerprint"), "{reason}");
         assert!(
             waited >= Duration::from_secs(3),
@@ -258,26 +278,26 @@ async fn events_whose_schema_never_comes_pause_the_pipeline_until_it_does() {
             .await,
             1.0
         );
-        assert!(h.items(&list).await.is_empty());
+        assert!(h.items(list).await.is_empty());
 
         // Resuming without the fix pauses again; with the schema published, every row syncs once.
-        kafka.append(&schemas_topic, schemas).await.unwrap();
-        let (code, out, err) = h.cli(&["resume", file.to_str().unwrap()]).await;
+        k.kafka.append(&schemas_topic, schemas).await.unwrap();
+        let (code, out, err) = h.cli(&["resume", k.file.to_str().unwrap()]).await;
         assert_eq!(code, 0, "resume: {out}{err}");
         h.wait_for("50 items after the resume", || async {
-            h.items(&list).await.len() == 50
+            h.items(list).await.len() == 50
         })
         .await;
-        assert_eq!(distinct_items(&h, &list).await.len(), 50);
-        assert_eq!(ready(&h).await.0, 200, "ready again after the resume");
+        assert_eq!(distinct_items(h, list).await.len(), 50);
+        assert_eq!(ready(h).await.0, 200, "ready again after the resume");
         assert_eq!(
             h.metric("syncbridge_push_dead_letters_total", &[&h.name])
                 .await,
             0.0
         );
-        let (code, _, err) = h.cli(&["resume", file.to_str().unwrap()]).await;
+        let (code, _, err) = h.cli(&["resume", k.file.to_str().unwrap()]).await;
         assert_eq!(code, 2, "a pipeline that is not paused: {err}");
-        h.stop().await;
+        k.h.stop().await;
     })
     .await;
 }

@@ -322,7 +322,15 @@ impl KafkaLog {
             tracing::info!(topic = %physical, second, high, "kafka probe: the high watermark is short of an acknowledged record");
             return Ok(BatchOffsets::PerBatch);
         }
-        let cc = cfg.client_config();
+        let mut cc = cfg.client_config();
+        // librdkafka refuses `assign` without a group.id ("Local: Unknown group"); the group is
+        // never joined (no subscribe) and nothing is committed.
+        cc.set(
+            "group.id",
+            cfg.physical_name(&format!("{PROBE_TOPIC}.reader")),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
         let first_read = blocking(move || {
             let c: BaseConsumer = cc.create()?;
             let mut tpl = TopicPartitionList::new();
@@ -331,8 +339,12 @@ impl KafkaLog {
             let deadline = Instant::now() + PROBE_FETCH_TIMEOUT;
             let mut got = None;
             while got.is_none() && Instant::now() < deadline {
-                if let Some(m) = c.poll(Duration::from_millis(100)) {
-                    got = Some(m?.offset());
+                match c.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => got = Some(m.offset()),
+                    // Transient client events (a broker connection, a coordinator lookup) are
+                    // not the probe's answer; the deadline bounds the wait either way.
+                    Some(Err(e)) => tracing::debug!("kafka probe: consumer event: {e}"),
+                    None => {}
                 }
             }
             close_detached(c);

@@ -206,7 +206,10 @@ fn every_service_restarts_and_no_port_clashes_with_a_local_postgres() {
         );
         for p in strings(&s["ports"]) {
             let host_port = p.split(':').nth(1).unwrap();
-            assert_ne!(host_port, "5432", "{name}: {p} clashes with a local PostgreSQL");
+            assert_ne!(
+                host_port, "5432",
+                "{name}: {p} clashes with a local PostgreSQL"
+            );
         }
         let image = s["image"].as_str().unwrap();
         if image != "syncbridge:local" {
@@ -248,7 +251,10 @@ fn the_emulator_data_dir_is_created_for_the_image_user() {
             && words.windows(2).any(|w| w == ["-o", user])
             && words.contains(&data.as_str())
     });
-    assert!(owned, "ops/Dockerfile does not create {data} owned by {user}");
+    assert!(
+        owned,
+        "ops/Dockerfile does not create {data} owned by {user}"
+    );
 }
 
 #[test]
@@ -265,7 +271,9 @@ fn kafka_keeps_its_log_dir_on_its_volume() {
         .collect();
     for dir in dirs.split(',') {
         assert!(
-            mounts.iter().any(|m| dir == m || dir.starts_with(&format!("{m}/"))),
+            mounts
+                .iter()
+                .any(|m| dir == m || dir.starts_with(&format!("{m}/"))),
             "log dir {dir} is not on a volume: {mounts:?}"
         );
     }
@@ -288,7 +296,11 @@ fn the_dockerfile_caches_dependencies_and_the_context_is_small() {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .collect();
-    assert_eq!(rules.first(), Some(&"*"), "the context must exclude by default");
+    assert_eq!(
+        rules.first(),
+        Some(&"*"),
+        "the context must exclude by default"
+    );
     // Everything the Dockerfile copies from the context is let back in.
     for line in text
         .lines()
@@ -377,7 +389,10 @@ fn dashboard_panels_query_only_emitted_metrics() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
         let dash: Value = serde_json::from_str(&text).unwrap();
-        let vars = dash["templating"]["list"].as_array().cloned().unwrap_or_default();
+        let vars = dash["templating"]["list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(
             vars.iter().any(|v| v["name"] == "pipeline"),
             "{}: not templated by pipeline",

@@ -426,3 +426,14 @@ fn dashboard_panels_query_only_emitted_metrics() {
     }
     assert!(panels >= 15, "only {panels} panels");
 }
+
+#[test]
+fn every_emitted_metric_has_a_line_in_metrics_md() {
+    let doc = std::fs::read_to_string(Path::new(ROOT).join("ops/METRICS.md")).unwrap();
+    for name in emitted_metrics() {
+        assert!(
+            doc.contains(&format!("| `{name}` |")),
+            "{name}: no row in ops/METRICS.md"
+        );
+    }
+}

@@ -23,6 +23,7 @@ use url::Url;
 
 use super::error::{ErrorDetail, GraphError};
 use crate::config::Secret;
+use crate::telemetry::metrics as m;
 
 /// Refresh this long before the token expires. Entra lifetimes are 60–90 min (§1.3); five minutes
 /// absorbs clock skew and a slow request, and is what Microsoft's own SDKs use.
@@ -173,7 +174,10 @@ impl TokenProvider {
         if let Some(c) = cache.as_ref().filter(|c| Instant::now() < c.refresh_at) {
             return Ok(c.access_token.clone());
         }
-        let fresh = self.fetch().await?;
+        let fetched = self.fetch().await;
+        let outcome = fetched.as_ref().map_or_else(GraphError::kind, |_| "ok");
+        metrics::counter!(m::GRAPH_TOKEN_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
+        let fresh = fetched?;
         let token = fresh.access_token.clone();
         *cache = Some(fresh);
         Ok(token)

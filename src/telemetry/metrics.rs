@@ -13,8 +13,6 @@ pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 pub const BUILD_INFO: &str = "syncbridge_build_info";
 /// Gauge 0/1 per (pipeline, stage): is the stage started and healthy.
 pub const STAGE_UP: &str = "syncbridge_stage_up";
-/// Counter of config validation problems found by `run`/`validate`, label `pipeline`.
-pub const CONFIG_PROBLEMS_TOTAL: &str = "syncbridge_config_problems_total";
 
 /// Counter of change events captured, labels `pipeline`, `table`, `op` (c/u/d/r/t).
 pub const CAPTURE_EVENTS_TOTAL: &str = "syncbridge_capture_events_total";
@@ -57,6 +55,8 @@ pub const GRAPH_THROTTLED_TOTAL: &str = "syncbridge_graph_throttled_total";
 pub const GRAPH_RETRY_AFTER_SECONDS: &str = "syncbridge_graph_retry_after_seconds";
 /// Histogram (seconds): one Graph HTTP request, label `method`.
 pub const GRAPH_REQUEST_SECONDS: &str = "syncbridge_graph_request_seconds";
+/// Counter of token endpoint requests (cache misses), label `outcome` (ok or the error kind).
+pub const GRAPH_TOKEN_REQUESTS_TOTAL: &str = "syncbridge_graph_token_requests_total";
 
 /// Counter of records appended durably to the event log, labels `backend` (embedded/kafka), `topic`.
 pub const LOG_APPENDED_RECORDS_TOTAL: &str = "syncbridge_log_appended_records_total";
@@ -117,11 +117,6 @@ pub fn describe_all() {
     describe_gauge!(
         STAGE_UP,
         "1 when a pipeline stage is started and healthy, 0 otherwise (labels: pipeline, stage)."
-    );
-    describe_counter!(
-        CONFIG_PROBLEMS_TOTAL,
-        Unit::Count,
-        "Pipeline configuration problems reported (label: pipeline)."
     );
     describe_counter!(
         CAPTURE_EVENTS_TOTAL,
@@ -206,6 +201,11 @@ pub fn describe_all() {
         GRAPH_REQUEST_SECONDS,
         Unit::Seconds,
         "Duration of one Graph HTTP request (label: method)."
+    );
+    describe_counter!(
+        GRAPH_TOKEN_REQUESTS_TOTAL,
+        Unit::Count,
+        "Access token requests to the token endpoint (label: outcome)."
     );
     describe_counter!(
         LOG_APPENDED_RECORDS_TOTAL,

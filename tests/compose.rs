@@ -291,7 +291,8 @@ fn the_dockerfile_caches_dependencies_and_the_context_is_small() {
         text.contains("--mount=type=cache") && text.contains("target=/usr/local/cargo/registry"),
         "cargo build without cache mounts"
     );
-    let ignore = std::fs::read_to_string(Path::new(ROOT).join(".dockerignore")).unwrap();
+    let ignore =
+        std::fs::read_to_string(Path::new(ROOT).join("ops/Dockerfile.dockerignore")).unwrap();
     let rules: Vec<&str> = ignore
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -313,7 +314,7 @@ fn the_dockerfile_caches_dependencies_and_the_context_is_small() {
                 rules
                     .iter()
                     .any(|r| r.trim_start_matches('!').trim_end_matches('/') == want),
-                ".dockerignore excludes {src}, which ops/Dockerfile copies"
+                "ops/Dockerfile.dockerignore excludes {src}, which ops/Dockerfile copies"
             );
         }
     }

@@ -167,10 +167,11 @@ fn events(pipeline: &str, table: &str, n: i64) -> (Vec<Record>, Vec<Record>) {
     (schemas, data)
 }
 
+/// `/ready`'s status and body; status 0 while the process is not listening yet.
 async fn ready(h: &Harness) -> (u16, Value) {
-    let r = reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port))
-        .await
-        .unwrap();
+    let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port)).await else {
+        return (0, Value::Null);
+    };
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }

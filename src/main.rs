@@ -186,6 +186,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
+            // The process serves the first file's control plane (see runtime::run).
+            if let Some(first) = pipelines.first() {
+                let control = syncbridge::control::ControlConfig {
+                    listen: first.control.listen,
+                    tokens: first.control.tokens.clone(),
+                };
+                if let Err(e) = syncbridge::control::check_exposure(&control) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            }
             block_on(|shutdown| async move {
                 runtime::run(pipelines, shutdown)
                     .await

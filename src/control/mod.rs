@@ -249,7 +249,9 @@ pub async fn bind(config: &ControlConfig) -> Result<TcpListener, ControlError> {
         })
 }
 
-fn check_exposure(config: &ControlConfig) -> Result<(), ControlError> {
+/// An open API (no tokens) is allowed on a loopback address only; `syncbridge run` checks this
+/// before anything starts, [`bind`] again.
+pub fn check_exposure(config: &ControlConfig) -> Result<(), ControlError> {
     if config.tokens.is_empty() && !config.listen.ip().is_loopback() {
         return Err(ControlError::Unprotected {
             addr: config.listen,

@@ -13,15 +13,23 @@
 //! `decided`; `parked=true`: open ones only), read by the running processor.
 //! `POST /pipelines/{name}/conflicts/{id}/resolve?take=source|target[&by=NAME]` hands an
 //! operator's decision to the processor and answers once it is applied and durable: 200 with the
-//! resolved conflict; errors carry `{"error", "kind"}`: 400 bad `take`, 404 unknown pipeline or
-//! id, 409 not parked / already resolved / superseded / gone, 412 a side changed since the
-//! conflict was recorded, 502 a write failed, 503 busy or the processor stopped.
+//! resolved conflict; errors are problems (with `error` and `kind`): 400 bad `take`, 404 unknown
+//! pipeline or id, 409 not parked / already resolved / superseded / gone, 412 a side changed
+//! since the conflict was recorded, 502 a write failed, 503 busy or the processor stopped.
 //!
 //! Pauses: a pipeline whose guard tripped (a run of dead letters of one kind, a change event whose
 //! schema cannot be had; see [`crate::process::guard`]) is not ready, and `/ready` names the reason
 //! under `reasons`. `GET /pipelines/{name}/pause` shows it (`{"paused": false}` or the pause with
 //! `kind`, `reason`, `at`, `since_ms`); `POST /pipelines/{name}/resume` restarts the processor from
 //! its committed offsets (200 with the pause it ended; 409 not paused; 404 unknown pipeline).
+//!
+//! Access: every route except `/health`, `/ready`, `/metrics` and `/openapi.json` needs a bearer
+//! token of `control.tokens` ([`auth`]: 401 without or with an unknown one, 403 for a `read`
+//! token on a non-GET route). [`run`] applies the check to the whole router it is given, so
+//! routes merged into [`router`] (`.merge(...)`) are protected without further work. With no
+//! token configured the API is open, which [`check_exposure`] allows on a loopback address only.
+//! Every failure is an RFC 9457 problem from [`problem::ApiError`], returned before anything
+//! changed; the OpenAPI 3.1 description ([`openapi`]) is served at `/openapi.json`.
 //!
 //! Binding happens in [`bind`], before any stage starts, so a taken port fails the run at once
 //! instead of after a snapshot has begun.

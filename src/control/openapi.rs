@@ -10,6 +10,7 @@
 use utoipa::Modify;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 
 use super::auth::PUBLIC_PATHS;
 use super::problem::{InvalidParam, Problem};
@@ -39,7 +40,8 @@ use super::problem::{InvalidParam, Problem};
 )]
 struct ApiDoc;
 
-/// Declares the `bearer` scheme and requires it on every operation outside [`PUBLIC_PATHS`].
+/// Declares the `bearer` scheme and requires it on every operation outside [`PUBLIC_PATHS`],
+/// whose answers then include 401 and 403.
 struct BearerSecurity;
 
 impl Modify for BearerSecurity {
@@ -67,9 +69,31 @@ impl Modify for BearerSecurity {
                     "bearer",
                     Vec::<String>::new(),
                 )]);
+                let answers = &mut op.responses.responses;
+                answers.insert(
+                    "401".into(),
+                    problem_response("No bearer token, or not one of control.tokens"),
+                );
+                answers.insert(
+                    "403".into(),
+                    problem_response("A `read` token on a route that changes something"),
+                );
             }
         }
     }
+}
+
+fn problem_response(description: &str) -> RefOr<Response> {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            super::problem::PROBLEM_JSON,
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build()
+        .into()
 }
 
 /// The whole document.
@@ -122,6 +146,13 @@ mod tests {
                     !PUBLIC_PATHS.contains(&path.as_str()),
                     "{method} {path}"
                 );
+                for status in ["401", "403"] {
+                    assert_eq!(
+                        op["responses"].get(status).is_some(),
+                        secured,
+                        "{method} {path} {status}"
+                    );
+                }
             }
         }
     }

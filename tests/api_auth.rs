@@ -3,9 +3,12 @@
 //! a `read` token on a POST, 200 to the right token; errors are problem JSON; `/health`,
 //! `/metrics` and `/openapi.json` stay open and `/openapi.json` equals `schemas/openapi.json`.
 //! The CLI sends `SYNCBRIDGE_API_TOKEN` and explains a refusal. A non-loopback `control.listen`
-//! without tokens makes `syncbridge run` exit 1 before anything starts.
+//! without tokens makes `syncbridge run` exit 1 before anything starts. schemathesis (installed by
+//! `ops/schemathesis-venv`) runs a bounded number of examples with a valid token against
+//! `/openapi.json`: no 5xx, no answer the document does not declare.
 //!
-//! Needs the stack (`eval "$(ops/stack env)"`): `DATABASE_URL`. Fails (never skips) without it.
+//! Needs the stack (`eval "$(ops/stack env)"`): `DATABASE_URL`, and the schemathesis venv. Fails
+//! (never skips) without them.
 
 use std::process::{Command, Stdio};
 
@@ -224,6 +227,136 @@ async fn an_open_api_on_a_public_address_refuses_to_start() {
             err.contains("not a loopback address") && err.contains("control.tokens"),
             "{err}"
         );
+    })
+    .await;
+}
+
+/// schemathesis (PyPI), installed by `ops/schemathesis-venv` (ops/test runs it first).
+fn schemathesis() -> std::path::PathBuf {
+    let path = std::env::var_os("SYNCBRIDGE_SCHEMATHESIS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            std::path::Path::new(&home).join(".cache/syncbridge/schemathesis/bin/st")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run ops/schemathesis-venv (ops/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Issue 11 acceptance: schemathesis, with a valid token, against `/openapi.json` for a bounded
+/// number of examples: no 5xx, no status, content type or body the document does not declare.
+#[tokio::test]
+async fn schemathesis_finds_no_server_error_and_no_schema_break() {
+    hard_timeout(300, async {
+        let st = schemathesis();
+        let mut h = Harness::new("api_st").await;
+        let t = h.t("t");
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
+        ))
+        .await;
+        h.tables.push(format!("public.{t}"));
+        let sync = format!(
+            "  - table: public.{t}\n    list: Fuzz {}\n    fields:\n      title: Title\n    pull: {{ enabled: false }}",
+            h.name
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        with_tokens(&file);
+        let stderr = std::fs::File::create(h.dir.path().join("run.log")).unwrap();
+        h.child = Some(
+            Command::new(BIN)
+                .arg("run")
+                .arg(&file)
+                .envs(TOKEN_VARS)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("start syncbridge run"),
+        );
+        h.wait_for("the pipeline to be ready", || async {
+            matches!(
+                reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port)).await,
+                Ok(r) if r.status().is_success()
+            )
+        })
+        .await;
+        let url = format!("http://127.0.0.1:{}/openapi.json", h.control_port);
+        let report = h.dir.path().join("st");
+        // The pipeline's own name and table, so that operations reach the handlers (and a
+        // re-snapshot really starts) instead of answering 404.
+        let config = h.dir.path().join("schemathesis.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[parameters]\n\"path.name\" = \"{}\"\n\"query.table\" = \"public.{t}\"\n",
+                h.name
+            ),
+        )
+        .unwrap();
+        let args: Vec<String> = vec![
+            "--config-file".into(),
+            config.display().to_string(),
+            "run".into(),
+            url,
+            "--header".into(),
+            format!("Authorization: Bearer {OPERATE}"),
+            "--checks".into(),
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance".into(),
+            "--max-examples".into(),
+            "30".into(),
+            "--workers".into(),
+            "1".into(),
+            "--seed".into(),
+            "11".into(),
+            "--generation-database".into(),
+            "none".into(),
+            "--report-dir".into(),
+            report.display().to_string(),
+            "--no-color".into(),
+        ];
+        let out = tokio::task::spawn_blocking(move || Command::new(st).args(&args).output())
+            .await
+            .unwrap()
+            .expect("run schemathesis");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "schemathesis failed:\n{text}");
+        // It tested every operation it selected, at least every protected one (with the token).
+        let doc: Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/openapi.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let protected = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter(|op| op.get("security").is_some())
+            .count();
+        let number_after = |label: &str| -> usize {
+            let at = text.find(label).unwrap_or_else(|| panic!("no {label:?} in\n{text}"));
+            text[at + label.len()..]
+                .trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let tested = number_after("Tested:");
+        assert!(text.contains(&format!("Selected: {tested}/{tested}")), "{text}");
+        assert!(tested >= protected && protected >= 6, "{tested} < {protected}:\n{text}");
+        assert!(!text.contains(" failed"), "{text}");
+        h.stop().await;
     })
     .await;
 }

@@ -405,6 +405,16 @@ async fn snapshot_status(State(state): State<AppState>, Path(name): Path<String>
     })
 }
 
+// Documents the `take` parameter; the handler parses it as `Take`.
+/// Which side of a conflict wins.
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum TakeParam {
+    Source,
+    Target,
+}
+
 fn resolve_error(e: &ResolveError) -> ApiError {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     ApiError::new(status, e.kind(), e.to_string())
@@ -444,7 +454,7 @@ async fn conflicts_list(
     params(
         ("name" = String, Path, description = "Pipeline name"),
         ("id" = String, Path, description = "Conflict id"),
-        ("take" = String, Query, description = "`source` or `target`: which side wins"),
+        ("take" = TakeParam, Query, description = "Which side wins"),
         ("by" = Option<String>, Query, description = "Who decided (recorded)"),
     ),
     responses(

@@ -35,7 +35,7 @@ use super::problem::{InvalidParam, Problem};
         super::pause_status,
         super::resume,
     ),
-    components(schemas(Problem, InvalidParam)),
+    components(schemas(Problem, InvalidParam, super::TakeParam)),
     modifiers(&BearerSecurity)
 )]
 struct ApiDoc;
@@ -154,6 +154,35 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                        out.push(r.to_string());
+                    }
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc = serde_json::to_value(document()).unwrap();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        for r in found {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("unexpected $ref {r}"));
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "{r} is not in components.schemas"
+            );
         }
     }
 }

@@ -295,6 +295,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .route("/pipelines/{name}/pause", get(pause_status))
         .route("/pipelines/{name}/resume", axum::routing::post(resume))
         .fallback(problem::not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
         .with_state(AppState {
             readiness,
             prometheus,
@@ -726,6 +727,22 @@ mod tests {
                 assert_eq!(body["kind"], "unknown_pipeline", "{method} {path}");
                 assert_eq!(body["invalid-params"][0]["name"], "name");
             }
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_answer_problems() {
+        let (addr, stop) = serve(&[("ops", OPERATE, ApiRole::Operate)]).await;
+        for (method, path, status, kind) in [
+            ("GET", "/nope", 404, "not_found"),
+            ("DELETE", "/pipelines/p/resume", 405, "method_not_allowed"),
+        ] {
+            let resp = call(addr, method, path, Some(OPERATE)).await;
+            assert_eq!(resp.status(), status, "{method} {path}");
+            assert_eq!(resp.headers()["content-type"], problem::PROBLEM_JSON);
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["kind"], kind, "{method} {path}");
         }
         stop.cancel();
     }

@@ -133,6 +133,15 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     )
 }
 
+/// A route that exists, asked with another method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not answer {method}", uri.path()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

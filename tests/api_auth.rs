@@ -17,7 +17,7 @@ use serde_json::Value;
 mod common;
 #[path = "common/harness.rs"]
 mod harness;
-use harness::{BIN, Harness, hard_timeout};
+use harness::{BIN, Harness, cli_with_env, hard_timeout};
 
 const OPERATE: &str = "op-3b1f9c2e-token";
 const READ: &str = "rd-77a0d5e4-token";
@@ -38,26 +38,47 @@ fn with_tokens(file: &std::path::Path) {
 
 /// Runs the CLI with the tokens' variables and `SYNCBRIDGE_API_TOKEN` = `token` (unset: None).
 async fn cli(args: &[&str], token: Option<&str>) -> (i32, String, String) {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let token = token.map(str::to_string);
-    let out = tokio::task::spawn_blocking(move || {
-        let mut c = Command::new(BIN);
-        c.args(&args)
+    let mut env: Vec<(&str, Option<&str>)> =
+        TOKEN_VARS.iter().map(|(k, v)| (*k, Some(*v))).collect();
+    env.push(("SYNCBRIDGE_API_TOKEN", token));
+    cli_with_env(args, &env).await
+}
+
+/// A running `syncbridge run` of one table, with both tokens configured; (harness, file, table).
+async fn start_with_tokens(tag: &str) -> (Harness, std::path::PathBuf, String) {
+    let mut h = Harness::new(tag).await;
+    let t = h.t("t");
+    h.sql(&format!(
+        "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
+    ))
+    .await;
+    h.tables.push(format!("public.{t}"));
+    let sync = format!(
+        "  - table: public.{t}\n    list: L {}\n    fields:\n      title: Title\n    pull: {{ enabled: false }}",
+        h.name
+    );
+    let file = h.pipeline(&h.embedded_log(), &sync);
+    with_tokens(&file);
+    let stderr = std::fs::File::create(h.dir.path().join("run.log")).unwrap();
+    h.child = Some(
+        Command::new(BIN)
+            .arg("run")
+            .arg(&file)
             .envs(TOKEN_VARS)
-            .env_remove("SYNCBRIDGE_API_TOKEN");
-        if let Some(t) = token {
-            c.env("SYNCBRIDGE_API_TOKEN", t);
-        }
-        c.output()
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start syncbridge run"),
+    );
+    h.wait_for("the pipeline to be ready", || async {
+        matches!(
+            reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port)).await,
+            Ok(r) if r.status().is_success()
+        )
     })
-    .await
-    .unwrap()
-    .expect("run syncbridge");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    .await;
+    (h, file, t)
 }
 
 async fn call(h: &Harness, method: &str, path: &str, token: Option<&str>) -> reqwest::Response {
@@ -89,40 +110,8 @@ async fn problem(resp: reqwest::Response, status: u16) -> Value {
 #[tokio::test]
 async fn tokens_guard_the_api_over_http_and_the_cli_sends_them() {
     hard_timeout(240, async {
-        let mut h = Harness::new("api_auth").await;
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
-        ))
-        .await;
-        h.tables.push(format!("public.{t}"));
-        let sync = format!(
-            "  - table: public.{t}\n    list: Auth {}\n    fields:\n      title: Title\n    pull: {{ enabled: false }}",
-            h.name
-        );
-        let file = h.pipeline(&h.embedded_log(), &sync);
-        with_tokens(&file);
+        let (mut h, file, _) = start_with_tokens("api_auth").await;
         let file_s = file.display().to_string();
-
-        let stderr = std::fs::File::create(h.dir.path().join("run.log")).unwrap();
-        h.child = Some(
-            Command::new(BIN)
-                .arg("run")
-                .arg(&file)
-                .envs(TOKEN_VARS)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .expect("start syncbridge run"),
-        );
-        h.wait_for("the pipeline to be ready", || async {
-            matches!(
-                reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port)).await,
-                Ok(r) if r.status().is_success()
-            )
-        })
-        .await;
 
         // Probes, metrics and the API description need no token.
         for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
@@ -138,7 +127,10 @@ async fn tokens_guard_the_api_over_http_and_the_cli_sends_them() {
                 .unwrap(),
         )
         .unwrap();
-        assert_eq!(served, committed, "/openapi.json differs from schemas/openapi.json");
+        assert_eq!(
+            served, committed,
+            "/openapi.json differs from schemas/openapi.json"
+        );
 
         let pause = format!("/pipelines/{}/pause", h.name);
         let resume = format!("/pipelines/{}/resume", h.name);
@@ -160,7 +152,10 @@ async fn tokens_guard_the_api_over_http_and_the_cli_sends_them() {
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.json::<Value>().await.unwrap()["paused"], false);
         let body = problem(call(&h, "POST", &resume, Some(READ)).await, 403).await;
-        assert!(body["detail"].as_str().unwrap().contains("dashboard"), "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("dashboard"),
+            "{body}"
+        );
         assert!(!body.to_string().contains(READ), "token echoed: {body}");
         // The operate token passes; the handler answers (409: not paused) as problem JSON.
         let body = problem(call(&h, "POST", &resume, Some(OPERATE)).await, 409).await;
@@ -179,10 +174,16 @@ async fn tokens_guard_the_api_over_http_and_the_cli_sends_them() {
         // The CLI: no token, a read token, an operate token.
         let (code, _, err) = cli(&["resume", &file_s], None).await;
         assert_eq!(code, 3, "{err}");
-        assert!(err.contains("HTTP 401") && err.contains("SYNCBRIDGE_API_TOKEN"), "{err}");
+        assert!(
+            err.contains("HTTP 401") && err.contains("SYNCBRIDGE_API_TOKEN"),
+            "{err}"
+        );
         let (code, _, err) = cli(&["resume", &file_s], Some("wrong")).await;
         assert_eq!(code, 3, "{err}");
-        assert!(err.contains("is not one of the pipeline's control.tokens"), "{err}");
+        assert!(
+            err.contains("is not one of the pipeline's control.tokens"),
+            "{err}"
+        );
         let (code, _, err) = cli(&["resume", &file_s], Some(READ)).await;
         assert_eq!(code, 3, "{err}");
         assert!(err.contains("HTTP 403") && err.contains("operate"), "{err}");
@@ -196,7 +197,10 @@ async fn tokens_guard_the_api_over_http_and_the_cli_sends_them() {
         assert_eq!(out, "", "{err}");
         assert!(err.contains("0 conflict(s)"), "{err}");
         let (code, _, err) = cli(&["conflicts", "list", &file_s], None).await;
-        assert_ne!(code, 0, "a refused list must not fall back to reading the log: {err}");
+        assert_ne!(
+            code, 0,
+            "a refused list must not fall back to reading the log: {err}"
+        );
         assert!(err.contains("HTTP 401"), "{err}");
 
         let log = h.run_log();
@@ -253,38 +257,7 @@ fn schemathesis() -> std::path::PathBuf {
 async fn schemathesis_finds_no_server_error_and_no_schema_break() {
     hard_timeout(300, async {
         let st = schemathesis();
-        let mut h = Harness::new("api_st").await;
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text)"
-        ))
-        .await;
-        h.tables.push(format!("public.{t}"));
-        let sync = format!(
-            "  - table: public.{t}\n    list: Fuzz {}\n    fields:\n      title: Title\n    pull: {{ enabled: false }}",
-            h.name
-        );
-        let file = h.pipeline(&h.embedded_log(), &sync);
-        with_tokens(&file);
-        let stderr = std::fs::File::create(h.dir.path().join("run.log")).unwrap();
-        h.child = Some(
-            Command::new(BIN)
-                .arg("run")
-                .arg(&file)
-                .envs(TOKEN_VARS)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .expect("start syncbridge run"),
-        );
-        h.wait_for("the pipeline to be ready", || async {
-            matches!(
-                reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port)).await,
-                Ok(r) if r.status().is_success()
-            )
-        })
-        .await;
+        let (mut h, _, t) = start_with_tokens("api_st").await;
         let url = format!("http://127.0.0.1:{}/openapi.json", h.control_port);
         let report = h.dir.path().join("st");
         // The pipeline's own name and table, so that operations reach the handlers (and a

@@ -322,6 +322,11 @@ pub async fn run(
 /// Answers of the JSON routes: the value or a problem.
 type ApiResult = Result<Response, ApiError>;
 
+/// A registry's handle of pipeline `name`, or 404 when no such pipeline runs here.
+fn running<T>(handle: Option<T>, name: &str) -> Result<T, ApiError> {
+    handle.ok_or_else(|| ApiError::unknown_pipeline(name))
+}
+
 #[utoipa::path(get, path = "/health", tag = "probes",
     responses((status = 200, description = "The process is up", body = serde_json::Value)))]
 async fn health() -> impl IntoResponse {
@@ -363,10 +368,7 @@ async fn snapshot_start(
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let handle = state
-        .snapshots
-        .get(&name)
-        .ok_or_else(|| ApiError::unknown_pipeline(&name))?;
+    let handle = running(state.snapshots.get(&name), &name)?;
     let table = query
         .get("table")
         .map(|t| t.trim())
@@ -396,10 +398,7 @@ async fn snapshot_start(
         (status = 404, description = "Unknown pipeline", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn snapshot_status(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
-    let handle = state
-        .snapshots
-        .get(&name)
-        .ok_or_else(|| ApiError::unknown_pipeline(&name))?;
+    let handle = running(state.snapshots.get(&name), &name)?;
     Ok(match handle.status() {
         Some(status) => axum::Json(status).into_response(),
         None => axum::Json(serde_json::json!({ "state": "idle" })).into_response(),
@@ -436,10 +435,7 @@ async fn conflicts_list(
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let handle = state
-        .conflicts
-        .get(&name)
-        .ok_or_else(|| ApiError::unknown_pipeline(&name))?;
+    let handle = running(state.conflicts.get(&name), &name)?;
     let parked = query.get("parked").is_some_and(|v| v != "false");
     let views = handle.list().await.map_err(|e| resolve_error(&e))?;
     Ok(axum::Json(
@@ -472,10 +468,7 @@ async fn conflict_resolve(
     Path((name, id)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let handle = state
-        .conflicts
-        .get(&name)
-        .ok_or_else(|| ApiError::unknown_pipeline(&name))?;
+    let handle = running(state.conflicts.get(&name), &name)?;
     let take = match query.get("take").map(|t| t.parse::<Take>()) {
         Some(Ok(t)) => t,
         Some(Err(e)) => return Err(ApiError::bad_param("take", e)),
@@ -504,10 +497,7 @@ async fn conflict_resolve(
         (status = 404, description = "Unknown pipeline", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn pause_status(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
-    let handle = state
-        .pauses
-        .get(&name)
-        .ok_or_else(|| ApiError::unknown_pipeline(&name))?;
+    let handle = running(state.pauses.get(&name), &name)?;
     Ok(match handle.paused() {
         Some(p) => axum::Json(serde_json::json!({ "paused": true, "pause": p })).into_response(),
         None => axum::Json(serde_json::json!({ "paused": false })).into_response(),
@@ -522,10 +512,7 @@ async fn pause_status(State(state): State<AppState>, Path(name): Path<String>) -
         (status = 409, description = "Not paused", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult {
-    let handle = state
-        .pauses
-        .get(&name)
-        .ok_or_else(|| ApiError::unknown_pipeline(&name))?;
+    let handle = running(state.pauses.get(&name), &name)?;
     match handle.resume() {
         Some(p) => {
             Ok(axum::Json(serde_json::json!({ "resumed": true, "pause": p })).into_response())

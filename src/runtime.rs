@@ -139,16 +139,19 @@ pub async fn run(
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
     let auth = control::Auth::new(&first.control.tokens);
-    if auth.is_open() {
-        warn!(%listen, "control.tokens is empty: the HTTP API is open to anyone on this machine");
-    }
+    // Open is allowed on loopback only (checked by bind); said once so an operator knows.
+    let access = if auth.is_open() {
+        "open: no control.tokens, loopback only"
+    } else {
+        "bearer tokens"
+    };
     let control_task = tokio::spawn(control::run(
         listener,
         control::router(registries.clone(), prometheus),
         auth,
         control_stop.clone(),
     ));
-    info!(%listen, "control plane listening (/health, /ready, /metrics)");
+    info!(%listen, api = access, "control plane listening (/health, /ready, /metrics open)");
 
     let mut running = Vec::with_capacity(pipelines.len());
     let started = start_all(&pipelines, &registries, &mut running).await;

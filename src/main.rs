@@ -186,6 +186,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
+            // The process serves the first file's control plane (see runtime::run).
+            if let Some(first) = pipelines.first() {
+                let control = syncbridge::control::ControlConfig {
+                    listen: first.control.listen,
+                    tokens: first.control.tokens.clone(),
+                };
+                if let Err(e) = syncbridge::control::check_exposure(&control) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            }
             block_on(|shutdown| async move {
                 runtime::run(pipelines, shutdown)
                     .await
@@ -274,15 +285,20 @@ fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
         use syncbridge::control::client::{self, ClientError};
         use syncbridge::pull::{self, ConflictState};
         let addr = pipeline.control.listen;
-        let views = match client::list_conflicts(addr, &pipeline.name, parked).await {
-            Ok(v) => v,
-            // No process runs this pipeline there: the log is free to read.
-            Err(ClientError::NotListening { .. })
-            | Err(ClientError::Refused {
+        let asked = client::list_conflicts(addr, &pipeline.name, parked).await;
+        // No process runs this pipeline there: the log is free to read.
+        let not_running = match &asked {
+            Err(ClientError::NotListening { .. }) => true,
+            Err(ClientError::Refused {
                 status: 404,
-                kind: None,
+                kind: Some(k),
                 ..
-            }) => {
+            }) => k == "unknown_pipeline",
+            _ => false,
+        };
+        let views = match asked {
+            Ok(v) => v,
+            Err(_) if not_running => {
                 let log = runtime::open_log(&pipeline).map_err(|e| {
                     anyhow::anyhow!(
                         "{e} (the embedded log is locked by a `syncbridge run` whose control \

@@ -117,8 +117,16 @@ pub async fn run(
             warn!(pipeline = %p.name, ignored = %p.control.listen, using = %listen,
                 "one control plane per process: using the first pipeline's control.listen");
         }
+        if p.control.tokens != first.control.tokens {
+            warn!(pipeline = %p.name,
+                "one control plane per process: using the first pipeline's control.tokens");
+        }
     }
-    let listener = control::bind(&ControlConfig { listen }).await?;
+    let listener = control::bind(&ControlConfig {
+        listen,
+        tokens: first.control.tokens.clone(),
+    })
+    .await?;
     // Re-snapshot requests (→ capture), operator decisions on parked conflicts and resumes of
     // paused pipelines (→ processor): the control plane reaches each pipeline through these.
     let registries = control::Registries {
@@ -130,13 +138,20 @@ pub async fn run(
     let readiness = registries.readiness.clone();
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
+    let auth = control::Auth::new(&first.control.tokens);
+    // Open is allowed on loopback only (checked by bind); said once so an operator knows.
+    let access = if auth.is_open() {
+        "open: no control.tokens, loopback only"
+    } else {
+        "bearer tokens"
+    };
     let control_task = tokio::spawn(control::run(
         listener,
-        registries.clone(),
-        prometheus,
+        control::router(registries.clone(), prometheus),
+        auth,
         control_stop.clone(),
     ));
-    info!(%listen, "control plane listening (/health, /ready, /metrics)");
+    info!(%listen, api = access, "control plane listening (/health, /ready, /metrics open)");
 
     let mut running = Vec::with_capacity(pipelines.len());
     let started = start_all(&pipelines, &registries, &mut running).await;

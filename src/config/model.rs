@@ -381,6 +381,17 @@ impl Serialize for OnDelete {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ControlConfig {
     pub listen: SocketAddr,
+    /// Bearer tokens of the HTTP API; empty: the API is open (loopback `listen` only).
+    pub tokens: Vec<ApiToken>,
+}
+
+/// One bearer token of the control-plane API (`control.tokens[]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiToken {
+    /// Who holds it; logged instead of the token.
+    pub name: String,
+    pub token: Secret,
+    pub role: ApiRole,
 }
 
 /// Guards that pause a pipeline (`guard:`).
@@ -510,5 +521,15 @@ words! {
         LastWriterWins = "last_writer_wins",
         /// Parked for an operator.
         Manual = "manual",
+    }
+}
+
+words! {
+    /// What an API token may do.
+    ApiRole {
+        /// GET routes only.
+        Read = "read",
+        /// Every route, including the ones that change something.
+        Operate = "operate",
     }
 }

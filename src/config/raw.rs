@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-use super::model::{ConflictPolicy, Direction, FieldType, Secret};
+use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, Secret};
 use super::yaml::{Issue, Kind, Loc, Node};
 
 /// A value and the location of the scalar it was read from.
@@ -274,8 +274,28 @@ pub struct ControlFile {
     /// `ip:port`; default `127.0.0.1:8088`.
     #[serde(default)]
     pub listen: Option<Sp<String>>,
+    /// Bearer tokens for the HTTP API (every route but `/health`, `/ready`, `/metrics` and
+    /// `/openapi.json`). None: the API is open, allowed only on a loopback `listen`.
+    #[serde(default)]
+    pub tokens: Option<Vec<TokenFile>>,
 }
-pub const CONTROL_KEYS: &[&str] = &["listen"];
+pub const CONTROL_KEYS: &[&str] = &["listen", "tokens"];
+
+/// One API token; send it as `Authorization: Bearer <token>`.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    /// Who holds it (shown in logs instead of the token); unique.
+    pub name: Sp<String>,
+    /// The secret itself; use `${ENV}` so it stays out of the file.
+    pub token: Sp<Secret>,
+    /// `read`: GET routes only; `operate`: every route.
+    pub role: Sp<ApiRole>,
+    /// Position in `control.tokens` (entries that could not be read are dropped).
+    #[serde(skip)]
+    pub index: usize,
+}
+pub const TOKEN_KEYS: &[&str] = &["name", "token", "role"];
 
 /// Guards that pause a pipeline when its failures look like a fault of the pipeline, not of rows.
 #[derive(Debug, JsonSchema)]
@@ -856,7 +876,37 @@ impl Reader {
         let listen = m
             .get("listen")
             .and_then(|n| self.string(n, &m.child("listen")));
-        Some(ControlFile { listen })
+        let tokens = m.get("tokens").and_then(|node| {
+            let path = m.child("tokens");
+            let items = self.seq(node, &path)?;
+            Some(
+                items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| self.token(item, &path, i))
+                    .collect(),
+            )
+        });
+        Some(ControlFile { listen, tokens })
+    }
+
+    fn token(&mut self, node: &Node, list: &str, index: usize) -> Option<TokenFile> {
+        let m = self.map(node, &format!("{list}[{index}]"), TOKEN_KEYS)?;
+        let name = self
+            .required(&m, "name")
+            .and_then(|n| self.string(n, &m.child("name")));
+        let token = self
+            .required(&m, "token")
+            .and_then(|n| self.secret(n, &m.child("token")));
+        let role = self
+            .required(&m, "role")
+            .and_then(|n| self.word(n, &m.child("role"), ApiRole::ALL));
+        Some(TokenFile {
+            name: name?,
+            token: token?,
+            role: role?,
+            index,
+        })
     }
 
     fn guard(&mut self, node: &Node, path: &str) -> Option<GuardFile> {

@@ -276,3 +276,48 @@ fn guard_defaults_parse_and_out_of_range_values_are_named() {
     );
     assert!(got.iter().any(|p| p.contains("burst")), "{got:#?}");
 }
+
+#[test]
+fn control_tokens_parse_from_env_and_are_never_shown() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert!(config.control.tokens.is_empty(), "no tokens by default");
+    let text = format!(
+        "{base}control:\n  tokens:\n    - {{ name: ops, token: '${{OPS}}', role: operate }}\n    - {{ name: dash, token: literal-read-token, role: read }}\n"
+    );
+    let env = |var: &str| (var == "OPS").then(|| "env-operate-token".to_string());
+    let config = load_str("t.yaml", &text, &env).unwrap_or_else(|r| panic!("{r}"));
+    let tokens = &config.control.tokens;
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(
+        (
+            tokens[0].name.as_str(),
+            tokens[0].token.expose(),
+            tokens[0].role
+        ),
+        ("ops", "env-operate-token", ApiRole::Operate)
+    );
+    assert_eq!(
+        (
+            tokens[1].name.as_str(),
+            tokens[1].token.expose(),
+            tokens[1].role
+        ),
+        ("dash", "literal-read-token", ApiRole::Read)
+    );
+    let shown = format!(
+        "{config:?}{}",
+        serde_json::to_string(&config.control).unwrap()
+    );
+    for secret in ["env-operate-token", "literal-read-token"] {
+        assert!(!shown.contains(secret), "{secret} shown in {shown}");
+    }
+    // An empty ${VAR} is named as such; the messages never carry a token.
+    let env = |var: &str| (var == "OPS").then(String::new);
+    let got = load_str("t.yaml", &text, &env).unwrap_err().to_string();
+    assert!(
+        got.contains("`control.tokens[0].token` must not be empty (its ${VAR} is empty)"),
+        "{got}"
+    );
+    assert!(!got.contains("literal-read-token"), "{got}");
+}

@@ -62,6 +62,61 @@ fn http_url(r: &mut Reader, s: &Sp<String>, path: &str) -> Option<Url> {
 }
 
 /// `guard:`; every value falls back to its named default.
+/// API tokens: names unique, tokens non-empty and unique (one token, one role). Messages name
+/// the entry, never the token.
+fn check_tokens(r: &mut Reader, tokens: Option<&[TokenFile]>) -> Vec<ApiToken> {
+    let mut out: Vec<ApiToken> = Vec::new();
+    let mut names: Vec<(&str, Loc)> = Vec::new();
+    let mut secrets: Vec<(&str, &str)> = Vec::new();
+    for t in tokens.unwrap_or_default() {
+        let path = format!("control.tokens[{}]", t.index);
+        let name = t.name.value.trim();
+        let mut ok = true;
+        if name.is_empty() {
+            r.issues
+                .push((t.name.loc, format!("`{path}.name` must not be empty")));
+            ok = false;
+        } else if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
+            r.issues.push((
+                t.name.loc,
+                format!("`{path}.name`: duplicate token name `{name}` (first at {first})"),
+            ));
+            ok = false;
+        } else {
+            names.push((name, t.name.loc));
+        }
+        let secret = t.token.value.expose();
+        if secret.trim().is_empty() {
+            let why = if t.token.interpolated {
+                " (its ${VAR} is empty)"
+            } else {
+                ""
+            };
+            r.issues.push((
+                t.token.loc,
+                format!("`{path}.token` must not be empty{why}"),
+            ));
+            ok = false;
+        } else if let Some((_, other)) = secrets.iter().find(|(s, _)| *s == secret) {
+            r.issues.push((
+                t.token.loc,
+                format!("`{path}.token` is the same secret as token `{other}`; give each its own"),
+            ));
+            ok = false;
+        } else {
+            secrets.push((secret, name));
+        }
+        if ok {
+            out.push(ApiToken {
+                name: name.to_string(),
+                token: t.token.value.clone(),
+                role: t.role.value,
+            });
+        }
+    }
+    out
+}
+
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
     let mut guard = GuardConfig::default();
     let Some(g) = g else {
@@ -163,6 +218,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             }
         },
     };
+    let tokens = check_tokens(r, f.control.as_ref().and_then(|c| c.tokens.as_deref()));
     let guard = check_guard(r, f.guard.as_ref());
     if r.issues.len() != before {
         return None;
@@ -174,7 +230,10 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         log: log?,
         graph: graph?,
         sync,
-        control: ControlConfig { listen: control? },
+        control: ControlConfig {
+            listen: control?,
+            tokens,
+        },
         guard,
     };
     // `version` and `name` are present when the reader reported nothing.

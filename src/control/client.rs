@@ -2,6 +2,10 @@
 //! (it owns the replication slot) over its control plane; `syncbridge conflicts list|resolve`
 //! asks its processor (it owns the ledger); `syncbridge resume` restarts a paused pipeline's
 //! processor.
+//!
+//! Every request carries `Authorization: Bearer $SYNCBRIDGE_API_TOKEN` when that variable is
+//! set (the server's `control.tokens`); a 401 or 403 becomes [`ClientError::Unauthorized`],
+//! which says what to set.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +31,9 @@ pub enum ClientError {
         message: String,
         kind: Option<String>,
     },
+    /// 401 (no or unknown token) or 403 (a `read` token on a route that changes something).
+    #[error("{}", unauthorized_message(*.status, .message))]
+    Unauthorized { status: u16, message: String },
     #[error("control plane request failed: {0}")]
     Http(#[from] reqwest::Error),
     #[error("re-snapshot {id} of {table} failed: {error}")]
@@ -37,9 +44,46 @@ pub enum ClientError {
     },
 }
 
+/// The environment variable the CLI reads its API token from.
+pub const TOKEN_ENV: &str = "SYNCBRIDGE_API_TOKEN";
+
+fn unauthorized_message(status: u16, server: &str) -> String {
+    let set = std::env::var_os(TOKEN_ENV).is_some_and(|t| !t.is_empty());
+    let hint = match (status, set) {
+        (403, _) => format!("the token in {TOKEN_ENV} has role `read`; use an `operate` token"),
+        (_, true) => {
+            format!("{TOKEN_ENV} is not one of the pipeline's control.tokens; check its value")
+        }
+        (_, false) => format!(
+            "the control plane needs a token: set {TOKEN_ENV} to one of the pipeline's \
+             control.tokens"
+        ),
+    };
+    format!("{server} (HTTP {status}): {hint}")
+}
+
 fn client() -> Result<reqwest::Client, ClientError> {
+    client_with_timeout(Duration::from_secs(30))
+}
+
+fn client_with_timeout(timeout: Duration) -> Result<reqwest::Client, ClientError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(token) = std::env::var(TOKEN_ENV)
+        && !token.trim().is_empty()
+    {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| ClientError::Refused {
+                status: 0,
+                message: format!("{TOKEN_ENV} holds characters not allowed in an HTTP header"),
+                kind: None,
+            })?;
+        // Keeps the token out of debug output of the request.
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     Ok(reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
+        .default_headers(headers)
         .build()?)
 }
 
@@ -63,11 +107,19 @@ async fn answer(
     if status.is_success() {
         Ok(body)
     } else {
+        // `detail` is the RFC 9457 member; `error` the older one (same text).
         let message = body
-            .get("error")
+            .get("detail")
+            .or_else(|| body.get("error"))
             .and_then(|e| e.as_str())
             .unwrap_or("request refused")
             .to_string();
+        if matches!(status.as_u16(), 401 | 403) {
+            return Err(ClientError::Unauthorized {
+                status: status.as_u16(),
+                message,
+            });
+        }
         Err(ClientError::Refused {
             status: status.as_u16(),
             message,
@@ -201,9 +253,7 @@ pub async fn resolve_conflict(
     if let Some(by) = by {
         target.query_pairs_mut().append_pair("by", by);
     }
-    let r = reqwest::Client::builder()
-        .timeout(RESOLVE_TIMEOUT)
-        .build()?
+    let r = client_with_timeout(RESOLVE_TIMEOUT)?
         .post(target)
         .send()
         .await;

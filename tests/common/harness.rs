@@ -293,17 +293,37 @@ impl Harness {
 
     /// Runs the `syncbridge` binary with `args` (off the async workers); (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(&args).output())
-            .await
-            .unwrap()
-            .expect("run syncbridge");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli_with_env(args, &[]).await
     }
+}
+
+/// Runs the `syncbridge` binary with `args` and the variables `env` set (`None`: removed), off
+/// the async workers; (exit code, stdout, stderr).
+pub async fn cli_with_env(args: &[&str], env: &[(&str, Option<&str>)]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, Option<String>)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+        .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(BIN);
+        c.args(&args);
+        for (k, v) in env {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.output()
+    })
+    .await
+    .unwrap()
+    .expect("run syncbridge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub fn writes(stats: &Value) -> (u64, u64) {

@@ -381,6 +381,8 @@ impl Serialize for OnDelete {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ControlConfig {
     pub listen: SocketAddr,
+    /// The meta-store database (schema `syncbridge_meta`); `source.url` unless set.
+    pub meta_url: PgUrl,
 }
 
 /// Guards that pause a pipeline (`guard:`).

@@ -274,8 +274,12 @@ pub struct ControlFile {
     /// `ip:port`; default `127.0.0.1:8088`.
     #[serde(default)]
     pub listen: Option<Sp<String>>,
+    /// The meta-store database (`postgres://…`, schema `syncbridge_meta`: run history);
+    /// default: `source.url`.
+    #[serde(default)]
+    pub meta_url: Option<Sp<Secret>>,
 }
-pub const CONTROL_KEYS: &[&str] = &["listen"];
+pub const CONTROL_KEYS: &[&str] = &["listen", "meta_url"];
 
 /// Guards that pause a pipeline when its failures look like a fault of the pipeline, not of rows.
 #[derive(Debug, JsonSchema)]
@@ -856,7 +860,10 @@ impl Reader {
         let listen = m
             .get("listen")
             .and_then(|n| self.string(n, &m.child("listen")));
-        Some(ControlFile { listen })
+        let meta_url = m
+            .get("meta_url")
+            .and_then(|n| self.secret(n, &m.child("meta_url")));
+        Some(ControlFile { listen, meta_url })
     }
 
     fn guard(&mut self, node: &Node, path: &str) -> Option<GuardFile> {

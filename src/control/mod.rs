@@ -27,6 +27,7 @@
 //! instead of after a snapshot has begun.
 
 pub mod client;
+pub mod meta;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -211,6 +212,8 @@ pub struct Registries {
     pub snapshots: SnapshotRegistry,
     pub conflicts: ConflictRegistry,
     pub pauses: PauseRegistry,
+    /// The meta-stores (run history) of the running pipelines.
+    pub meta: meta::MetaRegistry,
 }
 
 #[derive(Clone)]
@@ -239,6 +242,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         snapshots,
         conflicts,
         pauses,
+        meta,
     } = registries;
     Router::new()
         .route("/health", get(health))
@@ -262,6 +266,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
             conflicts,
             pauses,
         })
+        .merge(meta::routes(meta))
 }
 
 /// Serves until `shutdown` is cancelled, then finishes in-flight requests and returns.

@@ -63,7 +63,7 @@ pub async fn migrate(url: &str) -> Result<usize, MetaError> {
             .set_migration_table_name(HISTORY_TABLE)
             .run_async(&mut client)
             .await
-            .map_err(|e| MetaError::Migrate(e.to_string()))?;
+            .map_err(|e| MetaError::Migrate(crate::pg::with_causes(&e)))?;
         Ok::<_, MetaError>(report.applied_migrations().len())
     }
     .await;

@@ -276,23 +276,39 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
         assert_eq!(page3["runs"][0]["run_id"], first_id.as_str());
         h.stop().await;
 
+        // A `dlq replay` while the pipeline is stopped is a run too, projected at the next start.
+        let out = std::process::Command::new(harness::BIN)
+            .args(["dlq", "replay"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dlq replay: {out:?}");
+
         // 3. Drop the schema, restart: every earlier run comes back equal from the log.
         let before = runs(&meta, &name).await;
-        assert_eq!(before.len(), 3);
+        assert_eq!(before.len(), 3, "the replay run is not projected yet: {before:#?}");
         assert!(before.iter().all(|r| r["status"] != "running"), "{before:#?}");
         meta.batch_execute("DROP SCHEMA syncbridge_meta CASCADE")
             .await
             .unwrap();
         h.start(&file);
         h.wait_for("the rebuilt history", || async {
-            try_runs(&h, &q).await.is_some_and(|r| r.len() == 4)
+            try_runs(&h, &q).await.is_some_and(|r| r.len() == 5)
         })
         .await;
         h.stop().await;
         let after = runs(&meta, &name).await;
-        assert_eq!(after.len(), 4);
+        assert_eq!(after.len(), 5, "{after:#?}");
         assert_eq!(after[..3], before[..], "rebuilt runs equal the ones dropped");
-        assert_eq!(after[3]["status"], "succeeded");
+        assert_eq!(
+            (&after[3]["kind"], &after[3]["status"], &after[3]["counts"]["replayed"]),
+            (&Value::from("dlq_replay"), &Value::from("succeeded"), &Value::from(0)),
+            "{after:#?}"
+        );
+        assert_eq!(
+            (&after[4]["kind"], &after[4]["status"]),
+            (&Value::from("stream"), &Value::from("succeeded"))
+        );
     })
     .await;
 }

@@ -88,6 +88,8 @@ pub struct RunCounts {
     pub dead_letters: u64,
     pub conflicts: u64,
     pub pulled: u64,
+    /// `dlq_replay`: dead letters put back into their topics.
+    pub replayed: u64,
 }
 
 impl From<&ProcessorStats> for RunCounts {
@@ -104,6 +106,7 @@ impl From<&ProcessorStats> for RunCounts {
             dead_letters: s.dead_letters,
             conflicts: s.conflicts,
             pulled: s.pulled,
+            replayed: 0,
         }
     }
 }

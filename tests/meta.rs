@@ -42,21 +42,14 @@ impl MetaDatabase {
 impl Drop for MetaDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((c, conn)) = tokio_postgres::connect(&database_url(), NoTls).await {
-                    tokio::spawn(conn);
-                    let _ = c
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        common::block_on_own_runtime(async move {
+            if let Ok((c, conn)) = tokio_postgres::connect(&database_url(), NoTls).await {
+                tokio::spawn(conn);
+                let _ = c
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
     }
 }
 
@@ -137,25 +130,27 @@ async fn runs(meta: &Client, pipeline: &str) -> Vec<Value> {
     .collect()
 }
 
-/// `GET /runs?query`, `None` while the process is not listening yet.
-async fn try_runs(h: &Harness, query: &str) -> Option<Vec<Value>> {
-    let r = h
-        .admin
-        .get(format!("http://127.0.0.1:{}/runs?{query}", h.control_port))
+/// `GET <path>` on the process's control plane; `Err` while it is not listening.
+async fn get(h: &Harness, path: &str) -> reqwest::Result<reqwest::Response> {
+    h.admin
+        .get(format!("http://127.0.0.1:{}{path}", h.control_port))
         .send()
         .await
+}
+
+/// `GET /runs?query`, `None` while the process is not listening yet.
+async fn try_runs(h: &Harness, query: &str) -> Option<Vec<Value>> {
+    let body: Value = get(h, &format!("/runs?{query}"))
+        .await
+        .ok()?
+        .json()
+        .await
         .ok()?;
-    let body: Value = r.json().await.ok()?;
     body["runs"].as_array().cloned()
 }
 
 async fn api_runs(h: &Harness, query: &str) -> Value {
-    let r = h
-        .admin
-        .get(format!("http://127.0.0.1:{}/runs?{query}", h.control_port))
-        .send()
-        .await
-        .unwrap();
+    let r = get(h, &format!("/runs?{query}")).await.unwrap();
     assert_eq!(r.status(), 200, "GET /runs?{query}");
     r.json().await.unwrap()
 }
@@ -165,14 +160,7 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
     hard_timeout(300, async {
         let meta_db = MetaDatabase::create().await;
         let mut h = Harness::new("meta").await;
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL);
-             INSERT INTO public.{t} SELECT g, 'row ' || g FROM generate_series(1, 3) g;"
-        ))
-        .await;
-        h.tables.push(format!("public.{t}"));
-        let list = format!("T {}", h.name);
+        let (t, list) = h.titled_table(3).await;
         let sync = format!(
             "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
         );
@@ -197,33 +185,16 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
         .await;
         let body = api_runs(&h, &q).await;
         let first_id = body["runs"][0]["run_id"].as_str().unwrap().to_string();
-        let one = h
-            .admin
-            .get(format!("http://127.0.0.1:{}/runs/{first_id}", h.control_port))
-            .send()
-            .await
-            .unwrap();
+        let one = get(&h, &format!("/runs/{first_id}")).await.unwrap();
         assert_eq!(one.status(), 200);
         let one: Value = one.json().await.unwrap();
         assert_eq!(one["run_id"], first_id.as_str());
-        let missing = h
-            .admin
-            .get(format!(
-                "http://127.0.0.1:{}/runs/{}",
-                h.control_port,
-                uuid::Uuid::new_v4()
-            ))
-            .send()
+        let missing = get(&h, &format!("/runs/{}", uuid::Uuid::new_v4()))
             .await
             .unwrap();
         assert_eq!(missing.status(), 404);
         for bad in ["limit=0", "limit=x", "status=done", "kind=x", "before=x", "nope=1"] {
-            let r = h
-                .admin
-                .get(format!("http://127.0.0.1:{}/runs?{bad}", h.control_port))
-                .send()
-                .await
-                .unwrap();
+            let r = get(&h, &format!("/runs?{bad}")).await.unwrap();
             assert_eq!(r.status(), 400, "GET /runs?{bad}");
         }
         h.stop().await;

@@ -477,7 +477,10 @@ async fn start_history(
 ) -> Result<History, MetaError> {
     let url = p.control.meta_url.expose();
     meta::migrate::migrate(url).await?;
-    let db = registries.meta.register(url);
+    registries.meta.register(url);
+    // A connection of the projector's own: it wraps each record in BEGIN/COMMIT, which a
+    // connection shared with the API's reads would interleave with.
+    let db = meta::MetaDb::new(url);
     let topic = meta::runs_topic(topic_prefix(p), &p.name);
     meta::runs::ensure_runs_topic(&**log, &topic).await?;
     let mut projector = Projector::open(log.clone(), topic.clone(), &p.name, db.clone()).await?;

@@ -183,6 +183,14 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
             })
         })
         .await;
+        // The run's first event and at least one heartbeat were projected.
+        let projected = h
+            .metric(
+                "syncbridge_meta_events_projected_total",
+                &[&format!("pipeline=\"{name}\"")],
+            )
+            .await;
+        assert!(projected >= 2.0, "projected {projected} run events");
         let body = api_runs(&h, &q).await;
         let first_id = body["runs"][0]["run_id"].as_str().unwrap().to_string();
         let one = get(&h, &format!("/runs/{first_id}")).await.unwrap();

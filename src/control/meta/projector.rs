@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::runs::{RunEvent, RunStatus, append_event};
 use super::{MetaDb, MetaError, now_ms};
 use crate::log::{ConsumedRecord, EventLog, LogConsumer};
+use crate::telemetry::metrics as m;
 
 /// How long a stopping projector keeps reading to project the events appended while draining.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,11 +33,12 @@ pub fn projector_group(pipeline: &str) -> String {
     format!("{pipeline}.meta-projector")
 }
 
-/// Projects one runs topic.
+/// Projects one runs topic. Its [`MetaDb`] must be its own (see [`Projector::open`]).
 #[derive(Debug)]
 pub struct Projector<L: EventLog> {
     log: Arc<L>,
     topic: String,
+    pipeline: String,
     db: Arc<MetaDb>,
     consumer: L::Consumer,
     consumer_stop: CancellationToken,
@@ -46,7 +48,8 @@ pub struct Projector<L: EventLog> {
 }
 
 impl<L: EventLog> Projector<L> {
-    /// Opens the consumer and reads the stored positions.
+    /// Opens the consumer and reads the stored positions. `db` must not be shared with other
+    /// users: each record is applied between `BEGIN` and `COMMIT` on its connection.
     pub async fn open(
         log: Arc<L>,
         topic: String,
@@ -76,6 +79,7 @@ impl<L: EventLog> Projector<L> {
         Ok(Self {
             log,
             topic,
+            pipeline: pipeline.to_string(),
             db,
             consumer,
             consumer_stop,
@@ -139,6 +143,8 @@ impl<L: EventLog> Projector<L> {
             match self.apply(&rec).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retryable() => {
+                    metrics::counter!(m::META_PROJECT_ERRORS_TOTAL, "pipeline" => self.pipeline.clone())
+                        .increment(1);
                     warn!(topic = %self.topic, offset = rec.offset, "projecting a run event failed, retrying: {e}");
                     if stop.is_some_and(CancellationToken::is_cancelled) {
                         return Err(e);
@@ -188,6 +194,8 @@ impl<L: EventLog> Projector<L> {
         }
         self.applied.insert(rec.partition, next);
         self.projected += 1;
+        metrics::counter!(m::META_EVENTS_PROJECTED_TOTAL, "pipeline" => self.pipeline.clone())
+            .increment(1);
         Ok(())
     }
 }

@@ -483,13 +483,14 @@ async fn start_history(
     let db = meta::MetaDb::new(url);
     let topic = meta::runs_topic(topic_prefix(p), &p.name);
     meta::runs::ensure_runs_topic(&**log, &topic).await?;
-    let mut projector = Projector::open(log.clone(), topic.clone(), &p.name, db.clone()).await?;
-    projector.catch_up(PROJECTOR_CATCH_UP).await?;
     // The embedded log is locked to this process: any run still `running` is a dead one's.
     let exclusive = matches!(p.log, config::LogConfig::Embedded { .. });
+    let mut projector =
+        Projector::open(log.clone(), topic.clone(), &p.name, db.clone(), !exclusive).await?;
+    projector.catch_up(PROJECTOR_CATCH_UP).await?;
     meta::projector::fail_orphans(&**log, &topic, &db, &p.name, exclusive).await?;
     let projector_stop = CancellationToken::new();
-    let projector = tokio::spawn(projector.run(projector_stop.clone()));
+    let projector = tokio::spawn(projector.run(projector_stop.clone(), !exclusive));
     let recorder = RunRecorder::start(log.clone(), topic, &p.name, RunKind::Stream).await?;
     info!(pipeline = %p.name, run = %recorder.run_id(), "stream run started");
     Ok(History {

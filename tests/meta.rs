@@ -291,3 +291,74 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
     })
     .await;
 }
+
+/// On Kafka several processes may run one pipeline, so a start cannot assume every `running` run
+/// is dead: a run is marked failed once it missed three heartbeats (30 s), by a peer's periodic
+/// sweep, while the peer's own run stays running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_peer_marks_a_dead_process_run_failed_once_its_heartbeats_stop() {
+    hard_timeout(240, async {
+        let meta_db = MetaDatabase::create().await;
+        let mut h = Harness::new("metak").await;
+        let (t, list) = h.titled_table(2).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+        );
+        let n = h.name.clone();
+        let log = format!(
+            "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbm{}' }} }}",
+            common::kafka_brokers(),
+            &n[n.len() - 8..]
+        );
+        let file = h.pipeline(&log, &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta_db.url)).unwrap();
+        let q = format!("pipeline={n}");
+
+        h.start(&file);
+        h.wait_for("the first process's run", || async {
+            try_runs(&h, &format!("{q}&status=running"))
+                .await
+                .is_some_and(|r| r.len() == 1)
+        })
+        .await;
+        let killed = api_runs(&h, &q).await["runs"][0]["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut child = h.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let killed_at = std::time::Instant::now();
+        h.start(&file);
+        // At once the killed run may still look alive; after 30 s without heartbeats plus one
+        // sweep interval it must be failed, and the live process's run still running.
+        let deadline = killed_at + std::time::Duration::from_secs(90);
+        let runs = loop {
+            let runs = try_runs(&h, &q).await.unwrap_or_default();
+            let failed = runs
+                .iter()
+                .any(|r| r["run_id"] == killed.as_str() && r["status"] == "failed");
+            if failed {
+                break runs;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the killed run was not marked failed: {runs:#?}\n{}",
+                h.run_log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
+        assert!(
+            killed_at.elapsed() >= std::time::Duration::from_secs(30),
+            "marked failed before three heartbeats were missed"
+        );
+        let dead = runs.iter().find(|r| r["run_id"] == killed.as_str()).unwrap();
+        assert_eq!(dead["reason"], "process ended");
+        let live: Vec<_> = runs.iter().filter(|r| r["run_id"] != killed.as_str()).collect();
+        assert_eq!(live.len(), 1, "{runs:#?}");
+        assert_eq!(live[0]["status"], "running", "the live run is left alone");
+        h.stop().await;
+    })
+    .await;
+}

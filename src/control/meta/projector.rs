@@ -28,9 +28,19 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// process that ended, when another process might be running the pipeline (Kafka).
 const ORPHAN_AFTER_MS: i64 = 3 * super::runs::STREAM_UPDATE_INTERVAL.as_millis() as i64;
 
-/// The consumer group of a pipeline's projector (it never commits; see the module docs).
-pub fn projector_group(pipeline: &str) -> String {
-    format!("{pipeline}.meta-projector")
+/// The consumer group of a pipeline's projector (it never commits; see the module docs). With
+/// `shared_log` (Kafka: several processes may run the pipeline) each process has a group of its
+/// own: in one group they would split the partitions and a process's projector could be left
+/// with none. Every projector then writes every event; the projection is idempotent.
+pub fn projector_group(pipeline: &str, shared_log: bool) -> String {
+    if shared_log {
+        format!(
+            "{pipeline}.meta-projector.{}",
+            uuid::Uuid::new_v4().simple()
+        )
+    } else {
+        format!("{pipeline}.meta-projector")
+    }
 }
 
 /// Projects one runs topic. Its [`MetaDb`] must be its own (see [`Projector::open`]).
@@ -55,11 +65,12 @@ impl<L: EventLog> Projector<L> {
         topic: String,
         pipeline: &str,
         db: Arc<MetaDb>,
+        shared_log: bool,
     ) -> Result<Self, MetaError> {
         let consumer_stop = CancellationToken::new();
         let consumer = log
             .consumer(
-                &projector_group(pipeline),
+                &projector_group(pipeline, shared_log),
                 std::slice::from_ref(&topic),
                 consumer_stop.clone(),
             )
@@ -115,12 +126,25 @@ impl<L: EventLog> Projector<L> {
     }
 
     /// Projects until `stop`, then for a while longer what was appended before it (the final
-    /// events of the runs that ended while draining).
-    pub async fn run(mut self, stop: CancellationToken) -> Result<u64, MetaError> {
+    /// events of the runs that ended while draining). With `sweep` (a log other processes of
+    /// the pipeline may share), runs whose process stopped sending heartbeats are marked failed
+    /// every [`STREAM_UPDATE_INTERVAL`](super::runs::STREAM_UPDATE_INTERVAL) too: a process that
+    /// died is seen while its peers run, not only by the next start. Two peers marking the same
+    /// run append events with the same `seq`; the projection keeps the first.
+    pub async fn run(mut self, stop: CancellationToken, sweep: bool) -> Result<u64, MetaError> {
+        let mut tick = tokio::time::interval(super::runs::STREAM_UPDATE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             let rec = tokio::select! {
                 r = self.consumer.recv() => r?,
                 () = stop.cancelled() => break,
+                _ = tick.tick(), if sweep => {
+                    if let Err(e) = fail_orphans(&*self.log, &self.topic, &self.db, &self.pipeline, false).await {
+                        warn!(pipeline = %self.pipeline, "looking for runs of ended processes failed: {e}");
+                    }
+                    continue;
+                }
             };
             match rec {
                 Some(rec) => self.apply_retrying(rec, Some(&stop)).await?,
@@ -180,7 +204,8 @@ impl<L: EventLog> Projector<L> {
                 .execute(
                     "INSERT INTO syncbridge_meta.projector_offsets (topic, partition, next_offset) \
                      VALUES ($1, $2, $3) ON CONFLICT (topic, partition) \
-                     DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                     DO UPDATE SET next_offset = \
+                     GREATEST(syncbridge_meta.projector_offsets.next_offset, EXCLUDED.next_offset)",
                     &[&self.topic, &rec.partition, &next],
                 )
                 .await?;

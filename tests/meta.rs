@@ -155,33 +155,48 @@ async fn api_runs(h: &Harness, query: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// A meta-store database, a harness with a table of `rows` rows and the pipeline file syncing
+/// it to list `T <name>` on the log `log(h)` names, with `control.meta_url` set.
+async fn setup(
+    tag: &str,
+    rows: u32,
+    log: impl FnOnce(&Harness) -> String,
+) -> (MetaDatabase, Harness, String, std::path::PathBuf) {
+    let meta_db = MetaDatabase::create().await;
+    let mut h = Harness::new(tag).await;
+    let (t, list) = h.titled_table(rows).await;
+    let sync = format!(
+        "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+    );
+    let file = h.pipeline(&log(&h), &sync);
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta_db.url)).unwrap();
+    (meta_db, h, list, file)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() {
     hard_timeout(300, async {
-        let meta_db = MetaDatabase::create().await;
-        let mut h = Harness::new("meta").await;
-        let (t, list) = h.titled_table(3).await;
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
-        );
-        let file = h.pipeline(&h.embedded_log(), &sync);
-        let yaml = std::fs::read_to_string(&file).unwrap();
-        std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta_db.url)).unwrap();
+        let (meta_db, mut h, list, file) = setup("meta", 3, |h| h.embedded_log()).await;
         let name = h.name.clone();
         let q = format!("pipeline={name}");
 
         // 1. A run: `running` while the pipeline runs, its counts come with the heartbeat.
         h.start(&file);
-        h.wait_for("three items", || async { h.items(&list).await.len() == 3 }).await;
-        h.wait_for("the stream run with 3 creates (heartbeat ≤ 10 s)", || async {
-            try_runs(&h, &q).await.is_some_and(|runs| {
-                runs.len() == 1
-                    && runs[0]["status"] == "running"
-                    && runs[0]["kind"] == "stream"
-                    && runs[0]["counts"]["creates"] == 3
-                    && runs[0]["counts"]["events"] == 3
-            })
-        })
+        h.wait_for("three items", || async { h.items(&list).await.len() == 3 })
+            .await;
+        h.wait_for(
+            "the stream run with 3 creates (heartbeat ≤ 10 s)",
+            || async {
+                try_runs(&h, &q).await.is_some_and(|runs| {
+                    runs.len() == 1
+                        && runs[0]["status"] == "running"
+                        && runs[0]["kind"] == "stream"
+                        && runs[0]["counts"]["creates"] == 3
+                        && runs[0]["counts"]["events"] == 3
+                })
+            },
+        )
         .await;
         // The run's first event and at least one heartbeat were projected.
         let projected = h
@@ -201,7 +216,14 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
             .await
             .unwrap();
         assert_eq!(missing.status(), 404);
-        for bad in ["limit=0", "limit=x", "status=done", "kind=x", "before=x", "nope=1"] {
+        for bad in [
+            "limit=0",
+            "limit=x",
+            "status=done",
+            "kind=x",
+            "before=x",
+            "nope=1",
+        ] {
             let r = get(&h, &format!("/runs?{bad}")).await.unwrap();
             assert_eq!(r.status(), 400, "GET /runs?{bad}");
         }
@@ -265,8 +287,15 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
 
         // 3. Drop the schema, restart: every earlier run comes back equal from the log.
         let before = runs(&meta, &name).await;
-        assert_eq!(before.len(), 3, "the replay run is not projected yet: {before:#?}");
-        assert!(before.iter().all(|r| r["status"] != "running"), "{before:#?}");
+        assert_eq!(
+            before.len(),
+            3,
+            "the replay run is not projected yet: {before:#?}"
+        );
+        assert!(
+            before.iter().all(|r| r["status"] != "running"),
+            "{before:#?}"
+        );
         meta.batch_execute("DROP SCHEMA syncbridge_meta CASCADE")
             .await
             .unwrap();
@@ -278,10 +307,22 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
         h.stop().await;
         let after = runs(&meta, &name).await;
         assert_eq!(after.len(), 5, "{after:#?}");
-        assert_eq!(after[..3], before[..], "rebuilt runs equal the ones dropped");
         assert_eq!(
-            (&after[3]["kind"], &after[3]["status"], &after[3]["counts"]["replayed"]),
-            (&Value::from("dlq_replay"), &Value::from("succeeded"), &Value::from(0)),
+            after[..3],
+            before[..],
+            "rebuilt runs equal the ones dropped"
+        );
+        assert_eq!(
+            (
+                &after[3]["kind"],
+                &after[3]["status"],
+                &after[3]["counts"]["replayed"]
+            ),
+            (
+                &Value::from("dlq_replay"),
+                &Value::from("succeeded"),
+                &Value::from(0)
+            ),
             "{after:#?}"
         );
         assert_eq!(
@@ -298,21 +339,15 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka_a_peer_marks_a_dead_process_run_failed_once_its_heartbeats_stop() {
     hard_timeout(240, async {
-        let meta_db = MetaDatabase::create().await;
-        let mut h = Harness::new("metak").await;
-        let (t, list) = h.titled_table(2).await;
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
-        );
+        let (_meta_db, mut h, _list, file) = setup("metak", 2, |h| {
+            format!(
+                "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbm{}' }} }}",
+                common::kafka_brokers(),
+                &h.name[h.name.len() - 8..]
+            )
+        })
+        .await;
         let n = h.name.clone();
-        let log = format!(
-            "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbm{}' }} }}",
-            common::kafka_brokers(),
-            &n[n.len() - 8..]
-        );
-        let file = h.pipeline(&log, &sync);
-        let yaml = std::fs::read_to_string(&file).unwrap();
-        std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta_db.url)).unwrap();
         let q = format!("pipeline={n}");
 
         h.start(&file);
@@ -353,9 +388,15 @@ async fn on_kafka_a_peer_marks_a_dead_process_run_failed_once_its_heartbeats_sto
             killed_at.elapsed() >= std::time::Duration::from_secs(30),
             "marked failed before three heartbeats were missed"
         );
-        let dead = runs.iter().find(|r| r["run_id"] == killed.as_str()).unwrap();
+        let dead = runs
+            .iter()
+            .find(|r| r["run_id"] == killed.as_str())
+            .unwrap();
         assert_eq!(dead["reason"], "process ended");
-        let live: Vec<_> = runs.iter().filter(|r| r["run_id"] != killed.as_str()).collect();
+        let live: Vec<_> = runs
+            .iter()
+            .filter(|r| r["run_id"] != killed.as_str())
+            .collect();
         assert_eq!(live.len(), 1, "{runs:#?}");
         assert_eq!(live[0]["status"], "running", "the live run is left alone");
         h.stop().await;

@@ -263,8 +263,33 @@ fn dlq(action: DlqAction) -> ExitCode {
                 eprintln!("{} dead letter(s) not yet replayed", entries.len());
             }
             DlqAction::Replay { .. } => {
-                let n = dlq::replay(&log, prefix, &pipeline.name).await?;
-                println!("replayed {n} dead letter(s); `syncbridge run` processes them next");
+                use syncbridge::control::meta::{self, RunCounts, RunKind, RunRecorder, RunStatus};
+                // A `dlq_replay` run: its events wait in the runs topic until the next
+                // `syncbridge run` projects them into the meta-store.
+                let log = std::sync::Arc::new(log);
+                let topic = meta::runs_topic(prefix, &pipeline.name);
+                meta::runs::ensure_runs_topic(&*log, &topic).await?;
+                let mut run =
+                    RunRecorder::start(log.clone(), topic, &pipeline.name, RunKind::DlqReplay)
+                        .await?;
+                match dlq::replay(&*log, prefix, &pipeline.name).await {
+                    Ok(n) => {
+                        let counts = RunCounts {
+                            replayed: n as u64,
+                            ..RunCounts::default()
+                        };
+                        run.finish(RunStatus::Succeeded, counts, None).await?;
+                        println!(
+                            "replayed {n} dead letter(s); `syncbridge run` processes them next"
+                        );
+                    }
+                    Err(e) => {
+                        let reason = Some(e.to_string());
+                        run.finish(RunStatus::Failed, RunCounts::default(), reason)
+                            .await?;
+                        return Err(e.into());
+                    }
+                }
             }
         }
         Ok(())

@@ -63,10 +63,10 @@ pub enum PgConnectError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
-/// `e: cause: cause…`.
-fn with_causes(e: &tokio_postgres::Error) -> String {
+/// `e: cause: cause…` (a cause whose text is already there is left out).
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         let text = s.to_string();
         if !out.contains(&text) {

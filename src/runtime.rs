@@ -4,7 +4,11 @@
 //! return path and the processor start. Shutdown drains inputs before their consumer: capture
 //! (acknowledges what is durable, stops reading), then the pollers, then the processor (flushes
 //! and commits), and the log closes last, so nothing new enters a stage after the one feeding it
-//! has stopped. The control plane starts first (a taken port fails the run before any work
+//! has stopped. Each pipeline's run history (`crate::control::meta`) starts before capture (the
+//! meta-store migrated, the projector caught up, runs of a dead process marked failed, then this
+//! process's stream run begun) and stops after the processor: the stream run's final event
+//! carries the processor's final counts, and the projector writes it before the log closes. The
+//! control plane starts first (a taken port fails the run before any work
 //! begins) and stops last (`/health` stays up while draining).
 
 use std::net::SocketAddr;
@@ -18,6 +22,9 @@ use tracing::{error, info, warn};
 use crate::capture::snapshot::FileProgress;
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
+use crate::control::meta::{
+    self, MetaError, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
+};
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
@@ -60,6 +67,12 @@ pub enum RuntimeError {
         #[source]
         source: ProcessError,
     },
+    #[error("pipeline {pipeline}: {source}")]
+    Meta {
+        pipeline: String,
+        #[source]
+        source: MetaError,
+    },
     #[error("no pipeline to run")]
     Empty,
 }
@@ -81,6 +94,7 @@ impl RuntimeError {
             RuntimeError::Log { source, .. } => source.is_retryable(),
             RuntimeError::Capture { source, .. } => source.is_retryable(),
             RuntimeError::Process { source, .. } => source.is_retryable(),
+            RuntimeError::Meta { source, .. } => source.is_retryable(),
             RuntimeError::Task { .. } => true,
             RuntimeError::Telemetry(_) | RuntimeError::Empty => false,
         }
@@ -100,6 +114,15 @@ struct RunningPipeline {
     /// Delta pollers of the lists that pull (they feed the return stream).
     pollers_stop: CancellationToken,
     pollers: Vec<JoinHandle<Result<(), PullError>>>,
+    /// The stream run's heartbeat (hands the recorder back when stopped) and the counters.
+    stream_stop: CancellationToken,
+    stream: Option<JoinHandle<RunRecorder<AnyLog>>>,
+    stats: tokio::sync::watch::Receiver<ProcessorStats>,
+    /// The run projector of this pipeline's runs topic.
+    projector_stop: CancellationToken,
+    projector: Option<JoinHandle<Result<u64, MetaError>>>,
+    /// Why the pipeline stopped, when a stage failed (the stream run's reason).
+    failure: Option<String>,
 }
 
 /// Runs `pipelines` until `shutdown` is cancelled, then drains them in order and returns.
@@ -134,6 +157,7 @@ pub async fn run(
         snapshots: control::SnapshotRegistry::default(),
         conflicts: control::ConflictRegistry::default(),
         pauses: control::PauseRegistry::default(),
+        meta: meta::MetaRegistry::default(),
     };
     let readiness = registries.readiness.clone();
     // Not a child of `shutdown`: the control plane outlives the drain.
@@ -230,7 +254,7 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
         _ => running[i].process = None,
     }
     let pipeline = running[i].name.clone();
-    match result {
+    let error = match result {
         Ok(Ok(())) => RuntimeError::Task {
             pipeline,
             stage,
@@ -242,7 +266,9 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
             stage,
             message: join.to_string(),
         },
-    }
+    };
+    running[i].failure = Some(error.to_string());
+    error
 }
 
 async fn start_all(
@@ -277,6 +303,8 @@ async fn start_all(
                     source,
                 })?;
         registries.conflicts.register(processor.conflict_handle());
+        let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
+        processor.publish_stats(stats_tx.clone());
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();
@@ -303,6 +331,20 @@ async fn start_all(
             info!(pipeline = %p.name, registry = %registry.url, "Confluent wire format: schemas are registered with the schema registry");
             sink = sink.with_schema_registry(RegistryClient::new(registry));
         }
+        let history =
+            start_history(p, &log, registries)
+                .await
+                .map_err(|source| RuntimeError::Meta {
+                    pipeline: p.name.clone(),
+                    source,
+                })?;
+        let stream_stop = CancellationToken::new();
+        let stream = tokio::spawn(meta::runs::stream_heartbeat(
+            history.recorder,
+            stats.clone(),
+            stream_stop.clone(),
+            meta::runs::STREAM_UPDATE_INTERVAL,
+        ));
         let capture_stop = CancellationToken::new();
         let tables = capture_config
             .tables
@@ -346,11 +388,18 @@ async fn start_all(
                     limiters: limiters.clone(),
                     registries: registries.clone(),
                     pause,
+                    stats: stats_tx,
                 },
                 process_stop_run,
             ))),
             pollers_stop: pollers_stop.clone(),
             pollers: poller_tasks,
+            stream_stop,
+            stream: Some(stream),
+            stats,
+            projector_stop: history.projector_stop,
+            projector: Some(history.projector),
+            failure: None,
         });
         readiness.set(&p.name, "process", true);
     }
@@ -364,6 +413,8 @@ struct Supervision {
     limiters: Arc<LimiterRegistry>,
     registries: control::Registries,
     pause: PauseHandle,
+    /// The stream run's counters (a rebuilt processor continues them).
+    stats: tokio::sync::watch::Sender<ProcessorStats>,
 }
 
 /// Runs the processor; when it pauses itself ([`ProcessError::Paused`]: a dead-letter storm, a
@@ -416,7 +467,93 @@ async fn supervise_processor(
             }
         };
         s.registries.conflicts.register(processor.conflict_handle());
+        processor.publish_stats(s.stats.clone());
         s.registries.readiness.set(&name, "process", true);
+    }
+}
+
+/// A pipeline's run history, started: the projector task and the stream run's recorder.
+struct History {
+    projector_stop: CancellationToken,
+    projector: JoinHandle<Result<u64, MetaError>>,
+    recorder: RunRecorder<AnyLog>,
+}
+
+/// How long a start waits for the projector to apply the runs already in the log (it must
+/// have seen a dead process's runs to mark them failed).
+const PROJECTOR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Migrates the meta-store, catches its projection up with the runs topic, marks the runs of a
+/// process that ended failed, starts the projector and this process's stream run.
+async fn start_history(
+    p: &PipelineConfig,
+    log: &Arc<AnyLog>,
+    registries: &control::Registries,
+) -> Result<History, MetaError> {
+    let url = p.control.meta_url.expose();
+    meta::migrate::migrate(url).await?;
+    registries.meta.register(url);
+    // A connection of the projector's own: it wraps each record in BEGIN/COMMIT, which a
+    // connection shared with the API's reads would interleave with.
+    let db = meta::MetaDb::new(url);
+    let topic = meta::runs_topic(topic_prefix(p), &p.name);
+    meta::runs::ensure_runs_topic(&**log, &topic).await?;
+    // The embedded log is locked to this process: any run still `running` is a dead one's.
+    let exclusive = matches!(p.log, config::LogConfig::Embedded { .. });
+    let mut projector =
+        Projector::open(log.clone(), topic.clone(), &p.name, db.clone(), !exclusive).await?;
+    projector.catch_up(PROJECTOR_CATCH_UP).await?;
+    meta::projector::fail_orphans(&**log, &topic, &db, &p.name, exclusive).await?;
+    let projector_stop = CancellationToken::new();
+    let projector = tokio::spawn(projector.run(projector_stop.clone(), !exclusive));
+    let recorder = RunRecorder::start(log.clone(), topic, &p.name, RunKind::Stream).await?;
+    info!(pipeline = %p.name, run = %recorder.run_id(), "stream run started");
+    Ok(History {
+        projector_stop,
+        projector,
+        recorder,
+    })
+}
+
+/// Appends the stream run's final event (after the processor stopped), then stops the projector
+/// once it has written it.
+async fn finish_history(
+    name: &str,
+    stream_stop: CancellationToken,
+    stream: Option<JoinHandle<RunRecorder<AnyLog>>>,
+    counts: RunCounts,
+    failure: Option<String>,
+    projector_stop: CancellationToken,
+    projector: Option<JoinHandle<Result<u64, MetaError>>>,
+) {
+    stream_stop.cancel();
+    if let Some(handle) = stream {
+        match handle.await {
+            Ok(mut recorder) => {
+                let status = if failure.is_some() {
+                    RunStatus::Failed
+                } else {
+                    RunStatus::Succeeded
+                };
+                match recorder.finish(status, counts, failure).await {
+                    Ok(()) => {
+                        info!(pipeline = %name, run = %recorder.run_id(), status = status.as_str(), "stream run ended");
+                    }
+                    Err(e) => {
+                        warn!(pipeline = %name, run = %recorder.run_id(), "cannot record the end of the stream run (the next start marks it failed): {e}");
+                    }
+                }
+            }
+            Err(join) => warn!(pipeline = %name, "stream run task: {join}"),
+        }
+    }
+    projector_stop.cancel();
+    if let Some(handle) = projector {
+        match handle.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(pipeline = %name, "run projector ended with: {e}"),
+            Err(join) => warn!(pipeline = %name, "run projector task: {join}"),
+        }
     }
 }
 
@@ -570,19 +707,36 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
         }
         // Then the processor: it flushes what it has read and commits, and stops.
         p.process_stop.cancel();
+        let mut failure = p.failure;
         if let Some(handle) = p.process {
             match handle.await {
                 Ok(Ok(stats)) => info!(pipeline = %p.name, ?stats, "push processor drained"),
                 Ok(Err(e)) => {
                     error!(pipeline = %p.name, "push processor ended with: {e}");
+                    failure.get_or_insert(e.to_string());
                     first_error.get_or_insert(RuntimeError::Process {
                         pipeline: p.name.clone(),
                         source: e,
                     });
                 }
-                Err(join) => warn!(pipeline = %p.name, "push processor task: {join}"),
+                Err(join) => {
+                    warn!(pipeline = %p.name, "push processor task: {join}");
+                    failure.get_or_insert(join.to_string());
+                }
             }
         }
+        // Then the run history, which reads the processor's final counts.
+        let counts = RunCounts::from(&*p.stats.borrow());
+        finish_history(
+            &p.name,
+            p.stream_stop,
+            p.stream,
+            counts,
+            failure,
+            p.projector_stop,
+            p.projector,
+        )
+        .await;
         readiness.set(&p.name, "process", false);
         readiness.set(&p.name, "log", false);
         // The last reference: dropping flushes and closes the log.

@@ -87,6 +87,11 @@ fn projects_example_builds_with_its_values_and_defaults() {
     assert_eq!(c.graph.ru_per_minute, 1250);
     assert_eq!(c.graph.site, "contoso.sharepoint.com:/sites/ops");
     assert_eq!(c.control.listen, "127.0.0.1:8088".parse().unwrap());
+    assert_eq!(
+        c.control.meta_url.expose(),
+        c.source.url.expose(),
+        "the meta-store defaults to the source database"
+    );
     let e = &c.sync[0];
     assert_eq!(
         (e.table.schema.as_str(), e.table.name.as_str()),

@@ -173,14 +173,7 @@ async fn a_two_way_pipeline_runs_entirely_over_verified_tls() {
                 root_cert()
             ),
         );
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL);
-             INSERT INTO public.{t} SELECT g, 'row ' || g FROM generate_series(1, 3) g;"
-        ))
-        .await;
-        h.tables.push(format!("public.{t}"));
-        let list = format!("T {}", h.name);
+        let (t, list) = h.titled_table(3).await;
         let sync = format!(
             "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n    pull: {{ enabled: true, interval_ms: 200 }}"
         );

@@ -383,6 +383,8 @@ pub struct ControlConfig {
     pub listen: SocketAddr,
     /// Bearer tokens of the HTTP API; empty: the API is open (loopback `listen` only).
     pub tokens: Vec<ApiToken>,
+    /// The meta-store database (schema `syncbridge_meta`); `source.url` unless set.
+    pub meta_url: PgUrl,
 }
 
 /// One bearer token of the control-plane API (`control.tokens[]`).

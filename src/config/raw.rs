@@ -278,8 +278,12 @@ pub struct ControlFile {
     /// `/openapi.json`). None: the API is open, allowed only on a loopback `listen`.
     #[serde(default)]
     pub tokens: Option<Vec<TokenFile>>,
+    /// The meta-store database (`postgres://…`, schema `syncbridge_meta`: run history);
+    /// default: `source.url`.
+    #[serde(default)]
+    pub meta_url: Option<Sp<Secret>>,
 }
-pub const CONTROL_KEYS: &[&str] = &["listen", "tokens"];
+pub const CONTROL_KEYS: &[&str] = &["listen", "tokens", "meta_url"];
 
 /// One API token; send it as `Authorization: Bearer <token>`.
 #[derive(Debug, JsonSchema)]
@@ -887,7 +891,14 @@ impl Reader {
                     .collect(),
             )
         });
-        Some(ControlFile { listen, tokens })
+        let meta_url = m
+            .get("meta_url")
+            .and_then(|n| self.secret(n, &m.child("meta_url")));
+        Some(ControlFile {
+            listen,
+            tokens,
+            meta_url,
+        })
     }
 
     fn token(&mut self, node: &Node, list: &str, index: usize) -> Option<TokenFile> {

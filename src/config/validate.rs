@@ -153,6 +153,24 @@ fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
     guard
 }
 
+/// A PostgreSQL URL whose TLS options `crate::pg` understands. The message never echoes the
+/// URL: it may hold a password.
+fn check_pg_url(r: &mut Reader, url: &Sp<Secret>, key: &str) -> Option<PgUrl> {
+    match PgUrl::parse(url.value.expose().trim()) {
+        Ok(parsed) => match crate::pg::TlsOptions::parse(parsed.expose()) {
+            Ok(_) => Some(parsed),
+            Err(why) => {
+                r.issues.push((url.loc, format!("`{key}`: {why}")));
+                None
+            }
+        },
+        Err(why) => {
+            r.issues.push((url.loc, format!("`{key}` {why}")));
+            None
+        }
+    }
+}
+
 /// Checks a file and builds its config. Problems go to `r.issues`; `Some` only without any.
 pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, CrossRefs)> {
     let before = r.issues.len();
@@ -181,20 +199,8 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
     let source = f
         .source
         .as_ref()
-        .and_then(|s| match PgUrl::parse(s.url.value.expose().trim()) {
-            // The message never echoes the URL: it may hold a password.
-            Ok(url) => match crate::pg::TlsOptions::parse(url.expose()) {
-                Ok(_) => Some(SourceConfig { url }),
-                Err(why) => {
-                    r.issues.push((s.url.loc, format!("`source.url`: {why}")));
-                    None
-                }
-            },
-            Err(why) => {
-                r.issues.push((s.url.loc, format!("`source.url` {why}")));
-                None
-            }
-        });
+        .and_then(|s| check_pg_url(r, &s.url, "source.url"))
+        .map(|url| SourceConfig { url });
     let name = f.name.as_ref().map(|n| n.value.clone()).unwrap_or_default();
     let log = match &f.log {
         None => Some(LogConfig::Embedded {
@@ -219,6 +225,10 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         },
     };
     let tokens = check_tokens(r, f.control.as_ref().and_then(|c| c.tokens.as_deref()));
+    let meta_url = match f.control.as_ref().and_then(|c| c.meta_url.as_ref()) {
+        None => source.as_ref().map(|s| s.url.clone()),
+        Some(u) => check_pg_url(r, u, "control.meta_url"),
+    };
     let guard = check_guard(r, f.guard.as_ref());
     if r.issues.len() != before {
         return None;
@@ -233,6 +243,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         control: ControlConfig {
             listen: control?,
             tokens,
+            meta_url: meta_url?,
         },
         guard,
     };

@@ -36,6 +36,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod meta;
 pub mod openapi;
 pub mod problem;
 
@@ -234,6 +235,8 @@ pub struct Registries {
     pub snapshots: SnapshotRegistry,
     pub conflicts: ConflictRegistry,
     pub pauses: PauseRegistry,
+    /// The meta-stores (run history) of the running pipelines.
+    pub meta: meta::MetaRegistry,
 }
 
 #[derive(Clone)]
@@ -277,6 +280,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         snapshots,
         conflicts,
         pauses,
+        meta,
     } = registries;
     Router::new()
         .route("/health", get(health))
@@ -303,6 +307,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
             conflicts,
             pauses,
         })
+        .merge(meta::routes(meta))
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until
@@ -585,6 +590,7 @@ mod tests {
             snapshots: SnapshotRegistry::default(),
             conflicts: ConflictRegistry::default(),
             pauses: PauseRegistry::default(),
+            meta: meta::MetaRegistry::default(),
         };
         let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()

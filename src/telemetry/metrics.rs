@@ -90,6 +90,11 @@ pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
 pub const PIPELINE_PAUSED: &str = "syncbridge_pipeline_paused";
 /// Counter of pauses (guard trips and schemas that could not be had), labels `pipeline`, `kind`.
 pub const PIPELINE_PAUSES_TOTAL: &str = "syncbridge_pipeline_pauses_total";
+
+/// Meta-store: run events the projector wrote to `syncbridge_meta` (counter; label: pipeline).
+pub const META_EVENTS_PROJECTED_TOTAL: &str = "syncbridge_meta_events_projected_total";
+/// Meta-store: failed attempts to project a run event, retried (counter; label: pipeline).
+pub const META_PROJECT_ERRORS_TOTAL: &str = "syncbridge_meta_project_errors_total";
 /// Counter of list changes recognised as our own writes coming back (echoes), label `pipeline`.
 pub const PULL_ECHOES_TOTAL: &str = "syncbridge_pull_echoes_total";
 /// Counter of fields changed on both sides, labels `pipeline`, `policy`, `outcome` (source/target/parked).
@@ -309,6 +314,16 @@ pub fn describe_all() {
         PIPELINE_PAUSES_TOTAL,
         Unit::Count,
         "Times the pipeline paused itself (labels: pipeline, kind)."
+    );
+    describe_counter!(
+        META_EVENTS_PROJECTED_TOTAL,
+        Unit::Count,
+        "Run events written to the meta-store by the projector (label: pipeline)."
+    );
+    describe_counter!(
+        META_PROJECT_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed attempts to write a run event to the meta-store, retried (label: pipeline)."
     );
     describe_counter!(
         PULL_ECHOES_TOTAL,

@@ -170,6 +170,20 @@ impl Harness {
         std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
     }
 
+    /// Creates table `<name>_t (id bigint PRIMARY KEY, title text NOT NULL)` with rows 1..=`rows`
+    /// (`title` = `row <id>`), dropped with the harness; returns it and the list name `T <name>`.
+    pub async fn titled_table(&mut self, rows: u32) -> (String, String) {
+        let t = self.t("t");
+        self.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL);
+             INSERT INTO public.{t} SELECT g, 'row ' || g FROM generate_series(1, {rows}) g;"
+        ))
+        .await;
+        self.tables.push(format!("public.{t}"));
+        let list = format!("T {}", self.name);
+        (t, list)
+    }
+
     pub async fn sql(&self, q: &str) {
         self.db
             .batch_execute(q)

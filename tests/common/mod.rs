@@ -39,55 +39,61 @@ pub fn drop_replication_objects(slot: &str, publication: &str, tables: &[String]
         return;
     };
     let (slot, publication, tables) = (slot.to_string(), publication.to_string(), tables.to_vec());
+    block_on_own_runtime(async move {
+        let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            return;
+        };
+        tokio::spawn(conn);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let _ = c
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&slot],
+                )
+                .await;
+            let r = c
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await;
+            if r.is_ok() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = c
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {publication}"))
+            .await;
+        // The return path's replication origin (`syncbridge_<pipeline>`, slot `sb_<pipeline>`):
+        // each origin with progress holds one of the `max_replication_slots` state slots.
+        if let Some(pipeline) = slot.strip_prefix("sb_") {
+            let _ = c
+                .execute(
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
+                         WHERE roname = $1",
+                    &[&format!("syncbridge_{pipeline}")],
+                )
+                .await;
+        }
+        for t in tables {
+            let _ = c.batch_execute(&format!("DROP TABLE IF EXISTS {t}")).await;
+        }
+    });
+}
+
+/// Runs `f` to completion on a runtime of its own, on a thread of its own, and waits: safe to call
+/// from `Drop` inside a test's runtime.
+pub fn block_on_own_runtime<F: std::future::Future<Output = ()> + Send + 'static>(f: F) {
     let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        rt.block_on(async move {
-            let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
-                return;
-            };
-            tokio::spawn(conn);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                let _ = c
-                    .execute(
-                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                         WHERE slot_name = $1 AND active_pid IS NOT NULL",
-                        &[&slot],
-                    )
-                    .await;
-                let r = c
-                    .execute(
-                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                         WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await;
-                if r.is_ok() || Instant::now() > deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            let _ = c
-                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {publication}"))
-                .await;
-            // The return path's replication origin (`syncbridge_<pipeline>`, slot `sb_<pipeline>`):
-            // each origin with progress holds one of the `max_replication_slots` state slots.
-            if let Some(pipeline) = slot.strip_prefix("sb_") {
-                let _ = c
-                    .execute(
-                        "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
-                         WHERE roname = $1",
-                        &[&format!("syncbridge_{pipeline}")],
-                    )
-                    .await;
-            }
-            for t in tables {
-                let _ = c.batch_execute(&format!("DROP TABLE IF EXISTS {t}")).await;
-            }
-        });
+            .unwrap()
+            .block_on(f);
     })
     .join();
 }

@@ -131,6 +131,7 @@ impl<L: EventLog + 'static> Processor<L> {
     pub(crate) async fn flush(&mut self) -> Result<(), ProcessError> {
         self.release_quiet().await?;
         if self.pending.is_empty() && self.pulls.is_empty() {
+            self.send_stats();
             return Ok(());
         }
         self.stats.flushes += 1;
@@ -166,6 +167,7 @@ impl<L: EventLog + 'static> Processor<L> {
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!(m::PUSH_PENDING_ROWS, "pipeline" => self.cfg.pipeline.name.clone())
             .set(self.pending.len() as f64);
+        self.send_stats();
         match transient {
             None => Ok(()),
             Some(msg) => Err(ProcessError::Graph(GraphError::Transient {

@@ -132,6 +132,8 @@ pub struct Processor<L: EventLog> {
     pub(crate) dlq_topic: String,
     pub(crate) failpoints: Failpoints,
     pub(crate) stats: ProcessorStats,
+    /// Where the counters are published after each flush (the stream run's heartbeat), if asked.
+    pub(crate) stats_tx: Option<tokio::sync::watch::Sender<ProcessorStats>>,
     /// The dead-letter guard and the dead letters of its open run, held back (see
     /// [`dead_letters`]).
     pub(crate) dead_guard: DeadLetterGuard,
@@ -233,9 +235,23 @@ impl<L: EventLog + 'static> Processor<L> {
             committed: BTreeMap::new(),
             people: HashMap::new(),
             stats: ProcessorStats::default(),
+            stats_tx: None,
             held: Vec::new(),
             held_at: None,
         })
+    }
+
+    /// Publishes the counters to `tx` after every flush, continuing from the value it holds (a
+    /// processor rebuilt after a pause keeps counting where the previous one stopped).
+    pub fn publish_stats(&mut self, tx: tokio::sync::watch::Sender<ProcessorStats>) {
+        self.stats = tx.borrow().clone();
+        self.stats_tx = Some(tx);
+    }
+
+    pub(crate) fn send_stats(&self) {
+        if let Some(tx) = &self.stats_tx {
+            tx.send_replace(self.stats.clone());
+        }
     }
 
     /// Ledger records replayed from the changelog when this processor opened.
@@ -320,6 +336,7 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         schemas.close();
+        self.send_stats();
         info!(pipeline = %name, stats = ?self.stats, "push processor stopped");
         Ok(self.stats)
     }

@@ -678,16 +678,17 @@ async fn kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
 /// The same on the stack's Kafka broker (issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
-    hard_timeout(240, crash_body(Log::Kafka)).await;
+    hard_timeout(360, crash_body(Log::Kafka)).await;
 }
 
 async fn crash_body(log: Log) {
     // On Kafka a restarted processor gets its partitions only once the killed member's session
-    // expired (`session.timeout.ms`, 6 s by default), so each run is up for longer than that and
+    // expired (`session.timeout.ms`, 6 s by default), and start-up joins two more groups (the
+    // schemas reader, the run-history projector), so each run is up for longer than that and
     // there are fewer of them (the failpoints need the processor to be flushing).
     let (iterations, up_ms) = match log {
         Log::Embedded => (21, 300..=2500),
-        Log::Kafka => (9, 9000..=12000),
+        Log::Kafka => (9, 14000..=18000),
     };
     const INITIAL_ROWS: i64 = 40;
     // Per flush; a run flushes every ~0.2 s while the writer runs, so an armed run usually
@@ -1049,6 +1050,7 @@ async fn orphan_body(log: Log) {
             },
         )
     };
+    let on_kafka = matches!(log, Log::Kafka);
     let mut fx = Fixture::new("orphan", &[row(1, "open"), row(2, "archived")], log).await;
     let t = fx.name.clone();
     let mut run = fx.spawn(None);
@@ -1079,6 +1081,14 @@ async fn orphan_body(log: Log) {
             "processor not started within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if on_kafka {
+        // "processor started" precedes the consumer groups' assignments and capture's first
+        // append (which reads the schemas topic back); on tansu, with 0 or 8 s here both updates
+        // below reached the processor in one flush (3 runs of 3), with 15 s in separate ones (2
+        // of 2). No write may signal readiness: the armed failpoint aborts after the first
+        // `$batch`. The precondition assertion below still catches a run that raced.
+        tokio::time::sleep(Duration::from_secs(15)).await;
     }
     fx.faults(serde_json::json!({ "latency_ms": 2500 })).await;
     fx.pg

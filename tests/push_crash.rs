@@ -1032,8 +1032,14 @@ async fn reverted_route_change_after_a_create_crash_leaves_no_orphan_item() {
     hard_timeout(90, orphan_body(Log::Embedded)).await;
 }
 
-/// The same on the stack's Kafka broker.
+/// The same on the stack's Kafka broker. Ignored in CI: the test needs the two updates, 0.9 s
+/// apart, to reach the processor in separate flushes, and on tansu the first events after a
+/// start arrive late and together (consumer-group joins, capture's schema read-back); with the
+/// failpoint armed no write can signal readiness. Passed 2 of 2 alone on a quiet machine, failed
+/// its precondition (both updates in one flush) in a full CI run (2026-12-07). Run it by hand:
+/// `cargo test --test push_crash kafka_reverted -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing-dependent on tansu: needs two updates 0.9 s apart in separate flushes"]
 async fn kafka_reverted_route_change_after_a_create_crash_leaves_no_orphan_item() {
     hard_timeout(150, orphan_body(Log::Kafka)).await;
 }

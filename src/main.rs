@@ -404,13 +404,9 @@ fn describe_conflict(v: &syncbridge::pull::ConflictView) -> String {
 fn resolve(file: &std::path::Path, id: &str, take: TakeArg, by: Option<String>) -> ExitCode {
     use syncbridge::control::client::{self, ClientError};
     use syncbridge::pull::Take;
-    let p = match config::load_files(&[file.to_path_buf()]) {
-        Ok(mut p) if p.len() == 1 => p.remove(0),
-        Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),
-        Err(report) => {
-            print_report(&report);
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+    let p = match load_one(file) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let take = match take {
         TakeArg::Source => Take::Source,
@@ -527,13 +523,9 @@ fn validate_db(files: &[PathBuf]) -> ExitCode {
 
 /// `snapshot FILE --table S.T`: asks the running process over its control plane.
 fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
-    let p = match config::load_files(&[file.to_path_buf()]) {
-        Ok(mut p) if p.len() == 1 => p.remove(0),
-        Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),
-        Err(report) => {
-            print_report(&report);
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+    let p = match load_one(file) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     if !p.sync.iter().any(|s| s.table.to_string() == table) {
         eprintln!(
@@ -563,13 +555,9 @@ fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
 }
 
 fn resume(file: &std::path::Path) -> ExitCode {
-    let p = match config::load_files(&[file.to_path_buf()]) {
-        Ok(mut p) if p.len() == 1 => p.remove(0),
-        Ok(_) => return ExitCode::from(EXIT_INVALID_CONFIG),
-        Err(report) => {
-            print_report(&report);
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+    let p = match load_one(file) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -601,6 +589,18 @@ fn resume(file: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// The one pipeline of `file`; its problems are printed and the exit code returned.
+fn load_one(file: &std::path::Path) -> Result<config::PipelineConfig, ExitCode> {
+    match config::load_files(&[file.to_path_buf()]) {
+        Ok(mut p) if p.len() == 1 => Ok(p.remove(0)),
+        Ok(_) => Err(ExitCode::from(EXIT_INVALID_CONFIG)),
+        Err(report) => {
+            print_report(&report);
+            Err(ExitCode::from(EXIT_INVALID_CONFIG))
         }
     }
 }

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 mod common;
+use common::kafka_brokers;
 #[path = "common/harness.rs"]
 mod harness;
 #[path = "common/registry.rs"]
@@ -31,15 +32,6 @@ mod registry;
 use registry::Registry;
 
 const PREFIX: &str = "sbreg";
-
-fn kafka_brokers() -> String {
-    std::env::var("KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| {
-            panic!("KAFKA_BROKERS is not set: `source /work/devenv.sh` or `eval \"$(ops/stack env)\"` first")
-        })
-}
 
 use harness::hard_timeout;
 

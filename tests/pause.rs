@@ -26,18 +26,10 @@ use syncbridge::event::change::{
 use syncbridge::log::{AnyLog, EventLog, KafkaLogConfig, LogConfig, Record};
 
 mod common;
+use common::kafka_brokers;
 #[path = "common/harness.rs"]
 mod harness;
 use harness::{Harness, hard_timeout};
-
-fn kafka_brokers() -> String {
-    std::env::var("KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| {
-            panic!("KAFKA_BROKERS is not set: run `eval \"$(ops/stack env)\"` first")
-        })
-}
 
 fn sync_entry(table: &str, list: &str, extra: &str) -> String {
     format!(

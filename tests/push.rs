@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use syncbridge::graph::ColumnDefinition;
 
 mod common;
+use common::kafka_brokers;
 #[path = "common/harness.rs"]
 mod harness;
 use harness::{BIN, Harness, hard_timeout, writes};
@@ -225,15 +226,6 @@ async fn a_list_that_does_not_match_the_mapping_fails_startup_naming_each_mismat
         assert_eq!(slots, 0);
     })
     .await;
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| {
-            panic!("KAFKA_BROKERS is not set: run `eval \"$(ops/stack env)\"` first")
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

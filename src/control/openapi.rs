@@ -36,6 +36,10 @@ use super::problem::{InvalidParam, Problem};
         super::resume,
         super::meta::api::list_runs,
         super::meta::api::get_run,
+        super::pipelines::list,
+        super::pipelines::one,
+        super::pipelines::dlq_list,
+        super::pipelines::dlq_replay,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam)),
     modifiers(&BearerSecurity)

@@ -304,7 +304,7 @@ async fn start_all(
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
-        registries.pipelines.register(PipelineHandle::new(
+        let handle = PipelineHandle::new(
             &p.name,
             log.clone(),
             topic_prefix(p),
@@ -313,11 +313,18 @@ async fn start_all(
             stats.clone(),
             usage.clone(),
             p.graph.ru_per_minute,
-        ));
+        );
+        registries.pipelines.register(handle.clone());
+        m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
+        // Ends with the processor's stop; the gauge keeps its last value.
+        tokio::spawn(crate::control::pipelines::export_lag(
+            handle,
+            process_stop.clone(),
+        ));
         let pollers_stop = CancellationToken::new();
         let capture_config = capture_config(p);
         capture_config

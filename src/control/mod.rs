@@ -35,6 +35,7 @@
 //! instead of after a snapshot has begun.
 
 pub mod auth;
+pub mod catalog;
 pub mod client;
 pub mod meta;
 pub mod openapi;
@@ -605,7 +606,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(run(
             listener,
-            router(registries, prometheus),
+            router(registries, prometheus).merge(catalog::routes(Vec::new())),
             Auth::new(&tokens),
             stop.clone(),
         ));

@@ -34,6 +34,9 @@ use super::problem::{InvalidParam, Problem};
         super::conflict_resolve,
         super::pause_status,
         super::resume,
+        super::catalog::get_inventory,
+        super::catalog::list_tables,
+        super::catalog::get_table,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam)),
     modifiers(&BearerSecurity)

@@ -117,8 +117,15 @@ async fn run() {
     );
     let file = h.pipeline(&h.embedded_log(), &sync);
     let app = format!("app-{s}");
+    // The run history in a database of its own: the shared one may carry meta-store
+    // migrations of other branches, which this binary would refuse.
+    let meta = common::TempDatabase::create("sbcat").await;
     let mut text = std::fs::read_to_string(&file).unwrap();
-    text.push_str(&format!("labels:\n  application: {app}\n  owner: team-x\n"));
+    assert!(text.ends_with('\n'), "control: is the file's last section");
+    text.push_str(&format!(
+        "  meta_url: {}\nlabels:\n  application: {app}\n  owner: team-x\n",
+        meta.url
+    ));
     std::fs::write(&file, text).unwrap();
     h.start(&file);
     h.wait_for("the pipeline to be ready", || async {

@@ -107,7 +107,7 @@ pub async fn database_catalog(
     }
     let publications: Vec<String> = readers.iter().map(|p| publication_name(&p.name)).collect();
     let (client, instance) = connect_any(database, &readers).await?;
-    let mut tables = introspect::describe(&client, filter, &publications)
+    let mut tables = describe_settled(&client, filter, &publications)
         .await
         .map_err(|source| CatalogError::Query {
             database: database.to_string(),
@@ -133,6 +133,41 @@ pub async fn database_catalog(
         publications,
         tables,
     })
+}
+
+/// Attempts at describing the tables while other sessions drop some of them.
+const DESCRIBE_ATTEMPTS: u32 = 3;
+
+/// [`introspect::describe`], again when a table vanished between its queries: the catalog
+/// functions (`pg_get_indexdef`, `format_type`, …) read the latest catalog, not the query's
+/// snapshot, and fail with "cache lookup failed" (XX000) or an undefined object on a relation
+/// dropped meanwhile. The next attempt no longer lists it.
+async fn describe_settled(
+    client: &Client,
+    filter: &Filter,
+    publications: &[String],
+) -> Result<Vec<CatalogTable>, tokio_postgres::Error> {
+    use tokio_postgres::error::SqlState;
+    let mut attempt = 1;
+    loop {
+        match introspect::describe(client, filter, publications).await {
+            Err(e)
+                if attempt < DESCRIBE_ATTEMPTS
+                    && matches!(
+                        e.code(),
+                        Some(
+                            &SqlState::INTERNAL_ERROR
+                                | &SqlState::UNDEFINED_TABLE
+                                | &SqlState::UNDEFINED_OBJECT
+                        )
+                    ) =>
+            {
+                tracing::debug!("catalog changed while it was read ({e}); reading it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// One table of `database`, or `None` when it has no such table.

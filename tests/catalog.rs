@@ -21,17 +21,7 @@ struct Schema(String);
 
 impl Drop for Schema {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        common::block_on_own_runtime(async move {
-            if let Ok((c, conn)) =
-                tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
-            {
-                tokio::spawn(conn);
-                let _ = c
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                    .await;
-            }
-        });
+        common::execute_best_effort(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
     }
 }
 

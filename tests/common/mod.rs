@@ -130,16 +130,21 @@ impl TempDatabase {
 
 impl Drop for TempDatabase {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        block_on_own_runtime(async move {
-            if let Ok((c, conn)) =
-                tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
-            {
-                tokio::spawn(conn);
-                let _ = c
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            }
-        });
+        execute_best_effort(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
+}
+
+/// Runs `sql` on the stack's database, ignoring failures; blocking, on a runtime of its own, so
+/// it is safe in `Drop` (clean-up of what a test created).
+pub fn execute_best_effort(sql: String) {
+    block_on_own_runtime(async move {
+        if let Ok((c, conn)) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            let _ = c.batch_execute(&sql).await;
+        }
+    });
 }

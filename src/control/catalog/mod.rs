@@ -319,6 +319,24 @@ fn database_param(database: &str) -> Result<(), ApiError> {
     check_name(database).map_err(|e| ApiError::bad_param("database", format!("database name {e}")))
 }
 
+/// The problems the catalog routes answer with (documentation only).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum CatalogProblems {
+    /// Malformed `database`, `schema` or `table`, or an unknown query parameter
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// No pipeline here reads that database, or it has no such table
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    /// A catalog query failed
+    #[response(status = 502, content_type = "application/problem+json")]
+    QueryFailed(Problem),
+    /// No instance of the database answers
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
+
 #[utoipa::path(get, path = "/inventory", tag = "catalog",
     responses((status = 200, description = "Applications → databases → instances → tables of the loaded pipelines", body = Inventory)))]
 pub(crate) async fn get_inventory(State(pipelines): State<Pipelines>) -> Response {
@@ -332,10 +350,7 @@ pub(crate) async fn get_inventory(State(pipelines): State<Pipelines>) -> Respons
     ),
     responses(
         (status = 200, description = "The database's tables as its catalog describes them", body = DatabaseCatalog),
-        (status = 400, description = "Malformed `database` or `schema`, or an unknown parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No pipeline here reads that database", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "A catalog query failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No instance of the database answers", body = Problem, content_type = "application/problem+json"),
+        CatalogProblems,
     ))]
 pub(crate) async fn list_tables(
     State(pipelines): State<Pipelines>,
@@ -365,10 +380,7 @@ pub(crate) async fn list_tables(
     ),
     responses(
         (status = 200, description = "The table as its catalog describes it", body = CatalogTable),
-        (status = 400, description = "Malformed `database` or `table`, or an unknown parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No pipeline here reads that database, or it has no such table", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "A catalog query failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No instance of the database answers", body = Problem, content_type = "application/problem+json"),
+        CatalogProblems,
     ))]
 pub(crate) async fn get_table(
     State(pipelines): State<Pipelines>,

@@ -561,10 +561,16 @@ fn catalog(
             eprintln!("error: --table {e}");
             return ExitCode::from(EXIT_USAGE);
         }
-        None => Filter {
-            schema,
-            table: None,
-        },
+        None => {
+            if let Some(Err(e)) = schema.as_deref().map(catalog::check_name) {
+                eprintln!("error: --schema {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            Filter {
+                schema,
+                table: None,
+            }
+        }
     };
     let mut found = false;
     let code = block_on(|_| async {

@@ -34,6 +34,8 @@ use super::problem::{InvalidParam, Problem};
         super::conflict_resolve,
         super::pause_status,
         super::resume,
+        super::meta::api::list_runs,
+        super::meta::api::get_run,
         super::catalog::get_inventory,
         super::catalog::list_tables,
         super::catalog::get_table,

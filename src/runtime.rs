@@ -25,6 +25,7 @@ use crate::config::{self, PipelineConfig};
 use crate::control::meta::{
     self, MetaError, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
 };
+use crate::control::pipelines::PipelineHandle;
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
@@ -156,13 +157,7 @@ pub async fn run(
     .await?;
     // Re-snapshot requests (→ capture), operator decisions on parked conflicts and resumes of
     // paused pipelines (→ processor): the control plane reaches each pipeline through these.
-    let registries = control::Registries {
-        readiness: Readiness::default(),
-        snapshots: control::SnapshotRegistry::default(),
-        conflicts: control::ConflictRegistry::default(),
-        pauses: control::PauseRegistry::default(),
-        meta: meta::MetaRegistry::default(),
-    };
+    let registries = control::Registries::default();
     let readiness = registries.readiness.clone();
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
@@ -310,6 +305,16 @@ async fn start_all(
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
+        registries.pipelines.register(PipelineHandle::new(
+            &p.name,
+            log.clone(),
+            topic_prefix(p),
+            processor.input_topics().to_vec(),
+            process::sync_group(topic_prefix(p), &p.name),
+            stats.clone(),
+            usage.clone(),
+            p.graph.ru_per_minute,
+        ));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();

@@ -170,7 +170,8 @@ pub async fn run(
     };
     let control_task = tokio::spawn(control::run(
         listener,
-        control::router(registries.clone(), prometheus),
+        control::router(registries.clone(), prometheus)
+            .merge(control::catalog::routes(pipelines.clone())),
         auth,
         control_stop.clone(),
     ));

@@ -23,6 +23,10 @@
 //! `kind`, `reason`, `at`, `since_ms`); `POST /pipelines/{name}/resume` restarts the processor from
 //! its committed offsets (200 with the pause it ended; 409 not paused; 404 unknown pipeline).
 //!
+//! Inventory and catalog ([`catalog`]): `GET /inventory` (applications → databases → instances →
+//! tables of the loaded pipelines) and `GET /catalog/{database}/tables[/{schema.table}]` (the
+//! source database's tables, keys, indexes, replica identity and publication membership).
+//!
 //! Access: every route except `/health`, `/ready`, `/metrics` and `/openapi.json` needs a bearer
 //! token of `control.tokens` ([`auth`]: 401 without or with an unknown one, 403 for a `read`
 //! token on a non-GET route). [`run`] applies the check to the whole router it is given, so
@@ -35,6 +39,7 @@
 //! instead of after a snapshot has begun.
 
 pub mod auth;
+pub mod catalog;
 pub mod client;
 pub mod meta;
 pub mod openapi;
@@ -609,7 +614,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(run(
             listener,
-            router(registries, prometheus),
+            router(registries, prometheus).merge(catalog::routes(Vec::new())),
             Auth::new(&tokens),
             stop.clone(),
         ));

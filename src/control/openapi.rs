@@ -40,6 +40,9 @@ use super::problem::{InvalidParam, Problem};
         super::pipelines::one,
         super::pipelines::dlq_list,
         super::pipelines::dlq_replay,
+        super::catalog::get_inventory,
+        super::catalog::list_tables,
+        super::catalog::get_table,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam)),
     modifiers(&BearerSecurity)

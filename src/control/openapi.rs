@@ -34,6 +34,7 @@ use super::problem::{InvalidParam, Problem};
         super::conflict_resolve,
         super::pause_status,
         super::resume,
+        super::meta::history::row_history,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam)),
     modifiers(&BearerSecurity)

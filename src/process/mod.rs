@@ -38,6 +38,7 @@
 //!   origin (the return path's applier) are skipped, and they cancel an older pending push of the
 //!   same row. Kept by `processor::coalesce` (`Processor::fold_own_write`).
 
+pub mod audit;
 pub mod convert;
 pub mod dlq;
 pub mod guard;
@@ -107,6 +108,9 @@ pub struct ProcessorConfig {
     pub flush_window: Duration,
     pub max_pending: usize,
     pub batch_concurrency: usize,
+    /// Record every decision in `<prefix>.<pipeline>.audit` ([`audit`]). On by default: the
+    /// control plane's row history reads it; off only to measure what it costs.
+    pub audit: bool,
 }
 
 impl ProcessorConfig {
@@ -124,6 +128,7 @@ impl ProcessorConfig {
             flush_window: DEFAULT_FLUSH_WINDOW,
             max_pending: DEFAULT_MAX_PENDING,
             batch_concurrency: DEFAULT_BATCH_CONCURRENCY,
+            audit: true,
         }
     }
 }

@@ -14,10 +14,16 @@ use super::{MetaError, SCHEMA, connect};
 /// The migrations, in order: `(file stem, SQL)`. Files are named `NNNN_<what>.sql`; refinery's
 /// own naming (`V<n>__<what>`) is derived from the stem. A unit test checks this list against
 /// the folder.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_runs",
-    include_str!("../../../migrations/0001_runs.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_runs",
+        include_str!("../../../migrations/0001_runs.sql"),
+    ),
+    (
+        "0002_audit",
+        include_str!("../../../migrations/0002_audit.sql"),
+    ),
+];
 
 /// Key of the advisory lock that serialises migration runs (any fixed number unique to us:
 /// "sbmeta" in ASCII).

@@ -77,6 +77,10 @@ pub enum RuntimeError {
     Empty,
 }
 
+/// Set (to anything) to run without the ledger audit trail (`crate::process::audit`): only for
+/// `ops/bench push`, which compares the push path with and without it. Row history stays empty.
+pub const NO_AUDIT_ENV: &str = "SYNCBRIDGE_BENCH_NO_AUDIT";
+
 /// Environment variable with extra librdkafka client properties (`k=v,k=v`).
 pub const KAFKA_PROPERTIES_ENV: &str = "SYNCBRIDGE_KAFKA_PROPERTIES";
 
@@ -626,12 +630,14 @@ async fn prepare_processor(
             Err(e) => return Err(e),
         }
     };
-    let config = ProcessorConfig::new(
+    let mut config = ProcessorConfig::new(
         p.clone(),
         topic_prefix(p),
         TABLE_TOPIC_PARTITIONS,
         state_dir(p),
     );
+    // Only `ops/bench push` turns it off, to print what the audit trail costs.
+    config.audit = std::env::var(NO_AUDIT_ENV).is_err();
     // One delta poller per list of every entry that pulls. A list this run created is empty, so
     // its poller starts from `token=latest`; an existing list is read in full once (items people
     // made before become rows; ours are recognised by the ledger) when no cursor is stored yet.

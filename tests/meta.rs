@@ -124,32 +124,28 @@ async fn migrations_are_idempotent_and_safe_when_started_concurrently() {
     .await;
 }
 
+/// The rows `select` (with `$1` = the pipeline) answers, each as its JSON object.
+async fn json_rows(meta: &Client, select: &str, pipeline: &str) -> Vec<Value> {
+    meta.query(select, &[&pipeline])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect()
+}
+
 /// The pipeline's runs as the meta-store holds them, oldest first, each as its full row.
 async fn runs(meta: &Client, pipeline: &str) -> Vec<Value> {
-    meta.query(
-        "SELECT row_to_json(r)::text FROM syncbridge_meta.runs r WHERE pipeline = $1 \
-         ORDER BY started_ms, run_id",
-        &[&pipeline],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
-    .collect()
+    let select = "SELECT row_to_json(r)::text FROM syncbridge_meta.runs r WHERE pipeline = $1 \
+                  ORDER BY started_ms, run_id";
+    json_rows(meta, select, pipeline).await
 }
 
 /// The pipeline's audit records as the meta-store holds them, in log order, each as its full row.
 async fn audit_rows(meta: &Client, pipeline: &str) -> Vec<Value> {
-    meta.query(
-        "SELECT row_to_json(a)::text FROM syncbridge_meta.audit a WHERE pipeline = $1 \
-         ORDER BY log_partition, log_offset",
-        &[&pipeline],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
-    .collect()
+    let select = "SELECT row_to_json(a)::text FROM syncbridge_meta.audit a WHERE pipeline = $1 \
+                  ORDER BY log_partition, log_offset";
+    json_rows(meta, select, pipeline).await
 }
 
 /// `GET <path>` on the process's control plane; `Err` while it is not listening.

@@ -116,16 +116,24 @@ impl<L: EventLog + 'static> Processor<L> {
         self.ledger.audit(r);
     }
 
-    /// Row `p` maps to what its item already holds: nothing written.
-    pub(super) fn audit_skip(&self, table: &str, p: &Pending, entry: &Entry) {
+    /// Row `p` maps to what its item already holds: nothing written. Returned, not buffered:
+    /// the stage buffers it after its intents are recorded, so the intents' commit (before any
+    /// write is sent) never waits for an audit append; a crash in between replays the same
+    /// decision.
+    pub(super) fn skip_record(
+        &self,
+        table: &str,
+        p: &Pending,
+        entry: &Entry,
+    ) -> Option<AuditRecord> {
         if !self.ledger.audits() {
-            return;
+            return None;
         }
         let mut r = self.push_record(AuditOp::SkipUnchanged, table, p);
         set_item(&mut r, entry.item.as_ref());
         r.hash = entry.hash.clone();
         r.etag = entry.etag.clone();
-        self.ledger.audit(r);
+        Some(r)
     }
 
     /// A dead letter, as appended to the dead-letter topic.

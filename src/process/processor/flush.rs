@@ -33,6 +33,7 @@ use super::{Op, Processor};
 use crate::graph::GraphError;
 use crate::log::{EventLog, LogConsumer};
 use crate::process::ProcessError;
+use crate::process::audit::AuditRecord;
 use crate::process::dlq::DeadLetter;
 use crate::process::ledger::Entry;
 use crate::telemetry::metrics as m;
@@ -56,6 +57,8 @@ pub(super) struct Stage {
     pub(super) dead_rows: usize,
     /// Ledger changes to make durable before any write is sent (intents, fields in flight).
     pub(super) intents: Vec<(Vec<u8>, Option<Entry>)>,
+    /// Audit records of the planning (skips), buffered once the intents are recorded.
+    pub(super) audit: Vec<AuditRecord>,
     /// The first retryable failure; reported once everything else is recorded.
     pub(super) transient: Option<String>,
     /// Rows whose write is not settled: they stay pending and their step is not recorded.
@@ -198,6 +201,9 @@ impl<L: EventLog + 'static> Processor<L> {
         self.ledger
             .commit(std::mem::take(&mut stage.intents))
             .await?;
+        for r in std::mem::take(&mut stage.audit) {
+            self.ledger.audit(r);
+        }
         self.failpoints.hit("push.after_intent");
         let mut round = 0;
         while !stage.ops.is_empty() && round < ROUNDS {

@@ -247,7 +247,7 @@ impl<L: EventLog + 'static> Processor<L> {
         if !uncertain && entry.hash.as_deref() == Some(hash.as_str()) {
             self.stats.skipped_ledger += 1;
             self.skip_metric("unchanged");
-            self.audit_skip(table, p, entry);
+            stage.audit.extend(self.skip_record(table, p, entry));
             if entry.pending_delete.is_none() {
                 stage.done.push(k.to_vec());
             }
@@ -262,7 +262,7 @@ impl<L: EventLog + 'static> Processor<L> {
         if fields.is_empty() {
             self.stats.skipped_ledger += 1;
             self.skip_metric("unchanged");
-            self.audit_skip(table, p, entry);
+            stage.audit.extend(self.skip_record(table, p, entry));
             if uncertain {
                 entry.in_flight.clear();
                 stage.intents.push((k.to_vec(), Some(entry.clone())));

@@ -9,7 +9,8 @@
 //!    with the [`ledger`] (same hash → no write) and writes the difference through Graph `$batch`
 //!    (creates, field-level PATCHes, deletes, moves), rate-limited by the tenant's RU limiter;
 //! 4. records the outcome in the ledger (sled + compacted changelog), dead-letters what cannot be
-//!    written ([`dlq`]), and only then commits the input offsets.
+//!    written ([`dlq`]), records each decision in the audit trail ([`audit`]: appended before
+//!    the ledger change it describes), and only then commits the input offsets.
 //!
 //! # Delivery contract
 //! Each promise is documented again, in more detail, next to the code that keeps it (the files

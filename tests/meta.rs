@@ -5,7 +5,8 @@
 //! and every audit record from the audit topic, equal to before. The ledger audit (issue 11,
 //! item 3): a moved row's history (`GET /pipelines/{p}/rows/{table}/{key}/history`) shows its
 //! capture LSN, log offset, the create in the new list and the delete in the old one, with the
-//! request ids the emulator logged for those writes.
+//! request ids the emulator logged for those writes; `control.audit_retention` prunes only the
+//! pipeline's older records, past several chunks.
 //!
 //! Needs `DATABASE_URL` (superuser: the tests create a database of their own, so dropping its
 //! schema cannot disturb other tests). A test FAILS (never skips) when it is unset.
@@ -662,6 +663,59 @@ async fn a_moved_rows_history_shows_its_lineage_with_the_emulators_request_ids()
             .await;
         assert!(projected >= 5.0, "projected {projected} audit records (canary + row 2)");
         h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_retention_prunes_only_the_pipelines_older_records_in_chunks() {
+    hard_timeout(120, async {
+        let db = MetaDatabase::create().await;
+        syncbridge::control::meta::migrate::migrate(&db.url)
+            .await
+            .unwrap();
+        let c = connect(&db.url).await;
+        let now = chrono::Utc::now().timestamp_millis();
+        let day = 86_400_000i64;
+        // More old records than two chunks, plus ones that must stay: newer, or another pipeline's.
+        let old = 2 * syncbridge::control::meta::projector::PRUNE_CHUNK + 7;
+        c.execute(
+            "INSERT INTO syncbridge_meta.audit (event_id, pipeline, table_name, row_key, operation, \
+             at_ms, log_partition, log_offset) \
+             SELECT gen_random_uuid(), p, 'public.t', g::text, 'create', at, 0, g \
+             FROM generate_series(1, $1::bigint) g, \
+             (VALUES ('p', $2::bigint), ('other', $2::bigint)) v(p, at) \
+             UNION ALL SELECT gen_random_uuid(), 'p', 'public.t', 'new', 'update', $3, 0, 0",
+            &[&old, &(now - 3 * day), &(now - day / 2)],
+        )
+        .await
+        .unwrap();
+        let meta = syncbridge::control::meta::MetaDb::new(&db.url);
+        let deleted = syncbridge::control::meta::projector::prune_audit(
+            &meta,
+            "p",
+            std::time::Duration::from_secs(86_400),
+            &syncbridge::log::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(deleted as i64, old);
+        let left: Vec<(String, String)> = c
+            .query(
+                "SELECT pipeline, row_key FROM syncbridge_meta.audit \
+                 WHERE pipeline = 'p' OR row_key = '1' ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            left,
+            [("other".into(), "1".into()), ("p".into(), "new".into())],
+            "the newer record and the other pipeline's stay"
+        );
     })
     .await;
 }

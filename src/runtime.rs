@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::capture::snapshot::FileProgress;
+use crate::capture::snapshot::{FileProgress, ObservedProgress};
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::meta::{
@@ -27,7 +27,7 @@ use crate::control::meta::{
 };
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
-use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
+use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, EventLog, KafkaLogConfig, LogError};
 use crate::process::guard::PauseHandle;
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
@@ -112,6 +112,8 @@ struct RunningPipeline {
     capture_stop: CancellationToken,
     /// `None` once the task has been awaited (by `first_failure`).
     capture: Option<JoinHandle<Result<(), CaptureError>>>,
+    /// Records capture's snapshot and re-snapshot runs; ends with capture.
+    capture_runs: JoinHandle<()>,
     process_stop: CancellationToken,
     /// The push processor; `None` once awaited.
     process: Option<JoinHandle<Result<ProcessorStats, ProcessError>>>,
@@ -122,6 +124,8 @@ struct RunningPipeline {
     stream_stop: CancellationToken,
     stream: Option<JoinHandle<RunRecorder<AnyLog>>>,
     stats: tokio::sync::watch::Receiver<ProcessorStats>,
+    /// What the pipeline's Graph client spent (all its processors, pollers included).
+    usage: Arc<GraphUsage>,
     /// The run projector of this pipeline's runs topic.
     projector_stop: CancellationToken,
     projector: Option<JoinHandle<Result<u64, MetaError>>>,
@@ -299,13 +303,13 @@ async fn start_all(
 
         // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
         // the lists fails the run before a slot is created.
-        let (mut processor, pollers) =
-            prepare_processor(p, log.clone(), &limiters)
-                .await
-                .map_err(|source| RuntimeError::Process {
-                    pipeline: p.name.clone(),
-                    source,
-                })?;
+        let usage = Arc::new(GraphUsage::default());
+        let (mut processor, pollers) = prepare_processor(p, log.clone(), &limiters, &usage)
+            .await
+            .map_err(|source| RuntimeError::Process {
+            pipeline: p.name.clone(),
+            source,
+        })?;
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
@@ -343,9 +347,13 @@ async fn start_all(
                     source,
                 })?;
         let stream_stop = CancellationToken::new();
+        let run_counts = {
+            let (stats, usage) = (stats.clone(), usage.clone());
+            move || RunCounts::of_stream(&stats.borrow(), usage.counts())
+        };
         let stream = tokio::spawn(meta::runs::stream_heartbeat(
             history.recorder,
-            stats.clone(),
+            run_counts,
             stream_stop.clone(),
             meta::runs::STREAM_UPDATE_INTERVAL,
         ));
@@ -356,8 +364,23 @@ async fn start_all(
             .map(|t| t.qualified())
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
+        let resnapshots = handle.subscribe();
         registries.snapshots.register(handle);
-        let progress = FileProgress::new(&capture_config.state_dir, &capture_config.slot_name);
+        let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
+            &capture_config.state_dir,
+            &capture_config.slot_name,
+        ));
+        // Stopped with capture, awaited right after it.
+        let capture_runs = tokio::spawn(meta::capture_runs::follow(
+            meta::capture_runs::CaptureRuns {
+                log: log.clone(),
+                topic: meta::runs_topic(topic_prefix(p), &p.name),
+                pipeline: p.name.clone(),
+            },
+            snapshots,
+            resnapshots,
+            capture_stop.clone(),
+        ));
         let capture = tokio::spawn(capture::run_with_control(
             capture_config,
             sink,
@@ -383,6 +406,7 @@ async fn start_all(
             log: log.clone(),
             capture_stop,
             capture: Some(capture),
+            capture_runs,
             process_stop,
             process: Some(tokio::spawn(supervise_processor(
                 processor,
@@ -393,6 +417,7 @@ async fn start_all(
                     registries: registries.clone(),
                     pause,
                     stats: stats_tx,
+                    usage: usage.clone(),
                 },
                 process_stop_run,
             ))),
@@ -401,6 +426,7 @@ async fn start_all(
             stream_stop,
             stream: Some(stream),
             stats,
+            usage,
             projector_stop: history.projector_stop,
             projector: Some(history.projector),
             failure: None,
@@ -419,6 +445,7 @@ struct Supervision {
     pause: PauseHandle,
     /// The stream run's counters (a rebuilt processor continues them).
     stats: tokio::sync::watch::Sender<ProcessorStats>,
+    usage: Arc<GraphUsage>,
 }
 
 /// Runs the processor; when it pauses itself ([`ProcessError::Paused`]: a dead-letter storm, a
@@ -457,7 +484,7 @@ async fn supervise_processor(
         metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => kind).set(0.0);
         info!(pipeline = %name, "resumed by the operator: restarting the processor from its committed offsets");
         processor = loop {
-            match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters).await {
+            match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters, &s.usage).await {
                 // The pollers of the first start keep running; only the processor is new.
                 Ok((p, _pollers)) => break p,
                 Err(e) if e.is_retryable() => {
@@ -600,6 +627,7 @@ async fn prepare_processor(
     p: &PipelineConfig,
     log: Arc<AnyLog>,
     limiters: &LimiterRegistry,
+    usage: &Arc<GraphUsage>,
 ) -> Result<(Processor<AnyLog>, Vec<(PollerConfig, Arc<GraphClient>)>), ProcessError> {
     let mut graph = GraphClientConfig::from(&p.graph);
     if !p.sync.iter().any(|e| e.pull.enabled) {
@@ -607,7 +635,7 @@ async fn prepare_processor(
         // first pipeline of a tenant sets its limiter; pipelines sharing a tenant share it.)
         graph.limiter.delta_reserve = 0.0;
     }
-    let client = GraphClient::new(graph, limiters)?;
+    let client = GraphClient::counted(graph, limiters, usage.clone())?;
     let mut attempt = 0;
     let (targets, facts) = loop {
         attempt += 1;
@@ -733,6 +761,9 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
                 Err(join) => warn!(pipeline = %p.name, "capture task: {join}"),
             }
         }
+        if let Err(join) = p.capture_runs.await {
+            warn!(pipeline = %p.name, "capture runs task: {join}");
+        }
         readiness.set(&p.name, "capture", false);
         // Then the pollers (the other input of the processor).
         p.pollers_stop.cancel();
@@ -764,7 +795,7 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
             }
         }
         // Then the run history, which reads the processor's final counts.
-        let counts = RunCounts::from(&*p.stats.borrow());
+        let counts = RunCounts::of_stream(&p.stats.borrow(), p.usage.counts());
         finish_history(
             &p.name,
             p.stream_stop,

@@ -34,6 +34,8 @@ use super::problem::{InvalidParam, Problem};
         super::conflict_resolve,
         super::pause_status,
         super::resume,
+        super::meta::api::list_runs,
+        super::meta::api::get_run,
         super::meta::history::row_history,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam)),

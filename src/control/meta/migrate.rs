@@ -20,8 +20,12 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/0001_runs.sql"),
     ),
     (
-        "0002_audit",
-        include_str!("../../../migrations/0002_audit.sql"),
+        "0002_run_subject",
+        include_str!("../../../migrations/0002_run_subject.sql"),
+    ),
+    (
+        "0003_audit",
+        include_str!("../../../migrations/0003_audit.sql"),
     ),
 ];
 

@@ -13,6 +13,7 @@
 //! `GET /pipelines/{name}/rows/{table}/{key}/history`.
 
 pub mod api;
+pub mod capture_runs;
 pub mod history;
 pub mod migrate;
 pub mod projector;

@@ -23,6 +23,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_run_subject",
         include_str!("../../../migrations/0002_run_subject.sql"),
     ),
+    (
+        "0003_audit",
+        include_str!("../../../migrations/0003_audit.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migration runs (any fixed number unique to us:

@@ -41,7 +41,7 @@ fn graph_config(base: &str, client_id: &str, secret: &str) -> GraphConfig {
             .unwrap(),
         tenant: emulator::DEFAULT_TENANT.into(),
         client_id: client_id.into(),
-        client_secret: Secret::new(secret),
+        credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(secret)),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: 1_250,
     }

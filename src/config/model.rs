@@ -328,10 +328,35 @@ pub struct GraphConfig {
     pub token_url: Url,
     pub tenant: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// Shown as the file's key (`client_secret` or `client_certificate`).
+    #[serde(flatten)]
+    pub credential: GraphCredential,
     /// `hostname:/server-relative-path` (or a bare hostname for the root site).
     pub site: String,
     pub ru_per_minute: u32,
+}
+
+impl GraphConfig {
+    /// The client secret, when the app signs in with one.
+    pub fn client_secret(&self) -> Option<&Secret> {
+        match &self.credential {
+            GraphCredential::ClientSecret(s) => Some(s),
+            GraphCredential::ClientCertificate { .. } => None,
+        }
+    }
+}
+
+/// How the app signs in (graph.client_secret or graph.client_certificate).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraphCredential {
+    ClientSecret(Secret),
+    ClientCertificate {
+        /// PEM certificate file.
+        cert: PathBuf,
+        /// The RSA private key: a PEM file's path, or the PEM itself (from `${ENV}`).
+        key: Secret,
+    },
 }
 
 /// A schema-qualified table name.

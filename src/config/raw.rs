@@ -143,8 +143,13 @@ pub struct GraphFile {
     pub tenant: Sp<String>,
     /// Application (client) id: a GUID.
     pub client_id: Sp<String>,
-    /// Client secret; write `${GRAPH_CLIENT_SECRET}` rather than the value.
-    pub client_secret: Sp<Secret>,
+    /// Client secret; write `${GRAPH_CLIENT_SECRET}` rather than the value. Exactly one of
+    /// `client_secret` and `client_certificate`.
+    #[serde(default)]
+    pub client_secret: Option<Sp<Secret>>,
+    /// A certificate registered for the app (for tenants that allow certificate sign-in only).
+    #[serde(default)]
+    pub client_certificate: Option<CertificateFile>,
     /// `hostname:/server-relative-path`, e.g. `contoso.sharepoint.com:/sites/ops`.
     pub site: Sp<String>,
     /// Resource units per minute of the tenant's licence tier; default 1250.
@@ -152,12 +157,24 @@ pub struct GraphFile {
     #[schemars(range(min = 1, max = 4294967295u64))]
     pub ru_per_minute: Option<Sp<u64>>,
 }
+/// The app's certificate credential.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    /// Path of the PEM certificate (`-----BEGIN CERTIFICATE-----`) registered for the app.
+    pub cert: Sp<String>,
+    /// The RSA private key: a PEM file's path, or the PEM itself from `${ENV}`.
+    pub key: Sp<Secret>,
+}
+pub const CERTIFICATE_KEYS: &[&str] = &["cert", "key"];
+
 pub const GRAPH_KEYS: &[&str] = &[
     "base_url",
     "token_url",
     "tenant",
     "client_id",
     "client_secret",
+    "client_certificate",
     "site",
     "ru_per_minute",
 ];
@@ -771,9 +788,23 @@ impl Reader {
         let token_url = opt(self, "token_url");
         let tenant = req(self, "tenant");
         let client_id = req(self, "client_id");
-        let client_secret = self
-            .required(&m, "client_secret")
+        let client_secret = m
+            .get("client_secret")
             .and_then(|n| self.secret(n, &m.child("client_secret")));
+        let client_certificate = m
+            .get("client_certificate")
+            .and_then(|n| self.certificate(n, &m.child("client_certificate")));
+        match (m.get("client_secret"), m.get("client_certificate")) {
+            (None, None) => self.err(
+                m.loc,
+                "missing `client_secret` or `client_certificate` in `graph` (give one)",
+            ),
+            (Some(_), Some(c)) => self.err(
+                c.loc,
+                "`graph.client_secret` and `graph.client_certificate` exclude each other: keep one",
+            ),
+            _ => {}
+        }
         let site = req(self, "site");
         let ru_per_minute = m
             .get("ru_per_minute")
@@ -783,9 +814,24 @@ impl Reader {
             token_url,
             tenant: tenant?,
             client_id: client_id?,
-            client_secret: client_secret?,
+            client_secret,
+            client_certificate,
             site: site?,
             ru_per_minute,
+        })
+    }
+
+    fn certificate(&mut self, node: &Node, path: &str) -> Option<CertificateFile> {
+        let m = self.map(node, path, CERTIFICATE_KEYS)?;
+        let cert = self
+            .required(&m, "cert")
+            .and_then(|n| self.string(n, &m.child("cert")));
+        let key = self
+            .required(&m, "key")
+            .and_then(|n| self.secret(n, &m.child("key")));
+        Some(CertificateFile {
+            cert: cert?,
+            key: key?,
         })
     }
 

@@ -496,3 +496,60 @@ fn audit_retention_defaults_to_30_days_parses_units_and_names_bad_values() {
         );
     }
 }
+
+#[test]
+fn graph_signs_in_with_exactly_one_of_a_secret_and_a_certificate() {
+    let base = with_on_delete("delete");
+    let cert = "  client_certificate:\n    cert: /etc/sb/app.pem\n    key: ${APP_KEY}\n";
+    // A certificate instead of the secret: paths kept, the key (here PEM text) redacted.
+    let text = base.replace("  client_secret: s\n", cert);
+    let env = |v: &str| (v == "APP_KEY").then(|| "-----BEGIN PRIVATE KEY-----\nabc".to_string());
+    let c = load_str("t.yaml", &text, &env).unwrap_or_else(|r| panic!("{r}"));
+    match &c.graph.credential {
+        GraphCredential::ClientCertificate { cert, key } => {
+            assert_eq!(cert, &PathBuf::from("/etc/sb/app.pem"));
+            assert!(key.expose().starts_with("-----BEGIN PRIVATE KEY-----"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.graph.client_secret().is_none());
+    let view = serde_json::to_string(&c).unwrap();
+    assert!(
+        view.contains("/etc/sb/app.pem") && !view.contains("PRIVATE"),
+        "{view}"
+    );
+    // Both, or neither: one problem each, at the right place.
+    let both = base.replace(
+        "  client_secret: s\n",
+        &format!(
+            "  client_secret: s\n{}",
+            cert.replace("${APP_KEY}", "/etc/sb/app.key")
+        ),
+    );
+    let got = all_problems(&both);
+    assert_eq!(
+        got,
+        [
+            "t.yaml:10:5: `graph.client_secret` and `graph.client_certificate` exclude each other: keep one"
+        ],
+        "{got:#?}"
+    );
+    let neither = base.replace("  client_secret: s\n", "");
+    let got = all_problems(&neither);
+    assert!(
+        got.len() == 1
+            && got[0].contains("missing `client_secret` or `client_certificate` in `graph`"),
+        "{got:#?}"
+    );
+    // A certificate without its key, and an empty cert path.
+    let partial = base.replace(
+        "  client_secret: s\n",
+        "  client_certificate: { cert: '' }\n",
+    );
+    let got = all_problems(&partial);
+    assert!(
+        got.iter()
+            .any(|p| p.contains("missing required key `key` in `graph.client_certificate`")),
+        "{got:#?}"
+    );
+}

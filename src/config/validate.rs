@@ -459,10 +459,7 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
             "`graph.client_id` must be the application (client) id, a GUID".into(),
         ));
     }
-    if g.client_secret.value.expose().is_empty() {
-        r.issues
-            .push((g.client_secret.loc, "`graph.client_secret` is empty".into()));
-    }
+    let credential = credential(r, g);
     let site = g.site.value.trim().to_owned();
     let (host, path) = site
         .split_once(":/")
@@ -499,9 +496,38 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
         token_url: token_url?,
         tenant,
         client_id,
-        client_secret: g.client_secret.value.clone(),
+        credential: credential?,
         site,
         ru_per_minute,
+    })
+}
+
+/// The sign-in credential (the parser made sure there is exactly one).
+fn credential(r: &mut Reader, g: &GraphFile) -> Option<GraphCredential> {
+    let empty = |r: &mut Reader, loc: Loc, what: &str| {
+        r.issues.push((loc, format!("`graph.{what}` is empty")));
+    };
+    if let Some(s) = &g.client_secret {
+        if s.value.expose().is_empty() {
+            empty(r, s.loc, "client_secret");
+            return None;
+        }
+        return Some(GraphCredential::ClientSecret(s.value.clone()));
+    }
+    let c = g.client_certificate.as_ref()?;
+    let cert = c.cert.value.trim();
+    if cert.is_empty() {
+        empty(r, c.cert.loc, "client_certificate.cert");
+    }
+    if c.key.value.expose().trim().is_empty() {
+        empty(r, c.key.loc, "client_certificate.key");
+    }
+    if cert.is_empty() || c.key.value.expose().trim().is_empty() {
+        return None;
+    }
+    Some(GraphCredential::ClientCertificate {
+        cert: PathBuf::from(cert),
+        key: c.key.value.clone(),
     })
 }
 

@@ -29,6 +29,14 @@ struct Cli {
 // Parsed once at start-up: the size of the emulator's arguments does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout, e.g.
+    /// `syncbridge completions bash > /etc/bash_completion.d/syncbridge`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, e.g. `syncbridge man > syncbridge.1`.
+    Man,
     /// Run one or more pipelines until SIGINT/SIGTERM, then drain in pipeline order and exit 0.
     Run {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
@@ -56,8 +64,8 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Dead letters of a pipeline: rows the push path could not write, with the reason.
-    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
+    /// Dead letters of a pipeline: rows the push path could not write, with the reason. Asks
+    /// the running process (at control.listen); when none runs the pipeline, reads its log.
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
@@ -231,6 +239,24 @@ fn main() -> ExitCode {
             })
         }
         Command::Dlq { action } => dlq(action),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Into a buffer: clap_complete panics on a write error (e.g. a closed pipe).
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "syncbridge", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_bytes(&out),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::Catalog {
             files,
             database,
@@ -811,4 +837,17 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received: draining"),
     }
     shutdown.cancel();
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }

@@ -8,56 +8,13 @@
 //! schema cannot disturb other tests). A test FAILS (never skips) when it is unset.
 
 use serde_json::Value;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 mod common;
 #[path = "common/harness.rs"]
 mod harness;
-use common::database_url;
+use common::{MetaDatabase, connect};
 use harness::{Harness, hard_timeout};
-
-/// A database of its own for one test's meta-store; dropped on drop.
-struct MetaDatabase {
-    name: String,
-    url: String,
-}
-
-impl MetaDatabase {
-    async fn create() -> MetaDatabase {
-        let name = format!("sbmeta_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let admin = connect(&database_url()).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let mut url: url::Url = database_url().parse().unwrap();
-        url.set_path(&format!("/{name}"));
-        MetaDatabase {
-            name,
-            url: url.to_string(),
-        }
-    }
-}
-
-impl Drop for MetaDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        common::block_on_own_runtime(async move {
-            if let Ok((c, conn)) = tokio_postgres::connect(&database_url(), NoTls).await {
-                tokio::spawn(conn);
-                let _ = c
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            }
-        });
-    }
-}
-
-async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_and_safe_when_started_concurrently() {

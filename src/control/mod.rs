@@ -23,6 +23,9 @@
 //! `kind`, `reason`, `at`, `since_ms`); `POST /pipelines/{name}/resume` restarts the processor from
 //! its committed offsets (200 with the pause it ended; 409 not paused; 404 unknown pipeline).
 //!
+//! Cursors: `GET /pipelines/{name}/cursors` and `POST /pipelines/{name}/cursors/reset` (with a dry
+//! run) are in [`cursors`], with their own state, merged into [`router`].
+//!
 //! Access: every route except `/health`, `/ready`, `/metrics` and `/openapi.json` needs a bearer
 //! token of `control.tokens` ([`auth`]: 401 without or with an unknown one, 403 for a `read`
 //! token on a non-GET route). [`run`] applies the check to the whole router it is given, so
@@ -36,6 +39,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cursors;
 pub mod meta;
 pub mod openapi;
 pub mod problem;
@@ -237,6 +241,8 @@ pub struct Registries {
     pub pauses: PauseRegistry,
     /// The meta-stores (run history) of the running pipelines.
     pub meta: meta::MetaRegistry,
+    /// The cursors (slot, consumer groups, delta links) of the running pipelines.
+    pub cursors: cursors::CursorRegistry,
 }
 
 #[derive(Clone)]
@@ -281,6 +287,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         conflicts,
         pauses,
         meta,
+        cursors,
     } = registries;
     Router::new()
         .route("/health", get(health))
@@ -308,6 +315,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
             pauses,
         })
         .merge(meta::routes(meta))
+        .merge(cursors::routes(cursors))
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until
@@ -591,6 +599,7 @@ mod tests {
             conflicts: ConflictRegistry::default(),
             pauses: PauseRegistry::default(),
             meta: meta::MetaRegistry::default(),
+            cursors: cursors::CursorRegistry::default(),
         };
         let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()

@@ -34,8 +34,10 @@ use super::problem::{InvalidParam, Problem};
         super::conflict_resolve,
         super::pause_status,
         super::resume,
+        super::cursors::cursors,
+        super::cursors::reset,
     ),
-    components(schemas(Problem, InvalidParam, super::TakeParam)),
+    components(schemas(Problem, InvalidParam, super::TakeParam, super::cursors::ResetBody)),
     modifiers(&BearerSecurity)
 )]
 struct ApiDoc;

@@ -659,6 +659,90 @@ impl EventLog for KafkaLog {
         })
         .await
     }
+
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        let n = self.partition_count(topic).await?;
+        let physical = self.inner.cfg.physical_name(topic);
+        let admin = self.inner.admin.clone();
+        let timeout = self.inner.cfg.request_timeout;
+        blocking(move || {
+            (0..n)
+                .map(|p| {
+                    let (low, _high) = admin.inner().fetch_watermarks(&physical, p, timeout)?;
+                    Ok(low)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
+        let n = self.partition_count(topic).await?;
+        let ends = self.end_offsets(topic).await?;
+        let cfg = self.inner.cfg.clone();
+        let physical = cfg.physical_name(topic);
+        blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..n {
+                tpl.add_partition_offset(&physical, p, Offset::Offset(timestamp_ms))?;
+            }
+            // A client of no group: ListOffsets needs none.
+            let c: BaseConsumer = cfg.client_config().create()?;
+            let res = c.offsets_for_times(tpl, cfg.request_timeout);
+            close_detached(c);
+            let mut out = ends;
+            for e in res?.elements() {
+                let slot = usize::try_from(e.partition())
+                    .ok()
+                    .and_then(|p| out.get_mut(p));
+                // `End` (no record that late) keeps the end offset.
+                if let (Some(slot), Offset::Offset(o)) = (slot, e.offset()) {
+                    *slot = o;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> Result<(), LogError> {
+        validate_group(group)?;
+        let cfg = self.inner.cfg.clone();
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), offset) in positions {
+            let n = self.partition_count(topic).await?;
+            if *p < 0 || *p >= n || *offset < 0 {
+                return Err(LogError::InvalidArgument(format!(
+                    "bad position {topic}/{p}@{offset}"
+                )));
+            }
+            tpl.add_partition_offset(&cfg.physical_topic(topic)?, *p, Offset::Offset(*offset))?;
+        }
+        let logical = group.to_owned();
+        let group = cfg.physical_name(group);
+        blocking(move || {
+            let mut cc = cfg.client_config();
+            cc.set("group.id", &group)
+                .set("enable.auto.commit", "false");
+            let c: BaseConsumer = cc.create()?;
+            // A member of the group would overwrite the positions with its next commit.
+            let live = c
+                .fetch_group_list(Some(&group), cfg.request_timeout)
+                .map(|list| list.groups().iter().any(|g| !g.members().is_empty()));
+            let result = match live {
+                Ok(true) => Err(LogError::GroupBusy(logical)),
+                // Not every broker lists groups (tansu): the commit itself is then the check.
+                Ok(false) | Err(_) => c.commit(&tpl, CommitMode::Sync).map_err(LogError::from),
+            };
+            close_detached(c);
+            result
+        })
+        .await
+    }
 }
 
 /// A member of a Kafka consumer group.

@@ -41,6 +41,7 @@
 pub mod convert;
 pub mod dlq;
 pub mod guard;
+pub mod hold;
 pub mod ledger;
 pub(crate) mod processor;
 pub mod provision;

@@ -108,12 +108,13 @@ async fn list_runs(
             );
         }
     };
+    let kinds: Vec<&str> = super::RunKind::ALL.iter().map(|k| k.as_str()).collect();
     if let Some(k) = q.get("kind")
-        && !["stream", "dlq_replay"].contains(&k.as_str())
+        && !kinds.contains(&k.as_str())
     {
         return problem(
             StatusCode::BAD_REQUEST,
-            "`kind` must be one of stream, dlq_replay".into(),
+            format!("`kind` must be one of {}", kinds.join(", ")),
         );
     }
     if let Some(s) = q.get("status")

@@ -628,50 +628,31 @@ fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
 }
 
 fn resume(file: &std::path::Path) -> ExitCode {
-    let p = match load_one(file) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    use syncbridge::control::client::{self, ClientError};
-    match rt.block_on(client::resume(p.control.listen, &p.name)) {
-        Ok(body) => {
+    use syncbridge::control::client;
+    // 409: not paused.
+    api_call(
+        file,
+        409,
+        |addr, name| async move { client::resume(addr, &name).await },
+        |name, body| {
             let pause = &body["pause"];
             println!(
-                "pipeline {} resumed (it was paused: {} {})",
-                p.name,
+                "pipeline {name} resumed (it was paused: {} {})",
                 pause["kind"].as_str().unwrap_or("?"),
                 pause["reason"].as_str().unwrap_or("")
             );
-            ExitCode::SUCCESS
-        }
-        Err(ClientError::Refused {
-            status: 409,
-            message,
-            ..
-        }) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
+        },
+    )
 }
 
-/// Runs one control-plane call for the pipeline of `file`; `show` prints its answer. HTTP 400
-/// (a bad target) exits 2, any other failure 3.
+/// Runs one control-plane call for the pipeline of `file`; `show` prints its answer (given the
+/// pipeline's name). The HTTP status `usage` (the request did not fit: a bad target, a pipeline
+/// not paused) exits 2, any other failure 3.
 fn api_call<F, Fut>(
     file: &std::path::Path,
+    usage: u16,
     call: F,
-    show: impl FnOnce(&serde_json::Value),
+    show: impl FnOnce(&str, &serde_json::Value),
 ) -> ExitCode
 where
     F: FnOnce(std::net::SocketAddr, String) -> Fut,
@@ -693,14 +674,12 @@ where
     use syncbridge::control::client::ClientError;
     match rt.block_on(call(p.control.listen, p.name.clone())) {
         Ok(body) => {
-            show(&body);
+            show(&p.name, &body);
             ExitCode::SUCCESS
         }
         Err(ClientError::Refused {
-            status: 400,
-            message,
-            ..
-        }) => {
+            status, message, ..
+        }) if status == usage => {
             eprintln!("error: {message}");
             ExitCode::from(EXIT_USAGE)
         }
@@ -716,8 +695,9 @@ fn cursors(file: &std::path::Path, json: bool) -> ExitCode {
     use syncbridge::control::client;
     api_call(
         file,
+        400,
         |addr, name| async move { client::cursors(addr, &name).await },
-        |body| {
+        |_, body| {
             if json {
                 println!("{body:#}");
             } else {
@@ -758,8 +738,9 @@ fn cursors_reset(action: CursorsAction) -> ExitCode {
     }
     api_call(
         &file,
+        400,
         |addr, name| async move { client::reset_cursor(addr, &name, &body).await },
-        |answer| {
+        |_, answer| {
             if json {
                 println!("{answer:#}");
             } else {

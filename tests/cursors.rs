@@ -126,6 +126,15 @@ fn committed(cursors: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The processor's group is where `before` had it.
+async fn assert_unmoved(api: &Api, pipeline: &str, before: &Value, why: &str) {
+    let now = api
+        .try_get(&format!("/pipelines/{pipeline}/cursors"))
+        .await
+        .unwrap();
+    assert_eq!(committed(&now), committed(before), "{why}");
+}
+
 /// Records the processor consumed from the table topic, and change events it processed.
 async fn consumed(h: &Harness, topic: &str) -> (f64, f64) {
     (
@@ -261,15 +270,7 @@ async fn reset_rereads_what_the_dry_run_said(
     assert_eq!(dry["events_skipped"], 0);
     assert_eq!(dry["ru"], reread * 2, "one write per re-read event at most");
     assert!(dry["minutes"].as_f64().unwrap() > 0.0, "{dry:#}");
-    let unchanged = api
-        .try_get(&format!("/pipelines/{name}/cursors"))
-        .await
-        .unwrap();
-    assert_eq!(
-        committed(&unchanged),
-        committed(&before),
-        "a dry run moves nothing"
-    );
+    assert_unmoved(&api, &name, &before, "a dry run moves nothing").await;
 
     // Bad targets: 400 naming the field, and still nothing moved.
     for (body, field) in [
@@ -315,15 +316,7 @@ async fn reset_rereads_what_the_dry_run_said(
         slot_dry["slot"]["skipped_bytes"].as_u64().is_some(),
         "{slot_dry:#}"
     );
-    let unchanged = api
-        .try_get(&format!("/pipelines/{name}/cursors"))
-        .await
-        .unwrap();
-    assert_eq!(
-        committed(&unchanged),
-        committed(&before),
-        "refusals move nothing"
-    );
+    assert_unmoved(&api, &name, &before, "refusals move nothing").await;
 
     // The real reset: the same figures, measured when the offsets moved.
     let (status, real) = api.reset(&name, target).await;

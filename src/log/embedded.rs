@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 use super::topic_file::{FrameBuf, TopicFile};
 use super::{
     CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError, Record,
-    TopicSpec, codec, partition_for, validate_group, validate_spec, validate_topic_name,
+    TopicSpec, codec, partition_for, validate_group, validate_position, validate_spec,
+    validate_topic_name,
 };
 use crate::telemetry::metrics as m;
 
@@ -522,12 +523,7 @@ impl EventLog for EmbeddedLog {
     ) -> Result<(), LogError> {
         validate_group(group)?;
         for ((topic, p), offset) in positions {
-            let t = self.topic(topic)?;
-            if *p < 0 || *p >= t.partitions || *offset < 0 {
-                return Err(LogError::InvalidArgument(format!(
-                    "bad position {topic}/{p}@{offset}"
-                )));
-            }
+            validate_position(topic, *p, self.topic(topic)?.partitions, *offset)?;
         }
         // Held like a consumer while writing, so none can start in between.
         let _held = GroupHold::take(&self.inner, group)?;

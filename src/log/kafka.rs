@@ -57,8 +57,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
-    MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_spec,
-    validate_topic_name,
+    MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_position,
+    validate_spec, validate_topic_name,
 };
 use crate::telemetry::metrics as m;
 
@@ -415,6 +415,24 @@ impl KafkaLog {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `pick` of the `(low, high)` watermarks of each partition of `topic`, indexed by partition.
+    async fn watermarks(
+        &self,
+        topic: &str,
+        pick: fn((i64, i64)) -> i64,
+    ) -> Result<Vec<i64>, LogError> {
+        let n = self.partition_count(topic).await?;
+        let physical = self.inner.cfg.physical_name(topic);
+        let admin = self.inner.admin.clone();
+        let timeout = self.inner.cfg.request_timeout;
+        blocking(move || {
+            (0..n)
+                .map(|p| Ok(pick(admin.inner().fetch_watermarks(&physical, p, timeout)?)))
+                .collect()
+        })
+        .await
+    }
+
     /// Enqueues every record in input order, then waits for all acknowledgements.
     async fn produce(
         &self,
@@ -645,35 +663,11 @@ impl EventLog for KafkaLog {
     }
 
     async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
-        let n = self.partition_count(topic).await?;
-        let physical = self.inner.cfg.physical_name(topic);
-        let admin = self.inner.admin.clone();
-        let timeout = self.inner.cfg.request_timeout;
-        blocking(move || {
-            (0..n)
-                .map(|p| {
-                    let (_low, high) = admin.inner().fetch_watermarks(&physical, p, timeout)?;
-                    Ok(high)
-                })
-                .collect()
-        })
-        .await
+        self.watermarks(topic, |(_, high)| high).await
     }
 
     async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
-        let n = self.partition_count(topic).await?;
-        let physical = self.inner.cfg.physical_name(topic);
-        let admin = self.inner.admin.clone();
-        let timeout = self.inner.cfg.request_timeout;
-        blocking(move || {
-            (0..n)
-                .map(|p| {
-                    let (low, _high) = admin.inner().fetch_watermarks(&physical, p, timeout)?;
-                    Ok(low)
-                })
-                .collect()
-        })
-        .await
+        self.watermarks(topic, |(low, _)| low).await
     }
 
     async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
@@ -714,12 +708,7 @@ impl EventLog for KafkaLog {
         let cfg = self.inner.cfg.clone();
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), offset) in positions {
-            let n = self.partition_count(topic).await?;
-            if *p < 0 || *p >= n || *offset < 0 {
-                return Err(LogError::InvalidArgument(format!(
-                    "bad position {topic}/{p}@{offset}"
-                )));
-            }
+            validate_position(topic, *p, self.partition_count(topic).await?, *offset)?;
             tpl.add_partition_offset(&cfg.physical_topic(topic)?, *p, Offset::Offset(*offset))?;
         }
         let logical = group.to_owned();
@@ -735,8 +724,16 @@ impl EventLog for KafkaLog {
                 .map(|list| list.groups().iter().any(|g| !g.members().is_empty()));
             let result = match live {
                 Ok(true) => Err(LogError::GroupBusy(logical)),
-                // Not every broker lists groups (tansu): the commit itself is then the check.
-                Ok(false) | Err(_) => c.commit(&tpl, CommitMode::Sync).map_err(LogError::from),
+                // Not every broker lists groups (tansu): the commit itself is then the check, as
+                // a broker refuses a commit from outside a group that has members.
+                Ok(false) | Err(_) => match c.commit(&tpl, CommitMode::Sync) {
+                    Err(KafkaError::ConsumerCommit(
+                        RDKafkaErrorCode::UnknownMemberId
+                        | RDKafkaErrorCode::IllegalGeneration
+                        | RDKafkaErrorCode::RebalanceInProgress,
+                    )) => Err(LogError::GroupBusy(logical)),
+                    other => other.map_err(LogError::from),
+                },
             };
             close_detached(c);
             result

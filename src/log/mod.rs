@@ -437,6 +437,21 @@ fn validate_spec(spec: &TopicSpec) -> Result<(), LogError> {
     Ok(())
 }
 
+/// A position to store: an existing partition (of `partitions`) and an offset of 0 or more.
+fn validate_position(
+    topic: &str,
+    partition: i32,
+    partitions: i32,
+    offset: i64,
+) -> Result<(), LogError> {
+    if partition < 0 || partition >= partitions || offset < 0 {
+        return Err(LogError::InvalidArgument(format!(
+            "bad position {topic}/{partition}@{offset} ({partitions} partitions)"
+        )));
+    }
+    Ok(())
+}
+
 fn validate_group(group: &str) -> Result<(), LogError> {
     if group.is_empty() {
         return Err(LogError::InvalidArgument(

@@ -77,19 +77,22 @@ pub struct ResetRequest {
     pub by: Option<String>,
 }
 
-const FIELDS: &[&str] = &[
-    "slot",
+/// The fields of a group target (`to` also serves a list: `none`).
+const GROUP_FIELDS: &[&str] = &[
     "group",
-    "list",
     "to",
     "offset",
     "shift_by",
     "time",
     "topic",
     "partition",
-    "dry_run",
-    "by",
 ];
+/// Fields any request may have.
+const COMMON_FIELDS: &[&str] = &["dry_run", "by"];
+
+fn known_field(k: &str) -> bool {
+    ["slot", "list"].contains(&k) || GROUP_FIELDS.contains(&k) || COMMON_FIELDS.contains(&k)
+}
 
 /// Reads the request body (a JSON object) and the `dry_run` query parameter.
 pub fn parse_request(body: &Value, dry_run_query: Option<&str>) -> Result<ResetRequest, ApiError> {
@@ -99,10 +102,14 @@ pub fn parse_request(body: &Value, dry_run_query: Option<&str>) -> Result<ResetR
             "expected a JSON object with one of `slot`, `group` or `list`",
         )
     })?;
-    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+    if let Some(k) = obj.keys().find(|k| !known_field(k)) {
         return Err(ApiError::bad_param(
             k,
-            format!("unknown field; expected some of {}", FIELDS.join(", ")),
+            format!(
+                "unknown field; expected slot, list or {}, and {}",
+                GROUP_FIELDS.join(", "),
+                COMMON_FIELDS.join(", ")
+            ),
         ));
     }
     let str_field = |name: &str| -> Result<Option<String>, ApiError> {
@@ -158,18 +165,7 @@ pub fn parse_request(body: &Value, dry_run_query: Option<&str>) -> Result<ResetR
             Target::List(str_field("list")?.unwrap_or_default())
         }
         [_group] => {
-            only(
-                obj,
-                &[
-                    "group",
-                    "to",
-                    "offset",
-                    "shift_by",
-                    "time",
-                    "topic",
-                    "partition",
-                ],
-            )?;
+            only(obj, GROUP_FIELDS)?;
             let to = parse_group_to(
                 str_field("to")?,
                 int_field("offset")?,
@@ -214,9 +210,8 @@ pub fn parse_request(body: &Value, dry_run_query: Option<&str>) -> Result<ResetR
 
 /// Refuses target fields that do not belong to the chosen kind of cursor.
 fn only(obj: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
-    let common = ["dry_run", "by"];
     match obj.iter().find(|(k, v)| {
-        !v.is_null() && !allowed.contains(&k.as_str()) && !common.contains(&k.as_str())
+        !v.is_null() && !allowed.contains(&k.as_str()) && !COMMON_FIELDS.contains(&k.as_str())
     }) {
         Some((k, _)) => Err(ApiError::bad_param(
             k,

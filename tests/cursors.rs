@@ -270,6 +270,15 @@ async fn reset_rereads_what_the_dry_run_said(
     assert_eq!(dry["events_skipped"], 0);
     assert_eq!(dry["ru"], reread * 2, "one write per re-read event at most");
     assert!(dry["minutes"].as_f64().unwrap() > 0.0, "{dry:#}");
+    // By time: every event is at or after 2000, so all 30 would be read again.
+    let (status, by_time) = api
+        .reset(
+            &name,
+            json!({ "group": "sync", "time": "2000-01-01T00:00:00Z", "dry_run": true }),
+        )
+        .await;
+    assert_eq!(status, 200, "{by_time:#}");
+    assert_eq!(by_time["events_reread"], 30, "{by_time:#}");
     assert_unmoved(&api, &name, &before, "a dry run moves nothing").await;
 
     // Bad targets: 400 naming the field, and still nothing moved.
@@ -434,6 +443,13 @@ async fn a_list_delta_link_reset_reenumerates_the_list_without_writes() {
             roles,
             ["sync", "return", "dlq-replay", "projector"],
             "{c:#}"
+        );
+        let projector = &c["groups"][3];
+        assert!(projector["error"].is_null(), "{projector:#}");
+        assert_eq!(projector["resettable"], false);
+        assert!(
+            projector["partitions"][0]["committed"].as_i64().unwrap() > 0,
+            "{projector:#}"
         );
         let resyncs = || async {
             h.metric(

@@ -34,6 +34,11 @@
 //!   [`KafkaLogConfig::producer_batch_records`] or `batch.num.messages` in
 //!   [`KafkaLogConfig::extra`] skips the probe. Records that others wrote in multi-record
 //!   batches still read short on such a broker; nothing in this service reads such topics.
+//! - ListOffsets by timestamp answers the earliest offset whatever the time (seen with the
+//!   conformance case `positions_by_time_and_an_operators_reset`), so
+//!   [`EventLog::offsets_for_time`] takes the broker's answer only as where to start reading and
+//!   scans forward to the first record at or after the time (on Apache Kafka the first record
+//!   read is the answer).
 //! - No transactions (not used here). Closing a consumer after `committed()` on it can hang,
 //!   hence the separate short-lived consumer in `committed` and the detached close.
 
@@ -684,17 +689,22 @@ impl EventLog for KafkaLog {
             let c: BaseConsumer = cfg.client_config().create()?;
             let res = c.offsets_for_times(tpl, cfg.request_timeout);
             close_detached(c);
-            let mut out = ends;
+            let mut hints = ends.clone();
             for e in res?.elements() {
                 let slot = usize::try_from(e.partition())
                     .ok()
-                    .and_then(|p| out.get_mut(p));
+                    .and_then(|p| hints.get_mut(p));
                 // `End` (no record that late) keeps the end offset.
                 if let (Some(slot), Offset::Offset(o)) = (slot, e.offset()) {
                     *slot = o;
                 }
             }
-            Ok(out)
+            // The broker's answer is where the scan starts, not the answer (see the module docs:
+            // tansu answers the earliest offset for any time).
+            (0..n)
+                .zip(hints.into_iter().zip(ends))
+                .map(|(p, (hint, end))| scan_for_time(&cfg, &physical, p, hint, end, timestamp_ms))
+                .collect()
         })
         .await
     }
@@ -846,6 +856,57 @@ impl Drop for KafkaConsumer {
             close_detached_then(c, || {});
         }
     }
+}
+
+/// The first offset of `physical`/`p` from `from` (below `end`) whose record timestamp is at or
+/// after `ts`, read forward; `end` when none is. Blocking.
+fn scan_for_time(
+    cfg: &KafkaLogConfig,
+    physical: &str,
+    p: i32,
+    from: i64,
+    end: i64,
+    ts: i64,
+) -> Result<i64, LogError> {
+    if from >= end {
+        return Ok(end);
+    }
+    let mut cc = cfg.client_config();
+    // Assigned, never subscribed or committed: the group only names the client.
+    cc.set(
+        "group.id",
+        format!("{physical}.time-scan.{}", uuid::Uuid::new_v4().simple()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "false");
+    let c: BaseConsumer = cc.create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(physical, p, Offset::Offset(from))?;
+    c.assign(&tpl)?;
+    let mut idle_until = Instant::now() + cfg.request_timeout;
+    let result = loop {
+        if Instant::now() > idle_until {
+            break Err(LogError::Timeout(format!(
+                "{physical}/{p}: no record for {:?} while looking up a time",
+                cfg.request_timeout
+            )));
+        }
+        match c.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => break Err(e.into()),
+            Some(Ok(m)) => {
+                if m.timestamp().to_millis().is_some_and(|t| t >= ts) {
+                    break Ok(m.offset());
+                }
+                if m.offset() + 1 >= end {
+                    break Ok(end);
+                }
+                idle_until = Instant::now() + cfg.request_timeout;
+            }
+        }
+    };
+    close_detached(c);
+    result
 }
 
 /// Drops (closes) a client on its own thread: librdkafka's consumer close blocks until the group

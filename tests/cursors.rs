@@ -11,6 +11,9 @@
 //!    stage; nothing moves.
 //! 3. `a_list_delta_link_reset_reenumerates_the_list_without_writes`: the dry run's item count is
 //!    the list's, the real reset starts an enumeration (resync `operator`) that writes nothing.
+//! 4. `the_slot_moves_forward_while_capture_does_not_hold_it`: capture's walsender is ended and
+//!    the reset retried until it lands in the reconnect gap; the slot is then at the target and
+//!    capture streams on from it.
 //!
 //! Needs `DATABASE_URL` (and `KAFKA_BROKERS` for the Kafka test). Each test's meta-store is a
 //! database of its own. A test FAILS (never skips) when a variable is unset.
@@ -381,6 +384,14 @@ async fn reset_rereads_what_the_dry_run_said(
     assert_eq!(run["counts"]["reread"], reread, "{run:#}");
     assert_eq!(run["detail"]["target"]["role"], "sync", "{run:#}");
 
+    // A group no running stage owns moves at once.
+    let (status, dlq) = api
+        .reset(&name, json!({ "group": "dlq-replay", "to": "earliest" }))
+        .await;
+    assert_eq!(status, 200, "{dlq:#}");
+    assert_eq!(dlq["stage"], Value::Null);
+    assert!(dlq["run_id"].as_str().is_some(), "{dlq:#}");
+
     // The CLI shows the cursors and dry-runs a reset through the same API.
     let f = file.to_str().unwrap();
     let env = [("SYNCBRIDGE_API_TOKEN", Some(TOKEN))];
@@ -504,6 +515,62 @@ async fn a_list_delta_link_reset_reenumerates_the_list_without_writes() {
         .await;
         assert_eq!(run["by"], "ann", "{run:#}");
         assert_eq!(run["detail"]["items_reenumerated"], 12, "{run:#}");
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_moves_forward_while_capture_does_not_hold_it() {
+    hard_timeout(240, async {
+        let (_meta, mut h, t, list, file) = setup("cursp", 3, false, |h| h.embedded_log()).await;
+        let name = h.name.clone();
+        h.start(&file);
+        let api = Api::new(&h);
+        h.wait_for("3 items", || async { h.items(&list).await.len() == 3 })
+            .await;
+        let slot = format!("sb_{name}");
+        // Capture reconnects on its own: end its walsender and reset in the gap, retrying the
+        // whole step until a reset lands (each refusal changes nothing).
+        let mut moved = None;
+        for _ in 0..100 {
+            h.sql(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+            ))
+            .await;
+            let (status, body) = api
+                .reset(&name, json!({ "slot": "now", "by": "ann" }))
+                .await;
+            match status {
+                200 => {
+                    moved = Some(body);
+                    break;
+                }
+                409 => assert_eq!(body["kind"], "stage_running", "{body:#}"),
+                _ => panic!("{status}: {body:#}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let moved = moved.expect("a reset landed while capture reconnected");
+        let to = moved["slot"]["to_lsn"].as_str().unwrap().to_string();
+        let row =
+            h.db.query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot, &to],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(0), "the slot is at {to} or later");
+        assert!(moved["run_id"].as_str().is_some(), "{moved:#}");
+        // Capture streams on from the moved slot.
+        h.sql(&format!("INSERT INTO public.{t} VALUES (4, 'row 4')"))
+            .await;
+        h.wait_for("the row inserted after the move", || async {
+            h.items(&list).await.len() == 4
+        })
+        .await;
         h.stop().await;
     })
     .await;

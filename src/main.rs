@@ -303,7 +303,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `dlq list|replay`: reads the pipeline's DLQ topic through its log.
+/// `dlq list|replay`: asks the running process (which holds an embedded log); when none runs
+/// the pipeline, reads and writes the pipeline's DLQ topic through its log.
 fn dlq(action: DlqAction) -> ExitCode {
     let file = match &action {
         DlqAction::List { file, .. } | DlqAction::Replay { file } => file.clone(),
@@ -316,57 +317,97 @@ fn dlq(action: DlqAction) -> ExitCode {
         }
     };
     block_on(|_| async move {
-        use syncbridge::process::dlq;
-        let log = runtime::open_log(&pipeline).map_err(|e| {
-            anyhow::anyhow!(
-                "{e} (with the embedded log, stop `syncbridge run` for this pipeline first)"
-            )
-        })?;
-        let prefix = runtime::topic_prefix(&pipeline);
+        use syncbridge::control::client;
+        let addr = pipeline.control.listen;
         match action {
             DlqAction::List { json, .. } => {
-                let entries = dlq::pending(&log, prefix, &pipeline.name).await?;
+                let (entries, pending) =
+                    match client::dlq_list(addr, &pipeline.name, DLQ_LIST_MAX).await {
+                        Ok(page) => {
+                            let entries = page
+                                .entries
+                                .into_iter()
+                                .map(|e| (e.offset, e.dead_letter))
+                                .collect::<Vec<_>>();
+                            (entries, page.pending)
+                        }
+                        Err(e) if e.not_running() => {
+                            let entries = dlq_offline(&pipeline, false).await?.0;
+                            let n = entries.len();
+                            (entries, n)
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                 for (offset, d) in &entries {
                     if json {
                         println!("{}", serde_json::to_string(d)?);
                     } else {
-                        println!("{}", dlq::describe(d, *offset));
+                        println!("{}", syncbridge::process::dlq::describe(d, *offset));
                     }
                 }
-                eprintln!("{} dead letter(s) not yet replayed", entries.len());
+                eprintln!("{pending} dead letter(s) not yet replayed");
             }
-            DlqAction::Replay { .. } => {
-                use syncbridge::control::meta::{self, RunCounts, RunKind, RunRecorder, RunStatus};
-                // A `dlq_replay` run: its events wait in the runs topic until the next
-                // `syncbridge run` projects them into the meta-store.
-                let log = std::sync::Arc::new(log);
-                let topic = meta::runs_topic(prefix, &pipeline.name);
-                meta::runs::ensure_runs_topic(&*log, &topic).await?;
-                let mut run =
-                    RunRecorder::start(log.clone(), topic, &pipeline.name, RunKind::DlqReplay)
-                        .await?;
-                match dlq::replay(&*log, prefix, &pipeline.name).await {
-                    Ok(n) => {
-                        let counts = RunCounts {
-                            replayed: n as u64,
-                            ..RunCounts::default()
-                        };
-                        run.finish(RunStatus::Succeeded, counts, None).await?;
-                        println!(
-                            "replayed {n} dead letter(s); `syncbridge run` processes them next"
-                        );
-                    }
-                    Err(e) => {
-                        let reason = Some(e.to_string());
-                        run.finish(RunStatus::Failed, RunCounts::default(), reason)
-                            .await?;
-                        return Err(e.into());
-                    }
+            DlqAction::Replay { .. } => match client::dlq_replay(addr, &pipeline.name).await {
+                Ok(v) => println!(
+                    "replayed {} dead letter(s) through the running process (run {}); its \
+                     processor handles them next",
+                    v["replayed"], v["run_id"]
+                ),
+                Err(e) if e.not_running() => {
+                    let n = dlq_offline(&pipeline, true).await?.1;
+                    println!("replayed {n} dead letter(s); `syncbridge run` processes them next");
                 }
-            }
+                Err(e) => return Err(e.into()),
+            },
         }
         Ok(())
     })
+}
+
+/// Most dead letters `dlq list` prints through the API (the server's page limit).
+const DLQ_LIST_MAX: usize = 1000;
+
+/// The DLQ through the pipeline's own log (no process runs it): the pending entries, or with
+/// `replay` the number replayed, recorded as a `dlq_replay` run whose events wait in the runs
+/// topic until the next `syncbridge run` projects them.
+async fn dlq_offline(
+    pipeline: &config::PipelineConfig,
+    replay: bool,
+) -> anyhow::Result<(Vec<(i64, syncbridge::process::dlq::DeadLetter)>, usize)> {
+    use syncbridge::control::meta::{self, RunCounts, RunKind, RunRecorder, RunStatus};
+    use syncbridge::process::dlq;
+    let log = runtime::open_log(pipeline).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (the embedded log is locked by a `syncbridge run` whose control plane does not \
+             answer at {})",
+            pipeline.control.listen
+        )
+    })?;
+    let prefix = runtime::topic_prefix(pipeline);
+    if !replay {
+        return Ok((dlq::pending(&log, prefix, &pipeline.name).await?, 0));
+    }
+    let log = std::sync::Arc::new(log);
+    let topic = meta::runs_topic(prefix, &pipeline.name);
+    meta::runs::ensure_runs_topic(&*log, &topic).await?;
+    let mut run =
+        RunRecorder::start(log.clone(), topic, &pipeline.name, RunKind::DlqReplay).await?;
+    match dlq::replay(&*log, prefix, &pipeline.name).await {
+        Ok(n) => {
+            let counts = RunCounts {
+                replayed: n as u64,
+                ..RunCounts::default()
+            };
+            run.finish(RunStatus::Succeeded, counts, None).await?;
+            Ok((Vec::new(), n))
+        }
+        Err(e) => {
+            let reason = Some(e.to_string());
+            run.finish(RunStatus::Failed, RunCounts::default(), reason)
+                .await?;
+            Err(e.into())
+        }
+    }
 }
 
 /// `conflicts [list]`: asks the running process; when none listens, reads the conflicts topic
@@ -380,23 +421,13 @@ fn conflicts(file: &std::path::Path, parked: bool, json: bool) -> ExitCode {
         }
     };
     block_on(|_| async move {
-        use syncbridge::control::client::{self, ClientError};
+        use syncbridge::control::client;
         use syncbridge::pull::{self, ConflictState};
         let addr = pipeline.control.listen;
-        let asked = client::list_conflicts(addr, &pipeline.name, parked).await;
-        // No process runs this pipeline there: the log is free to read.
-        let not_running = match &asked {
-            Err(ClientError::NotListening { .. }) => true,
-            Err(ClientError::Refused {
-                status: 404,
-                kind: Some(k),
-                ..
-            }) => k == "unknown_pipeline",
-            _ => false,
-        };
-        let views = match asked {
+        let views = match client::list_conflicts(addr, &pipeline.name, parked).await {
             Ok(v) => v,
-            Err(_) if not_running => {
+            // No process runs this pipeline there: the log is free to read.
+            Err(e) if e.not_running() => {
                 let log = runtime::open_log(&pipeline).map_err(|e| {
                     anyhow::anyhow!(
                         "{e} (the embedded log is locked by a `syncbridge run` whose control \

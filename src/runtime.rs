@@ -19,15 +19,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::capture::snapshot::FileProgress;
+use crate::capture::snapshot::{FileProgress, ObservedProgress};
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::meta::{
     self, MetaError, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
 };
+use crate::control::pipelines::PipelineHandle;
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
-use crate::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
+use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
 use crate::process::guard::PauseHandle;
 use crate::process::hold::{HoldHandle, HoldRequests, grant};
@@ -109,6 +110,8 @@ struct RunningPipeline {
     capture_stop: CancellationToken,
     /// `None` once the task has been awaited (by `first_failure`).
     capture: Option<JoinHandle<Result<(), CaptureError>>>,
+    /// Records capture's snapshot and re-snapshot runs; ends with capture.
+    capture_runs: JoinHandle<()>,
     process_stop: CancellationToken,
     /// The push processor; `None` once awaited.
     process: Option<JoinHandle<Result<ProcessorStats, ProcessError>>>,
@@ -119,6 +122,8 @@ struct RunningPipeline {
     stream_stop: CancellationToken,
     stream: Option<JoinHandle<RunRecorder<AnyLog>>>,
     stats: tokio::sync::watch::Receiver<ProcessorStats>,
+    /// What the pipeline's Graph client spent (all its processors, pollers included).
+    usage: Arc<GraphUsage>,
     /// The run projector of this pipeline's runs topic.
     projector_stop: CancellationToken,
     projector: Option<JoinHandle<Result<u64, MetaError>>>,
@@ -153,14 +158,7 @@ pub async fn run(
     .await?;
     // Re-snapshot requests (→ capture), operator decisions on parked conflicts and resumes of
     // paused pipelines (→ processor): the control plane reaches each pipeline through these.
-    let registries = control::Registries {
-        readiness: Readiness::default(),
-        snapshots: control::SnapshotRegistry::default(),
-        conflicts: control::ConflictRegistry::default(),
-        pauses: control::PauseRegistry::default(),
-        meta: meta::MetaRegistry::default(),
-        cursors: control::cursors::CursorRegistry::default(),
-    };
+    let registries = control::Registries::default();
     let readiness = registries.readiness.clone();
     // Not a child of `shutdown`: the control plane outlives the drain.
     let control_stop = CancellationToken::new();
@@ -297,16 +295,26 @@ async fn start_all(
 
         // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
         // the lists fails the run before a slot is created.
-        let (mut processor, pollers) =
-            prepare_processor(p, log.clone(), &limiters)
-                .await
-                .map_err(|source| RuntimeError::Process {
-                    pipeline: p.name.clone(),
-                    source,
-                })?;
+        let usage = Arc::new(GraphUsage::default());
+        let (mut processor, pollers) = prepare_processor(p, log.clone(), &limiters, &usage)
+            .await
+            .map_err(|source| RuntimeError::Process {
+            pipeline: p.name.clone(),
+            source,
+        })?;
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
+        registries.pipelines.register(PipelineHandle::new(
+            &p.name,
+            log.clone(),
+            topic_prefix(p),
+            processor.input_topics().to_vec(),
+            process::sync_group(topic_prefix(p), &p.name),
+            stats.clone(),
+            usage.clone(),
+            p.graph.ru_per_minute,
+        ));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();
@@ -341,9 +349,13 @@ async fn start_all(
                     source,
                 })?;
         let stream_stop = CancellationToken::new();
+        let run_counts = {
+            let (stats, usage) = (stats.clone(), usage.clone());
+            move || RunCounts::of_stream(&stats.borrow(), usage.counts())
+        };
         let stream = tokio::spawn(meta::runs::stream_heartbeat(
             history.recorder,
-            stats.clone(),
+            run_counts,
             stream_stop.clone(),
             meta::runs::STREAM_UPDATE_INTERVAL,
         ));
@@ -354,8 +366,23 @@ async fn start_all(
             .map(|t| t.qualified())
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
+        let resnapshots = handle.subscribe();
         registries.snapshots.register(handle);
-        let progress = FileProgress::new(&capture_config.state_dir, &capture_config.slot_name);
+        let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
+            &capture_config.state_dir,
+            &capture_config.slot_name,
+        ));
+        // Stopped with capture, awaited right after it.
+        let capture_runs = tokio::spawn(meta::capture_runs::follow(
+            meta::capture_runs::CaptureRuns {
+                log: log.clone(),
+                topic: meta::runs_topic(topic_prefix(p), &p.name),
+                pipeline: p.name.clone(),
+            },
+            snapshots,
+            resnapshots,
+            capture_stop.clone(),
+        ));
         let slot = capture_config.slot_name.clone();
         let capture = tokio::spawn(capture::run_with_control(
             capture_config,
@@ -399,6 +426,7 @@ async fn start_all(
             log: log.clone(),
             capture_stop,
             capture: Some(capture),
+            capture_runs,
             process_stop,
             process: Some(tokio::spawn(supervise_processor(
                 processor,
@@ -409,6 +437,7 @@ async fn start_all(
                     registries: registries.clone(),
                     pause,
                     stats: stats_tx,
+                    usage: usage.clone(),
                 },
                 holds,
                 process_stop_run,
@@ -418,6 +447,7 @@ async fn start_all(
             stream_stop,
             stream: Some(stream),
             stats,
+            usage,
             projector_stop: history.projector_stop,
             projector: Some(history.projector),
             failure: None,
@@ -507,6 +537,7 @@ struct Supervision {
     pause: PauseHandle,
     /// The stream run's counters (a rebuilt processor continues them).
     stats: tokio::sync::watch::Sender<ProcessorStats>,
+    usage: Arc<GraphUsage>,
 }
 
 /// Runs the processor; when it pauses itself ([`ProcessError::Paused`]: a dead-letter storm, a
@@ -560,7 +591,7 @@ async fn supervise_processor(
         }
         info!(pipeline = %name, "restarting the processor from its committed offsets");
         processor = loop {
-            match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters).await {
+            match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters, &s.usage).await {
                 // The pollers of the first start keep running; only the processor is new.
                 Ok((p, _pollers)) => break p,
                 Err(e) if e.is_retryable() => {
@@ -705,6 +736,7 @@ async fn prepare_processor(
     p: &PipelineConfig,
     log: Arc<AnyLog>,
     limiters: &LimiterRegistry,
+    usage: &Arc<GraphUsage>,
 ) -> Result<(Processor<AnyLog>, Vec<(PollerConfig, Arc<GraphClient>)>), ProcessError> {
     let mut graph = GraphClientConfig::from(&p.graph);
     if !p.sync.iter().any(|e| e.pull.enabled) {
@@ -712,7 +744,7 @@ async fn prepare_processor(
         // first pipeline of a tenant sets its limiter; pipelines sharing a tenant share it.)
         graph.limiter.delta_reserve = 0.0;
     }
-    let client = GraphClient::new(graph, limiters)?;
+    let client = GraphClient::counted(graph, limiters, usage.clone())?;
     let mut attempt = 0;
     let (targets, facts) = loop {
         attempt += 1;
@@ -836,6 +868,9 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
                 Err(join) => warn!(pipeline = %p.name, "capture task: {join}"),
             }
         }
+        if let Err(join) = p.capture_runs.await {
+            warn!(pipeline = %p.name, "capture runs task: {join}");
+        }
         readiness.set(&p.name, "capture", false);
         // Then the pollers (the other input of the processor).
         p.pollers_stop.cancel();
@@ -867,7 +902,7 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
             }
         }
         // Then the run history, which reads the processor's final counts.
-        let counts = RunCounts::from(&*p.stats.borrow());
+        let counts = RunCounts::of_stream(&p.stats.borrow(), p.usage.counts());
         finish_history(
             &p.name,
             p.stream_stop,

@@ -136,7 +136,8 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
     hard_timeout(300, async {
         let (meta_db, mut h, list, file) = setup("meta", 3, |h| h.embedded_log()).await;
         let name = h.name.clone();
-        let q = format!("pipeline={name}");
+        let all = format!("pipeline={name}");
+        let q = format!("{all}&kind=stream");
 
         // 1. A run: `running` while the pipeline runs, its counts come with the heartbeat.
         h.start(&file);
@@ -163,6 +164,40 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
             )
             .await;
         assert!(projected >= 2.0, "projected {projected} run events");
+        // The initial snapshot is a run of its own, about the table it read.
+        h.wait_for("the snapshot run, succeeded with 3 rows", || async {
+            try_runs(&h, &format!("{all}&kind=snapshot"))
+                .await
+                .is_some_and(|runs| {
+                    runs.len() == 1
+                        && runs[0]["status"] == "succeeded"
+                        && runs[0]["counts"]["rows"] == 3
+                        && runs[0]["subject"] == format!("public.{name}_t").as_str()
+                })
+        })
+        .await;
+        // So is a re-snapshot asked for while streaming.
+        let asked = h
+            .admin
+            .post(format!(
+                "http://127.0.0.1:{}/pipelines/{name}/snapshot?table=public.{name}_t",
+                h.control_port
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(asked.status(), 202);
+        h.wait_for("the re-snapshot run, succeeded with 3 rows", || async {
+            try_runs(&h, &format!("{all}&kind=resnapshot"))
+                .await
+                .is_some_and(|runs| {
+                    runs.len() == 1
+                        && runs[0]["status"] == "succeeded"
+                        && runs[0]["counts"]["rows"] == 3
+                        && runs[0]["subject"] == format!("public.{name}_t").as_str()
+                })
+        })
+        .await;
         let body = api_runs(&h, &q).await;
         let first_id = body["runs"][0]["run_id"].as_str().unwrap().to_string();
         let one = get(&h, &format!("/runs/{first_id}")).await.unwrap();
@@ -188,10 +223,20 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
 
         let meta = connect(&meta_db.url).await;
         let after_first = runs(&meta, &name).await;
-        assert_eq!(after_first.len(), 1, "{after_first:#?}");
-        assert_eq!(after_first[0]["status"], "succeeded");
-        assert_eq!(after_first[0]["counts"]["creates"], 3);
-        assert!(after_first[0]["ended_ms"].as_i64().is_some());
+        assert_eq!(
+            after_first.len(),
+            3,
+            "a stream, a snapshot and a re-snapshot run: {after_first:#?}"
+        );
+        let stream = after_first.iter().find(|r| r["kind"] == "stream").unwrap();
+        assert_eq!(stream["status"], "succeeded");
+        assert_eq!(stream["counts"]["creates"], 3);
+        assert!(stream["ended_ms"].as_i64().is_some());
+        // What the pipeline's Graph client spent: at least the three creates (2 RU each).
+        let counts = &stream["counts"];
+        assert!(counts["graph_requests"].as_u64().unwrap() >= 1, "{counts}");
+        assert!(counts["resource_units"].as_u64().unwrap() >= 6, "{counts}");
+        assert_eq!(counts["throttled"], 0, "{counts}");
 
         // 2. kill -9 while running: the next start marks that run failed.
         h.start(&file);
@@ -246,8 +291,8 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
         let before = runs(&meta, &name).await;
         assert_eq!(
             before.len(),
-            3,
-            "the replay run is not projected yet: {before:#?}"
+            5,
+            "three stream runs, the snapshot and the re-snapshot; the replay run is not projected yet: {before:#?}"
         );
         assert!(
             before.iter().all(|r| r["status"] != "running"),
@@ -258,22 +303,22 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
             .unwrap();
         h.start(&file);
         h.wait_for("the rebuilt history", || async {
-            try_runs(&h, &q).await.is_some_and(|r| r.len() == 5)
+            try_runs(&h, &all).await.is_some_and(|r| r.len() == 7)
         })
         .await;
         h.stop().await;
         let after = runs(&meta, &name).await;
-        assert_eq!(after.len(), 5, "{after:#?}");
+        assert_eq!(after.len(), 7, "{after:#?}");
         assert_eq!(
-            after[..3],
+            after[..5],
             before[..],
             "rebuilt runs equal the ones dropped"
         );
         assert_eq!(
             (
-                &after[3]["kind"],
-                &after[3]["status"],
-                &after[3]["counts"]["replayed"]
+                &after[5]["kind"],
+                &after[5]["status"],
+                &after[5]["counts"]["replayed"]
             ),
             (
                 &Value::from("dlq_replay"),
@@ -283,7 +328,7 @@ async fn stream_runs_are_recorded_survive_kill_9_and_are_rebuilt_from_the_log() 
             "{after:#?}"
         );
         assert_eq!(
-            (&after[4]["kind"], &after[4]["status"]),
+            (&after[6]["kind"], &after[6]["status"]),
             (&Value::from("stream"), &Value::from("succeeded"))
         );
     })

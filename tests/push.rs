@@ -150,7 +150,17 @@ async fn push_path_end_to_end_on_the_embedded_log() {
         for k in ["10", "11", "12", "13", "14", "15", "16"] {
             assert!(h.item(&main, k).await.is_none(), "row {k} must not be written");
         }
-        h.stop().await;
+        // The pipeline's status: its counts, lag and budget, while it runs.
+        let api = format!("http://127.0.0.1:{}/pipelines", h.control_port);
+        let status: Value = h.admin.get(format!("{api}/{}", h.name)).send().await.unwrap().json().await.unwrap();
+        assert_eq!((&status["log"], &status["ready"]), (&json!("embedded"), &json!(true)), "{status:#}");
+        assert!(status["counts"]["dead_letters"].as_u64().unwrap() >= 7, "{status:#}");
+        assert!(status["counts"]["resource_units"].as_u64().unwrap() > 0, "{status:#}");
+        assert_eq!(status["budget"]["ru_per_minute"], 100000, "{status:#}");
+        assert!(status["lag"]["partitions"].as_array().is_some_and(|p| !p.is_empty()), "{status:#}");
+        let all: Value = h.admin.get(&api).send().await.unwrap().json().await.unwrap();
+        assert_eq!(all["pipelines"][0]["name"], h.name.as_str());
+        // The DLQ is read and replayed through the running process (it holds the embedded log).
         let out = Command::new(BIN).args(["dlq", "list", "--json"]).arg(&file).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let kinds: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
@@ -174,7 +184,8 @@ async fn push_path_end_to_end_on_the_embedded_log() {
         h.emulator_limits(json!({ "hyperlink_writes": true })).await;
         let out = Command::new(BIN).args(["dlq", "replay"]).arg(&file).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        h.start(&file);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("replayed 7 dead letter(s) through the running process"), "{said}");
         h.wait_for("the replayed row", || async { h.item(&main, "16").await.is_some() }).await;
 
         // TRUNCATE empties the lists of that table.

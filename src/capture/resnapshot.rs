@@ -50,10 +50,10 @@
 //!   and other slots of the database see (and ignore) them.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -121,14 +121,15 @@ pub struct ResnapshotHandle {
     pipeline: String,
     tables: Arc<Vec<String>>,
     tx: mpsc::Sender<ResnapshotRequest>,
-    status: Arc<Mutex<Option<ResnapshotStatus>>>,
+    /// A watch so the run history can follow each re-snapshot (see [`ResnapshotHandle::subscribe`]).
+    status: Arc<watch::Sender<Option<ResnapshotStatus>>>,
 }
 
 /// The capture side: hand it to [`super::run_with_control`].
 #[derive(Debug)]
 pub struct ResnapshotRequests {
     rx: mpsc::Receiver<ResnapshotRequest>,
-    status: Arc<Mutex<Option<ResnapshotStatus>>>,
+    status: Arc<watch::Sender<Option<ResnapshotStatus>>>,
 }
 
 impl ResnapshotHandle {
@@ -136,7 +137,7 @@ impl ResnapshotHandle {
     pub fn channel(pipeline: &str, tables: Vec<String>) -> (Self, ResnapshotRequests) {
         // One slot: at most one request is ever queued (a second one is refused as busy).
         let (tx, rx) = mpsc::channel(1);
-        let status = Arc::new(Mutex::new(None));
+        let status = Arc::new(watch::Sender::new(None));
         (
             Self {
                 pipeline: pipeline.to_string(),
@@ -161,7 +162,20 @@ impl ResnapshotHandle {
         if !self.has_table(table) {
             return Err(RequestError::UnknownTable(table.to_string()));
         }
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut result = None;
+        // Checked and set under the watch's lock, so two requests cannot both pass the check.
+        self.status.send_if_modified(|status| {
+            result = Some(self.enqueue(status, table));
+            matches!(result, Some(Ok(_)))
+        });
+        result.unwrap_or_else(|| unreachable!("send_if_modified runs its closure"))
+    }
+
+    fn enqueue(
+        &self,
+        status: &mut Option<ResnapshotStatus>,
+        table: &str,
+    ) -> Result<ResnapshotStatus, RequestError> {
         if let Some(s) = status.as_ref()
             && matches!(s.state, ResnapshotState::Queued | ResnapshotState::Running)
         {
@@ -207,10 +221,13 @@ impl ResnapshotHandle {
 
     /// The latest re-snapshot's status (`None` if none was requested since start).
     pub fn status(&self) -> Option<ResnapshotStatus> {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.borrow().clone()
+    }
+
+    /// Follows the latest re-snapshot's status (each change is seen, the newest when several
+    /// happened between two reads).
+    pub fn subscribe(&self) -> watch::Receiver<Option<ResnapshotStatus>> {
+        self.status.subscribe()
     }
 }
 
@@ -465,23 +482,25 @@ impl Resnapper {
 
     fn update(&self, f: impl FnOnce(&mut ResnapshotStatus)) {
         if let (Some(r), Some(job)) = (&self.requests, &self.job) {
-            let mut s = r.status.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = s.as_mut()
-                && s.id == job.id
-            {
-                f(s);
-            }
+            r.status.send_if_modified(|s| match s.as_mut() {
+                Some(s) if s.id == job.id => {
+                    f(s);
+                    true
+                }
+                _ => false,
+            });
         }
     }
 
     fn set_status(&self, id: &str, f: impl FnOnce(&mut ResnapshotStatus)) {
         if let Some(r) = &self.requests {
-            let mut s = r.status.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = s.as_mut()
-                && s.id == id
-            {
-                f(s);
-            }
+            r.status.send_if_modified(|s| match s.as_mut() {
+                Some(s) if s.id == id => {
+                    f(s);
+                    true
+                }
+                _ => false,
+            });
         }
     }
 

@@ -76,6 +76,49 @@ pub trait SnapshotProgress: Send {
     fn location(&self) -> String;
 }
 
+/// A [`SnapshotProgress`] that also publishes every state it made durable that differs from the
+/// one before (the loaded one included, which is held without notifying), so the run history
+/// can follow a snapshot without reaching into capture: a change seen is work this process did.
+#[derive(Debug)]
+pub struct ObservedProgress<P> {
+    inner: P,
+    tx: tokio::sync::watch::Sender<Option<SnapshotState>>,
+}
+
+impl<P: SnapshotProgress> ObservedProgress<P> {
+    pub fn new(inner: P) -> (Self, tokio::sync::watch::Receiver<Option<SnapshotState>>) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (Self { inner, tx }, rx)
+    }
+}
+
+impl<P: SnapshotProgress> SnapshotProgress for ObservedProgress<P> {
+    fn load(&self) -> Result<Option<SnapshotState>, CaptureError> {
+        let state = self.inner.load()?;
+        self.tx.send_if_modified(|v| {
+            v.clone_from(&state);
+            false
+        });
+        Ok(state)
+    }
+
+    fn save(&mut self, state: &SnapshotState) -> Result<(), CaptureError> {
+        self.inner.save(state)?;
+        self.tx.send_if_modified(|v| {
+            let changed = v.as_ref() != Some(state);
+            if changed {
+                *v = Some(state.clone());
+            }
+            changed
+        });
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
 /// One JSON file per slot under the pipeline's state directory, replaced atomically
 /// (write temp, fsync, rename, fsync directory).
 #[derive(Debug, Clone)]

@@ -44,6 +44,22 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// No process runs the pipeline at that address (nothing listens, or the process there
+    /// runs other pipelines): the CLI may then read the pipeline's log itself.
+    pub fn not_running(&self) -> bool {
+        match self {
+            ClientError::NotListening { .. } => true,
+            ClientError::Refused {
+                status: 404,
+                kind: Some(k),
+                ..
+            } => k == "unknown_pipeline",
+            _ => false,
+        }
+    }
+}
+
 /// The environment variable the CLI reads its API token from.
 pub const TOKEN_ENV: &str = "SYNCBRIDGE_API_TOKEN";
 
@@ -263,6 +279,39 @@ pub async fn resolve_conflict(
         message: format!("unreadable answer: {e}"),
         kind: None,
     })
+}
+
+/// `GET /pipelines/{pipeline}/dlq?limit=…`: the dead letters not yet replayed (`entries`, each
+/// with its `offset` and `dead_letter`) and how many are `pending`.
+pub async fn dlq_list(
+    addr: SocketAddr,
+    pipeline: &str,
+    limit: usize,
+) -> Result<crate::control::pipelines::DlqPage, ClientError> {
+    let r = client()?
+        .get(format!(
+            "http://{addr}/pipelines/{pipeline}/dlq?limit={limit}"
+        ))
+        .send()
+        .await;
+    let body = answer(addr, r).await?;
+    serde_json::from_value(body).map_err(|e| ClientError::Refused {
+        status: 200,
+        message: format!("unreadable dead-letter list: {e}"),
+        kind: None,
+    })
+}
+
+/// `POST /pipelines/{pipeline}/dlq/replay`: `{"replayed": n, "run_id": …}`.
+pub async fn dlq_replay(
+    addr: SocketAddr,
+    pipeline: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let r = client()?
+        .post(format!("http://{addr}/pipelines/{pipeline}/dlq/replay"))
+        .send()
+        .await;
+    answer(addr, r).await
 }
 
 /// How long the CLI waits for a cursor reset: stopping the processor flushes what it read, and a

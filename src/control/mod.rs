@@ -42,6 +42,7 @@ pub mod client;
 pub mod cursors;
 pub mod meta;
 pub mod openapi;
+pub mod pipelines;
 pub mod problem;
 
 use std::collections::{BTreeMap, HashMap};
@@ -163,77 +164,81 @@ impl Readiness {
     }
 }
 
-/// The re-snapshot handles of the running pipelines, by pipeline name.
-#[derive(Debug, Clone, Default)]
-pub struct SnapshotRegistry {
-    pipelines: Arc<Mutex<BTreeMap<String, ResnapshotHandle>>>,
+/// A handle the control plane keeps per running pipeline.
+pub trait PipelineScoped: Clone {
+    /// The pipeline the handle belongs to.
+    fn pipeline(&self) -> &str;
 }
 
-impl SnapshotRegistry {
-    pub fn register(&self, handle: ResnapshotHandle) {
+impl PipelineScoped for ResnapshotHandle {
+    fn pipeline(&self) -> &str {
+        ResnapshotHandle::pipeline(self)
+    }
+}
+
+impl PipelineScoped for ConflictHandle {
+    fn pipeline(&self) -> &str {
+        ConflictHandle::pipeline(self)
+    }
+}
+
+impl PipelineScoped for PauseHandle {
+    fn pipeline(&self) -> &str {
+        PauseHandle::pipeline(self)
+    }
+}
+
+/// One kind of handle of the running pipelines, by pipeline name. A pipeline registered again
+/// (a restarted processor) replaces its earlier handle.
+#[derive(Debug, Clone)]
+pub struct Registry<T> {
+    pipelines: Arc<Mutex<BTreeMap<String, T>>>,
+}
+
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Self {
+            pipelines: Arc::default(),
+        }
+    }
+}
+
+impl<T: PipelineScoped> Registry<T> {
+    pub fn register(&self, handle: T) {
         self.pipelines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(handle.pipeline().to_string(), handle);
     }
 
-    fn get(&self, pipeline: &str) -> Option<ResnapshotHandle> {
+    pub fn get(&self, pipeline: &str) -> Option<T> {
         self.pipelines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(pipeline)
             .cloned()
     }
-}
 
-/// The conflict handles of the running pipelines' processors, by pipeline name.
-#[derive(Debug, Clone, Default)]
-pub struct ConflictRegistry {
-    pipelines: Arc<Mutex<BTreeMap<String, ConflictHandle>>>,
-}
-
-impl ConflictRegistry {
-    pub fn register(&self, handle: ConflictHandle) {
+    /// Every registered handle, by pipeline name.
+    pub fn all(&self) -> Vec<T> {
         self.pipelines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(handle.pipeline().to_string(), handle);
-    }
-
-    fn get(&self, pipeline: &str) -> Option<ConflictHandle> {
-        self.pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(pipeline)
+            .values()
             .cloned()
+            .collect()
     }
 }
 
-/// The pause switches of the running pipelines, by pipeline name.
-#[derive(Debug, Clone, Default)]
-pub struct PauseRegistry {
-    pipelines: Arc<Mutex<BTreeMap<String, PauseHandle>>>,
-}
-
-impl PauseRegistry {
-    pub fn register(&self, handle: PauseHandle) {
-        self.pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(handle.pipeline().to_string(), handle);
-    }
-
-    fn get(&self, pipeline: &str) -> Option<PauseHandle> {
-        self.pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(pipeline)
-            .cloned()
-    }
-}
+/// The re-snapshot handles of the running pipelines.
+pub type SnapshotRegistry = Registry<ResnapshotHandle>;
+/// The conflict handles of the running pipelines' processors.
+pub type ConflictRegistry = Registry<ConflictHandle>;
+/// The pause switches of the running pipelines.
+pub type PauseRegistry = Registry<PauseHandle>;
 
 /// What the control plane serves: shared with the runtime, which registers each pipeline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Registries {
     pub readiness: Readiness,
     pub snapshots: SnapshotRegistry,
@@ -241,6 +246,8 @@ pub struct Registries {
     pub pauses: PauseRegistry,
     /// The meta-stores (run history) of the running pipelines.
     pub meta: meta::MetaRegistry,
+    /// Status, lag and dead letters of the running pipelines.
+    pub pipelines: pipelines::PipelineRegistry,
     /// The cursors (slot, consumer groups, delta links) of the running pipelines.
     pub cursors: cursors::CursorRegistry,
 }
@@ -287,8 +294,10 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         conflicts,
         pauses,
         meta,
+        pipelines,
         cursors,
     } = registries;
+    let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -315,6 +324,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
             pauses,
         })
         .merge(meta::routes(meta))
+        .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
 }
 
@@ -593,14 +603,7 @@ mod tests {
                 role: *role,
             })
             .collect();
-        let registries = Registries {
-            readiness: Readiness::default(),
-            snapshots: SnapshotRegistry::default(),
-            conflicts: ConflictRegistry::default(),
-            pauses: PauseRegistry::default(),
-            meta: meta::MetaRegistry::default(),
-            cursors: cursors::CursorRegistry::default(),
-        };
+        let registries = Registries::default();
         let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()
             .handle();

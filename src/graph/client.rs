@@ -1,6 +1,7 @@
 //! The HTTP core: one request = limiter admission → token → send → classify → retry policy.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -161,6 +162,37 @@ pub(crate) struct Inner {
     tokens: TokenProvider,
     pub(crate) limiter: Arc<TenantLimiter>,
     pub(crate) cfg: GraphClientConfig,
+    usage: Arc<GraphUsage>,
+}
+
+/// What a client (and its clones) spent on Graph, for run counts: the Prometheus counters are
+/// per process and tenant, a run needs its own pipeline's numbers.
+#[derive(Debug, Default)]
+pub struct GraphUsage {
+    requests: AtomicU64,
+    resource_units: AtomicU64,
+    throttled: AtomicU64,
+}
+
+/// A reading of [`GraphUsage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphUsageCounts {
+    /// HTTP requests sent (a `$batch` is one), whatever their outcome.
+    pub requests: u64,
+    /// RU charged by the limiter (a `$batch` costs the sum of its inner requests).
+    pub resource_units: u64,
+    /// 429/503 answers, direct or inside a `$batch`.
+    pub throttled: u64,
+}
+
+impl GraphUsage {
+    pub fn counts(&self) -> GraphUsageCounts {
+        GraphUsageCounts {
+            requests: self.requests.load(Ordering::Relaxed),
+            resource_units: self.resource_units.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl GraphClient {
@@ -170,13 +202,25 @@ impl GraphClient {
         registry: &LimiterRegistry,
     ) -> Result<GraphClient, GraphError> {
         let limiter = registry.get_or_create(&cfg.tenant, &cfg.limiter);
-        GraphClient::with_limiter(cfg, limiter)
+        GraphClient::with_limiter(cfg, limiter, Arc::default())
+    }
+
+    /// Like [`GraphClient::new`], counting what it spends into `usage` (which outlives the
+    /// client: a restarted processor's new client keeps adding to its run's numbers).
+    pub fn counted(
+        cfg: GraphClientConfig,
+        registry: &LimiterRegistry,
+        usage: Arc<GraphUsage>,
+    ) -> Result<GraphClient, GraphError> {
+        let limiter = registry.get_or_create(&cfg.tenant, &cfg.limiter);
+        GraphClient::with_limiter(cfg, limiter, usage)
     }
 
     /// Builds a client around an existing tenant limiter.
     pub fn with_limiter(
         cfg: GraphClientConfig,
         limiter: Arc<TenantLimiter>,
+        usage: Arc<GraphUsage>,
     ) -> Result<GraphClient, GraphError> {
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -199,8 +243,14 @@ impl GraphClient {
                 tokens,
                 limiter,
                 cfg,
+                usage,
             }),
         })
+    }
+
+    /// What this client and its clones spent so far.
+    pub fn usage(&self) -> GraphUsageCounts {
+        self.inner.usage.counts()
     }
 
     /// The tenant limiter this client shares.
@@ -277,6 +327,7 @@ impl GraphClient {
     pub(crate) fn throttled(&self, status: u16, wait: Duration, source: &'static str) {
         metrics::counter!(m::GRAPH_THROTTLED_TOTAL, "status" => status.to_string(), "source" => source)
             .increment(1);
+        self.inner.usage.throttled.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(m::GRAPH_RETRY_AFTER_SECONDS).record(wait.as_secs_f64());
         tracing::info!(
             tenant = self.inner.limiter.tenant(),
@@ -314,6 +365,9 @@ impl GraphClient {
             Lane::Delta => "delta",
         };
         metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane).increment(units);
+        let usage = &inner.usage;
+        usage.resource_units.fetch_add(units, Ordering::Relaxed);
+        usage.requests.fetch_add(1, Ordering::Relaxed);
         let token = inner.tokens.token().await.map_err(AttemptError::NotSent)?;
         let client_request_id = uuid::Uuid::new_v4().to_string();
         let url = self.resolve(&req.url);

@@ -40,7 +40,9 @@ pub mod ops;
 
 pub use auth::{Certificate, Credential};
 pub use batch::{BatchOutcome, BatchRequest, MAX_BATCH};
-pub use client::{GraphClient, GraphClientConfig, Lineage, USER_AGENT};
+pub use client::{
+    GraphClient, GraphClientConfig, GraphUsage, GraphUsageCounts, Lineage, USER_AGENT,
+};
 pub use error::{ErrorDetail, GraphError};
 pub use limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, TenantLimiter};
 pub use ops::{ColumnDefinition, Deleted, FieldsUpdated, ItemQuery, ListInfo, ListItem, Site};

@@ -542,11 +542,19 @@ async fn start_run(
     by: Option<String>,
     detail: &Value,
 ) -> Result<RunRecorder<AnyLog>, ApiError> {
+    // The run is about the cursor: `group sync`, `slot sb_p`, `list Tasks`.
+    let t = &detail["target"];
+    let name = ["role", "slot", "list"]
+        .iter()
+        .find_map(|k| t[*k].as_str())
+        .unwrap_or_default();
+    let subject = format!("{} {name}", t["kind"].as_str().unwrap_or("cursor"));
     RunRecorder::start_requested(
         s.log.clone(),
         s.runs_topic.clone(),
         &s.pipeline,
         RunKind::CursorReset,
+        Some(subject),
         by,
         Some(detail.clone()),
     )

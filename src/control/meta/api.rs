@@ -4,7 +4,7 @@
 //! `GET /runs?pipeline=&kind=&status=&limit=&before=` answers `{"runs": [...], "next": cursor}`,
 //! newest first (by start time, then run id); `limit` is 1–500 (default 50); pass `next` as
 //! `before` for the next page (absent on the last). `GET /runs/{id}` answers one run or 404.
-//! Bad input is a 400 naming the parameter; an unreachable meta-store a 503.
+//! Bad input is a 400 problem naming the parameter; an unreachable meta-store a 503.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::projector::{RUN_COLUMNS, event_from_row};
-use super::{MetaDb, MetaError, RunEvent};
+use super::{MetaDb, MetaError, RunEvent, RunKind, RunStatus};
+use crate::control::problem::{ApiError, Problem};
 
 /// Largest page of `GET /runs`.
 pub const MAX_RUNS_PAGE: i64 = 500;
@@ -58,12 +60,12 @@ pub fn routes(meta: MetaRegistry) -> Router {
         .with_state(meta)
 }
 
-fn problem(status: StatusCode, message: String) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
-}
-
-fn unavailable(e: &MetaError) -> Response {
-    problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+fn unavailable(e: &MetaError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "meta_unavailable",
+        e.to_string(),
+    )
 }
 
 /// A page position: the start time and run id of the last run of the previous page.
@@ -76,68 +78,106 @@ fn cursor(e: &RunEvent) -> String {
     format!("{}_{}", e.started_ms, e.run_id)
 }
 
-async fn list_runs(
-    State(meta): State<MetaRegistry>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    for key in q.keys() {
-        if !["pipeline", "kind", "status", "limit", "before"].contains(&key.as_str()) {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                format!("unknown query parameter `{key}`"),
-            );
+/// One page of `GET /runs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunsPage {
+    /// Newest first.
+    pub runs: Vec<RunEvent>,
+    /// Pass as `before` for the next page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// A filter value that must name one variant of `T` (its snake_case name).
+fn one_of<T: serde::de::DeserializeOwned>(
+    q: &HashMap<String, String>,
+    name: &str,
+    allowed: &str,
+) -> Result<(), ApiError> {
+    match q.get(name) {
+        Some(v) if serde_json::from_value::<T>(serde_json::Value::String(v.clone())).is_err() => {
+            Err(ApiError::bad_param(
+                name,
+                format!("`{name}` must be one of {allowed}"),
+            ))
         }
+        _ => Ok(()),
+    }
+}
+
+/// The checked query of `GET /runs`: page size and position.
+fn runs_query(q: &HashMap<String, String>) -> Result<(i64, (i64, Uuid)), ApiError> {
+    if let Some(key) = q.keys().find(|k| !RUNS_PARAMS.contains(&k.as_str())) {
+        return Err(ApiError::bad_param(
+            key,
+            format!(
+                "unknown query parameter `{key}` (known: {})",
+                RUNS_PARAMS.join(", ")
+            ),
+        ));
     }
     let limit = match q.get("limit").map(|l| l.parse::<i64>()) {
         None => DEFAULT_RUNS_PAGE,
         Some(Ok(l)) if (1..=MAX_RUNS_PAGE).contains(&l) => l,
         Some(_) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
+            return Err(ApiError::bad_param(
+                "limit",
                 format!("`limit` must be a number from 1 to {MAX_RUNS_PAGE}"),
-            );
+            ));
         }
     };
     let before = match q.get("before").map(|b| parse_cursor(b)) {
         None => (i64::MAX, Uuid::max()),
         Some(Some(c)) => c,
         Some(None) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "`before` must be a cursor from a previous page's `next`".into(),
-            );
+            return Err(ApiError::bad_param(
+                "before",
+                "`before` must be a cursor from a previous page's `next`",
+            ));
         }
     };
-    let kinds: Vec<&str> = super::RunKind::ALL.iter().map(|k| k.as_str()).collect();
-    if let Some(k) = q.get("kind")
-        && !kinds.contains(&k.as_str())
-    {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            format!("`kind` must be one of {}", kinds.join(", ")),
-        );
-    }
-    if let Some(s) = q.get("status")
-        && !["running", "succeeded", "failed", "cancelled"].contains(&s.as_str())
-    {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "`status` must be one of running, succeeded, failed, cancelled".into(),
-        );
-    }
+    one_of::<RunKind>(q, "kind", RUN_KINDS)?;
+    one_of::<RunStatus>(q, "status", "running, succeeded, failed, cancelled")?;
+    Ok((limit, before))
+}
+
+/// Query parameters `GET /runs` knows.
+const RUNS_PARAMS: [&str; 5] = ["pipeline", "kind", "status", "limit", "before"];
+/// The run kinds, as the `kind` filter names them.
+const RUN_KINDS: &str = "stream, snapshot, resnapshot, dlq_replay, cursor_reset";
+
+#[utoipa::path(get, path = "/runs", tag = "runs",
+    params(
+        ("pipeline" = Option<String>, Query, description = "Only this pipeline's runs"),
+        ("kind" = Option<RunKind>, Query, description = "Only runs of this kind"),
+        ("status" = Option<RunStatus>, Query, description = "Only runs in this status"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1–500 (default 50)"),
+        ("before" = Option<String>, Query, description = "`next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "Runs, newest first", body = RunsPage),
+        (status = 400, description = "A bad parameter (named in `invalid-params`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A meta-store cannot be reached", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn list_runs(
+    State(meta): State<MetaRegistry>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::Json<RunsPage>, ApiError> {
+    let (limit, before) = runs_query(&q)?;
     let mut runs = Vec::new();
     for db in meta.all() {
-        match page(&db, &q, before, limit).await {
-            Ok(mut r) => runs.append(&mut r),
-            Err(e) => return unavailable(&e),
-        }
+        runs.append(
+            &mut page(&db, &q, before, limit)
+                .await
+                .map_err(|e| unavailable(&e))?,
+        );
     }
     runs.sort_by_key(|r| std::cmp::Reverse((r.started_ms, r.run_id)));
-    runs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next = (runs.len() == usize::try_from(limit).unwrap_or(usize::MAX))
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    runs.truncate(limit);
+    let next = (runs.len() == limit)
         .then(|| runs.last().map(cursor))
         .flatten();
-    axum::Json(serde_json::json!({ "runs": runs, "next": next })).into_response()
+    Ok(axum::Json(RunsPage { runs, next }))
 }
 
 async fn page(
@@ -168,32 +208,44 @@ async fn page(
     rows.iter().map(event_from_row).collect()
 }
 
-async fn get_run(State(meta): State<MetaRegistry>, Path(id): Path<String>) -> Response {
+#[utoipa::path(get, path = "/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "Run id (UUID)")),
+    responses(
+        (status = 200, description = "The run", body = RunEvent),
+        (status = 400, description = "`id` is not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A meta-store cannot be reached", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn get_run(
+    State(meta): State<MetaRegistry>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<RunEvent>, ApiError> {
     let Ok(id) = id.parse::<Uuid>() else {
-        return problem(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::bad_param(
+            "id",
             format!("run id {id:?} is not a UUID"),
-        );
+        ));
     };
     for db in meta.all() {
-        let found = async {
-            let client = db.client().await?;
-            let row = client
-                .query_opt(
-                    &format!("SELECT {RUN_COLUMNS} FROM syncbridge_meta.runs WHERE run_id = $1"),
-                    &[&id],
-                )
-                .await?;
-            row.as_ref().map(event_from_row).transpose()
-        }
-        .await;
-        match found {
-            Ok(Some(run)) => return axum::Json(run).into_response(),
-            Ok(None) => {}
-            Err(e) => return unavailable(&e),
+        let client = db.client().await.map_err(|e| unavailable(&e))?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {RUN_COLUMNS} FROM syncbridge_meta.runs WHERE run_id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(|e| unavailable(&e.into()))?;
+        if let Some(row) = row {
+            return event_from_row(&row)
+                .map(axum::Json)
+                .map_err(|e| unavailable(&e));
         }
     }
-    problem(StatusCode::NOT_FOUND, format!("no run {id}"))
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no run {id}"),
+    ))
 }
 
 #[cfg(test)]

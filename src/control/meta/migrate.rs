@@ -20,6 +20,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/0001_runs.sql"),
     ),
     (
+        "0002_run_subject",
+        include_str!("../../../migrations/0002_run_subject.sql"),
+    ),
+    (
         "0004_run_requests",
         include_str!("../../../migrations/0004_run_requests.sql"),
     ),

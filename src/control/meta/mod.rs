@@ -8,6 +8,7 @@
 //! [`api`] serves `GET /runs` and `GET /runs/{id}`.
 
 pub mod api;
+pub mod capture_runs;
 pub mod migrate;
 pub mod projector;
 pub mod runs;

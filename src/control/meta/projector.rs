@@ -233,8 +233,9 @@ async fn upsert(client: &tokio_postgres::Client, e: &RunEvent) -> Result<(), Met
     client
         .execute(
             "INSERT INTO syncbridge_meta.runs (run_id, pipeline, kind, status, started_ms, \
-             ended_ms, updated_ms, seq, event_id, owner, reason, counts, errors, requested_by, \
-             detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ended_ms, updated_ms, seq, event_id, owner, reason, counts, errors, subject, \
+             requested_by, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, \
              ended_ms = EXCLUDED.ended_ms, updated_ms = EXCLUDED.updated_ms, seq = EXCLUDED.seq, \
              event_id = EXCLUDED.event_id, reason = EXCLUDED.reason, counts = EXCLUDED.counts, \
@@ -254,6 +255,7 @@ async fn upsert(client: &tokio_postgres::Client, e: &RunEvent) -> Result<(), Met
                 &e.reason,
                 &counts,
                 &errors,
+                &e.subject,
                 &e.by,
                 &e.detail,
             ],
@@ -310,7 +312,7 @@ pub async fn fail_orphans<L: EventLog>(
 
 /// The columns [`event_from_row`] reads, in order.
 pub(crate) const RUN_COLUMNS: &str = "run_id, pipeline, kind, status, started_ms, ended_ms, \
-     updated_ms, seq, event_id, owner, reason, counts, errors, requested_by, detail";
+     updated_ms, seq, event_id, owner, reason, counts, errors, subject, requested_by, detail";
 
 /// A projected row back into the event that made it.
 pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<RunEvent, MetaError> {
@@ -328,8 +330,9 @@ pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<RunEvent, Meta
         "reason": row.get::<_, Option<String>>(10),
         "counts": row.get::<_, serde_json::Value>(11),
         "errors": row.get::<_, serde_json::Value>(12),
-        "by": row.get::<_, Option<String>>(13),
-        "detail": row.get::<_, Option<serde_json::Value>>(14),
+        "subject": row.get::<_, Option<String>>(13),
+        "by": row.get::<_, Option<String>>(14),
+        "detail": row.get::<_, Option<serde_json::Value>>(15),
     });
     serde_json::from_value(value).map_err(|e| MetaError::Decode(e.to_string()))
 }

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use uuid::Uuid;
 
 use super::{MetaError, now_ms};
+use crate::graph::GraphUsageCounts;
 use crate::log::{EventLog, Record, TopicSpec};
 use crate::process::ProcessorStats;
 
@@ -34,11 +34,15 @@ pub fn runs_topic(prefix: &str, pipeline: &str) -> String {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
     /// A pipeline's lifetime in one process.
     Stream,
+    /// The initial snapshot of a pipeline's tables (or its resumption after a restart).
+    Snapshot,
+    /// One table read again while streaming (`POST /pipelines/{name}/snapshot`).
+    Resnapshot,
     /// `syncbridge dlq replay`.
     DlqReplay,
     /// `POST /pipelines/{name}/cursors/reset` (not a dry run).
@@ -46,12 +50,11 @@ pub enum RunKind {
 }
 
 impl RunKind {
-    /// Every kind, as `GET /runs?kind=` accepts them.
-    pub const ALL: &[RunKind] = &[RunKind::Stream, RunKind::DlqReplay, RunKind::CursorReset];
-
     pub fn as_str(self) -> &'static str {
         match self {
             RunKind::Stream => "stream",
+            RunKind::Snapshot => "snapshot",
+            RunKind::Resnapshot => "resnapshot",
             RunKind::DlqReplay => "dlq_replay",
             RunKind::CursorReset => "cursor_reset",
         }
@@ -59,7 +62,7 @@ impl RunKind {
 }
 
 /// Where a run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Running,
@@ -80,7 +83,7 @@ impl RunStatus {
 }
 
 /// A run's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct RunCounts {
     pub events: u64,
@@ -100,6 +103,26 @@ pub struct RunCounts {
     pub reread: u64,
     /// `cursor_reset`: events a consumer group will never read.
     pub skipped: u64,
+    /// `snapshot`, `resnapshot`: rows read and durable in the log.
+    pub rows: u64,
+    /// Graph requests sent (a `$batch` is one).
+    pub graph_requests: u64,
+    /// SharePoint resource units spent (graph-api.md §8.2).
+    pub resource_units: u64,
+    /// 429/503 answers from Graph.
+    pub throttled: u64,
+}
+
+impl RunCounts {
+    /// A stream run's counts: the processor's, plus what the pipeline's Graph client spent.
+    pub fn of_stream(stats: &ProcessorStats, graph: GraphUsageCounts) -> Self {
+        Self {
+            graph_requests: graph.requests,
+            resource_units: graph.resource_units,
+            throttled: graph.throttled,
+            ..Self::from(stats)
+        }
+    }
 }
 
 impl From<&ProcessorStats> for RunCounts {
@@ -122,14 +145,14 @@ impl From<&ProcessorStats> for RunCounts {
 }
 
 /// One error of a run, with when it happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunError {
     pub at_ms: i64,
     pub message: String,
 }
 
 /// One event of a run: the run's whole state after it (see the module docs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunEvent {
     pub event_id: Uuid,
     pub run_id: Uuid,
@@ -137,6 +160,10 @@ pub struct RunEvent {
     pub seq: u64,
     pub pipeline: String,
     pub kind: RunKind,
+    /// What the run is about, when its kind does not say it all (the tables of a snapshot, the
+    /// table of a re-snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub status: RunStatus,
     pub started_ms: i64,
     pub ended_ms: Option<i64>,
@@ -229,15 +256,27 @@ impl<L: EventLog> RunRecorder<L> {
         pipeline: &str,
         kind: RunKind,
     ) -> Result<Self, MetaError> {
-        Self::start_requested(log, topic, pipeline, kind, None, None).await
+        Self::start_about(log, topic, pipeline, kind, None).await
     }
 
-    /// Starts an operator's run, recording who asked and what.
+    /// Starts a run about `subject` (see [`RunEvent::subject`]).
+    pub async fn start_about(
+        log: Arc<L>,
+        topic: String,
+        pipeline: &str,
+        kind: RunKind,
+        subject: Option<String>,
+    ) -> Result<Self, MetaError> {
+        Self::start_requested(log, topic, pipeline, kind, subject, None, None).await
+    }
+
+    /// Starts an operator's run, recording who asked (`by`) and what (`detail`).
     pub async fn start_requested(
         log: Arc<L>,
         topic: String,
         pipeline: &str,
         kind: RunKind,
+        subject: Option<String>,
         by: Option<String>,
         detail: Option<serde_json::Value>,
     ) -> Result<Self, MetaError> {
@@ -248,6 +287,7 @@ impl<L: EventLog> RunRecorder<L> {
             seq: 1,
             pipeline: pipeline.to_string(),
             kind,
+            subject,
             status: RunStatus::Running,
             started_ms: now,
             ended_ms: None,
@@ -316,12 +356,13 @@ impl<L: EventLog> RunRecorder<L> {
     }
 }
 
-/// A stream run's heartbeat: appends the processor's counts every [`STREAM_UPDATE_INTERVAL`]
-/// until `stop`, then hands the recorder back for the final event. A failed
-/// append is logged and retried at the next tick: the run history must not stop the pipeline.
+/// A stream run's heartbeat: appends the run's counts (read by `counts`) every
+/// [`STREAM_UPDATE_INTERVAL`] until `stop`, then hands the recorder back for the final event. A
+/// failed append is logged and retried at the next tick: the run history must not stop the
+/// pipeline.
 pub async fn stream_heartbeat<L: EventLog>(
     mut recorder: RunRecorder<L>,
-    stats: watch::Receiver<ProcessorStats>,
+    counts: impl Fn() -> RunCounts + Send,
     stop: CancellationToken,
     interval: Duration,
 ) -> RunRecorder<L> {
@@ -333,7 +374,7 @@ pub async fn stream_heartbeat<L: EventLog>(
             () = stop.cancelled() => return recorder,
             _ = tick.tick() => {}
         }
-        let counts = RunCounts::from(&*stats.borrow());
+        let counts = counts();
         // A heartbeat also proves the owner is alive, so it is appended even without new counts.
         if let Err(e) = recorder.update(counts).await {
             warn!(pipeline = %recorder.event.pipeline, run = %recorder.event.run_id,
@@ -354,6 +395,7 @@ mod tests {
             seq: 3,
             pipeline: "p".into(),
             kind: RunKind::Stream,
+            subject: None,
             status: RunStatus::Running,
             started_ms: 1,
             ended_ms: None,

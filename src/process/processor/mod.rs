@@ -241,6 +241,11 @@ impl<L: EventLog + 'static> Processor<L> {
         })
     }
 
+    /// The table topics this processor consumes (group [`crate::process::sync_group`]).
+    pub fn input_topics(&self) -> &[String] {
+        &self.topics
+    }
+
     /// Publishes the counters to `tx` after every flush, continuing from the value it holds (a
     /// processor rebuilt after a pause keeps counting where the previous one stopped).
     pub fn publish_stats(&mut self, tx: tokio::sync::watch::Sender<ProcessorStats>) {

@@ -84,6 +84,33 @@ enum Command {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
     },
+    /// Describe the source database(s) of the pipelines from their catalogs: tables, columns
+    /// (types, nullability, defaults), keys, foreign keys, indexes, replica identity and
+    /// publication membership. Connects to the source itself (no running process needed).
+    /// `--json`: one document per database per line, as `GET /catalog/{database}/tables`.
+    Catalog {
+        #[arg(required = true, value_name = "PIPELINE.yaml")]
+        files: Vec<PathBuf>,
+        /// Only this database (a source database name); default: every one.
+        #[arg(long)]
+        database: Option<String>,
+        /// Only the tables of this schema.
+        #[arg(long)]
+        schema: Option<String>,
+        /// Only this table, `schema.table` (as `GET /catalog/{database}/tables/{table}`).
+        #[arg(long, value_name = "SCHEMA.TABLE", conflicts_with = "schema")]
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the pipeline files sync: applications (labels.application) → databases → instances
+    /// → tables with their lists. `--json`: as `GET /inventory`.
+    Inventory {
+        #[arg(required = true, value_name = "PIPELINE.yaml")]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Where the running pipeline's cursors stand: its replication slot, every consumer group per
     /// partition (committed, end, lag) and every list's delta link; `cursors reset` moves one
     /// (try `--dry-run` first: it prints the blast radius and changes nothing).
@@ -264,6 +291,29 @@ fn main() -> ExitCode {
             })
         }
         Command::Dlq { action } => dlq(action),
+        Command::Catalog {
+            files,
+            database,
+            schema,
+            table,
+            json,
+        } => catalog(&files, database, schema, table, json),
+        Command::Inventory { files, json } => match config::load_files(&files) {
+            Ok(pipelines) => {
+                use syncbridge::control::catalog;
+                let inv = catalog::project(&pipelines);
+                if json {
+                    println!("{}", serde_json::to_string(&inv).unwrap_or_default());
+                } else {
+                    print!("{}", catalog::text::inventory(&inv));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(report) => {
+                print_report(&report);
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
+        },
         Command::Conflicts {
             action: Some(ConflictsAction::List { file, parked, json }),
             ..
@@ -575,6 +625,81 @@ fn resolve(file: &std::path::Path, id: &str, take: TakeArg, by: Option<String>) 
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// `catalog FILES [--database D] [--schema S | --table S.T] [--json]`: reads each source
+/// database's catalog itself. Exit 2: a `--database` or `--table` that names nothing.
+fn catalog(
+    files: &[PathBuf],
+    database: Option<String>,
+    schema: Option<String>,
+    table: Option<String>,
+    json: bool,
+) -> ExitCode {
+    use syncbridge::control::catalog::{self, Filter, inventory};
+    let pipelines = match config::load_files(files) {
+        Ok(p) => p,
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let names = inventory::database_names(&pipelines);
+    let names: Vec<String> = match database {
+        Some(d) if names.contains(&d) => vec![d],
+        Some(d) => {
+            eprintln!(
+                "error: no pipeline reads a database named {d:?} (these do: {})",
+                names.join(", ")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => names,
+    };
+    let filter = match table.as_deref().map(catalog::parse_table_name) {
+        Some(Ok((schema, name))) => Filter {
+            schema: Some(schema),
+            table: Some(name),
+        },
+        Some(Err(e)) => {
+            eprintln!("error: --table {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => {
+            if let Some(Err(e)) = schema.as_deref().map(catalog::check_name) {
+                eprintln!("error: --schema {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            Filter {
+                schema,
+                table: None,
+            }
+        }
+    };
+    let mut found = false;
+    let code = block_on(|_| async {
+        for name in &names {
+            let c = catalog::database_catalog(&pipelines, name, &filter).await?;
+            found |= !c.tables.is_empty();
+            match (&filter.table, c.tables.first()) {
+                (Some(_), None) => {}
+                (Some(_), Some(t)) if json => println!("{}", serde_json::to_string(t)?),
+                (Some(_), Some(t)) => print!("{}", catalog::text::table(t)),
+                (None, _) if json => println!("{}", serde_json::to_string(&c)?),
+                (None, _) => print!("{}", catalog::text::database(&c)),
+            }
+        }
+        Ok(())
+    });
+    if code == ExitCode::SUCCESS && !found && filter.table.is_some() {
+        eprintln!(
+            "error: no table {} in {}",
+            table.unwrap_or_default(),
+            names.join(", ")
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    code
 }
 
 /// `validate --db`: the offline checks, then the database checks of each pipeline.

@@ -171,7 +171,8 @@ pub async fn run(
     };
     let control_task = tokio::spawn(control::run(
         listener,
-        control::router(registries.clone(), prometheus),
+        control::router(registries.clone(), prometheus)
+            .merge(control::catalog::routes(pipelines.clone())),
         auth,
         control_stop.clone(),
     ));
@@ -305,7 +306,7 @@ async fn start_all(
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
-        registries.pipelines.register(PipelineHandle::new(
+        let handle = PipelineHandle::new(
             &p.name,
             log.clone(),
             topic_prefix(p),
@@ -314,11 +315,18 @@ async fn start_all(
             stats.clone(),
             usage.clone(),
             p.graph.ru_per_minute,
-        ));
+        );
+        registries.pipelines.register(handle.clone());
+        m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
+        // Ends with the processor's stop; the gauge keeps its last value.
+        tokio::spawn(crate::control::pipelines::export_lag(
+            handle,
+            process_stop.clone(),
+        ));
         let pollers_stop = CancellationToken::new();
         let capture_config = capture_config(p);
         capture_config

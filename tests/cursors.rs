@@ -21,7 +21,7 @@
 use serde_json::{Value, json};
 
 mod common;
-use common::MetaDatabase;
+use common::TempDatabase;
 #[path = "common/harness.rs"]
 mod harness;
 use harness::{Harness, cli_with_env, hard_timeout, writes};
@@ -83,8 +83,8 @@ async fn setup(
     rows: u32,
     pull: bool,
     log: impl FnOnce(&Harness) -> String,
-) -> (MetaDatabase, Harness, String, String, std::path::PathBuf) {
-    let meta_db = MetaDatabase::create().await;
+) -> (TempDatabase, Harness, String, String, std::path::PathBuf) {
+    let meta_db = TempDatabase::create("sbmetacur").await;
     let mut h = Harness::new(tag).await;
     let (t, list) = h.titled_table(rows).await;
     let sync = format!(

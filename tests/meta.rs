@@ -8,18 +8,24 @@
 //! schema cannot disturb other tests). A test FAILS (never skips) when it is unset.
 
 use serde_json::Value;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, NoTls};
 
 mod common;
 #[path = "common/harness.rs"]
 mod harness;
-use common::{MetaDatabase, connect};
+use common::TempDatabase as MetaDatabase;
 use harness::{Harness, hard_timeout};
+
+async fn connect(url: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    c
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_and_safe_when_started_concurrently() {
     hard_timeout(120, async {
-        let db = MetaDatabase::create().await;
+        let db = MetaDatabase::create("sbmeta").await;
         // Four "processes" at once: each migration is applied exactly once, none fails.
         let runs = futures::future::join_all(
             (0..4).map(|_| syncbridge::control::meta::migrate::migrate(&db.url)),
@@ -119,7 +125,7 @@ async fn setup(
     rows: u32,
     log: impl FnOnce(&Harness) -> String,
 ) -> (MetaDatabase, Harness, String, std::path::PathBuf) {
-    let meta_db = MetaDatabase::create().await;
+    let meta_db = MetaDatabase::create("sbmeta").await;
     let mut h = Harness::new(tag).await;
     let (t, list) = h.titled_table(rows).await;
     let sync = format!(

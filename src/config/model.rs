@@ -4,6 +4,7 @@
 //! [`Secret`] and [`PgUrl`], whose `Debug`, `Display` and `Serialize` never reveal them, so the
 //! whole config can be logged or served by the API as is.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,15 @@ pub const SYSTEM_FIELDS: &[&str] = &[
 ];
 /// The hidden column SyncBridge keeps on every item (DESIGN §6); it cannot be mapped.
 pub const SYNC_KEY_FIELD: &str = "SyncKey";
+/// The label that names a pipeline's application: the inventory's top level.
+pub const APPLICATION_LABEL: &str = "application";
+/// Label keys: a lower-case letter, then lower-case letters, digits, `_`, `.`, `-`. Lower case
+/// and no spaces so a key reads the same in YAML, JSON, URLs and Prometheus-style selectors.
+pub const LABEL_KEY_PATTERN: &str = r"^[a-z][a-z0-9_.-]{0,62}$";
+/// 63 characters, PostgreSQL's identifier limit, so a key can become a column name as is.
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+/// Labels are names and short descriptions shown in one line of a table, not documents.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
 
 /// A secret value. `Debug`, `Display` and `Serialize` print `***`; call [`Secret::expose`] to use it.
 #[derive(Clone, PartialEq, Eq)]
@@ -99,6 +109,11 @@ impl Serialize for Secret {
     }
 }
 
+/// libpq connects here when a URL names no host (its Unix socket, shown as this name).
+pub const DEFAULT_PG_HOST: &str = "localhost";
+/// PostgreSQL's registered port, libpq's default.
+pub const DEFAULT_PG_PORT: u16 = 5432;
+
 /// A `postgres://` URL whose password (in the user info or a `password=` query parameter) is
 /// redacted by `Debug`, `Display` and `Serialize`; [`PgUrl::expose`] gives the full URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -117,6 +132,39 @@ impl PgUrl {
     pub fn expose(&self) -> &str {
         self.0.as_str()
     }
+    fn param(&self, key: &str) -> Option<String> {
+        self.0
+            .query_pairs()
+            .find(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
+    }
+
+    /// The database name as libpq resolves it: `dbname=` in the query, else the URL's path
+    /// (percent-decoded), else the user name (libpq's default database).
+    pub fn database(&self) -> String {
+        let path = decode(self.0.path().trim_start_matches('/'));
+        self.param("dbname")
+            .or((!path.is_empty()).then_some(path))
+            .or_else(|| self.param("user"))
+            .unwrap_or_else(|| decode(self.0.username()))
+    }
+
+    /// The server as `(host, port)`: `host=` / `port=` in the query, else the URL's, else
+    /// libpq's defaults (`localhost`, 5432). Holds no user name or password.
+    pub fn server(&self) -> (String, u16) {
+        let host = self
+            .param("host")
+            .or_else(|| self.0.host_str().map(str::to_owned))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| DEFAULT_PG_HOST.to_owned());
+        let port = self
+            .param("port")
+            .and_then(|p| p.parse().ok())
+            .or(self.0.port())
+            .unwrap_or(DEFAULT_PG_PORT);
+        (host, port)
+    }
+
     /// The URL with passwords replaced by `***`.
     pub fn redacted(&self) -> String {
         let mut url = self.0.clone();
@@ -176,6 +224,15 @@ pub struct PipelineConfig {
     pub sync: Vec<SyncEntry>,
     pub control: ControlConfig,
     pub guard: GuardConfig,
+    /// `labels:` (checked keys and values); empty when the file has none.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PipelineConfig {
+    /// `labels.application`, which groups pipelines into applications in the inventory.
+    pub fn application(&self) -> Option<&str> {
+        self.labels.get(APPLICATION_LABEL).map(String::as_str)
+    }
 }
 
 /// The PostgreSQL database the tables live in.

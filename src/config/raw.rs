@@ -64,9 +64,11 @@ pub struct PipelineFile {
     /// When a pipeline pauses itself instead of carrying on.
     #[serde(default)]
     pub guard: Option<GuardFile>,
+    #[serde(default)]
+    pub labels: Option<LabelsFile>,
 }
 pub const PIPELINE_KEYS: &[&str] = &[
-    "version", "name", "source", "log", "graph", "sync", "control", "guard",
+    "version", "name", "source", "log", "graph", "sync", "control", "guard", "labels",
 ];
 
 /// The PostgreSQL source database.
@@ -335,6 +337,34 @@ pub struct DeadLetterGuardFile {
 }
 pub const DEAD_LETTER_GUARD_KEYS: &[&str] = &["consecutive", "window", "max_percent"];
 
+/// `labels:`: free-form `key: value` strings, in file order (`application` groups pipelines in
+/// the inventory). Keys and values are checked by validation, not here.
+#[derive(Debug, Default)]
+pub struct LabelsFile(pub Vec<(Sp<String>, Sp<String>)>);
+
+impl JsonSchema for LabelsFile {
+    fn schema_name() -> Cow<'static, str> {
+        "Labels".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        use super::model::{LABEL_KEY_PATTERN, MAX_LABEL_VALUE_LEN};
+        let value =
+            json_schema!({ "type": "string", "minLength": 1, "maxLength": MAX_LABEL_VALUE_LEN });
+        json_schema!({
+            "description": "Free-form labels of the pipeline: `key: value` strings. `application` names the application the pipeline belongs to (the inventory groups databases by it).",
+            "type": "object",
+            "properties": {
+                "application": {
+                    "description": "The application this pipeline's database belongs to, e.g. `billing`.",
+                    "type": "string", "minLength": 1, "maxLength": MAX_LABEL_VALUE_LEN
+                }
+            },
+            "propertyNames": { "pattern": LABEL_KEY_PATTERN },
+            "additionalProperties": value,
+        })
+    }
+}
+
 /// What the reader recovered from a file: every section that could be read.
 #[derive(Debug, Default)]
 pub struct PartialFile {
@@ -347,6 +377,7 @@ pub struct PartialFile {
     pub sync: Vec<SyncFile>,
     pub control: Option<ControlFile>,
     pub guard: Option<GuardFile>,
+    pub labels: Option<LabelsFile>,
 }
 
 /// Collects problems while reading.
@@ -654,7 +685,23 @@ impl Reader {
         }
         file.control = m.get("control").and_then(|n| self.control(n, "control"));
         file.guard = m.get("guard").and_then(|n| self.guard(n, "guard"));
+        file.labels = m.get("labels").and_then(|n| self.labels(n, "labels"));
         file
+    }
+
+    /// `labels:` as a mapping of scalar values; a duplicate key is reported at its second use.
+    fn labels(&mut self, node: &Node, path: &str) -> Option<LabelsFile> {
+        let entries = self.free_map(node, path, "a mapping of key: value", |key, first| {
+            format!("duplicate key `{key}` in `{path}` (first at {first})")
+        })?;
+        let labels = entries
+            .into_iter()
+            .filter_map(|(key, v)| {
+                let value = self.string(v, &join(path, &key.value))?;
+                Some((key, value))
+            })
+            .collect();
+        Some(LabelsFile(labels))
     }
 
     fn source(&mut self, node: &Node, path: &str) -> Option<SourceFile> {
@@ -805,35 +852,14 @@ impl Reader {
     }
 
     fn fields(&mut self, node: &Node, path: &str) -> Option<FieldsFile> {
-        let Kind::Map(entries) = &node.kind else {
-            self.err(
-                node.loc,
-                format!(
-                    "`{path}`: expected a mapping of column: field, found {}",
-                    node.kind_name()
-                ),
-            );
-            return None;
-        };
-        if entries.is_empty() {
+        let entries = self.free_map(node, path, "a mapping of column: field", |c, first| {
+            format!("column `{c}` is mapped twice in `{path}` (first at {first})")
+        })?;
+        if matches!(&node.kind, Kind::Map(e) if e.is_empty()) {
             self.err(node.loc, format!("`{path}`: map at least one column"));
         }
         let mut out: Vec<(Sp<String>, FieldValueFile)> = Vec::new();
-        for (k, v) in entries {
-            let Some(column) = self.key(k) else { continue };
-            if let Some((first, _)) = out.iter().find(|(c, _)| c.value == column) {
-                let first = first.loc;
-                self.err(
-                    k.loc,
-                    format!("column `{column}` is mapped twice in `{path}` (first at {first})"),
-                );
-                continue;
-            }
-            let column = Sp {
-                value: column.to_owned(),
-                loc: k.loc,
-                interpolated: false,
-            };
+        for (column, v) in entries {
             let path = join(path, &column.value);
             let value = match &v.kind {
                 Kind::Map(_) => self.field_spec(v, &path).map(FieldValueFile::Spec),
@@ -844,6 +870,42 @@ impl Reader {
             }
         }
         Some(FieldsFile(out))
+    }
+
+    /// The entries of a mapping whose keys are the author's (`fields:`, `labels:`), in file
+    /// order, each key as a located string; a key used again is reported with `twice(key,
+    /// first)` and dropped. `None` (reported, expecting `what`) when `node` is no mapping.
+    fn free_map<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        what: &str,
+        twice: impl Fn(&str, Loc) -> String,
+    ) -> Option<Vec<(Sp<String>, &'n Node)>> {
+        let Kind::Map(entries) = &node.kind else {
+            let found = node.kind_name();
+            self.err(
+                node.loc,
+                format!("`{path}`: expected {what}, found {found}"),
+            );
+            return None;
+        };
+        let mut out: Vec<(Sp<String>, &'n Node)> = Vec::new();
+        for (k, v) in entries {
+            let Some(key) = self.key(k) else { continue };
+            if let Some((first, _)) = out.iter().find(|(c, _)| c.value == key) {
+                let message = twice(key, first.loc);
+                self.err(k.loc, message);
+                continue;
+            }
+            let key = Sp {
+                value: key.to_owned(),
+                loc: k.loc,
+                interpolated: false,
+            };
+            out.push((key, v));
+        }
+        Some(out)
     }
 
     fn field_spec(&mut self, node: &Node, path: &str) -> Option<FieldSpecFile> {

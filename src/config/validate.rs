@@ -3,7 +3,7 @@
 //! No IO happens here. Every section is checked even when another one is broken, and every
 //! problem is reported; the typed config is built only when there are none.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -59,6 +59,51 @@ fn http_url(r: &mut Reader, s: &Sp<String>, path: &str) -> Option<Url> {
             None
         }
     }
+}
+
+/// A label key: see [`LABEL_KEY_PATTERN`].
+pub fn is_label_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    key.len() <= MAX_LABEL_KEY_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
+}
+
+/// `labels:`: keys match [`LABEL_KEY_PATTERN`]; values are 1 to [`MAX_LABEL_VALUE_LEN`]
+/// characters (surrounding blanks trimmed) on one line.
+fn check_labels(r: &mut Reader, labels: Option<&LabelsFile>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (key, value) in labels.map(|l| l.0.as_slice()).unwrap_or_default() {
+        if !is_label_key(&key.value) {
+            r.issues.push((
+                key.loc,
+                format!(
+                    "`labels`: key {} must start with a lower-case letter and hold only a-z 0-9 _ . - (at most {MAX_LABEL_KEY_LEN} characters)",
+                    shown(&key.value, false)
+                ),
+            ));
+            continue;
+        }
+        let text = value.value.trim();
+        let path = format!("labels.{}", key.value);
+        let why = if text.is_empty() {
+            Some("must not be empty".to_owned())
+        } else if text.chars().count() > MAX_LABEL_VALUE_LEN {
+            Some(format!("is longer than {MAX_LABEL_VALUE_LEN} characters"))
+        } else if text.chars().any(char::is_control) {
+            Some("must be one line without control characters".to_owned())
+        } else {
+            None
+        };
+        match why {
+            Some(why) => r.issues.push((value.loc, format!("`{path}` {why}"))),
+            None => {
+                out.insert(key.value.clone(), text.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// `guard:`; every value falls back to its named default.
@@ -230,6 +275,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         Some(u) => check_pg_url(r, u, "control.meta_url"),
     };
     let guard = check_guard(r, f.guard.as_ref());
+    let labels = check_labels(r, f.labels.as_ref());
     if r.issues.len() != before {
         return None;
     }
@@ -246,6 +292,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             meta_url: meta_url?,
         },
         guard,
+        labels,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;

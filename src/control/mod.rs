@@ -23,6 +23,9 @@
 //! `kind`, `reason`, `at`, `since_ms`); `POST /pipelines/{name}/resume` restarts the processor from
 //! its committed offsets (200 with the pause it ended; 409 not paused; 404 unknown pipeline).
 //!
+//! Inventory and catalog ([`catalog`]): `GET /inventory` (applications → databases → instances →
+//! tables of the loaded pipelines) and `GET /catalog/{database}/tables[/{schema.table}]` (the
+//! source database's tables, keys, indexes, replica identity and publication membership).
 //! Cursors: `GET /pipelines/{name}/cursors` and `POST /pipelines/{name}/cursors/reset` (with a dry
 //! run) are in [`cursors`], with their own state, merged into [`router`].
 //!
@@ -38,6 +41,7 @@
 //! instead of after a snapshot has begun.
 
 pub mod auth;
+pub mod catalog;
 pub mod client;
 pub mod cursors;
 pub mod meta;
@@ -617,7 +621,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(run(
             listener,
-            router(registries, prometheus),
+            router(registries, prometheus).merge(catalog::routes(Vec::new())),
             Auth::new(&tokens),
             stop.clone(),
         ));

@@ -364,7 +364,8 @@ impl GraphClient {
             Lane::Writer => "writer",
             Lane::Delta => "delta",
         };
-        metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane).increment(units);
+        metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane, "tenant" => inner.limiter.tenant().to_string())
+            .increment(units);
         let usage = &inner.usage;
         usage.resource_units.fetch_add(units, Ordering::Relaxed);
         usage.requests.fetch_add(1, Ordering::Relaxed);

@@ -98,52 +98,53 @@ pub fn block_on_own_runtime<F: std::future::Future<Output = ()> + Send + 'static
     .join();
 }
 
-/// A database of its own for one test's meta-store (`control.meta_url`); dropped on drop. Tests
-/// that start `syncbridge run` point `meta_url` here, so the migrations of the branch under test
-/// never reach the shared database's `syncbridge_meta`, which other runs migrate too.
-pub struct MetaDatabase {
+/// A database of its own on the stack's server (e.g. for `control.meta_url`, so that migrations
+/// another branch applied to the shared database cannot stop a run); dropped on drop.
+pub struct TempDatabase {
     pub name: String,
     pub url: String,
 }
 
-impl MetaDatabase {
-    pub async fn create() -> MetaDatabase {
-        let name = format!("sbmeta_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let admin = connect(&database_url()).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+impl TempDatabase {
+    /// `CREATE DATABASE <prefix>_<random>`.
+    pub async fn create(prefix: &str) -> TempDatabase {
+        let name = format!(
+            "{prefix}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let (c, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
         let mut url: url::Url = database_url().parse().unwrap();
         url.set_path(&format!("/{name}"));
-        MetaDatabase {
+        TempDatabase {
             name,
             url: url.to_string(),
         }
     }
 }
 
-impl Drop for MetaDatabase {
+impl Drop for TempDatabase {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        block_on_own_runtime(async move {
-            if let Ok((c, conn)) =
-                tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
-            {
-                tokio::spawn(conn);
-                let _ = c
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            }
-        });
+        execute_best_effort(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
 }
 
-/// A plain connection to `url` (its driver task spawned).
-pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    c
+/// Runs `sql` on the stack's database, ignoring failures; blocking, on a runtime of its own, so
+/// it is safe in `Drop` (clean-up of what a test created).
+pub fn execute_best_effort(sql: String) {
+    block_on_own_runtime(async move {
+        if let Ok((c, conn)) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            let _ = c.batch_execute(&sql).await;
+        }
+    });
 }

@@ -123,7 +123,12 @@ impl<L: EventLog + 'static> Processor<L> {
         let pending = self.pending.values().flat_map(|p| p.offsets.iter());
         let held = self.held_positions();
         let floor = lowest(pending.map(|(tp, off)| (tp.clone(), *off)).chain(held));
-        commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await
+        commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await?;
+        // Set on every commit round, even one that had nothing to move: "the processor is alive
+        // and caught up" and "stalled" must look different.
+        metrics::gauge!(m::PUSH_LAST_COMMIT_TIMESTAMP, "pipeline" => self.cfg.pipeline.name.clone())
+            .set(crate::telemetry::unix_seconds());
+        Ok(())
     }
 
     /// One flush: list edits, then the pending rows stage by stage. A retryable failure of one

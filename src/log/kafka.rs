@@ -650,10 +650,7 @@ impl EventLog for KafkaLog {
         blocking(move || {
             // A separate short-lived consumer: asking a live group member can hang its close on
             // some brokers (tansu), and this one never joins the group.
-            let mut cc = cfg.client_config();
-            cc.set("group.id", &group)
-                .set("enable.auto.commit", "false");
-            let c: BaseConsumer = cc.create()?;
+            let c = group_client(&cfg, &group)?;
             let res = c.committed_offsets(tpl, cfg.request_timeout);
             close_detached(c);
             let mut out = CommittedOffsets::new();
@@ -724,10 +721,7 @@ impl EventLog for KafkaLog {
         let logical = group.to_owned();
         let group = cfg.physical_name(group);
         blocking(move || {
-            let mut cc = cfg.client_config();
-            cc.set("group.id", &group)
-                .set("enable.auto.commit", "false");
-            let c: BaseConsumer = cc.create()?;
+            let c = group_client(&cfg, &group)?;
             // A member of the group would overwrite the positions with its next commit.
             let live = c
                 .fetch_group_list(Some(&group), cfg.request_timeout)
@@ -856,6 +850,14 @@ impl Drop for KafkaConsumer {
             close_detached_then(c, || {});
         }
     }
+}
+
+/// A client in `group` (physical name) that never joins it: it reads or stores the group's
+/// offsets only.
+fn group_client(cfg: &KafkaLogConfig, group: &str) -> Result<BaseConsumer, LogError> {
+    let mut cc = cfg.client_config();
+    cc.set("group.id", group).set("enable.auto.commit", "false");
+    Ok(cc.create()?)
 }
 
 /// The first offset of `physical`/`p` from `from` (below `end`) whose record timestamp is at or

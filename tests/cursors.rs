@@ -478,8 +478,16 @@ async fn a_list_delta_link_reset_reenumerates_the_list_without_writes() {
             )
             .await
         };
-        // Our own creates came back through the delta feed already (echoes).
-        let received_before = items_received().await;
+        // Our own creates come back through the delta feed (echoes): let them all arrive first
+        // (five polls in a row with nothing new).
+        let mut received_before = items_received().await;
+        let mut quiet = 0;
+        while quiet < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let now = items_received().await;
+            quiet = if now == received_before { quiet + 1 } else { 0 };
+            received_before = now;
+        }
 
         let (status, dry) = api
             .reset(

@@ -14,6 +14,9 @@
 //! 4. `the_slot_moves_forward_while_capture_does_not_hold_it`: capture's walsender is ended and
 //!    the reset retried until it lands in the reconnect gap; the slot is then at the target and
 //!    capture streams on from it.
+//! 5. `a_reset_while_paused_applies_and_the_pipeline_stays_paused_until_resumed`: a dead-letter
+//!    storm pauses; `to: latest` skips the held events at once, the pause stands; after the fix
+//!    and `syncbridge resume` only later changes sync. With no token, `by` says so.
 //!
 //! Needs `DATABASE_URL` (and `KAFKA_BROKERS` for the Kafka test). Each test's meta-store is a
 //! database of its own. A test FAILS (never skips) when a variable is unset.
@@ -579,6 +582,73 @@ async fn the_slot_moves_forward_while_capture_does_not_hold_it() {
             h.items(&list).await.len() == 4
         })
         .await;
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_while_paused_applies_and_the_pipeline_stays_paused_until_resumed() {
+    hard_timeout(240, async {
+        let mut h = Harness::new("cursz").await;
+        let t = h.t("t");
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text, link text);
+             INSERT INTO public.{t} SELECT g, 'row ' || g, 'https://example.com/' || g
+               FROM generate_series(1, 30) g;"
+        ))
+        .await;
+        h.tables.push(format!("public.{t}"));
+        // Every write is rejected (hyperlinks, graph-api.md §5.7): a dead-letter storm pauses.
+        h.emulator_limits(json!({ "hyperlink_writes": false }))
+            .await;
+        let list = format!("Z {}", h.name);
+        let file = h.pipeline(
+            &h.embedded_log(),
+            &format!(
+                "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      link: {{ field: Link, type: hyperlink }}\n    pull: {{ enabled: false }}"
+            ),
+        );
+        h.start(&file);
+        let pause_path = format!("/pipelines/{}/pause", h.name);
+        let api = Api {
+            base: format!("http://127.0.0.1:{}", h.control_port),
+            client: reqwest::Client::new(),
+        };
+        wait_value(&h, &api, "the pause", &pause_path, |p| p["paused"] == true).await;
+
+        // Skip every held event: the reset is granted at once (the processor is stopped).
+        let (status, moved) = api
+            .reset(&h.name, json!({ "group": "sync", "to": "latest" }))
+            .await;
+        assert_eq!(status, 200, "{moved:#}\n{}", h.run_log());
+        assert_eq!(moved["events_skipped"], 30, "{moved:#}");
+        let still = api.try_get(&pause_path).await.unwrap();
+        assert_eq!(still["paused"], true, "a reset does not resume: {still:#}");
+        let run = wait_value(
+            &h,
+            &api,
+            "the cursor_reset run",
+            &format!("/runs/{}", moved["run_id"].as_str().unwrap()),
+            |r| r["status"] == "succeeded",
+        )
+        .await;
+        assert_eq!(run["by"], "anonymous (open API)", "{run:#}");
+
+        // After the fix and the resume, the skipped events stay skipped; new ones sync.
+        h.emulator_limits(json!({ "hyperlink_writes": true })).await;
+        let (code, out, err) = h.cli(&["resume", file.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "resume: {out}{err}");
+        h.sql(&format!(
+            "INSERT INTO public.{t} VALUES (31, 'row 31', 'https://example.com/31')"
+        ))
+        .await;
+        h.wait_for("the row inserted after the resume", || async {
+            h.items(&list).await.len() == 1
+        })
+        .await;
+        let items = h.items(&list).await;
+        assert_eq!(items[0].1["Title"], "row 31", "{items:?}");
         h.stop().await;
     })
     .await;

@@ -23,13 +23,13 @@ use crate::capture::snapshot::{FileProgress, ObservedProgress};
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::meta::{
-    self, MetaError, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
+    self, MetaError, Projection, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
 };
 use crate::control::pipelines::PipelineHandle;
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
-use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
+use crate::log::{self, AnyLog, EmbeddedLogConfig, EventLog, KafkaLogConfig, LogError};
 use crate::process::guard::PauseHandle;
 use crate::process::hold::{HoldHandle, HoldRequests, grant};
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
@@ -78,6 +78,10 @@ pub enum RuntimeError {
     #[error("no pipeline to run")]
     Empty,
 }
+
+/// Set (to anything) to run without the ledger audit trail (`crate::process::audit`): only for
+/// `ops/bench push`, which compares the push path with and without it. Row history stays empty.
+pub const NO_AUDIT_ENV: &str = "SYNCBRIDGE_BENCH_NO_AUDIT";
 
 /// Environment variable with extra librdkafka client properties (`k=v,k=v`).
 pub const KAFKA_PROPERTIES_ENV: &str = "SYNCBRIDGE_KAFKA_PROPERTIES";
@@ -664,7 +668,8 @@ struct History {
 const PROJECTOR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Migrates the meta-store, catches its projection up with the runs topic, marks the runs of a
-/// process that ended failed, starts the projector and this process's stream run.
+/// process that ended failed, starts the projectors (runs and audit, one task) and this
+/// process's stream run.
 async fn start_history(
     p: &PipelineConfig,
     log: &Arc<AnyLog>,
@@ -672,7 +677,8 @@ async fn start_history(
 ) -> Result<History, MetaError> {
     let url = p.control.meta_url.expose();
     meta::migrate::migrate(url).await?;
-    registries.meta.register(url);
+    let tables = p.sync.iter().map(|e| e.table.to_string()).collect();
+    registries.meta.register_pipeline(&p.name, url, tables);
     // A connection of the projector's own: it wraps each record in BEGIN/COMMIT, which a
     // connection shared with the API's reads would interleave with.
     let db = meta::MetaDb::new(url);
@@ -680,12 +686,42 @@ async fn start_history(
     meta::runs::ensure_runs_topic(&**log, &topic).await?;
     // The embedded log is locked to this process: any run still `running` is a dead one's.
     let exclusive = matches!(p.log, config::LogConfig::Embedded { .. });
-    let mut projector =
-        Projector::open(log.clone(), topic.clone(), &p.name, db.clone(), !exclusive).await?;
+    let mut projector = Projector::open(
+        log.clone(),
+        topic.clone(),
+        &p.name,
+        db.clone(),
+        !exclusive,
+        Projection::Runs,
+    )
+    .await?;
     projector.catch_up(PROJECTOR_CATCH_UP).await?;
     meta::projector::fail_orphans(&**log, &topic, &db, &p.name, exclusive).await?;
+    // The audit projector is not waited for: its backlog (one record per row change, the whole
+    // topic after the schema was dropped) must not delay the start.
+    let audit_topic = process::audit::audit_topic(topic_prefix(p), &p.name);
+    log.ensure_topic(&log::TopicSpec::new(
+        audit_topic.clone(),
+        process::audit::AUDIT_PARTITIONS,
+    ))
+    .await?;
+    let audit = Projector::open(
+        log.clone(),
+        audit_topic,
+        &p.name,
+        meta::MetaDb::new(url),
+        !exclusive,
+        Projection::Audit,
+    )
+    .await?
+    .with_retention(p.control.audit_retention);
     let projector_stop = CancellationToken::new();
-    let projector = tokio::spawn(projector.run(projector_stop.clone(), !exclusive));
+    let (stop, sweep) = (projector_stop.clone(), !exclusive);
+    let projector = tokio::spawn(async move {
+        let (runs, audit) =
+            tokio::join!(projector.run(stop.clone(), sweep), audit.run(stop, false));
+        Ok::<u64, MetaError>(runs? + audit?)
+    });
     let recorder = RunRecorder::start(log.clone(), topic, &p.name, RunKind::Stream).await?;
     info!(pipeline = %p.name, run = %recorder.run_id(), "stream run started");
     Ok(History {
@@ -775,12 +811,14 @@ async fn prepare_processor(
             Err(e) => return Err(e),
         }
     };
-    let config = ProcessorConfig::new(
+    let mut config = ProcessorConfig::new(
         p.clone(),
         topic_prefix(p),
         TABLE_TOPIC_PARTITIONS,
         state_dir(p),
     );
+    // Only `ops/bench push` turns it off, to print what the audit trail costs.
+    config.audit = std::env::var(NO_AUDIT_ENV).is_err();
     // One delta poller per list of every entry that pulls. A list this run created is empty, so
     // its poller starts from `token=latest`; an existing list is read in full once (items people
     // made before become rows; ours are recognised by the ledger) when no cursor is stored yet.

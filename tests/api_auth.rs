@@ -296,7 +296,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
             report.display().to_string(),
             "--no-color".into(),
         ];
-        let out = tokio::task::spawn_blocking(move || Command::new(st).args(&args).output())
+        // In the test's own directory: schemathesis keeps a `.schemathesis/` cache in its working
+        // directory, which must not land in the checkout.
+        let cwd = h.dir.path().to_path_buf();
+        let out = tokio::task::spawn_blocking(move || Command::new(st).args(&args).current_dir(cwd).output())
             .await
             .unwrap()
             .expect("run schemathesis");

@@ -30,6 +30,13 @@ pub const DEFAULT_PULL_ENABLED: bool = true;
 pub const DEFAULT_ON_DELETE: OnDelete = OnDelete::Delete;
 /// Loopback by default: health and metrics are unauthenticated and must be exposed on purpose.
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8088";
+/// Audit records (`GET …/rows/{table}/{key}/history`) are kept 30 days: long enough to answer
+/// "what happened to this row" about last month's incident, while a busy pipeline's audit table
+/// (one row per row change) stays a bounded size. The log keeps its own retention.
+pub const DEFAULT_AUDIT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+/// Shorter than an hour would prune records before an operator could look at them.
+pub const MIN_AUDIT_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Embedded log directory: `<this>/<pipeline name>`, relative to the working directory.
 pub const DEFAULT_EMBEDDED_LOG_DIR: &str = ".syncbridge";
 /// Kafka topics are `<prefix>.<pipeline>.…` (DESIGN §2); the product name keeps them apart.
@@ -442,6 +449,40 @@ pub struct ControlConfig {
     pub tokens: Vec<ApiToken>,
     /// The meta-store database (schema `syncbridge_meta`); `source.url` unless set.
     pub meta_url: PgUrl,
+    /// How long audit records stay in the meta-store (`control.audit_retention`).
+    #[serde(serialize_with = "duration_text")]
+    pub audit_retention: std::time::Duration,
+}
+
+/// A duration as `control.audit_retention` spells it (whole days, hours, minutes or seconds).
+fn duration_text<S: Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_duration(*d))
+}
+
+/// `30d`, `12h`, `90m` or `45s`: the largest unit that divides the duration.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs > 0 && secs.is_multiple_of(n) {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
+/// Parses `<n>d`, `<n>h`, `<n>m` or `<n>s` (a whole number and one unit).
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let t = text.trim();
+    let unit = t.chars().last()?;
+    let n: u64 = t[..t.len() - unit.len_utf8()].trim().parse().ok()?;
+    let secs = match unit {
+        'd' => n.checked_mul(86_400)?,
+        'h' => n.checked_mul(3_600)?,
+        'm' => n.checked_mul(60)?,
+        's' => n,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
 }
 
 /// One bearer token of the control-plane API (`control.tokens[]`).

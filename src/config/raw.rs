@@ -284,8 +284,12 @@ pub struct ControlFile {
     /// default: `source.url`.
     #[serde(default)]
     pub meta_url: Option<Sp<Secret>>,
+    /// How long the meta-store keeps audit records (row history): a whole number with `d`,
+    /// `h`, `m` or `s`, at least `1h`; default `30d`. Older ones are pruned in the background.
+    #[serde(default)]
+    pub audit_retention: Option<Sp<String>>,
 }
-pub const CONTROL_KEYS: &[&str] = &["listen", "tokens", "meta_url"];
+pub const CONTROL_KEYS: &[&str] = &["listen", "tokens", "meta_url", "audit_retention"];
 
 /// One API token; send it as `Authorization: Bearer <token>`.
 #[derive(Debug, JsonSchema)]
@@ -956,10 +960,14 @@ impl Reader {
         let meta_url = m
             .get("meta_url")
             .and_then(|n| self.secret(n, &m.child("meta_url")));
+        let audit_retention = m
+            .get("audit_retention")
+            .and_then(|n| self.string(n, &m.child("audit_retention")));
         Some(ControlFile {
             listen,
             tokens,
             meta_url,
+            audit_retention,
         })
     }
 

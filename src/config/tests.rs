@@ -458,3 +458,41 @@ fn pg_urls_name_their_database_and_server_without_credentials() {
         (DEFAULT_PG_HOST.to_string(), DEFAULT_PG_PORT)
     );
 }
+
+#[test]
+fn audit_retention_defaults_to_30_days_parses_units_and_names_bad_values() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.control.audit_retention, DEFAULT_AUDIT_RETENTION);
+    assert_eq!(
+        serde_json::to_value(&config).unwrap()["control"]["audit_retention"],
+        "30d"
+    );
+    for (text, secs) in [
+        ("7d", 7 * 86_400),
+        ("36h", 36 * 3_600),
+        ("90m", 5_400),
+        ("3600s", 3_600),
+    ] {
+        let yaml = format!("{base}control:\n  audit_retention: {text}\n");
+        let config = load_str("t.yaml", &yaml, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+        assert_eq!(config.control.audit_retention.as_secs(), secs, "{text}");
+    }
+    assert_eq!(
+        format_duration(std::time::Duration::from_secs(5_400)),
+        "90m"
+    );
+    for (bad, says) in [
+        ("30 days", "must be a whole number with a unit"),
+        ("d", "must be a whole number with a unit"),
+        ("-1d", "must be a whole number with a unit"),
+        ("59m", "must be at least 1h"),
+    ] {
+        let yaml = format!("{base}control:\n  audit_retention: {bad}\n");
+        let got = all_problems(&yaml);
+        assert!(
+            got.len() == 1 && got[0].contains("`control.audit_retention`") && got[0].contains(says),
+            "{bad}: {got:#?}"
+        );
+    }
+}

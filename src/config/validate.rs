@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use url::Url;
 
@@ -162,6 +163,37 @@ fn check_tokens(r: &mut Reader, tokens: Option<&[TokenFile]>) -> Vec<ApiToken> {
     out
 }
 
+/// `control.audit_retention`: a duration of at least [`MIN_AUDIT_RETENTION`]; the default
+/// when absent (or wrong: the problem is reported and the config not built).
+fn check_retention(r: &mut Reader, v: Option<&Sp<String>>) -> Duration {
+    let Some(v) = v else {
+        return DEFAULT_AUDIT_RETENTION;
+    };
+    match parse_duration(&v.value) {
+        Some(d) if d >= MIN_AUDIT_RETENTION => d,
+        Some(_) => {
+            r.issues.push((
+                v.loc,
+                "`control.audit_retention` must be at least 1h (records would be pruned before \
+                 anyone could read them)"
+                    .into(),
+            ));
+            DEFAULT_AUDIT_RETENTION
+        }
+        None => {
+            r.issues.push((
+                v.loc,
+                format!(
+                    "`control.audit_retention` must be a whole number with a unit d, h, m or s \
+                     (e.g. 30d), not {:?}",
+                    v.value
+                ),
+            ));
+            DEFAULT_AUDIT_RETENTION
+        }
+    }
+}
+
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
     let mut guard = GuardConfig::default();
     let Some(g) = g else {
@@ -274,6 +306,10 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         None => source.as_ref().map(|s| s.url.clone()),
         Some(u) => check_pg_url(r, u, "control.meta_url"),
     };
+    let audit_retention = check_retention(
+        r,
+        f.control.as_ref().and_then(|c| c.audit_retention.as_ref()),
+    );
     let guard = check_guard(r, f.guard.as_ref());
     let labels = check_labels(r, f.labels.as_ref());
     if r.issues.len() != before {
@@ -290,6 +326,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             listen: control?,
             tokens,
             meta_url: meta_url?,
+            audit_retention,
         },
         guard,
         labels,

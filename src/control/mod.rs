@@ -327,6 +327,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
             conflicts,
             pauses,
         })
+        .merge(meta::history::routes(meta.clone()))
         .merge(meta::routes(meta))
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))

@@ -43,6 +43,7 @@ use super::problem::{InvalidParam, Problem};
         super::catalog::get_inventory,
         super::catalog::list_tables,
         super::catalog::get_table,
+        super::meta::history::row_history,
         super::cursors::cursors,
         super::cursors::reset,
     ),

@@ -12,6 +12,10 @@
 //! sled directory is the extreme case: everything is replayed. So sled never holds a mutation
 //! the changelog does not, and callers may treat `commit` returning `Ok` as "durable".
 //! The processor commits its input offsets only after `commit` returned.
+//!
+//! With an audit trail ([`Ledger::enable_audit`], see [`super::audit`]), `commit` first appends
+//! the audit records buffered since the last append ([`Ledger::audit`]) to the audit topic, so a
+//! change is never durable without the records that describe it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
+use super::audit::{AUDIT_PARTITIONS, AuditRecord, AuditTrail};
 use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
 
 /// One changelog partition: the processor is the only writer, and one partition keeps the
@@ -158,6 +163,8 @@ pub struct Ledger<L> {
     topic: String,
     /// Records replayed from the changelog at open (for tests and logs).
     pub replayed: u64,
+    /// Audit records waiting for the next commit (`None`: not audited).
+    audit: Option<AuditTrail>,
 }
 
 impl<L: EventLog> Ledger<L> {
@@ -173,6 +180,7 @@ impl<L: EventLog> Ledger<L> {
             log,
             topic: topic.to_string(),
             replayed: 0,
+            audit: None,
         };
         ledger.catch_up().await?;
         Ok(ledger)
@@ -272,11 +280,53 @@ impl<L: EventLog> Ledger<L> {
         self.len() == 0
     }
 
-    /// Makes `changes` durable (see the module contract). `None` removes the entry.
+    /// Audits every later commit: records passed to [`Ledger::audit`] are appended to `topic`
+    /// (created unless it exists) before the changes they describe.
+    pub async fn enable_audit(&mut self, topic: &str) -> Result<(), LedgerError> {
+        self.log
+            .ensure_topic(&TopicSpec::new(topic, AUDIT_PARTITIONS))
+            .await?;
+        self.audit = Some(AuditTrail::new(topic.to_string()));
+        Ok(())
+    }
+
+    /// Whether decisions are audited (callers skip building records when not).
+    pub fn audits(&self) -> bool {
+        self.audit.is_some()
+    }
+
+    /// Buffers a record until the next [`Ledger::commit`] or [`Ledger::flush_audit`].
+    pub fn audit(&self, record: AuditRecord) {
+        if let Some(t) = &self.audit {
+            t.push(record);
+        }
+    }
+
+    /// Appends the buffered audit records (one append), durable on return. On failure they
+    /// stay buffered, in order, for the next attempt.
+    pub async fn flush_audit(&self) -> Result<(), LedgerError> {
+        let Some(trail) = &self.audit else {
+            return Ok(());
+        };
+        let records = trail.take();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let batch = records.iter().map(AuditRecord::to_record).collect();
+        if let Err(e) = self.log.append(trail.topic(), batch).await {
+            trail.restore(records);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Makes `changes` durable (see the module contract), after the audit records buffered so
+    /// far. `None` removes the entry.
     pub async fn commit(&self, changes: Vec<(Vec<u8>, Option<Entry>)>) -> Result<(), LedgerError> {
         if changes.is_empty() {
             return Ok(());
         }
+        self.flush_audit().await?;
         let mut records = Vec::with_capacity(changes.len());
         let mut batch = sled::Batch::default();
         for (k, e) in changes {

@@ -276,6 +276,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 .increment(1);
         }
         self.stats.conflicts += 1;
+        self.audit_conflict(r);
         warn!(table = %r.table, key = %r.key, decision = %r.decision, fields = r.fields.len(), "conflict: both sides changed");
         let value = serde_json::to_vec(r).unwrap_or_default();
         self.log

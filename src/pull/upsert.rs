@@ -30,6 +30,7 @@ use super::{Applied, RowChange, RowChangeKind};
 use crate::config::SYSTEM_FIELDS;
 use crate::log::EventLog;
 use crate::process::ProcessError;
+use crate::process::audit::AuditOp;
 use crate::process::convert;
 use crate::process::ledger::{Entry, ItemRef, Provenance};
 use crate::process::processor::{Desired, Pending, Processor, hash_projection};
@@ -425,6 +426,14 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(PullOutcome::Done);
         }
         entry.hash = Some(hash_projection(&entry.projection));
+        self.audit_pull(
+            AuditOp::PullApply,
+            p,
+            &sk,
+            Some(&entry),
+            applied.commit_lsn,
+            Some("a list edit was applied to the row".into()),
+        );
         let mut changes = vec![(lkey, Some(entry))];
         if resumed_new {
             let intent_key = new_item_key(&self.tables[ti].table, p);

@@ -95,6 +95,9 @@ pub const PIPELINE_PAUSES_TOTAL: &str = "syncbridge_pipeline_pauses_total";
 pub const META_EVENTS_PROJECTED_TOTAL: &str = "syncbridge_meta_events_projected_total";
 /// Meta-store: failed attempts to project a run event, retried (counter; label: pipeline).
 pub const META_PROJECT_ERRORS_TOTAL: &str = "syncbridge_meta_project_errors_total";
+/// Meta-store: audit records the projector wrote to `syncbridge_meta.audit` (counter; label:
+/// pipeline).
+pub const META_AUDIT_PROJECTED_TOTAL: &str = "syncbridge_meta_audit_projected_total";
 /// Counter of list changes recognised as our own writes coming back (echoes), label `pipeline`.
 pub const PULL_ECHOES_TOTAL: &str = "syncbridge_pull_echoes_total";
 /// Counter of fields changed on both sides, labels `pipeline`, `policy`, `outcome` (source/target/parked).
@@ -396,6 +399,11 @@ pub fn describe_all() {
         META_PROJECT_ERRORS_TOTAL,
         Unit::Count,
         "Failed attempts to write a run event to the meta-store, retried (label: pipeline)."
+    );
+    describe_counter!(
+        META_AUDIT_PROJECTED_TOTAL,
+        Unit::Count,
+        "Audit records written to the meta-store by the projector (label: pipeline)."
     );
     describe_counter!(
         PULL_ECHOES_TOTAL,

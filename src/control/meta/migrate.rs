@@ -24,6 +24,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/0002_run_subject.sql"),
     ),
     (
+        "0003_audit",
+        include_str!("../../../migrations/0003_audit.sql"),
+    ),
+    (
         "0004_run_requests",
         include_str!("../../../migrations/0004_run_requests.sql"),
     ),

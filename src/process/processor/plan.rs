@@ -243,9 +243,11 @@ impl<L: EventLog + 'static> Processor<L> {
         // Fields of an update whose outcome was never recorded (a crash between Graph's answer
         // and the ledger) may hold either value in the item: they are always sent again.
         let uncertain = !entry.in_flight.is_empty();
+        let table = &self.tables[p.table].table;
         if !uncertain && entry.hash.as_deref() == Some(hash.as_str()) {
             self.stats.skipped_ledger += 1;
             self.skip_metric("unchanged");
+            stage.audit.extend(self.skip_record(table, p, entry));
             if entry.pending_delete.is_none() {
                 stage.done.push(k.to_vec());
             }
@@ -260,6 +262,7 @@ impl<L: EventLog + 'static> Processor<L> {
         if fields.is_empty() {
             self.stats.skipped_ledger += 1;
             self.skip_metric("unchanged");
+            stage.audit.extend(self.skip_record(table, p, entry));
             if uncertain {
                 entry.in_flight.clear();
                 stage.intents.push((k.to_vec(), Some(entry.clone())));

@@ -119,6 +119,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where the running pipeline's cursors stand: its replication slot, every consumer group per
+    /// partition (committed, end, lag) and every list's delta link; `cursors reset` moves one
+    /// (try `--dry-run` first: it prints the blast radius and changes nothing).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Cursors {
+        #[command(subcommand)]
+        action: Option<CursorsAction>,
+        #[arg(value_name = "PIPELINE.yaml", required = true)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the offline Microsoft Graph emulator (SharePoint lists) for tests and demos.
     GraphEmulator(emulator::EmulatorArgs),
     /// Print the JSON Schema of pipeline files.
@@ -170,6 +182,54 @@ enum ConflictsAction {
         /// Who decided (recorded with the resolution); default `$USER`.
         #[arg(long)]
         by: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CursorsAction {
+    /// Move one cursor of the running pipeline: a consumer group (--group with one of --to,
+    /// --offset, --shift-by, --time), the slot (--slot now|LSN, forward only) or a list's delta
+    /// link (--list: enumerate the list again). The processor's groups are moved by stopping it,
+    /// moving the offsets and restarting it. Exit 2: a bad target; 3: refused (the stage holding
+    /// the cursor runs), or no process listening.
+    Reset {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// A consumer group: sync, return, dlq-replay, or its full name.
+        #[arg(long, conflicts_with_all = ["slot", "list"], required_unless_present_any = ["slot", "list"])]
+        group: Option<String>,
+        /// The group to its earliest or latest offsets.
+        #[arg(long, value_parser = ["earliest", "latest"], requires = "group")]
+        to: Option<String>,
+        /// The group to this offset (in every selected partition).
+        #[arg(long, requires = "group")]
+        offset: Option<i64>,
+        /// The group's positions moved by N (negative: back, events are read again).
+        #[arg(long, requires = "group", allow_hyphen_values = true)]
+        shift_by: Option<i64>,
+        /// The group to the first offset at or after this RFC 3339 time.
+        #[arg(long, requires = "group")]
+        time: Option<String>,
+        /// Only this topic of the group.
+        #[arg(long, requires = "group")]
+        topic: Option<String>,
+        /// Only this partition.
+        #[arg(long, requires = "group")]
+        partition: Option<i32>,
+        /// The replication slot to `now` or an LSN (forward only).
+        #[arg(long, conflicts_with = "list")]
+        slot: Option<String>,
+        /// A list (display name or id) whose delta link goes to none.
+        #[arg(long)]
+        list: Option<String>,
+        /// Print the blast radius only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Who asks (recorded with the run); default `$USER`.
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -296,6 +356,19 @@ fn main() -> ExitCode {
         } => resolve(&file, &id, take, by),
         Command::Conflicts { .. } => {
             eprintln!("error: `syncbridge conflicts` needs a pipeline file (see --help)");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Command::Cursors {
+            action: Some(action),
+            ..
+        } => cursors_reset(action),
+        Command::Cursors {
+            action: None,
+            file: Some(file),
+            json,
+        } => cursors(&file, json),
+        Command::Cursors { .. } => {
+            eprintln!("error: `syncbridge cursors` needs a pipeline file (see --help)");
             ExitCode::from(EXIT_USAGE)
         }
         Command::GraphEmulator(args) => block_on(|shutdown| async move {
@@ -737,6 +810,38 @@ fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
 }
 
 fn resume(file: &std::path::Path) -> ExitCode {
+    use syncbridge::control::client;
+    // 409: not paused.
+    api_call(
+        file,
+        409,
+        |addr, name| async move { client::resume(addr, &name).await },
+        |name, body| {
+            let pause = &body["pause"];
+            println!(
+                "pipeline {name} resumed (it was paused: {} {})",
+                pause["kind"].as_str().unwrap_or("?"),
+                pause["reason"].as_str().unwrap_or("")
+            );
+        },
+    )
+}
+
+/// Runs one control-plane call for the pipeline of `file`; `show` prints its answer (given the
+/// pipeline's name). The HTTP status `usage` (the request did not fit: a bad target, a pipeline
+/// not paused) exits 2, any other failure 3.
+fn api_call<F, Fut>(
+    file: &std::path::Path,
+    usage: u16,
+    call: F,
+    show: impl FnOnce(&str, &serde_json::Value),
+) -> ExitCode
+where
+    F: FnOnce(std::net::SocketAddr, String) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<serde_json::Value, syncbridge::control::client::ClientError>,
+        >,
+{
     let p = match load_one(file) {
         Ok(p) => p,
         Err(code) => return code,
@@ -748,31 +853,86 @@ fn resume(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    use syncbridge::control::client::{self, ClientError};
-    match rt.block_on(client::resume(p.control.listen, &p.name)) {
+    use syncbridge::control::client::ClientError;
+    match rt.block_on(call(p.control.listen, p.name.clone())) {
         Ok(body) => {
-            let pause = &body["pause"];
-            println!(
-                "pipeline {} resumed (it was paused: {} {})",
-                p.name,
-                pause["kind"].as_str().unwrap_or("?"),
-                pause["reason"].as_str().unwrap_or("")
-            );
+            show(&p.name, &body);
             ExitCode::SUCCESS
         }
         Err(ClientError::Refused {
-            status: 409,
-            message,
-            ..
-        }) => {
+            status, message, ..
+        }) if status == usage => {
             eprintln!("error: {message}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_USAGE)
         }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// `cursors <file> [--json]`.
+fn cursors(file: &std::path::Path, json: bool) -> ExitCode {
+    use syncbridge::control::client;
+    api_call(
+        file,
+        400,
+        |addr, name| async move { client::cursors(addr, &name).await },
+        |_, body| {
+            if json {
+                println!("{body:#}");
+            } else {
+                print!("{}", syncbridge::control::cursors::text::describe(body));
+            }
+        },
+    )
+}
+
+/// `cursors reset <file> …`.
+fn cursors_reset(action: CursorsAction) -> ExitCode {
+    use syncbridge::control::client;
+    let CursorsAction::Reset {
+        file,
+        group,
+        to,
+        offset,
+        shift_by,
+        time,
+        topic,
+        partition,
+        slot,
+        list,
+        dry_run,
+        by,
+        json,
+    } = action;
+    let mut body = serde_json::json!({
+        "group": group, "to": to, "offset": offset, "shift_by": shift_by, "time": time,
+        "topic": topic, "partition": partition, "slot": slot, "list": list,
+        "dry_run": dry_run, "by": by.or_else(|| std::env::var("USER").ok()),
+    });
+    if list.is_some() {
+        body["to"] = serde_json::json!("none");
+    }
+    if let Some(o) = body.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    api_call(
+        &file,
+        400,
+        |addr, name| async move { client::reset_cursor(addr, &name, &body).await },
+        |_, answer| {
+            if json {
+                println!("{answer:#}");
+            } else {
+                print!(
+                    "{}",
+                    syncbridge::control::cursors::text::describe_reset(answer)
+                );
+            }
+        },
+    )
 }
 
 /// The one pipeline of `file`; its problems are printed and the exit code returned.

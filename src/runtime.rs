@@ -31,6 +31,7 @@ use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, EventLog, KafkaLogConfig, LogError};
 use crate::process::guard::PauseHandle;
+use crate::process::hold::{HoldHandle, HoldRequests, grant};
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
 use crate::pull::{PollerConfig, PullError, StartMode};
 use crate::telemetry::metrics as m;
@@ -394,6 +395,7 @@ async fn start_all(
             resnapshots,
             capture_stop.clone(),
         ));
+        let slot = capture_config.slot_name.clone();
         let capture = tokio::spawn(capture::run_with_control(
             capture_config,
             sink,
@@ -403,17 +405,34 @@ async fn start_all(
         ));
         // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
         readiness.set(&p.name, "capture", true);
+        // Each poller takes operator resets of its list's delta link (cursor resets).
+        let mut list_resets = std::collections::HashMap::new();
         let poller_tasks: Vec<_> = pollers
             .into_iter()
             .map(|(cfg, client)| {
-                tokio::spawn(crate::pull::poller::run(
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                list_resets.insert(cfg.list_id.clone(), tx);
+                tokio::spawn(crate::pull::poller::run_resettable(
                     cfg,
                     client,
                     log.clone(),
+                    Some(rx),
                     pollers_stop.clone(),
                 ))
             })
             .collect();
+        let (hold, holds) = HoldHandle::channel(&p.name);
+        registries
+            .cursors
+            .register(control::cursors::CursorHandle::new(cursor_spec(
+                p,
+                &log,
+                &processor,
+                slot,
+                list_resets,
+                hold,
+                registries,
+            )));
         running.push(RunningPipeline {
             name: p.name.clone(),
             log: log.clone(),
@@ -432,6 +451,7 @@ async fn start_all(
                     stats: stats_tx,
                     usage: usage.clone(),
                 },
+                holds,
                 process_stop_run,
             ))),
             pollers_stop: pollers_stop.clone(),
@@ -447,6 +467,77 @@ async fn start_all(
         readiness.set(&p.name, "process", true);
     }
     Ok(())
+}
+
+/// What the control plane's cursor routes need of a pipeline: its slot, consumer groups (the
+/// processor's own are stopped through `hold` for a reset), lists with their pollers' reset
+/// channels (by list id), budget and topics.
+fn cursor_spec(
+    p: &PipelineConfig,
+    log: &Arc<AnyLog>,
+    processor: &Processor<AnyLog>,
+    slot: String,
+    mut list_resets: std::collections::HashMap<
+        String,
+        tokio::sync::mpsc::Sender<crate::pull::poller::ResetRequest>,
+    >,
+    hold: HoldHandle,
+    registries: &control::Registries,
+) -> control::cursors::CursorSpec {
+    use control::cursors::{GroupSpec, ListSpec};
+    let prefix = topic_prefix(p);
+    let mut groups = vec![GroupSpec {
+        role: "sync",
+        name: process::sync_group(prefix, &p.name),
+        topics: processor.topics.clone(),
+        stage: Some("process"),
+    }];
+    if let Some(t) = &processor.pull_topic {
+        groups.push(GroupSpec {
+            role: "return",
+            name: process::return_group(prefix, &p.name),
+            topics: vec![t.clone()],
+            stage: Some("process"),
+        });
+    }
+    groups.push(GroupSpec {
+        role: "dlq-replay",
+        name: process::dlq::replay_group(prefix, &p.name),
+        topics: vec![process::dlq::dlq_topic(prefix, &p.name)],
+        stage: None,
+    });
+    let mut lists: Vec<ListSpec> = processor
+        .targets
+        .lists
+        .values()
+        .map(|t| ListSpec {
+            name: t.display_name.clone(),
+            id: t.id.clone(),
+            reset: list_resets.remove(&t.id),
+        })
+        .collect();
+    lists.sort_by(|a, b| a.name.cmp(&b.name));
+    let pulls = p.sync.iter().any(|e| e.pull.enabled);
+    control::cursors::CursorSpec {
+        pipeline: p.name.clone(),
+        log: log.clone(),
+        source_url: p.source.url.expose().to_string(),
+        slot,
+        groups,
+        lists,
+        hold,
+        ru_per_minute: p.graph.ru_per_minute,
+        // Writers get what the delta pollers' reserve leaves (see `prepare_processor`).
+        writer_share: if pulls {
+            1.0 - crate::graph::limiter::DEFAULT_DELTA_RESERVE
+        } else {
+            1.0
+        },
+        runs_topic: meta::runs_topic(prefix, &p.name),
+        ledger_topic: process::ledger_topic(prefix, &p.name),
+        cursors_topic: crate::pull::poller::cursors_topic(prefix, &p.name),
+        meta: Some(registries.meta.register(p.control.meta_url.expose())),
+    }
 }
 
 /// What the processor's supervisor needs to rebuild it after a pause.
@@ -465,37 +556,52 @@ struct Supervision {
 /// schema that cannot be had) the pipeline is marked not ready with the reason and waits for the
 /// operator's resume, then a new processor starts from the committed offsets (nothing past the
 /// first failing event was acknowledged, so every held event is processed again). Lists are
-/// verified again on the way, so a fix made to a list is seen.
+/// verified again on the way, so a fix made to a list is seen. A hold (a cursor reset, see
+/// [`crate::process::hold`]) stops the processor as a shutdown would and restarts it from the
+/// committed offsets once released; a hold while paused leaves the pipeline paused.
 async fn supervise_processor(
     mut processor: Processor<AnyLog>,
     s: Supervision,
+    mut holds: HoldRequests,
     stop: CancellationToken,
 ) -> Result<ProcessorStats, ProcessError> {
     let name = s.pipeline.name.clone();
     loop {
-        let paused = match processor.run(stop.clone()).await {
-            Err(ProcessError::Paused(p)) => p,
+        let run_stop = stop.child_token();
+        let (result, hold) = {
+            let run = processor.run(run_stop.clone());
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => (r, None),
+                request = holds.next() => {
+                    info!(pipeline = %name, "stopping the processor for a cursor reset");
+                    run_stop.cancel();
+                    (run.await, Some(request))
+                }
+            }
+        };
+        let paused = match result {
+            Err(ProcessError::Paused(p)) => Some(p),
+            Ok(_) if hold.is_some() => None,
             other => return other,
         };
-        error!(pipeline = %name, kind = %paused.kind, at = ?paused.at,
-            "pipeline paused: {}; fix the cause, then `syncbridge resume`", paused.reason);
-        metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => paused.kind.clone())
-            .set(1.0);
-        metrics::counter!(m::PIPELINE_PAUSES_TOTAL, "pipeline" => name.clone(), "kind" => paused.kind.clone())
-            .increment(1);
-        s.registries.readiness.set_not_ready(
-            &name,
-            "process",
-            format!("paused ({}): {}", paused.kind, paused.reason),
-        );
-        let kind = paused.kind.clone();
-        s.pause.pause(paused);
-        tokio::select! {
-            () = s.pause.resumed() => {}
-            () = stop.cancelled() => return Ok(ProcessorStats::default()),
+        if let Some(request) = hold {
+            s.registries.readiness.set_not_ready(
+                &name,
+                "process",
+                "stopped for a cursor reset".into(),
+            );
+            grant(request, &stop).await;
         }
-        metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => kind).set(0.0);
-        info!(pipeline = %name, "resumed by the operator: restarting the processor from its committed offsets");
+        if let Some(paused) = paused
+            && !wait_for_resume(&s, paused, &mut holds, &stop).await
+        {
+            return Ok(ProcessorStats::default());
+        }
+        if stop.is_cancelled() {
+            return Ok(ProcessorStats::default());
+        }
+        info!(pipeline = %name, "restarting the processor from its committed offsets");
         processor = loop {
             match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters, &s.usage).await {
                 // The pollers of the first start keep running; only the processor is new.
@@ -514,6 +620,40 @@ async fn supervise_processor(
         processor.publish_stats(s.stats.clone());
         s.registries.readiness.set(&name, "process", true);
     }
+}
+
+/// Marks the pipeline paused and waits for the operator's resume (true) or `stop` (false).
+/// Holds asked for meanwhile are granted at once: the processor is stopped already.
+async fn wait_for_resume(
+    s: &Supervision,
+    paused: crate::process::guard::Paused,
+    holds: &mut HoldRequests,
+    stop: &CancellationToken,
+) -> bool {
+    let name = &s.pipeline.name;
+    error!(pipeline = %name, kind = %paused.kind, at = ?paused.at,
+        "pipeline paused: {}; fix the cause, then `syncbridge resume`", paused.reason);
+    metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => paused.kind.clone())
+        .set(1.0);
+    metrics::counter!(m::PIPELINE_PAUSES_TOTAL, "pipeline" => name.clone(), "kind" => paused.kind.clone())
+        .increment(1);
+    s.registries.readiness.set_not_ready(
+        name,
+        "process",
+        format!("paused ({}): {}", paused.kind, paused.reason),
+    );
+    let kind = paused.kind.clone();
+    s.pause.pause(paused);
+    loop {
+        tokio::select! {
+            () = s.pause.resumed() => break,
+            () = stop.cancelled() => return false,
+            request = holds.next() => grant(request, stop).await,
+        }
+    }
+    metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => kind).set(0.0);
+    info!(pipeline = %name, "resumed by the operator");
+    true
 }
 
 /// A pipeline's run history, started: the projector task and the stream run's recorder.

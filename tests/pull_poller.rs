@@ -368,6 +368,22 @@ impl EventLog for FlakyLog {
     async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
         self.inner.end_offsets(topic).await
     }
+
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        self.inner.start_offsets(topic).await
+    }
+
+    async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
+        self.inner.offsets_for_time(topic, timestamp_ms).await
+    }
+
+    async fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> Result<(), LogError> {
+        self.inner.set_committed(group, positions).await
+    }
 }
 
 #[tokio::test]

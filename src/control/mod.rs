@@ -26,6 +26,8 @@
 //! Inventory and catalog ([`catalog`]): `GET /inventory` (applications → databases → instances →
 //! tables of the loaded pipelines) and `GET /catalog/{database}/tables[/{schema.table}]` (the
 //! source database's tables, keys, indexes, replica identity and publication membership).
+//! Cursors: `GET /pipelines/{name}/cursors` and `POST /pipelines/{name}/cursors/reset` (with a dry
+//! run) are in [`cursors`], with their own state, merged into [`router`].
 //!
 //! Access: every route except `/health`, `/ready`, `/metrics` and `/openapi.json` needs a bearer
 //! token of `control.tokens` ([`auth`]: 401 without or with an unknown one, 403 for a `read`
@@ -41,6 +43,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod client;
+pub mod cursors;
 pub mod meta;
 pub mod openapi;
 pub mod pipelines;
@@ -249,6 +252,8 @@ pub struct Registries {
     pub meta: meta::MetaRegistry,
     /// Status, lag and dead letters of the running pipelines.
     pub pipelines: pipelines::PipelineRegistry,
+    /// The cursors (slot, consumer groups, delta links) of the running pipelines.
+    pub cursors: cursors::CursorRegistry,
 }
 
 #[derive(Clone)]
@@ -294,6 +299,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         pauses,
         meta,
         pipelines,
+        cursors,
     } = registries;
     let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
     Router::new()
@@ -324,6 +330,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(meta::history::routes(meta.clone()))
         .merge(meta::routes(meta))
         .merge(pipeline_routes)
+        .merge(cursors::routes(cursors))
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until

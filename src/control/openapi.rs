@@ -44,8 +44,10 @@ use super::problem::{InvalidParam, Problem};
         super::catalog::list_tables,
         super::catalog::get_table,
         super::meta::history::row_history,
+        super::cursors::cursors,
+        super::cursors::reset,
     ),
-    components(schemas(Problem, InvalidParam, super::TakeParam)),
+    components(schemas(Problem, InvalidParam, super::TakeParam, super::cursors::ResetBody)),
     modifiers(&BearerSecurity)
 )]
 struct ApiDoc;

@@ -43,6 +43,7 @@ pub mod audit;
 pub mod convert;
 pub mod dlq;
 pub mod guard;
+pub mod hold;
 pub mod ledger;
 pub(crate) mod processor;
 pub mod provision;

@@ -499,12 +499,14 @@ async fn upsert(client: &tokio_postgres::Client, e: &RunEvent) -> Result<(), Met
     client
         .execute(
             "INSERT INTO syncbridge_meta.runs (run_id, pipeline, kind, status, started_ms, \
-             ended_ms, updated_ms, seq, event_id, owner, reason, counts, errors, subject) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ended_ms, updated_ms, seq, event_id, owner, reason, counts, errors, subject, \
+             requested_by, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, \
              ended_ms = EXCLUDED.ended_ms, updated_ms = EXCLUDED.updated_ms, seq = EXCLUDED.seq, \
              event_id = EXCLUDED.event_id, reason = EXCLUDED.reason, counts = EXCLUDED.counts, \
-             errors = EXCLUDED.errors WHERE syncbridge_meta.runs.seq < EXCLUDED.seq",
+             errors = EXCLUDED.errors, requested_by = EXCLUDED.requested_by, \
+             detail = EXCLUDED.detail WHERE syncbridge_meta.runs.seq < EXCLUDED.seq",
             &[
                 &e.run_id,
                 &e.pipeline,
@@ -520,6 +522,8 @@ async fn upsert(client: &tokio_postgres::Client, e: &RunEvent) -> Result<(), Met
                 &counts,
                 &errors,
                 &e.subject,
+                &e.by,
+                &e.detail,
             ],
         )
         .await?;
@@ -574,7 +578,7 @@ pub async fn fail_orphans<L: EventLog>(
 
 /// The columns [`event_from_row`] reads, in order.
 pub(crate) const RUN_COLUMNS: &str = "run_id, pipeline, kind, status, started_ms, ended_ms, \
-     updated_ms, seq, event_id, owner, reason, counts, errors, subject";
+     updated_ms, seq, event_id, owner, reason, counts, errors, subject, requested_by, detail";
 
 /// A projected row back into the event that made it.
 pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<RunEvent, MetaError> {
@@ -593,6 +597,8 @@ pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<RunEvent, Meta
         "counts": row.get::<_, serde_json::Value>(11),
         "errors": row.get::<_, serde_json::Value>(12),
         "subject": row.get::<_, Option<String>>(13),
+        "by": row.get::<_, Option<String>>(14),
+        "detail": row.get::<_, Option<serde_json::Value>>(15),
     });
     serde_json::from_value(value).map_err(|e| MetaError::Decode(e.to_string()))
 }

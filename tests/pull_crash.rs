@@ -1030,3 +1030,59 @@ async fn cut_off_update_body() {
         "our own write was recorded as a conflict: {on_row_1:?}"
     );
 }
+
+/// A crash between appending a conflict record and the ledger remembering it (failpoint
+/// `pull.after_conflict`; a kill -9 there made the test above record one decision twice): the
+/// list change is decided again after the restart, and its record must not be appended again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_cut_off_by_a_crash_is_recorded_once() {
+    hard_timeout(150, cut_off_conflict_body()).await;
+}
+
+async fn cut_off_conflict_body() {
+    let mut fx = Fixture::new().await;
+    fx.warm_up().await;
+    let t = fx.table.clone();
+    fx.h.sql(&format!(
+        "UPDATE public.{t} SET title = 'db side' WHERE id = 1"
+    ))
+    .await;
+    fx.h.person_edit(&fx.list, "1", json!({ "Title": "list side" }))
+        .await;
+    let mut run = fx.spawn(Some("pull.after_conflict=1"));
+    let status = run.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(
+        status.and_then(|s| s.signal()),
+        Some(SIGABRT),
+        "the conflict was not decided (no abort at pull.after_conflict): {status:?}\n{}",
+        tail(&run.log)
+    );
+    drop(run);
+    assert_eq!(
+        fx.conflicts().len(),
+        1,
+        "the conflict was recorded before the crash"
+    );
+
+    let mut run = fx.spawn(None);
+    let converged = fx.converge(&mut run, 60).await;
+    let status = run.terminate().await;
+    if let Err(problems) = converged {
+        panic!("did not converge: {problems:?}\n{}", tail(&run.log));
+    }
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM: {status}\n{}",
+        tail(&run.log)
+    );
+    let title = fx.rows().await.get(&1).map(|r| r.title.clone());
+    assert_eq!(title.as_deref(), Some("db side"), "source_wins");
+    let ids: Vec<String> = fx.conflicts().into_iter().map(|c| c.id).collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "one decision, one record: {ids:?}\n{}",
+        tail(&run.log)
+    );
+}

@@ -100,6 +100,10 @@ pub struct Entry {
     /// Id of the last conflict recorded for this row (a replayed decision is not recorded again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_conflict: Option<String>,
+    /// `last_conflict` was remembered before its record was appended, and the append is not
+    /// confirmed yet: after a crash the conflicts topic is read to tell whether it landed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict_unconfirmed: bool,
     /// Return path, on the intent entry of a person-created item: the SyncKey pre-allocated
     /// for its new row (written to the item before the row is inserted).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -258,7 +258,9 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// Step 4a: records the conflicts. The same decision replayed after a crash (same row,
     /// list version and values) is recorded once: its id is derived from them and remembered
-    /// in the ledger at once, before any write to the item.
+    /// in the ledger (as unconfirmed) before the record is appended and before any write to
+    /// the item. A replay that finds it unconfirmed (a crash around the append) appends it
+    /// only if the conflicts topic does not hold it.
     async fn record_field_conflicts(
         &mut self,
         edit: &mut Edit<'_>,
@@ -269,13 +271,33 @@ impl<L: EventLog + 'static> Processor<L> {
         let p = edit.p;
         let table = &self.tables[p.table].table;
         let id = conflict_id(table, &edit.sk, &p.item_id, p.etag.as_deref(), &conflicts);
-        if conflicts.is_empty() || edit.entry.last_conflict.as_deref() == Some(id.as_str()) {
+        if conflicts.is_empty() {
             return Ok(());
         }
-        edit.entry.last_conflict = Some(id.clone());
+        let known = edit.entry.last_conflict.as_deref() == Some(id.as_str());
+        if known && !edit.entry.conflict_unconfirmed {
+            return Ok(());
+        }
+        if known && self.conflict_recorded(&id).await? {
+            return self.confirm_conflict(edit).await;
+        }
+        if !known {
+            edit.entry.last_conflict = Some(id.clone());
+            edit.entry.conflict_unconfirmed = true;
+            self.ledger
+                .commit(vec![(edit.lkey.clone(), Some(edit.entry.clone()))])
+                .await?;
+        }
         let ts = pending_ts_ms.unwrap_or(0);
         let record = self.conflict_record(p, &edit.sk, id, conflicts, parked, ts);
         self.record_conflict(&record).await?;
+        self.failpoints.hit("pull.after_conflict");
+        self.confirm_conflict(edit).await
+    }
+
+    /// The row's last conflict is in the conflicts topic: the ledger stops doubting it.
+    async fn confirm_conflict(&mut self, edit: &mut Edit<'_>) -> Result<(), ProcessError> {
+        edit.entry.conflict_unconfirmed = false;
         self.ledger
             .commit(vec![(edit.lkey.clone(), Some(edit.entry.clone()))])
             .await?;

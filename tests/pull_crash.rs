@@ -226,6 +226,35 @@ impl Fixture {
         );
     }
 
+    /// A run with `failpoint` armed at probability 1, which must abort itself there.
+    async fn crash_at(&mut self, failpoint: &str) {
+        let mut run = self.spawn(Some(&format!("{failpoint}=1")));
+        let status = run.wait_exit(Duration::from_secs(60)).await;
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(SIGABRT),
+            "no abort at {failpoint} within 60 s: {status:?}\n{}",
+            tail(&run.log)
+        );
+    }
+
+    /// A clean run until both sides are equal and settled, stopped with SIGTERM; its log tail.
+    async fn settle(&mut self) -> String {
+        let mut run = self.spawn(None);
+        let converged = self.converge(&mut run, 60).await;
+        let status = run.terminate().await;
+        if let Err(problems) = converged {
+            panic!("did not converge: {problems:?}\n{}", tail(&run.log));
+        }
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "SIGTERM: {status}\n{}",
+            tail(&run.log)
+        );
+        tail(&run.log)
+    }
+
     /// Every item of the list, sorted by item id.
     async fn items(&self) -> Vec<ItemV> {
         let mut out: Vec<ItemV> = self
@@ -977,15 +1006,7 @@ async fn cut_off_update_body() {
         "UPDATE public.{t} SET title = 'crash write', qty = 501, status = 'done' WHERE id = 1"
     ))
     .await;
-    let mut run = fx.spawn(Some("push.after_graph=1"));
-    let status = run.wait_exit(Duration::from_secs(60)).await;
-    assert_eq!(
-        status.and_then(|s| s.signal()),
-        Some(SIGABRT),
-        "the update's flush did not abort at push.after_graph: {status:?}\n{}",
-        tail(&run.log)
-    );
-    drop(run);
+    fx.crash_at("push.after_graph").await;
     let item = fx.h.item(&fx.list, "1").await.expect("row 1's item");
     assert_eq!(
         (item["Title"].as_str(), item["Status"].as_str()),
@@ -997,18 +1018,7 @@ async fn cut_off_update_body() {
     ))
     .await;
 
-    let mut run = fx.spawn(None);
-    let converged = fx.converge(&mut run, 60).await;
-    let status = run.terminate().await;
-    if let Err(problems) = converged {
-        panic!("did not converge: {problems:?}\n{}", tail(&run.log));
-    }
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "SIGTERM: {status}\n{}",
-        tail(&run.log)
-    );
+    let log = fx.settle().await;
     let want = RowV {
         title: "after crash".into(),
         qty: Some(502),
@@ -1017,8 +1027,7 @@ async fn cut_off_update_body() {
     assert_eq!(
         fx.rows().await.get(&1),
         Some(&want),
-        "row 1 must hold the database's last values\n{}",
-        tail(&run.log)
+        "row 1 must hold the database's last values\n{log}"
     );
     let on_row_1: Vec<ConflictRecord> = fx
         .conflicts()
@@ -1049,40 +1058,16 @@ async fn cut_off_conflict_body() {
     .await;
     fx.h.person_edit(&fx.list, "1", json!({ "Title": "list side" }))
         .await;
-    let mut run = fx.spawn(Some("pull.after_conflict=1"));
-    let status = run.wait_exit(Duration::from_secs(60)).await;
-    assert_eq!(
-        status.and_then(|s| s.signal()),
-        Some(SIGABRT),
-        "the conflict was not decided (no abort at pull.after_conflict): {status:?}\n{}",
-        tail(&run.log)
-    );
-    drop(run);
+    fx.crash_at("pull.after_conflict").await;
     assert_eq!(
         fx.conflicts().len(),
         1,
         "the conflict was recorded before the crash"
     );
 
-    let mut run = fx.spawn(None);
-    let converged = fx.converge(&mut run, 60).await;
-    let status = run.terminate().await;
-    if let Err(problems) = converged {
-        panic!("did not converge: {problems:?}\n{}", tail(&run.log));
-    }
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "SIGTERM: {status}\n{}",
-        tail(&run.log)
-    );
+    let log = fx.settle().await;
     let title = fx.rows().await.get(&1).map(|r| r.title.clone());
     assert_eq!(title.as_deref(), Some("db side"), "source_wins");
     let ids: Vec<String> = fx.conflicts().into_iter().map(|c| c.id).collect();
-    assert_eq!(
-        ids.len(),
-        1,
-        "one decision, one record: {ids:?}\n{}",
-        tail(&run.log)
-    );
+    assert_eq!(ids.len(), 1, "one decision, one record: {ids:?}\n{log}");
 }

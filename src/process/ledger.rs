@@ -91,9 +91,19 @@ pub struct Entry {
     /// or the new value, so they are sent again whatever the diff says.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub in_flight: std::collections::BTreeSet<String>,
+    /// The values sent for the `in_flight` fields (projection key → every value sent since the
+    /// last confirmed write, oldest first, at most [`MAX_SENT_VALUES`]). The return path needs
+    /// them: a list version holding one of them holds our own write whose outcome a crash cut
+    /// off, not a person's edit to take back into the row.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sent: BTreeMap<String, Vec<Json>>,
     /// Id of the last conflict recorded for this row (a replayed decision is not recorded again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_conflict: Option<String>,
+    /// `last_conflict` was remembered before its record was appended, and the append is not
+    /// confirmed yet: after a crash the conflicts topic is read to tell whether it landed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict_unconfirmed: bool,
     /// Return path, on the intent entry of a person-created item: the SyncKey pre-allocated
     /// for its new row (written to the item before the row is inserted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,7 +123,39 @@ impl Entry {
             && self.pending_delete.is_none()
             && self.new_row_key.is_none()
     }
+
+    /// Records an update about to be sent: its fields are in flight until its outcome is
+    /// recorded, and their values join the ones sent before (an earlier update whose outcome
+    /// is unknown may have landed too).
+    pub fn send(&mut self, fields: &serde_json::Map<String, Json>) {
+        self.in_flight = fields.keys().cloned().collect();
+        for (k, v) in fields {
+            let values = self.sent.entry(k.clone()).or_default();
+            if !values.contains(v) {
+                values.push(v.clone());
+            }
+            let excess = values.len().saturating_sub(MAX_SENT_VALUES);
+            values.drain(..excess);
+        }
+    }
+
+    /// The outcome of every update sent is known (written, or the item re-read).
+    pub fn clear_in_flight(&mut self) {
+        self.in_flight.clear();
+        self.sent.clear();
+    }
+
+    /// True when `value` was sent for the projection key `key` by an update whose outcome is
+    /// not recorded: an item holding it may hold our own write.
+    pub fn was_sent(&self, key: &str, value: &Json) -> bool {
+        self.sent.get(key).is_some_and(|vs| vs.contains(value))
+    }
 }
+
+/// The values remembered per in-flight field. Every restart after a crash re-sends the field
+/// (one more value) until one update's outcome is recorded; a few cover any realistic run of
+/// crashes, and the bound keeps a crash-looping process from growing the entry without end.
+const MAX_SENT_VALUES: usize = 8;
 
 /// The ledger key of a row.
 pub fn key(table: &str, sync_key: &str) -> Vec<u8> {
@@ -363,6 +405,30 @@ mod tests {
     fn keys_round_trip() {
         let k = key("public.t", "42");
         assert_eq!(split_key(&k), Some(("public.t".into(), "42".into())));
+    }
+
+    #[test]
+    fn sent_values_accumulate_until_the_outcome_is_known() {
+        let mut e = Entry::default();
+        let fields = |v: i64| serde_json::json!({ "Qty": v }).as_object().unwrap().clone();
+        e.send(&fields(1));
+        e.send(&fields(2));
+        e.send(&fields(2));
+        assert!(e.in_flight.contains("Qty"));
+        assert_eq!(
+            e.sent["Qty"],
+            vec![serde_json::json!(1), serde_json::json!(2)]
+        );
+        assert!(e.was_sent("Qty", &serde_json::json!(1)) && !e.was_sent("Title", &Json::Null));
+        for v in 3..20 {
+            e.send(&fields(v));
+        }
+        assert_eq!(e.sent["Qty"].len(), MAX_SENT_VALUES);
+        assert!(
+            e.was_sent("Qty", &serde_json::json!(19)) && !e.was_sent("Qty", &serde_json::json!(1))
+        );
+        e.clear_in_flight();
+        assert!(e.in_flight.is_empty() && e.sent.is_empty());
     }
 
     #[test]

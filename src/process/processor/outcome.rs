@@ -396,7 +396,7 @@ fn set_written(
     entry.item = Some(item);
     entry.projection = projection;
     entry.hash = Some(hash);
-    entry.in_flight.clear();
+    entry.clear_in_flight();
     entry.etag = etag;
     entry.lsn = entry.lsn.max(lsn);
     entry.provenance = Provenance::Push;

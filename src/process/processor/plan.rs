@@ -264,14 +264,14 @@ impl<L: EventLog + 'static> Processor<L> {
             self.skip_metric("unchanged");
             stage.audit.extend(self.skip_record(table, p, entry));
             if uncertain {
-                entry.in_flight.clear();
+                entry.clear_in_flight();
                 stage.intents.push((k.to_vec(), Some(entry.clone())));
             }
             stage.done.push(k.to_vec());
             return;
         }
         // Recorded before the PATCH is sent (with the intents).
-        entry.in_flight = fields.keys().cloned().collect();
+        entry.send(&fields);
         entry.hash = None;
         stage.intents.push((k.to_vec(), Some(entry.clone())));
         let if_match = if self.tables[p.table].entry.pull.enabled {

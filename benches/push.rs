@@ -86,6 +86,9 @@ struct Settings {
     ru: bool,
     budget_phase: bool,
     latency: bool,
+    /// The meta-store's cost: the RU workload with and without the audit trail, alternating.
+    meta: bool,
+    meta_rounds: u64,
     events: u64,
     rows: u64,
     unmapped: f64,
@@ -123,13 +126,16 @@ impl Settings {
         )?;
         let quick = env_opt("PUSH_BENCH_QUICK").is_some_and(|v| v != "0");
         let phases = env_opt("PUSH_BENCH_PHASES").unwrap_or_else(|| "ru,budget,latency".into());
-        let mut sel = [false; 3];
+        let mut sel = [false; 4];
         for p in phases.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match p {
                 "ru" => sel[0] = true,
                 "budget" => sel[1] = true,
                 "latency" => sel[2] = true,
-                other => bail!("PUSH_BENCH_PHASES: unknown phase {other:?} (ru, budget, latency)"),
+                "meta" => sel[3] = true,
+                other => {
+                    bail!("PUSH_BENCH_PHASES: unknown phase {other:?} (ru, budget, latency, meta)")
+                }
             }
         }
         let q = |full: u64, small: u64| if quick { small } else { full };
@@ -150,6 +156,8 @@ impl Settings {
             ru: sel[0],
             budget_phase: sel[1],
             latency: sel[2],
+            meta: sel[3],
+            meta_rounds: env_num("PUSH_BENCH_META_ROUNDS", q(3, 2))?.max(1),
             events,
             rows,
             unmapped,
@@ -643,6 +651,78 @@ fn other(rng: &mut StdRng, cur: u8, domain: u8) -> u8 {
 struct RuReport {
     lines: Vec<String>,
     ratio: f64,
+    /// Workload start to the list holding the table's state.
+    elapsed: Duration,
+    /// Audit records appended during the phase and projected by its end, and how long the
+    /// projector took after the workload to catch up with the audit topic.
+    audit_appended: u64,
+    audit_projected: u64,
+    audit_catch_up: Duration,
+}
+
+/// The meta-store's cost on the push path: the RU workload alternately with the audit trail
+/// (records appended with each ledger commit, projected into `syncbridge_meta.audit`) and
+/// without (`runtime::set_audit_disabled`, read when a pipeline starts; the run history's few
+/// events remain). Prints the elapsed times, their median ratio (goal ≤ 1.05) and the projector's
+/// throughput (records projected ÷ (workload + catch-up time)).
+async fn phase_meta(
+    s: &Settings,
+    cleanup: &Cleanup,
+    http: &reqwest::Client,
+) -> Result<(Vec<String>, String)> {
+    let set_audit = |on: bool| syncbridge::runtime::set_audit_disabled(!on);
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..s.meta_rounds {
+        set_audit(false);
+        without.push(phase_ru(s, cleanup, http).await?);
+        set_audit(true);
+        with.push(phase_ru(s, cleanup, http).await?);
+    }
+    let secs = |rs: &[RuReport]| {
+        rs.iter()
+            .map(|r| r.elapsed.as_secs_f64())
+            .collect::<Vec<_>>()
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (w, wo) = (secs(&with), secs(&without));
+    let ratio = median(w.clone()) / median(wo.clone());
+    let projected: u64 = with.iter().map(|r| r.audit_projected).sum();
+    let appended: u64 = with.iter().map(|r| r.audit_appended).sum();
+    let span: f64 = with
+        .iter()
+        .map(|r| (r.elapsed + r.audit_catch_up).as_secs_f64())
+        .sum();
+    let catch_up = with
+        .iter()
+        .map(|r| format!("{:.1} s", r.audit_catch_up.as_secs_f64()))
+        .collect::<Vec<_>>();
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let lines = vec![
+        format!("elapsed with the audit: {} s", list(&w)),
+        format!("elapsed without:        {} s", list(&wo)),
+        format!(
+            "audit records: {} appended, {} projected; projector catch-up after each workload: {}",
+            n(appended),
+            n(projected),
+            catch_up.join(", ")
+        ),
+    ];
+    let summary = format!(
+        "meta-store: push elapsed with ÷ without the audit (median of {}) {ratio:.3} (goal ≤ 1.05): {}; \
+         projector {:.0} records/s",
+        s.meta_rounds,
+        verdict(ratio <= 1.05),
+        projected as f64 / span.max(1e-9)
+    );
+    Ok((lines, summary))
 }
 
 async fn phase_ru(s: &Settings, cleanup: &Cleanup, http: &reqwest::Client) -> Result<RuReport> {
@@ -778,6 +858,25 @@ async fn phase_ru(s: &Settings, cleanup: &Cleanup, http: &reqwest::Client) -> Re
     let e1 = emu_stats(http, &emu).await?;
     let m1 = Metrics::now()?;
     let elapsed = started.elapsed();
+    let audit_topic = format!("syncbridge.{}.audit", p.name);
+    let audit = |m: &Metrics| {
+        (
+            m.sum(
+                "syncbridge_log_appended_records_total",
+                &[("topic", &audit_topic)],
+            ),
+            m.pipeline("syncbridge_meta_audit_projected_total", &p.name) as f64,
+        )
+    };
+    // The projector's catch-up (bounded): its throughput is what it wrote over this span.
+    let (a0, p0) = audit(&m0);
+    let caught = Instant::now();
+    let (mut appended, mut projected) = audit(&m1);
+    while projected < appended && caught.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (appended, projected) = audit(&Metrics::now()?);
+    }
+    let audit_catch_up = caught.elapsed();
     // After the counters: the list must now hold exactly the table's mapped state.
     let (matching, list_items) = check_final_state(http, &emu, &rows).await?;
     let name = p.name.clone();
@@ -882,7 +981,14 @@ async fn phase_ru(s: &Settings, cleanup: &Cleanup, http: &reqwest::Client) -> Re
     if dead > 0 {
         lines.push(format!("WARNING: {dead} dead letters"));
     }
-    Ok(RuReport { lines, ratio })
+    Ok(RuReport {
+        lines,
+        ratio,
+        elapsed,
+        audit_appended: (appended - a0).max(0.0) as u64,
+        audit_projected: (projected - p0).max(0.0) as u64,
+        audit_catch_up,
+    })
 }
 
 /// Reads every item (as the person client, after the counters were taken) and counts the rows
@@ -1548,6 +1654,14 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
                 String::new()
             }
         ));
+    }
+    if s.meta {
+        let (lines, summary_line) = phase_meta(s, cleanup, &http).await.context("meta-store")?;
+        print_phase(
+            "[meta-store] the RU workload with and without the audit trail, alternating",
+            &lines,
+        );
+        summary.push(summary_line);
     }
     println!("summary (figures only; the bench never fails on timing):");
     for l in summary {

@@ -83,6 +83,15 @@ pub enum RuntimeError {
 /// `ops/bench push`, which compares the push path with and without it. Row history stays empty.
 pub const NO_AUDIT_ENV: &str = "SYNCBRIDGE_BENCH_NO_AUDIT";
 
+/// Set by [`set_audit_disabled`]: the in-process equivalent of [`NO_AUDIT_ENV`].
+static AUDIT_DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For benchmarks that compare the push path with and without the audit trail in one process:
+/// pipelines started after this call record no audit records when `disabled`.
+pub fn set_audit_disabled(disabled: bool) {
+    AUDIT_DISABLED.store(disabled, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Environment variable with extra librdkafka client properties (`k=v,k=v`).
 pub const KAFKA_PROPERTIES_ENV: &str = "SYNCBRIDGE_KAFKA_PROPERTIES";
 
@@ -818,7 +827,8 @@ async fn prepare_processor(
         state_dir(p),
     );
     // Only `ops/bench push` turns it off, to print what the audit trail costs.
-    config.audit = std::env::var(NO_AUDIT_ENV).is_err();
+    config.audit = std::env::var(NO_AUDIT_ENV).is_err()
+        && !AUDIT_DISABLED.load(std::sync::atomic::Ordering::Relaxed);
     // One delta poller per list of every entry that pulls. A list this run created is empty, so
     // its poller starts from `token=latest`; an existing list is read in full once (items people
     // made before become rows; ours are recognised by the ledger) when no cursor is stored yet.

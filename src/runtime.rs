@@ -306,6 +306,15 @@ async fn start_all(
             pipeline: p.name.clone(),
             source,
         })?;
+        // Before the first write: entries naming a vanished list are dropped, healed below.
+        let stale =
+            processor
+                .repair_stale_ledger()
+                .await
+                .map_err(|source| RuntimeError::Process {
+                    pipeline: p.name.clone(),
+                    source,
+                })?;
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
@@ -378,6 +387,14 @@ async fn start_all(
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
         let resnapshots = handle.subscribe();
+        if !stale.is_empty() {
+            tokio::spawn(process::drift::heal_vanished(
+                stale,
+                handle.clone(),
+                log.clone(),
+                meta::runs_topic(topic_prefix(p), &p.name),
+            ));
+        }
         registries.snapshots.register(handle);
         let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
             &capture_config.state_dir,

@@ -45,6 +45,10 @@ pub enum RunKind {
     Resnapshot,
     /// `syncbridge dlq replay`.
     DlqReplay,
+    /// A drift check (`syncbridge drift`, `POST /pipelines/{name}/drift`).
+    DriftCheck,
+    /// A drift heal (`--heal`, `POST /pipelines/{name}/drift/heal`, the vanished-list heal at start).
+    DriftHeal,
 }
 
 impl RunKind {
@@ -54,6 +58,8 @@ impl RunKind {
             RunKind::Snapshot => "snapshot",
             RunKind::Resnapshot => "resnapshot",
             RunKind::DlqReplay => "dlq_replay",
+            RunKind::DriftCheck => "drift_check",
+            RunKind::DriftHeal => "drift_heal",
         }
     }
 }
@@ -104,6 +110,18 @@ pub struct RunCounts {
     pub resource_units: u64,
     /// 429/503 answers from Graph.
     pub throttled: u64,
+    /// `drift_check`, `drift_heal`: rows without an item.
+    pub missing: u64,
+    /// Items whose SyncKey names no row (or that have none).
+    pub orphaned: u64,
+    /// Items whose mapped fields differ from their row's.
+    pub divergent: u64,
+    /// Items in a list the routes do not choose for their row.
+    pub misrouted: u64,
+    /// Extra items sharing one SyncKey.
+    pub duplicate: u64,
+    /// Ledger entries naming an item or list that does not exist.
+    pub stale_ledger: u64,
 }
 
 impl RunCounts {

@@ -1,0 +1,25 @@
+//! Drift: what differs between the synced tables and their lists, and healing it (issue 14).
+//!
+//! It lives under `process/` because it is the processor's view of the two sides: it reads the
+//! ledger ([`super::ledger`]) and the processor's targets, and every fix goes through the normal
+//! writer path (ledger, intents, If-Match) — never a side channel.
+//!
+//! # The vanished-list case ([`stale`])
+//! A ledger names items in lists by id. When a list is deleted (or the Graph emulator restarts
+//! empty) provisioning re-creates it under a new id, and every ledger entry pointing into the old
+//! id is *stale*: the row's values did not change, so no write would ever happen and the new list
+//! stayed empty. At start, before the first write, [`Processor::repair_stale_ledger`] drops
+//! those entries (durably, through the ledger's changelog); [`heal_vanished`] then re-reads the
+//! affected tables with a watermarked re-snapshot (see [`crate::capture::resnapshot`]), whose
+//! `r` events reach the processor like any change and, finding no ledger entry, create the items
+//! (intent first, idempotent by `SyncKey`). The heal is recorded as one `drift_heal` run.
+//!
+//! [`Processor::repair_stale_ledger`]: crate::process::Processor::repair_stale_ledger
+
+mod classify;
+mod report;
+mod stale;
+
+pub use classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
+pub use report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary, ListCount};
+pub use stale::{StaleLedger, heal_vanished};

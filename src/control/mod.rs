@@ -41,6 +41,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod client;
+pub mod drift;
 pub mod meta;
 pub mod openapi;
 pub mod pipelines;
@@ -249,6 +250,7 @@ pub struct Registries {
     pub meta: meta::MetaRegistry,
     /// Status, lag and dead letters of the running pipelines.
     pub pipelines: pipelines::PipelineRegistry,
+    pub drift: drift::DriftRegistry,
 }
 
 #[derive(Clone)]
@@ -294,6 +296,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         pauses,
         meta,
         pipelines,
+        drift,
     } = registries;
     let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
     Router::new()
@@ -324,6 +327,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(meta::history::routes(meta.clone()))
         .merge(meta::routes(meta))
         .merge(pipeline_routes)
+        .merge(drift::routes(drift))
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until

@@ -44,6 +44,7 @@ use super::problem::{InvalidParam, Problem};
         super::catalog::list_tables,
         super::catalog::get_table,
         super::meta::history::row_history,
+        super::drift::check, super::drift::heal, super::drift::latest,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam)),
     modifiers(&BearerSecurity)

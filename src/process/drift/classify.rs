@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{Map, Value as Json};
 
+use super::commands::LedgerView;
 use super::report::{Difference, DriftClass, ListCount};
 use crate::config::SYNC_KEY_FIELD;
 use crate::process::ledger::Entry;
@@ -205,13 +206,10 @@ fn row_differences(
             out.push(d);
         }
     }
+    // Every other item with the row's SyncKey (in another list of the entry: SharePoint keeps
+    // SyncKey unique within a list) is a duplicate of the kept one.
     for (l, i) in found.iter().filter(|(_, i)| i.id != keep.id) {
-        let class = if *l == keep_list {
-            DriftClass::Duplicate
-        } else {
-            DriftClass::Misrouted
-        };
-        out.push(diff(class, &t.table, key, l, Some(i)));
+        out.push(diff(DriftClass::Duplicate, &t.table, key, l, Some(i)));
     }
 }
 
@@ -241,8 +239,14 @@ fn orphans(s: &Sides, out: &mut Vec<Difference>) {
     }
 }
 
-/// The differences both passes saw (same class, row and item), as the second pass saw them.
-pub fn confirmed(first: &[Difference], second: Vec<Difference>) -> Vec<Difference> {
+/// The differences both passes saw (same class, row and item), as the second pass saw them,
+/// except on rows whose ledger entry changed between the passes (a write was in flight).
+pub fn confirmed(
+    first: (&[Difference], &LedgerView),
+    second: (Vec<Difference>, &LedgerView),
+) -> Vec<Difference> {
+    let (first, before) = first;
+    let (second, after) = second;
     let seen: BTreeSet<(DriftClass, &str, &str, Option<&str>)> = first
         .iter()
         .map(|d| {
@@ -263,6 +267,10 @@ pub fn confirmed(first: &[Difference], second: Vec<Difference>) -> Vec<Differenc
                 d.key.as_str(),
                 d.item_id.as_deref(),
             ))
+        })
+        .filter(|d| {
+            let row = (d.table.clone(), d.key.clone());
+            before.get(&row) == after.get(&row)
         })
         .collect()
 }
@@ -324,8 +332,7 @@ mod tests {
                         item("i2", "2", "edited"), // divergent
                         // 3: moved to B (misrouted)
                         item("i4", "4", "row 4"),
-                        item("i4b", "4", "row 4"), // duplicate
-                        item("i5", "5", "row 5"),  // stale ledger
+                        item("i5", "5", "row 5"), // stale ledger
                         item("i6", "6", "row 6"),
                         item("i9", "9", "no row"), // orphaned
                     ],
@@ -334,7 +341,7 @@ mod tests {
                     name: "B".into(),
                     id: "b".into(),
                     pulls: false,
-                    items: vec![item("i3m", "3", "row 3")],
+                    items: vec![item("i3m", "3", "row 3"), item("i4b", "4", "row 4")], // moved; duplicate
                 },
             ],
             ledger,
@@ -368,7 +375,7 @@ mod tests {
             ListCount {
                 list: "A".into(),
                 rows: 5,
-                items: 6
+                items: 5
             },
             "row 5 has no ledger entry: its list is unknown"
         );
@@ -377,7 +384,7 @@ mod tests {
             ListCount {
                 list: "B".into(),
                 rows: 0,
-                items: 1
+                items: 2
             }
         );
     }
@@ -405,15 +412,19 @@ mod tests {
 
     #[test]
     fn only_differences_both_passes_saw_are_confirmed() {
-        let (first, _) = classify(&seeded());
+        let one = seeded();
+        let (first, _) = classify(&one);
         let mut s = seeded();
-        // Between the passes the writer confirmed the edit of row 2 (its ledger caught up).
+        // Between the passes the writer wrote row 2 again (a later value than the item holds):
+        // divergent in both passes, but in flight.
         s.ledger
-            .insert(("t".into(), "2".into()), entry("a", "i2", "edited"));
+            .insert(("t".into(), "2".into()), entry("a", "i2", "newer"));
+        // And the orphan's row appeared (its item was made for a row inserted meanwhile).
+        s.tables[0].keys.insert("9".into());
         let (second, _) = classify(&s);
-        let kept = confirmed(&first, second);
-        assert!(kept.iter().all(|d| d.key != "2"));
-        assert_eq!(kept.len(), 5);
+        let kept = confirmed((&first, &one.ledger), (second, &s.ledger));
+        let keys: Vec<&str> = kept.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["1", "3", "4", "5"]);
     }
 
     #[test]

@@ -16,10 +16,14 @@
 //!
 //! [`Processor::repair_stale_ledger`]: crate::process::Processor::repair_stale_ledger
 
+mod check;
 mod classify;
+mod commands;
 mod report;
 mod stale;
 
+pub use check::{DEFAULT_BUDGET_SHARE, DriftError, DriftHandle, PAGE_SIZE, ProcessorFacts};
 pub use classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
+pub use commands::{DriftCommand, LedgerView, Repairs};
 pub use report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary, ListCount};
 pub use stale::{StaleLedger, heal_vanished};

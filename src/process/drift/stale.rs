@@ -127,7 +127,7 @@ pub async fn heal_vanished<L: EventLog>(
 
 /// Requests a re-snapshot of `table` (waiting while another one runs) and waits for its end;
 /// returns the rows it emitted.
-async fn resnapshot(h: &ResnapshotHandle, table: &str) -> Result<u64, String> {
+pub(super) async fn resnapshot(h: &ResnapshotHandle, table: &str) -> Result<u64, String> {
     let mut watch = h.subscribe();
     let id = loop {
         match h.request(table) {

@@ -36,6 +36,21 @@ fn handle(drift: &DriftRegistry, name: &str) -> Result<DriftHandle, ApiError> {
         .ok_or_else(|| ApiError::unknown_pipeline(name))
 }
 
+/// A check (or with `heal`, a heal) of pipeline `name`, answered with its report.
+async fn run(
+    drift: &DriftRegistry,
+    name: &str,
+    heal: bool,
+) -> Result<axum::Json<DriftReport>, ApiError> {
+    let h = handle(drift, name)?;
+    let report = if heal {
+        h.heal().await
+    } else {
+        h.check().await
+    };
+    report.map(axum::Json).map_err(failed)
+}
+
 fn failed(e: DriftError) -> ApiError {
     let (status, kind) = match &e {
         DriftError::Busy => (StatusCode::CONFLICT, "drift_in_progress"),
@@ -58,8 +73,7 @@ pub(crate) async fn check(
     State(drift): State<DriftRegistry>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<DriftReport>, ApiError> {
-    let h = handle(&drift, &name)?;
-    h.check().await.map(axum::Json).map_err(failed)
+    run(&drift, &name, false).await
 }
 
 #[utoipa::path(post, path = "/pipelines/{name}/drift/heal", tag = "drift",
@@ -75,8 +89,7 @@ pub(crate) async fn heal(
     State(drift): State<DriftRegistry>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<DriftReport>, ApiError> {
-    let h = handle(&drift, &name)?;
-    h.heal().await.map(axum::Json).map_err(failed)
+    run(&drift, &name, true).await
 }
 
 #[utoipa::path(get, path = "/pipelines/{name}/drift", tag = "drift",

@@ -110,18 +110,9 @@ pub struct RunCounts {
     pub resource_units: u64,
     /// 429/503 answers from Graph.
     pub throttled: u64,
-    /// `drift_check`, `drift_heal`: rows without an item.
-    pub missing: u64,
-    /// Items whose SyncKey names no row (or that have none).
-    pub orphaned: u64,
-    /// Items whose mapped fields differ from their row's.
-    pub divergent: u64,
-    /// Items in a list the routes do not choose for their row.
-    pub misrouted: u64,
-    /// Extra items sharing one SyncKey.
-    pub duplicate: u64,
-    /// Ledger entries naming an item or list that does not exist.
-    pub stale_ledger: u64,
+    /// `drift_check`, `drift_heal`: the differences found, per class.
+    #[serde(flatten)]
+    pub drift: crate::process::drift::ClassCounts,
 }
 
 impl RunCounts {

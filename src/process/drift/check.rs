@@ -203,7 +203,10 @@ impl DriftHandle {
             Ok(mut report) => {
                 report.graph_requests = base.graph_requests;
                 report.resource_units = base.resource_units;
-                let mut counts = report.counts.into_run(base);
+                let mut counts = RunCounts {
+                    drift: report.counts,
+                    ..base
+                };
                 if let Some(h) = &report.healed {
                     counts.deletes = h.deleted;
                 }
@@ -443,7 +446,7 @@ impl DriftHandle {
 /// The entry of a divergent item, with the item's actual values of the divergent fields: the
 /// writer's next diff against the row sends exactly those fields (with If-Match on this eTag).
 fn diverged(e: &Entry, d: &Difference, sides: &Sides) -> Entry {
-    let item = find_item(sides, d.item_id.as_deref().unwrap_or_default());
+    let item = find_item(sides, &d.list, d.item_id.as_deref().unwrap_or_default());
     let mut e = e.clone();
     for f in &d.fields {
         let actual = item.and_then(|i| i.fields.get(f)).cloned();
@@ -455,12 +458,13 @@ fn diverged(e: &Entry, d: &Difference, sides: &Sides) -> Entry {
     e
 }
 
-fn find_item<'a>(sides: &'a Sides, id: &str) -> Option<&'a SeenItem> {
-    sides
+fn find_item<'a>(sides: &'a Sides, list: &str, id: &str) -> Option<&'a SeenItem> {
+    let mut items = sides
         .lists
         .iter()
-        .flat_map(|l| &l.items)
-        .find(|i| i.id == id)
+        .filter(|l| l.name == list)
+        .flat_map(|l| &l.items);
+    items.find(|i| i.id == id)
 }
 
 /// Whether the entry's item exists (in the list it names).

@@ -167,7 +167,12 @@ fn row_differences(
         })
         .collect();
     let named = entry.and_then(|e| e.item.as_ref());
-    let kept = named.and_then(|r| found.iter().find(|(_, i)| i.id == r.item_id));
+    // Item ids are per list: the ledger's item is the one with its id in its list.
+    let kept = named.and_then(|r| {
+        found
+            .iter()
+            .find(|(l, i)| i.id == r.item_id && Some(*l) == home)
+    });
     let (keep_list, keep) = match (kept, found.first()) {
         (Some(k), _) => (k.0, k.1),
         (None, None) => {
@@ -247,13 +252,14 @@ pub fn confirmed(
 ) -> Vec<Difference> {
     let (first, before) = first;
     let (second, after) = second;
-    let seen: BTreeSet<(DriftClass, &str, &str, Option<&str>)> = first
+    let seen: BTreeSet<(DriftClass, &str, &str, &str, Option<&str>)> = first
         .iter()
         .map(|d| {
             (
                 d.class,
                 d.table.as_str(),
                 d.key.as_str(),
+                d.list.as_str(),
                 d.item_id.as_deref(),
             )
         })
@@ -265,6 +271,7 @@ pub fn confirmed(
                 d.class,
                 d.table.as_str(),
                 d.key.as_str(),
+                d.list.as_str(),
                 d.item_id.as_deref(),
             ))
         })
@@ -341,7 +348,7 @@ mod tests {
                     name: "B".into(),
                     id: "b".into(),
                     pulls: false,
-                    items: vec![item("i3m", "3", "row 3"), item("i4b", "4", "row 4")], // moved; duplicate
+                    items: vec![item("i3", "3", "row 3"), item("i4b", "4", "row 4")], // moved; duplicate
                 },
             ],
             ledger,

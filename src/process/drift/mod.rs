@@ -4,6 +4,17 @@
 //! ledger ([`super::ledger`]) and the processor's targets, and every fix goes through the normal
 //! writer path (ledger, intents, If-Match) — never a side channel.
 //!
+//! # Files
+//! - [`check`](DriftHandle): the entry points, [`DriftHandle::check`] and [`DriftHandle::heal`]
+//!   (one run each, a [`DriftReport`] back); what they read and how they pace themselves.
+//! - `classify`: the pure classification ([`classify`], [`confirmed`] for the two-pass re-check).
+//! - `commands`: what a check asks of the processor task (ledger snapshot, ledger repairs).
+//! - `report`: [`DriftReport`] and its parts (the API's body).
+//! - `stale`: the vanished-list case at start.
+//!
+//! The scheduler (`drift_check`/`drift_heal` jobs) calls `DriftHandle::check`/`heal` on the
+//! handle registered for the pipeline (`control::Registries::drift`).
+//!
 //! # The vanished-list case ([`stale`])
 //! A ledger names items in lists by id. When a list is deleted (or the Graph emulator restarts
 //! empty) provisioning re-creates it under a new id, and every ledger entry pointing into the old

@@ -2,8 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::meta::RunCounts;
-
 /// The kinds of difference a check reports.
 #[derive(
     Debug,
@@ -65,8 +63,9 @@ pub struct ListCount {
     pub items: u64,
 }
 
-/// Counts per class.
+/// Counts per class (see [`DriftClass`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
 pub struct ClassCounts {
     pub missing: u64,
     pub orphaned: u64,
@@ -99,19 +98,6 @@ impl ClassCounts {
             + self.misrouted
             + self.duplicate
             + self.stale_ledger
-    }
-
-    /// Into a run's counters (the rest of `base` is kept).
-    pub fn into_run(self, base: RunCounts) -> RunCounts {
-        RunCounts {
-            missing: self.missing,
-            orphaned: self.orphaned,
-            divergent: self.divergent,
-            misrouted: self.misrouted,
-            duplicate: self.duplicate,
-            stale_ledger: self.stale_ledger,
-            ..base
-        }
     }
 }
 

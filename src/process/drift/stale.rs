@@ -100,10 +100,8 @@ pub async fn heal_vanished<L: EventLog>(
             return;
         }
     };
-    let mut counts = RunCounts {
-        stale_ledger: stale.total(),
-        ..RunCounts::default()
-    };
+    let mut counts = RunCounts::default();
+    counts.drift.stale_ledger = stale.total();
     let mut failure = None;
     for table in stale.entries.keys() {
         match resnapshot(&snapshots, table).await {
@@ -119,7 +117,7 @@ pub async fn heal_vanished<L: EventLog>(
     } else {
         RunStatus::Succeeded
     };
-    info!(%pipeline, rows = counts.rows, entries = counts.stale_ledger, ?status, "vanished-list heal finished");
+    info!(%pipeline, rows = counts.rows, entries = counts.drift.stale_ledger, ?status, "vanished-list heal finished");
     if let Err(e) = run.finish(status, counts, failure).await {
         warn!(%pipeline, "cannot record the end of the drift heal run: {e}");
     }

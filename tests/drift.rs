@@ -354,3 +354,67 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
     })
     .await;
 }
+
+/// The cost of a check (issue 14: RU ≤ 1.1 × items ÷ page size × page cost) and its speed at the
+/// budget share. Not a timing assertion: the RU count is deterministic, the rate is printed.
+/// `cargo test --test drift drift_check_cost -- --ignored --nocapture` (`DRIFT_COST_ITEMS`,
+/// default 12000; `DRIFT_COST_RU_PER_MINUTE`, default 600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it by name"]
+async fn drift_check_cost() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (items, rpm) = (
+        env("DRIFT_COST_ITEMS", 12_000),
+        env("DRIFT_COST_RU_PER_MINUTE", 600),
+    );
+    hard_timeout(900, async {
+        let meta_db = MetaDatabase::create("sbdrift").await;
+        let mut h = Harness::new("driftb").await;
+        let (t, list) = h.titled_table(items as u32).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+        );
+        let file = pipeline_with_meta(&h, &sync, &meta_db);
+        h.start(&file);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        while (h.items(&list).await.len() as u64) < items {
+            assert!(std::time::Instant::now() < deadline, "push too slow");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        h.stop().await;
+        // The check runs at a small budget, so that its pacing shows.
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, yaml.replace("ru_per_minute: 100000", &format!("ru_per_minute: {rpm}"))).unwrap();
+        h.start(&file);
+        let report = post_drift(&h, "drift").await;
+        assert_eq!(report["counts"]["missing"], 0, "{report:#}");
+        let (ru, requests) = (
+            report["resource_units"].as_u64().unwrap(),
+            report["graph_requests"].as_u64().unwrap(),
+        );
+        let page = u64::from(syncbridge::process::drift::PAGE_SIZE);
+        let page_cost = u64::from(syncbridge::graph::Cost::Multi.units());
+        let expected = items.div_ceil(page) * page_cost;
+        let ms = report["finished_ms"].as_i64().unwrap() - report["started_ms"].as_i64().unwrap();
+        let share = syncbridge::process::drift::DEFAULT_BUDGET_SHARE;
+        let at_budget = share * rpm as f64 / 60.0 / page_cost as f64 * page as f64;
+        println!(
+            "drift check: {items} items, {requests} requests, {ru} RU; expected {expected} RU \
+             (items ÷ {page} × {page_cost}); ratio {:.2} (goal ≤ 1.10)",
+            ru as f64 / expected as f64
+        );
+        println!(
+            "drift check: {ms} ms, {:.0} items/s at {rpm} RU/min × {share} share \
+             (pacing bound {at_budget:.0} items/s)",
+            items as f64 * 1000.0 / ms.max(1) as f64
+        );
+        assert!(ru * 10 <= expected * 11, "RU {ru} > 1.1 × {expected}");
+        h.stop().await;
+    })
+    .await;
+}

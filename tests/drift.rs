@@ -418,3 +418,46 @@ async fn drift_check_cost() {
     })
     .await;
 }
+
+/// A list that still exists but is no longer a target (its route was removed from the file) is
+/// not a vanished list: its ledger entries are left to the writer path, no heal runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_dropped_from_the_routes_is_not_taken_for_a_vanished_one() {
+    hard_timeout(300, async {
+        let meta_db = MetaDatabase::create("sbdrift").await;
+        let mut h = Harness::new("driftr").await;
+        let (t, a) = h.titled_table(4).await;
+        let b = format!("B {}", h.name);
+        let route = format!("    routes:\n      - when: \"title == 'row 2'\"\n        list: {b}\n");
+        let sync = format!(
+            "  - table: public.{t}\n    list: {a}\n    fields: {{ title: Title }}\n{route}    pull: {{ enabled: false }}"
+        );
+        let file = pipeline_with_meta(&h, &sync, &meta_db);
+        h.start(&file);
+        h.wait_for("3 items in A, 1 in B", || async {
+            h.items(&a).await.len() == 3 && h.items(&b).await.len() == 1
+        })
+        .await;
+        h.stop().await;
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, yaml.replace(&route, "")).unwrap();
+        h.start(&file);
+        let all = format!("pipeline={}", h.name);
+        h.wait_for("the second stream run", || async {
+            try_runs(&h, &format!("{all}&kind=stream"))
+                .await
+                .is_some_and(|runs| runs.len() == 2)
+        })
+        .await;
+        assert_eq!(
+            try_runs(&h, &format!("{all}&kind=drift_heal")).await.unwrap().len(),
+            0,
+            "{}",
+            h.run_log()
+        );
+        assert!(!h.run_log().contains("ledger named lists that no longer exist"));
+        assert_eq!(h.items(&b).await.len(), 1, "B's item is left alone");
+        h.stop().await;
+    })
+    .await;
+}

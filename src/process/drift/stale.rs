@@ -47,24 +47,48 @@ fn lists_of(e: &Entry) -> impl Iterator<Item = &str> {
 }
 
 impl<L: EventLog + 'static> Processor<L> {
-    /// Removes every ledger entry naming a list id that is not one of this run's target lists
-    /// (the list vanished and provisioning made a new one). Call it before the first write: the
-    /// removal is durable when this returns, and the rows are then re-read by [`heal_vanished`].
+    /// Removes every ledger entry naming a list that no longer exists (the list vanished and
+    /// provisioning made a new one). A list id that is not one of this run's targets is looked
+    /// up once: one that still exists (a route removed from the configuration) is left to the
+    /// writer path. Call it before the first write: the removal is durable when this returns,
+    /// and the rows are then re-read by [`heal_vanished`].
     pub async fn repair_stale_ledger(&mut self) -> Result<StaleLedger, ProcessError> {
         let live: HashSet<&str> = self.targets.lists.values().map(|l| l.id.as_str()).collect();
-        let mut found = StaleLedger::default();
-        let mut changes = Vec::new();
+        let mut entries = Vec::new();
+        let mut unknown = BTreeSet::new();
         for t in &self.tables {
             for (key, entry) in self.ledger.scan_table(&t.table)? {
-                let gone: Vec<&str> = lists_of(&entry).filter(|l| !live.contains(l)).collect();
-                if gone.is_empty() {
-                    continue;
+                let other: Vec<String> = lists_of(&entry)
+                    .filter(|l| !live.contains(l))
+                    .map(str::to_string)
+                    .collect();
+                if !other.is_empty() {
+                    unknown.extend(other.iter().cloned());
+                    entries.push((t.table.clone(), key, other));
                 }
-                found.lists.extend(gone.iter().map(|l| l.to_string()));
-                *found.entries.entry(t.table.clone()).or_default() += 1;
+            }
+        }
+        let mut gone = BTreeSet::new();
+        for id in unknown {
+            match self.client.get_list(&self.targets.site_id, &id).await {
+                Ok(None) => {
+                    gone.insert(id);
+                }
+                Ok(Some(_)) => {}
+                // Not known to be gone: left alone this time (a drift check finds it later).
+                Err(e) => warn!(pipeline = %self.cfg.pipeline.name, list = %id,
+                    "cannot tell whether a list the ledger names still exists: {e}"),
+            }
+        }
+        let mut found = StaleLedger::default();
+        let mut changes = Vec::new();
+        for (table, key, lists) in entries {
+            if lists.iter().any(|l| gone.contains(l)) {
+                *found.entries.entry(table).or_default() += 1;
                 changes.push((key, None));
             }
         }
+        found.lists = gone;
         if !changes.is_empty() {
             self.ledger.commit(changes).await?;
             warn!(pipeline = %self.cfg.pipeline.name, entries = found.total(),

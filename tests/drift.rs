@@ -32,12 +32,23 @@ async fn restart_emulator_empty(h: &mut Harness) {
         .stop()
         .await
         .unwrap();
-    let fresh = emulator::spawn(EmulatorArgs {
-        listen: addr,
-        ..EmulatorArgs::default()
-    })
-    .await
-    .unwrap();
+    // The old listener's port may take a moment to be free again.
+    let mut tries = 0;
+    let fresh = loop {
+        let args = EmulatorArgs {
+            listen: addr,
+            ..EmulatorArgs::default()
+        };
+        match emulator::spawn(args).await {
+            Ok(e) => break e,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("emulator restart on {addr}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("emulator restart on {addr}: {e}"),
+        }
+    };
     std::mem::replace(&mut h.emu, fresh).stop().await.unwrap();
     h.site = h
         .graph

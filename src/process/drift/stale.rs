@@ -17,6 +17,9 @@ use crate::process::processor::Processor;
 /// How long to wait before asking again when a re-snapshot is already running (an operator's,
 /// or the previous table's still finishing).
 const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// How long to keep asking: longer than a large table's re-snapshot, short enough that a heal
+/// whose capture has stopped fails (and says why) instead of hanging.
+const BUSY_PATIENCE: Duration = Duration::from_secs(600);
 
 /// What [`Processor::repair_stale_ledger`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -151,10 +154,18 @@ pub async fn heal_vanished<L: EventLog>(
 /// returns the rows it emitted.
 pub(super) async fn resnapshot(h: &ResnapshotHandle, table: &str) -> Result<u64, String> {
     let mut watch = h.subscribe();
+    let mut waited = Duration::ZERO;
     let id = loop {
         match h.request(table) {
             Ok(s) => break s.id,
-            Err(RequestError::Busy { .. }) => tokio::time::sleep(BUSY_RETRY).await,
+            // Another re-snapshot is running; a capture that stopped answers busy for ever.
+            Err(e @ RequestError::Busy { .. }) if waited >= BUSY_PATIENCE => {
+                return Err(e.to_string());
+            }
+            Err(RequestError::Busy { .. }) => {
+                tokio::time::sleep(BUSY_RETRY).await;
+                waited += BUSY_RETRY;
+            }
             Err(e) => return Err(e.to_string()),
         }
     };

@@ -93,14 +93,33 @@ async fn table_titles(h: &Harness, t: &str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_list_is_recreated_with_its_items_at_start_in_one_drift_run() {
+    vanished_list(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_vanished_list_is_recreated_with_its_items_at_start() {
+    vanished_list(true).await;
+}
+
+async fn vanished_list(kafka: bool) {
     hard_timeout(300, async {
         let meta_db = MetaDatabase::create("sbdrift").await;
-        let mut h = Harness::new("drift").await;
+        let mut h = Harness::new(if kafka { "driftk" } else { "drift" }).await;
         let (t, list) = h.titled_table(20).await;
         let sync = format!(
             "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
         );
         let file = pipeline_with_meta(&h, &sync, &meta_db);
+        if kafka {
+            let log = format!(
+                "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbd{}' }} }}",
+                common::kafka_brokers(),
+                &h.name[h.name.len() - 8..]
+            );
+            let yaml = std::fs::read_to_string(&file).unwrap();
+            assert!(yaml.contains(&h.embedded_log()));
+            std::fs::write(&file, yaml.replace(&h.embedded_log(), &log)).unwrap();
+        }
         let all = format!("pipeline={}", h.name);
         let heals = format!("{all}&kind=drift_heal");
 

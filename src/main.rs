@@ -66,6 +66,20 @@ enum Command {
     },
     /// Dead letters of a pipeline: rows the push path could not write, with the reason. Asks
     /// the running process (at control.listen); when none runs the pipeline, reads its log.
+    /// Compare a running pipeline's tables with its lists (missing, orphaned, divergent,
+    /// misrouted, duplicate items, stale ledger entries); dry run unless `--heal`.
+    Drift {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// Fix what the check finds, through the writer path.
+        #[arg(long)]
+        heal: bool,
+        /// Print the whole report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters of a pipeline: rows the push path could not write, with the reason.
+    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
@@ -317,6 +331,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Drift { file, heal, json } => drift(&file, heal, json),
         Command::Catalog {
             files,
             database,
@@ -438,6 +453,64 @@ fn dlq(action: DlqAction) -> ExitCode {
         }
         Ok(())
     })
+}
+
+/// `syncbridge drift`: asks the running process for a check (or heal) and prints its report;
+/// exits 1 when differences were found by a check (0 after a heal).
+fn drift(file: &std::path::Path, heal: bool, json: bool) -> ExitCode {
+    let pipeline = match config::load_files(&[file.to_path_buf()]) {
+        Ok(mut p) => p.remove(0),
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let mut found = 0;
+    let code = block_on(|_| {
+        let found = &mut found;
+        async move {
+            let addr = pipeline.control.listen;
+            let r = syncbridge::control::client::drift(addr, &pipeline.name, heal).await?;
+            let counts = &r["counts"];
+            *found = [
+                "missing",
+                "orphaned",
+                "divergent",
+                "misrouted",
+                "duplicate",
+                "stale_ledger",
+            ]
+            .iter()
+            .map(|c| counts[c].as_u64().unwrap_or(0))
+            .sum::<u64>();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            println!("drift run {}: {found} difference(s) {counts}", r["run_id"]);
+            for l in r["lists"].as_array().into_iter().flatten() {
+                println!(
+                    "  list {}: {} row(s), {} item(s)",
+                    l["list"], l["rows"], l["items"]
+                );
+            }
+            for d in r["differences"].as_array().into_iter().flatten() {
+                println!("  {d}");
+            }
+            println!(
+                "graph: {} request(s), {} RU",
+                r["graph_requests"], r["resource_units"]
+            );
+            if let Some(h) = r.get("healed") {
+                println!("healed: {h}");
+            }
+            Ok(())
+        }
+    });
+    if code == ExitCode::SUCCESS && !heal && found > 0 {
+        return ExitCode::from(1);
+    }
+    code
 }
 
 /// Most dead letters `dlq list` prints through the API (the server's page limit).

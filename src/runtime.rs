@@ -316,7 +316,17 @@ async fn start_all(
             pipeline: p.name.clone(),
             source,
         })?;
+        // Before the first write: entries naming a vanished list are dropped, healed below.
+        let stale =
+            processor
+                .repair_stale_ledger()
+                .await
+                .map_err(|source| RuntimeError::Process {
+                    pipeline: p.name.clone(),
+                    source,
+                })?;
         registries.conflicts.register(processor.conflict_handle());
+        let processor_facts = processor.drift_facts();
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
         let handle = PipelineHandle::new(
@@ -388,6 +398,22 @@ async fn start_all(
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
         let resnapshots = handle.subscribe();
+        if !stale.is_empty() {
+            tokio::spawn(process::drift::heal_vanished(
+                stale,
+                handle.clone(),
+                log.clone(),
+                meta::runs_topic(topic_prefix(p), &p.name),
+            ));
+        }
+        registries.drift.register(drift_handle(
+            p,
+            &processor_facts,
+            &limiters,
+            registries,
+            &handle,
+            &log,
+        )?);
         registries.snapshots.register(handle);
         let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
             &capture_config.state_dir,
@@ -1016,4 +1042,32 @@ fn describe_log(log: &config::LogConfig) -> String {
         config::LogConfig::Embedded { path } => format!("embedded at {}", path.display()),
         config::LogConfig::Kafka { brokers, .. } => format!("kafka at {}", brokers.join(",")),
     }
+}
+
+/// The drift check's handle of a pipeline: its own Graph client on the tenant's limiter (so
+/// what checks spend is counted apart from the writers), the processor's targets and key columns.
+fn drift_handle(
+    p: &PipelineConfig,
+    facts: &process::drift::ProcessorFacts,
+    limiters: &Arc<LimiterRegistry>,
+    registries: &control::Registries,
+    snapshots: &ResnapshotHandle,
+    log: &Arc<AnyLog>,
+) -> Result<process::drift::DriftHandle, RuntimeError> {
+    let usage = Arc::new(GraphUsage::default());
+    let client = GraphClient::counted(GraphClientConfig::from(&p.graph), limiters, usage.clone())
+        .map_err(|e| RuntimeError::Process {
+        pipeline: p.name.clone(),
+        source: e.into(),
+    })?;
+    Ok(process::drift::DriftHandle::new(
+        p.clone(),
+        client,
+        usage,
+        facts.clone(),
+        registries.conflicts.clone(),
+        snapshots.clone(),
+        log.clone(),
+        meta::runs_topic(topic_prefix(p), &p.name),
+    ))
 }

@@ -18,7 +18,7 @@ mod common;
 #[path = "common/harness.rs"]
 mod harness;
 use common::TempDatabase as MetaDatabase;
-use harness::{Harness, hard_timeout};
+use harness::{Harness, hard_timeout, try_runs};
 
 async fn connect(url: &str) -> Client {
     let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
@@ -118,17 +118,6 @@ async fn get(h: &Harness, path: &str) -> reqwest::Result<reqwest::Response> {
         .get(format!("http://127.0.0.1:{}{path}", h.control_port))
         .send()
         .await
-}
-
-/// `GET /runs?query`, `None` while the process is not listening yet.
-async fn try_runs(h: &Harness, query: &str) -> Option<Vec<Value>> {
-    let body: Value = get(h, &format!("/runs?{query}"))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    body["runs"].as_array().cloned()
 }
 
 async fn api_runs(h: &Harness, query: &str) -> Value {

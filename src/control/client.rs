@@ -341,3 +341,21 @@ pub async fn reset_cursor(
         .await;
     answer(addr, r).await
 }
+
+/// How long the CLI waits for a drift check or heal: it pages through every list at no more than
+/// a share of the RU budget, so a large pipeline takes minutes.
+const DRIFT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `POST /pipelines/{pipeline}/drift` (or `/drift/heal`): the report, once the run is done.
+pub async fn drift(
+    addr: SocketAddr,
+    pipeline: &str,
+    heal: bool,
+) -> Result<serde_json::Value, ClientError> {
+    let path = if heal { "drift/heal" } else { "drift" };
+    let r = client_with_timeout(DRIFT_TIMEOUT)?
+        .post(format!("http://{addr}/pipelines/{pipeline}/{path}"))
+        .send()
+        .await;
+    answer(addr, r).await
+}

@@ -44,6 +44,7 @@ pub mod auth;
 pub mod catalog;
 pub mod client;
 pub mod cursors;
+pub mod drift;
 pub mod meta;
 pub mod openapi;
 pub mod pipelines;
@@ -254,6 +255,7 @@ pub struct Registries {
     pub pipelines: pipelines::PipelineRegistry,
     /// The cursors (slot, consumer groups, delta links) of the running pipelines.
     pub cursors: cursors::CursorRegistry,
+    pub drift: drift::DriftRegistry,
 }
 
 #[derive(Clone)]
@@ -300,6 +302,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         meta,
         pipelines,
         cursors,
+        drift,
     } = registries;
     let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
     Router::new()
@@ -331,6 +334,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(meta::routes(meta))
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
+        .merge(drift::routes(drift))
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until

@@ -42,6 +42,7 @@
 pub mod audit;
 pub mod convert;
 pub mod dlq;
+pub mod drift;
 pub mod guard;
 pub mod hold;
 pub mod ledger;

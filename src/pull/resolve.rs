@@ -331,6 +331,8 @@ pub enum ConflictCommand {
     List {
         reply: oneshot::Sender<Result<Vec<ConflictView>, ResolveError>>,
     },
+    /// Drift checks and heals ([`crate::process::drift`]): the ledger, or repairs to commit.
+    Drift(crate::process::drift::DriftCommand),
 }
 
 /// The control plane's way into one pipeline's processor.
@@ -345,7 +347,7 @@ impl ConflictHandle {
         &self.pipeline
     }
 
-    async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, ResolveError>>) -> ConflictCommand,
     ) -> Result<T, ResolveError> {
@@ -576,7 +578,7 @@ fn plan(
     Ok(out)
 }
 
-fn process_failure(id: &str, e: ProcessError) -> ResolveError {
+pub(crate) fn process_failure(id: &str, e: ProcessError) -> ResolveError {
     ResolveError::Failed {
         id: id.to_string(),
         retryable: e.is_retryable(),
@@ -615,6 +617,7 @@ impl<L: EventLog + 'static> Processor<L> {
     /// answered and then returned (it stops the processor, as in a flush).
     pub(crate) async fn serve_command(&mut self, cmd: ConflictCommand) -> Result<(), ProcessError> {
         match cmd {
+            ConflictCommand::Drift(cmd) => self.serve_drift(cmd).await,
             ConflictCommand::List { reply } => {
                 let r = read_conflicts(self.log.as_ref(), &self.conflicts_topic)
                     .await

@@ -362,3 +362,17 @@ pub async fn hard_timeout<F: std::future::Future<Output = ()>>(secs: u64, f: F) 
         .await
         .unwrap_or_else(|_| panic!("test exceeded its {secs} s timeout"));
 }
+
+/// `GET /runs?query` on the process's control plane, `None` while it is not listening yet.
+pub async fn try_runs(h: &Harness, query: &str) -> Option<Vec<Value>> {
+    let body: Value = h
+        .admin
+        .get(format!("http://127.0.0.1:{}/runs?{query}", h.control_port))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    body["runs"].as_array().cloned()
+}

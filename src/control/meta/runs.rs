@@ -47,6 +47,10 @@ pub enum RunKind {
     DlqReplay,
     /// `POST /pipelines/{name}/cursors/reset` (not a dry run).
     CursorReset,
+    /// A drift check (`syncbridge drift`, `POST /pipelines/{name}/drift`).
+    DriftCheck,
+    /// A drift heal (`--heal`, `POST /pipelines/{name}/drift/heal`, the vanished-list heal at start).
+    DriftHeal,
 }
 
 impl RunKind {
@@ -57,6 +61,8 @@ impl RunKind {
             RunKind::Resnapshot => "resnapshot",
             RunKind::DlqReplay => "dlq_replay",
             RunKind::CursorReset => "cursor_reset",
+            RunKind::DriftCheck => "drift_check",
+            RunKind::DriftHeal => "drift_heal",
         }
     }
 }
@@ -111,6 +117,9 @@ pub struct RunCounts {
     pub resource_units: u64,
     /// 429/503 answers from Graph.
     pub throttled: u64,
+    /// `drift_check`, `drift_heal`: the differences found, per class.
+    #[serde(flatten)]
+    pub drift: crate::process::drift::ClassCounts,
 }
 
 impl RunCounts {

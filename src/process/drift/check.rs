@@ -1,0 +1,486 @@
+//! The drift check and heal of one running pipeline ([`DriftHandle::check`],
+//! [`DriftHandle::heal`]): the entry points the control plane and the scheduler call.
+//!
+//! # How a check reads both sides
+//! 1. The ledger, from the processor (a command served between flushes, so it is consistent).
+//! 2. Every synced table's SyncKeys (`SELECT key::text …`, on its own connection).
+//! 3. Every target list's items, paged, `$select`ing only SyncKey and the mapped fields, through
+//!    a client on the pipeline's tenant limiter (so resource units are priced and shared with the
+//!    writers); after each list the check sleeps so that its average spend stays under
+//!    `share` × `graph.ru_per_minute` ([`DEFAULT_BUDGET_SHARE`]).
+//! 4. After [`RECHECK_DELAY`] the ledger and the tables are read again and the differences
+//!    classified again against the same items: only differences both passes saw are reported
+//!    (a write in flight during the first pass is confirmed in the ledger by the second).
+//!
+//! # How a heal fixes them (always through the writer path)
+//! - orphaned, duplicate and misrouted items are deleted with `If-Match` (the eTag the check
+//!   read: an item changed since is left alone and counted as skipped);
+//! - the ledger is repaired by the processor (single writer): an entry naming an item that does
+//!   not exist is dropped, an entry of a divergent item gets the item's actual values (so the
+//!   writer's diff sends exactly those fields, with If-Match);
+//! - the tables concerned are re-read by a watermarked re-snapshot, whose `r` events the
+//!   processor writes like any change: missing items are created (intent first), divergent
+//!   fields rewritten, items of a dropped entry re-adopted by SyncKey.
+//!
+//! Divergent fields are rewritten from the table (push direction): a pulled field's conflict
+//! policy is not consulted yet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
+use super::commands::{LedgerView, Repairs};
+use super::report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary};
+use super::stale::resnapshot;
+use crate::capture::ResnapshotHandle;
+use crate::config::{FieldType, PipelineConfig, SYNC_KEY_FIELD};
+use crate::control::ConflictRegistry;
+use crate::control::meta::{MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
+use crate::graph::{GraphClient, GraphError, GraphUsage, ItemQuery};
+use crate::log::{AnyLog, EventLog};
+use crate::process::ledger::Entry;
+use crate::process::processor::Processor;
+use crate::process::processor::hash_projection;
+use crate::pull::{ConflictHandle, ResolveError};
+
+/// Share of the tenant's resource-unit budget a check may spend on average: half, so the
+/// writers and the delta pollers keep the other half while a check pages through every list.
+pub const DEFAULT_BUDGET_SHARE: f64 = 0.5;
+/// Items per page (`$top`): Graph's maximum for list items, the fewest pages per item.
+pub const PAGE_SIZE: u32 = 5000;
+/// Wait between the two passes: longer than the processor's flush window (a write read in flight
+/// in the first pass is confirmed in the ledger by the second).
+pub const RECHECK_DELAY: Duration = Duration::from_secs(2);
+
+/// Why a check or heal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriftError {
+    #[error("a drift check or heal of this pipeline is already running")]
+    Busy,
+    #[error("Graph: {0}")]
+    Graph(#[from] GraphError),
+    #[error("source database: {0}")]
+    Source(String),
+    #[error("processor: {0}")]
+    Processor(#[from] ResolveError),
+    #[error("run history: {0}")]
+    Meta(#[from] MetaError),
+}
+
+impl DriftError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DriftError::Busy | DriftError::Source(_) | DriftError::Meta(_) => true,
+            DriftError::Graph(e) => e.is_retryable(),
+            DriftError::Processor(_) => true,
+        }
+    }
+}
+
+/// What a check needs of the processor's start: the site, the target lists and the key columns.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorFacts {
+    pub site_id: String,
+    /// Display name → id of every target list.
+    pub lists: BTreeMap<String, String>,
+    /// Key columns per `schema.table` (the SyncKey's parts, in order).
+    pub key_columns: HashMap<String, Vec<String>>,
+}
+
+impl<L: EventLog + 'static> Processor<L> {
+    /// The [`ProcessorFacts`] of this processor.
+    pub fn drift_facts(&self) -> ProcessorFacts {
+        ProcessorFacts {
+            site_id: self.targets.site_id.clone(),
+            lists: self
+                .targets
+                .lists
+                .iter()
+                .map(|(name, l)| (name.clone(), l.id.clone()))
+                .collect(),
+            key_columns: self
+                .tables
+                .iter()
+                .zip(&self.facts)
+                .map(|(t, f)| (t.table.clone(), f.key_columns.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Everything a check needs of one running pipeline. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DriftHandle {
+    pub pipeline: PipelineConfig,
+    /// On the pipeline's tenant limiter, with its own usage (what the checks spent).
+    pub client: GraphClient,
+    pub usage: Arc<GraphUsage>,
+    pub facts: ProcessorFacts,
+    /// The processors' command handles (looked up per call: a paused and resumed pipeline has
+    /// a new processor).
+    pub processors: ConflictRegistry,
+    pub snapshots: ResnapshotHandle,
+    pub log: Arc<AnyLog>,
+    pub runs_topic: String,
+    pub share: f64,
+    latest: Arc<Mutex<Option<DriftReport>>>,
+    busy: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DriftHandle {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pipeline: PipelineConfig,
+        client: GraphClient,
+        usage: Arc<GraphUsage>,
+        facts: ProcessorFacts,
+        processors: ConflictRegistry,
+        snapshots: ResnapshotHandle,
+        log: Arc<AnyLog>,
+        runs_topic: String,
+    ) -> Self {
+        DriftHandle {
+            pipeline,
+            client,
+            usage,
+            facts,
+            processors,
+            snapshots,
+            log,
+            runs_topic,
+            share: DEFAULT_BUDGET_SHARE,
+            latest: Arc::default(),
+            busy: Arc::default(),
+        }
+    }
+
+    fn processor(&self) -> Result<ConflictHandle, DriftError> {
+        self.processors
+            .get(self.name())
+            .ok_or_else(|| DriftError::Processor(ResolveError::Stopped(self.name().to_string())))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.pipeline.name
+    }
+
+    /// The latest report (of a check or a heal) since the process started.
+    pub fn latest(&self) -> Option<DriftReport> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Checks the pipeline (one `drift_check` run) and keeps the report.
+    pub async fn check(&self) -> Result<DriftReport, DriftError> {
+        self.run(RunKind::DriftCheck).await
+    }
+
+    /// Checks, then fixes what the check found (one `drift_heal` run) and keeps the report.
+    pub async fn heal(&self) -> Result<DriftReport, DriftError> {
+        self.run(RunKind::DriftHeal).await
+    }
+
+    async fn run(&self, kind: RunKind) -> Result<DriftReport, DriftError> {
+        let _guard = self.busy.try_lock().map_err(|_| DriftError::Busy)?;
+        let mut run =
+            RunRecorder::start(self.log.clone(), self.runs_topic.clone(), self.name(), kind)
+                .await?;
+        let before = self.usage.counts();
+        let result = self.check_and_heal(kind, run.run_id().to_string()).await;
+        let used = self.usage.counts();
+        let base = RunCounts {
+            graph_requests: used.requests - before.requests,
+            resource_units: used.resource_units - before.resource_units,
+            throttled: used.throttled - before.throttled,
+            ..RunCounts::default()
+        };
+        match result {
+            Ok(mut report) => {
+                report.graph_requests = base.graph_requests;
+                report.resource_units = base.resource_units;
+                let mut counts = RunCounts {
+                    drift: report.counts,
+                    ..base
+                };
+                if let Some(h) = &report.healed {
+                    counts.deletes = h.deleted;
+                }
+                run.finish(RunStatus::Succeeded, counts, None).await?;
+                info!(pipeline = %self.name(), kind = kind.as_str(), found = report.counts.total(),
+                    ru = report.resource_units, "drift run finished");
+                *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+                Ok(report)
+            }
+            Err(e) => {
+                run.finish(RunStatus::Failed, base, Some(e.to_string()))
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn check_and_heal(
+        &self,
+        kind: RunKind,
+        run_id: String,
+    ) -> Result<DriftReport, DriftError> {
+        let started_ms = now_ms();
+        let mut sides = Sides {
+            ledger: self.ledger().await?,
+            tables: self.tables().await?,
+            lists: Vec::new(),
+        };
+        sides.lists = self.items().await?;
+        let (first, _) = classify(&sides);
+        let before = sides.ledger.clone();
+        if !first.is_empty() {
+            tokio::time::sleep(RECHECK_DELAY).await;
+            sides.ledger = self.ledger().await?;
+            sides.tables = self.tables().await?;
+        }
+        let (second, lists) = classify(&sides);
+        let in_flight = first.len() as u64;
+        let differences = confirmed((&first, &before), (second, &sides.ledger));
+        let mut report = DriftReport {
+            pipeline: self.name().to_string(),
+            run_id,
+            started_ms,
+            finished_ms: 0,
+            counts: ClassCounts::of(&differences),
+            lists,
+            in_flight: in_flight - differences.len() as u64,
+            differences,
+            graph_requests: 0,
+            resource_units: 0,
+            healed: None,
+        };
+        if kind == RunKind::DriftHeal {
+            report.healed = Some(self.fix(&report.differences, &sides).await?);
+        }
+        report.finished_ms = now_ms();
+        Ok(report)
+    }
+
+    async fn ledger(&self) -> Result<LedgerView, DriftError> {
+        Ok(self.processor()?.drift_ledger().await?)
+    }
+
+    /// Every synced table's SyncKeys.
+    async fn tables(&self) -> Result<Vec<SeenTable>, DriftError> {
+        let err = |e: tokio_postgres::Error| DriftError::Source(e.to_string());
+        let (client, conn) = crate::pg::connect(self.pipeline.source.url.expose())
+            .await
+            .map_err(|e| DriftError::Source(e.to_string()))?;
+        let conn = tokio::spawn(conn);
+        let mut out = Vec::new();
+        for e in &self.pipeline.sync {
+            let table = e.table.to_string();
+            let cols = self
+                .facts
+                .key_columns
+                .get(&table)
+                .cloned()
+                .unwrap_or_default();
+            let select = cols
+                .iter()
+                .map(|c| format!("{}::text", crate::capture::catalog::quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let from = crate::capture::catalog::qualified_ident(&e.table.schema, &e.table.name);
+            let rows = client
+                .query(&format!("SELECT {select} FROM {from}"), &[])
+                .await
+                .map_err(err)?;
+            let keys = rows
+                .iter()
+                .map(|r| {
+                    let parts: Vec<Option<String>> = (0..cols.len()).map(|i| r.get(i)).collect();
+                    sync_key_of(parts)
+                })
+                .collect();
+            out.push(SeenTable {
+                table,
+                lists: e.lists().map(str::to_string).collect(),
+                keys,
+            });
+        }
+        drop(client);
+        let _ = conn.await;
+        Ok(out)
+    }
+
+    /// Every target list's items (SyncKey and mapped fields), paced to the budget share.
+    async fn items(&self) -> Result<Vec<SeenList>, DriftError> {
+        let rate = self.share * f64::from(self.pipeline.graph.ru_per_minute) / 60.0;
+        let mut out = Vec::new();
+        for (name, id) in &self.facts.lists {
+            let started = Instant::now();
+            let ru_before = self.usage.counts().resource_units;
+            let query = ItemQuery {
+                select: Some(self.select(name)),
+                top: Some(PAGE_SIZE),
+                limit: usize::MAX,
+                ..ItemQuery::default()
+            };
+            let items = self
+                .client
+                .list_items(&self.facts.site_id, id, &query)
+                .await?;
+            let spent = self.usage.counts().resource_units - ru_before;
+            // Stay under `share` of the budget on average: a list that cost `spent` RU may not
+            // have taken less than `spent / rate` seconds.
+            if rate > 0.0 {
+                let floor = Duration::from_secs_f64(spent as f64 / rate);
+                tokio::time::sleep(floor.saturating_sub(started.elapsed())).await;
+            }
+            out.push(SeenList {
+                name: name.clone(),
+                id: id.clone(),
+                pulls: self
+                    .pipeline
+                    .sync
+                    .iter()
+                    .any(|e| e.pull.enabled && e.lists().any(|l| l == name)),
+                items: items
+                    .into_iter()
+                    .map(|i| SeenItem {
+                        id: i.id,
+                        etag: i.e_tag,
+                        fields: i.fields,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `$select` of a list: SyncKey and the mapped fields of every entry writing to it.
+    fn select(&self, list: &str) -> Vec<String> {
+        let mut out = BTreeSet::from([SYNC_KEY_FIELD.to_string()]);
+        for e in self
+            .pipeline
+            .sync
+            .iter()
+            .filter(|e| e.lists().any(|l| l == list))
+        {
+            for f in &e.fields {
+                out.insert(match f.field_type {
+                    FieldType::Person | FieldType::Lookup => format!("{}LookupId", f.field),
+                    _ => f.field.clone(),
+                });
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Fixes `diffs` (see the module docs) found against `sides`.
+    async fn fix(&self, diffs: &[Difference], sides: &Sides) -> Result<HealSummary, DriftError> {
+        let mut summary = HealSummary::default();
+        let mut repairs: Repairs = Vec::new();
+        let mut tables = BTreeSet::new();
+        for d in diffs {
+            let row = (d.table.clone(), d.key.clone());
+            let entry = sides.ledger.get(&row);
+            if matches!(
+                d.class,
+                DriftClass::Orphaned | DriftClass::Duplicate | DriftClass::Misrouted
+            ) {
+                self.delete(d, &mut summary).await?;
+            }
+            match d.class {
+                DriftClass::Orphaned | DriftClass::Duplicate => continue,
+                DriftClass::Divergent => {
+                    if let Some(e) = entry {
+                        repairs.push((row.0, row.1, Some(diverged(e, d, sides))));
+                    }
+                }
+                // The row's entry names no item that exists: dropped; the re-read creates the
+                // row's item (or adopts the one with its SyncKey).
+                DriftClass::Missing | DriftClass::StaleLedger | DriftClass::Misrouted => {
+                    if entry.is_some_and(|e| !names_live_item(e, sides)) {
+                        repairs.push((row.0, row.1, None));
+                    }
+                }
+            }
+            tables.insert(d.table.clone());
+        }
+        summary.ledger_repaired = repairs.len() as u64;
+        if !repairs.is_empty() {
+            self.processor()?.drift_repair(repairs).await?;
+        }
+        for t in &tables {
+            resnapshot(&self.snapshots, t)
+                .await
+                .map_err(|e| DriftError::Source(format!("re-snapshot of {t}: {e}")))?;
+        }
+        summary.resnapshotted = tables.into_iter().collect();
+        Ok(summary)
+    }
+
+    async fn delete(&self, d: &Difference, summary: &mut HealSummary) -> Result<(), DriftError> {
+        let (Some(id), Some(list)) = (d.item_id.as_deref(), self.facts.lists.get(&d.list)) else {
+            return Ok(());
+        };
+        match self
+            .client
+            .delete_item(&self.facts.site_id, list, id, d.etag.as_deref())
+            .await
+        {
+            Ok(_) => summary.deleted += 1,
+            Err(GraphError::PreconditionFailed { .. }) => summary.skipped += 1,
+            Err(e) if !e.is_retryable() => {
+                warn!(pipeline = %self.name(), item = id, "drift heal: delete failed: {e}");
+                summary.skipped += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+}
+
+/// The entry of a divergent item, with the item's actual values of the divergent fields: the
+/// writer's next diff against the row sends exactly those fields (with If-Match on this eTag).
+fn diverged(e: &Entry, d: &Difference, sides: &Sides) -> Entry {
+    let item = find_item(sides, &d.list, d.item_id.as_deref().unwrap_or_default());
+    let mut e = e.clone();
+    for f in &d.fields {
+        let actual = item.and_then(|i| i.fields.get(f)).cloned();
+        e.projection
+            .insert(f.clone(), actual.unwrap_or(serde_json::Value::Null));
+    }
+    e.hash = Some(hash_projection(&e.projection));
+    e.etag = d.etag.clone();
+    e
+}
+
+fn find_item<'a>(sides: &'a Sides, list: &str, id: &str) -> Option<&'a SeenItem> {
+    let mut items = sides
+        .lists
+        .iter()
+        .filter(|l| l.name == list)
+        .flat_map(|l| &l.items);
+    items.find(|i| i.id == id)
+}
+
+/// Whether the entry's item exists (in the list it names).
+fn names_live_item(e: &Entry, sides: &Sides) -> bool {
+    e.item.as_ref().is_some_and(|r| {
+        sides
+            .lists
+            .iter()
+            .any(|l| l.id == r.list_id && l.items.iter().any(|i| i.id == r.item_id))
+    })
+}
+
+/// The SyncKey of key column texts (as [`crate::process::sync_key`] builds it from cells).
+fn sync_key_of(parts: Vec<Option<String>>) -> String {
+    if let [one] = parts.as_slice() {
+        return one.clone().unwrap_or_default();
+    }
+    serde_json::to_string(&parts).unwrap_or_default()
+}

@@ -130,6 +130,9 @@ struct RunningPipeline {
     /// The run projector of this pipeline's runs topic.
     projector_stop: CancellationToken,
     projector: Option<JoinHandle<Result<u64, MetaError>>>,
+    /// The `schedules:` jobs (stopped first when draining; a running job is cancelled).
+    scheduler_stop: CancellationToken,
+    scheduler: JoinHandle<()>,
     /// Why the pipeline stopped, when a stage failed (the stream run's reason).
     failure: Option<String>,
 }
@@ -320,6 +323,7 @@ async fn start_all(
             p.graph.ru_per_minute,
         );
         registries.pipelines.register(handle.clone());
+        let pipeline_handle = handle.clone();
         m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
@@ -378,6 +382,21 @@ async fn start_all(
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
         let resnapshots = handle.subscribe();
+        let scheduler_stop = CancellationToken::new();
+        let scheduler = tokio::spawn(control::schedule::run(
+            control::schedule::Scheduler {
+                pipeline: p.name.clone(),
+                schedules: p.schedules.clone(),
+                db: meta::MetaDb::new(p.control.meta_url.expose()),
+                log: log.clone(),
+                runs_topic: meta::runs_topic(topic_prefix(p), &p.name),
+                runners: control::schedule::JobRunners::builtin(
+                    handle.clone(),
+                    pipeline_handle.clone(),
+                ),
+            },
+            scheduler_stop.clone(),
+        ));
         registries.snapshots.register(handle);
         let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
             &capture_config.state_dir,
@@ -442,6 +461,8 @@ async fn start_all(
             usage,
             projector_stop: history.projector_stop,
             projector: Some(history.projector),
+            scheduler_stop,
+            scheduler,
             failure: None,
         });
         readiness.set(&p.name, "process", true);
@@ -760,6 +781,11 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
     let mut first_error = None;
     for p in running {
         info!(pipeline = %p.name, "draining");
+        // Scheduled jobs first: they drive the stages below.
+        p.scheduler_stop.cancel();
+        if let Err(join) = p.scheduler.await {
+            warn!(pipeline = %p.name, "scheduler task: {join}");
+        }
         p.capture_stop.cancel();
         if let Some(handle) = p.capture {
             match handle.await {

@@ -233,6 +233,8 @@ pub struct PipelineConfig {
     pub guard: GuardConfig,
     /// `labels:` (checked keys and values); empty when the file has none.
     pub labels: BTreeMap<String, String>,
+    /// `schedules:`, in file order; empty when the file has none.
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 impl PipelineConfig {
@@ -632,4 +634,50 @@ words! {
         /// Every route, including the ones that change something.
         Operate = "operate",
     }
+}
+
+words! {
+    /// What a `schedules:` entry runs.
+    JobKind {
+        /// Compares the tables with the lists (issue 14 item 1; "not available" until built in).
+        DriftCheck = "drift_check",
+        /// Fixes what a drift check finds (issue 14 item 2; "not available" until built in).
+        DriftHeal = "drift_heal",
+        /// Re-snapshots `tables` (default: every synced table) while streaming continues.
+        Resnapshot = "resnapshot",
+        /// Appends the pending dead letters back to their topics.
+        DlqReplay = "dlq_replay",
+    }
+}
+
+/// One recurring job (`schedules:`), evaluated by `crate::control::schedule`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScheduleConfig {
+    /// Unique in the pipeline; names the job's runs and its lease.
+    pub name: String,
+    /// The cron expression as written (5 fields, or 6 with seconds first); checked by validation.
+    pub cron: String,
+    /// IANA time zone the expression is read in.
+    #[serde(serialize_with = "serialize_tz")]
+    pub time_zone: chrono_tz::Tz,
+    pub job: JobKind,
+    /// `resnapshot`: `schema.table`s, each a synced table; empty for the other jobs.
+    pub tables: Vec<String>,
+    /// A tick missed while no process ran the pipeline runs once at the next start.
+    pub catch_up: bool,
+}
+
+/// Schedules run in UTC unless they say otherwise: the same instant on every host.
+pub const DEFAULT_SCHEDULE_TIME_ZONE: chrono_tz::Tz = chrono_tz::UTC;
+
+fn serialize_tz<S: serde::Serializer>(tz: &chrono_tz::Tz, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(tz.name())
+}
+
+/// Reads a `schedules[].cron` expression: 5 fields, or 6 with seconds first (croner's default
+/// parser). The one place both validation and the scheduler parse it, so they agree.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    expr.trim()
+        .parse::<croner::Cron>()
+        .map_err(|e| e.to_string())
 }

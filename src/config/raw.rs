@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, Secret};
+use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, JobKind, Secret};
 use super::yaml::{Issue, Kind, Loc, Node};
 
 /// A value and the location of the scalar it was read from.
@@ -66,10 +66,46 @@ pub struct PipelineFile {
     pub guard: Option<GuardFile>,
     #[serde(default)]
     pub labels: Option<LabelsFile>,
+    /// Recurring jobs (drift check and heal, re-snapshots, DLQ replay), each run by exactly one
+    /// of the processes running the pipeline and recorded as a run.
+    #[serde(default)]
+    pub schedules: Option<Vec<ScheduleFile>>,
 }
 pub const PIPELINE_KEYS: &[&str] = &[
-    "version", "name", "source", "log", "graph", "sync", "control", "guard", "labels",
+    "version",
+    "name",
+    "source",
+    "log",
+    "graph",
+    "sync",
+    "control",
+    "guard",
+    "labels",
+    "schedules",
 ];
+
+/// One recurring job.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleFile {
+    /// Unique in the pipeline: names the job's runs and its lease.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9_]{0,40}$"))]
+    pub name: Sp<String>,
+    /// Cron expression: 5 fields (minute hour day-of-month month day-of-week) or 6 with seconds
+    /// first; `L`, `W`, `#` and names (`MON`, `JAN`) are accepted.
+    pub cron: Sp<String>,
+    /// IANA time zone the expression is read in, e.g. `Europe/Berlin`; default `UTC`.
+    #[serde(default)]
+    pub time_zone: Option<Sp<String>>,
+    pub job: Sp<JobKind>,
+    /// `resnapshot` only: the tables to read again (`schema.table`); default: every synced table.
+    #[serde(default)]
+    pub tables: Option<Sp<Vec<Sp<String>>>>,
+    /// Run once at start when a tick was missed while no process ran the pipeline; default false.
+    #[serde(default)]
+    pub catch_up: Option<Sp<bool>>,
+}
+pub const SCHEDULE_KEYS: &[&str] = &["name", "cron", "time_zone", "job", "tables", "catch_up"];
 
 /// The PostgreSQL source database.
 #[derive(Debug, JsonSchema)]
@@ -382,6 +418,8 @@ pub struct PartialFile {
     pub control: Option<ControlFile>,
     pub guard: Option<GuardFile>,
     pub labels: Option<LabelsFile>,
+    /// The entries that could be read.
+    pub schedules: Vec<ScheduleFile>,
 }
 
 /// Collects problems while reading.
@@ -690,7 +728,46 @@ impl Reader {
         file.control = m.get("control").and_then(|n| self.control(n, "control"));
         file.guard = m.get("guard").and_then(|n| self.guard(n, "guard"));
         file.labels = m.get("labels").and_then(|n| self.labels(n, "labels"));
+        if let Some(node) = m.get("schedules")
+            && let Some(items) = self.seq(node, "schedules")
+        {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(entry) = self.schedule(item, &format!("schedules[{i}]")) {
+                    file.schedules.push(entry);
+                }
+            }
+        }
         file
+    }
+
+    fn schedule(&mut self, node: &Node, path: &str) -> Option<ScheduleFile> {
+        let m = self.map(node, path, SCHEDULE_KEYS)?;
+        let name = self
+            .required(&m, "name")
+            .and_then(|n| self.string(n, &m.child("name")));
+        let cron = self
+            .required(&m, "cron")
+            .and_then(|n| self.string(n, &m.child("cron")));
+        let job = self
+            .required(&m, "job")
+            .and_then(|n| self.word(n, &m.child("job"), JobKind::ALL));
+        let time_zone = m
+            .get("time_zone")
+            .and_then(|n| self.string(n, &m.child("time_zone")));
+        let tables = m
+            .get("tables")
+            .and_then(|n| self.strings(n, &m.child("tables")));
+        let catch_up = m
+            .get("catch_up")
+            .and_then(|n| self.boolean(n, &m.child("catch_up")));
+        Some(ScheduleFile {
+            name: name?,
+            cron: cron?,
+            time_zone,
+            job: job?,
+            tables,
+            catch_up,
+        })
     }
 
     /// `labels:` as a mapping of scalar values; a duplicate key is reported at its second use.

@@ -36,6 +36,7 @@ fn reader_keys_match_schema() {
         ("ControlFile", CONTROL_KEYS),
         ("GuardFile", GUARD_KEYS),
         ("DeadLetterGuardFile", DEAD_LETTER_GUARD_KEYS),
+        ("ScheduleFile", SCHEDULE_KEYS),
     ];
     for (name, keys) in expected {
         let def = defs
@@ -495,4 +496,65 @@ fn audit_retention_defaults_to_30_days_parses_units_and_names_bad_values() {
             "{bad}: {got:#?}"
         );
     }
+}
+
+#[test]
+fn schedules_are_read_and_every_problem_is_placed() {
+    let base = with_on_delete("delete");
+    let good = format!(
+        "{base}schedules:
+  - name: nightly
+    cron: \"0 2 * * *\"
+    time_zone: Europe/Berlin
+    job: resnapshot
+    catch_up: true
+  - name: replay
+    cron: \"*/5 * * * * *\"
+    job: dlq_replay
+"
+    );
+    let config = load_str("t.yaml", &good, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let s = &config.schedules;
+    assert_eq!(s.len(), 2);
+    assert_eq!(
+        (s[0].job, s[0].time_zone, s[0].catch_up),
+        (JobKind::Resnapshot, chrono_tz::Europe::Berlin, true)
+    );
+    // `resnapshot` defaults to every synced table; the other jobs take none.
+    assert_eq!(s[0].tables, ["public.t"]);
+    assert_eq!((s[1].time_zone, s[1].catch_up), (chrono_tz::UTC, false));
+    assert!(s[1].tables.is_empty());
+
+    let bad = format!(
+        "{base}schedules:
+  - name: a
+    cron: \"61 * * * *\"
+    time_zone: Mars/Olympus
+    job: resnapshot
+    tables: [public.nope]
+  - name: a
+    cron: \"* * * * *\"
+    job: dlq_replay
+    tables: [public.t]
+  - name: b
+    cron: \"* * * * *\"
+    job: defrag
+"
+    );
+    let got = all_problems(&bad);
+    let expected = [
+        "t.yaml:20:11: `schedules[0].cron` is not a cron expression: ",
+        "t.yaml:21:16: `schedules[0].time_zone` must be an IANA time zone such as Europe/Berlin or UTC",
+        "t.yaml:23:14: `schedules[0].tables`: `public.nope` is not a synced table",
+        "t.yaml:24:11: schedule `a` is defined twice (first at 19:11)",
+        "t.yaml:27:13: `schedules[1].tables` is only for `job: resnapshot`",
+        "t.yaml:30:10: `schedules[2].job`: unknown value `defrag`; expected one of: drift_check, drift_heal, resnapshot, dlq_replay",
+    ];
+    for e in expected {
+        assert!(
+            got.iter().any(|p| p.starts_with(e)),
+            "{e:?} not in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
 }

@@ -194,6 +194,104 @@ fn check_retention(r: &mut Reader, v: Option<&Sp<String>>) -> Duration {
     }
 }
 
+/// `schedules:`: unique names, a cron expression croner reads, a known IANA time zone, and
+/// `tables` (for `resnapshot` only) naming synced tables.
+fn check_schedules(r: &mut Reader, s: &[ScheduleFile], sync: &[SyncFile]) -> Vec<ScheduleConfig> {
+    let mut names: HashMap<&str, Loc> = HashMap::new();
+    let mut out = Vec::with_capacity(s.len());
+    for (i, e) in s.iter().enumerate() {
+        let path = format!("schedules[{i}]");
+        let before = r.issues.len();
+        let name = e.name.value.trim();
+        if !is_pipeline_name(name) {
+            r.issues.push((
+                e.name.loc,
+                format!("`{path}.name` must match [a-z][a-z0-9_]{{0,40}}"),
+            ));
+        } else if let Some(first) = names.insert(name, e.name.loc) {
+            r.issues.push((
+                e.name.loc,
+                format!("schedule `{name}` is defined twice (first at {first})"),
+            ));
+        }
+        if let Err(why) = parse_cron(&e.cron.value) {
+            r.issues.push((
+                e.cron.loc,
+                format!("`{path}.cron` is not a cron expression: {why}"),
+            ));
+        }
+        let time_zone = match &e.time_zone {
+            None => DEFAULT_SCHEDULE_TIME_ZONE,
+            Some(tz) => tz.value.trim().parse().unwrap_or_else(|_| {
+                r.issues.push((
+                    tz.loc,
+                    format!(
+                        "`{path}.time_zone` must be an IANA time zone such as Europe/Berlin or UTC"
+                    ),
+                ));
+                DEFAULT_SCHEDULE_TIME_ZONE
+            }),
+        };
+        let tables = check_schedule_tables(r, e, &path, sync);
+        if r.issues.len() == before {
+            out.push(ScheduleConfig {
+                name: name.to_string(),
+                cron: e.cron.value.trim().to_string(),
+                time_zone,
+                job: e.job.value,
+                tables,
+                catch_up: e.catch_up.as_ref().is_some_and(|c| c.value),
+            });
+        }
+    }
+    out
+}
+
+/// A `resnapshot` schedule's tables (default: every synced one); other jobs take none.
+fn check_schedule_tables(
+    r: &mut Reader,
+    e: &ScheduleFile,
+    path: &str,
+    sync: &[SyncFile],
+) -> Vec<String> {
+    let synced = || sync.iter().map(|s| s.table.value.trim().to_string());
+    let Some(tables) = &e.tables else {
+        return match e.job.value {
+            JobKind::Resnapshot => synced().collect(),
+            _ => Vec::new(),
+        };
+    };
+    if e.job.value != JobKind::Resnapshot {
+        r.issues.push((
+            tables.loc,
+            format!("`{path}.tables` is only for `job: resnapshot`"),
+        ));
+        return Vec::new();
+    }
+    if tables.value.is_empty() {
+        r.issues.push((
+            tables.loc,
+            format!("`{path}.tables`: name at least one table"),
+        ));
+    }
+    let mut out = Vec::new();
+    for t in &tables.value {
+        let name = t.value.trim();
+        if synced().any(|s| s == name) {
+            out.push(name.to_string());
+        } else {
+            r.issues.push((
+                t.loc,
+                format!(
+                    "`{path}.tables`: `{}` is not a synced table",
+                    name.escape_debug()
+                ),
+            ));
+        }
+    }
+    out
+}
+
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
     let mut guard = GuardConfig::default();
     let Some(g) = g else {
@@ -312,6 +410,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
     );
     let guard = check_guard(r, f.guard.as_ref());
     let labels = check_labels(r, f.labels.as_ref());
+    let schedules = check_schedules(r, &f.schedules, &f.sync);
     if r.issues.len() != before {
         return None;
     }
@@ -330,6 +429,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         },
         guard,
         labels,
+        schedules,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;

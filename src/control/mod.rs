@@ -45,6 +45,7 @@ pub mod meta;
 pub mod openapi;
 pub mod pipelines;
 pub mod problem;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

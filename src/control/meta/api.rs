@@ -179,7 +179,7 @@ fn runs_query(q: &HashMap<String, String>) -> Result<(i64, (i64, Uuid)), ApiErro
 /// Query parameters `GET /runs` knows.
 const RUNS_PARAMS: [&str; 5] = ["pipeline", "kind", "status", "limit", "before"];
 /// The run kinds, as the `kind` filter names them.
-const RUN_KINDS: &str = "stream, snapshot, resnapshot, dlq_replay";
+const RUN_KINDS: &str = "stream, snapshot, resnapshot, dlq_replay, scheduled";
 
 #[utoipa::path(get, path = "/runs", tag = "runs",
     params(

@@ -27,6 +27,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_audit",
         include_str!("../../../migrations/0003_audit.sql"),
     ),
+    (
+        "0005_schedule_ticks",
+        include_str!("../../../migrations/0005_schedule_ticks.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migration runs (any fixed number unique to us:

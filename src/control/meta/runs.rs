@@ -45,6 +45,10 @@ pub enum RunKind {
     Resnapshot,
     /// `syncbridge dlq replay`.
     DlqReplay,
+    /// One tick of a `schedules:` entry, run by the one process that claimed it; `subject` is
+    /// `<schedule>: <job> @ <tick, RFC 3339 UTC>`. The job also records its own run where it has
+    /// one (`resnapshot`, `dlq_replay`), as when started by hand.
+    Scheduled,
 }
 
 impl RunKind {
@@ -54,6 +58,7 @@ impl RunKind {
             RunKind::Snapshot => "snapshot",
             RunKind::Resnapshot => "resnapshot",
             RunKind::DlqReplay => "dlq_replay",
+            RunKind::Scheduled => "scheduled",
         }
     }
 }

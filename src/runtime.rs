@@ -133,6 +133,11 @@ struct RunningPipeline {
     /// The `schedules:` jobs (stopped first when draining; a running job is cancelled).
     scheduler_stop: CancellationToken,
     scheduler: JoinHandle<()>,
+    /// `notify:`: the conditions, their watcher and the sender (stopped last, so the
+    /// notification of a failure goes out while draining).
+    notifier: Option<control::notify::Notifier>,
+    notify_stop: CancellationToken,
+    notify: Vec<JoinHandle<()>>,
     /// Why the pipeline stopped, when a stage failed (the stream run's reason).
     failure: Option<String>,
 }
@@ -275,7 +280,40 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
         },
     };
     running[i].failure = Some(error.to_string());
+    if let Some(n) = &running[i].notifier {
+        n.raise(
+            "pipeline_stopped",
+            "pipeline stopped unexpectedly",
+            &error.to_string(),
+        );
+    }
     error
+}
+
+/// The notifier of a pipeline with `notify:`, with its watcher and sender tasks.
+fn start_notify(
+    p: &PipelineConfig,
+    stats: &tokio::sync::watch::Receiver<ProcessorStats>,
+    stop: &CancellationToken,
+) -> (Option<control::notify::Notifier>, Vec<JoinHandle<()>>) {
+    let Some(cfg) = &p.notify else {
+        return (None, Vec::new());
+    };
+    let notifier = control::notify::Notifier::new(&p.name);
+    let tasks = vec![
+        tokio::spawn(control::notify::watch(
+            notifier.clone(),
+            cfg.clone(),
+            stats.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(control::notify::deliver(
+            notifier.clone(),
+            cfg.targets.clone(),
+            stop.clone(),
+        )),
+    ];
+    (Some(notifier), tasks)
 }
 
 async fn start_all(
@@ -382,6 +420,8 @@ async fn start_all(
             .collect();
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
         let resnapshots = handle.subscribe();
+        let notify_stop = CancellationToken::new();
+        let (notifier, notify) = start_notify(p, &stats, &notify_stop);
         let scheduler_stop = CancellationToken::new();
         let scheduler = tokio::spawn(control::schedule::run(
             control::schedule::Scheduler {
@@ -394,6 +434,7 @@ async fn start_all(
                     handle.clone(),
                     pipeline_handle.clone(),
                 ),
+                notifier: notifier.clone(),
             },
             scheduler_stop.clone(),
         ));
@@ -463,6 +504,9 @@ async fn start_all(
             projector: Some(history.projector),
             scheduler_stop,
             scheduler,
+            notifier,
+            notify_stop,
+            notify,
             failure: None,
         });
         readiness.set(&p.name, "process", true);
@@ -847,6 +891,12 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
         .await;
         readiness.set(&p.name, "process", false);
         readiness.set(&p.name, "log", false);
+        p.notify_stop.cancel();
+        for h in p.notify {
+            if let Err(join) = h.await {
+                warn!(pipeline = %p.name, "notification task: {join}");
+            }
+        }
         // The last reference: dropping flushes and closes the log.
         drop(p.log);
     }

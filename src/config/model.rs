@@ -235,6 +235,8 @@ pub struct PipelineConfig {
     pub labels: BTreeMap<String, String>,
     /// `schedules:`, in file order; empty when the file has none.
     pub schedules: Vec<ScheduleConfig>,
+    /// `notify:`; `None`: no notifications.
+    pub notify: Option<NotifyConfig>,
 }
 
 impl PipelineConfig {
@@ -680,4 +682,42 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     expr.trim()
         .parse::<croner::Cron>()
         .map_err(|e| e.to_string())
+}
+
+words! {
+    /// The wire format of a notification target.
+    NotifyKind {
+        /// JSON body, `X-SyncBridge-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+        Webhook = "webhook",
+        /// Microsoft Teams incoming webhook / workflow: an Adaptive Card.
+        Teams = "teams",
+        /// Slack-compatible incoming webhook (`{"text": …}`; Mattermost, Rocket.Chat too).
+        Slack = "slack",
+    }
+}
+
+/// `notify:` (see `crate::control::notify`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotifyConfig {
+    pub targets: Vec<NotifyTarget>,
+    pub window: std::time::Duration,
+    pub dead_letters: u64,
+    pub slot_lag_bytes: u64,
+}
+
+/// Five minutes: long enough that a flapping condition does not page every few seconds, short
+/// enough that a new failure is heard of within a coffee break.
+pub const DEFAULT_NOTIFY_WINDOW_S: u64 = 300;
+/// Any dead letter is worth a look: a row that does not reach its list is data loss to a user.
+pub const DEFAULT_NOTIFY_DEAD_LETTERS: u64 = 1;
+/// 1 GiB of WAL held back by the slot: well before a typical disk fills, far above normal lag.
+pub const DEFAULT_NOTIFY_SLOT_LAG_BYTES: u64 = 1 << 30;
+
+/// One notification target.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotifyTarget {
+    pub name: String,
+    pub kind: NotifyKind,
+    pub url: Secret,
+    pub secret: Option<Secret>,
 }

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, JobKind, Secret};
+use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, JobKind, NotifyKind, Secret};
 use super::yaml::{Issue, Kind, Loc, Node};
 
 /// A value and the location of the scalar it was read from.
@@ -70,6 +70,9 @@ pub struct PipelineFile {
     /// of the processes running the pipeline and recorded as a run.
     #[serde(default)]
     pub schedules: Option<Vec<ScheduleFile>>,
+    /// Where failure notifications go, and when a condition counts as one.
+    #[serde(default)]
+    pub notify: Option<NotifyFile>,
 }
 pub const PIPELINE_KEYS: &[&str] = &[
     "version",
@@ -82,7 +85,47 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "guard",
     "labels",
     "schedules",
+    "notify",
 ];
+
+/// `notify:`: targets and thresholds. Each condition notifies once when it starts and once
+/// ("resolved") when it clears.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyFile {
+    /// At least one.
+    pub targets: Vec<NotifyTargetFile>,
+    /// Seconds a condition is evaluated over (dead letters counted, conflicts parked) and how
+    /// long a fired condition stays quiet; default 300.
+    #[serde(default)]
+    #[schemars(range(min = 10))]
+    pub window_s: Option<Sp<u64>>,
+    /// Dead letters within `window_s` that fire the condition; default 1.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub dead_letters: Option<Sp<u64>>,
+    /// Replication slot lag (bytes) that fires the condition; default 1 GiB.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub slot_lag_bytes: Option<Sp<u64>>,
+}
+pub const NOTIFY_KEYS: &[&str] = &["targets", "window_s", "dead_letters", "slot_lag_bytes"];
+
+/// One place notifications are sent to.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyTargetFile {
+    /// Unique; shown in logs instead of the URL.
+    pub name: Sp<String>,
+    /// `webhook` (JSON, HMAC-SHA256 signed), `teams` (Adaptive Card), `slack` (Slack-compatible).
+    pub kind: Sp<NotifyKind>,
+    /// The endpoint (`https://…`; `http://` for loopback); a secret: use `${ENV}`.
+    pub url: Sp<Secret>,
+    /// `webhook`: the HMAC-SHA256 key of the `X-SyncBridge-Signature` header; use `${ENV}`.
+    #[serde(default)]
+    pub secret: Option<Sp<Secret>>,
+}
+pub const NOTIFY_TARGET_KEYS: &[&str] = &["name", "kind", "url", "secret"];
 
 /// One recurring job.
 #[derive(Debug, JsonSchema)]
@@ -420,6 +463,7 @@ pub struct PartialFile {
     pub labels: Option<LabelsFile>,
     /// The entries that could be read.
     pub schedules: Vec<ScheduleFile>,
+    pub notify: Option<NotifyFile>,
 }
 
 /// Collects problems while reading.
@@ -737,7 +781,54 @@ impl Reader {
                 }
             }
         }
+        file.notify = m.get("notify").and_then(|n| self.notify(n, "notify"));
         file
+    }
+
+    fn notify(&mut self, node: &Node, path: &str) -> Option<NotifyFile> {
+        let m = self.map(node, path, NOTIFY_KEYS)?;
+        let mut targets = Vec::new();
+        if let Some(node) = self.required(&m, "targets") {
+            let list = m.child("targets");
+            let items = self.seq(node, &list).unwrap_or_default();
+            if items.is_empty() {
+                self.err(node.loc, "`notify.targets`: name at least one target");
+            }
+            for (i, item) in items.iter().enumerate() {
+                if let Some(t) = self.notify_target(item, &format!("{list}[{i}]")) {
+                    targets.push(t);
+                }
+            }
+        }
+        let mut num = |key: &str| m.get(key).and_then(|n| self.uint(n, &m.child(key)));
+        Some(NotifyFile {
+            targets,
+            window_s: num("window_s"),
+            dead_letters: num("dead_letters"),
+            slot_lag_bytes: num("slot_lag_bytes"),
+        })
+    }
+
+    fn notify_target(&mut self, node: &Node, path: &str) -> Option<NotifyTargetFile> {
+        let m = self.map(node, path, NOTIFY_TARGET_KEYS)?;
+        let name = self
+            .required(&m, "name")
+            .and_then(|n| self.string(n, &m.child("name")));
+        let kind = self
+            .required(&m, "kind")
+            .and_then(|n| self.word(n, &m.child("kind"), NotifyKind::ALL));
+        let url = self
+            .required(&m, "url")
+            .and_then(|n| self.secret(n, &m.child("url")));
+        let secret = m
+            .get("secret")
+            .and_then(|n| self.secret(n, &m.child("secret")));
+        Some(NotifyTargetFile {
+            name: name?,
+            kind: kind?,
+            url: url?,
+            secret,
+        })
     }
 
     fn schedule(&mut self, node: &Node, path: &str) -> Option<ScheduleFile> {

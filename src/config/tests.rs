@@ -37,6 +37,8 @@ fn reader_keys_match_schema() {
         ("GuardFile", GUARD_KEYS),
         ("DeadLetterGuardFile", DEAD_LETTER_GUARD_KEYS),
         ("ScheduleFile", SCHEDULE_KEYS),
+        ("NotifyFile", NOTIFY_KEYS),
+        ("NotifyTargetFile", NOTIFY_TARGET_KEYS),
     ];
     for (name, keys) in expected {
         let def = defs

@@ -247,6 +247,87 @@ fn check_schedules(r: &mut Reader, s: &[ScheduleFile], sync: &[SyncFile]) -> Vec
     out
 }
 
+/// `notify:`: at least one target, unique names, http(s) URLs (plain http on loopback only, the
+/// payload names the pipeline's failures), a `secret` for webhooks only, bounded numbers.
+fn check_notify(r: &mut Reader, n: &NotifyFile) -> NotifyConfig {
+    let mut names: HashMap<&str, Loc> = HashMap::new();
+    let mut targets = Vec::new();
+    for (i, t) in n.targets.iter().enumerate() {
+        let path = format!("notify.targets[{i}]");
+        let name = t.name.value.trim();
+        if let Some(first) = names.insert(name, t.name.loc) {
+            r.issues.push((
+                t.name.loc,
+                format!("notify target `{name}` is defined twice (first at {first})"),
+            ));
+        }
+        let ok = Url::parse(t.url.value.expose()).is_ok_and(|u| match u.scheme() {
+            "https" => true,
+            "http" => u.host_str().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }),
+            _ => false,
+        });
+        if !ok {
+            // The URL is a secret (it often embeds a token): never echoed.
+            r.issues.push((
+                t.url.loc,
+                format!("`{path}.url` must be an https:// URL (http:// only on a loopback host)"),
+            ));
+        }
+        match (&t.secret, t.kind.value) {
+            (Some(s), kind) if kind != NotifyKind::Webhook => r.issues.push((
+                s.loc,
+                format!("`{path}.secret` is only for `kind: webhook`"),
+            )),
+            (None, NotifyKind::Webhook) => r.issues.push((
+                t.kind.loc,
+                format!("`{path}`: a webhook needs `secret` (the HMAC-SHA256 key receivers check)"),
+            )),
+            _ => {}
+        }
+        targets.push(NotifyTarget {
+            name: name.to_string(),
+            kind: t.kind.value,
+            url: t.url.value.clone(),
+            secret: t.secret.as_ref().map(|s| s.value.clone()),
+        });
+    }
+    let mut bounded = |v: &Option<Sp<u64>>, key: &str, min: u64, default: u64| match v {
+        Some(v) if v.value < min => {
+            r.issues
+                .push((v.loc, format!("`notify.{key}` must be at least {min}")));
+            default
+        }
+        Some(v) => v.value,
+        None => default,
+    };
+    NotifyConfig {
+        targets,
+        window: Duration::from_secs(bounded(
+            &n.window_s,
+            "window_s",
+            10,
+            DEFAULT_NOTIFY_WINDOW_S,
+        )),
+        dead_letters: bounded(
+            &n.dead_letters,
+            "dead_letters",
+            1,
+            DEFAULT_NOTIFY_DEAD_LETTERS,
+        ),
+        slot_lag_bytes: bounded(
+            &n.slot_lag_bytes,
+            "slot_lag_bytes",
+            1,
+            DEFAULT_NOTIFY_SLOT_LAG_BYTES,
+        ),
+    }
+}
+
 /// A `resnapshot` schedule's tables (default: every synced one); other jobs take none.
 fn check_schedule_tables(
     r: &mut Reader,
@@ -411,6 +492,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
     let guard = check_guard(r, f.guard.as_ref());
     let labels = check_labels(r, f.labels.as_ref());
     let schedules = check_schedules(r, &f.schedules, &f.sync);
+    let notify = f.notify.as_ref().map(|n| check_notify(r, n));
     if r.issues.len() != before {
         return None;
     }
@@ -430,6 +512,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         guard,
         labels,
         schedules,
+        notify,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;

@@ -42,6 +42,7 @@ pub mod auth;
 pub mod catalog;
 pub mod client;
 pub mod meta;
+pub mod notify;
 pub mod openapi;
 pub mod pipelines;
 pub mod problem;

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use super::meta::runs::owner;
 use super::meta::{MetaDb, RunKind, RunRecorder, RunStatus};
+use super::notify::Notifier;
 use crate::config::{ScheduleConfig, parse_cron};
 use crate::log::AnyLog;
 pub use jobs::{JobOutcome, JobRunner, JobRunners};
@@ -46,6 +47,8 @@ pub struct Scheduler {
     /// The pipeline's runs topic.
     pub runs_topic: String,
     pub runners: JobRunners,
+    /// Raises `job_failed:<schedule>` on a failed tick, clears it on a good one.
+    pub notifier: Option<Notifier>,
 }
 
 /// Runs every schedule of the pipeline until `shutdown`; a job in progress is awaited.
@@ -184,9 +187,21 @@ async fn fire(
             return;
         }
     };
+    let key = format!("job_failed:{}", entry.name);
     let (status, counts, reason) = match result {
-        Ok(out) => (RunStatus::Succeeded, out.counts, None),
-        Err(why) => (RunStatus::Failed, Default::default(), Some(why)),
+        Ok(out) => {
+            if let Some(n) = &s.notifier {
+                n.clear(&key);
+            }
+            (RunStatus::Succeeded, out.counts, None)
+        }
+        Err(why) => {
+            if let Some(n) = &s.notifier {
+                let summary = format!("scheduled job {} ({}) failed", entry.name, entry.job);
+                n.raise(&key, &summary, &why);
+            }
+            (RunStatus::Failed, Default::default(), Some(why))
+        }
     };
     info!(pipeline = %s.pipeline, schedule = %entry.name, run = %run.run_id(), status = status.as_str(), "scheduled job ended");
     if let Err(e) = run.finish(status, counts, reason).await {

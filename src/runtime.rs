@@ -293,6 +293,7 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
 /// The notifier of a pipeline with `notify:`, with its watcher and sender tasks.
 fn start_notify(
     p: &PipelineConfig,
+    slot: &str,
     stats: &tokio::sync::watch::Receiver<ProcessorStats>,
     stop: &CancellationToken,
 ) -> (Option<control::notify::Notifier>, Vec<JoinHandle<()>>) {
@@ -305,6 +306,13 @@ fn start_notify(
             notifier.clone(),
             cfg.clone(),
             stats.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(control::notify::watch_slot(
+            notifier.clone(),
+            cfg.clone(),
+            p.source.url.expose().to_string(),
+            slot.to_string(),
             stop.clone(),
         )),
         tokio::spawn(control::notify::deliver(
@@ -421,7 +429,7 @@ async fn start_all(
         let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
         let resnapshots = handle.subscribe();
         let notify_stop = CancellationToken::new();
-        let (notifier, notify) = start_notify(p, &stats, &notify_stop);
+        let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
         let scheduler_stop = CancellationToken::new();
         let scheduler = tokio::spawn(control::schedule::run(
             control::schedule::Scheduler {

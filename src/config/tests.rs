@@ -560,3 +560,56 @@ fn schedules_are_read_and_every_problem_is_placed() {
     }
     assert_eq!(got.len(), expected.len(), "{got:#?}");
 }
+
+#[test]
+fn notify_targets_are_checked_without_echoing_urls() {
+    let base = with_on_delete("delete");
+    let good = format!(
+        "{base}notify:
+  window_s: 60
+  targets:
+    - name: ops
+      kind: webhook
+      url: http://127.0.0.1:9/hook
+      secret: k
+    - name: teams
+      kind: teams
+      url: https://example.webhook.office.com/x
+"
+    );
+    let config = load_str("t.yaml", &good, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let n = config.notify.unwrap();
+    assert_eq!(n.window, std::time::Duration::from_secs(60));
+    assert_eq!(n.dead_letters, DEFAULT_NOTIFY_DEAD_LETTERS);
+    assert_eq!(n.targets[1].kind, NotifyKind::Teams);
+
+    let bad = format!(
+        "{base}notify:
+  window_s: 1
+  targets:
+    - name: a
+      kind: webhook
+      url: http://hooks.example.com/?token=sekrit
+    - name: a
+      kind: slack
+      url: https://hooks.example.com/x
+      secret: k
+"
+    );
+    let got = all_problems(&bad);
+    let expected = [
+        "t.yaml:19:13: `notify.window_s` must be at least 10",
+        "t.yaml:23:12: `notify.targets[0].url` must be an https:// URL (http:// only on a loopback host)",
+        "t.yaml:22:13: `notify.targets[0]`: a webhook needs `secret`",
+        "t.yaml:24:13: notify target `a` is defined twice (first at 21:13)",
+        "t.yaml:27:15: `notify.targets[1].secret` is only for `kind: webhook`",
+    ];
+    for e in expected {
+        assert!(
+            got.iter().any(|p| p.starts_with(e)),
+            "{e:?} not in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+    assert!(!got.iter().any(|p| p.contains("sekrit")), "{got:#?}");
+}

@@ -4,7 +4,8 @@
 //! - Conditions ([`Notifier::raise`] / [`Notifier::clear`]) are keyed: a condition notifies
 //!   once when it starts and once more ("resolved") when it clears, however often it is raised
 //!   in between. Keys in use: `dead_letters` and `conflicts_parked` ([`watch`], over
-//!   `notify.window_s`), `job_failed:<schedule>` (the scheduler: raised by a failed tick,
+//!   `notify.window_s`), `slot_lag` ([`watch_slot`], above `notify.slot_lag_bytes`),
+//!   `job_failed:<schedule>` (the scheduler: raised by a failed tick,
 //!   cleared by the next good one), `pipeline_stopped` (the runtime, when a stage ends on its
 //!   own). Drift found is left to the drift feature (raise `drift:<pipeline>` there).
 //! - Never blocking the data path: raising only queues ([`QUEUE_CAPACITY`], oldest dropped and
@@ -262,6 +263,51 @@ pub async fn watch(
             notifier.raise("conflicts_parked", &summary, detail);
         } else {
             notifier.clear("conflicts_parked");
+        }
+    }
+}
+
+/// Checks the replication slot's lag every `window / 10` on a connection of its own (to the
+/// source database at `source_url`): `slot_lag` fires above `config.slot_lag_bytes`, clears at
+/// or below it. A failed query changes nothing (it is logged; the database may be restarting).
+pub async fn watch_slot(
+    notifier: Notifier,
+    config: NotifyConfig,
+    source_url: String,
+    slot: String,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(config.window / 10);
+    let mut client = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if client
+            .as_ref()
+            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
+        {
+            client = match crate::control::meta::connect(&source_url).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn!(pipeline = %notifier.inner.pipeline, "slot lag watch: {e}");
+                    continue;
+                }
+            };
+        }
+        let Some(c) = &client else { continue };
+        match crate::capture::slot_lag_bytes(c, &slot).await {
+            Ok(Some(lag)) if lag > config.slot_lag_bytes as f64 => {
+                let summary = format!("replication slot {slot} retains {lag:.0} bytes of WAL");
+                let detail = format!(
+                    "above notify.slot_lag_bytes ({}): capture is behind or stopped",
+                    config.slot_lag_bytes
+                );
+                notifier.raise("slot_lag", &summary, &detail);
+            }
+            Ok(_) => notifier.clear("slot_lag"),
+            Err(e) => warn!(pipeline = %notifier.inner.pipeline, "slot lag watch: {e}"),
         }
     }
 }

@@ -148,22 +148,11 @@ async fn a_failing_scheduled_job_notifies_once_end_to_end() {
     hard_timeout(240, async {
         let (r, url) = receiver().await;
         let mut h = Harness::new("notify").await;
-        let (t, list) = h.titled_table(1).await;
         let n = h.name.clone();
-        let kafka = format!(
-            "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbn{}' }} }}",
-            common::kafka_brokers(),
-            &n[n.len() - 8..]
+        let extra = format!(
+            "schedules:\n  - name: drift\n    cron: '*/2 * * * * *'\n    job: drift_check\nnotify:\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n"
         );
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
-        );
-        let file = h.pipeline(&kafka, &sync);
-        let yaml = format!(
-            "{}schedules:\n  - name: drift\n    cron: '*/2 * * * * *'\n    job: drift_check\nnotify:\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n",
-            std::fs::read_to_string(&file).unwrap()
-        );
-        std::fs::write(&file, yaml).unwrap();
+        let file = h.kafka_titled_pipeline(1, &extra).await;
         h.start(&file);
         let failed = || async {
             h.db.query_one(

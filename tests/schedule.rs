@@ -47,23 +47,17 @@ fn spawn(h: &Harness, file: &std::path::Path, tag: &str) -> Run {
 async fn a_tick_runs_once_with_two_processes_and_a_missed_tick_is_caught_up_once() {
     hard_timeout(300, async {
         let mut h = Harness::new("sched").await;
-        let (t, list) = h.titled_table(2).await;
         let n = h.name.clone();
-        let kafka = format!(
-            "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbs{}' }} }}",
-            common::kafka_brokers(),
-            &n[n.len() - 8..]
-        );
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
-        );
-        let file = h.pipeline(&kafka, &sync);
         let yearly = "cron: '0 0 1 1 *'\n    job: dlq_replay\n";
-        let yaml = format!(
-            "{}schedules:\n  - name: replay\n    cron: '*/5 * * * * *'\n    job: dlq_replay\n  - name: catch\n    {yearly}    catch_up: true\n  - name: nocatch\n    {yearly}",
-            std::fs::read_to_string(&file).unwrap()
-        );
-        std::fs::write(&file, &yaml).unwrap();
+        let file = h
+            .kafka_titled_pipeline(
+                2,
+                &format!(
+                    "schedules:\n  - name: replay\n    cron: '*/5 * * * * *'\n    job: dlq_replay\n  - name: catch\n    {yearly}    catch_up: true\n  - name: nocatch\n    {yearly}"
+                ),
+            )
+            .await;
+        let yaml = std::fs::read_to_string(&file).unwrap();
         let second = h.dir.path().join("second.yaml");
         let port = common::free_port();
         let listen = format!("listen: 127.0.0.1:{}", h.control_port);

@@ -77,6 +77,8 @@ fn webhook(url: &str, key: &str) -> NotifyTarget {
         kind: NotifyKind::Webhook,
         url: Secret::new(url),
         secret: Some(Secret::new(key)),
+        from: None,
+        to: Vec::new(),
     }
 }
 
@@ -176,6 +178,79 @@ async fn a_failing_scheduled_job_notifies_once_end_to_end() {
         assert_eq!(mine[0]["detail"], "job `drift_check` is not available in this build");
         assert!(r.bad.lock().unwrap().is_empty());
         assert!(!serde_json::to_string(&got).unwrap().contains(KEY), "the key never travels");
+    })
+    .await;
+}
+
+/// Email through a local SMTP sink (`ops/smtp-sink`: aiosmtpd from PyPI, Maildir): one
+/// message when the condition fires, one when it resolves.
+#[tokio::test]
+async fn email_reaches_a_local_smtp_sink_once_then_resolved() {
+    hard_timeout(180, async {
+        let dir = tempfile::tempdir().unwrap();
+        let maildir = dir.path().join("mail");
+        let port = common::free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ops/smtp-sink");
+        let mut sink = tokio::process::Command::new(script)
+            .arg(port.to_string())
+            .arg(&maildir)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ops/smtp-sink starts");
+        // The first run creates the venv (pip install): wait for the port.
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..1200 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let target = NotifyTarget {
+            name: "mail".into(),
+            kind: NotifyKind::Email,
+            url: Secret::new(format!("smtp://{addr}")),
+            secret: None,
+            from: Some("SyncBridge <syncbridge@example.com>".into()),
+            to: vec!["ops@example.com".into()],
+        };
+        let n = Notifier::new("p");
+        let stop = CancellationToken::new();
+        let sender = tokio::spawn(notify::deliver(n.clone(), vec![target], stop.clone()));
+        n.raise(
+            "slot_lag",
+            "replication slot retains 2 GiB",
+            "capture is behind",
+        );
+        n.raise(
+            "slot_lag",
+            "replication slot retains 3 GiB",
+            "capture is behind",
+        );
+        n.clear("slot_lag");
+        let new = maildir.join("new");
+        let count = || std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0);
+        wait_until("two mails", || count() >= 2).await;
+        stop.cancel();
+        sender.await.unwrap();
+        let mut subjects: Vec<String> = std::fs::read_dir(&new)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("Subject: "))
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        subjects.sort();
+        assert_eq!(
+            subjects,
+            [
+                "[SyncBridge p] FIRING: replication slot retains 2 GiB",
+                "[SyncBridge p] RESOLVED: resolved: replication slot retains 2 GiB",
+            ]
+        );
+        sink.kill().await.unwrap();
     })
     .await;
 }

@@ -693,6 +693,8 @@ words! {
         Teams = "teams",
         /// Slack-compatible incoming webhook (`{"text": …}`; Mattermost, Rocket.Chat too).
         Slack = "slack",
+        /// SMTP: `smtp://` with STARTTLS (plain only on loopback) or `smtps://`.
+        Email = "email",
     }
 }
 
@@ -720,4 +722,18 @@ pub struct NotifyTarget {
     pub kind: NotifyKind,
     pub url: Secret,
     pub secret: Option<Secret>,
+    /// `email`: sender and recipients (checked addresses).
+    pub from: Option<String>,
+    pub to: Vec<String>,
+}
+
+/// `localhost` or a loopback IP: where plain `http://` / SMTP without TLS is allowed (a local
+/// receiver or relay on the same host).
+pub fn is_loopback_host(u: &Url) -> bool {
+    u.host_str().is_some_and(|h| {
+        h == "localhost"
+            || h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }

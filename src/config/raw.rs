@@ -117,15 +117,23 @@ pub const NOTIFY_KEYS: &[&str] = &["targets", "window_s", "dead_letters", "slot_
 pub struct NotifyTargetFile {
     /// Unique; shown in logs instead of the URL.
     pub name: Sp<String>,
-    /// `webhook` (JSON, HMAC-SHA256 signed), `teams` (Adaptive Card), `slack` (Slack-compatible).
+    /// `webhook` (JSON, HMAC-SHA256 signed), `teams` (Adaptive Card), `slack` (Slack-compatible),
+    /// `email` (SMTP: `url` is `smtp://user:password@host:587`, STARTTLS required except on a
+    /// loopback host, or `smtps://…:465`).
     pub kind: Sp<NotifyKind>,
     /// The endpoint (`https://…`; `http://` for loopback); a secret: use `${ENV}`.
     pub url: Sp<Secret>,
     /// `webhook`: the HMAC-SHA256 key of the `X-SyncBridge-Signature` header; use `${ENV}`.
     #[serde(default)]
     pub secret: Option<Sp<Secret>>,
+    /// `email`: the sender address.
+    #[serde(default)]
+    pub from: Option<Sp<String>>,
+    /// `email`: the recipients.
+    #[serde(default)]
+    pub to: Option<Sp<Vec<Sp<String>>>>,
 }
-pub const NOTIFY_TARGET_KEYS: &[&str] = &["name", "kind", "url", "secret"];
+pub const NOTIFY_TARGET_KEYS: &[&str] = &["name", "kind", "url", "secret", "from", "to"];
 
 /// One recurring job.
 #[derive(Debug, JsonSchema)]
@@ -823,11 +831,15 @@ impl Reader {
         let secret = m
             .get("secret")
             .and_then(|n| self.secret(n, &m.child("secret")));
+        let from = m.get("from").and_then(|n| self.string(n, &m.child("from")));
+        let to = m.get("to").and_then(|n| self.strings(n, &m.child("to")));
         Some(NotifyTargetFile {
             name: name?,
             kind: kind?,
             url: url?,
             secret,
+            from,
+            to,
         })
     }
 

@@ -613,3 +613,45 @@ fn notify_targets_are_checked_without_echoing_urls() {
     assert_eq!(got.len(), expected.len(), "{got:#?}");
     assert!(!got.iter().any(|p| p.contains("sekrit")), "{got:#?}");
 }
+
+#[test]
+fn email_targets_need_an_smtp_url_and_addresses() {
+    let base = with_on_delete("delete");
+    let good = format!(
+        "{base}notify:
+  targets:
+    - name: mail
+      kind: email
+      url: smtp://user:p%40ss@smtp.example.com:587
+      from: SyncBridge <sb@example.com>
+      to: [ops@example.com]
+"
+    );
+    let config = load_str("t.yaml", &good, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let t = &config.notify.unwrap().targets[0];
+    assert_eq!((t.kind, t.to.len()), (NotifyKind::Email, 1));
+    let bad = format!(
+        "{base}notify:
+  targets:
+    - name: mail
+      kind: email
+      url: https://user:sekrit@smtp.example.com
+      from: not an address
+    - name: hook
+      kind: slack
+      url: https://hooks.example.com/x
+      to: [ops@example.com]
+"
+    );
+    let got = all_problems(&bad);
+    for e in [
+        "`notify.targets[0].url` must be an smtp:// (STARTTLS) or smtps:// URL with a host",
+        "`notify.targets[0].from` is not an email address",
+        "`notify.targets[0]`: an email target needs `from` and at least one `to`",
+        "`notify.targets[1].to` is only for `kind: email`",
+    ] {
+        assert!(got.iter().any(|p| p.ends_with(e)), "{e:?} not in {got:#?}");
+    }
+    assert_eq!(got.len(), 4, "{got:#?}");
+    assert!(!got.iter().any(|p| p.contains("sekrit")), "{got:#?}");
+}

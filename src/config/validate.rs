@@ -261,39 +261,15 @@ fn check_notify(r: &mut Reader, n: &NotifyFile) -> NotifyConfig {
                 format!("notify target `{name}` is defined twice (first at {first})"),
             ));
         }
-        let ok = Url::parse(t.url.value.expose()).is_ok_and(|u| match u.scheme() {
-            "https" => true,
-            "http" => u.host_str().is_some_and(|h| {
-                h == "localhost"
-                    || h.trim_matches(['[', ']'])
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }),
-            _ => false,
-        });
-        if !ok {
-            // The URL is a secret (it often embeds a token): never echoed.
-            r.issues.push((
-                t.url.loc,
-                format!("`{path}.url` must be an https:// URL (http:// only on a loopback host)"),
-            ));
-        }
-        match (&t.secret, t.kind.value) {
-            (Some(s), kind) if kind != NotifyKind::Webhook => r.issues.push((
-                s.loc,
-                format!("`{path}.secret` is only for `kind: webhook`"),
-            )),
-            (None, NotifyKind::Webhook) => r.issues.push((
-                t.kind.loc,
-                format!("`{path}`: a webhook needs `secret` (the HMAC-SHA256 key receivers check)"),
-            )),
-            _ => {}
-        }
+        check_notify_url(r, t, &path);
+        let (from, to) = check_email(r, t, &path);
         targets.push(NotifyTarget {
             name: name.to_string(),
             kind: t.kind.value,
             url: t.url.value.clone(),
             secret: t.secret.as_ref().map(|s| s.value.clone()),
+            from,
+            to,
         });
     }
     let mut bounded = |v: &Option<Sp<u64>>, key: &str, min: u64, default: u64| match v {
@@ -326,6 +302,78 @@ fn check_notify(r: &mut Reader, n: &NotifyFile) -> NotifyConfig {
             DEFAULT_NOTIFY_SLOT_LAG_BYTES,
         ),
     }
+}
+
+/// A target's URL scheme fits its kind; a `secret` only on webhooks, where it is required. The
+/// URL is a secret (it often embeds a token or password): never echoed.
+fn check_notify_url(r: &mut Reader, t: &NotifyTargetFile, path: &str) {
+    let url = Url::parse(t.url.value.expose()).ok();
+    let ok = url
+        .as_ref()
+        .is_some_and(|u| match (t.kind.value, u.scheme()) {
+            (NotifyKind::Email, "smtps") => true,
+            (NotifyKind::Email, "smtp") => u.host_str().is_some(),
+            (NotifyKind::Email, _) => false,
+            (_, "https") => true,
+            (_, "http") => is_loopback_host(u),
+            _ => false,
+        });
+    if !ok {
+        let want = match t.kind.value {
+            NotifyKind::Email => "an smtp:// (STARTTLS) or smtps:// URL with a host",
+            _ => "an https:// URL (http:// only on a loopback host)",
+        };
+        r.issues
+            .push((t.url.loc, format!("`{path}.url` must be {want}")));
+    }
+    match (&t.secret, t.kind.value) {
+        (Some(s), kind) if kind != NotifyKind::Webhook => r.issues.push((
+            s.loc,
+            format!("`{path}.secret` is only for `kind: webhook`"),
+        )),
+        (None, NotifyKind::Webhook) => r.issues.push((
+            t.kind.loc,
+            format!("`{path}`: a webhook needs `secret` (the HMAC-SHA256 key receivers check)"),
+        )),
+        _ => {}
+    }
+}
+
+/// `from` and `to` (addresses lettre parses), required for `email` and refused otherwise.
+fn check_email(r: &mut Reader, t: &NotifyTargetFile, path: &str) -> (Option<String>, Vec<String>) {
+    if t.kind.value != NotifyKind::Email {
+        for (loc, key) in [
+            (t.from.as_ref().map(|f| f.loc), "from"),
+            (t.to.as_ref().map(|f| f.loc), "to"),
+        ] {
+            if let Some(loc) = loc {
+                r.issues
+                    .push((loc, format!("`{path}.{key}` is only for `kind: email`")));
+            }
+        }
+        return (None, Vec::new());
+    }
+    let mut address = |s: &Sp<String>, key: &str| {
+        let ok = s.value.trim().parse::<lettre::message::Mailbox>().is_ok();
+        if !ok {
+            r.issues
+                .push((s.loc, format!("`{path}.{key}` is not an email address")));
+        }
+        s.value.trim().to_string()
+    };
+    let from = t.from.as_ref().map(|f| address(f, "from"));
+    let to: Vec<String> =
+        t.to.iter()
+            .flat_map(|to| to.value.iter())
+            .map(|a| address(a, "to"))
+            .collect();
+    if from.is_none() || to.is_empty() {
+        r.issues.push((
+            t.kind.loc,
+            format!("`{path}`: an email target needs `from` and at least one `to`"),
+        ));
+    }
+    (from, to)
 }
 
 /// A `resnapshot` schedule's tables (default: every synced one); other jobs take none.

@@ -33,6 +33,8 @@ pub fn render(target: &NotifyTarget, n: &Notification) -> (Vec<u8>, Option<Strin
                 None,
             )
         }
+        // Sent by `super::email`, not over HTTP: the plain JSON for completeness.
+        NotifyKind::Email => (serde_json::to_vec(n).unwrap_or_default(), None),
     }
 }
 
@@ -94,6 +96,8 @@ mod tests {
             kind: NotifyKind::Webhook,
             url: Secret::new("https://example.invalid/hook?token=abc"),
             secret: Some(Secret::new("key")),
+            from: None,
+            to: Vec::new(),
         };
         let (body, sig) = render(&t, &n);
         assert_eq!(sig.unwrap(), format!("sha256={}", sign(b"key", &body)));

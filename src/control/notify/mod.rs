@@ -1,5 +1,5 @@
-//! Failure notifications (`notify:`): a pipeline's conditions go to webhook, Teams and
-//! Slack-compatible targets.
+//! Failure notifications (`notify:`): a pipeline's conditions go to webhook, Teams,
+//! Slack-compatible and email (SMTP, [`email`]) targets.
 //!
 //! - Conditions ([`Notifier::raise`] / [`Notifier::clear`]) are keyed: a condition notifies
 //!   once when it starts and once more ("resolved") when it clears, however often it is raised
@@ -17,6 +17,7 @@
 //! `X-SyncBridge-Signature: sha256=<hex HMAC-SHA256(secret, body)>`; `teams` an Adaptive Card
 //! message; `slack` `{"text": …}`.
 
+pub mod email;
 pub mod format;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,7 +29,7 @@ use tokio::sync::{Notify, watch as tokio_watch};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{NotifyConfig, NotifyTarget};
+use crate::config::{NotifyConfig, NotifyKind, NotifyTarget};
 use crate::process::ProcessorStats;
 use crate::telemetry::metrics::{NOTIFY_DROPPED_TOTAL, NOTIFY_SENT_TOTAL};
 
@@ -40,7 +41,7 @@ pub const QUEUE_CAPACITY: usize = 256;
 pub const RETRIES: usize = 5;
 const RETRY_BASE: Duration = Duration::from_millis(500);
 /// Per-request limit: a hanging receiver costs one notification's delay, not the queue.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a draining pipeline waits for queued notifications to go out.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -209,6 +210,9 @@ async fn send(
     target: &NotifyTarget,
     n: &Notification,
 ) -> Result<(), String> {
+    if target.kind == NotifyKind::Email {
+        return email::send(target, n).await;
+    }
     let (body, signature) = format::render(target, n);
     let mut req = client
         .post(target.url.expose())

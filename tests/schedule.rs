@@ -140,8 +140,9 @@ async fn a_tick_runs_once_with_two_processes_and_a_missed_tick_is_caught_up_once
             run::tail(&a.log),
             run::tail(&b.log)
         );
-        assert!(a.terminate().await.success(), "{}", run::tail(&a.log));
+        // The standby first: it must not take over the slot without the reader's state dir.
         assert!(b.terminate().await.success(), "{}", run::tail(&b.log));
+        assert!(a.terminate().await.success(), "{}", run::tail(&a.log));
 
         // Every scheduled run is projected once both processes stopped (their runs ended).
         let all_ticks = ticks(0).await;

@@ -140,6 +140,14 @@ struct RunningPipeline {
     /// The run projector of this pipeline's runs topic.
     projector_stop: CancellationToken,
     projector: Option<JoinHandle<Result<u64, MetaError>>>,
+    /// The `schedules:` jobs (stopped first when draining; a running job is cancelled).
+    scheduler_stop: CancellationToken,
+    scheduler: JoinHandle<()>,
+    /// `notify:`: the conditions, their watcher and the sender (stopped last, so the
+    /// notification of a failure goes out while draining).
+    notifier: Option<control::notify::Notifier>,
+    notify_stop: CancellationToken,
+    notify: Vec<JoinHandle<()>>,
     /// Why the pipeline stopped, when a stage failed (the stream run's reason).
     failure: Option<String>,
 }
@@ -282,7 +290,48 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
         },
     };
     running[i].failure = Some(error.to_string());
+    if let Some(n) = &running[i].notifier {
+        n.raise(
+            "pipeline_stopped",
+            "pipeline stopped unexpectedly",
+            &error.to_string(),
+        );
+    }
     error
+}
+
+/// The notifier of a pipeline with `notify:`, with its watcher and sender tasks.
+fn start_notify(
+    p: &PipelineConfig,
+    slot: &str,
+    stats: &tokio::sync::watch::Receiver<ProcessorStats>,
+    stop: &CancellationToken,
+) -> (Option<control::notify::Notifier>, Vec<JoinHandle<()>>) {
+    let Some(cfg) = &p.notify else {
+        return (None, Vec::new());
+    };
+    let notifier = control::notify::Notifier::new(&p.name);
+    let tasks = vec![
+        tokio::spawn(control::notify::watch(
+            notifier.clone(),
+            cfg.clone(),
+            stats.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(control::notify::watch_slot(
+            notifier.clone(),
+            cfg.clone(),
+            p.source.url.expose().to_string(),
+            slot.to_string(),
+            stop.clone(),
+        )),
+        tokio::spawn(control::notify::deliver(
+            notifier.clone(),
+            cfg.targets.clone(),
+            stop.clone(),
+        )),
+    ];
+    (Some(notifier), tasks)
 }
 
 async fn start_all(
@@ -340,6 +389,7 @@ async fn start_all(
             p.graph.ru_per_minute,
         );
         registries.pipelines.register(handle.clone());
+        let pipeline_handle = handle.clone();
         m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
@@ -406,14 +456,27 @@ async fn start_all(
                 meta::runs_topic(topic_prefix(p), &p.name),
             ));
         }
-        registries.drift.register(drift_handle(
-            p,
-            &processor_facts,
-            &limiters,
-            registries,
-            &handle,
-            &log,
-        )?);
+        let drift = drift_handle(p, &processor_facts, &limiters, registries, &handle, &log)?;
+        registries.drift.register(drift.clone());
+        let notify_stop = CancellationToken::new();
+        let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
+        let scheduler_stop = CancellationToken::new();
+        let scheduler = tokio::spawn(control::schedule::run(
+            control::schedule::Scheduler {
+                pipeline: p.name.clone(),
+                schedules: p.schedules.clone(),
+                db: meta::MetaDb::new(p.control.meta_url.expose()),
+                log: log.clone(),
+                runs_topic: meta::runs_topic(topic_prefix(p), &p.name),
+                runners: control::schedule::JobRunners::builtin(
+                    handle.clone(),
+                    pipeline_handle.clone(),
+                )
+                .with_drift(drift),
+                notifier: notifier.clone(),
+            },
+            scheduler_stop.clone(),
+        ));
         registries.snapshots.register(handle);
         let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
             &capture_config.state_dir,
@@ -497,6 +560,11 @@ async fn start_all(
             usage,
             projector_stop: history.projector_stop,
             projector: Some(history.projector),
+            scheduler_stop,
+            scheduler,
+            notifier,
+            notify_stop,
+            notify,
             failure: None,
         });
         readiness.set(&p.name, "process", true);
@@ -936,6 +1004,11 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
     let mut first_error = None;
     for p in running {
         info!(pipeline = %p.name, "draining");
+        // Scheduled jobs first: they drive the stages below.
+        p.scheduler_stop.cancel();
+        if let Err(join) = p.scheduler.await {
+            warn!(pipeline = %p.name, "scheduler task: {join}");
+        }
         p.capture_stop.cancel();
         if let Some(handle) = p.capture {
             match handle.await {
@@ -997,6 +1070,12 @@ async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(
         .await;
         readiness.set(&p.name, "process", false);
         readiness.set(&p.name, "log", false);
+        p.notify_stop.cancel();
+        for h in p.notify {
+            if let Err(join) = h.await {
+                warn!(pipeline = %p.name, "notification task: {join}");
+            }
+        }
         // The last reference: dropping flushes and closes the log.
         drop(p.log);
     }

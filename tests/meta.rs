@@ -69,7 +69,8 @@ async fn migrations_are_idempotent_and_safe_when_started_concurrently() {
                 "audit",
                 "projector_offsets",
                 "refinery_schema_history",
-                "runs"
+                "runs",
+                "schedule_ticks"
             ]
         );
         let history: i64 = c

@@ -92,6 +92,7 @@ pub use log_sink::LogSink;
 pub use resnapshot::{ResnapshotHandle, ResnapshotRequests, ResnapshotState, ResnapshotStatus};
 pub use run::{lock_key, run, run_with_control, run_with_progress};
 pub use sink::{EventSink, SinkError};
+pub use streaming::slot_lag_bytes;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {

@@ -372,6 +372,21 @@ fn count_events(pipeline: &str, events: &[ChangeEvent]) {
     }
 }
 
+/// WAL bytes `slot` retains (`pg_current_wal_lsn() - confirmed_flush_lsn`); `None` without the
+/// slot, 0 before its first confirmation.
+pub async fn slot_lag_bytes(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<f64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, Option<f64>>(0).unwrap_or(0.0)))
+}
+
 /// Writes a non-transactional heartbeat into the WAL every `interval` (so an idle slot advances
 /// when other databases/tables are busy) and samples the slot lag.
 async fn heartbeat(client: Arc<Client>, pipeline: String, slot: String, interval: Duration) {
@@ -388,17 +403,9 @@ async fn heartbeat(client: Arc<Client>, pipeline: String, slot: String, interval
         {
             tracing::warn!(pipeline = %pipeline, error = %e, "heartbeat failed");
         }
-        match client
-            .query_opt(
-                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-        {
-            Ok(Some(row)) => {
-                let lag: Option<f64> = row.get(0);
-                metrics::gauge!(m::CAPTURE_SLOT_LAG_BYTES, "pipeline" => pipeline.clone())
-                    .set(lag.unwrap_or(0.0));
+        match slot_lag_bytes(&client, &slot).await {
+            Ok(Some(lag)) => {
+                metrics::gauge!(m::CAPTURE_SLOT_LAG_BYTES, "pipeline" => pipeline.clone()).set(lag);
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(pipeline = %pipeline, error = %e, "slot lag query failed"),

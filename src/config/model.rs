@@ -233,6 +233,10 @@ pub struct PipelineConfig {
     pub guard: GuardConfig,
     /// `labels:` (checked keys and values); empty when the file has none.
     pub labels: BTreeMap<String, String>,
+    /// `schedules:`, in file order; empty when the file has none.
+    pub schedules: Vec<ScheduleConfig>,
+    /// `notify:`; `None`: no notifications.
+    pub notify: Option<NotifyConfig>,
 }
 
 impl PipelineConfig {
@@ -657,4 +661,104 @@ words! {
         /// Every route, including the ones that change something.
         Operate = "operate",
     }
+}
+
+words! {
+    /// What a `schedules:` entry runs.
+    JobKind {
+        /// Compares the tables with the lists (issue 14 item 1; "not available" until built in).
+        DriftCheck = "drift_check",
+        /// Fixes what a drift check finds (issue 14 item 2; "not available" until built in).
+        DriftHeal = "drift_heal",
+        /// Re-snapshots `tables` (default: every synced table) while streaming continues.
+        Resnapshot = "resnapshot",
+        /// Appends the pending dead letters back to their topics.
+        DlqReplay = "dlq_replay",
+    }
+}
+
+/// One recurring job (`schedules:`), evaluated by `crate::control::schedule`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScheduleConfig {
+    /// Unique in the pipeline; names the job's runs and its lease.
+    pub name: String,
+    /// The cron expression as written (5 fields, or 6 with seconds first); checked by validation.
+    pub cron: String,
+    /// IANA time zone the expression is read in.
+    #[serde(serialize_with = "serialize_tz")]
+    pub time_zone: chrono_tz::Tz,
+    pub job: JobKind,
+    /// `resnapshot`: `schema.table`s, each a synced table; empty for the other jobs.
+    pub tables: Vec<String>,
+    /// A tick missed while no process ran the pipeline runs once at the next start.
+    pub catch_up: bool,
+}
+
+/// Schedules run in UTC unless they say otherwise: the same instant on every host.
+pub const DEFAULT_SCHEDULE_TIME_ZONE: chrono_tz::Tz = chrono_tz::UTC;
+
+fn serialize_tz<S: serde::Serializer>(tz: &chrono_tz::Tz, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(tz.name())
+}
+
+/// Reads a `schedules[].cron` expression: 5 fields, or 6 with seconds first (croner's default
+/// parser). The one place both validation and the scheduler parse it, so they agree.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    expr.trim()
+        .parse::<croner::Cron>()
+        .map_err(|e| e.to_string())
+}
+
+words! {
+    /// The wire format of a notification target.
+    NotifyKind {
+        /// JSON body, `X-SyncBridge-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+        Webhook = "webhook",
+        /// Microsoft Teams incoming webhook / workflow: an Adaptive Card.
+        Teams = "teams",
+        /// Slack-compatible incoming webhook (`{"text": …}`; Mattermost, Rocket.Chat too).
+        Slack = "slack",
+        /// SMTP: `smtp://` with STARTTLS (plain only on loopback) or `smtps://`.
+        Email = "email",
+    }
+}
+
+/// `notify:` (see `crate::control::notify`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotifyConfig {
+    pub targets: Vec<NotifyTarget>,
+    pub window: std::time::Duration,
+    pub dead_letters: u64,
+    pub slot_lag_bytes: u64,
+}
+
+/// Five minutes: long enough that a flapping condition does not page every few seconds, short
+/// enough that a new failure is heard of within a coffee break.
+pub const DEFAULT_NOTIFY_WINDOW_S: u64 = 300;
+/// Any dead letter is worth a look: a row that does not reach its list is data loss to a user.
+pub const DEFAULT_NOTIFY_DEAD_LETTERS: u64 = 1;
+/// 1 GiB of WAL held back by the slot: well before a typical disk fills, far above normal lag.
+pub const DEFAULT_NOTIFY_SLOT_LAG_BYTES: u64 = 1 << 30;
+
+/// One notification target.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotifyTarget {
+    pub name: String,
+    pub kind: NotifyKind,
+    pub url: Secret,
+    pub secret: Option<Secret>,
+    /// `email`: sender and recipients (checked addresses).
+    pub from: Option<String>,
+    pub to: Vec<String>,
+}
+
+/// `localhost` or a loopback IP: where plain `http://` / SMTP without TLS is allowed (a local
+/// receiver or relay on the same host).
+pub fn is_loopback_host(u: &Url) -> bool {
+    u.host_str().is_some_and(|h| {
+        h == "localhost"
+            || h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, Secret};
+use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, JobKind, NotifyKind, Secret};
 use super::yaml::{Issue, Kind, Loc, Node};
 
 /// A value and the location of the scalar it was read from.
@@ -66,10 +66,97 @@ pub struct PipelineFile {
     pub guard: Option<GuardFile>,
     #[serde(default)]
     pub labels: Option<LabelsFile>,
+    /// Recurring jobs (drift check and heal, re-snapshots, DLQ replay), each run by exactly one
+    /// of the processes running the pipeline and recorded as a run.
+    #[serde(default)]
+    pub schedules: Option<Vec<ScheduleFile>>,
+    /// Where failure notifications go, and when a condition counts as one.
+    #[serde(default)]
+    pub notify: Option<NotifyFile>,
 }
 pub const PIPELINE_KEYS: &[&str] = &[
-    "version", "name", "source", "log", "graph", "sync", "control", "guard", "labels",
+    "version",
+    "name",
+    "source",
+    "log",
+    "graph",
+    "sync",
+    "control",
+    "guard",
+    "labels",
+    "schedules",
+    "notify",
 ];
+
+/// `notify:`: targets and thresholds. Each condition notifies once when it starts and once
+/// ("resolved") when it clears.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyFile {
+    /// At least one.
+    pub targets: Vec<NotifyTargetFile>,
+    /// Seconds a condition is evaluated over (dead letters counted, conflicts parked) and how
+    /// long a fired condition stays quiet; default 300.
+    #[serde(default)]
+    #[schemars(range(min = 10))]
+    pub window_s: Option<Sp<u64>>,
+    /// Dead letters within `window_s` that fire the condition; default 1.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub dead_letters: Option<Sp<u64>>,
+    /// Replication slot lag (bytes) that fires the condition; default 1 GiB.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub slot_lag_bytes: Option<Sp<u64>>,
+}
+pub const NOTIFY_KEYS: &[&str] = &["targets", "window_s", "dead_letters", "slot_lag_bytes"];
+
+/// One place notifications are sent to.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyTargetFile {
+    /// Unique; shown in logs instead of the URL.
+    pub name: Sp<String>,
+    /// `webhook` (JSON, HMAC-SHA256 signed), `teams` (Adaptive Card), `slack` (Slack-compatible),
+    /// `email` (SMTP: `url` is `smtp://user:password@host:587`, STARTTLS required except on a
+    /// loopback host, or `smtps://…:465`).
+    pub kind: Sp<NotifyKind>,
+    /// The endpoint (`https://…`; `http://` for loopback); a secret: use `${ENV}`.
+    pub url: Sp<Secret>,
+    /// `webhook`: the HMAC-SHA256 key of the `X-SyncBridge-Signature` header; use `${ENV}`.
+    #[serde(default)]
+    pub secret: Option<Sp<Secret>>,
+    /// `email`: the sender address.
+    #[serde(default)]
+    pub from: Option<Sp<String>>,
+    /// `email`: the recipients.
+    #[serde(default)]
+    pub to: Option<Sp<Vec<Sp<String>>>>,
+}
+pub const NOTIFY_TARGET_KEYS: &[&str] = &["name", "kind", "url", "secret", "from", "to"];
+
+/// One recurring job.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleFile {
+    /// Unique in the pipeline: names the job's runs and its lease.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9_]{0,40}$"))]
+    pub name: Sp<String>,
+    /// Cron expression: 5 fields (minute hour day-of-month month day-of-week) or 6 with seconds
+    /// first; `L`, `W`, `#` and names (`MON`, `JAN`) are accepted.
+    pub cron: Sp<String>,
+    /// IANA time zone the expression is read in, e.g. `Europe/Berlin`; default `UTC`.
+    #[serde(default)]
+    pub time_zone: Option<Sp<String>>,
+    pub job: Sp<JobKind>,
+    /// `resnapshot` only: the tables to read again (`schema.table`); default: every synced table.
+    #[serde(default)]
+    pub tables: Option<Sp<Vec<Sp<String>>>>,
+    /// Run once at start when a tick was missed while no process ran the pipeline; default false.
+    #[serde(default)]
+    pub catch_up: Option<Sp<bool>>,
+}
+pub const SCHEDULE_KEYS: &[&str] = &["name", "cron", "time_zone", "job", "tables", "catch_up"];
 
 /// The PostgreSQL source database.
 #[derive(Debug, JsonSchema)]
@@ -399,6 +486,9 @@ pub struct PartialFile {
     pub control: Option<ControlFile>,
     pub guard: Option<GuardFile>,
     pub labels: Option<LabelsFile>,
+    /// The entries that could be read.
+    pub schedules: Vec<ScheduleFile>,
+    pub notify: Option<NotifyFile>,
 }
 
 /// Collects problems while reading.
@@ -707,7 +797,97 @@ impl Reader {
         file.control = m.get("control").and_then(|n| self.control(n, "control"));
         file.guard = m.get("guard").and_then(|n| self.guard(n, "guard"));
         file.labels = m.get("labels").and_then(|n| self.labels(n, "labels"));
+        if let Some(node) = m.get("schedules")
+            && let Some(items) = self.seq(node, "schedules")
+        {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(entry) = self.schedule(item, &format!("schedules[{i}]")) {
+                    file.schedules.push(entry);
+                }
+            }
+        }
+        file.notify = m.get("notify").and_then(|n| self.notify(n, "notify"));
         file
+    }
+
+    fn notify(&mut self, node: &Node, path: &str) -> Option<NotifyFile> {
+        let m = self.map(node, path, NOTIFY_KEYS)?;
+        let mut targets = Vec::new();
+        if let Some(node) = self.required(&m, "targets") {
+            let list = m.child("targets");
+            let items = self.seq(node, &list).unwrap_or_default();
+            if items.is_empty() {
+                self.err(node.loc, "`notify.targets`: name at least one target");
+            }
+            for (i, item) in items.iter().enumerate() {
+                if let Some(t) = self.notify_target(item, &format!("{list}[{i}]")) {
+                    targets.push(t);
+                }
+            }
+        }
+        let mut num = |key: &str| m.get(key).and_then(|n| self.uint(n, &m.child(key)));
+        Some(NotifyFile {
+            targets,
+            window_s: num("window_s"),
+            dead_letters: num("dead_letters"),
+            slot_lag_bytes: num("slot_lag_bytes"),
+        })
+    }
+
+    fn notify_target(&mut self, node: &Node, path: &str) -> Option<NotifyTargetFile> {
+        let m = self.map(node, path, NOTIFY_TARGET_KEYS)?;
+        let name = self
+            .required(&m, "name")
+            .and_then(|n| self.string(n, &m.child("name")));
+        let kind = self
+            .required(&m, "kind")
+            .and_then(|n| self.word(n, &m.child("kind"), NotifyKind::ALL));
+        let url = self
+            .required(&m, "url")
+            .and_then(|n| self.secret(n, &m.child("url")));
+        let secret = m
+            .get("secret")
+            .and_then(|n| self.secret(n, &m.child("secret")));
+        let from = m.get("from").and_then(|n| self.string(n, &m.child("from")));
+        let to = m.get("to").and_then(|n| self.strings(n, &m.child("to")));
+        Some(NotifyTargetFile {
+            name: name?,
+            kind: kind?,
+            url: url?,
+            secret,
+            from,
+            to,
+        })
+    }
+
+    fn schedule(&mut self, node: &Node, path: &str) -> Option<ScheduleFile> {
+        let m = self.map(node, path, SCHEDULE_KEYS)?;
+        let name = self
+            .required(&m, "name")
+            .and_then(|n| self.string(n, &m.child("name")));
+        let cron = self
+            .required(&m, "cron")
+            .and_then(|n| self.string(n, &m.child("cron")));
+        let job = self
+            .required(&m, "job")
+            .and_then(|n| self.word(n, &m.child("job"), JobKind::ALL));
+        let time_zone = m
+            .get("time_zone")
+            .and_then(|n| self.string(n, &m.child("time_zone")));
+        let tables = m
+            .get("tables")
+            .and_then(|n| self.strings(n, &m.child("tables")));
+        let catch_up = m
+            .get("catch_up")
+            .and_then(|n| self.boolean(n, &m.child("catch_up")));
+        Some(ScheduleFile {
+            name: name?,
+            cron: cron?,
+            time_zone,
+            job: job?,
+            tables,
+            catch_up,
+        })
     }
 
     /// `labels:` as a mapping of scalar values; a duplicate key is reported at its second use.

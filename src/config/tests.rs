@@ -36,6 +36,9 @@ fn reader_keys_match_schema() {
         ("ControlFile", CONTROL_KEYS),
         ("GuardFile", GUARD_KEYS),
         ("DeadLetterGuardFile", DEAD_LETTER_GUARD_KEYS),
+        ("ScheduleFile", SCHEDULE_KEYS),
+        ("NotifyFile", NOTIFY_KEYS),
+        ("NotifyTargetFile", NOTIFY_TARGET_KEYS),
     ];
     for (name, keys) in expected {
         let def = defs
@@ -552,4 +555,160 @@ fn graph_signs_in_with_exactly_one_of_a_secret_and_a_certificate() {
             .any(|p| p.contains("missing required key `key` in `graph.client_certificate`")),
         "{got:#?}"
     );
+}
+
+#[test]
+fn schedules_are_read_and_every_problem_is_placed() {
+    let base = with_on_delete("delete");
+    let good = format!(
+        "{base}schedules:
+  - name: nightly
+    cron: \"0 2 * * *\"
+    time_zone: Europe/Berlin
+    job: resnapshot
+    catch_up: true
+  - name: replay
+    cron: \"*/5 * * * * *\"
+    job: dlq_replay
+"
+    );
+    let config = load_str("t.yaml", &good, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let s = &config.schedules;
+    assert_eq!(s.len(), 2);
+    assert_eq!(
+        (s[0].job, s[0].time_zone, s[0].catch_up),
+        (JobKind::Resnapshot, chrono_tz::Europe::Berlin, true)
+    );
+    // `resnapshot` defaults to every synced table; the other jobs take none.
+    assert_eq!(s[0].tables, ["public.t"]);
+    assert_eq!((s[1].time_zone, s[1].catch_up), (chrono_tz::UTC, false));
+    assert!(s[1].tables.is_empty());
+
+    let bad = format!(
+        "{base}schedules:
+  - name: a
+    cron: \"61 * * * *\"
+    time_zone: Mars/Olympus
+    job: resnapshot
+    tables: [public.nope]
+  - name: a
+    cron: \"* * * * *\"
+    job: dlq_replay
+    tables: [public.t]
+  - name: b
+    cron: \"* * * * *\"
+    job: defrag
+"
+    );
+    let got = all_problems(&bad);
+    let expected = [
+        "t.yaml:20:11: `schedules[0].cron` is not a cron expression: ",
+        "t.yaml:21:16: `schedules[0].time_zone` must be an IANA time zone such as Europe/Berlin or UTC",
+        "t.yaml:23:14: `schedules[0].tables`: `public.nope` is not a synced table",
+        "t.yaml:24:11: schedule `a` is defined twice (first at 19:11)",
+        "t.yaml:27:13: `schedules[1].tables` is only for `job: resnapshot`",
+        "t.yaml:30:10: `schedules[2].job`: unknown value `defrag`; expected one of: drift_check, drift_heal, resnapshot, dlq_replay",
+    ];
+    for e in expected {
+        assert!(
+            got.iter().any(|p| p.starts_with(e)),
+            "{e:?} not in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+}
+
+#[test]
+fn notify_targets_are_checked_without_echoing_urls() {
+    let base = with_on_delete("delete");
+    let good = format!(
+        "{base}notify:
+  window_s: 60
+  targets:
+    - name: ops
+      kind: webhook
+      url: http://127.0.0.1:9/hook
+      secret: k
+    - name: teams
+      kind: teams
+      url: https://example.webhook.office.com/x
+"
+    );
+    let config = load_str("t.yaml", &good, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let n = config.notify.unwrap();
+    assert_eq!(n.window, std::time::Duration::from_secs(60));
+    assert_eq!(n.dead_letters, DEFAULT_NOTIFY_DEAD_LETTERS);
+    assert_eq!(n.targets[1].kind, NotifyKind::Teams);
+
+    let bad = format!(
+        "{base}notify:
+  window_s: 1
+  targets:
+    - name: a
+      kind: webhook
+      url: http://hooks.example.com/?token=sekrit
+    - name: a
+      kind: slack
+      url: https://hooks.example.com/x
+      secret: k
+"
+    );
+    let got = all_problems(&bad);
+    let expected = [
+        "t.yaml:19:13: `notify.window_s` must be at least 10",
+        "t.yaml:23:12: `notify.targets[0].url` must be an https:// URL (http:// only on a loopback host)",
+        "t.yaml:22:13: `notify.targets[0]`: a webhook needs `secret`",
+        "t.yaml:24:13: notify target `a` is defined twice (first at 21:13)",
+        "t.yaml:27:15: `notify.targets[1].secret` is only for `kind: webhook`",
+    ];
+    for e in expected {
+        assert!(
+            got.iter().any(|p| p.starts_with(e)),
+            "{e:?} not in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+    assert!(!got.iter().any(|p| p.contains("sekrit")), "{got:#?}");
+}
+
+#[test]
+fn email_targets_need_an_smtp_url_and_addresses() {
+    let base = with_on_delete("delete");
+    let good = format!(
+        "{base}notify:
+  targets:
+    - name: mail
+      kind: email
+      url: smtp://user:p%40ss@smtp.example.com:587
+      from: SyncBridge <sb@example.com>
+      to: [ops@example.com]
+"
+    );
+    let config = load_str("t.yaml", &good, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let t = &config.notify.unwrap().targets[0];
+    assert_eq!((t.kind, t.to.len()), (NotifyKind::Email, 1));
+    let bad = format!(
+        "{base}notify:
+  targets:
+    - name: mail
+      kind: email
+      url: https://user:sekrit@smtp.example.com
+      from: not an address
+    - name: hook
+      kind: slack
+      url: https://hooks.example.com/x
+      to: [ops@example.com]
+"
+    );
+    let got = all_problems(&bad);
+    for e in [
+        "`notify.targets[0].url` must be an smtp:// (STARTTLS) or smtps:// URL with a host",
+        "`notify.targets[0].from` is not an email address",
+        "`notify.targets[0]`: an email target needs `from` and at least one `to`",
+        "`notify.targets[1].to` is only for `kind: email`",
+    ] {
+        assert!(got.iter().any(|p| p.ends_with(e)), "{e:?} not in {got:#?}");
+    }
+    assert_eq!(got.len(), 4, "{got:#?}");
+    assert!(!got.iter().any(|p| p.contains("sekrit")), "{got:#?}");
 }

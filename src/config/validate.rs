@@ -194,6 +194,233 @@ fn check_retention(r: &mut Reader, v: Option<&Sp<String>>) -> Duration {
     }
 }
 
+/// `schedules:`: unique names, a cron expression croner reads, a known IANA time zone, and
+/// `tables` (for `resnapshot` only) naming synced tables.
+fn check_schedules(r: &mut Reader, s: &[ScheduleFile], sync: &[SyncFile]) -> Vec<ScheduleConfig> {
+    let mut names: HashMap<&str, Loc> = HashMap::new();
+    let mut out = Vec::with_capacity(s.len());
+    for (i, e) in s.iter().enumerate() {
+        let path = format!("schedules[{i}]");
+        let before = r.issues.len();
+        let name = e.name.value.trim();
+        if !is_pipeline_name(name) {
+            r.issues.push((
+                e.name.loc,
+                format!("`{path}.name` must match [a-z][a-z0-9_]{{0,40}}"),
+            ));
+        } else if let Some(first) = names.insert(name, e.name.loc) {
+            r.issues.push((
+                e.name.loc,
+                format!("schedule `{name}` is defined twice (first at {first})"),
+            ));
+        }
+        if let Err(why) = parse_cron(&e.cron.value) {
+            r.issues.push((
+                e.cron.loc,
+                format!("`{path}.cron` is not a cron expression: {why}"),
+            ));
+        }
+        let time_zone = match &e.time_zone {
+            None => DEFAULT_SCHEDULE_TIME_ZONE,
+            Some(tz) => tz.value.trim().parse().unwrap_or_else(|_| {
+                r.issues.push((
+                    tz.loc,
+                    format!(
+                        "`{path}.time_zone` must be an IANA time zone such as Europe/Berlin or UTC"
+                    ),
+                ));
+                DEFAULT_SCHEDULE_TIME_ZONE
+            }),
+        };
+        let tables = check_schedule_tables(r, e, &path, sync);
+        if r.issues.len() == before {
+            out.push(ScheduleConfig {
+                name: name.to_string(),
+                cron: e.cron.value.trim().to_string(),
+                time_zone,
+                job: e.job.value,
+                tables,
+                catch_up: e.catch_up.as_ref().is_some_and(|c| c.value),
+            });
+        }
+    }
+    out
+}
+
+/// `notify:`: at least one target, unique names, http(s) URLs (plain http on loopback only, the
+/// payload names the pipeline's failures), a `secret` for webhooks only, bounded numbers.
+fn check_notify(r: &mut Reader, n: &NotifyFile) -> NotifyConfig {
+    let mut names: HashMap<&str, Loc> = HashMap::new();
+    let mut targets = Vec::new();
+    for (i, t) in n.targets.iter().enumerate() {
+        let path = format!("notify.targets[{i}]");
+        let name = t.name.value.trim();
+        if let Some(first) = names.insert(name, t.name.loc) {
+            r.issues.push((
+                t.name.loc,
+                format!("notify target `{name}` is defined twice (first at {first})"),
+            ));
+        }
+        check_notify_url(r, t, &path);
+        let (from, to) = check_email(r, t, &path);
+        targets.push(NotifyTarget {
+            name: name.to_string(),
+            kind: t.kind.value,
+            url: t.url.value.clone(),
+            secret: t.secret.as_ref().map(|s| s.value.clone()),
+            from,
+            to,
+        });
+    }
+    let mut bounded = |v: &Option<Sp<u64>>, key: &str, min: u64, default: u64| match v {
+        Some(v) if v.value < min => {
+            r.issues
+                .push((v.loc, format!("`notify.{key}` must be at least {min}")));
+            default
+        }
+        Some(v) => v.value,
+        None => default,
+    };
+    NotifyConfig {
+        targets,
+        window: Duration::from_secs(bounded(
+            &n.window_s,
+            "window_s",
+            10,
+            DEFAULT_NOTIFY_WINDOW_S,
+        )),
+        dead_letters: bounded(
+            &n.dead_letters,
+            "dead_letters",
+            1,
+            DEFAULT_NOTIFY_DEAD_LETTERS,
+        ),
+        slot_lag_bytes: bounded(
+            &n.slot_lag_bytes,
+            "slot_lag_bytes",
+            1,
+            DEFAULT_NOTIFY_SLOT_LAG_BYTES,
+        ),
+    }
+}
+
+/// A target's URL scheme fits its kind; a `secret` only on webhooks, where it is required. The
+/// URL is a secret (it often embeds a token or password): never echoed.
+fn check_notify_url(r: &mut Reader, t: &NotifyTargetFile, path: &str) {
+    let url = Url::parse(t.url.value.expose()).ok();
+    let ok = url
+        .as_ref()
+        .is_some_and(|u| match (t.kind.value, u.scheme()) {
+            (NotifyKind::Email, "smtps") => true,
+            (NotifyKind::Email, "smtp") => u.host_str().is_some(),
+            (NotifyKind::Email, _) => false,
+            (_, "https") => true,
+            (_, "http") => is_loopback_host(u),
+            _ => false,
+        });
+    if !ok {
+        let want = match t.kind.value {
+            NotifyKind::Email => "an smtp:// (STARTTLS) or smtps:// URL with a host",
+            _ => "an https:// URL (http:// only on a loopback host)",
+        };
+        r.issues
+            .push((t.url.loc, format!("`{path}.url` must be {want}")));
+    }
+    match (&t.secret, t.kind.value) {
+        (Some(s), kind) if kind != NotifyKind::Webhook => r.issues.push((
+            s.loc,
+            format!("`{path}.secret` is only for `kind: webhook`"),
+        )),
+        (None, NotifyKind::Webhook) => r.issues.push((
+            t.kind.loc,
+            format!("`{path}`: a webhook needs `secret` (the HMAC-SHA256 key receivers check)"),
+        )),
+        _ => {}
+    }
+}
+
+/// `from` and `to` (addresses lettre parses), required for `email` and refused otherwise.
+fn check_email(r: &mut Reader, t: &NotifyTargetFile, path: &str) -> (Option<String>, Vec<String>) {
+    if t.kind.value != NotifyKind::Email {
+        for (loc, key) in [
+            (t.from.as_ref().map(|f| f.loc), "from"),
+            (t.to.as_ref().map(|f| f.loc), "to"),
+        ] {
+            if let Some(loc) = loc {
+                r.issues
+                    .push((loc, format!("`{path}.{key}` is only for `kind: email`")));
+            }
+        }
+        return (None, Vec::new());
+    }
+    let mut address = |s: &Sp<String>, key: &str| {
+        let ok = s.value.trim().parse::<lettre::message::Mailbox>().is_ok();
+        if !ok {
+            r.issues
+                .push((s.loc, format!("`{path}.{key}` is not an email address")));
+        }
+        s.value.trim().to_string()
+    };
+    let from = t.from.as_ref().map(|f| address(f, "from"));
+    let to: Vec<String> =
+        t.to.iter()
+            .flat_map(|to| to.value.iter())
+            .map(|a| address(a, "to"))
+            .collect();
+    if from.is_none() || to.is_empty() {
+        r.issues.push((
+            t.kind.loc,
+            format!("`{path}`: an email target needs `from` and at least one `to`"),
+        ));
+    }
+    (from, to)
+}
+
+/// A `resnapshot` schedule's tables (default: every synced one); other jobs take none.
+fn check_schedule_tables(
+    r: &mut Reader,
+    e: &ScheduleFile,
+    path: &str,
+    sync: &[SyncFile],
+) -> Vec<String> {
+    let synced = || sync.iter().map(|s| s.table.value.trim().to_string());
+    let Some(tables) = &e.tables else {
+        return match e.job.value {
+            JobKind::Resnapshot => synced().collect(),
+            _ => Vec::new(),
+        };
+    };
+    if e.job.value != JobKind::Resnapshot {
+        r.issues.push((
+            tables.loc,
+            format!("`{path}.tables` is only for `job: resnapshot`"),
+        ));
+        return Vec::new();
+    }
+    if tables.value.is_empty() {
+        r.issues.push((
+            tables.loc,
+            format!("`{path}.tables`: name at least one table"),
+        ));
+    }
+    let mut out = Vec::new();
+    for t in &tables.value {
+        let name = t.value.trim();
+        if synced().any(|s| s == name) {
+            out.push(name.to_string());
+        } else {
+            r.issues.push((
+                t.loc,
+                format!(
+                    "`{path}.tables`: `{}` is not a synced table",
+                    name.escape_debug()
+                ),
+            ));
+        }
+    }
+    out
+}
+
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
     let mut guard = GuardConfig::default();
     let Some(g) = g else {
@@ -312,6 +539,8 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
     );
     let guard = check_guard(r, f.guard.as_ref());
     let labels = check_labels(r, f.labels.as_ref());
+    let schedules = check_schedules(r, &f.schedules, &f.sync);
+    let notify = f.notify.as_ref().map(|n| check_notify(r, n));
     if r.issues.len() != before {
         return None;
     }
@@ -330,6 +559,8 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         },
         guard,
         labels,
+        schedules,
+        notify,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;

@@ -46,9 +46,11 @@ pub mod client;
 pub mod cursors;
 pub mod drift;
 pub mod meta;
+pub mod notify;
 pub mod openapi;
 pub mod pipelines;
 pub mod problem;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

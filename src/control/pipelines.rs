@@ -449,17 +449,37 @@ async fn dlq_replay(
     Path(name): Path<String>,
 ) -> Result<axum::Json<DlqReplayed>, ApiError> {
     let h = running(state.pipelines.get(&name), &name)?;
-    let Ok(_one) = h.replaying.try_lock() else {
-        return Err(ApiError::new(
+    match replay_dead_letters(&h).await {
+        Ok(done) => Ok(axum::Json(done)),
+        Err(ReplayError::InProgress) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "replay_in_progress",
             format!("a DLQ replay of {name:?} is in progress"),
-        ));
+        )),
+        Err(ReplayError::Log(e)) => Err(log_unavailable(e)),
+    }
+}
+
+/// Why a DLQ replay did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("a DLQ replay of this pipeline is in progress")]
+    InProgress,
+    #[error("cannot read or write the log: {0}")]
+    Log(String),
+}
+
+/// Appends the pipeline's pending dead letters back to their topics, recorded as a `dlq_replay`
+/// run; one at a time per pipeline. Shared by the API and the scheduler's `dlq_replay` job.
+pub async fn replay_dead_letters(h: &PipelineHandle) -> Result<DlqReplayed, ReplayError> {
+    let Ok(_one) = h.replaying.try_lock() else {
+        return Err(ReplayError::InProgress);
     };
+    let log_error = |e: &dyn std::fmt::Display| ReplayError::Log(e.to_string());
     let topic = runs_topic(&h.prefix, &h.name);
     let mut run = RunRecorder::start(h.log.clone(), topic, &h.name, RunKind::DlqReplay)
         .await
-        .map_err(log_unavailable)?;
+        .map_err(|e| log_error(&e))?;
     match dlq::replay(&*h.log, &h.prefix, &h.name).await {
         Ok(n) => {
             let counts = RunCounts {
@@ -468,11 +488,11 @@ async fn dlq_replay(
             };
             run.finish(RunStatus::Succeeded, counts, None)
                 .await
-                .map_err(log_unavailable)?;
-            Ok(axum::Json(DlqReplayed {
+                .map_err(|e| log_error(&e))?;
+            Ok(DlqReplayed {
                 replayed: n,
                 run_id: run.run_id(),
-            }))
+            })
         }
         Err(e) => {
             let reason = Some(e.to_string());
@@ -483,7 +503,7 @@ async fn dlq_replay(
             {
                 tracing::warn!(pipeline = %h.name, "cannot record the failed DLQ replay run: {rec}");
             }
-            Err(log_unavailable(e))
+            Err(log_error(&e))
         }
     }
 }

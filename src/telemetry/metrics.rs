@@ -128,6 +128,10 @@ pub const PUSH_LAST_COMMIT_TIMESTAMP: &str = "syncbridge_push_last_commit_timest
 pub const CAPTURE_LAST_ACK_TIMESTAMP: &str = "syncbridge_capture_last_ack_timestamp_seconds";
 /// Gauge of a tenant's RU budget per minute (graph.ru_per_minute), label `tenant`.
 pub const GRAPH_RU_BUDGET_PER_MINUTE: &str = "syncbridge_graph_ru_budget_per_minute";
+/// Counter of notifications sent per target, labels `pipeline`, `outcome` (ok, failed).
+pub const NOTIFY_SENT_TOTAL: &str = "syncbridge_notify_sent_total";
+/// Counter of notifications dropped from a full queue (oldest first), label `pipeline`.
+pub const NOTIFY_DROPPED_TOTAL: &str = "syncbridge_notify_dropped_total";
 
 /// Dead-letter kinds (`syncbridge_push_dead_letters_total{kind}`), for zero-initialised series.
 const DEAD_LETTER_KINDS: [&str; 8] = [
@@ -434,6 +438,16 @@ pub fn describe_all() {
         CAPTURE_LAST_ACK_TIMESTAMP,
         Unit::Seconds,
         "Unix time of capture's last acknowledgement to the replication slot (label: pipeline)."
+    );
+    describe_counter!(
+        NOTIFY_SENT_TOTAL,
+        Unit::Count,
+        "Notifications sent to a target, after retries (labels: pipeline, outcome)."
+    );
+    describe_counter!(
+        NOTIFY_DROPPED_TOTAL,
+        Unit::Count,
+        "Notifications dropped, oldest first, from a full queue (label: pipeline)."
     );
     describe_gauge!(
         GRAPH_RU_BUDGET_PER_MINUTE,

@@ -123,6 +123,24 @@ impl Harness {
         path
     }
 
+    /// A pipeline file on the Kafka log (`KAFKA_BROKERS`, topic prefix unique to this harness)
+    /// syncing a new [`Harness::titled_table`] of `rows` push-only, with `extra` YAML appended.
+    pub async fn kafka_titled_pipeline(&mut self, rows: u32, extra: &str) -> PathBuf {
+        let (t, list) = self.titled_table(rows).await;
+        let kafka = format!(
+            "{{ kafka: {{ brokers: ['{}'], topic_prefix: 'sbk{}' }} }}",
+            super::common::kafka_brokers(),
+            &self.name[self.name.len() - 8..]
+        );
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+        );
+        let file = self.pipeline(&kafka, &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
+        file
+    }
+
     pub fn embedded_log(&self) -> String {
         format!(
             "{{ embedded: {{ path: '{}' }} }}",

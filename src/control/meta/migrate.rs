@@ -31,6 +31,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_run_requests",
         include_str!("../../../migrations/0004_run_requests.sql"),
     ),
+    (
+        "0005_schedule_ticks",
+        include_str!("../../../migrations/0005_schedule_ticks.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migration runs (any fixed number unique to us:

@@ -51,6 +51,10 @@ pub enum RunKind {
     DriftCheck,
     /// A drift heal (`--heal`, `POST /pipelines/{name}/drift/heal`, the vanished-list heal at start).
     DriftHeal,
+    /// One tick of a `schedules:` entry, run by the one process that claimed it; `subject` is
+    /// `<schedule>: <job> @ <tick, RFC 3339 UTC>`. The job also records its own run where it has
+    /// one (`resnapshot`, `dlq_replay`), as when started by hand.
+    Scheduled,
 }
 
 impl RunKind {
@@ -63,6 +67,7 @@ impl RunKind {
             RunKind::CursorReset => "cursor_reset",
             RunKind::DriftCheck => "drift_check",
             RunKind::DriftHeal => "drift_heal",
+            RunKind::Scheduled => "scheduled",
         }
     }
 }

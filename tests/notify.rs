@@ -1,0 +1,263 @@
+//! Notifications (issue 14 item 4) against a local HTTP receiver that checks the
+//! `X-SyncBridge-Signature` HMAC: a condition raised twice and cleared gives exactly one firing
+//! and one resolved message, delivered after the receiver's first refusal (retry); end to end, a
+//! `syncbridge run` whose scheduled `drift_check` fails every 2 s (not available in this build)
+//! sends one `job_failed` message, not one per failed tick.
+//!
+//! The end-to-end test needs `DATABASE_URL` and `KAFKA_BROKERS` like the other run tests.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::Value;
+use syncbridge::config::{NotifyKind, NotifyTarget, Secret};
+use syncbridge::control::notify::{self, Notifier, format};
+use tokio_util::sync::CancellationToken;
+
+mod common;
+#[path = "common/harness.rs"]
+mod harness;
+use harness::{Harness, hard_timeout};
+
+const KEY: &str = "receiver-key";
+
+/// What the receiver got: bodies whose signature verified; anything else fails the test.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Value>>>,
+    bad: Arc<Mutex<Vec<String>>>,
+    /// Requests to refuse with 503 before accepting.
+    refuse: Arc<Mutex<u32>>,
+}
+
+async fn hook(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    {
+        let mut refuse = r.refuse.lock().unwrap();
+        if *refuse > 0 {
+            *refuse -= 1;
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
+    let expected = format!("sha256={}", format::sign(KEY.as_bytes(), &body));
+    let sig = headers
+        .get(format::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if sig != expected {
+        r.bad.lock().unwrap().push(format!("bad signature {sig:?}"));
+        return StatusCode::UNAUTHORIZED;
+    }
+    r.got
+        .lock()
+        .unwrap()
+        .push(serde_json::from_slice(&body).unwrap());
+    StatusCode::NO_CONTENT
+}
+
+async fn receiver() -> (Receiver, String) {
+    let r = Receiver::default();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(r.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (r, url)
+}
+
+fn webhook(url: &str, key: &str) -> NotifyTarget {
+    NotifyTarget {
+        name: "test".into(),
+        kind: NotifyKind::Webhook,
+        url: Secret::new(url),
+        secret: Some(Secret::new(key)),
+        from: None,
+        to: Vec::new(),
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn once_per_condition_then_resolved_signed_and_retried() {
+    hard_timeout(60, async {
+        let (r, url) = receiver().await;
+        *r.refuse.lock().unwrap() = 1;
+        let n = Notifier::new("p");
+        let stop = CancellationToken::new();
+        let sender = tokio::spawn(notify::deliver(
+            n.clone(),
+            vec![webhook(&url, KEY)],
+            stop.clone(),
+        ));
+        n.raise("dead_letters", "3 dead letters in the last 300 s", "look");
+        n.raise("dead_letters", "5 dead letters in the last 300 s", "look");
+        n.clear("dead_letters");
+        n.clear("dead_letters");
+        wait_until("two messages", || r.got.lock().unwrap().len() >= 2).await;
+        stop.cancel();
+        sender.await.unwrap();
+        let got = r.got.lock().unwrap().clone();
+        let states: Vec<_> = got
+            .iter()
+            .map(|m| (m["condition"].clone(), m["state"].clone()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (Value::from("dead_letters"), Value::from("firing")),
+                (Value::from("dead_letters"), Value::from("resolved")),
+            ],
+            "{got:#?}"
+        );
+        assert_eq!(got[0]["summary"], "3 dead letters in the last 300 s");
+        assert!(r.bad.lock().unwrap().is_empty());
+
+        // A sender with the wrong key is refused by the receiver (the check can fail).
+        let (r2, url2) = receiver().await;
+        let n2 = Notifier::new("p");
+        let stop2 = CancellationToken::new();
+        let sender2 = tokio::spawn(notify::deliver(
+            n2.clone(),
+            vec![webhook(&url2, "wrong")],
+            stop2.clone(),
+        ));
+        n2.raise("x", "x", "");
+        wait_until("a refused message", || !r2.bad.lock().unwrap().is_empty()).await;
+        stop2.cancel();
+        sender2.abort();
+        assert!(r2.got.lock().unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_scheduled_job_notifies_once_end_to_end() {
+    hard_timeout(240, async {
+        let (r, url) = receiver().await;
+        let mut h = Harness::new("notify").await;
+        let n = h.name.clone();
+        // A re-snapshot job of the pipeline's table, which is renamed away once the initial
+        // snapshot is done: every tick fails the same way.
+        let extra = format!(
+            "schedules:\n  - name: resnap\n    cron: '*/2 * * * * *'\n    job: resnapshot\n    tables: [public.{n}_t]\nnotify:\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n"
+        );
+        let file = h.kafka_titled_pipeline(1, &extra).await;
+        h.start(&file);
+        let list = format!("T {n}");
+        h.wait_for("the snapshot's item", || async { h.items(&list).await.len() == 1 })
+            .await;
+        h.sql(&format!("ALTER TABLE public.{n}_t RENAME TO {n}_gone")).await;
+        let failed = || async {
+            h.db.query(
+                "SELECT reason FROM syncbridge_meta.runs \
+                 WHERE pipeline = $1 AND kind = 'scheduled' AND status = 'failed' \
+                 ORDER BY started_ms",
+                &[&n],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, Option<String>>(0)).collect::<Vec<_>>())
+            .unwrap_or_default()
+        };
+        h.wait_for("three failed re-snapshot ticks", || async { failed().await.len() >= 3 })
+            .await;
+        let reason = failed().await[0].clone().expect("a failed run says why");
+        h.stop().await;
+        let got = r.got.lock().unwrap().clone();
+        let mine: Vec<_> = got.iter().filter(|m| m["condition"] == "job_failed:resnap").collect();
+        assert_eq!(mine.len(), 1, "one message for the condition: {got:#?}");
+        assert_eq!(mine[0]["state"], "firing");
+        assert_eq!(mine[0]["pipeline"], n.as_str());
+        assert_eq!(mine[0]["detail"], reason.as_str());
+        assert!(r.bad.lock().unwrap().is_empty());
+        assert!(!serde_json::to_string(&got).unwrap().contains(KEY), "the key never travels");
+    })
+    .await;
+}
+
+/// Email through a local SMTP sink (`ops/smtp-sink`: aiosmtpd from PyPI, Maildir): one
+/// message when the condition fires, one when it resolves.
+#[tokio::test]
+async fn email_reaches_a_local_smtp_sink_once_then_resolved() {
+    hard_timeout(180, async {
+        let dir = tempfile::tempdir().unwrap();
+        let maildir = dir.path().join("mail");
+        let port = common::free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ops/smtp-sink");
+        let mut sink = tokio::process::Command::new(script)
+            .arg(port.to_string())
+            .arg(&maildir)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ops/smtp-sink starts");
+        // The first run creates the venv (pip install): wait for the port.
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..1200 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let target = NotifyTarget {
+            name: "mail".into(),
+            kind: NotifyKind::Email,
+            url: Secret::new(format!("smtp://{addr}")),
+            secret: None,
+            from: Some("SyncBridge <syncbridge@example.com>".into()),
+            to: vec!["ops@example.com".into()],
+        };
+        let n = Notifier::new("p");
+        let stop = CancellationToken::new();
+        let sender = tokio::spawn(notify::deliver(n.clone(), vec![target], stop.clone()));
+        n.raise(
+            "slot_lag",
+            "replication slot retains 2 GiB",
+            "capture is behind",
+        );
+        n.raise(
+            "slot_lag",
+            "replication slot retains 3 GiB",
+            "capture is behind",
+        );
+        n.clear("slot_lag");
+        let new = maildir.join("new");
+        let count = || std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0);
+        wait_until("two mails", || count() >= 2).await;
+        stop.cancel();
+        sender.await.unwrap();
+        let mut subjects: Vec<String> = std::fs::read_dir(&new)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .map(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("Subject: "))
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        subjects.sort();
+        assert_eq!(
+            subjects,
+            [
+                "[SyncBridge p] FIRING: replication slot retains 2 GiB",
+                "[SyncBridge p] RESOLVED: resolved: replication slot retains 2 GiB",
+            ]
+        );
+        sink.kill().await.unwrap();
+    })
+    .await;
+}

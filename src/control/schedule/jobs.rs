@@ -100,7 +100,7 @@ impl JobRunner for Drift {
             .map_err(|e| e.to_string())?;
             Ok(JobOutcome {
                 counts: RunCounts {
-                    drift: report.counts.clone(),
+                    drift: report.counts,
                     graph_requests: report.graph_requests,
                     resource_units: report.resource_units,
                     ..RunCounts::default()

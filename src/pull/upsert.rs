@@ -25,9 +25,9 @@ use super::conflict::{
 };
 use super::new_item::{created_marker, new_item_key};
 use super::processor::{PendingPull, PullOutcome};
-use super::values::{ItemWrite, cell_from_text, key_values};
-use super::{Applied, RowChange, RowChangeKind};
-use crate::config::SYSTEM_FIELDS;
+use super::values::{ItemWrite, cell_from_text, key_values, rejected_reason};
+use super::{Applied, ApplyError, RowChange, RowChangeKind};
+use crate::config::{Direction, SYSTEM_FIELDS};
 use crate::log::EventLog;
 use crate::process::ProcessError;
 use crate::process::convert;
@@ -59,6 +59,7 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(PullOutcome::Done);
         };
         let (changed, system_changed) = self.changed_fields(&edit);
+        self.hold_push_only(&mut edit);
         if edit.entry.item.is_none() {
             edit.entry.item = Some(ItemRef {
                 list_id: p.list_id.clone(),
@@ -185,6 +186,30 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         (changed, system_changed)
+    }
+
+    /// `push_only` fields the person changed: not applied to the row (counted), but the ledger
+    /// learns the list's value, so the row's next change writes the row's value over it (and
+    /// not before: nothing is sent for them now).
+    fn hold_push_only(&mut self, edit: &mut Edit<'_>) {
+        let fields = edit.p.fields.clone().unwrap_or_default();
+        let mut held = 0u64;
+        for f in &self.tables[edit.p.table].entry.fields {
+            if f.direction != Direction::PushOnly {
+                continue;
+            }
+            for (k, v) in convert::canonical_from_item(&fields, f) {
+                if edit.entry.projection.get(&k).unwrap_or(&Json::Null) != &v {
+                    held += u64::from(!k.ends_with("@odata.type"));
+                    edit.entry.projection.insert(k, v);
+                }
+            }
+        }
+        if held > 0 {
+            edit.entry.hash = Some(hash_projection(&edit.entry.projection));
+            metrics::counter!(m::DIRECTION_HELD_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "direction" => "push_only")
+                .increment(held);
+        }
     }
 
     /// No mapped field changed: an echo. The ledger learns the item's new version.
@@ -348,6 +373,8 @@ impl<L: EventLog + 'static> Processor<L> {
         for (f, canon) in apply {
             match self.pulled_text(f, canon).await? {
                 Ok(text) => set.push((f.column.clone(), text)),
+                // A system person without an email (the app account): the column keeps its value.
+                Err(_) if SYSTEM_FIELDS.contains(&f.field.as_str()) => {}
                 Err(u) => {
                     let dead = self.pull_dead(p, sk, u.kind, u.to_string());
                     return Ok(ControlFlow::Break(PullOutcome::dead(dead)));
@@ -371,19 +398,27 @@ impl<L: EventLog + 'static> Processor<L> {
             }
             Ok(a) if a.rows == 0 => {
                 // A person-created item whose row's insert did not happen before a crash.
-                let insert = self.row_insert(ti, key, set);
+                let insert = self.row_insert(ti, key, set.clone());
                 match self.apply(insert).await? {
                     Ok(a) => ControlFlow::Continue(a),
-                    Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, e.to_string())),
+                    Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
                 }
             }
             Ok(a) => ControlFlow::Continue(a),
-            Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, e.to_string())),
+            Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
         })
     }
 
-    /// The outcome of a list change PostgreSQL refused: a dead letter.
-    pub(super) fn pull_rejected(&self, p: &PendingPull, sk: &str, reason: String) -> PullOutcome {
+    /// The outcome of a list change PostgreSQL refused: a dead letter naming the field and
+    /// value when the database's error names a column.
+    pub(super) fn pull_rejected(
+        &self,
+        p: &PendingPull,
+        sk: &str,
+        e: &ApplyError,
+        values: &[(String, Option<String>)],
+    ) -> PullOutcome {
+        let reason = rejected_reason(e, &self.tables[p.table].entry.fields, values);
         PullOutcome::dead(self.pull_dead(p, sk, "pull_rejected", reason))
     }
 

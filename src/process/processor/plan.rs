@@ -174,6 +174,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 "list {list_name:?} was not provisioned"
             )));
         };
+        self.count_held_pull_only(ti, row, &entry);
         let projection = match self.project(ti, row, &entry).await {
             Ok(pr) => pr,
             Err(e) => {

@@ -35,8 +35,11 @@ const CHOICES: [&str; 4] = ["red", "green", "sky blue", "a,b"];
 const MOODS: [&str; 3] = ["calm", "busy", "late"];
 /// Rows of the lookup target table.
 const REFS: i64 = 3;
-/// The site's time zone: UTC+1, so a date-only value is stored as 23:00 UTC of the day before.
-const SITE_UTC_OFFSET_MIN: i64 = 60;
+/// Site time zones a run draws from (minutes east of UTC): a date-only value is stored as the
+/// site's local midnight in UTC, e.g. 23:00 UTC of the day before at UTC+1.
+const SITE_UTC_OFFSETS_MIN: [i64; 7] = [-600, -420, 0, 60, 330, 540, 690];
+/// The drawn site time zone of this run.
+static SITE_UTC_OFFSET_MIN: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
 const CODE_LEN: usize = 12;
 
 /// One generated row (column values in PostgreSQL's text input form; `None` = NULL).
@@ -54,6 +57,8 @@ struct RowIn {
     day: Option<chrono::NaiveDate>,
     /// (UTC instant in µs, the zone offset it is written with in seconds)
     at: Option<(i64, i32)>,
+    /// `timestamp` (no zone): µs, taken as UTC.
+    ts: Option<i64>,
     uid: Option<String>,
     doc: Option<Value>,
     tags: Option<Vec<String>>,
@@ -79,6 +84,7 @@ struct Edit {
     flag: bool,
     day: chrono::NaiveDate,
     at_secs: i64,
+    ts_secs: i64,
     uid: String,
     doc: Value,
     tags: Vec<String>,
@@ -161,6 +167,7 @@ fn row_in() -> impl Strategy<Value = RowIn> {
     let b = (
         prop::option::of(date()),
         prop::option::of((instant_secs(), 0i64..1_000_000, -50_400i32..50_400)),
+        prop::option::of((instant_secs(), 0i64..1_000_000)),
         prop::option::of(uuid_text()),
         prop::option::of(json_doc()),
         prop::option::of(tags()),
@@ -182,13 +189,14 @@ fn row_in() -> impl Strategy<Value = RowIn> {
         day: b.0,
         // Zones are whole minutes; the instant keeps its microseconds.
         at: b.1.map(|(s, us, off)| (s * 1_000_000 + us, off / 60 * 60)),
-        uid: b.2,
-        doc: b.3,
-        tags: b.4,
-        mood: b.5.map(str::to_string),
-        owner: b.6,
-        ref_id: b.7,
-        link: b.8,
+        ts: b.2.map(|(s, us)| s * 1_000_000 + us),
+        uid: b.3,
+        doc: b.4,
+        tags: b.5,
+        mood: b.6.map(str::to_string),
+        owner: b.7,
+        ref_id: b.8,
+        link: b.9,
     })
 }
 
@@ -208,6 +216,7 @@ fn edit() -> impl Strategy<Value = Edit> {
     );
     let b = (
         date(),
+        instant_secs(),
         instant_secs(),
         uuid_text(),
         json_doc(),
@@ -230,13 +239,14 @@ fn edit() -> impl Strategy<Value = Edit> {
         flag: a.8,
         day: b.0,
         at_secs: b.1,
-        uid: b.2,
-        doc: b.3,
-        tags: b.4,
-        mood: b.5.to_string(),
-        owner: b.6,
-        ref_id: b.7,
-        link: b.8,
+        ts_secs: b.2,
+        uid: b.3,
+        doc: b.4,
+        tags: b.5,
+        mood: b.6.to_string(),
+        owner: b.7,
+        ref_id: b.8,
+        link: b.9,
         touched,
     })
 }
@@ -276,7 +286,7 @@ fn cases() -> usize {
         .unwrap_or(12)
 }
 
-const COLUMNS: &str = "id, title, code, body, int_v, big_v, dec_v, real_v, price, flag, day, at, \
+const COLUMNS: &str = "id, title, code, body, int_v, big_v, dec_v, real_v, price, flag, day, at, ts, \
                        uid, doc, tags, mood, owner, ref_id, link";
 
 /// The ref table, the enum and the table of every type, both synced two-way.
@@ -286,7 +296,7 @@ async fn setup(tag: &str) -> (Harness, String, String, String) {
         // Real Graph refuses hyperlink writes; writing them another way is issue 21. Here the
         // emulator accepts them so the rest of the hyperlink path is checked.
         "hyperlink_writes": true,
-        "utc_offset_minutes": SITE_UTC_OFFSET_MIN,
+        "utc_offset_minutes": site_offset(),
     }))
     .await;
     let (t, r) = (h.t("t"), h.t("ref"));
@@ -297,7 +307,7 @@ async fn setup(tag: &str) -> (Harness, String, String, String) {
          CREATE TABLE public.{t} (
              id bigint PRIMARY KEY, title text, code varchar({CODE_LEN}), body text,
              int_v int, big_v bigint, dec_v numeric(20,6), real_v real, price numeric(12,2),
-             flag boolean, day date, at timestamptz, uid uuid, doc jsonb, tags text[],
+             flag boolean, day date, at timestamptz, ts timestamp, uid uuid, doc jsonb, tags text[],
              mood public.{t}_mood, owner text, ref_id bigint REFERENCES public.{r}(id), link text);"
     ))
     .await;
@@ -329,6 +339,7 @@ async fn setup(tag: &str) -> (Harness, String, String, String) {
       flag: {{ field: Flag, type: boolean }}
       day: {{ field: Day, type: date }}
       at: {{ field: At, type: datetime }}
+      ts: {{ field: Ts, type: datetime }}
       uid: Uid
       doc: {{ field: Doc, type: note }}
       tags: {{ field: Tags, type: multichoice, choices: [{choices}] }}
@@ -368,6 +379,10 @@ async fn insert(h: &Harness, t: &str, id: i64, r: &RowIn) {
         r.flag.map(|v| v.to_string()),
         r.day.map(|d| d.format("%Y-%m-%d").to_string()),
         at,
+        r.ts.map(|us| {
+            let t = chrono::DateTime::from_timestamp_micros(us).unwrap();
+            t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+        }),
         r.uid.clone(),
         r.doc.as_ref().map(Value::to_string),
         r.tags.as_ref().map(|t| pg_array(t)),
@@ -389,6 +404,7 @@ async fn insert(h: &Harness, t: &str, id: i64, r: &RowIn) {
         "boolean",
         "date",
         "timestamptz",
+        "timestamp",
         "uuid",
         "jsonb",
         "text[]",
@@ -401,7 +417,7 @@ async fn insert(h: &Harness, t: &str, id: i64, r: &RowIn) {
         .iter()
         .enumerate()
         .map(|(i, ty)| {
-            if i == 15 {
+            if i == 16 {
                 format!("${}::text::public.{t}_mood", i + 1)
             } else {
                 format!("${}::text::{ty}", i + 1)
@@ -430,9 +446,12 @@ fn pg_array(items: &[String]) -> String {
 }
 
 /// Midnight of `d` in the site's zone, as SharePoint stores a date-only value (UTC, `Z`).
+fn site_offset() -> i64 {
+    *SITE_UTC_OFFSET_MIN.get().expect("drawn by the test")
+}
+
 fn site_midnight(d: chrono::NaiveDate) -> String {
-    let t =
-        d.and_hms_opt(0, 0, 0).unwrap().and_utc() - chrono::TimeDelta::minutes(SITE_UTC_OFFSET_MIN);
+    let t = d.and_hms_opt(0, 0, 0).unwrap().and_utc() - chrono::TimeDelta::minutes(site_offset());
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
@@ -481,6 +500,11 @@ fn expected_item(r: &RowIn, doc_text: Option<String>, ref_items: &[String]) -> M
         "At",
         r.at.map(|(us, _)| json!(utc_secs_text(us.div_euclid(1_000_000)))),
     );
+    // A timestamp without time zone is taken as UTC.
+    put(
+        "Ts",
+        r.ts.map(|us| json!(utc_secs_text(us.div_euclid(1_000_000)))),
+    );
     put("Uid", r.uid.clone().map(Value::from));
     put("Doc", doc_text.map(Value::from));
     put(
@@ -505,7 +529,7 @@ fn expected_item(r: &RowIn, doc_text: Option<String>, ref_items: &[String]) -> M
     m
 }
 
-const FIELDS: [&str; 18] = [
+const FIELDS: [&str; 19] = [
     "Title",
     "Code",
     "Body",
@@ -517,6 +541,7 @@ const FIELDS: [&str; 18] = [
     "Flag",
     "Day",
     "At",
+    "Ts",
     "Uid",
     "Doc",
     "Tags",
@@ -558,6 +583,7 @@ fn edit_fields(e: &Edit, ref_items: &[String]) -> Value {
         "Flag": e.flag,
         "Day": e.day.format("%Y-%m-%d").to_string(),
         "At": utc_secs_text(e.at_secs),
+        "Ts": utc_secs_text(e.ts_secs),
         "Uid": e.uid,
         "Doc": e.doc.to_string(),
         "Tags@odata.type": "Collection(Edm.String)",
@@ -622,6 +648,7 @@ async fn row_diffs(
         ("flag", e.flag.to_string(), "boolean"),
         ("day", e.day.format("%Y-%m-%d").to_string(), "date"),
         ("at", utc_secs_text(e.at_secs), "timestamptz"),
+        ("ts", utc_secs_text(e.ts_secs), "timestamp"),
         ("uid", e.uid.clone(), "uuid"),
         ("doc", e.doc.to_string(), "jsonb"),
         ("tags", pg_array(&e.tags), "text[]"),
@@ -704,13 +731,16 @@ fn app_writes(stats: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_survives_push_person_edit_and_pull() {
     hard_timeout(300, async {
-        let (mut runner, n) = {
-            let (seed, r) = runner();
-            let _ = seed;
-            (r, cases())
-        };
+        let (_, mut runner) = runner();
+        let n = cases();
         let rows: Vec<RowIn> = (0..n).map(|_| draw(&mut runner, row_in())).collect();
         let edits: Vec<Edit> = (0..n).map(|_| draw(&mut runner, edit())).collect();
+        let offset = draw(
+            &mut runner,
+            prop::sample::select(SITE_UTC_OFFSETS_MIN.to_vec()),
+        );
+        SITE_UTC_OFFSET_MIN.set(offset).unwrap();
+        eprintln!("fidelity: {n} rows, site time zone UTC{offset:+} min");
         let (mut h, t, list, ref_list) = setup("fidelity").await;
         let ref_items: Vec<String> = {
             let mut v = Vec::new();

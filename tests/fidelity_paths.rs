@@ -346,7 +346,7 @@ async fn list_values_the_row_cannot_take_are_dead_letters_naming_row_field_and_v
              INSERT INTO public.{r} VALUES (1, 'ref 1');
              CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text, code varchar(5), qty int,
                  mood public.{t}_mood, ref_id bigint, owner text);
-             INSERT INTO public.{t} SELECT g, 'row ' || g, 'c', 1, 'calm', 1, NULL FROM generate_series(1, 7) g;"
+             INSERT INTO public.{t} SELECT g, 'row ' || g, 'c', 1, 'calm', 1, NULL FROM generate_series(1, 8) g;"
         ))
         .await;
         h.tables.push(format!("public.{t}"));
@@ -359,7 +359,7 @@ async fn list_values_the_row_cannot_take_are_dead_letters_naming_row_field_and_v
         let file = h.pipeline(&h.embedded_log(), &sync);
         h.start(&file);
         let l = list.clone();
-        h.wait_for("the items", || async { h.items(&l).await.len() == 7 }).await;
+        h.wait_for("the items", || async { h.items(&l).await.len() == 8 }).await;
         tokio::time::sleep(Duration::from_millis(800)).await;
         // An item of the lookup's list that no row stands for.
         let ref_id = h.list_id(&ref_list).await;
@@ -367,12 +367,14 @@ async fn list_values_the_row_cannot_take_are_dead_letters_naming_row_field_and_v
         f.insert("Title".into(), json!("made by hand"));
         let stray = h.person.create_item(&h.site, &ref_id, &f).await.unwrap().id;
 
-        // One bad value per row (rows 1–4), a good edit after them (row 5).
+        // One bad value per row (rows 1–4 and 8), a good edit after them (row 5).
         let bad = [
             ("1", json!({ "Code": "toolong" }), "code", "toolong"),
             ("2", json!({ "Qty": 1e12 }), "qty", "1000000000000"),
             ("3", json!({ "Mood": "other" }), "mood", "other"),
             ("4", json!({ "RefLookupId": stray.parse::<u64>().unwrap() }), "Ref", &stray),
+            // A user who has left the directory (no email to put in the row).
+            ("8", json!({ "OwnerLookupId": 12 }), "Owner", "12"),
         ];
         for (key, fields, _, _) in &bad {
             h.person_edit(&list, key, fields.clone()).await;
@@ -385,7 +387,7 @@ async fn list_values_the_row_cannot_take_are_dead_letters_naming_row_field_and_v
         // A row with a person who is not in the site's directory: dead on the way out.
         h.sql(&format!("UPDATE public.{t} SET owner = 'nobody@contoso.onmicrosoft.com' WHERE id = 6"))
             .await;
-        h.wait_for("5 dead letters", || async { dead_letters(&h).await.len() >= 5 })
+        h.wait_for("6 dead letters", || async { dead_letters(&h).await.len() >= 6 })
             .await;
         let dead = dead_letters(&h).await;
         for (key, _, field, value) in &bad {

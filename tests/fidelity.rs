@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 mod common;
 #[path = "common/harness.rs"]
 mod harness;
-use harness::{Harness, hard_timeout};
+use harness::{Harness, app_writes, hard_timeout};
 
 /// The emulator's people (its User Information List): lookup id and email.
 const PEOPLE: [(u64, &str); 4] = [
@@ -716,16 +716,6 @@ async fn table_text(h: &Harness, t: &str) -> Vec<String> {
     .iter()
     .map(|r| r.get(0))
     .collect()
-}
-
-/// SyncBridge's writes (POST, PATCH, DELETE; `$batch` entries counted one by one) as the
-/// emulator counted them per client.
-fn app_writes(stats: &Value) -> u64 {
-    let c = &stats["requests"]["by_client"][syncbridge::emulator::DEFAULT_CLIENT_ID];
-    ["POST", "PATCH", "DELETE"]
-        .iter()
-        .map(|m| c[m].as_u64().unwrap_or(0))
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,22 +11,7 @@ use serde_json::{Map, Value, json};
 mod common;
 #[path = "common/harness.rs"]
 mod harness;
-use harness::{Harness, hard_timeout};
-
-/// SyncBridge's writes by method, as the emulator counted them for its client (`$batch`
-/// entries one by one).
-fn app(stats: &Value, method: &str) -> u64 {
-    stats["requests"]["by_client"][syncbridge::emulator::DEFAULT_CLIENT_ID][method]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-fn app_writes(stats: &Value) -> u64 {
-    ["POST", "PATCH", "DELETE"]
-        .iter()
-        .map(|m| app(stats, m))
-        .sum()
-}
+use harness::{Harness, app_calls as app, app_writes, hard_timeout};
 
 /// Creates the table `<name>_t` with `columns` (after `id bigint PRIMARY KEY`), inserts `rows`
 /// (SQL value lists), starts a pipeline syncing it two-way with list `T <name>` by `fields`

@@ -94,6 +94,8 @@ struct Edit {
     link: String,
     /// Which fields the person changes (in [`FIELDS`] order); the others keep the row's value.
     touched: Vec<bool>,
+    /// Of the touched fields, which the person empties instead.
+    cleared: Vec<bool>,
 }
 
 fn text_of(max: usize) -> impl Strategy<Value = String> {
@@ -227,7 +229,8 @@ fn edit() -> impl Strategy<Value = Edit> {
         "[a-z0-9/._-]{1,40}".prop_map(|p| format!("https://example.com/{p}")),
     );
     let touched = prop::collection::vec(prop::bool::weighted(0.7), FIELDS.len());
-    (a, b, touched).prop_map(|(a, b, touched)| Edit {
+    let cleared = prop::collection::vec(prop::bool::weighted(0.15), FIELDS.len());
+    (a, b, touched, cleared).prop_map(|(a, b, touched, cleared)| Edit {
         title: a.0,
         code: a.1,
         body: a.2,
@@ -248,6 +251,7 @@ fn edit() -> impl Strategy<Value = Edit> {
         ref_id: b.8,
         link: b.9,
         touched,
+        cleared,
     })
 }
 
@@ -593,19 +597,24 @@ fn edit_fields(e: &Edit, ref_items: &[String]) -> Value {
         "RefLookupId": ref_items[e.ref_id as usize - 1].parse::<u64>().unwrap(),
         "Link": { "Url": e.link, "Description": "typed by a person" },
     });
-    let touched = |k: &str| {
+    let at = |k: &str| {
         let base = k.split('@').next().unwrap_or(k);
-        FIELDS
-            .iter()
-            .position(|f| *f == base)
-            .is_some_and(|i| e.touched[i])
+        FIELDS.iter().position(|f| *f == base).unwrap()
     };
     Value::Object(
         all.as_object()
             .unwrap()
             .iter()
-            .filter(|(k, _)| touched(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter(|(k, _)| e.touched[at(k)])
+            .map(|(k, v)| {
+                // Emptied: null, a multi-choice the annotated empty collection (§5.7).
+                let v = match (e.cleared[at(k)], k.as_str()) {
+                    (false, _) | (true, "Tags@odata.type") => v.clone(),
+                    (true, "Tags") => json!([]),
+                    (true, _) => Value::Null,
+                };
+                (k.clone(), v)
+            })
             .collect(),
     )
 }
@@ -677,14 +686,24 @@ async fn row_diffs(
             }
             continue;
         }
+        let want = if e.cleared[i] {
+            "NULL".to_string()
+        } else {
+            want
+        };
         let cast = if col == "mood" {
             format!("{col}::text")
         } else {
             col.to_string()
         };
         // An empty multi-choice is no value in SharePoint: NULL and '{}' are the same to it.
-        let cmp = if col == "tags" && e.tags.is_empty() {
-            format!("coalesce({cast}, '{{}}') = $2::text::{ty}")
+        let cmp = if col == "tags" && (e.tags.is_empty() || e.cleared[i]) {
+            format!("coalesce({cast}, '{{}}') = '{{}}' OR $2::text IS NULL")
+        } else if e.cleared[i] && ty == "text" {
+            // '' is no value in SharePoint either: emptying an empty field changes nothing.
+            format!("coalesce({cast}, '') = '' OR $2::text IS NULL")
+        } else if e.cleared[i] {
+            format!("{cast} IS NULL OR $2::text IS NULL")
         } else {
             format!("{cast} IS NOT DISTINCT FROM $2::text::{ty}")
         };
@@ -797,7 +816,10 @@ async fn every_type_survives_push_person_edit_and_pull() {
         // one write per item whose typed JSON is not already in that form.
         let mut normalised = 0;
         let doc_at = FIELDS.iter().position(|f| *f == "Doc").unwrap();
-        for e in edits.iter().filter(|e| e.touched[doc_at]) {
+        for e in edits
+            .iter()
+            .filter(|e| e.touched[doc_at] && !e.cleared[doc_at])
+        {
             let pg: String =
                 h.db.query_one("SELECT $1::text::jsonb::text", &[&e.doc.to_string()])
                     .await

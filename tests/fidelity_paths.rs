@@ -355,7 +355,8 @@ async fn list_values_the_row_cannot_take_are_dead_letters_naming_row_field_and_v
         // One bad value per row (rows 1–4 and 8), a good edit after them (row 5).
         let bad = [
             ("1", json!({ "Code": "toolong" }), "code", "toolong"),
-            ("2", json!({ "Qty": 1e12 }), "qty", "1000000000000"),
+            // With a good field beside it: that one is taken.
+            ("2", json!({ "Qty": 1e12, "Title": "qty edit" }), "qty", "1000000000000"),
             ("3", json!({ "Mood": "other" }), "mood", "other"),
             ("4", json!({ "RefLookupId": stray.parse::<u64>().unwrap() }), "Ref", &stray),
             // A user who has left the directory (no email to put in the row).
@@ -389,15 +390,30 @@ async fn list_values_the_row_cannot_take_are_dead_letters_naming_row_field_and_v
         let d = dead.iter().find(|d| d["key"] == json!("6")).expect("row 6");
         assert_eq!(d["kind"], json!("unknown_user"));
         assert!(d["reason"].as_str().unwrap().contains("nobody@contoso.onmicrosoft.com"));
-        // Nothing else stopped: the rows keep their values, and later edits flow both ways.
+        // Nothing else stopped: the rows keep their values, the good field of the same edit
+        // was taken, and later edits flow both ways.
         assert_eq!(text(&h, &t, "code", 1).await.as_deref(), Some("c"));
         assert_eq!(text(&h, &t, "qty", 2).await.as_deref(), Some("1"));
+        assert_eq!(text(&h, &t, "title", 2).await.as_deref(), Some("qty edit"));
         h.sql(&format!("UPDATE public.{t} SET title = 'db edit' WHERE id = 5")).await;
         h.person_edit(&list, "7", json!({ "Title": "fine" })).await;
+        // A later edit of a row with a refused value is taken, and not refused again.
+        h.person_edit(&list, "1", json!({ "Title": "fine 1" })).await;
         let l = list.clone();
         h.wait_for("both directions after the dead letters", || async {
             h.item(&l, "5").await.is_some_and(|f| f["Title"] == json!("db edit"))
                 && text(&h, &t, "title", 7).await.as_deref() == Some("fine")
+                && text(&h, &t, "title", 1).await.as_deref() == Some("fine 1")
+        })
+        .await;
+        let again = dead_letters(&h).await;
+        assert_eq!(again.len(), dead.len(), "no new dead letter: {again:#?}");
+        // The row's next change writes the row's value over the refused one in the list.
+        h.sql(&format!("UPDATE public.{t} SET title = 'db 1' WHERE id = 1")).await;
+        h.wait_for("the list healed from the row", || async {
+            h.item(&l, "1")
+                .await
+                .is_some_and(|f| f["Title"] == json!("db 1") && f["Code"] == json!("c"))
         })
         .await;
         h.stop().await;

@@ -25,7 +25,7 @@ use super::conflict::{
 };
 use super::new_item::{created_marker, new_item_key};
 use super::processor::{PendingPull, PullOutcome};
-use super::values::{ItemWrite, cell_from_text, key_values, rejected_reason};
+use super::values::{ItemWrite, cell_from_text, key_values, refused_column, rejected_reason};
 use super::{Applied, ApplyError, RowChange, RowChangeKind};
 use crate::config::{Direction, SYSTEM_FIELDS};
 use crate::log::EventLog;
@@ -362,7 +362,10 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// Step 6a: writes the fields to the row (an `UPDATE` through the applier's origin
-    /// session). A value the mapping or the database rejects is a dead letter.
+    /// session). A value the mapping or the database refuses is a dead letter of its own,
+    /// naming the row, field and value; the row takes the other fields, and the ledger records
+    /// the list's value of the refused one (so it is not refused again with every later edit,
+    /// and the row's next change writes the row's value over it).
     async fn write_row(
         &mut self,
         edit: &Edit<'_>,
@@ -370,40 +373,66 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<ControlFlow<PullOutcome, Applied>, ProcessError> {
         let (p, ti, sk) = (edit.p, edit.p.table, edit.sk.as_str());
         let mut set = Vec::new();
+        let mut refused = Vec::new();
         for (f, canon) in apply {
             match self.pulled_text(f, canon).await? {
                 Ok(text) => set.push((f.column.clone(), text)),
                 // A system person without an email (the app account): the column keeps its value.
                 Err(_) if SYSTEM_FIELDS.contains(&f.field.as_str()) => {}
-                Err(u) => {
-                    let dead = self.pull_dead(p, sk, u.kind, u.to_string());
-                    return Ok(ControlFlow::Break(PullOutcome::dead(dead)));
-                }
+                Err(u) => refused.push(self.pull_dead(p, sk, u.kind, u.to_string())),
             }
         }
         let key = key_values(&self.facts[ti].key_columns, sk);
-        let change = RowChange {
-            table: self.table_name(ti),
-            key: key.clone(),
-            kind: RowChangeKind::Update { set: set.clone() },
+        let outcome = loop {
+            if set.is_empty() {
+                // Nothing the row can take: the list version is recorded all the same.
+                let none = Applied {
+                    rows: 1,
+                    key: key.clone(),
+                    commit_lsn: None,
+                };
+                break ControlFlow::Continue(none);
+            }
+            let change = RowChange {
+                table: self.table_name(ti),
+                key: key.clone(),
+                kind: RowChangeKind::Update { set: set.clone() },
+            };
+            match self.apply(change).await? {
+                Ok(a) if a.rows == 0 => break self.row_missing(edit, key, set).await?,
+                Ok(a) => break ControlFlow::Continue(a),
+                Err(e) => match refused_column(&e, &set) {
+                    Some(column) => {
+                        let reason = rejected_reason(&e, &self.tables[ti].entry.fields, &set);
+                        refused.push(self.pull_dead(p, sk, "pull_rejected", reason));
+                        set.retain(|(c, _)| *c != column);
+                    }
+                    None => break ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
+                },
+            }
         };
-        Ok(match self.apply(change).await? {
-            Ok(a) if a.rows == 0 && !edit.resumed_new => {
-                // No such row: deleted in PostgreSQL (its delete is pushed next, or was while we
-                // were down), or an item with a SyncKey this pipeline never wrote. Never
-                // resurrect a row from an item: the list edit is dropped, with a warning.
-                warn!(table = %self.tables[ti].table, key = %sk, item = %p.item_id,
-                    "list edit of an item whose row does not exist; not applied");
-                ControlFlow::Break(PullOutcome::Done)
-            }
-            Ok(a) if a.rows == 0 => {
-                // A person-created item whose row's insert did not happen before a crash.
-                let insert = self.row_insert(ti, key, set.clone());
-                match self.apply(insert).await? {
-                    Ok(a) => ControlFlow::Continue(a),
-                    Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
-                }
-            }
+        self.append_dead(refused).await?;
+        Ok(outcome)
+    }
+
+    /// The `UPDATE` matched no row: deleted in PostgreSQL (its delete is pushed next, or was
+    /// while we were down), or an item with a SyncKey this pipeline never wrote. Never
+    /// resurrect a row from an item: the list edit is dropped, with a warning. A person-created
+    /// item whose row's insert did not happen before a crash gets its row now.
+    async fn row_missing(
+        &mut self,
+        edit: &Edit<'_>,
+        key: Vec<(String, Option<String>)>,
+        set: Vec<(String, Option<String>)>,
+    ) -> Result<ControlFlow<PullOutcome, Applied>, ProcessError> {
+        let (p, ti, sk) = (edit.p, edit.p.table, edit.sk.as_str());
+        if !edit.resumed_new {
+            warn!(table = %self.tables[ti].table, key = %sk, item = %p.item_id,
+                "list edit of an item whose row does not exist; not applied");
+            return Ok(ControlFlow::Break(PullOutcome::Done));
+        }
+        let insert = self.row_insert(ti, key, set.clone());
+        Ok(match self.apply(insert).await? {
             Ok(a) => ControlFlow::Continue(a),
             Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
         })

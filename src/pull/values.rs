@@ -129,6 +129,20 @@ pub(super) fn rejected_reason(
     }
 }
 
+/// The column of `values` a data error names: that value alone is refused, the others may
+/// still be written. `None`: the error is not about one value.
+pub(super) fn refused_column(
+    e: &ApplyError,
+    values: &[(String, Option<String>)],
+) -> Option<String> {
+    match e {
+        ApplyError::Rejected {
+            column: Some(c), ..
+        } if values.iter().any(|(v, _)| v == c) => Some(c.clone()),
+        _ => None,
+    }
+}
+
 /// What a conditional write to a list item came back with.
 pub(super) enum ItemWrite {
     /// Written; the item's new eTag.

@@ -722,14 +722,18 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         token_url: format!("{base}/{}/oauth2/v2.0/token", emulator::DEFAULT_TENANT).parse()?,
         tenant: emulator::DEFAULT_TENANT.into(),
         client_id: emulator::DEFAULT_CLIENT_ID.into(),
-        client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+        credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(
+            emulator::DEFAULT_CLIENT_SECRET,
+        )),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: UNPACED_RU_PER_MINUTE,
     };
     let app = GraphClient::new(GraphClientConfig::from(&gc), &LimiterRegistry::new())?;
     let person_cfg = GraphConfig {
         client_id: emulator::DEFAULT_USER_CLIENT_ID.into(),
-        client_secret: Secret::new(emulator::DEFAULT_USER_CLIENT_SECRET),
+        credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(
+            emulator::DEFAULT_USER_CLIENT_SECRET,
+        )),
         ..gc.clone()
     };
     let person = GraphClient::new(

@@ -48,7 +48,9 @@
 //! [5000 | 2000], `PUSH_BENCH_ROUND_ROWS` [1000 | 400], `PUSH_BENCH_SEED` [7], `PUSH_BENCH_BUDGET`
 //! [1250], `PUSH_BENCH_BUDGET_SECS` [120 | 60], `PUSH_BENCH_BACKLOG` [5 % over the window's budget
 //! in writes, + 20], `PUSH_BENCH_RATE` [200], `PUSH_BENCH_LATENCY_SECS` [20 | 10],
-//! `PUSH_BENCH_POLL_MS` [10], `RUST_LOG` (pipeline logs on stderr).
+//! `PUSH_BENCH_POLL_MS` [10], `RUST_LOG` (pipeline logs on stderr),
+//! `SYNCBRIDGE_BENCH_NO_AUDIT` [unset] (set: the processor records no audit trail, so two runs
+//! give the audit's cost as the ratio of their elapsed times and latencies).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -868,7 +870,7 @@ async fn phase_ru(s: &Settings, cleanup: &Cleanup, http: &reqwest::Client) -> Re
             n(rounds),
             n(noop_rounds_rows)
         ),
-        format!("elapsed: {:.0} s", elapsed.as_secs_f64()),
+        format!("elapsed: {:.1} s", elapsed.as_secs_f64()),
     ];
     lines.push(format!(
         "final state: {} of {} list items match the table's mapped columns ({} items in the list, \

@@ -29,6 +29,14 @@ struct Cli {
 // Parsed once at start-up: the size of the emulator's arguments does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout, e.g.
+    /// `syncbridge completions bash > /etc/bash_completion.d/syncbridge`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, e.g. `syncbridge man > syncbridge.1`.
+    Man,
     /// Run one or more pipelines until SIGINT/SIGTERM, then drain in pipeline order and exit 0.
     Run {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
@@ -56,8 +64,8 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Dead letters of a pipeline: rows the push path could not write, with the reason.
-    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
+    /// Dead letters of a pipeline: rows the push path could not write, with the reason. Asks
+    /// the running process (at control.listen); when none runs the pipeline, reads its log.
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
@@ -83,6 +91,45 @@ enum Command {
     Resume {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
+    },
+    /// Describe the source database(s) of the pipelines from their catalogs: tables, columns
+    /// (types, nullability, defaults), keys, foreign keys, indexes, replica identity and
+    /// publication membership. Connects to the source itself (no running process needed).
+    /// `--json`: one document per database per line, as `GET /catalog/{database}/tables`.
+    Catalog {
+        #[arg(required = true, value_name = "PIPELINE.yaml")]
+        files: Vec<PathBuf>,
+        /// Only this database (a source database name); default: every one.
+        #[arg(long)]
+        database: Option<String>,
+        /// Only the tables of this schema.
+        #[arg(long)]
+        schema: Option<String>,
+        /// Only this table, `schema.table` (as `GET /catalog/{database}/tables/{table}`).
+        #[arg(long, value_name = "SCHEMA.TABLE", conflicts_with = "schema")]
+        table: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the pipeline files sync: applications (labels.application) → databases → instances
+    /// → tables with their lists. `--json`: as `GET /inventory`.
+    Inventory {
+        #[arg(required = true, value_name = "PIPELINE.yaml")]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where the running pipeline's cursors stand: its replication slot, every consumer group per
+    /// partition (committed, end, lag) and every list's delta link; `cursors reset` moves one
+    /// (try `--dry-run` first: it prints the blast radius and changes nothing).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Cursors {
+        #[command(subcommand)]
+        action: Option<CursorsAction>,
+        #[arg(value_name = "PIPELINE.yaml", required = true)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Run the offline Microsoft Graph emulator (SharePoint lists) for tests and demos.
     GraphEmulator(emulator::EmulatorArgs),
@@ -135,6 +182,54 @@ enum ConflictsAction {
         /// Who decided (recorded with the resolution); default `$USER`.
         #[arg(long)]
         by: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CursorsAction {
+    /// Move one cursor of the running pipeline: a consumer group (--group with one of --to,
+    /// --offset, --shift-by, --time), the slot (--slot now|LSN, forward only) or a list's delta
+    /// link (--list: enumerate the list again). The processor's groups are moved by stopping it,
+    /// moving the offsets and restarting it. Exit 2: a bad target; 3: refused (the stage holding
+    /// the cursor runs), or no process listening.
+    Reset {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        /// A consumer group: sync, return, dlq-replay, or its full name.
+        #[arg(long, conflicts_with_all = ["slot", "list"], required_unless_present_any = ["slot", "list"])]
+        group: Option<String>,
+        /// The group to its earliest or latest offsets.
+        #[arg(long, value_parser = ["earliest", "latest"], requires = "group")]
+        to: Option<String>,
+        /// The group to this offset (in every selected partition).
+        #[arg(long, requires = "group")]
+        offset: Option<i64>,
+        /// The group's positions moved by N (negative: back, events are read again).
+        #[arg(long, requires = "group", allow_hyphen_values = true)]
+        shift_by: Option<i64>,
+        /// The group to the first offset at or after this RFC 3339 time.
+        #[arg(long, requires = "group")]
+        time: Option<String>,
+        /// Only this topic of the group.
+        #[arg(long, requires = "group")]
+        topic: Option<String>,
+        /// Only this partition.
+        #[arg(long, requires = "group")]
+        partition: Option<i32>,
+        /// The replication slot to `now` or an LSN (forward only).
+        #[arg(long, conflicts_with = "list")]
+        slot: Option<String>,
+        /// A list (display name or id) whose delta link goes to none.
+        #[arg(long)]
+        list: Option<String>,
+        /// Print the blast radius only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Who asks (recorded with the run); default `$USER`.
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -204,6 +299,47 @@ fn main() -> ExitCode {
             })
         }
         Command::Dlq { action } => dlq(action),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Into a buffer: clap_complete panics on a write error (e.g. a closed pipe).
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "syncbridge", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_bytes(&out),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        Command::Catalog {
+            files,
+            database,
+            schema,
+            table,
+            json,
+        } => catalog(&files, database, schema, table, json),
+        Command::Inventory { files, json } => match config::load_files(&files) {
+            Ok(pipelines) => {
+                use syncbridge::control::catalog;
+                let inv = catalog::project(&pipelines);
+                if json {
+                    println!("{}", serde_json::to_string(&inv).unwrap_or_default());
+                } else {
+                    print!("{}", catalog::text::inventory(&inv));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(report) => {
+                print_report(&report);
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
+        },
         Command::Conflicts {
             action: Some(ConflictsAction::List { file, parked, json }),
             ..
@@ -220,6 +356,19 @@ fn main() -> ExitCode {
         } => resolve(&file, &id, take, by),
         Command::Conflicts { .. } => {
             eprintln!("error: `syncbridge conflicts` needs a pipeline file (see --help)");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Command::Cursors {
+            action: Some(action),
+            ..
+        } => cursors_reset(action),
+        Command::Cursors {
+            action: None,
+            file: Some(file),
+            json,
+        } => cursors(&file, json),
+        Command::Cursors { .. } => {
+            eprintln!("error: `syncbridge cursors` needs a pipeline file (see --help)");
             ExitCode::from(EXIT_USAGE)
         }
         Command::GraphEmulator(args) => block_on(|shutdown| async move {
@@ -504,6 +653,81 @@ fn resolve(file: &std::path::Path, id: &str, take: TakeArg, by: Option<String>) 
     }
 }
 
+/// `catalog FILES [--database D] [--schema S | --table S.T] [--json]`: reads each source
+/// database's catalog itself. Exit 2: a `--database` or `--table` that names nothing.
+fn catalog(
+    files: &[PathBuf],
+    database: Option<String>,
+    schema: Option<String>,
+    table: Option<String>,
+    json: bool,
+) -> ExitCode {
+    use syncbridge::control::catalog::{self, Filter, inventory};
+    let pipelines = match config::load_files(files) {
+        Ok(p) => p,
+        Err(report) => {
+            print_report(&report);
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let names = inventory::database_names(&pipelines);
+    let names: Vec<String> = match database {
+        Some(d) if names.contains(&d) => vec![d],
+        Some(d) => {
+            eprintln!(
+                "error: no pipeline reads a database named {d:?} (these do: {})",
+                names.join(", ")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => names,
+    };
+    let filter = match table.as_deref().map(catalog::parse_table_name) {
+        Some(Ok((schema, name))) => Filter {
+            schema: Some(schema),
+            table: Some(name),
+        },
+        Some(Err(e)) => {
+            eprintln!("error: --table {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => {
+            if let Some(Err(e)) = schema.as_deref().map(catalog::check_name) {
+                eprintln!("error: --schema {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            Filter {
+                schema,
+                table: None,
+            }
+        }
+    };
+    let mut found = false;
+    let code = block_on(|_| async {
+        for name in &names {
+            let c = catalog::database_catalog(&pipelines, name, &filter).await?;
+            found |= !c.tables.is_empty();
+            match (&filter.table, c.tables.first()) {
+                (Some(_), None) => {}
+                (Some(_), Some(t)) if json => println!("{}", serde_json::to_string(t)?),
+                (Some(_), Some(t)) => print!("{}", catalog::text::table(t)),
+                (None, _) if json => println!("{}", serde_json::to_string(&c)?),
+                (None, _) => print!("{}", catalog::text::database(&c)),
+            }
+        }
+        Ok(())
+    });
+    if code == ExitCode::SUCCESS && !found && filter.table.is_some() {
+        eprintln!(
+            "error: no table {} in {}",
+            table.unwrap_or_default(),
+            names.join(", ")
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    code
+}
+
 /// `validate --db`: the offline checks, then the database checks of each pipeline.
 fn validate_db(files: &[PathBuf]) -> ExitCode {
     let pipelines = match config::load_files_located(files) {
@@ -586,6 +810,38 @@ fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
 }
 
 fn resume(file: &std::path::Path) -> ExitCode {
+    use syncbridge::control::client;
+    // 409: not paused.
+    api_call(
+        file,
+        409,
+        |addr, name| async move { client::resume(addr, &name).await },
+        |name, body| {
+            let pause = &body["pause"];
+            println!(
+                "pipeline {name} resumed (it was paused: {} {})",
+                pause["kind"].as_str().unwrap_or("?"),
+                pause["reason"].as_str().unwrap_or("")
+            );
+        },
+    )
+}
+
+/// Runs one control-plane call for the pipeline of `file`; `show` prints its answer (given the
+/// pipeline's name). The HTTP status `usage` (the request did not fit: a bad target, a pipeline
+/// not paused) exits 2, any other failure 3.
+fn api_call<F, Fut>(
+    file: &std::path::Path,
+    usage: u16,
+    call: F,
+    show: impl FnOnce(&str, &serde_json::Value),
+) -> ExitCode
+where
+    F: FnOnce(std::net::SocketAddr, String) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<serde_json::Value, syncbridge::control::client::ClientError>,
+        >,
+{
     let p = match load_one(file) {
         Ok(p) => p,
         Err(code) => return code,
@@ -597,31 +853,86 @@ fn resume(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    use syncbridge::control::client::{self, ClientError};
-    match rt.block_on(client::resume(p.control.listen, &p.name)) {
+    use syncbridge::control::client::ClientError;
+    match rt.block_on(call(p.control.listen, p.name.clone())) {
         Ok(body) => {
-            let pause = &body["pause"];
-            println!(
-                "pipeline {} resumed (it was paused: {} {})",
-                p.name,
-                pause["kind"].as_str().unwrap_or("?"),
-                pause["reason"].as_str().unwrap_or("")
-            );
+            show(&p.name, &body);
             ExitCode::SUCCESS
         }
         Err(ClientError::Refused {
-            status: 409,
-            message,
-            ..
-        }) => {
+            status, message, ..
+        }) if status == usage => {
             eprintln!("error: {message}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_USAGE)
         }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// `cursors <file> [--json]`.
+fn cursors(file: &std::path::Path, json: bool) -> ExitCode {
+    use syncbridge::control::client;
+    api_call(
+        file,
+        400,
+        |addr, name| async move { client::cursors(addr, &name).await },
+        |_, body| {
+            if json {
+                println!("{body:#}");
+            } else {
+                print!("{}", syncbridge::control::cursors::text::describe(body));
+            }
+        },
+    )
+}
+
+/// `cursors reset <file> …`.
+fn cursors_reset(action: CursorsAction) -> ExitCode {
+    use syncbridge::control::client;
+    let CursorsAction::Reset {
+        file,
+        group,
+        to,
+        offset,
+        shift_by,
+        time,
+        topic,
+        partition,
+        slot,
+        list,
+        dry_run,
+        by,
+        json,
+    } = action;
+    let mut body = serde_json::json!({
+        "group": group, "to": to, "offset": offset, "shift_by": shift_by, "time": time,
+        "topic": topic, "partition": partition, "slot": slot, "list": list,
+        "dry_run": dry_run, "by": by.or_else(|| std::env::var("USER").ok()),
+    });
+    if list.is_some() {
+        body["to"] = serde_json::json!("none");
+    }
+    if let Some(o) = body.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    api_call(
+        &file,
+        400,
+        |addr, name| async move { client::reset_cursor(addr, &name, &body).await },
+        |_, answer| {
+            if json {
+                println!("{answer:#}");
+            } else {
+                print!(
+                    "{}",
+                    syncbridge::control::cursors::text::describe_reset(answer)
+                );
+            }
+        },
+    )
 }
 
 /// The one pipeline of `file`; its problems are printed and the exit code returned.
@@ -686,4 +997,17 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received: draining"),
     }
     shutdown.cancel();
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }

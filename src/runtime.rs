@@ -23,14 +23,15 @@ use crate::capture::snapshot::{FileProgress, ObservedProgress};
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
 use crate::control::meta::{
-    self, MetaError, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
+    self, MetaError, Projection, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
 };
 use crate::control::pipelines::PipelineHandle;
 use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
-use crate::log::{self, AnyLog, EmbeddedLogConfig, KafkaLogConfig, LogError};
+use crate::log::{self, AnyLog, EmbeddedLogConfig, EventLog, KafkaLogConfig, LogError};
 use crate::process::guard::PauseHandle;
+use crate::process::hold::{HoldHandle, HoldRequests, grant};
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
 use crate::pull::{PollerConfig, PullError, StartMode};
 use crate::telemetry::metrics as m;
@@ -77,6 +78,10 @@ pub enum RuntimeError {
     #[error("no pipeline to run")]
     Empty,
 }
+
+/// Set (to anything) to run without the ledger audit trail (`crate::process::audit`): only for
+/// `ops/bench push`, which compares the push path with and without it. Row history stays empty.
+pub const NO_AUDIT_ENV: &str = "SYNCBRIDGE_BENCH_NO_AUDIT";
 
 /// Environment variable with extra librdkafka client properties (`k=v,k=v`).
 pub const KAFKA_PROPERTIES_ENV: &str = "SYNCBRIDGE_KAFKA_PROPERTIES";
@@ -170,7 +175,8 @@ pub async fn run(
     };
     let control_task = tokio::spawn(control::run(
         listener,
-        control::router(registries.clone(), prometheus),
+        control::router(registries.clone(), prometheus)
+            .merge(control::catalog::routes(pipelines.clone())),
         auth,
         control_stop.clone(),
     ));
@@ -304,7 +310,7 @@ async fn start_all(
         registries.conflicts.register(processor.conflict_handle());
         let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
         processor.publish_stats(stats_tx.clone());
-        registries.pipelines.register(PipelineHandle::new(
+        let handle = PipelineHandle::new(
             &p.name,
             log.clone(),
             topic_prefix(p),
@@ -313,11 +319,18 @@ async fn start_all(
             stats.clone(),
             usage.clone(),
             p.graph.ru_per_minute,
-        ));
+        );
+        registries.pipelines.register(handle.clone());
+        m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
         let pause = PauseHandle::new(&p.name);
         registries.pauses.register(pause.clone());
         let process_stop = CancellationToken::new();
         let process_stop_run = process_stop.clone();
+        // Ends with the processor's stop; the gauge keeps its last value.
+        tokio::spawn(crate::control::pipelines::export_lag(
+            handle,
+            process_stop.clone(),
+        ));
         let pollers_stop = CancellationToken::new();
         let capture_config = capture_config(p);
         capture_config
@@ -382,6 +395,7 @@ async fn start_all(
             resnapshots,
             capture_stop.clone(),
         ));
+        let slot = capture_config.slot_name.clone();
         let capture = tokio::spawn(capture::run_with_control(
             capture_config,
             sink,
@@ -391,17 +405,34 @@ async fn start_all(
         ));
         // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
         readiness.set(&p.name, "capture", true);
+        // Each poller takes operator resets of its list's delta link (cursor resets).
+        let mut list_resets = std::collections::HashMap::new();
         let poller_tasks: Vec<_> = pollers
             .into_iter()
             .map(|(cfg, client)| {
-                tokio::spawn(crate::pull::poller::run(
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                list_resets.insert(cfg.list_id.clone(), tx);
+                tokio::spawn(crate::pull::poller::run_resettable(
                     cfg,
                     client,
                     log.clone(),
+                    Some(rx),
                     pollers_stop.clone(),
                 ))
             })
             .collect();
+        let (hold, holds) = HoldHandle::channel(&p.name);
+        registries
+            .cursors
+            .register(control::cursors::CursorHandle::new(cursor_spec(
+                p,
+                &log,
+                &processor,
+                slot,
+                list_resets,
+                hold,
+                registries,
+            )));
         running.push(RunningPipeline {
             name: p.name.clone(),
             log: log.clone(),
@@ -420,6 +451,7 @@ async fn start_all(
                     stats: stats_tx,
                     usage: usage.clone(),
                 },
+                holds,
                 process_stop_run,
             ))),
             pollers_stop: pollers_stop.clone(),
@@ -435,6 +467,77 @@ async fn start_all(
         readiness.set(&p.name, "process", true);
     }
     Ok(())
+}
+
+/// What the control plane's cursor routes need of a pipeline: its slot, consumer groups (the
+/// processor's own are stopped through `hold` for a reset), lists with their pollers' reset
+/// channels (by list id), budget and topics.
+fn cursor_spec(
+    p: &PipelineConfig,
+    log: &Arc<AnyLog>,
+    processor: &Processor<AnyLog>,
+    slot: String,
+    mut list_resets: std::collections::HashMap<
+        String,
+        tokio::sync::mpsc::Sender<crate::pull::poller::ResetRequest>,
+    >,
+    hold: HoldHandle,
+    registries: &control::Registries,
+) -> control::cursors::CursorSpec {
+    use control::cursors::{GroupSpec, ListSpec};
+    let prefix = topic_prefix(p);
+    let mut groups = vec![GroupSpec {
+        role: "sync",
+        name: process::sync_group(prefix, &p.name),
+        topics: processor.topics.clone(),
+        stage: Some("process"),
+    }];
+    if let Some(t) = &processor.pull_topic {
+        groups.push(GroupSpec {
+            role: "return",
+            name: process::return_group(prefix, &p.name),
+            topics: vec![t.clone()],
+            stage: Some("process"),
+        });
+    }
+    groups.push(GroupSpec {
+        role: "dlq-replay",
+        name: process::dlq::replay_group(prefix, &p.name),
+        topics: vec![process::dlq::dlq_topic(prefix, &p.name)],
+        stage: None,
+    });
+    let mut lists: Vec<ListSpec> = processor
+        .targets
+        .lists
+        .values()
+        .map(|t| ListSpec {
+            name: t.display_name.clone(),
+            id: t.id.clone(),
+            reset: list_resets.remove(&t.id),
+        })
+        .collect();
+    lists.sort_by(|a, b| a.name.cmp(&b.name));
+    let pulls = p.sync.iter().any(|e| e.pull.enabled);
+    control::cursors::CursorSpec {
+        pipeline: p.name.clone(),
+        log: log.clone(),
+        source_url: p.source.url.expose().to_string(),
+        slot,
+        groups,
+        lists,
+        hold,
+        ru_per_minute: p.graph.ru_per_minute,
+        // Writers get what the delta pollers' reserve leaves (see `prepare_processor`).
+        writer_share: if pulls {
+            1.0 - crate::graph::limiter::DEFAULT_DELTA_RESERVE
+        } else {
+            1.0
+        },
+        runs_topic: meta::runs_topic(prefix, &p.name),
+        ledger_topic: process::ledger_topic(prefix, &p.name),
+        cursors_topic: crate::pull::poller::cursors_topic(prefix, &p.name),
+        meta: Some(registries.meta.register(p.control.meta_url.expose())),
+    }
 }
 
 /// What the processor's supervisor needs to rebuild it after a pause.
@@ -453,37 +556,52 @@ struct Supervision {
 /// schema that cannot be had) the pipeline is marked not ready with the reason and waits for the
 /// operator's resume, then a new processor starts from the committed offsets (nothing past the
 /// first failing event was acknowledged, so every held event is processed again). Lists are
-/// verified again on the way, so a fix made to a list is seen.
+/// verified again on the way, so a fix made to a list is seen. A hold (a cursor reset, see
+/// [`crate::process::hold`]) stops the processor as a shutdown would and restarts it from the
+/// committed offsets once released; a hold while paused leaves the pipeline paused.
 async fn supervise_processor(
     mut processor: Processor<AnyLog>,
     s: Supervision,
+    mut holds: HoldRequests,
     stop: CancellationToken,
 ) -> Result<ProcessorStats, ProcessError> {
     let name = s.pipeline.name.clone();
     loop {
-        let paused = match processor.run(stop.clone()).await {
-            Err(ProcessError::Paused(p)) => p,
+        let run_stop = stop.child_token();
+        let (result, hold) = {
+            let run = processor.run(run_stop.clone());
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => (r, None),
+                request = holds.next() => {
+                    info!(pipeline = %name, "stopping the processor for a cursor reset");
+                    run_stop.cancel();
+                    (run.await, Some(request))
+                }
+            }
+        };
+        let paused = match result {
+            Err(ProcessError::Paused(p)) => Some(p),
+            Ok(_) if hold.is_some() => None,
             other => return other,
         };
-        error!(pipeline = %name, kind = %paused.kind, at = ?paused.at,
-            "pipeline paused: {}; fix the cause, then `syncbridge resume`", paused.reason);
-        metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => paused.kind.clone())
-            .set(1.0);
-        metrics::counter!(m::PIPELINE_PAUSES_TOTAL, "pipeline" => name.clone(), "kind" => paused.kind.clone())
-            .increment(1);
-        s.registries.readiness.set_not_ready(
-            &name,
-            "process",
-            format!("paused ({}): {}", paused.kind, paused.reason),
-        );
-        let kind = paused.kind.clone();
-        s.pause.pause(paused);
-        tokio::select! {
-            () = s.pause.resumed() => {}
-            () = stop.cancelled() => return Ok(ProcessorStats::default()),
+        if let Some(request) = hold {
+            s.registries.readiness.set_not_ready(
+                &name,
+                "process",
+                "stopped for a cursor reset".into(),
+            );
+            grant(request, &stop).await;
         }
-        metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => kind).set(0.0);
-        info!(pipeline = %name, "resumed by the operator: restarting the processor from its committed offsets");
+        if let Some(paused) = paused
+            && !wait_for_resume(&s, paused, &mut holds, &stop).await
+        {
+            return Ok(ProcessorStats::default());
+        }
+        if stop.is_cancelled() {
+            return Ok(ProcessorStats::default());
+        }
+        info!(pipeline = %name, "restarting the processor from its committed offsets");
         processor = loop {
             match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters, &s.usage).await {
                 // The pollers of the first start keep running; only the processor is new.
@@ -504,6 +622,40 @@ async fn supervise_processor(
     }
 }
 
+/// Marks the pipeline paused and waits for the operator's resume (true) or `stop` (false).
+/// Holds asked for meanwhile are granted at once: the processor is stopped already.
+async fn wait_for_resume(
+    s: &Supervision,
+    paused: crate::process::guard::Paused,
+    holds: &mut HoldRequests,
+    stop: &CancellationToken,
+) -> bool {
+    let name = &s.pipeline.name;
+    error!(pipeline = %name, kind = %paused.kind, at = ?paused.at,
+        "pipeline paused: {}; fix the cause, then `syncbridge resume`", paused.reason);
+    metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => paused.kind.clone())
+        .set(1.0);
+    metrics::counter!(m::PIPELINE_PAUSES_TOTAL, "pipeline" => name.clone(), "kind" => paused.kind.clone())
+        .increment(1);
+    s.registries.readiness.set_not_ready(
+        name,
+        "process",
+        format!("paused ({}): {}", paused.kind, paused.reason),
+    );
+    let kind = paused.kind.clone();
+    s.pause.pause(paused);
+    loop {
+        tokio::select! {
+            () = s.pause.resumed() => break,
+            () = stop.cancelled() => return false,
+            request = holds.next() => grant(request, stop).await,
+        }
+    }
+    metrics::gauge!(m::PIPELINE_PAUSED, "pipeline" => name.clone(), "kind" => kind).set(0.0);
+    info!(pipeline = %name, "resumed by the operator");
+    true
+}
+
 /// A pipeline's run history, started: the projector task and the stream run's recorder.
 struct History {
     projector_stop: CancellationToken,
@@ -516,7 +668,8 @@ struct History {
 const PROJECTOR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Migrates the meta-store, catches its projection up with the runs topic, marks the runs of a
-/// process that ended failed, starts the projector and this process's stream run.
+/// process that ended failed, starts the projectors (runs and audit, one task) and this
+/// process's stream run.
 async fn start_history(
     p: &PipelineConfig,
     log: &Arc<AnyLog>,
@@ -524,7 +677,8 @@ async fn start_history(
 ) -> Result<History, MetaError> {
     let url = p.control.meta_url.expose();
     meta::migrate::migrate(url).await?;
-    registries.meta.register(url);
+    let tables = p.sync.iter().map(|e| e.table.to_string()).collect();
+    registries.meta.register_pipeline(&p.name, url, tables);
     // A connection of the projector's own: it wraps each record in BEGIN/COMMIT, which a
     // connection shared with the API's reads would interleave with.
     let db = meta::MetaDb::new(url);
@@ -532,12 +686,42 @@ async fn start_history(
     meta::runs::ensure_runs_topic(&**log, &topic).await?;
     // The embedded log is locked to this process: any run still `running` is a dead one's.
     let exclusive = matches!(p.log, config::LogConfig::Embedded { .. });
-    let mut projector =
-        Projector::open(log.clone(), topic.clone(), &p.name, db.clone(), !exclusive).await?;
+    let mut projector = Projector::open(
+        log.clone(),
+        topic.clone(),
+        &p.name,
+        db.clone(),
+        !exclusive,
+        Projection::Runs,
+    )
+    .await?;
     projector.catch_up(PROJECTOR_CATCH_UP).await?;
     meta::projector::fail_orphans(&**log, &topic, &db, &p.name, exclusive).await?;
+    // The audit projector is not waited for: its backlog (one record per row change, the whole
+    // topic after the schema was dropped) must not delay the start.
+    let audit_topic = process::audit::audit_topic(topic_prefix(p), &p.name);
+    log.ensure_topic(&log::TopicSpec::new(
+        audit_topic.clone(),
+        process::audit::AUDIT_PARTITIONS,
+    ))
+    .await?;
+    let audit = Projector::open(
+        log.clone(),
+        audit_topic,
+        &p.name,
+        meta::MetaDb::new(url),
+        !exclusive,
+        Projection::Audit,
+    )
+    .await?
+    .with_retention(p.control.audit_retention);
     let projector_stop = CancellationToken::new();
-    let projector = tokio::spawn(projector.run(projector_stop.clone(), !exclusive));
+    let (stop, sweep) = (projector_stop.clone(), !exclusive);
+    let projector = tokio::spawn(async move {
+        let (runs, audit) =
+            tokio::join!(projector.run(stop.clone(), sweep), audit.run(stop, false));
+        Ok::<u64, MetaError>(runs? + audit?)
+    });
     let recorder = RunRecorder::start(log.clone(), topic, &p.name, RunKind::Stream).await?;
     info!(pipeline = %p.name, run = %recorder.run_id(), "stream run started");
     Ok(History {
@@ -627,12 +811,14 @@ async fn prepare_processor(
             Err(e) => return Err(e),
         }
     };
-    let config = ProcessorConfig::new(
+    let mut config = ProcessorConfig::new(
         p.clone(),
         topic_prefix(p),
         TABLE_TOPIC_PARTITIONS,
         state_dir(p),
     );
+    // Only `ops/bench push` turns it off, to print what the audit trail costs.
+    config.audit = std::env::var(NO_AUDIT_ENV).is_err();
     // One delta poller per list of every entry that pulls. A list this run created is empty, so
     // its poller starts from `token=latest`; an existing list is read in full once (items people
     // made before become rows; ours are recognised by the ledger) when no cursor is stored yet.

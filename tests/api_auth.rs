@@ -260,14 +260,18 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
         let (mut h, _, t) = start_with_tokens("api_st").await;
         let url = format!("http://127.0.0.1:{}/openapi.json", h.control_port);
         let report = h.dir.path().join("st");
-        // The pipeline's own name and table, so that operations reach the handlers (and a
-        // re-snapshot really starts) instead of answering 404.
+        // The pipeline's own name, table and database, so that operations reach the handlers (a
+        // re-snapshot really starts, the catalog is read) instead of answering 404.
         let config = h.dir.path().join("schemathesis.toml");
         std::fs::write(
             &config,
             format!(
-                "[parameters]\n\"path.name\" = \"{}\"\n\"query.table\" = \"public.{t}\"\n",
-                h.name
+                "[parameters]\n\"path.name\" = \"{}\"\n\"query.table\" = \"public.{t}\"\n\
+                 \"path.database\" = \"{}\"\n",
+                h.name,
+                syncbridge::config::PgUrl::parse(&h.source_url)
+                    .unwrap()
+                    .database()
             ),
         )
         .unwrap();
@@ -292,7 +296,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_break() {
             report.display().to_string(),
             "--no-color".into(),
         ];
-        let out = tokio::task::spawn_blocking(move || Command::new(st).args(&args).output())
+        // In the test's own directory: schemathesis keeps a `.schemathesis/` cache in its working
+        // directory, which must not land in the checkout.
+        let cwd = h.dir.path().to_path_buf();
+        let out = tokio::task::spawn_blocking(move || Command::new(st).args(&args).current_dir(cwd).output())
             .await
             .unwrap()
             .expect("run schemathesis");

@@ -41,6 +41,28 @@ fn version_prints_the_package_version() {
 }
 
 #[test]
+fn completions_and_man_page_are_generated_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = syncbridge(&["completions", shell]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        // Every subcommand is completed.
+        for sub in ["run", "validate", "dlq", "conflicts", "catalog", "resume"] {
+            assert!(text.contains(sub), "{shell}: no `{sub}`");
+        }
+    }
+    let out = syncbridge(&["man"]);
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(page.contains(".TH syncbridge 1"), "{page}");
+    assert!(
+        page.contains("SUBCOMMANDS") || page.contains("syncbridge\\-run"),
+        "{page}"
+    );
+    assert_eq!(syncbridge(&["completions", "tcsh"]).status.code(), Some(2));
+}
+
+#[test]
 fn usage_errors_exit_2() {
     assert_eq!(syncbridge(&["no-such-command"]).status.code(), Some(2));
     assert_eq!(syncbridge(&["validate"]).status.code(), Some(2));

@@ -83,7 +83,7 @@ fn projects_example_builds_with_its_values_and_defaults() {
         "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token",
         "{{tenant}} is substituted"
     );
-    assert_eq!(c.graph.client_secret.expose(), CLIENT_SECRET);
+    assert_eq!(c.graph.client_secret().unwrap().expose(), CLIENT_SECRET);
     assert_eq!(c.graph.ru_per_minute, 1250);
     assert_eq!(c.graph.site, "contoso.sharepoint.com:/sites/ops");
     assert_eq!(c.control.listen, "127.0.0.1:8088".parse().unwrap());
@@ -157,7 +157,7 @@ fn demo_pipeline_builds_without_any_environment() {
         c.graph.token_url.as_str(),
         "http://127.0.0.1:8900/contoso.onmicrosoft.com/oauth2/v2.0/token"
     );
-    assert_eq!(c.graph.client_secret.expose(), "dev-secret");
+    assert_eq!(c.graph.client_secret().unwrap().expose(), "dev-secret");
     assert_eq!(c.graph.ru_per_minute, config::DEFAULT_RU_PER_MINUTE);
     let e = &c.sync[0];
     assert_eq!(e.table.to_string(), "public.demo_tasks");
@@ -339,8 +339,8 @@ fn secrets_never_print() {
         serde_json::to_string(&c).unwrap(),
         format!("{}", c.source.url),
         format!("{:?}", c.source.url),
-        format!("{}", c.graph.client_secret),
-        format!("{:?}", c.graph.client_secret),
+        format!("{}", c.graph.client_secret().unwrap()),
+        format!("{:?}", c.graph.client_secret().unwrap()),
     ];
     for out in &outputs {
         assert!(
@@ -466,7 +466,8 @@ fn interpolated_values_are_located_where_they_are_written() {
     assert_eq!(
         load(&text, &env_of(&[("NOPE", "x")]))
             .graph
-            .client_secret
+            .client_secret()
+            .unwrap()
             .expose(),
         "a-$-x"
     );

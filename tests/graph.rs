@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
-use syncbridge::config::{GraphConfig, Secret};
+use syncbridge::config::{GraphConfig, GraphCredential, Secret};
 use syncbridge::emulator::{self, EmulatorArgs, RunningEmulator};
 use syncbridge::graph::{
     BatchRequest, Certificate, ColumnDefinition, Credential, Deleted, GraphClient,
@@ -38,7 +38,7 @@ impl Env {
                 .unwrap(),
             tenant: emulator::DEFAULT_TENANT.into(),
             client_id: emulator::DEFAULT_CLIENT_ID.into(),
-            client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+            credential: GraphCredential::ClientSecret(Secret::new(emulator::DEFAULT_CLIENT_SECRET)),
             site: emulator::DEFAULT_SITE.into(),
             ru_per_minute,
         }
@@ -133,7 +133,7 @@ async fn token_is_cached_and_refreshed_after_forced_expiry() {
 async fn wrong_secret_is_an_auth_error() {
     let env = Env::start().await;
     let mut g = env.graph_config(1_250);
-    g.client_secret = Secret::new("wrong");
+    g.credential = GraphCredential::ClientSecret(Secret::new("wrong"));
     let c = GraphClient::new(GraphClientConfig::from(&g), &LimiterRegistry::new()).unwrap();
     let e = c.resolve_site(emulator::DEFAULT_SITE).await.unwrap_err();
     assert!(matches!(e, GraphError::Auth { .. }), "{e:?}");
@@ -171,6 +171,41 @@ async fn certificate_client_assertion_signs_in() {
         .await
         .unwrap_err();
     assert!(matches!(e, GraphError::Auth { .. }), "{e:?}");
+}
+
+/// `graph.client_certificate` from a pipeline file: the key as a path or as PEM text (from
+/// `${ENV}`) signs in; a file that cannot be read fails building the client, naming it.
+#[tokio::test]
+async fn a_configured_certificate_signs_in_and_a_missing_file_is_named() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulator/fixtures");
+    let env = Env::start_with(EmulatorArgs {
+        client_certs: vec![fixtures.join("app-cert.pem")],
+        ..EmulatorArgs::default()
+    })
+    .await;
+    let key_pem = std::fs::read_to_string(fixtures.join("app-key.pem")).unwrap();
+    let (cert, key) = (fixtures.join("app-cert.pem"), fixtures.join("app-key.pem"));
+    for key in [Secret::new(key.display().to_string()), Secret::new(key_pem)] {
+        let mut g = env.graph_config(1_250);
+        g.credential = GraphCredential::ClientCertificate {
+            cert: cert.clone(),
+            key,
+        };
+        let c = GraphClient::new(GraphClientConfig::from(&g), &LimiterRegistry::new()).unwrap();
+        c.resolve_site(emulator::DEFAULT_SITE).await.unwrap();
+        assert_eq!(c.tokens_fetched(), 1);
+    }
+    let mut g = env.graph_config(1_250);
+    g.credential = GraphCredential::ClientCertificate {
+        cert: fixtures.join("nope.pem"),
+        key: Secret::new("/nowhere/key.pem"),
+    };
+    let e = GraphClient::new(GraphClientConfig::from(&g), &LimiterRegistry::new()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("graph.client_certificate.cert") && text.contains("nope.pem"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -149,6 +149,7 @@ conformance!(
     cancellation_stops_consumer,
     compacted_topic_latest_by_key,
     concurrent_appends,
+    positions_by_time_and_an_operators_reset,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -963,4 +964,52 @@ mod kafka_only {
         })
         .await;
     }
+}
+
+/// The operator's side of positions (cursor resets): start offsets, offsets by time, and storing
+/// a group's positions outside a consumer, refused while a consumer of the group is live.
+async fn positions_by_time_and_an_operators_reset<B: Backend>(b: &B) {
+    let log = b.open();
+    log.ensure_topic(&TopicSpec::new("reset", 1)).await.unwrap();
+    let t = topics(&["reset"]);
+    // Recent timestamps: a broker's time-based retention must not remove them.
+    let base = chrono::Utc::now().timestamp_millis() - 60_000;
+    let records = (0..6)
+        .map(|i| rec("k", &format!("v{i}")).with_timestamp_ms(base + 1000 * i))
+        .collect();
+    log.append("reset", records).await.unwrap();
+    assert_eq!(log.start_offsets("reset").await.unwrap(), [0]);
+    assert_eq!(log.end_offsets("reset").await.unwrap(), [6]);
+    for (at, first) in [
+        (0, 0),
+        (base + 2500, 3),
+        (base + 5000, 5),
+        (base + 100_000, 6),
+    ] {
+        assert_eq!(
+            log.offsets_for_time("reset", at).await.unwrap(),
+            [first],
+            "first offset at or after {at}"
+        );
+    }
+
+    let at4 = BTreeMap::from([(("reset".to_owned(), 0), 4)]);
+    log.set_committed("g", &at4).await.unwrap();
+    assert_eq!(log.committed("g", &t).await.unwrap(), at4);
+    let mut c = log
+        .consumer("g", &t, CancellationToken::new())
+        .await
+        .unwrap();
+    let got = recv_n(&mut c, 2, b.first_record_timeout()).await;
+    assert_eq!(values(&got), ["v4", "v5"]);
+    // A live member would overwrite the positions with its next commit.
+    let at1 = BTreeMap::from([(("reset".to_owned(), 0), 1)]);
+    let busy = log.set_committed("g", &at1).await;
+    assert!(matches!(busy, Err(LogError::GroupBusy(_))), "{busy:?}");
+    drop(c);
+    let bad = BTreeMap::from([(("reset".to_owned(), 3), 1)]);
+    assert!(
+        log.set_committed("g", &bad).await.is_err(),
+        "no partition 3"
+    );
 }

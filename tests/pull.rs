@@ -106,6 +106,28 @@ async fn edits_flow_both_ways_with_no_echo_writes() {
             .metric("syncbridge_pull_apply_total", &["outcome=\"applied\""])
             .await;
         assert_eq!(applied1 - applied0, 4.0, "each edit applied exactly once");
+        // The row's history (ledger audit) shows the edit applied: the item, its list version and
+        // the commit LSN of the write into PostgreSQL.
+        let history = format!(
+            "http://127.0.0.1:{}/pipelines/{}/rows/public.{t}/1/history",
+            h.control_port, h.name
+        );
+        let item = h.item_id(&list, "1").await;
+        h.wait_for("row 1's pull-apply in its history", || async {
+            let Ok(r) = h.admin.get(&history).send().await else {
+                return false;
+            };
+            let body: Value = r.json().await.unwrap_or_default();
+            body["entries"].as_array().is_some_and(|e| {
+                e.iter().any(|x| {
+                    x["operation"] == "pull-apply"
+                        && x["item_id"] == item.as_str()
+                        && x["lsn"].is_string()
+                        && x["etag"].is_string()
+                })
+            })
+        })
+        .await;
 
         // 2. Database changes only: pushed once each, and nothing comes back into PostgreSQL.
         let before = h.stats().await;
@@ -335,6 +357,22 @@ async fn conflicts_follow_each_policy_and_are_recorded() {
             c[0].fields
                 .iter()
                 .any(|f| f.field == "Qty" && f.source == json!(11.0) && f.target == json!(22.0))
+        );
+        // The ledger audit (meta-store: `source.url` by default) has the decision too.
+        let audited: Vec<String> =
+            h.db.query(
+                "SELECT detail FROM syncbridge_meta.audit WHERE pipeline = $1 \
+                 AND operation = 'conflict' AND row_key = '1'",
+                &[&h.name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            audited.len() == 1 && audited[0].contains(&c[0].id) && audited[0].contains("resolved"),
+            "{audited:?}"
         );
         drop(h);
 

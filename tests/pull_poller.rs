@@ -41,7 +41,7 @@ fn graph_config(base: &str, client_id: &str, secret: &str) -> GraphConfig {
             .unwrap(),
         tenant: emulator::DEFAULT_TENANT.into(),
         client_id: client_id.into(),
-        client_secret: Secret::new(secret),
+        credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(secret)),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: 1_250,
     }
@@ -367,6 +367,22 @@ impl EventLog for FlakyLog {
 
     async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
         self.inner.end_offsets(topic).await
+    }
+
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        self.inner.start_offsets(topic).await
+    }
+
+    async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
+        self.inner.offsets_for_time(topic, timestamp_ms).await
+    }
+
+    async fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> Result<(), LogError> {
+        self.inner.set_committed(group, positions).await
     }
 }
 

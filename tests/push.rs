@@ -65,6 +65,19 @@ async fn push_path_end_to_end_on_the_embedded_log() {
             h.items(&main).await.len() == 1 && h.items(&archive).await.len() == 1 && h.items(&parent).await.len() == 2
         })
         .await;
+        // Counters exist at 0 before their first event (so increase() sees it); gauges for the
+        // budget, the processor's lag and its last commit are there.
+        let scrape = reqwest::get(format!("http://127.0.0.1:{}/metrics", h.control_port)).await.unwrap().text().await.unwrap();
+        for line in [
+            format!("syncbridge_push_dead_letters_total{{pipeline=\"{n}\",kind=\"too_long\"}} 0"),
+            format!("syncbridge_pipeline_pauses_total{{pipeline=\"{n}\",kind=\"dead_letter_storm\"}} 0"),
+            format!("syncbridge_push_moves_total{{pipeline=\"{n}\"}} 0"),
+            format!("syncbridge_consumer_lag_events{{pipeline=\"{n}\",group=\"sync\"}}"),
+            format!("syncbridge_push_last_commit_timestamp_seconds{{pipeline=\"{n}\"}}"),
+            "syncbridge_graph_ru_budget_per_minute{tenant=".to_string(),
+        ] {
+            assert!(scrape.lines().any(|l| l.starts_with(&line)), "no `{line}` in /metrics:\n{scrape}");
+        }
         let one = h.item(&main, "1").await.unwrap();
         let parent_one = h.item(&parent, "1").await.unwrap();
         assert_eq!(one["Title"], "First");

@@ -188,7 +188,9 @@ impl Fixture {
                 .unwrap(),
             tenant: emulator::DEFAULT_TENANT.into(),
             client_id: emulator::DEFAULT_CLIENT_ID.into(),
-            client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+            credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(
+                emulator::DEFAULT_CLIENT_SECRET,
+            )),
             site: site.clone(),
             ru_per_minute: 60_000,
         };

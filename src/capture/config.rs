@@ -61,6 +61,11 @@ impl TableSpec {
     }
 }
 
+/// The publication (and replication slot) name of pipeline `pipeline`: `sb_<pipeline>`.
+pub fn publication_name(pipeline: &str) -> String {
+    format!("sb_{pipeline}")
+}
+
 /// Everything `capture::run` needs.
 #[derive(Debug, Clone)]
 pub struct CaptureConfig {
@@ -102,8 +107,8 @@ impl CaptureConfig {
     ) -> Self {
         let pipeline = pipeline.into();
         Self {
-            slot_name: format!("sb_{pipeline}"),
-            publication_name: format!("sb_{pipeline}"),
+            slot_name: publication_name(&pipeline),
+            publication_name: publication_name(&pipeline),
             pipeline,
             source_url: source_url.into(),
             tables,

@@ -292,6 +292,8 @@ impl Acks<'_> {
             self.feedback.update_applied_lsn(lsn);
             metrics::gauge!(m::CAPTURE_ACKED_LSN, "pipeline" => self.pipeline.clone())
                 .set(lsn as f64);
+            metrics::gauge!(m::CAPTURE_LAST_ACK_TIMESTAMP, "pipeline" => self.pipeline.clone())
+                .set(crate::telemetry::unix_seconds());
         }
     }
 }

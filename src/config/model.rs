@@ -4,6 +4,7 @@
 //! [`Secret`] and [`PgUrl`], whose `Debug`, `Display` and `Serialize` never reveal them, so the
 //! whole config can be logged or served by the API as is.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,13 @@ pub const DEFAULT_PULL_ENABLED: bool = true;
 pub const DEFAULT_ON_DELETE: OnDelete = OnDelete::Delete;
 /// Loopback by default: health and metrics are unauthenticated and must be exposed on purpose.
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:8088";
+/// Audit records (`GET …/rows/{table}/{key}/history`) are kept 30 days: long enough to answer
+/// "what happened to this row" about last month's incident, while a busy pipeline's audit table
+/// (one row per row change) stays a bounded size. The log keeps its own retention.
+pub const DEFAULT_AUDIT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+/// Shorter than an hour would prune records before an operator could look at them.
+pub const MIN_AUDIT_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Embedded log directory: `<this>/<pipeline name>`, relative to the working directory.
 pub const DEFAULT_EMBEDDED_LOG_DIR: &str = ".syncbridge";
 /// Kafka topics are `<prefix>.<pipeline>.…` (DESIGN §2); the product name keeps them apart.
@@ -53,6 +61,15 @@ pub const SYSTEM_FIELDS: &[&str] = &[
 ];
 /// The hidden column SyncBridge keeps on every item (DESIGN §6); it cannot be mapped.
 pub const SYNC_KEY_FIELD: &str = "SyncKey";
+/// The label that names a pipeline's application: the inventory's top level.
+pub const APPLICATION_LABEL: &str = "application";
+/// Label keys: a lower-case letter, then lower-case letters, digits, `_`, `.`, `-`. Lower case
+/// and no spaces so a key reads the same in YAML, JSON, URLs and Prometheus-style selectors.
+pub const LABEL_KEY_PATTERN: &str = r"^[a-z][a-z0-9_.-]{0,62}$";
+/// 63 characters, PostgreSQL's identifier limit, so a key can become a column name as is.
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+/// Labels are names and short descriptions shown in one line of a table, not documents.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
 
 /// A secret value. `Debug`, `Display` and `Serialize` print `***`; call [`Secret::expose`] to use it.
 #[derive(Clone, PartialEq, Eq)]
@@ -99,6 +116,11 @@ impl Serialize for Secret {
     }
 }
 
+/// libpq connects here when a URL names no host (its Unix socket, shown as this name).
+pub const DEFAULT_PG_HOST: &str = "localhost";
+/// PostgreSQL's registered port, libpq's default.
+pub const DEFAULT_PG_PORT: u16 = 5432;
+
 /// A `postgres://` URL whose password (in the user info or a `password=` query parameter) is
 /// redacted by `Debug`, `Display` and `Serialize`; [`PgUrl::expose`] gives the full URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -117,6 +139,39 @@ impl PgUrl {
     pub fn expose(&self) -> &str {
         self.0.as_str()
     }
+    fn param(&self, key: &str) -> Option<String> {
+        self.0
+            .query_pairs()
+            .find(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
+    }
+
+    /// The database name as libpq resolves it: `dbname=` in the query, else the URL's path
+    /// (percent-decoded), else the user name (libpq's default database).
+    pub fn database(&self) -> String {
+        let path = decode(self.0.path().trim_start_matches('/'));
+        self.param("dbname")
+            .or((!path.is_empty()).then_some(path))
+            .or_else(|| self.param("user"))
+            .unwrap_or_else(|| decode(self.0.username()))
+    }
+
+    /// The server as `(host, port)`: `host=` / `port=` in the query, else the URL's, else
+    /// libpq's defaults (`localhost`, 5432). Holds no user name or password.
+    pub fn server(&self) -> (String, u16) {
+        let host = self
+            .param("host")
+            .or_else(|| self.0.host_str().map(str::to_owned))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| DEFAULT_PG_HOST.to_owned());
+        let port = self
+            .param("port")
+            .and_then(|p| p.parse().ok())
+            .or(self.0.port())
+            .unwrap_or(DEFAULT_PG_PORT);
+        (host, port)
+    }
+
     /// The URL with passwords replaced by `***`.
     pub fn redacted(&self) -> String {
         let mut url = self.0.clone();
@@ -176,6 +231,15 @@ pub struct PipelineConfig {
     pub sync: Vec<SyncEntry>,
     pub control: ControlConfig,
     pub guard: GuardConfig,
+    /// `labels:` (checked keys and values); empty when the file has none.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PipelineConfig {
+    /// `labels.application`, which groups pipelines into applications in the inventory.
+    pub fn application(&self) -> Option<&str> {
+        self.labels.get(APPLICATION_LABEL).map(String::as_str)
+    }
 }
 
 /// The PostgreSQL database the tables live in.
@@ -264,10 +328,35 @@ pub struct GraphConfig {
     pub token_url: Url,
     pub tenant: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// Shown as the file's key (`client_secret` or `client_certificate`).
+    #[serde(flatten)]
+    pub credential: GraphCredential,
     /// `hostname:/server-relative-path` (or a bare hostname for the root site).
     pub site: String,
     pub ru_per_minute: u32,
+}
+
+impl GraphConfig {
+    /// The client secret, when the app signs in with one.
+    pub fn client_secret(&self) -> Option<&Secret> {
+        match &self.credential {
+            GraphCredential::ClientSecret(s) => Some(s),
+            GraphCredential::ClientCertificate { .. } => None,
+        }
+    }
+}
+
+/// How the app signs in (graph.client_secret or graph.client_certificate).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraphCredential {
+    ClientSecret(Secret),
+    ClientCertificate {
+        /// PEM certificate file.
+        cert: PathBuf,
+        /// The RSA private key: a PEM file's path, or the PEM itself (from `${ENV}`).
+        key: Secret,
+    },
 }
 
 /// A schema-qualified table name.
@@ -385,6 +474,40 @@ pub struct ControlConfig {
     pub tokens: Vec<ApiToken>,
     /// The meta-store database (schema `syncbridge_meta`); `source.url` unless set.
     pub meta_url: PgUrl,
+    /// How long audit records stay in the meta-store (`control.audit_retention`).
+    #[serde(serialize_with = "duration_text")]
+    pub audit_retention: std::time::Duration,
+}
+
+/// A duration as `control.audit_retention` spells it (whole days, hours, minutes or seconds).
+fn duration_text<S: Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_duration(*d))
+}
+
+/// `30d`, `12h`, `90m` or `45s`: the largest unit that divides the duration.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs > 0 && secs.is_multiple_of(n) {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
+/// Parses `<n>d`, `<n>h`, `<n>m` or `<n>s` (a whole number and one unit).
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let t = text.trim();
+    let unit = t.chars().last()?;
+    let n: u64 = t[..t.len() - unit.len_utf8()].trim().parse().ok()?;
+    let secs = match unit {
+        'd' => n.checked_mul(86_400)?,
+        'h' => n.checked_mul(3_600)?,
+        'm' => n.checked_mul(60)?,
+        's' => n,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
 }
 
 /// One bearer token of the control-plane API (`control.tokens[]`).

@@ -64,9 +64,11 @@ pub struct PipelineFile {
     /// When a pipeline pauses itself instead of carrying on.
     #[serde(default)]
     pub guard: Option<GuardFile>,
+    #[serde(default)]
+    pub labels: Option<LabelsFile>,
 }
 pub const PIPELINE_KEYS: &[&str] = &[
-    "version", "name", "source", "log", "graph", "sync", "control", "guard",
+    "version", "name", "source", "log", "graph", "sync", "control", "guard", "labels",
 ];
 
 /// The PostgreSQL source database.
@@ -141,8 +143,13 @@ pub struct GraphFile {
     pub tenant: Sp<String>,
     /// Application (client) id: a GUID.
     pub client_id: Sp<String>,
-    /// Client secret; write `${GRAPH_CLIENT_SECRET}` rather than the value.
-    pub client_secret: Sp<Secret>,
+    /// Client secret; write `${GRAPH_CLIENT_SECRET}` rather than the value. Exactly one of
+    /// `client_secret` and `client_certificate`.
+    #[serde(default)]
+    pub client_secret: Option<Sp<Secret>>,
+    /// A certificate registered for the app (for tenants that allow certificate sign-in only).
+    #[serde(default)]
+    pub client_certificate: Option<CertificateFile>,
     /// `hostname:/server-relative-path`, e.g. `contoso.sharepoint.com:/sites/ops`.
     pub site: Sp<String>,
     /// Resource units per minute of the tenant's licence tier; default 1250.
@@ -150,12 +157,24 @@ pub struct GraphFile {
     #[schemars(range(min = 1, max = 4294967295u64))]
     pub ru_per_minute: Option<Sp<u64>>,
 }
+/// The app's certificate credential.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    /// Path of the PEM certificate (`-----BEGIN CERTIFICATE-----`) registered for the app.
+    pub cert: Sp<String>,
+    /// The RSA private key: a PEM file's path, or the PEM itself from `${ENV}`.
+    pub key: Sp<Secret>,
+}
+pub const CERTIFICATE_KEYS: &[&str] = &["cert", "key"];
+
 pub const GRAPH_KEYS: &[&str] = &[
     "base_url",
     "token_url",
     "tenant",
     "client_id",
     "client_secret",
+    "client_certificate",
     "site",
     "ru_per_minute",
 ];
@@ -282,8 +301,12 @@ pub struct ControlFile {
     /// default: `source.url`.
     #[serde(default)]
     pub meta_url: Option<Sp<Secret>>,
+    /// How long the meta-store keeps audit records (row history): a whole number with `d`,
+    /// `h`, `m` or `s`, at least `1h`; default `30d`. Older ones are pruned in the background.
+    #[serde(default)]
+    pub audit_retention: Option<Sp<String>>,
 }
-pub const CONTROL_KEYS: &[&str] = &["listen", "tokens", "meta_url"];
+pub const CONTROL_KEYS: &[&str] = &["listen", "tokens", "meta_url", "audit_retention"];
 
 /// One API token; send it as `Authorization: Bearer <token>`.
 #[derive(Debug, JsonSchema)]
@@ -335,6 +358,34 @@ pub struct DeadLetterGuardFile {
 }
 pub const DEAD_LETTER_GUARD_KEYS: &[&str] = &["consecutive", "window", "max_percent"];
 
+/// `labels:`: free-form `key: value` strings, in file order (`application` groups pipelines in
+/// the inventory). Keys and values are checked by validation, not here.
+#[derive(Debug, Default)]
+pub struct LabelsFile(pub Vec<(Sp<String>, Sp<String>)>);
+
+impl JsonSchema for LabelsFile {
+    fn schema_name() -> Cow<'static, str> {
+        "Labels".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        use super::model::{LABEL_KEY_PATTERN, MAX_LABEL_VALUE_LEN};
+        let value =
+            json_schema!({ "type": "string", "minLength": 1, "maxLength": MAX_LABEL_VALUE_LEN });
+        json_schema!({
+            "description": "Free-form labels of the pipeline: `key: value` strings. `application` names the application the pipeline belongs to (the inventory groups databases by it).",
+            "type": "object",
+            "properties": {
+                "application": {
+                    "description": "The application this pipeline's database belongs to, e.g. `billing`.",
+                    "type": "string", "minLength": 1, "maxLength": MAX_LABEL_VALUE_LEN
+                }
+            },
+            "propertyNames": { "pattern": LABEL_KEY_PATTERN },
+            "additionalProperties": value,
+        })
+    }
+}
+
 /// What the reader recovered from a file: every section that could be read.
 #[derive(Debug, Default)]
 pub struct PartialFile {
@@ -347,6 +398,7 @@ pub struct PartialFile {
     pub sync: Vec<SyncFile>,
     pub control: Option<ControlFile>,
     pub guard: Option<GuardFile>,
+    pub labels: Option<LabelsFile>,
 }
 
 /// Collects problems while reading.
@@ -654,7 +706,23 @@ impl Reader {
         }
         file.control = m.get("control").and_then(|n| self.control(n, "control"));
         file.guard = m.get("guard").and_then(|n| self.guard(n, "guard"));
+        file.labels = m.get("labels").and_then(|n| self.labels(n, "labels"));
         file
+    }
+
+    /// `labels:` as a mapping of scalar values; a duplicate key is reported at its second use.
+    fn labels(&mut self, node: &Node, path: &str) -> Option<LabelsFile> {
+        let entries = self.free_map(node, path, "a mapping of key: value", |key, first| {
+            format!("duplicate key `{key}` in `{path}` (first at {first})")
+        })?;
+        let labels = entries
+            .into_iter()
+            .filter_map(|(key, v)| {
+                let value = self.string(v, &join(path, &key.value))?;
+                Some((key, value))
+            })
+            .collect();
+        Some(LabelsFile(labels))
     }
 
     fn source(&mut self, node: &Node, path: &str) -> Option<SourceFile> {
@@ -720,9 +788,23 @@ impl Reader {
         let token_url = opt(self, "token_url");
         let tenant = req(self, "tenant");
         let client_id = req(self, "client_id");
-        let client_secret = self
-            .required(&m, "client_secret")
+        let client_secret = m
+            .get("client_secret")
             .and_then(|n| self.secret(n, &m.child("client_secret")));
+        let client_certificate = m
+            .get("client_certificate")
+            .and_then(|n| self.certificate(n, &m.child("client_certificate")));
+        match (m.get("client_secret"), m.get("client_certificate")) {
+            (None, None) => self.err(
+                m.loc,
+                "missing `client_secret` or `client_certificate` in `graph` (give one)",
+            ),
+            (Some(_), Some(c)) => self.err(
+                c.loc,
+                "`graph.client_secret` and `graph.client_certificate` exclude each other: keep one",
+            ),
+            _ => {}
+        }
         let site = req(self, "site");
         let ru_per_minute = m
             .get("ru_per_minute")
@@ -732,9 +814,24 @@ impl Reader {
             token_url,
             tenant: tenant?,
             client_id: client_id?,
-            client_secret: client_secret?,
+            client_secret,
+            client_certificate,
             site: site?,
             ru_per_minute,
+        })
+    }
+
+    fn certificate(&mut self, node: &Node, path: &str) -> Option<CertificateFile> {
+        let m = self.map(node, path, CERTIFICATE_KEYS)?;
+        let cert = self
+            .required(&m, "cert")
+            .and_then(|n| self.string(n, &m.child("cert")));
+        let key = self
+            .required(&m, "key")
+            .and_then(|n| self.secret(n, &m.child("key")));
+        Some(CertificateFile {
+            cert: cert?,
+            key: key?,
         })
     }
 
@@ -805,35 +902,14 @@ impl Reader {
     }
 
     fn fields(&mut self, node: &Node, path: &str) -> Option<FieldsFile> {
-        let Kind::Map(entries) = &node.kind else {
-            self.err(
-                node.loc,
-                format!(
-                    "`{path}`: expected a mapping of column: field, found {}",
-                    node.kind_name()
-                ),
-            );
-            return None;
-        };
-        if entries.is_empty() {
+        let entries = self.free_map(node, path, "a mapping of column: field", |c, first| {
+            format!("column `{c}` is mapped twice in `{path}` (first at {first})")
+        })?;
+        if matches!(&node.kind, Kind::Map(e) if e.is_empty()) {
             self.err(node.loc, format!("`{path}`: map at least one column"));
         }
         let mut out: Vec<(Sp<String>, FieldValueFile)> = Vec::new();
-        for (k, v) in entries {
-            let Some(column) = self.key(k) else { continue };
-            if let Some((first, _)) = out.iter().find(|(c, _)| c.value == column) {
-                let first = first.loc;
-                self.err(
-                    k.loc,
-                    format!("column `{column}` is mapped twice in `{path}` (first at {first})"),
-                );
-                continue;
-            }
-            let column = Sp {
-                value: column.to_owned(),
-                loc: k.loc,
-                interpolated: false,
-            };
+        for (column, v) in entries {
             let path = join(path, &column.value);
             let value = match &v.kind {
                 Kind::Map(_) => self.field_spec(v, &path).map(FieldValueFile::Spec),
@@ -844,6 +920,42 @@ impl Reader {
             }
         }
         Some(FieldsFile(out))
+    }
+
+    /// The entries of a mapping whose keys are the author's (`fields:`, `labels:`), in file
+    /// order, each key as a located string; a key used again is reported with `twice(key,
+    /// first)` and dropped. `None` (reported, expecting `what`) when `node` is no mapping.
+    fn free_map<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        what: &str,
+        twice: impl Fn(&str, Loc) -> String,
+    ) -> Option<Vec<(Sp<String>, &'n Node)>> {
+        let Kind::Map(entries) = &node.kind else {
+            let found = node.kind_name();
+            self.err(
+                node.loc,
+                format!("`{path}`: expected {what}, found {found}"),
+            );
+            return None;
+        };
+        let mut out: Vec<(Sp<String>, &'n Node)> = Vec::new();
+        for (k, v) in entries {
+            let Some(key) = self.key(k) else { continue };
+            if let Some((first, _)) = out.iter().find(|(c, _)| c.value == key) {
+                let message = twice(key, first.loc);
+                self.err(k.loc, message);
+                continue;
+            }
+            let key = Sp {
+                value: key.to_owned(),
+                loc: k.loc,
+                interpolated: false,
+            };
+            out.push((key, v));
+        }
+        Some(out)
     }
 
     fn field_spec(&mut self, node: &Node, path: &str) -> Option<FieldSpecFile> {
@@ -894,10 +1006,14 @@ impl Reader {
         let meta_url = m
             .get("meta_url")
             .and_then(|n| self.secret(n, &m.child("meta_url")));
+        let audit_retention = m
+            .get("audit_retention")
+            .and_then(|n| self.string(n, &m.child("audit_retention")));
         Some(ControlFile {
             listen,
             tokens,
             meta_url,
+            audit_retention,
         })
     }
 

@@ -321,3 +321,235 @@ fn control_tokens_parse_from_env_and_are_never_shown() {
     );
     assert!(!got.contains("literal-read-token"), "{got}");
 }
+
+#[test]
+fn labels_parse_into_a_map_and_name_the_application() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert!(config.labels.is_empty(), "no labels by default");
+    assert_eq!(config.application(), None);
+    let text = format!(
+        "{base}labels:\n  application: ' billing '\n  team.owner: finance-ops\n  tier: 2\n  cost-center: ${{CC}}\n"
+    );
+    let env = |var: &str| (var == "CC").then(|| "cc-42".to_string());
+    let config = load_str("t.yaml", &text, &env).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.application(), Some("billing"), "trimmed");
+    let got: Vec<(&str, &str)> = config
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("application", "billing"),
+            ("cost-center", "cc-42"),
+            ("team.owner", "finance-ops"),
+            ("tier", "2"),
+        ]
+    );
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(json["labels"]["application"], "billing");
+    // 63 characters is the longest key; 256 the longest value.
+    let key = format!("a{}", "b".repeat(MAX_LABEL_KEY_LEN - 1));
+    let value = "v".repeat(MAX_LABEL_VALUE_LEN);
+    let text = format!("{base}labels:\n  {key}: {value}\n");
+    let config = load_str("t.yaml", &text, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.labels[&key], value);
+}
+
+#[test]
+fn label_problems_name_the_key_and_are_all_reported() {
+    let base = with_on_delete("delete");
+    let line = base.lines().count() + 2;
+    let text = format!(
+        "{base}labels:\n  Application: x\n  1tier: x\n  'has space': x\n  {long_key}: x\n  empty: ''\n  long: {long}\n  nested: {{ a: b }}\n  ok: fine\n  ok: again\n",
+        long_key = "k".repeat(MAX_LABEL_KEY_LEN + 1),
+        long = "v".repeat(MAX_LABEL_VALUE_LEN + 1),
+    );
+    let got = all_problems(&text);
+    let key_rule =
+        "must start with a lower-case letter and hold only a-z 0-9 _ . - (at most 63 characters)";
+    let expected = [
+        format!("t.yaml:{line}:3: `labels`: key `Application` {key_rule}"),
+        format!("t.yaml:{}:3: `labels`: key `1tier` {key_rule}", line + 1),
+        format!(
+            "t.yaml:{}:3: `labels`: key `has space` {key_rule}",
+            line + 2
+        ),
+        format!(
+            "t.yaml:{}:3: `labels`: key `kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…` {key_rule}",
+            line + 3
+        ),
+        format!("t.yaml:{}:10: `labels.empty` must not be empty", line + 4),
+        format!(
+            "t.yaml:{}:9: `labels.long` is longer than 256 characters",
+            line + 5
+        ),
+        format!(
+            "t.yaml:{}:11: `labels.nested`: expected a string, found a mapping",
+            line + 6
+        ),
+        format!(
+            "t.yaml:{}:3: duplicate key `ok` in `labels` (first at {}:3)",
+            line + 8,
+            line + 7
+        ),
+    ];
+    assert_eq!(got, expected);
+    assert_reports(
+        &format!("{base}labels: [a, b]\n"),
+        &format!(
+            "t.yaml:{}:9: `labels`: expected a mapping of key: value, found a sequence",
+            line - 1
+        ),
+    );
+    // A value from the environment is checked too, and never echoed.
+    let text = format!("{base}labels:\n  application: ${{APP}}\n");
+    let got = load_str("t.yaml", &text, &|_| Some("a\nb".into()))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        got,
+        format!(
+            "t.yaml:{line}:16: `labels.application` must be one line without control characters"
+        )
+    );
+}
+
+#[test]
+fn pg_urls_name_their_database_and_server_without_credentials() {
+    let cases = [
+        (
+            "postgres://u:pw@db.internal:6432/shop",
+            "shop",
+            "db.internal",
+            6432,
+        ),
+        (
+            "postgresql://u@h/my%20db?sslmode=require",
+            "my db",
+            "h",
+            5432,
+        ),
+        (
+            "postgres://u@h/ignored?dbname=real&host=other&port=7000",
+            "real",
+            "other",
+            7000,
+        ),
+        ("postgres://alice:pw@h", "alice", "h", 5432),
+        (
+            "postgres:///db?host=/run/postgresql",
+            "db",
+            "/run/postgresql",
+            5432,
+        ),
+        ("postgres://[::1]:5433/v6", "v6", "[::1]", 5433),
+    ];
+    for (text, db, host, port) in cases {
+        let url = PgUrl::parse(text).unwrap();
+        assert_eq!(url.database(), db, "{text}");
+        assert_eq!(url.server(), (host.to_string(), port), "{text}");
+    }
+    let bare = PgUrl::parse("postgres:///x").unwrap();
+    assert_eq!(
+        bare.server(),
+        (DEFAULT_PG_HOST.to_string(), DEFAULT_PG_PORT)
+    );
+}
+
+#[test]
+fn audit_retention_defaults_to_30_days_parses_units_and_names_bad_values() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.control.audit_retention, DEFAULT_AUDIT_RETENTION);
+    assert_eq!(
+        serde_json::to_value(&config).unwrap()["control"]["audit_retention"],
+        "30d"
+    );
+    for (text, secs) in [
+        ("7d", 7 * 86_400),
+        ("36h", 36 * 3_600),
+        ("90m", 5_400),
+        ("3600s", 3_600),
+    ] {
+        let yaml = format!("{base}control:\n  audit_retention: {text}\n");
+        let config = load_str("t.yaml", &yaml, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+        assert_eq!(config.control.audit_retention.as_secs(), secs, "{text}");
+    }
+    assert_eq!(
+        format_duration(std::time::Duration::from_secs(5_400)),
+        "90m"
+    );
+    for (bad, says) in [
+        ("30 days", "must be a whole number with a unit"),
+        ("d", "must be a whole number with a unit"),
+        ("-1d", "must be a whole number with a unit"),
+        ("59m", "must be at least 1h"),
+    ] {
+        let yaml = format!("{base}control:\n  audit_retention: {bad}\n");
+        let got = all_problems(&yaml);
+        assert!(
+            got.len() == 1 && got[0].contains("`control.audit_retention`") && got[0].contains(says),
+            "{bad}: {got:#?}"
+        );
+    }
+}
+
+#[test]
+fn graph_signs_in_with_exactly_one_of_a_secret_and_a_certificate() {
+    let base = with_on_delete("delete");
+    let cert = "  client_certificate:\n    cert: /etc/sb/app.pem\n    key: ${APP_KEY}\n";
+    // A certificate instead of the secret: paths kept, the key (here PEM text) redacted.
+    let text = base.replace("  client_secret: s\n", cert);
+    let env = |v: &str| (v == "APP_KEY").then(|| "-----BEGIN PRIVATE KEY-----\nabc".to_string());
+    let c = load_str("t.yaml", &text, &env).unwrap_or_else(|r| panic!("{r}"));
+    match &c.graph.credential {
+        GraphCredential::ClientCertificate { cert, key } => {
+            assert_eq!(cert, &PathBuf::from("/etc/sb/app.pem"));
+            assert!(key.expose().starts_with("-----BEGIN PRIVATE KEY-----"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.graph.client_secret().is_none());
+    let view = serde_json::to_string(&c).unwrap();
+    assert!(
+        view.contains("/etc/sb/app.pem") && !view.contains("PRIVATE"),
+        "{view}"
+    );
+    // Both, or neither: one problem each, at the right place.
+    let both = base.replace(
+        "  client_secret: s\n",
+        &format!(
+            "  client_secret: s\n{}",
+            cert.replace("${APP_KEY}", "/etc/sb/app.key")
+        ),
+    );
+    let got = all_problems(&both);
+    assert_eq!(
+        got,
+        [
+            "t.yaml:10:5: `graph.client_secret` and `graph.client_certificate` exclude each other: keep one"
+        ],
+        "{got:#?}"
+    );
+    let neither = base.replace("  client_secret: s\n", "");
+    let got = all_problems(&neither);
+    assert!(
+        got.len() == 1
+            && got[0].contains("missing `client_secret` or `client_certificate` in `graph`"),
+        "{got:#?}"
+    );
+    // A certificate without its key, and an empty cert path.
+    let partial = base.replace(
+        "  client_secret: s\n",
+        "  client_certificate: { cert: '' }\n",
+    );
+    let got = all_problems(&partial);
+    assert!(
+        got.iter()
+            .any(|p| p.contains("missing required key `key` in `graph.client_certificate`")),
+        "{got:#?}"
+    );
+}

@@ -3,9 +3,10 @@
 //! No IO happens here. Every section is checked even when another one is broken, and every
 //! problem is reported; the typed config is built only when there are none.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use url::Url;
 
@@ -59,6 +60,51 @@ fn http_url(r: &mut Reader, s: &Sp<String>, path: &str) -> Option<Url> {
             None
         }
     }
+}
+
+/// A label key: see [`LABEL_KEY_PATTERN`].
+pub fn is_label_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    key.len() <= MAX_LABEL_KEY_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
+}
+
+/// `labels:`: keys match [`LABEL_KEY_PATTERN`]; values are 1 to [`MAX_LABEL_VALUE_LEN`]
+/// characters (surrounding blanks trimmed) on one line.
+fn check_labels(r: &mut Reader, labels: Option<&LabelsFile>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (key, value) in labels.map(|l| l.0.as_slice()).unwrap_or_default() {
+        if !is_label_key(&key.value) {
+            r.issues.push((
+                key.loc,
+                format!(
+                    "`labels`: key {} must start with a lower-case letter and hold only a-z 0-9 _ . - (at most {MAX_LABEL_KEY_LEN} characters)",
+                    shown(&key.value, false)
+                ),
+            ));
+            continue;
+        }
+        let text = value.value.trim();
+        let path = format!("labels.{}", key.value);
+        let why = if text.is_empty() {
+            Some("must not be empty".to_owned())
+        } else if text.chars().count() > MAX_LABEL_VALUE_LEN {
+            Some(format!("is longer than {MAX_LABEL_VALUE_LEN} characters"))
+        } else if text.chars().any(char::is_control) {
+            Some("must be one line without control characters".to_owned())
+        } else {
+            None
+        };
+        match why {
+            Some(why) => r.issues.push((value.loc, format!("`{path}` {why}"))),
+            None => {
+                out.insert(key.value.clone(), text.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// `guard:`; every value falls back to its named default.
@@ -115,6 +161,37 @@ fn check_tokens(r: &mut Reader, tokens: Option<&[TokenFile]>) -> Vec<ApiToken> {
         }
     }
     out
+}
+
+/// `control.audit_retention`: a duration of at least [`MIN_AUDIT_RETENTION`]; the default
+/// when absent (or wrong: the problem is reported and the config not built).
+fn check_retention(r: &mut Reader, v: Option<&Sp<String>>) -> Duration {
+    let Some(v) = v else {
+        return DEFAULT_AUDIT_RETENTION;
+    };
+    match parse_duration(&v.value) {
+        Some(d) if d >= MIN_AUDIT_RETENTION => d,
+        Some(_) => {
+            r.issues.push((
+                v.loc,
+                "`control.audit_retention` must be at least 1h (records would be pruned before \
+                 anyone could read them)"
+                    .into(),
+            ));
+            DEFAULT_AUDIT_RETENTION
+        }
+        None => {
+            r.issues.push((
+                v.loc,
+                format!(
+                    "`control.audit_retention` must be a whole number with a unit d, h, m or s \
+                     (e.g. 30d), not {:?}",
+                    v.value
+                ),
+            ));
+            DEFAULT_AUDIT_RETENTION
+        }
+    }
 }
 
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
@@ -229,7 +306,12 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         None => source.as_ref().map(|s| s.url.clone()),
         Some(u) => check_pg_url(r, u, "control.meta_url"),
     };
+    let audit_retention = check_retention(
+        r,
+        f.control.as_ref().and_then(|c| c.audit_retention.as_ref()),
+    );
     let guard = check_guard(r, f.guard.as_ref());
+    let labels = check_labels(r, f.labels.as_ref());
     if r.issues.len() != before {
         return None;
     }
@@ -244,8 +326,10 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             listen: control?,
             tokens,
             meta_url: meta_url?,
+            audit_retention,
         },
         guard,
+        labels,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;
@@ -375,10 +459,7 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
             "`graph.client_id` must be the application (client) id, a GUID".into(),
         ));
     }
-    if g.client_secret.value.expose().is_empty() {
-        r.issues
-            .push((g.client_secret.loc, "`graph.client_secret` is empty".into()));
-    }
+    let credential = credential(r, g);
     let site = g.site.value.trim().to_owned();
     let (host, path) = site
         .split_once(":/")
@@ -415,9 +496,38 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
         token_url: token_url?,
         tenant,
         client_id,
-        client_secret: g.client_secret.value.clone(),
+        credential: credential?,
         site,
         ru_per_minute,
+    })
+}
+
+/// The sign-in credential (the parser made sure there is exactly one).
+fn credential(r: &mut Reader, g: &GraphFile) -> Option<GraphCredential> {
+    let empty = |r: &mut Reader, loc: Loc, what: &str| {
+        r.issues.push((loc, format!("`graph.{what}` is empty")));
+    };
+    if let Some(s) = &g.client_secret {
+        if s.value.expose().is_empty() {
+            empty(r, s.loc, "client_secret");
+            return None;
+        }
+        return Some(GraphCredential::ClientSecret(s.value.clone()));
+    }
+    let c = g.client_certificate.as_ref()?;
+    let cert = c.cert.value.trim();
+    if cert.is_empty() {
+        empty(r, c.cert.loc, "client_certificate.cert");
+    }
+    if c.key.value.expose().trim().is_empty() {
+        empty(r, c.key.loc, "client_certificate.key");
+    }
+    if cert.is_empty() || c.key.value.expose().trim().is_empty() {
+        return None;
+    }
+    Some(GraphCredential::ClientCertificate {
+        cert: PathBuf::from(cert),
+        key: c.key.value.clone(),
     })
 }
 

@@ -23,6 +23,14 @@ use crate::config::{ApiRole, ApiToken};
 /// is what a client reads to learn how to authenticate.
 pub const PUBLIC_PATHS: &[&str] = &["/health", "/ready", "/metrics", "/openapi.json"];
 
+/// Who made a request: the name and role of its bearer token, put into the request's extensions
+/// by the token check (absent when the API is open). Recorded with operator runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: ApiRole,
+}
+
 /// The configured tokens, hashed once at start.
 #[derive(Clone, Default)]
 pub struct Auth {
@@ -114,7 +122,7 @@ fn unauthorized(detail: &str, challenge: &'static str) -> Response {
     resp
 }
 
-async fn require_token(State(auth): State<Auth>, req: Request, next: Next) -> Response {
+async fn require_token(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
     if auth.is_open() || PUBLIC_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
@@ -143,6 +151,11 @@ async fn require_token(State(auth): State<Auth>, req: Request, next: Next) -> Re
         )
         .into_response();
     }
+    let caller = Caller {
+        name: name.to_string(),
+        role,
+    };
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 

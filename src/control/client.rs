@@ -1,7 +1,7 @@
 //! The CLI side of the pipeline API: `syncbridge snapshot` asks the process that runs the pipeline
 //! (it owns the replication slot) over its control plane; `syncbridge conflicts list|resolve`
 //! asks its processor (it owns the ledger); `syncbridge resume` restarts a paused pipeline's
-//! processor.
+//! processor; `syncbridge cursors [reset]` shows and moves its cursors.
 //!
 //! Every request carries `Authorization: Bearer $SYNCBRIDGE_API_TOKEN` when that variable is
 //! set (the server's `control.tokens`); a 401 or 403 becomes [`ClientError::Unauthorized`],
@@ -309,6 +309,34 @@ pub async fn dlq_replay(
 ) -> Result<serde_json::Value, ClientError> {
     let r = client()?
         .post(format!("http://{addr}/pipelines/{pipeline}/dlq/replay"))
+        .send()
+        .await;
+    answer(addr, r).await
+}
+
+/// How long the CLI waits for a cursor reset: stopping the processor flushes what it read, and a
+/// delta poller takes a reset between two polls.
+const RESET_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `GET /pipelines/{pipeline}/cursors`: the slot, consumer groups and delta links.
+pub async fn cursors(addr: SocketAddr, pipeline: &str) -> Result<serde_json::Value, ClientError> {
+    let r = client()?
+        .get(format!("http://{addr}/pipelines/{pipeline}/cursors"))
+        .send()
+        .await;
+    answer(addr, r).await
+}
+
+/// `POST /pipelines/{pipeline}/cursors/reset` with `body` (the target, `dry_run`, `by`): the
+/// blast radius, and for a real reset its `run_id`.
+pub async fn reset_cursor(
+    addr: SocketAddr,
+    pipeline: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    let r = client_with_timeout(RESET_TIMEOUT)?
+        .post(format!("http://{addr}/pipelines/{pipeline}/cursors/reset"))
+        .json(body)
         .send()
         .await;
     answer(addr, r).await

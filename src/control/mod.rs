@@ -23,6 +23,12 @@
 //! `kind`, `reason`, `at`, `since_ms`); `POST /pipelines/{name}/resume` restarts the processor from
 //! its committed offsets (200 with the pause it ended; 409 not paused; 404 unknown pipeline).
 //!
+//! Inventory and catalog ([`catalog`]): `GET /inventory` (applications → databases → instances →
+//! tables of the loaded pipelines) and `GET /catalog/{database}/tables[/{schema.table}]` (the
+//! source database's tables, keys, indexes, replica identity and publication membership).
+//! Cursors: `GET /pipelines/{name}/cursors` and `POST /pipelines/{name}/cursors/reset` (with a dry
+//! run) are in [`cursors`], with their own state, merged into [`router`].
+//!
 //! Access: every route except `/health`, `/ready`, `/metrics` and `/openapi.json` needs a bearer
 //! token of `control.tokens` ([`auth`]: 401 without or with an unknown one, 403 for a `read`
 //! token on a non-GET route). [`run`] applies the check to the whole router it is given, so
@@ -35,7 +41,9 @@
 //! instead of after a snapshot has begun.
 
 pub mod auth;
+pub mod catalog;
 pub mod client;
+pub mod cursors;
 pub mod meta;
 pub mod openapi;
 pub mod pipelines;
@@ -244,6 +252,8 @@ pub struct Registries {
     pub meta: meta::MetaRegistry,
     /// Status, lag and dead letters of the running pipelines.
     pub pipelines: pipelines::PipelineRegistry,
+    /// The cursors (slot, consumer groups, delta links) of the running pipelines.
+    pub cursors: cursors::CursorRegistry,
 }
 
 #[derive(Clone)]
@@ -289,6 +299,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         pauses,
         meta,
         pipelines,
+        cursors,
     } = registries;
     let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
     Router::new()
@@ -316,8 +327,10 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
             conflicts,
             pauses,
         })
+        .merge(meta::history::routes(meta.clone()))
         .merge(meta::routes(meta))
         .merge(pipeline_routes)
+        .merge(cursors::routes(cursors))
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until
@@ -609,7 +622,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(run(
             listener,
-            router(registries, prometheus),
+            router(registries, prometheus).merge(catalog::routes(Vec::new())),
             Auth::new(&tokens),
             stop.clone(),
         ));

@@ -40,8 +40,14 @@ use super::problem::{InvalidParam, Problem};
         super::pipelines::one,
         super::pipelines::dlq_list,
         super::pipelines::dlq_replay,
+        super::catalog::get_inventory,
+        super::catalog::list_tables,
+        super::catalog::get_table,
+        super::meta::history::row_history,
+        super::cursors::cursors,
+        super::cursors::reset,
     ),
-    components(schemas(Problem, InvalidParam, super::TakeParam)),
+    components(schemas(Problem, InvalidParam, super::TakeParam, super::cursors::ResetBody)),
     modifiers(&BearerSecurity)
 )]
 struct ApiDoc;

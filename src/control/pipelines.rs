@@ -121,6 +121,35 @@ impl PipelineHandle {
     }
 }
 
+/// How often [`export_lag`] reads the processor's lag.
+pub const LAG_EXPORT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Sets `syncbridge_consumer_lag_events{group="sync"}` from the log every
+/// [`LAG_EXPORT_INTERVAL`] until `stop` (a failed read keeps the last value and is logged once
+/// per failure streak: the lag gauge must not flood the log when the broker is away).
+pub async fn export_lag(h: PipelineHandle, stop: tokio_util::sync::CancellationToken) {
+    let gauge = metrics::gauge!(crate::telemetry::metrics::CONSUMER_LAG_EVENTS,
+        "pipeline" => h.name.clone(), "group" => "sync");
+    let mut failing = false;
+    loop {
+        match lag(&h).await {
+            Ok(l) => {
+                gauge.set(l.events as f64);
+                failing = false;
+            }
+            Err(e) if !failing => {
+                tracing::warn!(pipeline = %h.name, "cannot read the processor's lag: {e}");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LAG_EXPORT_INTERVAL) => {}
+        }
+    }
+}
+
 /// Rates from `first` to `last`, when they are at least a second apart.
 fn rates_between(first: Sample, last: Sample) -> Rates {
     let secs = last.at.duration_since(first.at).as_secs_f64();

@@ -68,6 +68,15 @@ pub fn execute(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Cal
         .or_default() += 1;
     let reply = execute_inner(st, env, ids, caller, call);
     *st.stats.by_status.entry(reply.status).or_default() += 1;
+    st.stats.requests.push(super::state::LoggedRequest {
+        at_ms: env.now_ms,
+        request_id: ids.request_id.clone(),
+        client_request_id: ids.client_request_id.clone(),
+        client: caller.app_key.clone(),
+        method: call.method.clone(),
+        path: call.path.clone(),
+        status: reply.status,
+    });
     reply
 }
 

@@ -12,7 +12,7 @@
 //!   eTags, `If-Match`, per-type validation), `items/delta`, and `$batch`.
 //! - Throttling by resource units (per app 1-minute and 24-hour budgets, tenant 5-minute budget) with
 //!   `Retry-After` and `RateLimit-*` headers; fault injection (429/503/latency/connection resets).
-//! - `/_emulator/…` — stats, faults, limits, token/delta expiry, reset, sites, clock control.
+//! - `/_emulator/…` — stats, request log (read-only), faults, limits, token/delta expiry, reset, sites, clock control.
 //! - `/` — a read-only HTML view of sites, lists and items.
 //!
 //! Structure: [`server`] (HTTP, admin, listener) → [`graph`] (routing and handlers, shared by direct

@@ -475,6 +475,7 @@ fn admin_inner(
     let get = *method == Method::GET;
     match rest.trim_end_matches('/') {
         "stats" if get => Ok(Reply::json(200, shared.lock().stats_json(now_ms))),
+        "requests" if get => Ok(Reply::json(200, shared.lock().stats.requests.to_json())),
         "faults" if get => Ok(Reply::json(200, json!(shared.lock().faults.spec))),
         "faults" if post => {
             let spec: FaultSpec = parse_json(body)?;

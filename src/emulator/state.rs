@@ -106,6 +106,47 @@ pub struct Stats {
     /// Calls (direct, and each `$batch` entry; not the envelope) by client id, then method: tells
     /// the service's writes from a person's when both work on one list (echo-write tests).
     pub by_client: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The latest calls with their ids (`GET /_emulator/requests`).
+    pub requests: RequestLog,
+}
+
+/// Calls kept by the request log: enough for a test's whole workload (a few thousand writes)
+/// while bounding memory in a long-running emulator (~2 MB).
+pub const REQUEST_LOG_CAPACITY: usize = 10_000;
+
+/// The latest Graph calls (direct ones and each `$batch` entry), oldest first, so a test can
+/// check the request ids a client recorded against what the service saw.
+#[derive(Debug, Default)]
+pub struct RequestLog {
+    entries: std::collections::VecDeque<LoggedRequest>,
+}
+
+/// One answered call. Entries of one `$batch` share the envelope's ids (their inner responses
+/// carry none of their own, so a client attributes the envelope's to each).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedRequest {
+    pub at_ms: i64,
+    pub request_id: String,
+    pub client_request_id: String,
+    /// The caller's client id.
+    pub client: String,
+    pub method: String,
+    /// Path below `/v1.0`.
+    pub path: String,
+    pub status: u16,
+}
+
+impl RequestLog {
+    pub fn push(&mut self, r: LoggedRequest) {
+        if self.entries.len() == REQUEST_LOG_CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(r);
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({ "capacity": REQUEST_LOG_CAPACITY, "requests": self.entries })
+    }
 }
 
 #[derive(Debug)]

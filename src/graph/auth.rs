@@ -38,6 +38,44 @@ pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(10 * 60);
 pub enum Credential {
     Secret(Secret),
     Certificate(Certificate),
+    /// A certificate still on disk (from the pipeline file): [`Credential::load`] reads it when
+    /// the client is built, so a missing or wrong file fails start-up, naming the file.
+    CertificateFiles {
+        cert: std::path::PathBuf,
+        /// A PEM file's path, or the PEM itself.
+        key: Secret,
+    },
+}
+
+impl Credential {
+    /// Reads a certificate still on disk; other credentials are returned as they are.
+    pub fn load(self) -> Result<Credential, GraphError> {
+        let Credential::CertificateFiles { cert, key } = self else {
+            return Ok(self);
+        };
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                GraphError::Invalid(format!(
+                    "graph.client_certificate.{what}: cannot read {}: {e}",
+                    path.display()
+                ))
+            })
+        };
+        let cert_pem = read(&cert, "cert")?;
+        let key_pem = if key.expose().contains("-----BEGIN") {
+            key.expose().as_bytes().to_vec()
+        } else {
+            read(std::path::Path::new(key.expose().trim()), "key")?
+        };
+        Certificate::from_pem(&cert_pem, &key_pem)
+            .map(Credential::Certificate)
+            .map_err(|e| {
+                GraphError::Invalid(format!(
+                    "graph.client_certificate ({}): {e}",
+                    cert.display()
+                ))
+            })
+    }
 }
 
 impl std::fmt::Debug for Credential {
@@ -45,6 +83,9 @@ impl std::fmt::Debug for Credential {
         match self {
             Credential::Secret(_) => f.write_str("Secret(***)"),
             Credential::Certificate(c) => write!(f, "{c:?}"),
+            Credential::CertificateFiles { cert, .. } => {
+                write!(f, "CertificateFiles(cert={}, key=***)", cert.display())
+            }
         }
     }
 }
@@ -209,6 +250,11 @@ impl TokenProvider {
                         "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                     )
                     .append_pair("client_assertion", &jwt);
+                }
+                Credential::CertificateFiles { .. } => {
+                    return Err(GraphError::Invalid(
+                        "certificate not loaded (GraphClient::new loads it)".into(),
+                    ));
                 }
             }
             form.finish()

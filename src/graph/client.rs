@@ -14,7 +14,7 @@ use url::Url;
 use super::auth::{Credential, GRAPH_DEFAULT_SCOPE, TokenProvider};
 use super::error::{ErrorDetail, GraphError, throttle_wait};
 use super::limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, TenantLimiter};
-use crate::config::GraphConfig;
+use crate::config::{GraphConfig, GraphCredential};
 use crate::telemetry::metrics as m;
 
 /// `User-Agent` decoration Microsoft asks for (graph-api.md §8.7); undecorated traffic is
@@ -63,7 +63,13 @@ impl From<&GraphConfig> for GraphClientConfig {
             token_url: g.token_url.clone(),
             tenant: g.tenant.clone(),
             client_id: g.client_id.clone(),
-            credential: Credential::Secret(g.client_secret.clone()),
+            credential: match &g.credential {
+                GraphCredential::ClientSecret(s) => Credential::Secret(s.clone()),
+                GraphCredential::ClientCertificate { cert, key } => Credential::CertificateFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            },
             scope: GRAPH_DEFAULT_SCOPE.to_string(),
             limiter: LimiterConfig::new(g.ru_per_minute),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -232,7 +238,7 @@ impl GraphClient {
             http.clone(),
             cfg.token_url.clone(),
             cfg.client_id.clone(),
-            cfg.credential.clone(),
+            cfg.credential.clone().load()?,
             cfg.scope.clone(),
         );
         let base = cfg.base_url.as_str().trim_end_matches('/').to_string();
@@ -364,7 +370,8 @@ impl GraphClient {
             Lane::Writer => "writer",
             Lane::Delta => "delta",
         };
-        metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane).increment(units);
+        metrics::counter!(m::GRAPH_RU_SPENT_TOTAL, "lane" => lane, "tenant" => inner.limiter.tenant().to_string())
+            .increment(units);
         let usage = &inner.usage;
         usage.resource_units.fetch_add(units, Ordering::Relaxed);
         usage.requests.fetch_add(1, Ordering::Relaxed);

@@ -18,6 +18,7 @@
 //! One [`LimiterRegistry`] per process (the runtime owns it) hands out the same `Arc<TenantLimiter>`
 //! for a tenant to every client. The first registration's settings win; later ones are ignored.
 
+use crate::telemetry::metrics as m;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -168,8 +169,10 @@ impl TenantLimiter {
         let minute = Duration::from_secs(60);
         let per_min = f64::from(config.ru_per_minute.max(1));
         let reserve = config.delta_reserve.clamp(0.0, 0.9);
+        let tenant = tenant.into();
+        metrics::gauge!(m::GRAPH_RU_BUDGET_PER_MINUTE, "tenant" => tenant.clone()).set(per_min);
         TenantLimiter {
-            tenant: tenant.into(),
+            tenant,
             all: window_limiter(per_min, minute),
             writers: window_limiter(per_min * (1.0 - reserve), minute),
             day: config

@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 use super::topic_file::{FrameBuf, TopicFile};
 use super::{
     CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError, Record,
-    TopicSpec, codec, partition_for, validate_group, validate_spec, validate_topic_name,
+    TopicSpec, codec, partition_for, validate_group, validate_position, validate_spec,
+    validate_topic_name,
 };
 use crate::telemetry::metrics as m;
 
@@ -451,18 +452,10 @@ impl EventLog for EmbeddedLog {
                 });
             }
         }
-        {
-            let mut active = self
-                .inner
-                .active_groups
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !active.insert(group.to_owned()) {
-                return Err(LogError::GroupBusy(group.to_owned()));
-            }
-        }
+        let hold = GroupHold::take(&self.inner, group)?;
         Ok(EmbeddedConsumer {
             inner: Arc::clone(&self.inner),
+            _hold: hold,
             group: group.to_owned(),
             parts,
             rr: 0,
@@ -493,6 +486,125 @@ impl EventLog for EmbeddedLog {
         let t = self.topic(topic)?;
         Ok(t.durable.iter().map(|d| d.load(Ordering::SeqCst)).collect())
     }
+
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        let t = self.topic(topic)?;
+        (0..t.partitions)
+            .map(|p| {
+                let hw = t.durable[p as usize].load(Ordering::SeqCst);
+                match &t.storage {
+                    // Topic files keep every record (no retention).
+                    Storage::File(_) => Ok(0),
+                    Storage::Records => {
+                        let start = record_key(&t.name, p, 0);
+                        let end = record_key(&t.name, p, hw);
+                        match self.inner.log.range(start..end).next() {
+                            Some(item) => offset_of_record_key(&item?.0),
+                            None => Ok(hw),
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
+        let t = self.topic(topic)?;
+        // No time index: a forward scan of each partition, an operator's occasional request.
+        (0..t.partitions)
+            .map(|p| self.first_at_or_after(&t, p, timestamp_ms))
+            .collect()
+    }
+
+    async fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> Result<(), LogError> {
+        validate_group(group)?;
+        for ((topic, p), offset) in positions {
+            validate_position(topic, *p, self.topic(topic)?.partitions, *offset)?;
+        }
+        // Held like a consumer while writing, so none can start in between.
+        let _held = GroupHold::take(&self.inner, group)?;
+        for ((topic, p), offset) in positions {
+            self.inner.offsets.insert(
+                position_key(group, topic, *p)?,
+                offset.to_be_bytes().to_vec(),
+            )?;
+        }
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// A group marked active for as long as this lives (no consumer of it can start).
+#[derive(Debug)]
+struct GroupHold {
+    inner: Arc<Inner>,
+    group: String,
+}
+
+impl GroupHold {
+    fn take(inner: &Arc<Inner>, group: &str) -> Result<Self, LogError> {
+        let mut active = inner
+            .active_groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !active.insert(group.to_owned()) {
+            return Err(LogError::GroupBusy(group.to_owned()));
+        }
+        Ok(Self {
+            inner: Arc::clone(inner),
+            group: group.to_owned(),
+        })
+    }
+}
+
+impl Drop for GroupHold {
+    fn drop(&mut self) {
+        self.inner
+            .active_groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.group);
+    }
+}
+
+impl EmbeddedLog {
+    /// The first offset of partition `p` with a timestamp at or after `ts` (its end offset when
+    /// none is), read forward with the consumers' own fetch.
+    fn first_at_or_after(&self, t: &Arc<TopicState>, p: i32, ts: i64) -> Result<i64, LogError> {
+        let hw = t.durable[p as usize].load(Ordering::SeqCst);
+        let mut pos = Position {
+            topic: Arc::clone(t),
+            partition: p,
+            next: 0,
+            cursor: None,
+        };
+        let mut buf = VecDeque::with_capacity(self.inner.fetch_batch);
+        while pos.next < hw {
+            match &t.storage {
+                Storage::Records => {
+                    fill_records(
+                        &self.inner.log,
+                        &mut pos,
+                        hw,
+                        self.inner.fetch_batch,
+                        &mut buf,
+                    )?;
+                }
+                Storage::File(_) => fill_from_file(&mut pos, hw, self.inner.fetch_batch, &mut buf)?,
+            }
+            if buf.is_empty() {
+                break;
+            }
+            if let Some(r) = buf.drain(..).find(|r| r.record.timestamp_ms >= ts) {
+                return Ok(r.offset);
+            }
+        }
+        Ok(hw)
+    }
 }
 
 #[derive(Debug)]
@@ -509,6 +621,8 @@ struct Position {
 #[derive(Debug)]
 pub struct EmbeddedConsumer {
     inner: Arc<Inner>,
+    /// The group is this consumer's until it is dropped.
+    _hold: GroupHold,
     group: String,
     parts: Vec<Position>,
     /// Round-robin start, so one busy partition cannot starve the others.
@@ -681,16 +795,6 @@ impl LogConsumer for EmbeddedConsumer {
         metrics::counter!(m::LOG_COMMITS_TOTAL, "backend" => BACKEND, "group" => self.group.clone())
             .increment(1);
         Ok(())
-    }
-}
-
-impl Drop for EmbeddedConsumer {
-    fn drop(&mut self) {
-        self.inner
-            .active_groups
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.group);
     }
 }
 

@@ -34,6 +34,11 @@
 //!   [`KafkaLogConfig::producer_batch_records`] or `batch.num.messages` in
 //!   [`KafkaLogConfig::extra`] skips the probe. Records that others wrote in multi-record
 //!   batches still read short on such a broker; nothing in this service reads such topics.
+//! - ListOffsets by timestamp answers the earliest offset whatever the time (seen with the
+//!   conformance case `positions_by_time_and_an_operators_reset`), so
+//!   [`EventLog::offsets_for_time`] takes the broker's answer only as where to start reading and
+//!   scans forward to the first record at or after the time (on Apache Kafka the first record
+//!   read is the answer).
 //! - No transactions (not used here). Closing a consumer after `committed()` on it can hang,
 //!   hence the separate short-lived consumer in `committed` and the detached close.
 
@@ -57,8 +62,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
-    MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_spec,
-    validate_topic_name,
+    MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_position,
+    validate_spec, validate_topic_name,
 };
 use crate::telemetry::metrics as m;
 
@@ -415,6 +420,24 @@ impl KafkaLog {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `pick` of the `(low, high)` watermarks of each partition of `topic`, indexed by partition.
+    async fn watermarks(
+        &self,
+        topic: &str,
+        pick: fn((i64, i64)) -> i64,
+    ) -> Result<Vec<i64>, LogError> {
+        let n = self.partition_count(topic).await?;
+        let physical = self.inner.cfg.physical_name(topic);
+        let admin = self.inner.admin.clone();
+        let timeout = self.inner.cfg.request_timeout;
+        blocking(move || {
+            (0..n)
+                .map(|p| Ok(pick(admin.inner().fetch_watermarks(&physical, p, timeout)?)))
+                .collect()
+        })
+        .await
+    }
+
     /// Enqueues every record in input order, then waits for all acknowledgements.
     async fn produce(
         &self,
@@ -627,10 +650,7 @@ impl EventLog for KafkaLog {
         blocking(move || {
             // A separate short-lived consumer: asking a live group member can hang its close on
             // some brokers (tansu), and this one never joins the group.
-            let mut cc = cfg.client_config();
-            cc.set("group.id", &group)
-                .set("enable.auto.commit", "false");
-            let c: BaseConsumer = cc.create()?;
+            let c = group_client(&cfg, &group)?;
             let res = c.committed_offsets(tpl, cfg.request_timeout);
             close_detached(c);
             let mut out = CommittedOffsets::new();
@@ -645,17 +665,82 @@ impl EventLog for KafkaLog {
     }
 
     async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        self.watermarks(topic, |(_, high)| high).await
+    }
+
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        self.watermarks(topic, |(low, _)| low).await
+    }
+
+    async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
         let n = self.partition_count(topic).await?;
-        let physical = self.inner.cfg.physical_name(topic);
-        let admin = self.inner.admin.clone();
-        let timeout = self.inner.cfg.request_timeout;
+        let ends = self.end_offsets(topic).await?;
+        let cfg = self.inner.cfg.clone();
+        let physical = cfg.physical_name(topic);
         blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..n {
+                tpl.add_partition_offset(&physical, p, Offset::Offset(timestamp_ms))?;
+            }
+            // A client of no group: ListOffsets needs none.
+            let c: BaseConsumer = cfg.client_config().create()?;
+            let res = c.offsets_for_times(tpl, cfg.request_timeout);
+            close_detached(c);
+            let mut hints = ends.clone();
+            for e in res?.elements() {
+                let slot = usize::try_from(e.partition())
+                    .ok()
+                    .and_then(|p| hints.get_mut(p));
+                // `End` (no record that late) keeps the end offset.
+                if let (Some(slot), Offset::Offset(o)) = (slot, e.offset()) {
+                    *slot = o;
+                }
+            }
+            // The broker's answer is where the scan starts, not the answer (see the module docs:
+            // tansu answers the earliest offset for any time).
             (0..n)
-                .map(|p| {
-                    let (_low, high) = admin.inner().fetch_watermarks(&physical, p, timeout)?;
-                    Ok(high)
-                })
+                .zip(hints.into_iter().zip(ends))
+                .map(|(p, (hint, end))| scan_for_time(&cfg, &physical, p, hint, end, timestamp_ms))
                 .collect()
+        })
+        .await
+    }
+
+    async fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> Result<(), LogError> {
+        validate_group(group)?;
+        let cfg = self.inner.cfg.clone();
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), offset) in positions {
+            validate_position(topic, *p, self.partition_count(topic).await?, *offset)?;
+            tpl.add_partition_offset(&cfg.physical_topic(topic)?, *p, Offset::Offset(*offset))?;
+        }
+        let logical = group.to_owned();
+        let group = cfg.physical_name(group);
+        blocking(move || {
+            let c = group_client(&cfg, &group)?;
+            // A member of the group would overwrite the positions with its next commit.
+            let live = c
+                .fetch_group_list(Some(&group), cfg.request_timeout)
+                .map(|list| list.groups().iter().any(|g| !g.members().is_empty()));
+            let result = match live {
+                Ok(true) => Err(LogError::GroupBusy(logical)),
+                // Not every broker lists groups (tansu): the commit itself is then the check, as
+                // a broker refuses a commit from outside a group that has members.
+                Ok(false) | Err(_) => match c.commit(&tpl, CommitMode::Sync) {
+                    Err(KafkaError::ConsumerCommit(
+                        RDKafkaErrorCode::UnknownMemberId
+                        | RDKafkaErrorCode::IllegalGeneration
+                        | RDKafkaErrorCode::RebalanceInProgress,
+                    )) => Err(LogError::GroupBusy(logical)),
+                    other => other.map_err(LogError::from),
+                },
+            };
+            close_detached(c);
+            result
         })
         .await
     }
@@ -765,6 +850,65 @@ impl Drop for KafkaConsumer {
             close_detached_then(c, || {});
         }
     }
+}
+
+/// A client in `group` (physical name) that never joins it: it reads or stores the group's
+/// offsets only.
+fn group_client(cfg: &KafkaLogConfig, group: &str) -> Result<BaseConsumer, LogError> {
+    let mut cc = cfg.client_config();
+    cc.set("group.id", group).set("enable.auto.commit", "false");
+    Ok(cc.create()?)
+}
+
+/// The first offset of `physical`/`p` from `from` (below `end`) whose record timestamp is at or
+/// after `ts`, read forward; `end` when none is. Blocking.
+fn scan_for_time(
+    cfg: &KafkaLogConfig,
+    physical: &str,
+    p: i32,
+    from: i64,
+    end: i64,
+    ts: i64,
+) -> Result<i64, LogError> {
+    if from >= end {
+        return Ok(end);
+    }
+    let mut cc = cfg.client_config();
+    // Assigned, never subscribed or committed: the group only names the client.
+    cc.set(
+        "group.id",
+        format!("{physical}.time-scan.{}", uuid::Uuid::new_v4().simple()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "false");
+    let c: BaseConsumer = cc.create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(physical, p, Offset::Offset(from))?;
+    c.assign(&tpl)?;
+    let mut idle_until = Instant::now() + cfg.request_timeout;
+    let result = loop {
+        if Instant::now() > idle_until {
+            break Err(LogError::Timeout(format!(
+                "{physical}/{p}: no record for {:?} while looking up a time",
+                cfg.request_timeout
+            )));
+        }
+        match c.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => break Err(e.into()),
+            Some(Ok(m)) => {
+                if m.timestamp().to_millis().is_some_and(|t| t >= ts) {
+                    break Ok(m.offset());
+                }
+                if m.offset() + 1 >= end {
+                    break Ok(end);
+                }
+                idle_until = Instant::now() + cfg.request_timeout;
+            }
+        }
+    };
+    close_detached(c);
+    result
 }
 
 /// Drops (closes) a client on its own thread: librdkafka's consumer close blocks until the group

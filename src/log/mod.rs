@@ -231,6 +231,29 @@ pub trait EventLog: Send + Sync {
     /// The next offset to be written (the durable high watermark) of each partition of `topic`,
     /// indexed by partition. Lag of a group = end offset − committed position.
     fn end_offsets(&self, topic: &str) -> impl Future<Output = Result<Vec<i64>, LogError>> + Send;
+
+    /// The first offset still held of each partition of `topic` (the low watermark), indexed by
+    /// partition: 0 unless retention or compaction removed the records before it; the end offset
+    /// of an empty partition.
+    fn start_offsets(&self, topic: &str)
+    -> impl Future<Output = Result<Vec<i64>, LogError>> + Send;
+
+    /// Per partition of `topic`, the first offset whose record timestamp is at or after
+    /// `timestamp_ms` (Kafka's `ListOffsets` by time), or the end offset when no record is.
+    fn offsets_for_time(
+        &self,
+        topic: &str,
+        timestamp_ms: i64,
+    ) -> impl Future<Output = Result<Vec<i64>, LogError>> + Send;
+
+    /// Stores `group`'s positions without consuming (an operator's reset), durable on return.
+    /// Refused with [`LogError::GroupBusy`] while the group has a live consumer: its member would
+    /// overwrite the positions with its own next commit.
+    fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> impl Future<Output = Result<(), LogError>> + Send;
 }
 
 /// Reads records for one consumer group. Positions are stored only by [`LogConsumer::commit`].
@@ -335,6 +358,31 @@ impl EventLog for AnyLog {
             Self::Kafka(l) => l.end_offsets(topic).await,
         }
     }
+
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<i64>, LogError> {
+        match self {
+            Self::Embedded(l) => l.start_offsets(topic).await,
+            Self::Kafka(l) => l.start_offsets(topic).await,
+        }
+    }
+
+    async fn offsets_for_time(&self, topic: &str, timestamp_ms: i64) -> Result<Vec<i64>, LogError> {
+        match self {
+            Self::Embedded(l) => l.offsets_for_time(topic, timestamp_ms).await,
+            Self::Kafka(l) => l.offsets_for_time(topic, timestamp_ms).await,
+        }
+    }
+
+    async fn set_committed(
+        &self,
+        group: &str,
+        positions: &CommittedOffsets,
+    ) -> Result<(), LogError> {
+        match self {
+            Self::Embedded(l) => l.set_committed(group, positions).await,
+            Self::Kafka(l) => l.set_committed(group, positions).await,
+        }
+    }
 }
 
 impl LogConsumer for AnyConsumer {
@@ -384,6 +432,21 @@ fn validate_spec(spec: &TopicSpec) -> Result<(), LogError> {
         return Err(LogError::InvalidArgument(format!(
             "topic {}: partitions must be at least 1, got {}",
             spec.name, spec.partitions
+        )));
+    }
+    Ok(())
+}
+
+/// A position to store: an existing partition (of `partitions`) and an offset of 0 or more.
+fn validate_position(
+    topic: &str,
+    partition: i32,
+    partitions: i32,
+    offset: i64,
+) -> Result<(), LogError> {
+    if partition < 0 || partition >= partitions || offset < 0 {
+        return Err(LogError::InvalidArgument(format!(
+            "bad position {topic}/{partition}@{offset} ({partitions} partitions)"
         )));
     }
     Ok(())

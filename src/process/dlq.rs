@@ -55,6 +55,9 @@ pub struct DeadLetter {
     pub request_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_request_id: Option<String>,
+    /// HTTP status of Graph's refusal (`graph_rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourcePosition>,
     /// The original event's key and value, base64 (standard alphabet).

@@ -12,6 +12,10 @@
 //! sled directory is the extreme case: everything is replayed. So sled never holds a mutation
 //! the changelog does not, and callers may treat `commit` returning `Ok` as "durable".
 //! The processor commits its input offsets only after `commit` returned.
+//!
+//! With an audit trail ([`Ledger::enable_audit`], see [`super::audit`]), `commit` first appends
+//! the audit records buffered since the last append ([`Ledger::audit`]) to the audit topic, so a
+//! change is never durable without the records that describe it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
+use super::audit::{AUDIT_PARTITIONS, AuditRecord, AuditTrail};
 use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
 
 /// One changelog partition: the processor is the only writer, and one partition keeps the
@@ -86,9 +91,19 @@ pub struct Entry {
     /// or the new value, so they are sent again whatever the diff says.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub in_flight: std::collections::BTreeSet<String>,
+    /// The values sent for the `in_flight` fields (projection key → every value sent since the
+    /// last confirmed write, oldest first, at most [`MAX_SENT_VALUES`]). The return path needs
+    /// them: a list version holding one of them holds our own write whose outcome a crash cut
+    /// off, not a person's edit to take back into the row.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sent: BTreeMap<String, Vec<Json>>,
     /// Id of the last conflict recorded for this row (a replayed decision is not recorded again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_conflict: Option<String>,
+    /// `last_conflict` was remembered before its record was appended, and the append is not
+    /// confirmed yet: after a crash the conflicts topic is read to tell whether it landed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict_unconfirmed: bool,
     /// Return path, on the intent entry of a person-created item: the SyncKey pre-allocated
     /// for its new row (written to the item before the row is inserted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,7 +123,39 @@ impl Entry {
             && self.pending_delete.is_none()
             && self.new_row_key.is_none()
     }
+
+    /// Records an update about to be sent: its fields are in flight until its outcome is
+    /// recorded, and their values join the ones sent before (an earlier update whose outcome
+    /// is unknown may have landed too).
+    pub fn send(&mut self, fields: &serde_json::Map<String, Json>) {
+        self.in_flight = fields.keys().cloned().collect();
+        for (k, v) in fields {
+            let values = self.sent.entry(k.clone()).or_default();
+            if !values.contains(v) {
+                values.push(v.clone());
+            }
+            let excess = values.len().saturating_sub(MAX_SENT_VALUES);
+            values.drain(..excess);
+        }
+    }
+
+    /// The outcome of every update sent is known (written, or the item re-read).
+    pub fn clear_in_flight(&mut self) {
+        self.in_flight.clear();
+        self.sent.clear();
+    }
+
+    /// True when `value` was sent for the projection key `key` by an update whose outcome is
+    /// not recorded: an item holding it may hold our own write.
+    pub fn was_sent(&self, key: &str, value: &Json) -> bool {
+        self.sent.get(key).is_some_and(|vs| vs.contains(value))
+    }
 }
+
+/// The values remembered per in-flight field. Every restart after a crash re-sends the field
+/// (one more value) until one update's outcome is recorded; a few cover any realistic run of
+/// crashes, and the bound keeps a crash-looping process from growing the entry without end.
+const MAX_SENT_VALUES: usize = 8;
 
 /// The ledger key of a row.
 pub fn key(table: &str, sync_key: &str) -> Vec<u8> {
@@ -158,6 +205,8 @@ pub struct Ledger<L> {
     topic: String,
     /// Records replayed from the changelog at open (for tests and logs).
     pub replayed: u64,
+    /// Audit records waiting for the next commit (`None`: not audited).
+    audit: Option<AuditTrail>,
 }
 
 impl<L: EventLog> Ledger<L> {
@@ -173,6 +222,7 @@ impl<L: EventLog> Ledger<L> {
             log,
             topic: topic.to_string(),
             replayed: 0,
+            audit: None,
         };
         ledger.catch_up().await?;
         Ok(ledger)
@@ -272,11 +322,53 @@ impl<L: EventLog> Ledger<L> {
         self.len() == 0
     }
 
-    /// Makes `changes` durable (see the module contract). `None` removes the entry.
+    /// Audits every later commit: records passed to [`Ledger::audit`] are appended to `topic`
+    /// (created unless it exists) before the changes they describe.
+    pub async fn enable_audit(&mut self, topic: &str) -> Result<(), LedgerError> {
+        self.log
+            .ensure_topic(&TopicSpec::new(topic, AUDIT_PARTITIONS))
+            .await?;
+        self.audit = Some(AuditTrail::new(topic.to_string()));
+        Ok(())
+    }
+
+    /// Whether decisions are audited (callers skip building records when not).
+    pub fn audits(&self) -> bool {
+        self.audit.is_some()
+    }
+
+    /// Buffers a record until the next [`Ledger::commit`] or [`Ledger::flush_audit`].
+    pub fn audit(&self, record: AuditRecord) {
+        if let Some(t) = &self.audit {
+            t.push(record);
+        }
+    }
+
+    /// Appends the buffered audit records (one append), durable on return. On failure they
+    /// stay buffered, in order, for the next attempt.
+    pub async fn flush_audit(&self) -> Result<(), LedgerError> {
+        let Some(trail) = &self.audit else {
+            return Ok(());
+        };
+        let records = trail.take();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let batch = records.iter().map(AuditRecord::to_record).collect();
+        if let Err(e) = self.log.append(trail.topic(), batch).await {
+            trail.restore(records);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Makes `changes` durable (see the module contract), after the audit records buffered so
+    /// far. `None` removes the entry.
     pub async fn commit(&self, changes: Vec<(Vec<u8>, Option<Entry>)>) -> Result<(), LedgerError> {
         if changes.is_empty() {
             return Ok(());
         }
+        self.flush_audit().await?;
         let mut records = Vec::with_capacity(changes.len());
         let mut batch = sled::Batch::default();
         for (k, e) in changes {
@@ -313,6 +405,30 @@ mod tests {
     fn keys_round_trip() {
         let k = key("public.t", "42");
         assert_eq!(split_key(&k), Some(("public.t".into(), "42".into())));
+    }
+
+    #[test]
+    fn sent_values_accumulate_until_the_outcome_is_known() {
+        let mut e = Entry::default();
+        let fields = |v: i64| serde_json::json!({ "Qty": v }).as_object().unwrap().clone();
+        e.send(&fields(1));
+        e.send(&fields(2));
+        e.send(&fields(2));
+        assert!(e.in_flight.contains("Qty"));
+        assert_eq!(
+            e.sent["Qty"],
+            vec![serde_json::json!(1), serde_json::json!(2)]
+        );
+        assert!(e.was_sent("Qty", &serde_json::json!(1)) && !e.was_sent("Title", &Json::Null));
+        for v in 3..20 {
+            e.send(&fields(v));
+        }
+        assert_eq!(e.sent["Qty"].len(), MAX_SENT_VALUES);
+        assert!(
+            e.was_sent("Qty", &serde_json::json!(19)) && !e.was_sent("Qty", &serde_json::json!(1))
+        );
+        e.clear_in_flight();
+        assert!(e.in_flight.is_empty() && e.sent.is_empty());
     }
 
     #[test]

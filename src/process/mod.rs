@@ -9,7 +9,8 @@
 //!    with the [`ledger`] (same hash → no write) and writes the difference through Graph `$batch`
 //!    (creates, field-level PATCHes, deletes, moves), rate-limited by the tenant's RU limiter;
 //! 4. records the outcome in the ledger (sled + compacted changelog), dead-letters what cannot be
-//!    written ([`dlq`]), and only then commits the input offsets.
+//!    written ([`dlq`]), records each decision in the audit trail ([`audit`]: appended before
+//!    the ledger change it describes), and only then commits the input offsets.
 //!
 //! # Delivery contract
 //! Each promise is documented again, in more detail, next to the code that keeps it (the files
@@ -38,9 +39,11 @@
 //!   origin (the return path's applier) are skipped, and they cancel an older pending push of the
 //!   same row. Kept by `processor::coalesce` (`Processor::fold_own_write`).
 
+pub mod audit;
 pub mod convert;
 pub mod dlq;
 pub mod guard;
+pub mod hold;
 pub mod ledger;
 pub(crate) mod processor;
 pub mod provision;
@@ -107,6 +110,9 @@ pub struct ProcessorConfig {
     pub flush_window: Duration,
     pub max_pending: usize,
     pub batch_concurrency: usize,
+    /// Record every decision in `<prefix>.<pipeline>.audit` ([`audit`]). On by default: the
+    /// control plane's row history reads it; off only to measure what it costs.
+    pub audit: bool,
 }
 
 impl ProcessorConfig {
@@ -124,6 +130,7 @@ impl ProcessorConfig {
             flush_window: DEFAULT_FLUSH_WINDOW,
             max_pending: DEFAULT_MAX_PENDING,
             batch_concurrency: DEFAULT_BATCH_CONCURRENCY,
+            audit: true,
         }
     }
 }

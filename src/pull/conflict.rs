@@ -7,7 +7,9 @@
 //! does; the return processor ([`super::upsert`], [`super::delete`]) carries them out.
 //!
 //! Invariant: a decision replayed after a crash (same row, list version and values) gets the
-//! same id, so it is recorded once (the id is remembered in the row's ledger entry).
+//! same id, so it is recorded once (the id is remembered in the row's ledger entry before the
+//! record is appended, and confirmed after; a replay finding it unconfirmed looks it up in the
+//! conflicts topic). Delete conflicts (`super::delete`) still get a random id: not covered.
 
 use std::collections::BTreeMap;
 
@@ -269,6 +271,14 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
+    /// True when the conflicts topic holds a record with this id. Reads the whole topic: only
+    /// asked after a crash cut off a conflict's confirmation, which is rare.
+    pub(super) async fn conflict_recorded(&self, id: &str) -> Result<bool, ProcessError> {
+        let entries =
+            super::resolve::read_conflicts(self.log.as_ref(), &self.conflicts_topic).await?;
+        Ok(entries.iter().any(|e| e.record.id == id))
+    }
+
     /// Appends a conflict to the conflicts topic (keyed by table and row) and counts it.
     pub(super) async fn record_conflict(&mut self, r: &ConflictRecord) -> Result<(), ProcessError> {
         for f in &r.fields {
@@ -276,6 +286,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 .increment(1);
         }
         self.stats.conflicts += 1;
+        self.audit_conflict(r);
         warn!(table = %r.table, key = %r.key, decision = %r.decision, fields = r.fields.len(), "conflict: both sides changed");
         let value = serde_json::to_vec(r).unwrap_or_default();
         self.log

@@ -20,6 +20,7 @@ use super::{RowChange, RowChangeKind};
 use crate::config::{ConflictPolicy, OnDelete};
 use crate::log::EventLog;
 use crate::process::ProcessError;
+use crate::process::audit::AuditOp;
 use crate::process::dlq::DeadLetter;
 use crate::process::ledger::Entry;
 use crate::process::processor::{Desired, Pending, Processor};
@@ -158,6 +159,16 @@ impl<L: EventLog + 'static> Processor<L> {
                 Some(entry)
             }
         };
+        self.audit_pull(
+            AuditOp::PullApply,
+            p,
+            sk,
+            change.as_ref(),
+            None,
+            Some(format!(
+                "the item was deleted in the list (pull.on_delete: {on_delete})"
+            )),
+        );
         let mut changes = vec![(lkey, change)];
         // A person-created item's marker goes with the item.
         let marker_key = new_item_key(&self.tables[ti].table, p);

@@ -22,6 +22,7 @@ use super::values::{ItemWrite, key_values, rejected_reason};
 use crate::config::SYNC_KEY_FIELD;
 use crate::graph::GraphError;
 use crate::log::EventLog;
+use crate::process::audit::AuditOp;
 use crate::process::convert;
 use crate::process::ledger::{self, Entry, ItemRef, Provenance};
 use crate::process::processor::{Processor, diff, hash_projection};
@@ -250,6 +251,16 @@ impl<L: EventLog + 'static> Processor<L> {
         }
         entry.hash = Some(hash_projection(&entry.projection));
         let marker = dead.is_none().then(|| created_marker(sk));
+        if dead.is_none() {
+            self.audit_pull(
+                AuditOp::PullApply,
+                p,
+                sk,
+                Some(&entry),
+                Some(lsn),
+                Some("a person created the item: the row was inserted".into()),
+            );
+        }
         let row_key = ledger::key(&self.tables[ti].table, sk);
         self.ledger
             .commit(vec![(row_key, Some(entry)), (intent_key, marker)])

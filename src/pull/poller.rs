@@ -41,6 +41,9 @@
 //!   throwaway consumer group that never commits reads the compacted topic to its end offset).
 //!   Without one, [`StartMode`] decides: `Latest` (`token=latest`, only changes from now on) or
 //!   `Full` (enumerate every item, framed as a resync with reason `initial`).
+//! - **Operator resets** ([`run_resettable`], `POST /pipelines/{name}/cursors/reset` with a list):
+//!   taken between two rounds, they start a full enumeration (reason `operator`) exactly as a
+//!   refused token does, answering once its `resync_begin` and first cursor are durable.
 //! - **Shutdown** is prompt: the token is watched while waiting for Graph, for the next poll and
 //!   for a retry; an append and the cursor store after it are never interrupted (a shutdown that
 //!   arrives then takes effect right after the store).
@@ -216,6 +219,8 @@ pub enum ResyncReason {
     Initial,
     /// Graph refused the token (`410 Gone` / `resyncRequired`).
     TokenExpired,
+    /// An operator reset the list's delta link (`POST /pipelines/{name}/cursors/reset`).
+    Operator,
 }
 
 impl ResyncReason {
@@ -223,6 +228,7 @@ impl ResyncReason {
         match self {
             ResyncReason::Initial => "initial",
             ResyncReason::TokenExpired => "token_expired",
+            ResyncReason::Operator => "operator",
         }
     }
 }
@@ -529,6 +535,8 @@ struct Poller<L> {
     shutdown: CancellationToken,
     /// When the stored cursor was last written (for [`IDLE_CURSOR_REFRESH`]).
     last_store: Option<Instant>,
+    /// Operator resets ([`run_resettable`]).
+    resets: Option<tokio::sync::mpsc::Receiver<ResetRequest>>,
 }
 
 /// Runs the poller of one list until `shutdown` is cancelled (then `Ok`) or a non-retryable
@@ -540,6 +548,23 @@ pub async fn run<L: EventLog>(
     log: Arc<L>,
     shutdown: CancellationToken,
 ) -> Result<(), PullError> {
+    run_resettable(config, client, log, None, shutdown).await
+}
+
+/// An operator's request to drop the list's delta link and enumerate the list in full (a cursor
+/// reset to none); answered with the new enumeration's `resync_id` once its `resync_begin` and
+/// cursor are durable, or why not.
+pub type ResetRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// [`run`], also serving `resets` between rounds: each starts a full enumeration (reason
+/// `operator`) at once, as a refused token would.
+pub async fn run_resettable<L: EventLog>(
+    config: PollerConfig,
+    client: Arc<GraphClient>,
+    log: Arc<L>,
+    resets: Option<tokio::sync::mpsc::Receiver<ResetRequest>>,
+    shutdown: CancellationToken,
+) -> Result<(), PullError> {
     validate(&config)?;
     let mut p = Poller {
         cfg: config,
@@ -547,6 +572,7 @@ pub async fn run<L: EventLog>(
         log,
         shutdown,
         last_store: None,
+        resets,
     };
     let Some(mut pos) = p.start_with_retry().await? else {
         return Ok(());
@@ -564,7 +590,7 @@ pub async fn run<L: EventLog>(
                 let outcome = if items > 0 { "changes" } else { "idle" };
                 metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => p.cfg.pipeline.clone(), "outcome" => outcome)
                     .increment(1);
-                if !p.sleep(p.cfg.interval).await {
+                if !p.sleep_or_reset(p.cfg.interval, &mut pos).await {
                     return Ok(());
                 }
             }
@@ -622,6 +648,42 @@ impl<L: EventLog> Poller<L> {
             _ = tokio::time::sleep(d) => true,
             _ = self.shutdown.cancelled() => false,
         }
+    }
+
+    /// Sleeps `d` between rounds; a reset arriving meanwhile starts a full enumeration and ends
+    /// the sleep. False when shutdown came first.
+    async fn sleep_or_reset(&mut self, d: Duration, pos: &mut Position) -> bool {
+        let next_reset = async {
+            match self.resets.as_mut() {
+                Some(r) => r.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let reset = tokio::select! {
+            _ = tokio::time::sleep(d) => return true,
+            _ = self.shutdown.cancelled() => return false,
+            r = next_reset => r,
+        };
+        let Some(reply) = reset else {
+            // Every handle is gone: no more resets.
+            self.resets = None;
+            return true;
+        };
+        tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name,
+            "delta link reset by the operator");
+        let started = self.start_resync(ResyncReason::Operator, pos).await;
+        let answer = match (&started, &*pos) {
+            (
+                Ok(()),
+                Position::Link {
+                    resync: Some(rs), ..
+                },
+            ) => Ok(rs.id.clone()),
+            (Ok(()), _) => Err("the enumeration did not start".to_string()),
+            (Err(e), _) => Err(e.to_string()),
+        };
+        let _ = reply.send(answer);
+        true
     }
 
     /// Creates the topics and reads the stored cursor, retrying retryable errors; `None` on

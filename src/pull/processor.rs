@@ -272,6 +272,7 @@ impl<L: EventLog + 'static> Processor<L> {
             list: Some(p.list_id.clone()),
             request_id: None,
             client_request_id: None,
+            status: None,
             source: Some(SourcePosition {
                 topic: p.topic.clone(),
                 partition: 0,

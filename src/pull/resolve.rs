@@ -805,7 +805,7 @@ impl<L: EventLog + 'static> Processor<L> {
         }
         entry.projection = plan.projection;
         entry.hash = Some(hash_projection(&entry.projection));
-        entry.in_flight.clear();
+        entry.clear_in_flight();
         self.ledger
             .commit(vec![(lkey, Some(entry))])
             .await

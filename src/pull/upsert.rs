@@ -4,6 +4,8 @@
 //! The steps of [`Processor::pull_upsert`], in order:
 //! 1. find the row and its ledger entry; an item without one is left to the push side, and a
 //!    list version the ledger already holds is an echo or a replay ([`Processor::edit_of`]);
+//!    values of our own update whose outcome a crash cut off are known content, not edits
+//!    ([`Processor::take_own_writes`]);
 //! 2. the fields whose canonical value differs from the ledger's projection; none: an echo;
 //! 3. the source side to weigh them against: the row's pending push, else the row as it is in
 //!    PostgreSQL ([`Processor::source_side`]), and the policy decisions
@@ -30,6 +32,7 @@ use super::{Applied, ApplyError, RowChange, RowChangeKind};
 use crate::config::{Direction, SYSTEM_FIELDS};
 use crate::log::EventLog;
 use crate::process::ProcessError;
+use crate::process::audit::AuditOp;
 use crate::process::convert;
 use crate::process::ledger::{Entry, ItemRef, Provenance};
 use crate::process::processor::{Desired, Pending, Processor, hash_projection};
@@ -47,6 +50,8 @@ struct Edit<'a> {
     /// is written, its ledger entry not yet): the row came from this item, so its values are
     /// taken as they are, not checked for a conflict.
     resumed_new: bool,
+    /// The projection took values of our own unconfirmed update from this list version.
+    took_own_writes: bool,
 }
 
 impl<L: EventLog + 'static> Processor<L> {
@@ -58,6 +63,7 @@ impl<L: EventLog + 'static> Processor<L> {
         let Some(mut edit) = self.edit_of(p)? else {
             return Ok(PullOutcome::Done);
         };
+        self.take_own_writes(&mut edit);
         let (changed, system_changed) = self.changed_fields(&edit);
         self.hold_push_only(&mut edit);
         if edit.entry.item.is_none() {
@@ -157,7 +163,30 @@ impl<L: EventLog + 'static> Processor<L> {
             sk,
             entry: known.unwrap_or_default(),
             resumed_new,
+            took_own_writes: false,
         }))
+    }
+
+    /// Step 1b: an update whose outcome was never recorded (a crash, or a lost answer, between
+    /// Graph and the ledger) may have landed. A list field holding a value it sent holds our
+    /// own write, not a person's edit: it joins the projection as the item's known content, so
+    /// it is neither taken back into the row (overwriting newer source values) nor weighed as
+    /// a conflict. The fields stay in flight: the push sends the row's current values again.
+    fn take_own_writes(&self, edit: &mut Edit<'_>) {
+        if edit.entry.sent.is_empty() {
+            return;
+        }
+        let Some(fields) = edit.p.fields.as_ref() else {
+            return;
+        };
+        for f in self.pull_fields(edit.p.table) {
+            for (k, v) in convert::canonical_from_item(fields, &f) {
+                if edit.entry.projection.get(&k) != Some(&v) && edit.entry.was_sent(&k, &v) {
+                    edit.entry.projection.insert(k, v);
+                    edit.took_own_writes = true;
+                }
+            }
+        }
     }
 
     fn count_echo(&mut self) {
@@ -212,12 +241,13 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
-    /// No mapped field changed: an echo. The ledger learns the item's new version.
+    /// No mapped field changed (or only to values our own unconfirmed update sent): an echo.
+    /// The ledger learns the item's new version, with those values.
     async fn take_echo(&mut self, mut edit: Edit<'_>) -> Result<PullOutcome, ProcessError> {
         self.count_echo();
         let p = edit.p;
-        if p.etag.is_some() && edit.entry.etag != p.etag {
-            edit.entry.etag = p.etag.clone();
+        if (p.etag.is_some() && edit.entry.etag != p.etag) || edit.took_own_writes {
+            edit.entry.etag = p.etag.clone().or(edit.entry.etag.take());
             self.ledger
                 .commit(vec![(edit.lkey, Some(edit.entry))])
                 .await?;
@@ -253,7 +283,9 @@ impl<L: EventLog + 'static> Processor<L> {
 
     /// Step 4a: records the conflicts. The same decision replayed after a crash (same row,
     /// list version and values) is recorded once: its id is derived from them and remembered
-    /// in the ledger at once, before any write to the item.
+    /// in the ledger (as unconfirmed) before the record is appended and before any write to
+    /// the item. A replay that finds it unconfirmed (a crash around the append) appends it
+    /// only if the conflicts topic does not hold it.
     async fn record_field_conflicts(
         &mut self,
         edit: &mut Edit<'_>,
@@ -264,13 +296,33 @@ impl<L: EventLog + 'static> Processor<L> {
         let p = edit.p;
         let table = &self.tables[p.table].table;
         let id = conflict_id(table, &edit.sk, &p.item_id, p.etag.as_deref(), &conflicts);
-        if conflicts.is_empty() || edit.entry.last_conflict.as_deref() == Some(id.as_str()) {
+        if conflicts.is_empty() {
             return Ok(());
         }
-        edit.entry.last_conflict = Some(id.clone());
+        let known = edit.entry.last_conflict.as_deref() == Some(id.as_str());
+        if known && !edit.entry.conflict_unconfirmed {
+            return Ok(());
+        }
+        if known && self.conflict_recorded(&id).await? {
+            return self.confirm_conflict(edit).await;
+        }
+        if !known {
+            edit.entry.last_conflict = Some(id.clone());
+            edit.entry.conflict_unconfirmed = true;
+            self.ledger
+                .commit(vec![(edit.lkey.clone(), Some(edit.entry.clone()))])
+                .await?;
+        }
         let ts = pending_ts_ms.unwrap_or(0);
         let record = self.conflict_record(p, &edit.sk, id, conflicts, parked, ts);
         self.record_conflict(&record).await?;
+        self.failpoints.hit("pull.after_conflict");
+        self.confirm_conflict(edit).await
+    }
+
+    /// The row's last conflict is in the conflicts topic: the ledger stops doubting it.
+    async fn confirm_conflict(&mut self, edit: &mut Edit<'_>) -> Result<(), ProcessError> {
+        edit.entry.conflict_unconfirmed = false;
         self.ledger
             .commit(vec![(edit.lkey.clone(), Some(edit.entry.clone()))])
             .await?;
@@ -466,6 +518,7 @@ impl<L: EventLog + 'static> Processor<L> {
             sk,
             mut entry,
             resumed_new,
+            ..
         } = edit;
         self.stats.pulled += 1;
         for (_, canon) in apply {
@@ -489,6 +542,14 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(PullOutcome::Done);
         }
         entry.hash = Some(hash_projection(&entry.projection));
+        self.audit_pull(
+            AuditOp::PullApply,
+            p,
+            &sk,
+            Some(&entry),
+            applied.commit_lsn,
+            Some("a list edit was applied to the row".into()),
+        );
         let mut changes = vec![(lkey, Some(entry))];
         if resumed_new {
             let intent_key = new_item_key(&self.tables[ti].table, p);

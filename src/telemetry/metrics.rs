@@ -99,6 +99,9 @@ pub const PIPELINE_PAUSES_TOTAL: &str = "syncbridge_pipeline_pauses_total";
 pub const META_EVENTS_PROJECTED_TOTAL: &str = "syncbridge_meta_events_projected_total";
 /// Meta-store: failed attempts to project a run event, retried (counter; label: pipeline).
 pub const META_PROJECT_ERRORS_TOTAL: &str = "syncbridge_meta_project_errors_total";
+/// Meta-store: audit records the projector wrote to `syncbridge_meta.audit` (counter; label:
+/// pipeline).
+pub const META_AUDIT_PROJECTED_TOTAL: &str = "syncbridge_meta_audit_projected_total";
 /// Counter of list changes recognised as our own writes coming back (echoes), label `pipeline`.
 pub const PULL_ECHOES_TOTAL: &str = "syncbridge_pull_echoes_total";
 /// Counter of fields changed on both sides, labels `pipeline`, `policy`, `outcome` (source/target/parked).
@@ -119,6 +122,78 @@ pub const PULL_APPLY_TOTAL: &str = "syncbridge_pull_apply_total";
 pub const PULL_APPLY_SECONDS: &str = "syncbridge_pull_apply_seconds";
 /// Counter of applier (re)connections to PostgreSQL after the first, label `pipeline`.
 pub const PULL_APPLY_RECONNECTS_TOTAL: &str = "syncbridge_pull_apply_reconnects_total";
+
+/// Gauge of events in a consumer group's topics not yet committed by it, labels `pipeline`,
+/// `group` (`sync`: the push processor; `return`: the return path's applier).
+pub const CONSUMER_LAG_EVENTS: &str = "syncbridge_consumer_lag_events";
+/// Gauge (Unix seconds) of the push processor's last offset commit, label `pipeline`.
+pub const PUSH_LAST_COMMIT_TIMESTAMP: &str = "syncbridge_push_last_commit_timestamp_seconds";
+/// Gauge (Unix seconds) of capture's last acknowledgement to the slot, label `pipeline`.
+pub const CAPTURE_LAST_ACK_TIMESTAMP: &str = "syncbridge_capture_last_ack_timestamp_seconds";
+/// Gauge of a tenant's RU budget per minute (graph.ru_per_minute), label `tenant`.
+pub const GRAPH_RU_BUDGET_PER_MINUTE: &str = "syncbridge_graph_ru_budget_per_minute";
+
+/// Dead-letter kinds (`syncbridge_push_dead_letters_total{kind}`), for zero-initialised series.
+const DEAD_LETTER_KINDS: [&str; 8] = [
+    "too_long",
+    "unknown_choice",
+    "type_mismatch",
+    "out_of_range",
+    "unknown_user",
+    "lookup_missing",
+    "graph_rejected",
+    "undecodable",
+];
+
+/// Registers a pipeline's counters at 0 with their usual label values, so `increase()` and
+/// `rate()` see the first event (a series that appears at 1 hides it) and alerts on them can
+/// fire from the first dead letter on.
+pub fn init_pipeline(pipeline: &str, pulls: bool) {
+    let zero = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+        let mut all = vec![metrics::Label::new("pipeline", pipeline.to_string())];
+        all.extend(labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)));
+        metrics::counter!(name, all).increment(0);
+    };
+    for name in [
+        CAPTURE_RECONNECTS_TOTAL,
+        PUSH_COALESCED_TOTAL,
+        PUSH_MOVES_TOTAL,
+        META_EVENTS_PROJECTED_TOTAL,
+        META_PROJECT_ERRORS_TOTAL,
+    ] {
+        zero(name, &[]);
+    }
+    for op in ["c", "u", "d", "r", "t"] {
+        zero(PUSH_EVENTS_TOTAL, &[("op", op)]);
+    }
+    for kind in ["create", "update", "delete"] {
+        for outcome in ["ok", "rejected"] {
+            zero(PUSH_WRITES_TOTAL, &[("kind", kind), ("outcome", outcome)]);
+        }
+    }
+    for reason in ["unchanged", "own_origin", "stale"] {
+        zero(PUSH_SKIPPED_TOTAL, &[("reason", reason)]);
+    }
+    for kind in DEAD_LETTER_KINDS {
+        zero(PUSH_DEAD_LETTERS_TOTAL, &[("kind", kind)]);
+    }
+    for kind in ["dead_letter_storm", "schema_unavailable"] {
+        zero(PIPELINE_PAUSES_TOTAL, &[("kind", kind)]);
+    }
+    if pulls {
+        zero(PULL_ECHOES_TOTAL, &[]);
+        zero(PULL_APPLY_RECONNECTS_TOTAL, &[]);
+        for outcome in ["applied", "rejected", "invalid", "error"] {
+            zero(PULL_APPLY_TOTAL, &[("outcome", outcome)]);
+        }
+        for outcome in ["changes", "idle", "error"] {
+            zero(PULL_DELTA_POLLS_TOTAL, &[("outcome", outcome)]);
+        }
+        for kind in ["upsert", "deleted"] {
+            zero(PULL_ITEMS_RECEIVED_TOTAL, &[("kind", kind)]);
+        }
+    }
+}
 
 /// Registers help text and units for every metric, so scrapes carry `# HELP` from the start.
 pub fn describe_all() {
@@ -335,6 +410,11 @@ pub fn describe_all() {
         "Failed attempts to write a run event to the meta-store, retried (label: pipeline)."
     );
     describe_counter!(
+        META_AUDIT_PROJECTED_TOTAL,
+        Unit::Count,
+        "Audit records written to the meta-store by the projector (label: pipeline)."
+    );
+    describe_counter!(
         PULL_ECHOES_TOTAL,
         Unit::Count,
         "List changes recognised as our own writes and dropped (label: pipeline)."
@@ -348,5 +428,24 @@ pub fn describe_all() {
         PULL_CONFLICT_RESOLUTIONS_TOTAL,
         Unit::Count,
         "Operator resolutions of parked conflicts (labels: pipeline, take, outcome)."
+    );
+    describe_gauge!(
+        CONSUMER_LAG_EVENTS,
+        Unit::Count,
+        "Events in a consumer group's topics it has not committed (labels: pipeline, group)."
+    );
+    describe_gauge!(
+        PUSH_LAST_COMMIT_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time of the push processor's last offset commit (label: pipeline)."
+    );
+    describe_gauge!(
+        CAPTURE_LAST_ACK_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time of capture's last acknowledgement to the replication slot (label: pipeline)."
+    );
+    describe_gauge!(
+        GRAPH_RU_BUDGET_PER_MINUTE,
+        "A tenant's RU budget per minute, graph.ru_per_minute (label: tenant)."
     );
 }

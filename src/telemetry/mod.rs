@@ -58,3 +58,8 @@ pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
     ::metrics::gauge!(metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(PROMETHEUS.get_or_init(|| handle).clone())
 }
+
+/// Now as Unix seconds (for the last-activity timestamp gauges).
+pub fn unix_seconds() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
+}

@@ -59,7 +59,9 @@ impl Harness {
                 .unwrap(),
             tenant: emulator::DEFAULT_TENANT.into(),
             client_id: emulator::DEFAULT_CLIENT_ID.into(),
-            client_secret: Secret::new(emulator::DEFAULT_CLIENT_SECRET),
+            credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(
+                emulator::DEFAULT_CLIENT_SECRET,
+            )),
             site: emulator::DEFAULT_SITE.into(),
             ru_per_minute: 100_000,
         };
@@ -68,7 +70,9 @@ impl Harness {
         // Adele Vance, editing lists by hand (the emulator's second client).
         let person_cfg = GraphConfig {
             client_id: emulator::DEFAULT_USER_CLIENT_ID.into(),
-            client_secret: Secret::new(emulator::DEFAULT_USER_CLIENT_SECRET),
+            credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(
+                emulator::DEFAULT_USER_CLIENT_SECRET,
+            )),
             ..gc.clone()
         };
         let person = GraphClient::new(

@@ -97,3 +97,54 @@ pub fn block_on_own_runtime<F: std::future::Future<Output = ()> + Send + 'static
     })
     .join();
 }
+
+/// A database of its own on the stack's server (e.g. for `control.meta_url`, so that migrations
+/// another branch applied to the shared database cannot stop a run); dropped on drop.
+pub struct TempDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TempDatabase {
+    /// `CREATE DATABASE <prefix>_<random>`.
+    pub async fn create(prefix: &str) -> TempDatabase {
+        let name = format!(
+            "{prefix}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let (c, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut url: url::Url = database_url().parse().unwrap();
+        url.set_path(&format!("/{name}"));
+        TempDatabase {
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        execute_best_effort(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// Runs `sql` on the stack's database, ignoring failures; blocking, on a runtime of its own, so
+/// it is safe in `Drop` (clean-up of what a test created).
+pub fn execute_best_effort(sql: String) {
+    block_on_own_runtime(async move {
+        if let Ok((c, conn)) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            let _ = c.batch_execute(&sql).await;
+        }
+    });
+}

@@ -24,7 +24,7 @@ fn client(emu: &Emu) -> GraphClient {
         token_url: emu.token_url().parse().unwrap(),
         tenant: TENANT.into(),
         client_id: CLIENT_ID.into(),
-        client_secret: Secret::new(SECRET),
+        credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(SECRET)),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: 1_250,
     };

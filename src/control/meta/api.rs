@@ -29,6 +29,16 @@ const DEFAULT_RUNS_PAGE: i64 = 50;
 #[derive(Debug, Clone, Default)]
 pub struct MetaRegistry {
     dbs: Arc<Mutex<BTreeMap<String, Arc<MetaDb>>>>,
+    /// The running pipelines by name: their store and synced tables (row history).
+    pipelines: Arc<Mutex<BTreeMap<String, PipelineMeta>>>,
+}
+
+/// A running pipeline as the row history sees it.
+#[derive(Debug, Clone)]
+pub struct PipelineMeta {
+    pub db: Arc<MetaDb>,
+    /// Its synced tables, `schema.table`.
+    pub tables: Vec<String>,
 }
 
 impl MetaRegistry {
@@ -40,6 +50,32 @@ impl MetaRegistry {
             .entry(url.to_string())
             .or_insert_with(|| MetaDb::new(url))
             .clone()
+    }
+
+    /// Registers a running pipeline: its meta-store (shared as by [`MetaRegistry::register`])
+    /// and the tables it syncs.
+    pub fn register_pipeline(&self, name: &str, url: &str, tables: Vec<String>) -> Arc<MetaDb> {
+        let db = self.register(url);
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                name.to_string(),
+                PipelineMeta {
+                    db: db.clone(),
+                    tables,
+                },
+            );
+        db
+    }
+
+    /// A running pipeline's store and tables.
+    pub fn pipeline(&self, name: &str) -> Option<PipelineMeta> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn all(&self) -> Vec<Arc<MetaDb>> {
@@ -143,7 +179,7 @@ fn runs_query(q: &HashMap<String, String>) -> Result<(i64, (i64, Uuid)), ApiErro
 /// Query parameters `GET /runs` knows.
 const RUNS_PARAMS: [&str; 5] = ["pipeline", "kind", "status", "limit", "before"];
 /// The run kinds, as the `kind` filter names them.
-const RUN_KINDS: &str = "stream, snapshot, resnapshot, dlq_replay";
+const RUN_KINDS: &str = "stream, snapshot, resnapshot, dlq_replay, cursor_reset";
 
 #[utoipa::path(get, path = "/runs", tag = "runs",
     params(

@@ -23,6 +23,14 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_run_subject",
         include_str!("../../../migrations/0002_run_subject.sql"),
     ),
+    (
+        "0003_audit",
+        include_str!("../../../migrations/0003_audit.sql"),
+    ),
+    (
+        "0004_run_requests",
+        include_str!("../../../migrations/0004_run_requests.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migration runs (any fixed number unique to us:
@@ -99,11 +107,15 @@ mod tests {
         files.sort();
         let listed: Vec<String> = MIGRATIONS.iter().map(|(s, _)| s.to_string()).collect();
         assert_eq!(files, listed, "migrations/*.sql and MIGRATIONS differ");
-        for (i, (stem, _)) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(refinery_name(stem).unwrap(), {
-                let what = stem.split_once('_').unwrap().1;
-                format!("V{}__{what}", i + 1)
-            });
+        // Versions only grow; a gap is allowed (numbers are reserved per branch, e.g. 0004 before
+        // 0002 and 0003 are merged), a repeat or a step back is not.
+        let mut last = 0;
+        for (stem, _) in MIGRATIONS {
+            let (num, what) = stem.split_once('_').unwrap();
+            let version: u32 = num.parse().unwrap();
+            assert!(version > last, "{stem} after version {last}");
+            assert_eq!(refinery_name(stem).unwrap(), format!("V{version}__{what}"));
+            last = version;
         }
         assert_eq!(migrations().unwrap().len(), MIGRATIONS.len());
     }

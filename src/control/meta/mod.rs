@@ -6,9 +6,15 @@
 //! to the schema idempotently, storing its position in the schema itself, so a dropped schema is
 //! rebuilt from the log on the next start. [`migrate`] creates and upgrades the schema;
 //! [`api`] serves `GET /runs` and `GET /runs/{id}`.
+//!
+//! The ledger audit (`crate::process::audit`) takes the same way: the processor appends its
+//! records to `<prefix>.<pipeline>.audit`, a second projector writes `syncbridge_meta.audit`
+//! (pruned after `control.audit_retention`), and [`history`] serves a row's lineage at
+//! `GET /pipelines/{name}/rows/{table}/{key}/history`.
 
 pub mod api;
 pub mod capture_runs;
+pub mod history;
 pub mod migrate;
 pub mod projector;
 pub mod runs;
@@ -23,7 +29,7 @@ use crate::log::LogError;
 use crate::pg::PgConnectError;
 
 pub use api::{MetaRegistry, routes};
-pub use projector::Projector;
+pub use projector::{Projection, Projector};
 pub use runs::{RunCounts, RunEvent, RunKind, RunRecorder, RunStatus, runs_topic};
 
 /// The meta-store's schema.

@@ -1,10 +1,16 @@
-//! The projector: reads a pipeline's runs topic and writes `syncbridge_meta.runs`.
+//! The projectors: one reads a pipeline's runs topic and writes `syncbridge_meta.runs`, another
+//! its audit topic (`crate::process::audit`) into `syncbridge_meta.audit` ([`Projection`]).
 //!
-//! Invariant: a record's effect and the projector's position are committed in one transaction,
-//! and a run's row only ever moves to a higher `seq`, so a record read twice (a restart, a
-//! duplicate append) changes nothing. The position lives in `syncbridge_meta.projector_offsets`,
-//! not in the consumer group (which never commits and so always starts at the earliest record):
-//! when the schema is dropped, the next start projects the whole topic again.
+//! Invariant: a batch of records' effects and the projector's position are committed in one
+//! transaction; a run's row only ever moves to a higher `seq` and an audit row is inserted once
+//! per `event_id`, so a record read twice (a restart, a duplicate append) changes nothing. The
+//! position lives in `syncbridge_meta.projector_offsets`, not in the consumer group (which never
+//! commits and so always starts at the earliest record): when the schema is dropped, the next
+//! start projects the whole topic again.
+//!
+//! The audit projector also applies `control.audit_retention`: every [`PRUNE_INTERVAL`] it
+//! deletes the pipeline's older records in bounded chunks ([`PRUNE_CHUNK`] rows per statement),
+//! so pruning never holds long locks or starves the projection.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,9 +19,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use futures::FutureExt;
+
 use super::runs::{RunEvent, RunStatus, append_event};
 use super::{MetaDb, MetaError, now_ms};
 use crate::log::{ConsumedRecord, EventLog, LogConsumer};
+use crate::process::audit::AuditRecord;
 use crate::telemetry::metrics as m;
 
 /// How long a stopping projector keeps reading to project the events appended while draining.
@@ -23,6 +32,31 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pause before retrying a record the database refused for a transient reason.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Most records applied in one transaction: a burst of audit records (one per row a flush
+/// wrote) costs one round of statements, and a transaction stays short.
+const MAX_BATCH: usize = 500;
+
+/// How often the audit projector prunes records older than `control.audit_retention`: the
+/// retention is days, so a few minutes of extra age is irrelevant, and a rare prune costs little.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Rows one pruning `DELETE` removes at most: small enough for a short statement, large enough
+/// that a day of a busy pipeline's records goes in a few hundred statements.
+pub const PRUNE_CHUNK: i64 = 5_000;
+
+/// Chunks one prune deletes at most before the projector gets back to projecting; the rest is
+/// deleted at the next interval.
+const PRUNE_MAX_CHUNKS: usize = 200;
+
+/// What a projector writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// Run events into `syncbridge_meta.runs`.
+    Runs,
+    /// Audit records into `syncbridge_meta.audit`.
+    Audit,
+}
 
 /// A running run whose last event is older than this (three missed heartbeats) belongs to a
 /// process that ended, when another process might be running the pipeline (Kafka).
@@ -43,12 +77,15 @@ pub fn projector_group(pipeline: &str, shared_log: bool) -> String {
     }
 }
 
-/// Projects one runs topic. Its [`MetaDb`] must be its own (see [`Projector::open`]).
+/// Projects one runs or audit topic. Its [`MetaDb`] must be its own (see [`Projector::open`]).
 #[derive(Debug)]
 pub struct Projector<L: EventLog> {
     log: Arc<L>,
     topic: String,
     pipeline: String,
+    projection: Projection,
+    /// Audit records older than this are pruned (audit projector only).
+    retention: Option<Duration>,
     db: Arc<MetaDb>,
     consumer: L::Consumer,
     consumer_stop: CancellationToken,
@@ -66,14 +103,15 @@ impl<L: EventLog> Projector<L> {
         pipeline: &str,
         db: Arc<MetaDb>,
         shared_log: bool,
+        projection: Projection,
     ) -> Result<Self, MetaError> {
         let consumer_stop = CancellationToken::new();
+        let mut group = projector_group(pipeline, shared_log);
+        if projection == Projection::Audit {
+            group.push_str(".audit");
+        }
         let consumer = log
-            .consumer(
-                &projector_group(pipeline, shared_log),
-                std::slice::from_ref(&topic),
-                consumer_stop.clone(),
-            )
+            .consumer(&group, std::slice::from_ref(&topic), consumer_stop.clone())
             .await?;
         let client = db.client().await?;
         let rows = client
@@ -91,12 +129,21 @@ impl<L: EventLog> Projector<L> {
             log,
             topic,
             pipeline: pipeline.to_string(),
+            projection,
+            retention: None,
             db,
             consumer,
             consumer_stop,
             applied,
             projected: 0,
         })
+    }
+
+    /// Prunes audit records older than `retention` (see the module docs).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
     }
 
     /// Reads until every record appended before the call is applied (or `timeout` passed).
@@ -119,10 +166,27 @@ impl<L: EventLog> Projector<L> {
                 }
             };
             match rec {
-                Some(rec) => self.apply_retrying(rec, None).await?,
+                Some(rec) => {
+                    let batch = self.gather(rec)?;
+                    self.apply_retrying(batch, None).await?;
+                }
                 None => return Ok(()),
             }
         }
+    }
+
+    /// `first` and the records the consumer already holds behind it, up to [`MAX_BATCH`].
+    /// (`recv` is cancel-safe: a record is handed out only by the poll that returns it.)
+    fn gather(&mut self, first: ConsumedRecord) -> Result<Vec<ConsumedRecord>, MetaError> {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(Some(rec))) => batch.push(rec),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(None)) | None => break,
+            }
+        }
+        Ok(batch)
     }
 
     /// Projects until `stop`, then for a while longer what was appended before it (the final
@@ -135,6 +199,10 @@ impl<L: EventLog> Projector<L> {
         let mut tick = tokio::time::interval(super::runs::STREAM_UPDATE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        // The first prune comes right at start (a process down for days has work waiting).
+        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let retention = self.retention;
         loop {
             let rec = tokio::select! {
                 r = self.consumer.recv() => r?,
@@ -145,31 +213,43 @@ impl<L: EventLog> Projector<L> {
                     }
                     continue;
                 }
+                _ = prune.tick(), if retention.is_some() => {
+                    if let Some(r) = retention
+                        && let Err(e) = prune_audit(&self.db, &self.pipeline, r, &stop).await
+                    {
+                        warn!(pipeline = %self.pipeline, "pruning old audit records failed (retried at the next interval): {e}");
+                    }
+                    continue;
+                }
             };
             match rec {
-                Some(rec) => self.apply_retrying(rec, Some(&stop)).await?,
+                Some(rec) => {
+                    let batch = self.gather(rec)?;
+                    self.apply_retrying(batch, Some(&stop)).await?;
+                }
                 None => break,
             }
         }
         self.catch_up(DRAIN_TIMEOUT).await?;
         self.consumer_stop.cancel();
-        info!(topic = %self.topic, projected = self.projected, "run projector stopped");
+        info!(topic = %self.topic, projected = self.projected, "projector stopped");
         Ok(self.projected)
     }
 
-    /// Applies one record, retrying transient database failures (until `stop`, if given).
+    /// Applies a batch of records, retrying transient database failures (until `stop`, if
+    /// given).
     async fn apply_retrying(
         &mut self,
-        rec: ConsumedRecord,
+        batch: Vec<ConsumedRecord>,
         stop: Option<&CancellationToken>,
     ) -> Result<(), MetaError> {
         loop {
-            match self.apply(&rec).await {
+            match self.apply(&batch).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retryable() => {
                     metrics::counter!(m::META_PROJECT_ERRORS_TOTAL, "pipeline" => self.pipeline.clone())
                         .increment(1);
-                    warn!(topic = %self.topic, offset = rec.offset, "projecting a run event failed, retrying: {e}");
+                    warn!(topic = %self.topic, offset = batch[0].offset, "projecting failed, retrying: {e}");
                     if stop.is_some_and(CancellationToken::is_cancelled) {
                         return Err(e);
                     }
@@ -180,49 +260,235 @@ impl<L: EventLog> Projector<L> {
         }
     }
 
-    async fn apply(&mut self, rec: &ConsumedRecord) -> Result<(), MetaError> {
-        if rec.offset < self.applied.get(&rec.partition).copied().unwrap_or(0) {
+    async fn apply(&mut self, batch: &[ConsumedRecord]) -> Result<(), MetaError> {
+        let fresh: Vec<&ConsumedRecord> = batch
+            .iter()
+            .filter(|r| r.offset >= self.applied.get(&r.partition).copied().unwrap_or(0))
+            .collect();
+        if fresh.is_empty() {
             return Ok(());
         }
-        let event = match rec.record.value.as_deref().map(RunEvent::decode) {
-            Some(Ok(e)) => Some(e),
-            Some(Err(e)) => {
-                // Not ours to fix: skip it (the offset still moves) rather than stall the history.
-                warn!(topic = %self.topic, offset = rec.offset, "skipping an undecodable run event: {e}");
-                None
-            }
-            None => None,
-        };
+        // Next offset per partition once the batch is applied.
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in &fresh {
+            let n = next.entry(r.partition).or_insert(0);
+            *n = (*n).max(r.offset + 1);
+        }
         let client = self.db.client().await?;
-        let next = rec.offset + 1;
         client.batch_execute("BEGIN").await?;
         let result = async {
-            if let Some(e) = &event {
-                upsert(&client, e).await?;
+            let written = match self.projection {
+                Projection::Runs => {
+                    let events = decode_all(&self.topic, &fresh, |_, b| RunEvent::decode(b));
+                    for e in &events {
+                        upsert(&client, e).await?;
+                    }
+                    events.len()
+                }
+                Projection::Audit => {
+                    let records = decode_all(&self.topic, &fresh, |rec, b| {
+                        AuditRecord::decode(b)
+                            .map(|a| (a, rec.partition, rec.offset))
+                            .map_err(|e| MetaError::Decode(e.to_string()))
+                    });
+                    insert_audit(&client, &records).await?;
+                    records.len()
+                }
+            };
+            for (partition, n) in &next {
+                client
+                    .execute(
+                        "INSERT INTO syncbridge_meta.projector_offsets (topic, partition, next_offset) \
+                         VALUES ($1, $2, $3) ON CONFLICT (topic, partition) \
+                         DO UPDATE SET next_offset = \
+                         GREATEST(syncbridge_meta.projector_offsets.next_offset, EXCLUDED.next_offset)",
+                        &[&self.topic, partition, n],
+                    )
+                    .await?;
             }
-            client
-                .execute(
-                    "INSERT INTO syncbridge_meta.projector_offsets (topic, partition, next_offset) \
-                     VALUES ($1, $2, $3) ON CONFLICT (topic, partition) \
-                     DO UPDATE SET next_offset = \
-                     GREATEST(syncbridge_meta.projector_offsets.next_offset, EXCLUDED.next_offset)",
-                    &[&self.topic, &rec.partition, &next],
-                )
-                .await?;
             client.batch_execute("COMMIT").await?;
-            Ok::<_, MetaError>(())
+            Ok::<_, MetaError>(written)
         }
         .await;
-        if let Err(e) = result {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-        self.applied.insert(rec.partition, next);
-        self.projected += 1;
-        metrics::counter!(m::META_EVENTS_PROJECTED_TOTAL, "pipeline" => self.pipeline.clone())
-            .increment(1);
+        let written = match result {
+            Ok(w) => w as u64,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        self.applied.extend(next);
+        self.projected += fresh.len() as u64;
+        let counter = match self.projection {
+            Projection::Runs => m::META_EVENTS_PROJECTED_TOTAL,
+            Projection::Audit => m::META_AUDIT_PROJECTED_TOTAL,
+        };
+        metrics::counter!(counter, "pipeline" => self.pipeline.clone()).increment(written);
         Ok(())
     }
+}
+
+/// The decodable values of `records`; an undecodable one is skipped with a warning (not ours to
+/// fix: its offset still moves rather than stall the history), a tombstone silently.
+fn decode_all<T>(
+    topic: &str,
+    records: &[&ConsumedRecord],
+    decode: impl Fn(&ConsumedRecord, &[u8]) -> Result<T, MetaError>,
+) -> Vec<T> {
+    records
+        .iter()
+        .filter_map(
+            |rec| match rec.record.value.as_deref().map(|v| decode(rec, v)) {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    warn!(
+                        topic,
+                        offset = rec.offset,
+                        "skipping an undecodable record: {e}"
+                    );
+                    None
+                }
+                None => None,
+            },
+        )
+        .collect()
+}
+
+/// Inserts audit records with their log positions (one statement for the batch); a record
+/// already there (same `event_id`: read twice, or appended twice) is left as it is.
+async fn insert_audit(
+    client: &tokio_postgres::Client,
+    records: &[(AuditRecord, i32, i64)],
+) -> Result<(), MetaError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let c = AuditColumns::of(records);
+    client
+        .execute(
+            "INSERT INTO syncbridge_meta.audit (event_id, pipeline, table_name, row_key, \
+             operation, list_id, item_id, content_hash, lsn, source_topic, source_partition, \
+             source_offset, request_id, client_request_id, http_status, etag, detail, at_ms, \
+             log_partition, log_offset) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::int[], \
+             $12::bigint[], $13::text[], $14::text[], $15::int[], $16::text[], $17::text[], \
+             $18::bigint[], $19::int[], $20::bigint[]) ON CONFLICT (event_id) DO NOTHING",
+            &[
+                &c.event_id,
+                &c.pipeline,
+                &c.table,
+                &c.key,
+                &c.operation,
+                &c.list_id,
+                &c.item_id,
+                &c.hash,
+                &c.lsn,
+                &c.source_topic,
+                &c.source_partition,
+                &c.source_offset,
+                &c.request_id,
+                &c.client_request_id,
+                &c.status,
+                &c.etag,
+                &c.detail,
+                &c.at_ms,
+                &c.log_partition,
+                &c.log_offset,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Audit records column by column, for `UNNEST`.
+#[derive(Default)]
+struct AuditColumns {
+    event_id: Vec<uuid::Uuid>,
+    pipeline: Vec<String>,
+    table: Vec<String>,
+    key: Vec<String>,
+    operation: Vec<&'static str>,
+    list_id: Vec<Option<String>>,
+    item_id: Vec<Option<String>>,
+    hash: Vec<Option<String>>,
+    lsn: Vec<Option<i64>>,
+    source_topic: Vec<Option<String>>,
+    source_partition: Vec<Option<i32>>,
+    source_offset: Vec<Option<i64>>,
+    request_id: Vec<Option<String>>,
+    client_request_id: Vec<Option<String>>,
+    status: Vec<Option<i32>>,
+    etag: Vec<Option<String>>,
+    detail: Vec<Option<String>>,
+    at_ms: Vec<i64>,
+    log_partition: Vec<i32>,
+    log_offset: Vec<i64>,
+}
+
+impl AuditColumns {
+    fn of(records: &[(AuditRecord, i32, i64)]) -> Self {
+        let mut c = AuditColumns::default();
+        for (r, partition, offset) in records {
+            c.log_partition.push(*partition);
+            c.log_offset.push(*offset);
+            c.event_id.push(r.event_id);
+            c.pipeline.push(r.pipeline.clone());
+            c.table.push(r.table.clone());
+            c.key.push(r.key.clone());
+            c.operation.push(r.operation.as_str());
+            c.list_id.push(r.list_id.clone());
+            c.item_id.push(r.item_id.clone());
+            c.hash.push(r.hash.clone());
+            c.lsn
+                .push(r.lsn.map(|l| i64::try_from(l).unwrap_or(i64::MAX)));
+            c.source_topic
+                .push(r.source.as_ref().map(|s| s.topic.clone()));
+            c.source_partition
+                .push(r.source.as_ref().map(|s| s.partition));
+            c.source_offset.push(r.source.as_ref().map(|s| s.offset));
+            c.request_id.push(r.graph.request_id.clone());
+            c.client_request_id.push(r.graph.client_request_id.clone());
+            c.status.push(r.graph.status.map(i32::from));
+            c.etag.push(r.etag.clone());
+            c.detail.push(r.detail.clone());
+            c.at_ms.push(r.at_ms);
+        }
+        c
+    }
+}
+
+/// Deletes `pipeline`'s audit records older than `retention`, [`PRUNE_CHUNK`] rows per
+/// statement, at most [`PRUNE_MAX_CHUNKS`] statements (or until `stop`). Returns the rows deleted.
+pub async fn prune_audit(
+    db: &MetaDb,
+    pipeline: &str,
+    retention: Duration,
+    stop: &CancellationToken,
+) -> Result<u64, MetaError> {
+    let cutoff = now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+    let client = db.client().await?;
+    let mut deleted = 0;
+    for _ in 0..PRUNE_MAX_CHUNKS {
+        let n = client
+            .execute(
+                "DELETE FROM syncbridge_meta.audit WHERE event_id IN (SELECT event_id \
+                 FROM syncbridge_meta.audit WHERE pipeline = $1 AND at_ms < $2 LIMIT $3)",
+                &[&pipeline, &cutoff, &PRUNE_CHUNK],
+            )
+            .await?;
+        deleted += n;
+        if n < PRUNE_CHUNK as u64 || stop.is_cancelled() {
+            break;
+        }
+    }
+    if deleted > 0 {
+        info!(
+            pipeline,
+            deleted, "pruned audit records older than control.audit_retention"
+        );
+    }
+    Ok(deleted)
 }
 
 /// Writes `e` unless the row already holds this or a later event of the run.
@@ -233,12 +499,14 @@ async fn upsert(client: &tokio_postgres::Client, e: &RunEvent) -> Result<(), Met
     client
         .execute(
             "INSERT INTO syncbridge_meta.runs (run_id, pipeline, kind, status, started_ms, \
-             ended_ms, updated_ms, seq, event_id, owner, reason, counts, errors, subject) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ended_ms, updated_ms, seq, event_id, owner, reason, counts, errors, subject, \
+             requested_by, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, \
              ended_ms = EXCLUDED.ended_ms, updated_ms = EXCLUDED.updated_ms, seq = EXCLUDED.seq, \
              event_id = EXCLUDED.event_id, reason = EXCLUDED.reason, counts = EXCLUDED.counts, \
-             errors = EXCLUDED.errors WHERE syncbridge_meta.runs.seq < EXCLUDED.seq",
+             errors = EXCLUDED.errors, requested_by = EXCLUDED.requested_by, \
+             detail = EXCLUDED.detail WHERE syncbridge_meta.runs.seq < EXCLUDED.seq",
             &[
                 &e.run_id,
                 &e.pipeline,
@@ -254,6 +522,8 @@ async fn upsert(client: &tokio_postgres::Client, e: &RunEvent) -> Result<(), Met
                 &counts,
                 &errors,
                 &e.subject,
+                &e.by,
+                &e.detail,
             ],
         )
         .await?;
@@ -308,7 +578,7 @@ pub async fn fail_orphans<L: EventLog>(
 
 /// The columns [`event_from_row`] reads, in order.
 pub(crate) const RUN_COLUMNS: &str = "run_id, pipeline, kind, status, started_ms, ended_ms, \
-     updated_ms, seq, event_id, owner, reason, counts, errors, subject";
+     updated_ms, seq, event_id, owner, reason, counts, errors, subject, requested_by, detail";
 
 /// A projected row back into the event that made it.
 pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<RunEvent, MetaError> {
@@ -327,6 +597,8 @@ pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<RunEvent, Meta
         "counts": row.get::<_, serde_json::Value>(11),
         "errors": row.get::<_, serde_json::Value>(12),
         "subject": row.get::<_, Option<String>>(13),
+        "by": row.get::<_, Option<String>>(14),
+        "detail": row.get::<_, Option<serde_json::Value>>(15),
     });
     serde_json::from_value(value).map_err(|e| MetaError::Decode(e.to_string()))
 }

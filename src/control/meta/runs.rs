@@ -45,6 +45,8 @@ pub enum RunKind {
     Resnapshot,
     /// `syncbridge dlq replay`.
     DlqReplay,
+    /// `POST /pipelines/{name}/cursors/reset` (not a dry run).
+    CursorReset,
 }
 
 impl RunKind {
@@ -54,6 +56,7 @@ impl RunKind {
             RunKind::Snapshot => "snapshot",
             RunKind::Resnapshot => "resnapshot",
             RunKind::DlqReplay => "dlq_replay",
+            RunKind::CursorReset => "cursor_reset",
         }
     }
 }
@@ -96,6 +99,10 @@ pub struct RunCounts {
     pub pulled: u64,
     /// `dlq_replay`: dead letters put back into their topics.
     pub replayed: u64,
+    /// `cursor_reset`: events a consumer group reads again.
+    pub reread: u64,
+    /// `cursor_reset`: events a consumer group will never read.
+    pub skipped: u64,
     /// `snapshot`, `resnapshot`: rows read and durable in the log.
     pub rows: u64,
     /// Graph requests sent (a `$batch` is one).
@@ -169,6 +176,13 @@ pub struct RunEvent {
     pub counts: RunCounts,
     /// The last [`MAX_RUN_ERRORS`] errors, oldest first.
     pub errors: Vec<RunError>,
+    /// Who asked for it (an operator's run, e.g. `cursor_reset`: the `by` given, else the API
+    /// token's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// What it was asked to do and found (e.g. a cursor reset's target and blast radius).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 impl RunEvent {
@@ -253,6 +267,19 @@ impl<L: EventLog> RunRecorder<L> {
         kind: RunKind,
         subject: Option<String>,
     ) -> Result<Self, MetaError> {
+        Self::start_requested(log, topic, pipeline, kind, subject, None, None).await
+    }
+
+    /// Starts an operator's run, recording who asked (`by`) and what (`detail`).
+    pub async fn start_requested(
+        log: Arc<L>,
+        topic: String,
+        pipeline: &str,
+        kind: RunKind,
+        subject: Option<String>,
+        by: Option<String>,
+        detail: Option<serde_json::Value>,
+    ) -> Result<Self, MetaError> {
         let now = now_ms();
         let event = RunEvent {
             event_id: Uuid::new_v4(),
@@ -269,6 +296,8 @@ impl<L: EventLog> RunRecorder<L> {
             reason: None,
             counts: RunCounts::default(),
             errors: Vec::new(),
+            by,
+            detail,
         };
         append_event(&*log, &topic, &event).await?;
         Ok(Self { log, topic, event })
@@ -378,8 +407,17 @@ mod tests {
                 ..RunCounts::default()
             },
             errors: vec![],
+            by: None,
+            detail: None,
         };
         assert_eq!(RunEvent::decode(&e.encode()).unwrap(), e);
+        let asked = RunEvent {
+            kind: RunKind::CursorReset,
+            by: Some("ann".into()),
+            detail: Some(serde_json::json!({"group": "sync"})),
+            ..e.clone()
+        };
+        assert_eq!(RunEvent::decode(&asked.encode()).unwrap(), asked);
         let n = e.next();
         assert_eq!((n.seq, n.run_id), (4, e.run_id));
         assert_ne!(n.event_id, e.event_id);

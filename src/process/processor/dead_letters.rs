@@ -55,6 +55,7 @@ impl<L: EventLog + 'static> Processor<L> {
             list: None,
             request_id: None,
             client_request_id: None,
+            status: None,
             source: Some(SourcePosition {
                 topic: last.topic.clone(),
                 partition: last.partition,
@@ -81,6 +82,10 @@ impl<L: EventLog + 'static> Processor<L> {
         self.stats.dead_letters += dead.len() as u64;
         let records = dead.iter().map(DeadLetter::to_record).collect();
         self.log.append(&self.dlq_topic, records).await?;
+        // Appended before the offsets move past them (`flush_with_retry`).
+        for d in &dead {
+            self.audit_dead(d);
+        }
         Ok(())
     }
 

@@ -15,7 +15,8 @@
 //! Invariants kept here:
 //! - *Offsets follow durability* ([`Processor::commit_offsets`]): after a flush an input
 //!   offset is committed up to, never past, the lowest offset of any row still pending; rows
-//!   leave the pending set only after their ledger entry or dead letter is durable.
+//!   leave the pending set only after their ledger entry or dead letter is durable, and offsets
+//!   move only after the flush's audit records are (see [`crate::process::audit`]).
 //! - *Never two items, never none*: intents are durable before creates are sent, and each step
 //!   of a move is recorded before the next one is sent.
 
@@ -26,11 +27,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::audit::audited;
 use super::outcome::{Answered, Applied};
 use super::{Op, Processor};
 use crate::graph::GraphError;
 use crate::log::{EventLog, LogConsumer};
 use crate::process::ProcessError;
+use crate::process::audit::AuditRecord;
 use crate::process::dlq::DeadLetter;
 use crate::process::ledger::Entry;
 use crate::telemetry::metrics as m;
@@ -54,6 +57,8 @@ pub(super) struct Stage {
     pub(super) dead_rows: usize,
     /// Ledger changes to make durable before any write is sent (intents, fields in flight).
     pub(super) intents: Vec<(Vec<u8>, Option<Entry>)>,
+    /// Audit records of the planning (skips), buffered once the intents are recorded.
+    pub(super) audit: Vec<AuditRecord>,
     /// The first retryable failure; reported once everything else is recorded.
     pub(super) transient: Option<String>,
     /// Rows whose write is not settled: they stay pending and their step is not recorded.
@@ -71,7 +76,13 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<(), ProcessError> {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.flush().await {
+            // The audit records of decisions that changed no entry (skips, dead letters) go
+            // out with the flush; the others went with the ledger commits they describe.
+            let flushed = match self.flush().await {
+                Ok(()) => self.ledger.flush_audit().await.map_err(ProcessError::from),
+                Err(e) => Err(e),
+            };
+            match flushed {
                 Ok(()) => break,
                 Err(e) if e.is_retryable() => {
                     if shutdown.is_cancelled() {
@@ -88,6 +99,8 @@ impl<L: EventLog + 'static> Processor<L> {
                 Err(e) => return Err(e),
             }
         }
+        // Never an offset past a decision whose audit record is not durable.
+        self.ledger.flush_audit().await?;
         self.commit_offsets(consumer).await?;
         if let Some(c) = pulls {
             self.commit_pull_offsets(c).await?;
@@ -123,7 +136,12 @@ impl<L: EventLog + 'static> Processor<L> {
         let pending = self.pending.values().flat_map(|p| p.offsets.iter());
         let held = self.held_positions();
         let floor = lowest(pending.map(|(tp, off)| (tp.clone(), *off)).chain(held));
-        commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await
+        commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await?;
+        // Set on every commit round, even one that had nothing to move: "the processor is alive
+        // and caught up" and "stalled" must look different.
+        metrics::gauge!(m::PUSH_LAST_COMMIT_TIMESTAMP, "pipeline" => self.cfg.pipeline.name.clone())
+            .set(crate::telemetry::unix_seconds());
+        Ok(())
     }
 
     /// One flush: list edits, then the pending rows stage by stage. A retryable failure of one
@@ -188,6 +206,9 @@ impl<L: EventLog + 'static> Processor<L> {
         self.ledger
             .commit(std::mem::take(&mut stage.intents))
             .await?;
+        for r in std::mem::take(&mut stage.audit) {
+            self.ledger.audit(r);
+        }
         self.failpoints.hit("push.after_intent");
         let mut round = 0;
         while !stage.ops.is_empty() && round < ROUNDS {
@@ -206,13 +227,14 @@ impl<L: EventLog + 'static> Processor<L> {
         self.failpoints.hit("push.after_graph");
         let mut next: Vec<Op> = Vec::new();
         let mut touched: HashSet<Vec<u8>> = HashSet::new();
-        for (op, outcome) in ops.into_iter().zip(outcomes) {
+        for (op, (outcome, trace)) in ops.into_iter().zip(outcomes) {
             let k = op.key.clone();
             touched.insert(k.clone());
             let Some(p) = self.pending.get(&k).cloned() else {
                 continue;
             };
             let table = self.tables[p.table].table.clone();
+            let audited = audited(&op.kind, &outcome);
             let mut answered = Answered {
                 key: &k,
                 pending: &p,
@@ -222,7 +244,12 @@ impl<L: EventLog + 'static> Processor<L> {
                 now_ms: chrono::Utc::now().timestamp_millis(),
             };
             match self.apply_outcome(&mut answered, op.kind, outcome).await? {
-                Applied::Recorded => {}
+                Applied::Recorded => {
+                    if let Some(a) = audited {
+                        // Buffered: the round's ledger commit appends it first.
+                        self.audit_write(&table, &p, &stage.entries[&k], a, trace);
+                    }
+                }
                 Applied::Unfinished(why) => {
                     stage.transient.get_or_insert(why);
                     stage.unfinished.insert(k);

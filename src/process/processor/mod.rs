@@ -22,6 +22,7 @@
 //! 7. [`flush`]: one flush end to end (stages, rounds, ledger commits) and the offset commit.
 //!
 //! [`dead_letters`] holds what is deliberately not written: dead letters and skip counters.
+//! [`audit`] records each decision in the audit trail (see [`crate::process::audit`]).
 //!
 //! # What the return path uses
 //! The return path (`src/pull/processor.rs`, `src/pull/resolve.rs`) is `impl Processor` code
@@ -37,6 +38,7 @@
 //! `ProjectError`, `TablePlan`, `ProcessorStats`) and `recv_cmd`/`recv_opt` are reachable here
 //! too, as they were when the processor was one file.
 
+mod audit;
 mod coalesce;
 mod consume;
 mod dead_letters;
@@ -479,12 +481,17 @@ async fn open_ledger<L: EventLog + 'static>(
     let p = &cfg.pipeline;
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| ProcessError::Config(format!("state dir {}: {e}", cfg.state_dir.display())))?;
-    let ledger = Ledger::open(
+    let mut ledger = Ledger::open(
         &cfg.state_dir.join("ledger"),
         log.clone(),
         &ledger_topic(&cfg.prefix, &p.name),
     )
     .await?;
+    if cfg.audit {
+        ledger
+            .enable_audit(&super::audit::audit_topic(&cfg.prefix, &p.name))
+            .await?;
+    }
     if ledger.replayed > 0 {
         info!(pipeline = %p.name, records = ledger.replayed, "ledger rebuilt from its changelog");
     }

@@ -120,9 +120,11 @@ impl<L: EventLog + 'static> Processor<L> {
                     message,
                     request_id,
                     client_request_id,
+                    status,
                 },
             ) => {
-                let d = self.rejected(a, kind, message, request_id, client_request_id);
+                let mut d = self.rejected(a, kind, message, request_id, client_request_id);
+                d.status = Some(status);
                 return Ok(Applied::Dead(Box::new(d)));
             }
             (kind, Outcome::Transient(msg)) => {
@@ -401,7 +403,7 @@ fn set_written(
     entry.item = Some(item);
     entry.projection = projection;
     entry.hash = Some(hash);
-    entry.in_flight.clear();
+    entry.clear_in_flight();
     entry.etag = etag;
     entry.lsn = entry.lsn.max(lsn);
     entry.provenance = Provenance::Push;

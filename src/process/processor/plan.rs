@@ -244,9 +244,11 @@ impl<L: EventLog + 'static> Processor<L> {
         // Fields of an update whose outcome was never recorded (a crash between Graph's answer
         // and the ledger) may hold either value in the item: they are always sent again.
         let uncertain = !entry.in_flight.is_empty();
+        let table = &self.tables[p.table].table;
         if !uncertain && entry.hash.as_deref() == Some(hash.as_str()) {
             self.stats.skipped_ledger += 1;
             self.skip_metric("unchanged");
+            stage.audit.extend(self.skip_record(table, p, entry));
             if entry.pending_delete.is_none() {
                 stage.done.push(k.to_vec());
             }
@@ -261,15 +263,16 @@ impl<L: EventLog + 'static> Processor<L> {
         if fields.is_empty() {
             self.stats.skipped_ledger += 1;
             self.skip_metric("unchanged");
+            stage.audit.extend(self.skip_record(table, p, entry));
             if uncertain {
-                entry.in_flight.clear();
+                entry.clear_in_flight();
                 stage.intents.push((k.to_vec(), Some(entry.clone())));
             }
             stage.done.push(k.to_vec());
             return;
         }
         // Recorded before the PATCH is sent (with the intents).
-        entry.in_flight = fields.keys().cloned().collect();
+        entry.send(&fields);
         entry.hash = None;
         stage.intents.push((k.to_vec(), Some(entry.clone())));
         let if_match = if self.tables[p.table].entry.pull.enabled {

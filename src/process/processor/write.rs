@@ -14,6 +14,7 @@ use super::{Op, OpKind, Processor};
 use crate::config::SYNC_KEY_FIELD;
 use crate::graph::{BatchRequest, GraphError, ItemQuery, MAX_BATCH};
 use crate::log::EventLog;
+use crate::process::audit::GraphTrace;
 use crate::telemetry::metrics as m;
 
 /// What a Graph write came back with, classified for the processor.
@@ -31,13 +32,15 @@ pub(crate) enum Outcome {
         message: String,
         request_id: Option<String>,
         client_request_id: String,
+        status: u16,
     },
     Transient(String),
 }
 
 impl<L: EventLog + 'static> Processor<L> {
-    /// Runs `ops` as `$batch`es (≤ 20 each, a few in flight); one outcome per op, in order.
-    pub(crate) async fn execute(&self, ops: &[Op]) -> Vec<Outcome> {
+    /// Runs `ops` as `$batch`es (≤ 20 each, a few in flight); one outcome per op, in order, with
+    /// the request that answered it (for the audit trail).
+    pub(crate) async fn execute(&self, ops: &[Op]) -> Vec<(Outcome, GraphTrace)> {
         let site = self.targets.site_id.clone();
         let reqs: Vec<BatchRequest> = ops
             .iter()
@@ -73,17 +76,27 @@ impl<L: EventLog + 'static> Processor<L> {
             .map(|(i, c)| (i, c.to_vec()))
             .collect();
         let client = self.client.clone();
-        let mut results: Vec<(usize, Vec<Outcome>)> = futures::stream::iter(chunks)
+        let mut results: Vec<(usize, Vec<(Outcome, GraphTrace)>)> = futures::stream::iter(chunks)
             .map(|(i, chunk)| {
                 let client = client.clone();
                 async move {
                     let outcomes = match client.execute_batch_with_retries(&chunk).await {
-                        Ok(outs) => outs.into_iter().map(classify).collect(),
+                        Ok(outs) => outs
+                            .into_iter()
+                            .map(|o| {
+                                let trace = GraphTrace {
+                                    request_id: o.lineage.request_id.clone(),
+                                    client_request_id: Some(o.lineage.client_request_id.clone()),
+                                    status: Some(o.status).filter(|s| *s != 0),
+                                };
+                                (classify(o), trace)
+                            })
+                            .collect(),
                         // The whole envelope failed: nothing is known about any request in it, so
                         // each stays pending (creates are safe to retry thanks to SyncKey).
                         Err(e) => chunk
                             .iter()
-                            .map(|_| Outcome::Transient(e.to_string()))
+                            .map(|_| (Outcome::Transient(e.to_string()), GraphTrace::default()))
                             .collect(),
                     };
                     (i, outcomes)
@@ -141,6 +154,7 @@ fn classify(o: crate::graph::BatchOutcome) -> Outcome {
                 message: text,
                 request_id: o.lineage.request_id.clone(),
                 client_request_id: o.lineage.client_request_id.clone(),
+                status: o.status,
             }
         }
     }

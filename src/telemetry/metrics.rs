@@ -192,6 +192,10 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
         for kind in ["upsert", "deleted"] {
             zero(PULL_ITEMS_RECEIVED_TOTAL, &[("kind", kind)]);
         }
+        // Directions only hold values back in two-way entries.
+        for direction in ["push_only", "pull_only"] {
+            zero(DIRECTION_HELD_TOTAL, &[("direction", direction)]);
+        }
     }
 }
 

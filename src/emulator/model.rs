@@ -62,8 +62,22 @@ pub const PEOPLE: [Person; 4] = [
 /// The lookup id the person client writes as.
 pub const PERSON_CLIENT_LOOKUP_ID: u32 = 7;
 
+/// A user who has left the directory: SharePoint keeps their User Information List entry (and
+/// person fields that name them) but it has no email any more. Not in [`PEOPLE`]: no one finds
+/// them by email, and they act as no client.
+pub const FORMER_USER: Person = Person {
+    lookup_id: 12,
+    aad_id: "0b7e6c1d-2f3a-4e5b-8c9d-0e1f2a3b4c5d",
+    name: "Former Employee",
+    alias: "",
+};
+
+/// Anyone a person field may hold: [`PEOPLE`] and the [`FORMER_USER`].
 pub fn person(lookup_id: u32) -> Option<&'static Person> {
-    PEOPLE.iter().find(|p| p.lookup_id == lookup_id)
+    PEOPLE
+        .iter()
+        .chain(std::iter::once(&FORMER_USER))
+        .find(|p| p.lookup_id == lookup_id)
 }
 
 /// Display name of every site's hidden list of people; person values are its item ids (§5.7).
@@ -96,8 +110,9 @@ pub fn is_user_info_list(site: &SiteMeta, key: &str) -> bool {
 }
 
 /// The site's hidden User Information List: one item per [`PEOPLE`] entry, item id = lookup id,
-/// fields `Title` (name), `EMail`, `UserName` (both the email), `Name` (the claims login). Virtual:
-/// built on demand, never stored, so it needs no persistence and cannot be written.
+/// fields `Title` (name), `EMail`, `UserName` (both the email), `Name` (the claims login), and
+/// the [`FORMER_USER`] with a name only. Virtual: built on demand, never stored, so it needs no
+/// persistence and cannot be written.
 pub fn user_info_list(site: &SiteMeta) -> List {
     let id = user_info_list_id(site);
     let created = site.created.div_euclid(1000);
@@ -126,13 +141,16 @@ pub fn user_info_list(site: &SiteMeta) -> List {
     ];
     let items = PEOPLE
         .iter()
+        .chain(std::iter::once(&FORMER_USER))
         .map(|p| {
-            let email = p.email(&site.hostname);
             let mut values = Map::new();
             values.insert("Title".into(), json!(p.name));
-            values.insert("EMail".into(), json!(email));
-            values.insert("UserName".into(), json!(email));
-            values.insert("Name".into(), json!(format!("i:0#.f|membership|{email}")));
+            if !p.alias.is_empty() {
+                let email = p.email(&site.hostname);
+                values.insert("EMail".into(), json!(email));
+                values.insert("UserName".into(), json!(email));
+                values.insert("Name".into(), json!(format!("i:0#.f|membership|{email}")));
+            }
             let item = Item {
                 id: u64::from(p.lookup_id),
                 uid: derived_uuid(id, &format!("item|{}", p.lookup_id)),

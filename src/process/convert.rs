@@ -9,7 +9,13 @@
 //! - `datetime` is written as UTC ISO-8601 with whole seconds (SharePoint keeps whole seconds);
 //!   `timestamp without time zone` values are taken as UTC.
 //! - `date` is written as `YYYY-MM-DD` (Graph accepts a date string for date-only columns).
+//! - `date` reads back as midnight in the site's time zone, in UTC; the nearest UTC midnight
+//!   is taken as the date ([`canonical_from_item`]).
 //! - numbers are JSON numbers (IEEE double); `NaN`/`Infinity` cannot be stored.
+//! - `hyperlink` is written with the URL as its description; the description a person types is
+//!   not part of the value (the row holds the URL), so it is kept, never written over.
+//!
+//! README.md's "Type mapping" table lists every conversion that loses information.
 
 use serde_json::{Value as Json, json};
 
@@ -63,8 +69,8 @@ pub fn to_fields(
         return Ok(null_fields(m));
     }
     match m.field_type {
-        FieldType::Text => one(json!(text(cell, m, MAX_TEXT_LEN)?)),
-        FieldType::Note => one(json!(text(cell, m, MAX_NOTE_LEN)?)),
+        FieldType::Text => one(non_empty(text(cell, m, MAX_TEXT_LEN)?)),
+        FieldType::Note => one(non_empty(text(cell, m, MAX_NOTE_LEN)?)),
         FieldType::Number | FieldType::Currency => one(number(cell, m)?),
         FieldType::Boolean => one(json!(boolean(cell, m)?)),
         FieldType::Date => one(json!(date(cell, m)?)),
@@ -113,6 +119,13 @@ pub fn to_fields(
             one(json!({ "Url": url, "Description": url }))
         }
     }
+}
+
+/// SharePoint keeps no empty text (an empty string reads back as no value), so `''` is written
+/// as the empty value it becomes: the ledger then equals what a read returns, and a later edit
+/// of another field does not take the "change" to NULL into the row.
+fn non_empty(s: String) -> Json {
+    if s.is_empty() { Json::Null } else { json!(s) }
 }
 
 /// The fields of a NULL cell: an empty collection for multi-choice, no lookup id for person and
@@ -324,7 +337,7 @@ pub fn canonical_from_item(
             _ => raw,
         },
         FieldType::Date => match &raw {
-            Json::String(s) if s.len() >= 10 => json!(s[..10]),
+            Json::String(s) => json!(site_date(s)),
             _ => raw,
         },
         FieldType::DateTime => match &raw {
@@ -340,6 +353,12 @@ pub fn canonical_from_item(
         FieldType::Person | FieldType::Lookup => match &raw {
             Json::String(s) => s.parse::<u64>().map_or(raw.clone(), |n| json!(n)),
             _ => raw,
+        },
+        // The row holds the URL only: the value is the URL as the push writes it, so a person's
+        // description is neither a change nor overwritten by a write-back.
+        FieldType::Hyperlink => match raw.get("Url").and_then(Json::as_str) {
+            Some(url) => json!({ "Url": url, "Description": url }),
+            None => raw,
         },
         FieldType::MultiChoice => {
             let arr = match raw {
@@ -361,6 +380,19 @@ pub fn canonical_from_item(
         _ => m.field.clone(),
     };
     vec![(key, v)]
+}
+
+/// The date of a date-only value as SharePoint reads it back: midnight in the site's time zone,
+/// in UTC (a UTC+1 site reads 2024-05-02 as `2024-05-01T23:00:00Z`, graph-api.md §5.7). The
+/// nearest UTC midnight is that date for every zone within ±12 h (UTC+13/+14 sites would read
+/// a day early). A bare `YYYY-MM-DD` is taken as it is.
+fn site_date(s: &str) -> String {
+    match chrono::DateTime::parse_from_rfc3339(s) {
+        Ok(t) => (t.with_timezone(&chrono::Utc) + chrono::TimeDelta::hours(12))
+            .format("%Y-%m-%d")
+            .to_string(),
+        Err(_) => s.get(..10).unwrap_or(s).to_string(),
+    }
 }
 
 /// The column value (PostgreSQL text form; `None` = NULL) for a canonical item value of `m`.
@@ -468,6 +500,10 @@ mod tests {
             json!(true)
         );
         assert_eq!(conv(Cell::Null, FieldType::Text).unwrap()[0].1, Json::Null);
+        assert_eq!(
+            conv(Cell::Text(String::new()), FieldType::Note).unwrap()[0].1,
+            Json::Null
+        );
     }
 
     #[test]
@@ -528,12 +564,28 @@ mod tests {
                 Cell::Date(1),
                 json!("1970-01-02T00:00:00Z"),
             ),
+            // Midnight in a UTC+1 site, and in a UTC-7 one.
+            (
+                FieldType::Date,
+                Cell::Date(1),
+                json!("1970-01-01T23:00:00Z"),
+            ),
+            (
+                FieldType::Date,
+                Cell::Date(1),
+                json!("1970-01-02T07:00:00Z"),
+            ),
             (
                 FieldType::DateTime,
                 Cell::Timestamp(1_000_000),
                 json!("1970-01-01T00:00:01Z"),
             ),
             (FieldType::Choice, Cell::Text("a".into()), json!("a")),
+            (
+                FieldType::Hyperlink,
+                Cell::Text("https://x".into()),
+                json!({ "Url": "https://x", "Description": "typed by a person" }),
+            ),
         ];
         for (t, cell, read) in cases {
             let pushed = conv(cell, t).unwrap();

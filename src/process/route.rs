@@ -1,7 +1,9 @@
 //! Routing (sharding): the first `routes[].when` CEL expression that is true for a row picks its
 //! list; no match → the entry's default list. Expressions see every column of the row as a
 //! variable with its typed value (ints, doubles, strings, bools, timestamps as RFC 3339 strings,
-//! dates as `YYYY-MM-DD`, arrays as lists, NULL and unchanged TOAST values as `null`).
+//! dates as `YYYY-MM-DD`, arrays as lists, NULL as `null`). An unchanged TOAST value is the
+//! old value on a `REPLICA IDENTITY FULL` table, else the value last written to a text-like
+//! field (the ledger's), else `null` (an unmapped column of a table that is not FULL).
 //!
 //! An expression that fails at run time (a type error, a missing column) is not a match, and the
 //! failure is logged once per route: a row is never dropped because of a routing rule.

@@ -261,7 +261,9 @@ fn cell(schema: &Schema, value: &Avro) -> Result<Cell, RowError> {
         Avro::Boolean(b) => Cell::Bool(*b),
         Avro::Int(i) => Cell::Int(i64::from(*i)),
         Avro::Long(l) => Cell::Int(*l),
-        Avro::Float(f) => Cell::Float(f64::from(*f)),
+        // A `real` is its shortest decimal (what PostgreSQL prints), not the binary widening:
+        // 0.1f32 is 0.1, not 0.10000000149011612, so it reads back from a list as the same float4.
+        Avro::Float(f) => Cell::Float(f.to_string().parse().unwrap_or(f64::from(*f))),
         Avro::Double(f) => Cell::Float(*f),
         Avro::Bytes(b) | Avro::Fixed(_, b) => Cell::Bytes(b.clone()),
         Avro::Decimal(d) => {
@@ -325,5 +327,15 @@ mod tests {
             "{1,NULL}"
         );
         assert_eq!(Cell::Unchanged.to_text(), None);
+    }
+
+    #[test]
+    fn a_real_is_its_shortest_decimal() {
+        let s = Schema::Float;
+        assert_eq!(cell(&s, &Avro::Float(0.1)).unwrap(), Cell::Float(0.1));
+        assert_eq!(
+            cell(&s, &Avro::Float(-4.273125)).unwrap(),
+            Cell::Float(-4.273125)
+        );
     }
 }

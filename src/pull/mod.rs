@@ -14,7 +14,8 @@
 //! - `processor`: the return processor: what happens to a list change, from the log record to
 //!   the flush that decides it. Each kind of change has its own module: `upsert` (an edit of an
 //!   item with a `SyncKey`), `new_item` (a person-created item gets a row), `delete` (an item
-//!   deleted in the list).
+//!   deleted in the list); `system` writes a created item's system fields (`ID`, `Created`…)
+//!   into its row.
 //! - `conflict`: the conflict record, eTag staleness (echoes and replays) and the policy
 //!   decisions; [`resolve`]: an operator's decision on a conflict the `manual` policy parked.
 //! - `values`: list field values ↔ row columns, the row read back as a ledger projection.
@@ -52,6 +53,7 @@ mod new_item;
 pub mod poller;
 pub(crate) mod processor;
 pub mod resolve;
+mod system;
 mod upsert;
 mod values;
 

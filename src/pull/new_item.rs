@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::ApplyError;
 use super::processor::{PendingPull, PullOutcome};
-use super::values::{ItemWrite, key_values};
+use super::values::{ItemWrite, key_values, rejected_reason};
 use crate::config::SYNC_KEY_FIELD;
 use crate::graph::GraphError;
 use crate::log::EventLog;
@@ -222,13 +222,16 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<PullOutcome, ProcessError> {
         let ti = p.table;
         let key = key_values(&self.facts[ti].key_columns, sk);
-        let insert = self.row_insert(ti, key, values);
+        let insert = self.row_insert(ti, key, values.clone());
         let mut dead = None;
         let mut lsn = 0;
         match self.apply(insert).await? {
             Ok(a) => lsn = a.commit_lsn.unwrap_or(0),
             Err(ApplyError::Rejected { sqlstate, .. }) if sqlstate == "23505" => {} // inserted before a crash
-            Err(e) => dead = Some(self.pull_dead(p, sk, "pull_rejected", e.to_string())),
+            Err(e) => {
+                let reason = rejected_reason(&e, &self.tables[ti].entry.fields, &values);
+                dead = Some(self.pull_dead(p, sk, "pull_rejected", reason));
+            }
         }
         let mut entry = Entry {
             item: Some(ItemRef {

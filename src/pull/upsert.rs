@@ -27,9 +27,9 @@ use super::conflict::{
 };
 use super::new_item::{created_marker, new_item_key};
 use super::processor::{PendingPull, PullOutcome};
-use super::values::{ItemWrite, cell_from_text, key_values};
-use super::{Applied, RowChange, RowChangeKind};
-use crate::config::SYSTEM_FIELDS;
+use super::values::{ItemWrite, cell_from_text, key_values, refused_column, rejected_reason};
+use super::{Applied, ApplyError, RowChange, RowChangeKind};
+use crate::config::{Direction, SYSTEM_FIELDS};
 use crate::log::EventLog;
 use crate::process::ProcessError;
 use crate::process::audit::AuditOp;
@@ -65,6 +65,7 @@ impl<L: EventLog + 'static> Processor<L> {
         };
         self.take_own_writes(&mut edit);
         let (changed, system_changed) = self.changed_fields(&edit);
+        self.hold_push_only(&mut edit);
         if edit.entry.item.is_none() {
             edit.entry.item = Some(ItemRef {
                 list_id: p.list_id.clone(),
@@ -214,6 +215,30 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         (changed, system_changed)
+    }
+
+    /// `push_only` fields the person changed: not applied to the row (counted), but the ledger
+    /// learns the list's value, so the row's next change writes the row's value over it (and
+    /// not before: nothing is sent for them now).
+    fn hold_push_only(&mut self, edit: &mut Edit<'_>) {
+        let fields = edit.p.fields.clone().unwrap_or_default();
+        let mut held = 0u64;
+        for f in &self.tables[edit.p.table].entry.fields {
+            if f.direction != Direction::PushOnly {
+                continue;
+            }
+            for (k, v) in convert::canonical_from_item(&fields, f) {
+                if edit.entry.projection.get(&k).unwrap_or(&Json::Null) != &v {
+                    held += u64::from(!k.ends_with("@odata.type"));
+                    edit.entry.projection.insert(k, v);
+                }
+            }
+        }
+        if held > 0 {
+            edit.entry.hash = Some(hash_projection(&edit.entry.projection));
+            metrics::counter!(m::DIRECTION_HELD_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "direction" => "push_only")
+                .increment(held);
+        }
     }
 
     /// No mapped field changed (or only to values our own unconfirmed update sent): an echo.
@@ -389,7 +414,10 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// Step 6a: writes the fields to the row (an `UPDATE` through the applier's origin
-    /// session). A value the mapping or the database rejects is a dead letter.
+    /// session). A value the mapping or the database refuses is a dead letter of its own,
+    /// naming the row, field and value; the row takes the other fields, and the ledger records
+    /// the list's value of the refused one (so it is not refused again with every later edit,
+    /// and the row's next change writes the row's value over it).
     async fn write_row(
         &mut self,
         edit: &Edit<'_>,
@@ -397,45 +425,81 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<ControlFlow<PullOutcome, Applied>, ProcessError> {
         let (p, ti, sk) = (edit.p, edit.p.table, edit.sk.as_str());
         let mut set = Vec::new();
+        let mut refused = Vec::new();
         for (f, canon) in apply {
             match self.pulled_text(f, canon).await? {
                 Ok(text) => set.push((f.column.clone(), text)),
-                Err(u) => {
-                    let dead = self.pull_dead(p, sk, u.kind, u.to_string());
-                    return Ok(ControlFlow::Break(PullOutcome::dead(dead)));
-                }
+                // A system person without an email (the app account): the column keeps its value.
+                Err(_) if SYSTEM_FIELDS.contains(&f.field.as_str()) => {}
+                Err(u) => refused.push(self.pull_dead(p, sk, u.kind, u.to_string())),
             }
         }
         let key = key_values(&self.facts[ti].key_columns, sk);
-        let change = RowChange {
-            table: self.table_name(ti),
-            key: key.clone(),
-            kind: RowChangeKind::Update { set: set.clone() },
+        let outcome = loop {
+            if set.is_empty() {
+                // Nothing the row can take: the list version is recorded all the same.
+                let none = Applied {
+                    rows: 1,
+                    key: key.clone(),
+                    commit_lsn: None,
+                };
+                break ControlFlow::Continue(none);
+            }
+            let change = RowChange {
+                table: self.table_name(ti),
+                key: key.clone(),
+                kind: RowChangeKind::Update { set: set.clone() },
+            };
+            match self.apply(change).await? {
+                Ok(a) if a.rows == 0 => break self.row_missing(edit, key, set).await?,
+                Ok(a) => break ControlFlow::Continue(a),
+                Err(e) => match refused_column(&e, &set) {
+                    Some(column) => {
+                        let reason = rejected_reason(&e, &self.tables[ti].entry.fields, &set);
+                        refused.push(self.pull_dead(p, sk, "pull_rejected", reason));
+                        set.retain(|(c, _)| *c != column);
+                    }
+                    None => break ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
+                },
+            }
         };
-        Ok(match self.apply(change).await? {
-            Ok(a) if a.rows == 0 && !edit.resumed_new => {
-                // No such row: deleted in PostgreSQL (its delete is pushed next, or was while we
-                // were down), or an item with a SyncKey this pipeline never wrote. Never
-                // resurrect a row from an item: the list edit is dropped, with a warning.
-                warn!(table = %self.tables[ti].table, key = %sk, item = %p.item_id,
-                    "list edit of an item whose row does not exist; not applied");
-                ControlFlow::Break(PullOutcome::Done)
-            }
-            Ok(a) if a.rows == 0 => {
-                // A person-created item whose row's insert did not happen before a crash.
-                let insert = self.row_insert(ti, key, set);
-                match self.apply(insert).await? {
-                    Ok(a) => ControlFlow::Continue(a),
-                    Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, e.to_string())),
-                }
-            }
+        self.append_dead(refused).await?;
+        Ok(outcome)
+    }
+
+    /// The `UPDATE` matched no row: deleted in PostgreSQL (its delete is pushed next, or was
+    /// while we were down), or an item with a SyncKey this pipeline never wrote. Never
+    /// resurrect a row from an item: the list edit is dropped, with a warning. A person-created
+    /// item whose row's insert did not happen before a crash gets its row now.
+    async fn row_missing(
+        &mut self,
+        edit: &Edit<'_>,
+        key: Vec<(String, Option<String>)>,
+        set: Vec<(String, Option<String>)>,
+    ) -> Result<ControlFlow<PullOutcome, Applied>, ProcessError> {
+        let (p, ti, sk) = (edit.p, edit.p.table, edit.sk.as_str());
+        if !edit.resumed_new {
+            warn!(table = %self.tables[ti].table, key = %sk, item = %p.item_id,
+                "list edit of an item whose row does not exist; not applied");
+            return Ok(ControlFlow::Break(PullOutcome::Done));
+        }
+        let insert = self.row_insert(ti, key, set.clone());
+        Ok(match self.apply(insert).await? {
             Ok(a) => ControlFlow::Continue(a),
-            Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, e.to_string())),
+            Err(e) => ControlFlow::Break(self.pull_rejected(p, sk, &e, &set)),
         })
     }
 
-    /// The outcome of a list change PostgreSQL refused: a dead letter.
-    pub(super) fn pull_rejected(&self, p: &PendingPull, sk: &str, reason: String) -> PullOutcome {
+    /// The outcome of a list change PostgreSQL refused: a dead letter naming the field and
+    /// value when the database's error names a column.
+    pub(super) fn pull_rejected(
+        &self,
+        p: &PendingPull,
+        sk: &str,
+        e: &ApplyError,
+        values: &[(String, Option<String>)],
+    ) -> PullOutcome {
+        let reason = rejected_reason(e, &self.tables[p.table].entry.fields, values);
         PullOutcome::dead(self.pull_dead(p, sk, "pull_rejected", reason))
     }
 

@@ -91,6 +91,58 @@ pub(super) fn cell_from_text(m: &FieldMapping, text: Option<&str>) -> Cell {
     }
 }
 
+/// Longest value a dead letter's reason quotes (a note can hold 63,999 characters).
+const MAX_QUOTED_VALUE: usize = 200;
+
+/// The reason of a row change PostgreSQL refused: its message, and the field and value of the
+/// column it names (found by the applier when the database does not say), so an operator sees
+/// which list value the row cannot take.
+pub(super) fn rejected_reason(
+    e: &ApplyError,
+    fields: &[FieldMapping],
+    values: &[(String, Option<String>)],
+) -> String {
+    let ApplyError::Rejected {
+        column: Some(column),
+        ..
+    } = e
+    else {
+        return e.to_string();
+    };
+    let field = fields
+        .iter()
+        .find(|f| &f.column == column)
+        .map_or("?", |f| f.field.as_str());
+    match values.iter().find(|(c, _)| c == column) {
+        Some((_, v)) => {
+            let v = v.as_deref().map_or_else(
+                || "NULL".to_string(),
+                |v| {
+                    let q: String = v.chars().take(MAX_QUOTED_VALUE).collect();
+                    let more = if q.len() < v.len() { "…" } else { "" };
+                    format!("{q:?}{more}")
+                },
+            );
+            format!("{e}; field {field} = {v}")
+        }
+        None => e.to_string(),
+    }
+}
+
+/// The column of `values` a data error names: that value alone is refused, the others may
+/// still be written. `None`: the error is not about one value.
+pub(super) fn refused_column(
+    e: &ApplyError,
+    values: &[(String, Option<String>)],
+) -> Option<String> {
+    match e {
+        ApplyError::Rejected {
+            column: Some(c), ..
+        } if values.iter().any(|(v, _)| v == c) => Some(c.clone()),
+        _ => None,
+    }
+}
+
 /// What a conditional write to a list item came back with.
 pub(super) enum ItemWrite {
     /// Written; the item's new eTag.

@@ -77,6 +77,10 @@ pub const PUSH_WRITES_TOTAL: &str = "syncbridge_push_writes_total";
 pub const PUSH_SKIPPED_TOTAL: &str = "syncbridge_push_skipped_total";
 /// Counter of events merged into an already pending write of the same row, label `pipeline`.
 pub const PUSH_COALESCED_TOTAL: &str = "syncbridge_push_coalesced_total";
+/// Counter of values a field's direction kept from the other side, labels `pipeline`,
+/// `direction`: `push_only` (a list edit not applied to the row), `pull_only` (a row value
+/// that differs from the list, not written to it).
+pub const DIRECTION_HELD_TOTAL: &str = "syncbridge_direction_held_total";
 /// Counter of items moved between lists by a route change, label `pipeline`.
 pub const PUSH_MOVES_TOTAL: &str = "syncbridge_push_moves_total";
 /// Gauge of rows with a pending write (the processor's queue depth), label `pipeline`.
@@ -191,6 +195,10 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
         }
         for kind in ["upsert", "deleted"] {
             zero(PULL_ITEMS_RECEIVED_TOTAL, &[("kind", kind)]);
+        }
+        // Directions only hold values back in two-way entries.
+        for direction in ["push_only", "pull_only"] {
+            zero(DIRECTION_HELD_TOTAL, &[("direction", direction)]);
         }
     }
 }
@@ -365,6 +373,11 @@ pub fn describe_all() {
         PUSH_COALESCED_TOTAL,
         Unit::Count,
         "Events merged into a pending write of the same row (label: pipeline)."
+    );
+    describe_counter!(
+        DIRECTION_HELD_TOTAL,
+        Unit::Count,
+        "Values a field's direction kept from the other side (labels: pipeline, direction)."
     );
     describe_counter!(
         PUSH_MOVES_TOTAL,

@@ -375,6 +375,22 @@ pub fn writes(stats: &Value) -> (u64, u64) {
     )
 }
 
+/// SyncBridge's calls of `method`, as the emulator counted them for its client (`$batch`
+/// entries one by one; a person's edits are another client's).
+pub fn app_calls(stats: &Value, method: &str) -> u64 {
+    stats["requests"]["by_client"][emulator::DEFAULT_CLIENT_ID][method]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// SyncBridge's writes (POST, PATCH, DELETE) as the emulator counted them.
+pub fn app_writes(stats: &Value) -> u64 {
+    ["POST", "PATCH", "DELETE"]
+        .iter()
+        .map(|m| app_calls(stats, m))
+        .sum()
+}
+
 pub async fn hard_timeout<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await

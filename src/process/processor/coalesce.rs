@@ -202,20 +202,31 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok(())
     }
 
-    /// An unchanged TOAST value: take it from the pending state when there is one (the
-    /// ledger's projection covers the rest at flush time).
-    pub(super) fn fill_unchanged(&self, lkey: &[u8], after: &mut Row) {
-        if let Some(Pending {
-            desired: Desired::Upsert(prev),
-            ..
-        }) = self.pending.get(lkey)
-        {
-            for (col, cell) in after.iter_mut() {
-                if matches!(cell, Cell::Unchanged)
-                    && let Some(p) = prev.get(col)
-                {
-                    *cell = p.clone();
-                }
+    /// An unchanged TOAST value: take it from the old image when the table is `REPLICA
+    /// IDENTITY FULL` (PostgreSQL logs the whole old row, TOASTed values inline), else from
+    /// the pending state when there is one (the ledger's projection covers the rest at flush
+    /// time).
+    pub(super) fn fill_unchanged(&self, lkey: &[u8], after: &mut Row, before: Option<&Row>) {
+        let prev = match self.pending.get(lkey) {
+            Some(Pending {
+                desired: Desired::Upsert(prev),
+                ..
+            }) => Some(prev),
+            _ => None,
+        };
+        for (col, cell) in after.iter_mut() {
+            if !matches!(cell, Cell::Unchanged) {
+                continue;
+            }
+            // A TOASTed value is never NULL: a NULL in the old image is a column it does not
+            // carry (a key-only image of a table that is not FULL).
+            let known = [before, prev]
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.get(col))
+                .find(|c| !matches!(c, Cell::Unchanged | Cell::Null));
+            if let Some(c) = known {
+                *cell = c.clone();
             }
         }
     }

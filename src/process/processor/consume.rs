@@ -85,7 +85,7 @@ impl<L: EventLog + 'static> Processor<L> {
                     let why = "no after image".to_string();
                     return self.dead_undecodable(&table, &sk, why, &last).await;
                 };
-                self.fill_unchanged(&lkey, &mut after);
+                self.fill_unchanged(&lkey, &mut after, change.before.as_ref());
                 self.put(lkey, ti, sk, Desired::Upsert(after), lsn, ts, &last);
             }
             other => debug!(op = %other, "ignoring an event op the processor does not handle"),

@@ -273,6 +273,7 @@ impl<L: EventLog + 'static> Processor<L> {
         self.dead_letter_push(std::mem::take(&mut stage.dead))
             .await?;
         self.ledger.commit(step).await?;
+        self.fill_system_fields().await?;
         stage.ops = next;
         Ok(())
     }

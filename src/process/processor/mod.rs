@@ -111,6 +111,8 @@ pub(crate) struct TablePlan {
     pub(crate) table: String,
     pub(crate) entry: SyncEntry,
     pub(crate) push_fields: Vec<FieldMapping>,
+    /// The entry maps a SharePoint system field (`ID`, `Created`…) into a column.
+    pub(crate) has_system_fields: bool,
     pub(crate) router: Router,
     /// 0 for tables other tables' lookups point into (written first), else 1.
     pub(crate) stage: u8,
@@ -156,6 +158,9 @@ pub struct Processor<L: EventLog> {
     pub(crate) applier: Option<Applier>,
     pub(crate) catalog: Option<tokio_postgres::Client>,
     pub(crate) emails: HashMap<u64, Option<String>>,
+    /// Items this flush created whose system fields (`ID`, `Created`…) go into their rows once
+    /// the ledger has recorded them: (table index, SyncKey, the created item's fields).
+    pub(crate) system_fill: Vec<(usize, String, serde_json::Map<String, serde_json::Value>)>,
     pub(crate) conflicts_topic: String,
     /// When the last table record arrived, and whether it continued the transaction before it.
     pub(crate) last_event: (Instant, bool),
@@ -216,6 +221,7 @@ impl<L: EventLog + 'static> Processor<L> {
             applier,
             catalog: None,
             emails: HashMap::new(),
+            system_fill: Vec::new(),
             conflicts_topic: conflicts,
             last_event: (Instant::now(), false),
             last_lsn: 0,
@@ -455,6 +461,10 @@ fn plan_tables(cfg: &ProcessorConfig) -> Result<PlannedTables, ProcessError> {
             } else {
                 1
             },
+            has_system_fields: e.pull.enabled
+                && e.fields
+                    .iter()
+                    .any(|f| SYSTEM_FIELDS.contains(&f.field.as_str())),
             entry: e.clone(),
             push_fields,
             router,

@@ -187,6 +187,13 @@ impl<L: EventLog + 'static> Processor<L> {
             .map(str::to_owned);
         self.write_metric("create", "ok");
         self.stats.creates += 1;
+        let ti = a.pending.table;
+        if self.tables[ti].has_system_fields
+            && let Some(fields) = body.as_ref().and_then(|b| b["fields"].as_object())
+        {
+            self.system_fill
+                .push((ti, a.pending.sync_key.clone(), fields.clone()));
+        }
         set_written(
             a.entry,
             ItemRef {

@@ -11,17 +11,18 @@
 //!   route change is a create in the new list that remembers the old item (`move_from`).
 //! - Fields of an update whose outcome was never recorded (`in_flight`) are always sent again.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value as Json};
 
 use super::flush::Stage;
 use super::{Desired, Pending, Processor, ProjectError, diff, hash_projection};
-use crate::config::SYNC_KEY_FIELD;
+use crate::config::{FieldMapping, FieldType, SYNC_KEY_FIELD};
 use crate::graph::GraphError;
 use crate::log::EventLog;
 use crate::process::ledger::{Entry, Intent, ItemRef};
-use crate::process::row::Row;
+use crate::process::row::{Cell, Row};
 use crate::process::{MAX_LOOKUP_DEFERRALS, ProcessError};
 
 /// One write to send for a row (by its ledger key).
@@ -87,6 +88,36 @@ pub(super) fn create_fields(
         .collect();
     f.insert(SYNC_KEY_FIELD.into(), Json::String(sync_key.to_string()));
     f
+}
+
+/// The row as routing sees it: an unchanged TOAST value (of a table that is not `REPLICA
+/// IDENTITY FULL`) is taken from the ledger's projection where the field holds the column's
+/// text, so a route on it decides as it did when the value was written, never on a `null`
+/// that would move the item.
+fn route_view<'r>(fields: &[FieldMapping], row: &'r Row, entry: &Entry) -> Cow<'r, Row> {
+    if !row.values().any(|c| matches!(c, Cell::Unchanged)) {
+        return Cow::Borrowed(row);
+    }
+    let mut out = row.clone();
+    for f in fields {
+        if !matches!(out.get(&f.column), Some(Cell::Unchanged)) {
+            continue;
+        }
+        let cell = match (f.field_type, entry.projection.get(&f.field)) {
+            (FieldType::Text | FieldType::Note | FieldType::Choice, Some(Json::String(s))) => {
+                Cell::Text(s.clone())
+            }
+            (FieldType::MultiChoice, Some(Json::Array(a))) => Cell::Array(
+                a.iter()
+                    .filter_map(Json::as_str)
+                    .map(|s| Cell::Text(s.to_string()))
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        out.insert(f.column.clone(), cell);
+    }
+    Cow::Owned(out)
 }
 
 impl<L: EventLog + 'static> Processor<L> {
@@ -168,12 +199,14 @@ impl<L: EventLog + 'static> Processor<L> {
     ) -> Result<(), ProcessError> {
         let ti = p.table;
         let table = self.tables[ti].table.clone();
-        let list_name = self.tables[ti].router.route(&table, row).to_string();
+        let routed = route_view(&self.tables[ti].entry.fields, row, &entry);
+        let list_name = self.tables[ti].router.route(&table, &routed).to_string();
         let Some(list_id) = self.targets.list_id(&list_name).map(str::to_owned) else {
             return Err(ProcessError::Config(format!(
                 "list {list_name:?} was not provisioned"
             )));
         };
+        self.count_held_pull_only(ti, row, &entry);
         let projection = match self.project(ti, row, &entry).await {
             Ok(pr) => pr,
             Err(e) => {

@@ -14,13 +14,13 @@ use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
 use super::Processor;
-use crate::config::FieldMapping;
-use crate::config::FieldType;
+use crate::config::{Direction, FieldMapping, FieldType, SYSTEM_FIELDS};
 use crate::graph::GraphError;
 use crate::log::EventLog;
 use crate::process::convert::{self, Resolved, Unmappable};
 use crate::process::ledger::{self, Entry};
 use crate::process::row::{Cell, Row};
+use crate::telemetry::metrics as m;
 
 /// Why a row could not be mapped now.
 pub(crate) enum ProjectError {
@@ -83,6 +83,33 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         Ok(out)
+    }
+
+    /// Counts the row's `pull_only` values that differ from the list's (the ledger's record of
+    /// the item) and so are held back: they never leave the database. A person or lookup value
+    /// (its id is not resolved for this) counts whenever it is set.
+    pub(crate) fn count_held_pull_only(&self, ti: usize, row: &Row, entry: &Entry) {
+        let mut held = 0u64;
+        for f in &self.tables[ti].entry.fields {
+            if f.direction != Direction::PullOnly || SYSTEM_FIELDS.contains(&f.field.as_str()) {
+                continue;
+            }
+            let Some(cell) = row.get(&f.column).filter(|c| !matches!(c, Cell::Unchanged)) else {
+                continue;
+            };
+            let Ok(values) = convert::to_fields(cell, f, &Resolved::default()) else {
+                held += u64::from(!matches!(cell, Cell::Null));
+                continue;
+            };
+            let differs = values.iter().any(|(k, v)| {
+                !k.ends_with("@odata.type") && entry.projection.get(k).unwrap_or(&Json::Null) != v
+            });
+            held += u64::from(differs);
+        }
+        if held > 0 {
+            metrics::counter!(m::DIRECTION_HELD_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "direction" => "pull_only")
+                .increment(held);
+        }
     }
 
     /// The lookup id of the user with this email (cached per processor; `None`: no such user).

@@ -212,8 +212,12 @@ fn row_differences(
         }
     }
     // Every other item with the row's SyncKey (in another list of the entry: SharePoint keeps
-    // SyncKey unique within a list) is a duplicate of the kept one.
-    for (l, i) in found.iter().filter(|(_, i)| i.id != keep.id) {
+    // SyncKey unique within a list) is a duplicate of the kept one. Item ids are per list: an
+    // item of another list may carry the kept item's id.
+    for (l, i) in found
+        .iter()
+        .filter(|(l, i)| !(*l == keep_list && i.id == keep.id))
+    {
         out.push(diff(DriftClass::Duplicate, &t.table, key, l, Some(i)));
     }
 }
@@ -353,6 +357,21 @@ mod tests {
             ],
             ledger,
         }
+    }
+
+    /// Item ids are per list: a duplicate in B whose id equals the kept item's id in A is still
+    /// a duplicate (CI saw the emulator hand out such ids).
+    #[test]
+    fn a_duplicate_with_the_kept_items_id_in_another_list_is_found() {
+        let mut sides = seeded();
+        sides.lists[1].items[1] = item("i4", "4", "row 4");
+        let (diffs, _) = classify(&sides);
+        assert!(
+            diffs
+                .iter()
+                .any(|d| d.class == DriftClass::Duplicate && d.key == "4"),
+            "{diffs:#?}"
+        );
     }
 
     #[test]

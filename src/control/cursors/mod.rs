@@ -696,13 +696,15 @@ async fn reset_slot(
         ));
     }
     let mut run = start_run(s, by, &report).await?;
+    // PostgreSQL advances a logical slot only up to the WAL flushed so far, which may be short of
+    // the target read a moment ago (`now` is the insert position): answer where it really is.
     let moved = client
-        .execute(
-            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+        .query_one(
+            "SELECT end_lsn::text FROM pg_replication_slot_advance($1, $2::text::pg_lsn)",
             &[&s.slot, &mv.to_lsn],
         )
         .await
-        .map(|_| ())
+        .map(|row| row.get::<_, String>(0))
         .map_err(|e| match e.as_db_error() {
             Some(db) if db.message().contains("active") => {
                 stage_running("capture", db.message().to_string())
@@ -710,7 +712,9 @@ async fn reset_slot(
             _ => unavailable("advancing the slot", e),
         });
     finish_run(&mut run, RunCounts::default(), moved.as_ref().err()).await;
-    moved?;
+    let mut report = report;
+    report["slot"]["requested_lsn"] = json!(mv.to_lsn);
+    report["slot"]["to_lsn"] = json!(moved?);
     Ok(with_run(report, &run))
 }
 

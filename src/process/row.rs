@@ -37,6 +37,15 @@ pub enum Cell {
     Array(Vec<Cell>),
 }
 
+/// A `real` as the float the processor works with: its shortest decimal, not the binary
+/// widening (0.1f32 is 0.1, not 0.10000000149011612), so it reads back from a list as the same
+/// float4. Every path that turns a `real` into a number goes through here: a float4 can have two
+/// shortest decimals (PostgreSQL prints 139276608f32 as 1.3927661e+08, Rust as 139276600), and
+/// two paths picking differently would see a change where there is none.
+pub fn float4_value(f: f32) -> f64 {
+    f.to_string().parse().unwrap_or(f64::from(f))
+}
+
 impl Cell {
     /// The text form used in keys and for text-typed fields.
     pub fn to_text(&self) -> Option<String> {
@@ -261,9 +270,7 @@ fn cell(schema: &Schema, value: &Avro) -> Result<Cell, RowError> {
         Avro::Boolean(b) => Cell::Bool(*b),
         Avro::Int(i) => Cell::Int(i64::from(*i)),
         Avro::Long(l) => Cell::Int(*l),
-        // A `real` is its shortest decimal (what PostgreSQL prints), not the binary widening:
-        // 0.1f32 is 0.1, not 0.10000000149011612, so it reads back from a list as the same float4.
-        Avro::Float(f) => Cell::Float(f.to_string().parse().unwrap_or(f64::from(*f))),
+        Avro::Float(f) => Cell::Float(float4_value(*f)),
         Avro::Double(f) => Cell::Float(*f),
         Avro::Bytes(b) | Avro::Fixed(_, b) => Cell::Bytes(b.clone()),
         Avro::Decimal(d) => {
@@ -336,6 +343,19 @@ mod tests {
         assert_eq!(
             cell(&s, &Avro::Float(-4.273125)).unwrap(),
             Cell::Float(-4.273125)
+        );
+    }
+
+    #[test]
+    fn a_float4_with_two_shortest_decimals_is_one_value() {
+        // PostgreSQL prints this float4 as 1.3927661e+08; Rust's shortest is 139276600 (the tie
+        // rounds to the same float4). Read back from the database, it must equal the captured one.
+        let captured = 139_276_608f32;
+        let printed_by_postgres: f64 = "1.3927661e+08".parse().unwrap();
+        assert_ne!(printed_by_postgres, float4_value(captured));
+        assert_eq!(
+            float4_value(printed_by_postgres as f32),
+            float4_value(captured)
         );
     }
 }

@@ -21,7 +21,7 @@ use crate::process::convert::{self, Unmappable};
 use crate::process::ledger::{self, Entry};
 use crate::process::processor::Processor;
 use crate::process::provision::TableFacts;
-use crate::process::row::{Cell, Row};
+use crate::process::row::{Cell, Row, float4_value};
 
 /// The key column values a SyncKey stands for (see [`crate::process::sync_key`]).
 pub(super) fn key_values(columns: &[String], sk: &str) -> Vec<(String, Option<String>)> {
@@ -347,7 +347,12 @@ impl<L: EventLog + 'static> Processor<L> {
             let v = v
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or(Json::Null);
-            cells.insert(f.column.clone(), cell_from_json(&v));
+            let cell = match (v.as_f64(), facts.column_types.get(&f.column)) {
+                // The same float the push path derived from the captured float4.
+                (Some(x), Some(t)) if t == "real" => Cell::Float(float4_value(x as f32)),
+                _ => cell_from_json(&v),
+            };
+            cells.insert(f.column.clone(), cell);
         }
         Ok(self.project(ti, &cells, entry).await.ok())
     }

@@ -41,6 +41,17 @@ export function num(v: number | null | undefined): string {
   return v === null || v === undefined ? "–" : nf.format(v);
 }
 
+export function bytes(v: number | null | undefined): string {
+  if (v === null || v === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${nf.format(v)} ${units[i]}`;
+}
+
 export function pct(v: number | null | undefined): string {
   return v === null || v === undefined ? "–" : `${nf.format(v * 100)} %`;
 }

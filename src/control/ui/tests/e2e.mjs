@@ -26,9 +26,10 @@ const FIRST_LOAD_BUDGET = 300 * 1024;
 const WAIT = 45_000;
 
 const consoleErrors = [];
-// Only while a step expects the API to refuse (a wrong token), the browser's own "401" log line
-// is expected; anything else is an error of the test.
+// Only while a step expects the API to refuse (a wrong token) or to be unreachable, the browser's
+// own log line for that failed request is expected; anything else is an error of the test.
 let expectRefusal = false;
+const REFUSAL_LOGS = ["status of 401", "net::ERR_FAILED"];
 
 function check(cond, what) {
   if (!cond) throw new Error(`check failed: ${what}`);
@@ -90,7 +91,7 @@ async function main() {
   page.setDefaultTimeout(WAIT);
   page.on("console", (m) => {
     if (m.type() !== "error") return;
-    if (expectRefusal && m.text().includes("401")) return;
+    if (expectRefusal && REFUSAL_LOGS.some((t) => m.text().includes(t))) return;
     consoleErrors.push(m.text());
   });
   page.on("pageerror", (e) => consoleErrors.push(`page error: ${e.message}`));
@@ -109,6 +110,17 @@ async function main() {
       expectRefusal = false;
       await shot(page, "01-signin-refused");
       check(!page.url().includes("not-a-token"), "the token is never in the URL");
+    });
+
+    await step("an unreachable API is said so", async () => {
+      expectRefusal = true;
+      // As if the process were down: every API call fails at the network level.
+      await page.route("**/whoami", (r) => r.abort("failed"));
+      await signIn(page, env("SB_TOKEN"));
+      await page.getByTestId("signin-error").getByText("cannot be reached").waitFor();
+      await page.unroute("**/whoami");
+      expectRefusal = false;
+      await shot(page, "01b-signin-unreachable");
     });
 
     await step("a read token sees data but no actions", async () => {
@@ -131,6 +143,7 @@ async function main() {
       check(!page.url().includes(env("SB_TOKEN")), "the token is never in the URL");
       const card = page.getByTestId(`pipeline-${PIPELINE}`);
       await card.getByText("running").waitFor();
+      await card.getByTestId("count-slot-lag").getByText(/\d B$|iB$/).waitFor();
       const before = await countOf(page, "events");
       const deadline = Date.now() + WAIT;
       let after = before;

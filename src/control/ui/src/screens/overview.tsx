@@ -1,13 +1,15 @@
 // Pipelines overview: stages, counts, lag, throughput, budget, dead letters and parked
 // conflicts of every running pipeline, refreshed every 2 s.
 import { api, call, type Schemas } from "../api/client";
-import type { Conflict } from "../api/types";
+import type { Conflict, Cursors } from "../api/types";
 import { useLoad } from "../hooks";
 import { href } from "../router";
-import { ErrorBox, Facts, num, pct, time } from "../widgets";
+import { ErrorBox, Facts, bytes, num, pct, time } from "../widgets";
 
 /** Often enough to see counts move, rarely enough to cost the process nothing noticeable. */
 const REFRESH_MS = 2000;
+/** The slot's lag needs a query on the source database: less often. */
+const SLOT_REFRESH_MS = 10_000;
 
 interface Row {
   status: Schemas["PipelineStatus"];
@@ -48,8 +50,23 @@ export function Overview() {
   );
 }
 
+/** The replication slot's lag behind the server's WAL, in bytes (absent: unknown). */
+function useSlotLag(name: string): number | undefined {
+  const { data } = useLoad(
+    async () => {
+      const c = (await call(api.GET("/pipelines/{name}/cursors", { params: { path: { name } } }))) as Cursors;
+      const lag = c.slot.lag_bytes;
+      return typeof lag === "number" ? lag : undefined;
+    },
+    [name],
+    SLOT_REFRESH_MS,
+  );
+  return data;
+}
+
 function PipelineCard({ row }: { row: Row }) {
   const s = row.status;
+  const slotLag = useSlotLag(s.name);
   const c = s.counts;
   const id = `p-${s.name}`;
   const state = s.paused ? "paused" : s.ready ? "running" : "starting";
@@ -81,6 +98,7 @@ function PipelineCard({ row }: { row: Row }) {
           ["Updates", num(c.updates)],
           ["Deletes", num(c.deletes)],
           ["Pulled", num(c.pulled)],
+          ["Slot lag", bytes(slotLag)],
           ["Log lag (events)", s.lag ? num(s.lag.events) : (s.lag_error ?? "–")],
           ["Events/s", num(s.throughput.events_per_second)],
           ["RU/min", num(s.throughput.resource_units_per_minute)],

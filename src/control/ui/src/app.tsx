@@ -1,5 +1,5 @@
 // The shell: sign-in, the session (token role, pipeline names), navigation and the screens.
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { api, ApiFailure, call, message, token, UNAUTHORIZED_EVENT } from "./api/client";
 import type { Whoami } from "./api/types";
 import { href, navigate, onLinkClick, useLocation } from "./router";
@@ -154,6 +154,16 @@ function Shell({ session, onSignOut }: { session: Session; onSignOut: () => void
   useEffect(() => {
     document.title = `${screen?.label ?? "Not found"} · SyncBridge`;
   }, [screen]);
+  // After an in-app navigation, keyboard and screen-reader users continue at the new content
+  // (not at the link they left); the first render leaves focus where the browser put it.
+  const first = useRef(true);
+  useEffect(() => {
+    if (first.current) {
+      first.current = false;
+      return;
+    }
+    document.getElementById("main")?.focus();
+  }, [loc.path]);
   return (
     <div class="shell" onClick={(e) => onLinkClick(e as unknown as MouseEvent)}>
       <a class="skip" href="#main">

@@ -158,6 +158,9 @@ async function main() {
 
     await step("run history: filter and open a run", async () => {
       await page.getByRole("link", { name: "Runs" }).first().click();
+      await page.getByRole("heading", { name: "Runs" }).waitFor();
+      const focus = await page.evaluate(() => document.activeElement?.id);
+      check(focus === "main", `after navigating, focus is on the content, not on ${focus}`);
       await page.getByLabel("Kind").selectOption("stream");
       const first = page.locator("tbody tr a").first();
       await first.waitFor();

@@ -238,8 +238,14 @@ async fn assert_effects(h: &Harness, t: &str, list: &str) {
         let page = api(h, &format!("/runs?pipeline={}&kind={kind}", h.name)).await;
         page["runs"].as_array().cloned().unwrap_or_default()
     };
+    // Runs reach GET /runs through the run projector: wait until each kind is there.
+    for kind in ["dlq_replay", "drift_check", "cursor_reset"] {
+        h.wait_for(&format!("a {kind} run"), || async {
+            !runs(kind).await.is_empty()
+        })
+        .await;
+    }
     assert_eq!(runs("dlq_replay").await.len(), 1);
-    assert!(!runs("drift_check").await.is_empty());
     let resets = runs("cursor_reset").await;
     assert_eq!(
         resets.len(),

@@ -12,8 +12,9 @@
 //! test checks the effects through the database, the emulator and the run history.
 //!
 //! Needs the stack (`DATABASE_URL`) and, in `src/control/ui`, `npm ci && npm run build` before
-//! the binary was built (ops/test does both). Skipped with a message only when `node` or a
-//! Chromium is missing on the machine; a missing UI build or `node_modules` fails.
+//! the binary was built (ops/test does both). Skipped with a message only when `node` (20.19+,
+//! Vite's minimum) or a Chromium is missing on the machine; a missing UI build or `node_modules`
+//! fails.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,16 +48,31 @@ fn chromium() -> Option<PathBuf> {
     which("chromium").or_else(|| which("chromium-browser"))
 }
 
+/// Node.js 20.19 or later (Vite's minimum; ops/ui-build skips the UI build below it).
+fn recent_node(node: &Path) -> bool {
+    let Ok(out) = std::process::Command::new(node)
+        .args(["-p", "process.versions.node"])
+        .output()
+    else {
+        return false;
+    };
+    let v = String::from_utf8_lossy(&out.stdout);
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    major > 20 || (major == 20 && minor >= 19)
+}
+
 fn ui_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src/control/ui")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_ui_operates_a_running_pipeline_in_chromium() {
-    let (Some(node), Some(chromium)) = (which("node"), chromium()) else {
+    let node = which("node").filter(|n| recent_node(n));
+    let (Some(node), Some(chromium)) = (node, chromium()) else {
         eprintln!(
-            "SKIPPED tests/ui.rs: needs `node` (Node.js 20+) and Chromium (Debian `chromium`, or \
-             CHROMIUM=/path) on this machine"
+            "SKIPPED tests/ui.rs: needs `node` (Node.js 20.19+) and Chromium (Debian `chromium`, \
+             or CHROMIUM=/path) on this machine"
         );
         return;
     };

@@ -21,7 +21,7 @@ fn main() {
     } else {
         println!("cargo:rerun-if-changed={UI_DIR}");
     }
-    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/control/ui/build.rs");
 
     let mut files = Vec::new();
     if dist.is_dir() {

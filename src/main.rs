@@ -43,7 +43,7 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Check pipeline files without connecting anywhere (with --db: also the tables in the
-    /// source database); lists every problem as file:line:col.
+    /// source database; with --graph: also the live lists); lists every problem as file:line:col.
     Validate {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
@@ -51,6 +51,13 @@ enum Command {
         /// TOAST-able columns of tables that are not REPLICA IDENTITY FULL). Warnings keep exit 0.
         #[arg(long)]
         db: bool,
+        /// Also check the live lists in Graph against the mapping (list and column exist, type,
+        /// choices, SyncKey indexed and unique); every mismatch is one line, exit 1 when any.
+        #[arg(long)]
+        graph: bool,
+        /// With --graph: print each mismatch as one JSON object per line on stdout.
+        #[arg(long, requires = "graph")]
+        json: bool,
     },
     /// Ask the running process (at the pipeline's control.listen) to re-snapshot one table while
     /// streaming continues.
@@ -262,10 +269,29 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
     match cli.command {
-        Command::Validate { files, db: true } => validate_db(&files),
+        Command::Validate {
+            files,
+            db,
+            graph: true,
+            json,
+        } => {
+            let code = if db {
+                validate_db(&files)
+            } else {
+                ExitCode::SUCCESS
+            };
+            if code == ExitCode::SUCCESS {
+                validate_graph(&files, json)
+            } else {
+                code
+            }
+        }
+        Command::Validate {
+            files, db: true, ..
+        } => validate_db(&files),
         Command::Snapshot { file, table, wait } => snapshot(&file, &table, wait),
         Command::Resume { file } => resume(&file),
-        Command::Validate { files, db: false } => match config::load_files(&files) {
+        Command::Validate { files, .. } => match config::load_files(&files) {
             Ok(pipelines) => {
                 for p in &pipelines {
                     println!(
@@ -844,6 +870,52 @@ fn validate_db(files: &[PathBuf]) -> ExitCode {
     }
     if errors > 0 {
         eprintln!("{errors} problem(s) found");
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    ExitCode::SUCCESS
+}
+
+/// `validate --graph`: the offline checks, then each pipeline's live lists against its mapping
+/// (nothing is changed). Exit 1 when a list does not match, 3 when Graph cannot be reached.
+fn validate_graph(files: &[PathBuf], json: bool) -> ExitCode {
+    use syncbridge::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
+    let pipelines = match config::load_files(files) {
+        Ok(p) => p,
+        Err(report) => {
+            print_report(&report);
+            eprintln!("{} problem(s) found", report.problems.len());
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let mut total = 0usize;
+    let code = block_on(|_| async {
+        let limiters = LimiterRegistry::new();
+        for p in &pipelines {
+            let client = GraphClient::new(GraphClientConfig::from(&p.graph), &limiters)?;
+            let found = syncbridge::process::provision::check(&client, p).await?;
+            for m in &found {
+                if json {
+                    let mut v = serde_json::to_value(m)?;
+                    v["pipeline"] = p.name.clone().into();
+                    println!("{v}");
+                } else {
+                    eprintln!("{}: {m}", p.name);
+                }
+            }
+            total += found.len();
+            if !json {
+                let lists = syncbridge::process::provision::needed(p).len();
+                let state = if found.is_empty() { "ok" } else { "mismatches" };
+                println!("{state}: {} ({lists} list(s) checked in Graph)", p.name);
+            }
+        }
+        Ok(())
+    });
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    if total > 0 {
+        eprintln!("{total} mismatch(es) found");
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
     ExitCode::SUCCESS

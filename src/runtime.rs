@@ -359,12 +359,13 @@ async fn start_all(
         // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
         // the lists fails the run before a slot is created.
         let usage = Arc::new(GraphUsage::default());
-        let (mut processor, pollers) = prepare_processor(p, log.clone(), &limiters, &usage)
-            .await
-            .map_err(|source| RuntimeError::Process {
-            pipeline: p.name.clone(),
-            source,
-        })?;
+        let (mut processor, pollers, columns) =
+            prepare_processor(p, log.clone(), &limiters, &usage)
+                .await
+                .map_err(|source| RuntimeError::Process {
+                    pipeline: p.name.clone(),
+                    source,
+                })?;
         // Before the first write: entries naming a vanished list are dropped, healed below.
         let stale =
             processor
@@ -429,6 +430,11 @@ async fn start_all(
                     pipeline: p.name.clone(),
                     source,
                 })?;
+        if !columns.is_empty() {
+            info!(pipeline = %p.name, "lists follow the mapping: {}", columns.summary());
+            let topic = meta::runs_topic(topic_prefix(p), &p.name);
+            process::provision::record_changes(log.clone(), topic, &p.name, &columns).await;
+        }
         let stream_stop = CancellationToken::new();
         let run_counts = {
             let (stats, usage) = (stats.clone(), usage.clone());
@@ -708,7 +714,7 @@ async fn supervise_processor(
         processor = loop {
             match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters, &s.usage).await {
                 // The pollers of the first start keep running; only the processor is new.
-                Ok((p, _pollers)) => break p,
+                Ok((p, _pollers, _columns)) => break p,
                 Err(e) if e.is_retryable() => {
                     warn!(pipeline = %name, "restarting the processor failed, retrying: {e}");
                     tokio::select! {
@@ -876,6 +882,14 @@ async fn finish_history(
     }
 }
 
+/// What [`prepare_processor`] hands over: the processor, the delta pollers of its lists and what
+/// provisioning changed on existing lists.
+type Prepared = (
+    Processor<AnyLog>,
+    Vec<(PollerConfig, Arc<GraphClient>)>,
+    process::provision::ColumnChanges,
+);
+
 /// Graph client, catalog facts, provisioning and the processor of one pipeline. Transient Graph
 /// or database failures at start-up are retried a few times (a tenant or database that is
 /// briefly unreachable should not need an operator); a list mismatch fails at once.
@@ -884,7 +898,7 @@ async fn prepare_processor(
     log: Arc<AnyLog>,
     limiters: &LimiterRegistry,
     usage: &Arc<GraphUsage>,
-) -> Result<(Processor<AnyLog>, Vec<(PollerConfig, Arc<GraphClient>)>), ProcessError> {
+) -> Result<Prepared, ProcessError> {
     let mut graph = GraphClientConfig::from(&p.graph);
     if !p.sync.iter().any(|e| e.pull.enabled) {
         // No delta poller will use the reserved share: writers may spend the whole budget. (The
@@ -950,8 +964,9 @@ async fn prepare_processor(
             pollers.push((cfg, shared.clone()));
         }
     }
+    let columns = targets.changes.clone();
     let processor = Processor::new(config, log, client, targets, facts).await?;
-    Ok((processor, pollers))
+    Ok((processor, pollers, columns))
 }
 
 fn capture_config(p: &PipelineConfig) -> CaptureConfig {

@@ -55,6 +55,9 @@ pub enum RunKind {
     /// `<schedule>: <job> @ <tick, RFC 3339 UTC>`. The job also records its own run where it has
     /// one (`resnapshot`, `dlq_replay`), as when started by hand.
     Scheduled,
+    /// Columns of existing lists changed to follow the mapping at start: columns added for new
+    /// fields, columns no field maps any more left in place (`detail`: `added`, `unmapped`).
+    ListColumns,
 }
 
 impl RunKind {
@@ -68,6 +71,7 @@ impl RunKind {
             RunKind::DriftCheck => "drift_check",
             RunKind::DriftHeal => "drift_heal",
             RunKind::Scheduled => "scheduled",
+            RunKind::ListColumns => "list_columns",
         }
     }
 }

@@ -1,0 +1,195 @@
+//! Changing a pipeline's mapping on the real stack and the emulator (issue 13): lists follow the
+//! mapping at start (a new field's column is added, a removed field's column is left and
+//! reported, one `list_columns` run), and `syncbridge validate --graph` reports every difference
+//! between the live lists and the mapping.
+//!
+//! Needs `DATABASE_URL` (superuser). A test FAILS (never skips) when it is unset.
+
+use serde_json::{Value, json};
+use syncbridge::graph::ColumnDefinition;
+
+mod common;
+#[path = "common/harness.rs"]
+mod harness;
+use common::TempDatabase as MetaDatabase;
+use harness::{Harness, hard_timeout, try_runs};
+
+/// The push-only sync entry of `table` into `list` with `fields` (YAML flow mapping body).
+fn entry(table: &str, list: &str, fields: &str) -> String {
+    format!(
+        "  - table: public.{table}\n    list: {list}\n    fields: {{ {fields} }}\n    pull: {{ enabled: false }}"
+    )
+}
+
+/// Writes the pipeline file (embedded log, `sync`) with `control.meta_url` set.
+fn pipeline_with_meta(h: &Harness, sync: &str, meta: &MetaDatabase) -> std::path::PathBuf {
+    let file = h.pipeline(&h.embedded_log(), sync);
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta.url)).unwrap();
+    file
+}
+
+/// Column names of `list`.
+async fn column_names(h: &Harness, list: &str) -> Vec<String> {
+    let id = h.list_id(list).await;
+    let cols = h.graph.list_columns(&h.site, &id).await.unwrap();
+    cols.into_iter().map(|c| c.name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_added_to_the_mapping_gets_its_column_at_start_and_a_removed_one_is_left() {
+    hard_timeout(240, async {
+        let meta = MetaDatabase::create("sbcols").await;
+        let mut h = Harness::new("cols").await;
+        let (t, list) = h.titled_table(3).await;
+        h.sql(&format!(
+            "ALTER TABLE public.{t} ADD COLUMN note text, ADD COLUMN old text;
+             UPDATE public.{t} SET note = 'note ' || id, old = 'old ' || id;"
+        ))
+        .await;
+        let first = entry(&t, &list, "title: Title, old: Obsolete");
+        let file = pipeline_with_meta(&h, &first, &meta);
+        h.start(&file);
+        h.wait_for("the first sync", || async {
+            h.items(&list).await.len() == 3
+        })
+        .await;
+        h.stop().await;
+        assert!(!column_names(&h, &list).await.contains(&"Note".to_string()));
+
+        // `old` removed from the mapping, `note` added.
+        let second = entry(&t, &list, "title: Title, note: Note");
+        let file = pipeline_with_meta(&h, &second, &meta);
+        h.start(&file);
+        let q = format!("pipeline={}&kind=list_columns", h.name);
+        h.wait_for("the list_columns run", || async {
+            try_runs(&h, &q)
+                .await
+                .is_some_and(|r| r.iter().any(|r| r["status"] == "succeeded"))
+        })
+        .await;
+        let runs = try_runs(&h, &q).await.unwrap();
+        assert_eq!(runs.len(), 1, "{runs:#?}");
+        let detail = &runs[0]["detail"];
+        assert_eq!(
+            detail["added"],
+            json!([{ "list": list, "column": "Note", "type": "text" }]),
+            "{detail:#}"
+        );
+        assert_eq!(
+            detail["unmapped"],
+            json!([{ "list": list, "column": "Obsolete", "type": "text" }]),
+            "{detail:#}"
+        );
+        let cols = column_names(&h, &list).await;
+        assert!(cols.contains(&"Note".to_string()), "{cols:?}");
+        assert!(cols.contains(&"Obsolete".to_string()), "{cols:?}");
+        assert!(
+            h.run_log().contains("left in the list with its values"),
+            "{}",
+            h.run_log()
+        );
+
+        // Values flow into the new column; the removed field keeps its values.
+        h.sql(&format!(
+            "UPDATE public.{t} SET note = 'changed' WHERE id = 1;
+             INSERT INTO public.{t} VALUES (4, 'row 4', 'note 4', 'old 4');"
+        ))
+        .await;
+        h.wait_for("Note values", || async {
+            let items = h.items(&list).await;
+            let note = |k: &str| {
+                items
+                    .iter()
+                    .find(|(key, _)| key == k)
+                    .and_then(|(_, f)| f.get("Note").cloned())
+            };
+            note("1") == Some(json!("changed")) && note("4") == Some(json!("note 4"))
+        })
+        .await;
+        let items = h.items(&list).await;
+        assert_eq!(items.len(), 4, "no duplicates: {items:#?}");
+        let item2 = items.iter().find(|(k, _)| k == "2").unwrap();
+        assert_eq!(item2.1.get("Obsolete"), Some(&json!("old 2")));
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_graph_reports_each_difference_between_the_lists_and_the_mapping() {
+    hard_timeout(120, async {
+        let mut h = Harness::new("vgraph").await;
+        let (t, list) = h.titled_table(1).await;
+        h.sql(&format!(
+            "ALTER TABLE public.{t} ADD COLUMN qty int, ADD COLUMN status text, ADD COLUMN due date, ADD COLUMN note text"
+        ))
+        .await;
+        let fields = "title: Title, qty: { field: Qty, type: number }, \
+             status: { field: Status, type: choice, choices: [open, done] }, \
+             due: { field: Due, type: date }, note: Note";
+        let file = h.pipeline(&h.embedded_log(), &entry(&t, &list, fields));
+
+        // No list yet: reported as missing.
+        let (code, out, err) = h.cli(&["validate", "--graph", file.to_str().unwrap()]).await;
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(err.contains(&format!("list {list:?}")) && err.contains("missing"), "{err}");
+
+        // The list made by hand with a wrong type, a missing choice, a date-time column, no Note
+        // and a SyncKey that is not indexed.
+        let cols = [
+            ColumnDefinition::text("Qty"),
+            ColumnDefinition::new("Status", "choice", json!({ "choices": ["open"] })),
+            ColumnDefinition::new("Due", "dateTime", json!({ "format": "dateTime" })),
+            ColumnDefinition::text("SyncKey").hidden(true),
+        ];
+        h.graph.create_list(&h.site, &list, &cols).await.unwrap();
+        let (code, out, err) = h
+            .cli(&["validate", "--graph", "--json", file.to_str().unwrap()])
+            .await;
+        assert_eq!(code, 1, "{out}\n{err}");
+        let mut got: Vec<(String, String, String)> = out
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| {
+                assert_eq!(v["list"], list.as_str(), "{v}");
+                let s = |k: &str| v[k].as_str().unwrap().to_string();
+                (s("field"), s("expected"), s("found"))
+            })
+            .collect();
+        got.sort();
+        let want = [
+            ("Due", "date", "date-time column"),
+            ("Note", "text", "missing"),
+            ("Qty", "number (number)", "text"),
+            ("Status", "choices [\"open\", \"done\"]", "choices [\"open\"]"),
+            (
+                "SyncKey",
+                "indexed, unique text column",
+                "indexed: false, enforceUniqueValues: false",
+            ),
+        ];
+        let want: Vec<(String, String, String)> = want
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(got, want);
+
+        // The text report names the same, one line each, and a matching list passes.
+        let (code, _, err) = h.cli(&["validate", "--graph", file.to_str().unwrap()]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("field Qty has type text, the mapping needs number"), "{err}");
+        assert!(err.contains("5 mismatch(es)"), "{err}");
+        let ok = entry(&t, &format!("{list} ok"), "title: Title");
+        let ok_file = h.pipeline(&h.embedded_log(), &ok);
+        let created = [syncbridge::process::provision::sync_key_column()];
+        h.graph
+            .create_list(&h.site, &format!("{list} ok"), &created)
+            .await
+            .unwrap();
+        let (code, out, err) = h.cli(&["validate", "--graph", ok_file.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("ok:"), "{out}");
+    })
+    .await;
+}

@@ -37,5 +37,6 @@ pub mod log;
 pub mod pg;
 pub mod process;
 pub mod pull;
+pub mod reload;
 pub mod runtime;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use syncbridge::{config, emulator, runtime, telemetry};
+use syncbridge::{config, emulator, reload, runtime, telemetry};
 use tokio_util::sync::CancellationToken;
 
 const EXIT_INVALID_CONFIG: u8 = 1;
@@ -38,9 +38,14 @@ enum Command {
     /// Print the man page (roff) to stdout, e.g. `syncbridge man > syncbridge.1`.
     Man,
     /// Run one or more pipelines until SIGINT/SIGTERM, then drain in pipeline order and exit 0.
+    /// SIGHUP re-reads the files and restarts the pipelines that changed (a bad file or a change
+    /// that cannot apply live changes nothing and says why).
     Run {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
+        /// Also reload when a file's content changes (checked every second).
+        #[arg(long)]
+        watch: bool,
     },
     /// Check pipeline files without connecting anywhere (with --db: also the tables in the
     /// source database; with --graph: also the live lists); lists every problem as file:line:col.
@@ -313,7 +318,7 @@ fn main() -> ExitCode {
             println!("{:#}", config::json_schema());
             ExitCode::SUCCESS
         }
-        Command::Run { files } => {
+        Command::Run { files, watch } => {
             let pipelines = match config::load_files(&files) {
                 Ok(p) => p,
                 Err(report) => {
@@ -333,7 +338,19 @@ fn main() -> ExitCode {
                 }
             }
             block_on(|shutdown| async move {
-                runtime::run(pipelines, shutdown)
+                // One pending request is enough: a reload reads the files as they are then.
+                let (tx, requests) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(reload::on_sighup(tx.clone(), shutdown.clone()));
+                if watch {
+                    tokio::spawn(reload::watch_files(
+                        files.clone(),
+                        reload::WATCH_INTERVAL,
+                        tx,
+                        shutdown.clone(),
+                    ));
+                }
+                let source = runtime::ReloadSource { files, requests };
+                runtime::run_reloading(pipelines, Some(source), shutdown)
                     .await
                     .map_err(anyhow::Error::from)
             })
@@ -829,13 +846,9 @@ fn catalog(
 
 /// `validate --db`: the offline checks, then the database checks of each pipeline.
 fn validate_db(files: &[PathBuf]) -> ExitCode {
-    let pipelines = match config::load_files_located(files) {
+    let pipelines = match load_checked(files) {
         Ok(p) => p,
-        Err(report) => {
-            print_report(&report);
-            eprintln!("{} problem(s) found", report.problems.len());
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+        Err(code) => return code,
     };
     let mut errors = 0usize;
     let code = block_on(|_| async {
@@ -865,11 +878,26 @@ fn validate_db(files: &[PathBuf]) -> ExitCode {
         }
         Ok(())
     });
+    check_outcome(code, errors, "problem(s)")
+}
+
+/// The offline checks of `validate --db`/`--graph`: the pipelines, or the exit code after the
+/// problems were printed.
+fn load_checked(files: &[PathBuf]) -> Result<Vec<config::LocatedPipeline>, ExitCode> {
+    config::load_files_located(files).map_err(|report| {
+        print_report(&report);
+        eprintln!("{} problem(s) found", report.problems.len());
+        ExitCode::from(EXIT_INVALID_CONFIG)
+    })
+}
+
+/// The exit code of a check that ran with `code` and found `found` errors (`what`).
+fn check_outcome(code: ExitCode, found: usize, what: &str) -> ExitCode {
     if code != ExitCode::SUCCESS {
         return code;
     }
-    if errors > 0 {
-        eprintln!("{errors} problem(s) found");
+    if found > 0 {
+        eprintln!("{found} {what} found");
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
     ExitCode::SUCCESS
@@ -879,13 +907,9 @@ fn validate_db(files: &[PathBuf]) -> ExitCode {
 /// (nothing is changed). Exit 1 when a list does not match, 3 when Graph cannot be reached.
 fn validate_graph(files: &[PathBuf], json: bool) -> ExitCode {
     use syncbridge::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
-    let pipelines = match config::load_files(files) {
-        Ok(p) => p,
-        Err(report) => {
-            print_report(&report);
-            eprintln!("{} problem(s) found", report.problems.len());
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+    let pipelines: Vec<config::PipelineConfig> = match load_checked(files) {
+        Ok(p) => p.into_iter().map(|l| l.config).collect(),
+        Err(code) => return code,
     };
     let mut total = 0usize;
     let code = block_on(|_| async {
@@ -911,14 +935,7 @@ fn validate_graph(files: &[PathBuf], json: bool) -> ExitCode {
         }
         Ok(())
     });
-    if code != ExitCode::SUCCESS {
-        return code;
-    }
-    if total > 0 {
-        eprintln!("{total} mismatch(es) found");
-        return ExitCode::from(EXIT_INVALID_CONFIG);
-    }
-    ExitCode::SUCCESS
+    check_outcome(code, total, "mismatch(es)")
 }
 
 /// `snapshot FILE --table S.T`: asks the running process over its control plane.

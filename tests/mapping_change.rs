@@ -21,14 +21,6 @@ fn entry(table: &str, list: &str, fields: &str) -> String {
     )
 }
 
-/// Writes the pipeline file (embedded log, `sync`) with `control.meta_url` set.
-fn pipeline_with_meta(h: &Harness, sync: &str, meta: &MetaDatabase) -> std::path::PathBuf {
-    let file = h.pipeline(&h.embedded_log(), sync);
-    let yaml = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta.url)).unwrap();
-    file
-}
-
 /// Column names of `list`.
 async fn column_names(h: &Harness, list: &str) -> Vec<String> {
     let id = h.list_id(list).await;
@@ -48,7 +40,7 @@ async fn a_field_added_to_the_mapping_gets_its_column_at_start_and_a_removed_one
         ))
         .await;
         let first = entry(&t, &list, "title: Title, old: Obsolete");
-        let file = pipeline_with_meta(&h, &first, &meta);
+        let file = h.pipeline_with_meta(&first, &meta.url);
         h.start(&file);
         h.wait_for("the first sync", || async {
             h.items(&list).await.len() == 3
@@ -59,7 +51,7 @@ async fn a_field_added_to_the_mapping_gets_its_column_at_start_and_a_removed_one
 
         // `old` removed from the mapping, `note` added.
         let second = entry(&t, &list, "title: Title, note: Note");
-        let file = pipeline_with_meta(&h, &second, &meta);
+        let file = h.pipeline_with_meta(&second, &meta.url);
         h.start(&file);
         let q = format!("pipeline={}&kind=list_columns", h.name);
         h.wait_for("the list_columns run", || async {
@@ -190,6 +182,172 @@ async fn validate_graph_reports_each_difference_between_the_lists_and_the_mappin
         let (code, out, err) = h.cli(&["validate", "--graph", ok_file.to_str().unwrap()]).await;
         assert_eq!(code, 0, "{out}\n{err}");
         assert!(out.contains("ok:"), "{out}");
+    })
+    .await;
+}
+
+/// Sends SIGHUP to the harness's `syncbridge run`.
+fn sighup(h: &Harness) {
+    let pid = h.child.as_ref().expect("running").id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The process's `syncbridge_config_reloads_total{outcome}`.
+async fn reloads(h: &Harness, outcome: &str) -> f64 {
+    h.metric(
+        "syncbridge_config_reloads_total",
+        &[&format!("outcome=\"{outcome}\"")],
+    )
+    .await
+}
+
+/// The `reload` runs of the harness's pipeline that succeeded.
+async fn reload_runs(h: &Harness) -> Vec<Value> {
+    let q = format!("pipeline={}&kind=reload&status=succeeded", h.name);
+    try_runs(h, &q).await.unwrap_or_default()
+}
+
+/// SyncKey → the item's `field`, for every item of `list`; panics on a duplicated SyncKey.
+async fn values(h: &Harness, list: &str, field: &str) -> std::collections::BTreeMap<String, Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, f) in h.items(list).await {
+        let v = f.get(field).cloned().unwrap_or(Value::Null);
+        assert!(out.insert(k.clone(), v).is_none(), "item {k} duplicated");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_key_change() {
+    hard_timeout(240, async {
+        let meta = MetaDatabase::create("sbreload").await;
+        let mut h = Harness::new("reload").await;
+        let (t, list) = h.titled_table(3).await;
+        h.sql(&format!(
+            "ALTER TABLE public.{t} ADD COLUMN note text; UPDATE public.{t} SET note = 'note ' || id;"
+        ))
+        .await;
+        let file = h.pipeline_with_meta(&entry(&t, &list, "title: Title"), &meta.url);
+        h.start(&file);
+        h.wait_for("the first sync", || async { h.items(&list).await.len() == 3 })
+            .await;
+        assert_eq!(reloads(&h, "applied").await, 0.0);
+
+        // A field added: the pipeline restarts in the process, the column is added and values
+        // flow into it; no item is created twice.
+        h.pipeline_with_meta(&entry(&t, &list, "title: Title, note: Note"), &meta.url);
+        sighup(&h);
+        h.wait_for("the reload run", || async { !reload_runs(&h).await.is_empty() })
+            .await;
+        let run = &reload_runs(&h).await[0];
+        assert_eq!(run["by"], "SIGHUP", "{run:#}");
+        assert_eq!(
+            run["detail"]["changed"],
+            json!([format!("table public.{t}: fields added [\"Note\"]")]),
+            "{run:#}"
+        );
+        assert_eq!(reloads(&h, "applied").await, 1.0);
+        assert!(column_names(&h, &list).await.contains(&"Note".to_string()));
+        h.sql(&format!(
+            "UPDATE public.{t} SET note = 'changed' WHERE id = 2; INSERT INTO public.{t} VALUES (4, 'row 4', 'note 4');"
+        ))
+        .await;
+        h.wait_for("Note values after the reload", || async {
+            let v = values(&h, &list, "Note").await;
+            v.get("2") == Some(&json!("changed")) && v.get("4") == Some(&json!("note 4"))
+        })
+        .await;
+        assert_eq!(values(&h, &list, "Note").await.len(), 4);
+
+        // A broken file: nothing changes, the pipeline keeps running, the counter says so.
+        std::fs::write(&file, "version: 1\nname: [unclosed\n").unwrap();
+        sighup(&h);
+        h.wait_for("the invalid reload counted", || async {
+            reloads(&h, "invalid").await == 1.0
+        })
+        .await;
+        h.sql(&format!("INSERT INTO public.{t} VALUES (5, 'row 5', 'note 5')"))
+            .await;
+        h.wait_for("row 5 after the broken file", || async {
+            values(&h, &list, "Note").await.get("5") == Some(&json!("note 5"))
+        })
+        .await;
+
+        // A key change is refused with the reason; the pipeline runs on with its config.
+        let keyed = entry(&t, &list, "title: Title, note: Note")
+            .replace("    fields:", "    key: [title]\n    fields:");
+        h.pipeline_with_meta(&keyed, &meta.url);
+        sighup(&h);
+        h.wait_for("the refused reload counted", || async {
+            reloads(&h, "refused").await == 1.0
+        })
+        .await;
+        assert!(h.run_log().contains("key changed from the primary key to [\"title\"]"), "{}", h.run_log());
+        h.sql(&format!("UPDATE public.{t} SET note = 'after refusal' WHERE id = 1"))
+            .await;
+        h.wait_for("row 1 after the refusal", || async {
+            values(&h, &list, "Note").await.get("1") == Some(&json!("after refusal"))
+        })
+        .await;
+        assert_eq!(reloads(&h, "applied").await, 1.0);
+        assert_eq!(reload_runs(&h).await.len(), 1);
+        assert_eq!(values(&h, &list, "Note").await.len(), 5);
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_watch_reloads_when_a_file_changes_and_snapshots_a_new_table() {
+    hard_timeout(240, async {
+        let meta = MetaDatabase::create("sbwatch").await;
+        let mut h = Harness::new("watch").await;
+        let (t, list) = h.titled_table(2).await;
+        let t2 = h.t("second");
+        h.sql(&format!(
+            "CREATE TABLE public.{t2} (id bigint PRIMARY KEY, title text NOT NULL);
+             INSERT INTO public.{t2} VALUES (1, 'second 1'), (2, 'second 2');"
+        ))
+        .await;
+        h.tables.push(format!("public.{t2}"));
+        let list2 = format!("{list} second");
+        let file = h.pipeline_with_meta(&entry(&t, &list, "title: Title"), &meta.url);
+        let stderr = std::fs::File::create(h.dir.path().join("run.log")).unwrap();
+        let child = std::process::Command::new(harness::BIN)
+            .args(["run", "--watch"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        h.child = Some(child);
+        h.wait_for("the first sync", || async { h.items(&list).await.len() == 2 })
+            .await;
+
+        // A second table: added to the publication, snapshotted, then streamed.
+        let both = format!("{}\n{}", entry(&t, &list, "title: Title"), entry(&t2, &list2, "title: Title"));
+        h.pipeline_with_meta(&both, &meta.url);
+        h.wait_for("the new table's rows", || async { h.items(&list2).await.len() == 2 })
+            .await;
+        let run = &reload_runs(&h).await[0];
+        assert_eq!(run["by"], "watch", "{run:#}");
+        assert_eq!(run["detail"]["new_tables"], json!([format!("public.{t2}")]), "{run:#}");
+        h.sql(&format!(
+            "INSERT INTO public.{t2} VALUES (3, 'second 3'); INSERT INTO public.{t} VALUES (3, 'row 3');"
+        ))
+        .await;
+        h.wait_for("streamed rows of both tables", || async {
+            h.items(&list2).await.len() == 3 && h.items(&list).await.len() == 3
+        })
+        .await;
+        assert_eq!(values(&h, &list, "Title").await.len(), 3);
+        assert_eq!(values(&h, &list2, "Title").await.len(), 3);
+        h.stop().await;
     })
     .await;
 }

@@ -24,7 +24,7 @@ use serde_json::{Value as Json, json};
 use crate::config::{
     Direction, FieldMapping, FieldType, PipelineConfig, SYNC_KEY_FIELD, SYSTEM_FIELDS,
 };
-use crate::control::meta::{RunCounts, RunKind, RunRecorder, RunStatus};
+use crate::control::meta::runs::{RunAbout, RunKind, record_finished};
 use crate::graph::{ColumnDefinition, GraphClient, GraphError};
 use crate::log::EventLog;
 
@@ -532,32 +532,19 @@ fn missing_choices(list: &str, m: &FieldMapping, facet: &Json, out: &mut Vec<Mis
 }
 
 /// Records `changes` as one finished `list_columns` run (`detail`: the columns added and the
-/// unmapped ones). A failure is logged, not returned: the run history must not stop a pipeline.
+/// unmapped ones).
 pub async fn record_changes<L: EventLog>(
     log: Arc<L>,
     runs_topic: String,
     pipeline: &str,
     changes: &ColumnChanges,
 ) {
-    let detail = serde_json::to_value(changes).ok();
-    let recorded = async {
-        let mut run = RunRecorder::start_requested(
-            log,
-            runs_topic,
-            pipeline,
-            RunKind::ListColumns,
-            Some(changes.summary()),
-            None,
-            detail,
-        )
-        .await?;
-        run.finish(RunStatus::Succeeded, RunCounts::default(), None)
-            .await
-    }
-    .await;
-    if let Err(e) = recorded {
-        tracing::warn!(%pipeline, "cannot record the list_columns run: {e}");
-    }
+    let about = RunAbout {
+        subject: Some(changes.summary()),
+        by: None,
+        detail: serde_json::to_value(changes).ok(),
+    };
+    record_finished(log, runs_topic, pipeline, RunKind::ListColumns, about, None).await;
 }
 
 /// Catalog facts about one synced table that the push and return paths need.

@@ -58,6 +58,9 @@ pub enum RunKind {
     /// Columns of existing lists changed to follow the mapping at start: columns added for new
     /// fields, columns no field maps any more left in place (`detail`: `added`, `unmapped`).
     ListColumns,
+    /// A pipeline restarted in the same process with its re-read file (`SIGHUP`, `--watch`);
+    /// `by` the trigger, `detail`: `changed`, `new_tables`.
+    Reload,
 }
 
 impl RunKind {
@@ -72,6 +75,7 @@ impl RunKind {
             RunKind::DriftHeal => "drift_heal",
             RunKind::Scheduled => "scheduled",
             RunKind::ListColumns => "list_columns",
+            RunKind::Reload => "reload",
         }
     }
 }
@@ -371,6 +375,49 @@ impl<L: EventLog> RunRecorder<L> {
         append_event(&*self.log, &self.topic, &next).await?;
         self.event = next;
         Ok(())
+    }
+}
+
+/// What an operator's or a process's one-step run is about ([`record_finished`]).
+#[derive(Debug, Clone, Default)]
+pub struct RunAbout {
+    pub subject: Option<String>,
+    pub by: Option<String>,
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Records a run that is over when it is recorded (a step of a start or a reload): its first
+/// and its final event, failed with `failure` when given. A failure to append is logged, not
+/// returned: the run history must not stop a pipeline.
+pub async fn record_finished<L: EventLog>(
+    log: Arc<L>,
+    topic: String,
+    pipeline: &str,
+    kind: RunKind,
+    about: RunAbout,
+    failure: Option<String>,
+) {
+    let status = if failure.is_some() {
+        RunStatus::Failed
+    } else {
+        RunStatus::Succeeded
+    };
+    let recorded = async {
+        let mut run = RunRecorder::start_requested(
+            log,
+            topic,
+            pipeline,
+            kind,
+            about.subject,
+            about.by,
+            about.detail,
+        )
+        .await?;
+        run.finish(status, RunCounts::default(), failure).await
+    }
+    .await;
+    if let Err(e) = recorded {
+        warn!(%pipeline, kind = kind.as_str(), "cannot record the run: {e}");
     }
 }
 

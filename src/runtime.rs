@@ -10,6 +10,10 @@
 //! carries the processor's final counts, and the projector writes it before the log closes. The
 //! control plane starts first (a taken port fails the run before any work
 //! begins) and stops last (`/health` stays up while draining).
+//!
+//! A reload (`crate::reload`: `SIGHUP`, `run --watch`) drains one changed pipeline as shutdown
+//! does (`drain_one`) and starts it again (`start_one`) on its log, which stays open; when the
+//! new config does not start, the old one is started again.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -295,6 +295,27 @@ async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_k
         .await;
         assert_eq!(reloads(&h, "applied").await, 1.0);
         assert_eq!(reload_runs(&h).await.len(), 1);
+
+        // A config that passes validation but does not start (the list's Note column is text,
+        // the mapping now says number): the old config runs again, the run says why.
+        let typed = entry(&t, &list, "title: Title, note: { field: Note, type: number }");
+        h.pipeline_with_meta(&typed, &meta.url);
+        sighup(&h);
+        let q = format!("pipeline={}&kind=reload&status=failed", h.name);
+        h.wait_for("the failed reload run", || async {
+            try_runs(&h, &q).await.is_some_and(|r| !r.is_empty())
+        })
+        .await;
+        let failed = &try_runs(&h, &q).await.unwrap()[0];
+        let reason = failed["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("field Note has type text, the mapping needs number"), "{failed:#}");
+        assert_eq!(reloads(&h, "failed").await, 1.0);
+        h.sql(&format!("UPDATE public.{t} SET note = 'after failure' WHERE id = 3"))
+            .await;
+        h.wait_for("row 3 after the failed reload", || async {
+            values(&h, &list, "Note").await.get("3") == Some(&json!("after failure"))
+        })
+        .await;
         assert_eq!(values(&h, &list, "Note").await.len(), 5);
         h.stop().await;
     })
@@ -331,11 +352,20 @@ async fn run_watch_reloads_when_a_file_changes_and_snapshots_a_new_table() {
 
         // A second table: added to the publication, snapshotted, then streamed.
         let both = format!("{}\n{}", entry(&t, &list, "title: Title"), entry(&t2, &list2, "title: Title"));
-        h.pipeline_with_meta(&both, &meta.url);
+        // The budget changes with it.
+        let budget = "syncbridge_graph_ru_budget_per_minute";
+        assert_eq!(h.metric(budget, &[]).await, 100000.0);
+        // One write, so the watcher cannot see half of the change.
+        let yaml = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace(&entry(&t, &list, "title: Title"), &both)
+            .replace("ru_per_minute: 100000", "ru_per_minute: 60000");
+        std::fs::write(&file, yaml).unwrap();
         h.wait_for("the new table's rows", || async { h.items(&list2).await.len() == 2 })
             .await;
         let run = &reload_runs(&h).await[0];
         assert_eq!(run["by"], "watch", "{run:#}");
+        assert_eq!(h.metric(budget, &[]).await, 60000.0);
         assert_eq!(run["detail"]["new_tables"], json!([format!("public.{t2}")]), "{run:#}");
         h.sql(&format!(
             "INSERT INTO public.{t2} VALUES (3, 'second 3'); INSERT INTO public.{t} VALUES (3, 'row 3');"

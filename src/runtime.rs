@@ -482,11 +482,6 @@ async fn start_one(
                 pipeline: p.name.clone(),
                 source,
             })?;
-    if !columns.is_empty() {
-        info!(pipeline = %p.name, "lists follow the mapping: {}", columns.summary());
-        let topic = meta::runs_topic(topic_prefix(p), &p.name);
-        process::provision::record_changes(log.clone(), topic, &p.name, &columns).await;
-    }
     let stream_stop = CancellationToken::new();
     let run_counts = {
         let (stats, usage) = (stats.clone(), usage.clone());
@@ -509,6 +504,15 @@ async fn start_one(
     if !stale.is_empty() {
         tokio::spawn(process::drift::heal_vanished(
             stale,
+            handle.clone(),
+            log.clone(),
+            meta::runs_topic(topic_prefix(p), &p.name),
+        ));
+    }
+    if !columns.is_empty() {
+        info!(pipeline = %p.name, "lists follow the mapping: {}", columns.summary());
+        tokio::spawn(process::provision::fill_added_columns(
+            columns,
             handle.clone(),
             log.clone(),
             meta::runs_topic(topic_prefix(p), &p.name),

@@ -65,7 +65,7 @@ async fn a_field_added_to_the_mapping_gets_its_column_at_start_and_a_removed_one
         let detail = &runs[0]["detail"];
         assert_eq!(
             detail["added"],
-            json!([{ "list": list, "column": "Note", "type": "text" }]),
+            json!([{ "list": list, "table": format!("public.{t}"), "column": "Note", "type": "text" }]),
             "{detail:#}"
         );
         assert_eq!(
@@ -73,6 +73,13 @@ async fn a_field_added_to_the_mapping_gets_its_column_at_start_and_a_removed_one
             json!([{ "list": list, "column": "Obsolete", "type": "text" }]),
             "{detail:#}"
         );
+        // The table was read again so the items that exist get the new column's values.
+        assert_eq!(runs[0]["counts"]["rows"], 3, "{:#}", runs[0]);
+        h.wait_for("Note values of the existing items", || async {
+            let v = values(&h, &list, "Note").await;
+            (1..=3).all(|i| v.get(&i.to_string()) == Some(&json!(format!("note {i}"))))
+        })
+        .await;
         let cols = column_names(&h, &list).await;
         assert!(cols.contains(&"Note".to_string()), "{cols:?}");
         assert!(cols.contains(&"Obsolete".to_string()), "{cols:?}");
@@ -258,7 +265,10 @@ async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_k
         .await;
         h.wait_for("Note values after the reload", || async {
             let v = values(&h, &list, "Note").await;
-            v.get("2") == Some(&json!("changed")) && v.get("4") == Some(&json!("note 4"))
+            v.get("2") == Some(&json!("changed"))
+                && v.get("4") == Some(&json!("note 4"))
+                && v.get("1") == Some(&json!("note 1"))
+                && v.get("3") == Some(&json!("note 3"))
         })
         .await;
         assert_eq!(values(&h, &list, "Note").await.len(), 4);
@@ -377,6 +387,45 @@ async fn run_watch_reloads_when_a_file_changes_and_snapshots_a_new_table() {
         .await;
         assert_eq!(values(&h, &list, "Title").await.len(), 3);
         assert_eq!(values(&h, &list2, "Title").await.len(), 3);
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_sighup_restarts_the_pipeline_on_its_consumer_group_without_duplicates() {
+    hard_timeout(240, async {
+        let mut h = Harness::new("reloadk").await;
+        let file = h.kafka_titled_pipeline(3, "").await;
+        let (t, list) = (h.t("t"), format!("T {}", h.name));
+        h.sql(&format!(
+            "ALTER TABLE public.{t} ADD COLUMN note text; UPDATE public.{t} SET note = 'note ' || id;"
+        ))
+        .await;
+        h.start(&file);
+        h.wait_for("the first sync", || async { h.items(&list).await.len() == 3 })
+            .await;
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        let added = yaml.replace("fields: { title: Title }", "fields: { title: Title, note: Note }");
+        assert_ne!(yaml, added);
+        std::fs::write(&file, added).unwrap();
+        sighup(&h);
+        h.wait_for("the applied reload", || async {
+            reloads(&h, "applied").await == 1.0
+        })
+        .await;
+        h.sql(&format!(
+            "UPDATE public.{t} SET note = 'changed' WHERE id = 1; INSERT INTO public.{t} VALUES (4, 'row 4', 'note 4');"
+        ))
+        .await;
+        h.wait_for("Note values after the reload", || async {
+            let v = values(&h, &list, "Note").await;
+            v.get("1") == Some(&json!("changed"))
+                && v.get("2") == Some(&json!("note 2"))
+                && v.get("4") == Some(&json!("note 4"))
+        })
+        .await;
+        assert_eq!(values(&h, &list, "Title").await.len(), 4);
         h.stop().await;
     })
     .await;

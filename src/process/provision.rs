@@ -10,21 +10,24 @@
 //! - Lists follow the mapping: when every list passes, a field whose column is missing from an
 //!   existing list (added to the mapping since) gets its column added; a list column no field
 //!   maps any more (removed from the mapping) is left as it is, with its values. Both are
-//!   returned in [`Targets::changes`], which the runtime logs and records as a `list_columns` run.
+//!   returned in [`Targets::changes`]; the runtime logs them and [`fill_added_columns`]
+//!   re-snapshots the tables of new pushed fields (so existing items get the values) as one
+//!   `list_columns` run.
 //!
 //! Lookup columns need the id of the list they point into, so lists are provisioned in
 //! dependency order (lists referenced by lookups first).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Value as Json, json};
 
+use crate::capture::ResnapshotHandle;
 use crate::config::{
     Direction, FieldMapping, FieldType, PipelineConfig, SYNC_KEY_FIELD, SYSTEM_FIELDS,
 };
-use crate::control::meta::runs::{RunAbout, RunKind, record_finished};
+use crate::control::meta::{RunCounts, RunKind, RunRecorder, RunStatus};
 use crate::graph::{ColumnDefinition, GraphClient, GraphError};
 use crate::log::EventLog;
 
@@ -53,12 +56,19 @@ pub struct ColumnChanges {
     pub added: Vec<ColumnRef>,
     /// Columns no field maps (removed from the mapping, or a person's own): left in the list.
     pub unmapped: Vec<ColumnRef>,
+    /// Tables (`schema.table`) with a pushed field whose column was added: re-snapshotted so
+    /// the items that exist get its values.
+    #[serde(skip)]
+    pub refill: BTreeSet<String>,
 }
 
 /// One column of one list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ColumnRef {
     pub list: String,
+    /// The table whose field the column is (`schema.table`); none for an unmapped column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
     pub column: String,
     /// The column's type facet (`text`, `choice`, …).
     #[serde(rename = "type")]
@@ -264,12 +274,18 @@ pub async fn provision(
                     let col = new_column(table, m, not_null, &targets, false);
                     client.create_column(&site.id, &id, &col).await?;
                     tracing::info!(list = %list, field = %m.field, "added the column of a field new in the mapping");
-                    targets.changes.added.push(column_ref(list, &col));
+                    targets
+                        .changes
+                        .added
+                        .push(column_ref(list, Some(table), &col));
+                    if m.direction != Direction::PullOnly {
+                        targets.changes.refill.insert(table.to_string());
+                    }
                 }
                 for c in unmapped(fields, &columns) {
                     tracing::warn!(list = %list, column = %c.name,
                         "list column no field maps (removed from the mapping?): left in the list with its values");
-                    targets.changes.unmapped.push(column_ref(list, c));
+                    targets.changes.unmapped.push(column_ref(list, None, c));
                 }
                 (id, false)
             }
@@ -341,9 +357,10 @@ fn new_column(
     column_for(m, required, lookup_id)
 }
 
-fn column_ref(list: &str, c: &ColumnDefinition) -> ColumnRef {
+fn column_ref(list: &str, table: Option<&str>, c: &ColumnDefinition) -> ColumnRef {
     ColumnRef {
         list: list.to_string(),
+        table: table.map(str::to_string),
         column: c.name.clone(),
         column_type: c.type_facet().unwrap_or("none").to_string(),
     }
@@ -531,20 +548,53 @@ fn missing_choices(list: &str, m: &FieldMapping, facet: &Json, out: &mut Vec<Mis
     }
 }
 
-/// Records `changes` as one finished `list_columns` run (`detail`: the columns added and the
-/// unmapped ones).
-pub async fn record_changes<L: EventLog>(
+/// Records `changes` as one `list_columns` run (`detail`: the columns added and the unmapped
+/// ones) that fills the added columns: each table of [`ColumnChanges::refill`] is re-snapshotted,
+/// one at a time (`rows`: the rows read again; the ledger sees each row changed, so every item
+/// gets the new values). A failure is recorded in the run, never returned: the pipeline keeps
+/// streaming, and `syncbridge snapshot --table` fills the column later.
+pub async fn fill_added_columns<L: EventLog>(
+    changes: ColumnChanges,
+    snapshots: ResnapshotHandle,
     log: Arc<L>,
     runs_topic: String,
-    pipeline: &str,
-    changes: &ColumnChanges,
 ) {
-    let about = RunAbout {
-        subject: Some(changes.summary()),
-        by: None,
-        detail: serde_json::to_value(changes).ok(),
+    let pipeline = snapshots.pipeline().to_string();
+    let mut run = match RunRecorder::start_requested(
+        log,
+        runs_topic,
+        &pipeline,
+        RunKind::ListColumns,
+        Some(changes.summary()),
+        None,
+        serde_json::to_value(&changes).ok(),
+    )
+    .await
+    {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::warn!(%pipeline, "cannot record the list_columns run: {e}");
+            return;
+        }
     };
-    record_finished(log, runs_topic, pipeline, RunKind::ListColumns, about, None).await;
+    let mut counts = RunCounts::default();
+    let mut failure = None;
+    for table in &changes.refill {
+        match crate::process::drift::resnapshot(&snapshots, table).await {
+            Ok(rows) => counts.rows += rows,
+            Err(e) => {
+                failure = Some(format!(
+                    "re-snapshot of {table} to fill its new columns: {e}"
+                ));
+                break;
+            }
+        }
+    }
+    let status = RunStatus::ended(&failure);
+    tracing::info!(%pipeline, rows = counts.rows, ?status, "list columns follow the mapping");
+    if let Err(e) = run.finish(status, counts, failure).await {
+        tracing::warn!(%pipeline, "cannot record the end of the list_columns run: {e}");
+    }
 }
 
 /// Catalog facts about one synced table that the push and return paths need.

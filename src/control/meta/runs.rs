@@ -91,6 +91,15 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// How a run with `failure` (or none) ends.
+    pub fn ended(failure: &Option<String>) -> Self {
+        if failure.is_some() {
+            RunStatus::Failed
+        } else {
+            RunStatus::Succeeded
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -397,11 +406,7 @@ pub async fn record_finished<L: EventLog>(
     about: RunAbout,
     failure: Option<String>,
 ) {
-    let status = if failure.is_some() {
-        RunStatus::Failed
-    } else {
-        RunStatus::Succeeded
-    };
+    let status = RunStatus::ended(&failure);
     let recorded = async {
         let mut run = RunRecorder::start_requested(
             log,

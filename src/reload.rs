@@ -12,7 +12,8 @@
 //! - Everything else applies by draining the changed pipeline alone, in order, as shutdown does,
 //!   and starting it again in the same process with the new config: the slot, log offsets and
 //!   ledger are durable, so nothing is lost or written twice. A table new to the pipeline is added
-//!   to its publication first; capture snapshots a table that has no snapshot record at start.
+//!   to its publication between the drain and the start (so the old capture never reads it);
+//!   capture snapshots a table that has no snapshot record at start.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ pub enum ReloadError {
     Invalid(ConfigReport),
     #[error("refused, nothing changed (restart the process for these):\n  - {}", .0.join("\n  - "))]
     Refused(Vec<String>),
-    /// Adding new tables to the publication failed (before the pipeline was touched).
+    /// Adding new tables to the publication failed (the old config is started again).
     #[error("cannot add {tables} to publication {publication}: {message}")]
     Publication {
         publication: String,
@@ -79,7 +80,7 @@ pub struct PipelineChange {
     pub config: PipelineConfig,
     /// What changed, one phrase each (the `reload` run's detail).
     pub changed: Vec<String>,
-    /// Tables new to the pipeline: added to its publication before the restart.
+    /// Tables new to the pipeline: added to its publication once it is drained.
     pub new_tables: Vec<TableName>,
 }
 

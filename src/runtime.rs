@@ -1124,18 +1124,6 @@ async fn restart_pipeline(
         return Ok(());
     };
     info!(pipeline = %name, trigger, changed = ?change.changed, "reload: restarting the pipeline with its new config");
-    let publication = capture_config(&change.config).publication_name;
-    // Before the drain: a table the publication cannot take leaves the pipeline running as is.
-    if let Err(e) =
-        crate::reload::add_to_publication(&change.config, &publication, &change.new_tables).await
-    {
-        error!(pipeline = %name, "reload: {e}");
-        m::count_reload(e.outcome());
-        let topic = meta::runs_topic(topic_prefix(&change.config), &name);
-        let log = live.running[i].log.clone();
-        crate::reload::record_run(log, topic, &name, trigger, &change, Some(e.to_string())).await;
-        return Ok(());
-    }
     let (log, drained) = drain_one(live.running.remove(i), &live.registries.readiness).await;
     if let Err(e) = drained {
         warn!(pipeline = %name, "reload: the drain ended with: {e}");
@@ -1145,14 +1133,7 @@ async fn restart_pipeline(
         // A new budget or sign-in takes a new limiter (see `LimiterRegistry::forget`).
         live.limiters.forget(&old.graph.tenant);
     }
-    let (started, failure) = match start_one(
-        &change.config,
-        live.registries,
-        live.limiters,
-        Some(log.clone()),
-    )
-    .await
-    {
+    let (started, failure) = match start_changed(&change, live, &log).await {
         Ok(started) => {
             live.pipelines[i] = change.config.clone();
             (started, None)
@@ -1160,9 +1141,9 @@ async fn restart_pipeline(
         Err(e) => {
             error!(pipeline = %name, "reload: the new config does not start, starting the old one again: {e}");
             let started = start_one(&old, live.registries, live.limiters, Some(log.clone()))
-                    .await
-                    .inspect_err(|e| error!(pipeline = %name, "reload: the old config does not start either: {e}"))?;
-            (started, Some(e.to_string()))
+                .await
+                .inspect_err(|e| error!(pipeline = %name, "reload: the old config does not start either: {e}"))?;
+            (started, Some(e))
         }
     };
     live.running.insert(i, started);
@@ -1174,6 +1155,27 @@ async fn restart_pipeline(
     let topic = meta::runs_topic(topic_prefix(&change.config), &name);
     crate::reload::record_run(log, topic, &name, trigger, &change, failure).await;
     Ok(())
+}
+
+/// Starts a drained pipeline with its changed config: its new tables are added to the
+/// publication first (now that capture is stopped, so it never reads a table it does not know).
+async fn start_changed(
+    change: &crate::reload::PipelineChange,
+    live: &Live<'_>,
+    log: &Arc<AnyLog>,
+) -> Result<RunningPipeline, String> {
+    let publication = capture_config(&change.config).publication_name;
+    crate::reload::add_to_publication(&change.config, &publication, &change.new_tables)
+        .await
+        .map_err(|e| e.to_string())?;
+    start_one(
+        &change.config,
+        live.registries,
+        live.limiters,
+        Some(log.clone()),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Stops pipelines in the order they were started; within a pipeline, inputs before their

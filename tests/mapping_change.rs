@@ -430,3 +430,49 @@ async fn on_kafka_sighup_restarts_the_pipeline_on_its_consumer_group_without_dup
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reload_list_edits_still_come_back_and_the_new_field_pulls() {
+    hard_timeout(240, async {
+        let meta = MetaDatabase::create("sbreloadp").await;
+        let mut h = Harness::new("reloadp").await;
+        let (t, list) = h.titled_table(2).await;
+        h.sql(&format!("ALTER TABLE public.{t} ADD COLUMN note text"))
+            .await;
+        let pulled = |fields: &str| {
+            entry(&t, &list, fields).replace(
+                "pull: { enabled: false }",
+                "pull: { enabled: true, interval_ms: 200 }",
+            )
+        };
+        let file = h.pipeline_with_meta(&pulled("title: Title"), &meta.url);
+        h.start(&file);
+        h.wait_for("the first sync", || async {
+            h.items(&list).await.len() == 2
+        })
+        .await;
+        h.pipeline_with_meta(&pulled("title: Title, note: Note"), &meta.url);
+        sighup(&h);
+        h.wait_for("the reload run", || async {
+            !reload_runs(&h).await.is_empty()
+        })
+        .await;
+        // A person edits both fields in the list: the row follows, through the new field too.
+        h.person_edit(
+            &list,
+            "1",
+            json!({ "Title": "edited", "Note": "from the list" }),
+        )
+        .await;
+        let q = format!("SELECT title, note FROM public.{t} WHERE id = 1");
+        h.wait_for("the edit in the row", || async {
+            let r = h.db.query_one(&q, &[]).await.unwrap();
+            r.get::<_, String>(0) == "edited"
+                && r.get::<_, Option<String>>(1).as_deref() == Some("from the list")
+        })
+        .await;
+        assert_eq!(values(&h, &list, "Title").await.len(), 2);
+        h.stop().await;
+    })
+    .await;
+}

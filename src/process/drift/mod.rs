@@ -37,4 +37,4 @@ pub use check::{DEFAULT_BUDGET_SHARE, DriftError, DriftHandle, PAGE_SIZE, Proces
 pub use classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
 pub use commands::{DriftCommand, LedgerView, Repairs};
 pub use report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary, ListCount};
-pub use stale::{StaleLedger, heal_vanished};
+pub use stale::{StaleLedger, heal_vanished, resnapshot};

@@ -29,15 +29,21 @@ struct Cli {
 // Parsed once at start-up: the size of the emulator's arguments does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout, e.g.
+    /// Print a shell completion script.
+    ///
+    /// For bash, zsh, fish, elvish or powershell, to stdout, e.g.
     /// `syncbridge completions bash > /etc/bash_completion.d/syncbridge`.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout, e.g. `syncbridge man > syncbridge.1`.
+    /// Print the man page.
+    ///
+    /// In roff, to stdout, e.g. `syncbridge man > syncbridge.1`.
     Man,
-    /// Run one or more pipelines until SIGINT/SIGTERM, then drain in pipeline order and exit 0.
+    /// Run pipelines until SIGINT/SIGTERM (SIGHUP reloads).
+    ///
+    /// Runs one or more pipelines until SIGINT/SIGTERM, then drains in pipeline order and exits 0.
     /// SIGHUP re-reads the files and restarts the pipelines that changed (a bad file or a change
     /// that cannot apply live changes nothing and says why).
     Run {
@@ -47,8 +53,10 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Check pipeline files without connecting anywhere (with --db: also the tables in the
-    /// source database; with --graph: also the live lists); lists every problem as file:line:col.
+    /// Check pipeline files (--db, --graph: also the database and the lists).
+    ///
+    /// Without options nothing is connected to; with --db also the tables in the source
+    /// database; with --graph also the live lists. Lists every problem as file:line:col.
     Validate {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
@@ -64,8 +72,9 @@ enum Command {
         #[arg(long, requires = "graph")]
         json: bool,
     },
-    /// Ask the running process (at the pipeline's control.listen) to re-snapshot one table while
-    /// streaming continues.
+    /// Re-snapshot one table while streaming continues.
+    ///
+    /// Asks the running process (at the pipeline's control.listen).
     Snapshot {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
@@ -76,10 +85,10 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Dead letters of a pipeline: rows the push path could not write, with the reason. Asks
-    /// the running process (at control.listen); when none runs the pipeline, reads its log.
-    /// Compare a running pipeline's tables with its lists (missing, orphaned, divergent,
-    /// misrouted, duplicate items, stale ledger entries); dry run unless `--heal`.
+    /// Compare a running pipeline's tables with its lists; --heal fixes.
+    ///
+    /// Reports missing, orphaned, divergent, misrouted and duplicate items and stale ledger
+    /// entries; a dry run unless `--heal`. Asks the running process (at control.listen).
     Drift {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
@@ -90,14 +99,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Dead letters of a pipeline: rows the push path could not write, with the reason.
-    /// With the embedded log, stop `syncbridge run` first (the log directory is locked).
+    /// Dead letters: rows the push path could not write, and replaying them.
+    ///
+    /// Each with the reason. With the embedded log, stop `syncbridge run` first (the log directory is locked).
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Conflicts the return path recorded (both sides changed a field), and resolving the
-    /// parked ones. `syncbridge conflicts [--parked] [--json] <PIPELINE.yaml>` is `list`.
+    /// Conflicts (both sides changed a field), and resolving parked ones.
+    ///
+    /// `syncbridge conflicts [--parked] [--json] <PIPELINE.yaml>` is `list`.
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Conflicts {
         #[command(subcommand)]
@@ -110,15 +121,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Resume a pipeline that paused itself (a run of dead letters of one kind, or a change event
-    /// whose schema cannot be had; `/ready` and `GET /pipelines/{name}/pause` say why) after the
-    /// cause is fixed: its processor restarts from the last acknowledged event. Exit 2: not
-    /// paused; 3: no process listening.
+    /// Resume a pipeline that paused itself, once the cause is fixed.
+    ///
+    /// A pipeline pauses on a run of dead letters of one kind, or on a change event whose schema
+    /// cannot be had (`/ready` and `GET /pipelines/{name}/pause` say why). Resumed, its processor
+    /// restarts from the last acknowledged event. Exit 2: not paused; 3: no process listening.
     Resume {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
     },
-    /// Describe the source database(s) of the pipelines from their catalogs: tables, columns
+    /// Describe the pipelines' source databases from their catalogs.
+    ///
+    /// Tables, columns
     /// (types, nullability, defaults), keys, foreign keys, indexes, replica identity and
     /// publication membership. Connects to the source itself (no running process needed).
     /// `--json`: one document per database per line, as `GET /catalog/{database}/tables`.
@@ -137,15 +151,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// What the pipeline files sync: applications (labels.application) → databases → instances
-    /// → tables with their lists. `--json`: as `GET /inventory`.
+    /// What the pipeline files sync, by application, database and table.
+    ///
+    /// Applications (labels.application) → databases → instances → tables with their lists. `--json`: as `GET /inventory`.
     Inventory {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
-    /// Where the running pipeline's cursors stand: its replication slot, every consumer group per
+    /// Where the running pipeline's cursors stand, and moving one.
+    ///
+    /// Its replication slot, every consumer group per
     /// partition (committed, end, lag) and every list's delta link; `cursors reset` moves one
     /// (try `--dry-run` first: it prints the blast radius and changes nothing).
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -959,8 +976,20 @@ fn snapshot(file: &std::path::Path, table: &str, wait: bool) -> ExitCode {
         let id = queued["id"].as_str().unwrap_or_default().to_string();
         println!("re-snapshot {id} of {table} queued (pipeline {})", p.name);
         if wait {
-            let done = client::wait_for_snapshot(addr, &p.name, &id).await?;
-            println!("{done}");
+            // A spinner with the rows so far (drawn only on a terminal, below log lines).
+            let bar = syncbridge::telemetry::progress().add(indicatif::ProgressBar::new_spinner());
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            let done = client::wait_for_snapshot(addr, &p.name, &id, |s| {
+                bar.set_message(format!(
+                    "{table}: {} rows, {} chunks ({})",
+                    s["rows"].as_u64().unwrap_or(0),
+                    s["chunks"].as_u64().unwrap_or(0),
+                    s["state"].as_str().unwrap_or("?")
+                ));
+            })
+            .await;
+            bar.finish_and_clear();
+            println!("{}", done?);
         } else {
             println!(
                 "follow it with: curl http://{addr}/pipelines/{}/snapshot",

@@ -291,7 +291,7 @@ async fn progress_bar(
             .await?;
         estimate += row.get::<_, i64>(0).max(0) as u64;
     }
-    let bar = indicatif::ProgressBar::new(estimate);
+    let bar = crate::telemetry::progress().add(indicatif::ProgressBar::new(estimate));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",

@@ -184,14 +184,17 @@ pub async fn snapshot_status(
     answer(addr, r).await
 }
 
-/// Polls until the re-snapshot `id` is done (its final status) or failed (an error).
+/// Polls until the re-snapshot `id` is done (its final status) or failed (an error), showing
+/// each status polled to `on_status` (progress: rows and chunks so far).
 pub async fn wait_for_snapshot(
     addr: SocketAddr,
     pipeline: &str,
     id: &str,
+    mut on_status: impl FnMut(&serde_json::Value),
 ) -> Result<serde_json::Value, ClientError> {
     loop {
         let s = snapshot_status(addr, pipeline).await?;
+        on_status(&s);
         let field = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
         if field("id") != id {
             return Err(ClientError::SnapshotFailed {

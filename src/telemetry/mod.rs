@@ -32,13 +32,39 @@ pub fn init_tracing() -> Result<(), TelemetryError> {
     let format = std::env::var("SYNCBRIDGE_LOG_FORMAT").unwrap_or_default();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| StderrBelowBars);
     match format.as_str() {
         "json" => builder.json().flatten_event(true).init(),
         "" | "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         other => return Err(TelemetryError::LogFormat(other.to_string())),
     }
     Ok(())
+}
+
+/// The process's progress bars (indicatif draws them on stderr, and only on a terminal). Every bar
+/// is added here, and log lines go to stderr through [`StderrBelowBars`], which clears the bars,
+/// writes the line and redraws them: a log line never lands inside a bar, and a bar never
+/// overwrites a log line.
+pub fn progress() -> &'static indicatif::MultiProgress {
+    static BARS: OnceLock<indicatif::MultiProgress> = OnceLock::new();
+    BARS.get_or_init(indicatif::MultiProgress::new)
+}
+
+/// stderr for log lines, written around the progress bars (see [`progress`]).
+struct StderrBelowBars;
+
+impl std::io::Write for StderrBelowBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        progress().suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        progress().suspend(|| std::io::stderr().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -771,8 +771,8 @@ struct History {
 const PROJECTOR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Migrates the meta-store, catches its projection up with the runs topic, marks the runs of a
-/// process that ended failed, starts the projectors (runs and audit, one task) and this
-/// process's stream run.
+/// process that ended failed, starts the projectors (runs, audit and drift reports, one task)
+/// and this process's stream run.
 async fn start_history(
     p: &PipelineConfig,
     log: &Arc<AnyLog>,
@@ -818,12 +818,26 @@ async fn start_history(
     )
     .await?
     .with_retention(p.control.audit_retention);
+    let drift_topic = meta::drift::drift_topic(topic_prefix(p), &p.name);
+    meta::drift::ensure_drift_topic(&**log, &drift_topic).await?;
+    let drift = Projector::open(
+        log.clone(),
+        drift_topic,
+        &p.name,
+        meta::MetaDb::new(url),
+        !exclusive,
+        Projection::Drift,
+    )
+    .await?;
     let projector_stop = CancellationToken::new();
     let (stop, sweep) = (projector_stop.clone(), !exclusive);
     let projector = tokio::spawn(async move {
-        let (runs, audit) =
-            tokio::join!(projector.run(stop.clone(), sweep), audit.run(stop, false));
-        Ok::<u64, MetaError>(runs? + audit?)
+        let (runs, audit, drift) = tokio::join!(
+            projector.run(stop.clone(), sweep),
+            audit.run(stop.clone(), false),
+            drift.run(stop, false)
+        );
+        Ok::<u64, MetaError>(runs? + audit? + drift?)
     });
     let recorder = RunRecorder::start(log.clone(), topic, &p.name, RunKind::Stream).await?;
     info!(pipeline = %p.name, run = %recorder.run_id(), "stream run started");
@@ -1148,5 +1162,9 @@ fn drift_handle(
         snapshots.clone(),
         log.clone(),
         meta::runs_topic(topic_prefix(p), &p.name),
+    )
+    .with_store(
+        registries.meta.register(p.control.meta_url.expose()),
+        meta::drift::drift_topic(topic_prefix(p), &p.name),
     ))
 }

@@ -240,6 +240,64 @@ async fn person_delete(h: &Harness, list: &str, key: &str) {
         .unwrap();
 }
 
+/// `GET /pipelines/{name}/{path}`: status and body.
+async fn get_drift(h: &Harness, path: &str) -> (u16, Value) {
+    let url = format!(
+        "http://127.0.0.1:{}/pipelines/{}/{path}",
+        h.control_port, h.name
+    );
+    let r = h.admin.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The report of `report`'s run as the meta-store keeps it, read in pages of 4, equals it; the
+/// `clean` report made before the restart is still there; a bad page size is a 400.
+async fn stored_report_pages(h: &Harness, report: &Value, clean: &Value) {
+    let run = report["run_id"].as_str().unwrap();
+    let path = format!("drift/{run}?limit=4");
+    h.wait_for("the report in the meta-store", || async {
+        get_drift(h, &path).await.0 == 200
+    })
+    .await;
+    let (_, first) = get_drift(h, &path).await;
+    assert_eq!(
+        first["differences"].as_array().unwrap().len(),
+        4,
+        "{first:#}"
+    );
+    assert_eq!(first["next"], 4, "{first:#}");
+    assert_eq!(first["counts"], report["counts"]);
+    let (_, second) = get_drift(h, &format!("drift/{run}?limit=4&after=4")).await;
+    assert_eq!(
+        second["differences"].as_array().unwrap().len(),
+        2,
+        "{second:#}"
+    );
+    assert!(second.get("next").is_none(), "the last page: {second:#}");
+    let mut all = first.clone();
+    all["differences"] = Value::Array(
+        [
+            first["differences"].as_array().unwrap().clone(),
+            second["differences"].as_array().unwrap().clone(),
+        ]
+        .concat(),
+    );
+    all.as_object_mut().unwrap().remove("next");
+    assert_eq!(&all, report, "stored == answered");
+    let (status, before) =
+        get_drift(h, &format!("drift/{}", clean["run_id"].as_str().unwrap())).await;
+    assert_eq!(
+        (status, &before),
+        (200, clean),
+        "a report from before the restart"
+    );
+    let (status, bad) = get_drift(h, &format!("drift/{run}?limit=0")).await;
+    assert_eq!(status, 400, "{bad:#}");
+    assert_eq!(bad["invalid-params"][0]["name"], "limit", "{bad:#}");
+    let (status, _) = get_drift(h, &format!("drift/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!(status, 404);
+}
+
 fn classes(report: &Value) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = report["differences"]
         .as_array()
@@ -271,7 +329,8 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
         h.wait_for("12 items", || async { h.items(&a).await.len() == 12 })
             .await;
         // A clean pipeline has no drift.
-        assert_eq!(classes(&post_drift(&h, "drift").await), [] as [(String, String); 0]);
+        let clean = post_drift(&h, "drift").await;
+        assert_eq!(classes(&clean), [] as [(String, String); 0]);
         h.stop().await;
         delete_ledger_entry(&h, &file, &format!("public.{t}"), "5").await;
         h.start(&file);
@@ -328,6 +387,7 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
             .unwrap();
         assert_eq!(divergent["fields"], json!(["Title"]));
         assert!(report["resource_units"].as_u64().unwrap() > 0);
+        stored_report_pages(&h, &report, &clean).await;
 
         let healed = post_drift(&h, "drift/heal").await;
         assert_eq!(healed["healed"]["deleted"], 3, "orphan, duplicate, misrouted: {healed:#}");
@@ -356,16 +416,10 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
         })
         .await;
         drop(checks);
-        let latest: Value = h
-            .admin
-            .get(format!("http://127.0.0.1:{}/pipelines/{}/drift", h.control_port, h.name))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(latest["run_id"], again["run_id"]);
+        h.wait_for("the latest stored report is the last check", || async {
+            get_drift(&h, "drift").await.1["run_id"] == again["run_id"]
+        })
+        .await;
 
         // The CLI asks the running process: clean now, so exit 0; `--json` prints the report.
         let f = file.to_str().unwrap();

@@ -26,7 +26,7 @@
 //! policy is not consulted yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -38,7 +38,8 @@ use super::stale::resnapshot;
 use crate::capture::ResnapshotHandle;
 use crate::config::{FieldType, PipelineConfig, SYNC_KEY_FIELD};
 use crate::control::ConflictRegistry;
-use crate::control::meta::{MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
+use crate::control::meta::drift as meta_drift;
+use crate::control::meta::{MetaDb, MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
 use crate::graph::{GraphClient, GraphError, GraphUsage, ItemQuery};
 use crate::log::{AnyLog, EventLog};
 use crate::process::ledger::Entry;
@@ -126,8 +127,16 @@ pub struct DriftHandle {
     pub log: Arc<AnyLog>,
     pub runs_topic: String,
     pub share: f64,
-    latest: Arc<Mutex<Option<DriftReport>>>,
+    /// Where reports are kept: the meta-store, and the drift topic they go to first.
+    store: Option<ReportStore>,
     busy: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The meta-store a handle reads reports from and the topic it appends them to.
+#[derive(Debug, Clone)]
+struct ReportStore {
+    db: Arc<MetaDb>,
+    topic: String,
 }
 
 impl DriftHandle {
@@ -152,9 +161,17 @@ impl DriftHandle {
             log,
             runs_topic,
             share: DEFAULT_BUDGET_SHARE,
-            latest: Arc::default(),
+            store: None,
             busy: Arc::default(),
         }
+    }
+
+    /// Keeps every report: appended to `topic` (the pipeline's drift topic), read back from `db`
+    /// once projected (see [`crate::control::meta::drift`]).
+    #[must_use]
+    pub fn with_store(mut self, db: Arc<MetaDb>, topic: String) -> Self {
+        self.store = Some(ReportStore { db, topic });
+        self
     }
 
     fn processor(&self) -> Result<ConflictHandle, DriftError> {
@@ -167,12 +184,25 @@ impl DriftHandle {
         &self.pipeline.name
     }
 
-    /// The latest report (of a check or a heal) since the process started.
-    pub fn latest(&self) -> Option<DriftReport> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Report `run_id` (the latest when `None`) as projected into the meta-store, with
+    /// differences `after..after + limit`; `None` when there is none (or no store).
+    pub async fn report(
+        &self,
+        run_id: Option<uuid::Uuid>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Option<DriftReport>, MetaError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let run_id = match run_id {
+            Some(id) => id,
+            None => match meta_drift::latest(&store.db, self.name()).await? {
+                Some(id) => id,
+                None => return Ok(None),
+            },
+        };
+        meta_drift::report_page(&store.db, self.name(), run_id, after, limit).await
     }
 
     /// Checks the pipeline (one `drift_check` run) and keeps the report.
@@ -210,10 +240,15 @@ impl DriftHandle {
                 if let Some(h) = &report.healed {
                     counts.deletes = h.deleted;
                 }
+                // The report is durable before the run says it succeeded.
+                if let Err(e) = self.keep(&report).await {
+                    run.finish(RunStatus::Failed, counts, Some(e.to_string()))
+                        .await?;
+                    return Err(e.into());
+                }
                 run.finish(RunStatus::Succeeded, counts, None).await?;
                 info!(pipeline = %self.name(), kind = kind.as_str(), found = report.counts.total(),
                     ru = report.resource_units, "drift run finished");
-                *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
                 Ok(report)
             }
             Err(e) => {
@@ -221,6 +256,14 @@ impl DriftHandle {
                     .await?;
                 Err(e)
             }
+        }
+    }
+
+    /// Appends `report` to the drift topic (when the handle keeps reports).
+    async fn keep(&self, report: &DriftReport) -> Result<(), MetaError> {
+        match &self.store {
+            Some(s) => meta_drift::append_report(&*self.log, &s.topic, report).await,
+            None => Ok(()),
         }
     }
 
@@ -258,6 +301,7 @@ impl DriftHandle {
             graph_requests: 0,
             resource_units: 0,
             healed: None,
+            next: None,
         };
         if kind == RunKind::DriftHeal {
             report.healed = Some(self.fix(&report.differences, &sides).await?);

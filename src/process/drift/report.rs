@@ -101,7 +101,8 @@ impl ClassCounts {
     }
 }
 
-/// The result of one check (the body of `POST`/`GET /pipelines/{p}/drift`).
+/// The result of one check (the body of `POST`/`GET /pipelines/{p}/drift`; kept in the
+/// meta-store, see `crate::control::meta::drift`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DriftReport {
     pub pipeline: String,
@@ -120,6 +121,10 @@ pub struct DriftReport {
     /// `heal` only: what the heal did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healed: Option<HealSummary>,
+    /// A report read from the meta-store holds one page of `differences`: pass this as `after`
+    /// for the next page (absent on the last page, and on a report fresh from a check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
 }
 
 /// What a heal did.

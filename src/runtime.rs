@@ -456,10 +456,13 @@ async fn start_all(
                 meta::runs_topic(topic_prefix(p), &p.name),
             ));
         }
-        let drift = drift_handle(p, &processor_facts, &limiters, registries, &handle, &log)?;
-        registries.drift.register(drift.clone());
         let notify_stop = CancellationToken::new();
         let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
+        let mut drift = drift_handle(p, &processor_facts, &limiters, registries, &handle, &log)?;
+        if let (Some(n), Some(cfg)) = (&notifier, &p.notify) {
+            drift = drift.with_notifier(n.clone(), cfg.drift_threshold);
+        }
+        registries.drift.register(drift.clone());
         let scheduler_stop = CancellationToken::new();
         let scheduler = tokio::spawn(control::schedule::run(
             control::schedule::Scheduler {

@@ -183,29 +183,6 @@ async fn vanished_list(kafka: bool) {
     .await;
 }
 
-/// `POST /pipelines/{name}/{path}` once the pipeline is registered; the report.
-async fn post_drift(h: &Harness, path: &str) -> Value {
-    let url = format!(
-        "http://127.0.0.1:{}/pipelines/{}/{path}",
-        h.control_port, h.name
-    );
-    for _ in 0..200 {
-        if let Ok(r) = h.admin.post(&url).send().await {
-            let status = r.status();
-            let body: Value = r.json().await.unwrap();
-            if status == 200 {
-                return body;
-            }
-            assert_eq!(status, 404, "POST {path}: {body}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!(
-        "POST {path}: the pipeline never registered:\n{}",
-        h.run_log()
-    );
-}
-
 /// Deletes the ledger entry of `key` (the process must be stopped: the log is locked).
 async fn delete_ledger_entry(h: &Harness, file: &std::path::Path, table: &str, key: &str) {
     use syncbridge::process::ledger::{self, Ledger};
@@ -329,7 +306,7 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
         h.wait_for("12 items", || async { h.items(&a).await.len() == 12 })
             .await;
         // A clean pipeline has no drift.
-        let clean = post_drift(&h, "drift").await;
+        let clean = h.post_drift("drift").await;
         assert_eq!(classes(&clean), [] as [(String, String); 0]);
         h.stop().await;
         delete_ledger_entry(&h, &file, &format!("public.{t}"), "5").await;
@@ -363,7 +340,7 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
             })
         };
 
-        let report = post_drift(&h, "drift").await;
+        let report = h.post_drift("drift").await;
         let want: Vec<(String, String)> = [
             ("divergent", "2"),
             ("duplicate", "4"),
@@ -389,7 +366,7 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
         assert!(report["resource_units"].as_u64().unwrap() > 0);
         stored_report_pages(&h, &report, &clean).await;
 
-        let healed = post_drift(&h, "drift/heal").await;
+        let healed = h.post_drift("drift/heal").await;
         assert_eq!(healed["healed"]["deleted"], 3, "orphan, duplicate, misrouted: {healed:#}");
         stop.store(true, Ordering::Relaxed);
         let writes = workload.await.unwrap();
@@ -400,7 +377,7 @@ async fn every_class_of_seeded_corruption_is_reported_exactly_and_healed() {
             list_titles(&h, &a).await == want && h.items(&b).await.is_empty()
         })
         .await;
-        let again = post_drift(&h, "drift").await;
+        let again = h.post_drift("drift").await;
         assert_eq!(again["counts"]["missing"], 0, "{again:#}");
         assert_eq!(classes(&again), [] as [(String, String); 0], "{again:#}");
 
@@ -475,7 +452,7 @@ async fn drift_check_cost() {
         let yaml = std::fs::read_to_string(&file).unwrap();
         std::fs::write(&file, yaml.replace("ru_per_minute: 100000", &format!("ru_per_minute: {rpm}"))).unwrap();
         h.start(&file);
-        let report = post_drift(&h, "drift").await;
+        let report = h.post_drift("drift").await;
         assert_eq!(report["counts"]["missing"], 0, "{report:#}");
         let (ru, requests) = (
             report["resource_units"].as_u64().unwrap(),

@@ -2,7 +2,8 @@
 //! `X-SyncBridge-Signature` HMAC: a condition raised twice and cleared gives exactly one firing
 //! and one resolved message, delivered after the receiver's first refusal (retry); end to end, a
 //! `syncbridge run` whose scheduled `drift_check` fails every 2 s (not available in this build)
-//! sends one `job_failed` message, not one per failed tick.
+//! sends one `job_failed` message, not one per failed tick; a drift check finding more than
+//! `notify.drift_threshold` differences fires `drift:<pipeline>` once, a clean one resolves it.
 //!
 //! The end-to-end test needs `DATABASE_URL` and `KAFKA_BROKERS` like the other run tests.
 
@@ -258,6 +259,83 @@ async fn email_reaches_a_local_smtp_sink_once_then_resolved() {
             ]
         );
         sink.kill().await.unwrap();
+    })
+    .await;
+}
+
+/// The messages the receiver got for `condition`: `(state, summary, detail)`.
+fn messages(r: &Receiver, condition: &str) -> Vec<(String, String, String)> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    r.got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m["condition"] == condition)
+        .map(|m| (text(&m["state"]), text(&m["summary"]), text(&m["detail"])))
+        .collect()
+}
+
+/// `notify.drift_threshold: 1`, end to end: a check finding one difference sends nothing; one
+/// finding two fires `drift:<pipeline>` once (a second such check and a heal add nothing); the
+/// clean check after the heal sends the resolved message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_above_the_threshold_notifies_once_then_resolved_end_to_end() {
+    hard_timeout(240, async {
+        let (r, url) = receiver().await;
+        let mut h = Harness::new("notifyd").await;
+        let (t, list) = h.titled_table(3).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        let extra = format!(
+            "notify:\n  drift_threshold: 1\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n"
+        );
+        std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
+        h.start(&file);
+        h.wait_for("3 items", || async { h.items(&list).await.len() == 3 })
+            .await;
+        let key = format!("drift:{}", h.name);
+
+        h.person_edit(&list, "1", serde_json::json!({ "Title": "edited 1" }))
+            .await;
+        let one = h.post_drift("drift").await;
+        assert_eq!(one["counts"]["divergent"], 1, "{one:#}");
+        h.person_edit(&list, "2", serde_json::json!({ "Title": "edited 2" }))
+            .await;
+        let two = h.post_drift("drift").await;
+        assert_eq!(two["counts"]["divergent"], 2, "{two:#}");
+        wait_until("the drift message", || !messages(&r, &key).is_empty()).await;
+        assert_eq!(h.post_drift("drift").await["counts"]["divergent"], 2);
+        h.post_drift("drift/heal").await;
+        let titles = || async {
+            let mut got: Vec<String> = h
+                .items(&list)
+                .await
+                .iter()
+                .map(|(_, f)| f["Title"].as_str().unwrap_or_default().to_string())
+                .collect();
+            got.sort();
+            got
+        };
+        h.wait_for("the heal rewrote both items", || async {
+            titles().await == ["row 1", "row 2", "row 3"]
+        })
+        .await;
+        let clean = h.post_drift("drift").await;
+        assert_eq!(clean["counts"]["divergent"], 0, "{clean:#}");
+        wait_until("the resolved message", || messages(&r, &key).len() >= 2).await;
+        h.stop().await;
+
+        let got = messages(&r, &key);
+        assert_eq!(got.len(), 2, "one firing, one resolved: {got:#?}");
+        assert_eq!(got[0].0, "firing");
+        assert!(got[0].1.contains("found 2 differences"), "{got:#?}");
+        let run = two["run_id"].as_str().unwrap();
+        assert!(got[0].2.contains(run), "the detail names the report: {got:#?}");
+        assert_eq!(got[1].0, "resolved");
+        assert!(r.bad.lock().unwrap().is_empty());
     })
     .await;
 }

@@ -730,6 +730,8 @@ pub struct NotifyConfig {
     pub window: std::time::Duration,
     pub dead_letters: u64,
     pub slot_lag_bytes: u64,
+    /// Differences a drift check may find without firing `drift:<pipeline>`.
+    pub drift_threshold: u64,
 }
 
 /// Five minutes: long enough that a flapping condition does not page every few seconds, short
@@ -739,6 +741,8 @@ pub const DEFAULT_NOTIFY_WINDOW_S: u64 = 300;
 pub const DEFAULT_NOTIFY_DEAD_LETTERS: u64 = 1;
 /// 1 GiB of WAL held back by the slot: well before a typical disk fills, far above normal lag.
 pub const DEFAULT_NOTIFY_SLOT_LAG_BYTES: u64 = 1 << 30;
+/// Any difference: the two sides should be equal, so each one is worth a look.
+pub const DEFAULT_NOTIFY_DRIFT_THRESHOLD: u64 = 0;
 
 /// One notification target.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -108,8 +108,18 @@ pub struct NotifyFile {
     #[serde(default)]
     #[schemars(range(min = 1))]
     pub slot_lag_bytes: Option<Sp<u64>>,
+    /// A drift check that finds more differences than this fires `drift:<pipeline>`; default 0
+    /// (any difference).
+    #[serde(default)]
+    pub drift_threshold: Option<Sp<u64>>,
 }
-pub const NOTIFY_KEYS: &[&str] = &["targets", "window_s", "dead_letters", "slot_lag_bytes"];
+pub const NOTIFY_KEYS: &[&str] = &[
+    "targets",
+    "window_s",
+    "dead_letters",
+    "slot_lag_bytes",
+    "drift_threshold",
+];
 
 /// One place notifications are sent to.
 #[derive(Debug, JsonSchema)]
@@ -831,6 +841,7 @@ impl Reader {
             window_s: num("window_s"),
             dead_letters: num("dead_letters"),
             slot_lag_bytes: num("slot_lag_bytes"),
+            drift_threshold: num("drift_threshold"),
         })
     }
 

@@ -638,7 +638,11 @@ fn notify_targets_are_checked_without_echoing_urls() {
     let n = config.notify.unwrap();
     assert_eq!(n.window, std::time::Duration::from_secs(60));
     assert_eq!(n.dead_letters, DEFAULT_NOTIFY_DEAD_LETTERS);
+    assert_eq!(n.drift_threshold, DEFAULT_NOTIFY_DRIFT_THRESHOLD);
     assert_eq!(n.targets[1].kind, NotifyKind::Teams);
+    let five = good.replace("  window_s: 60\n", "  window_s: 60\n  drift_threshold: 5\n");
+    let config = load_str("t.yaml", &five, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.notify.unwrap().drift_threshold, 5);
 
     let bad = format!(
         "{base}notify:

@@ -301,6 +301,12 @@ fn check_notify(r: &mut Reader, n: &NotifyFile) -> NotifyConfig {
             1,
             DEFAULT_NOTIFY_SLOT_LAG_BYTES,
         ),
+        drift_threshold: bounded(
+            &n.drift_threshold,
+            "drift_threshold",
+            0,
+            DEFAULT_NOTIFY_DRIFT_THRESHOLD,
+        ),
     }
 }
 

@@ -40,6 +40,7 @@ use crate::config::{FieldType, PipelineConfig, SYNC_KEY_FIELD};
 use crate::control::ConflictRegistry;
 use crate::control::meta::drift as meta_drift;
 use crate::control::meta::{MetaDb, MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
+use crate::control::notify::Notifier;
 use crate::graph::{GraphClient, GraphError, GraphUsage, ItemQuery};
 use crate::log::{AnyLog, EventLog};
 use crate::process::ledger::Entry;
@@ -129,6 +130,8 @@ pub struct DriftHandle {
     pub share: f64,
     /// Where reports are kept: the meta-store, and the drift topic they go to first.
     store: Option<ReportStore>,
+    /// The pipeline's notifier and `notify.drift_threshold` (see [`DriftHandle::with_notifier`]).
+    notify: Option<(Notifier, u64)>,
     busy: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -162,6 +165,7 @@ impl DriftHandle {
             runs_topic,
             share: DEFAULT_BUDGET_SHARE,
             store: None,
+            notify: None,
             busy: Arc::default(),
         }
     }
@@ -182,6 +186,38 @@ impl DriftHandle {
 
     pub fn name(&self) -> &str {
         &self.pipeline.name
+    }
+
+    /// Raises `drift:<pipeline>` on `notifier` when a check (or heal) finds more than
+    /// `threshold` differences, and clears it when one finds no more than that.
+    #[must_use]
+    pub fn with_notifier(mut self, notifier: Notifier, threshold: u64) -> Self {
+        self.notify = Some((notifier, threshold));
+        self
+    }
+
+    fn notify(&self, report: &DriftReport) {
+        let Some((notifier, threshold)) = &self.notify else {
+            return;
+        };
+        let key = format!("drift:{}", self.name());
+        let found = report.counts.total();
+        if found > *threshold {
+            let c = &report.counts;
+            let summary = format!(
+                "drift check found {found} differences (missing {}, orphaned {}, divergent {}, \
+                 misrouted {}, duplicate {}, stale ledger {})",
+                c.missing, c.orphaned, c.divergent, c.misrouted, c.duplicate, c.stale_ledger
+            );
+            let detail = format!(
+                "above notify.drift_threshold ({threshold}); GET /pipelines/{}/drift/{} lists them",
+                self.name(),
+                report.run_id
+            );
+            notifier.raise(&key, &summary, &detail);
+        } else {
+            notifier.clear(&key);
+        }
     }
 
     /// Report `run_id` (the latest when `None`) as projected into the meta-store, with
@@ -247,6 +283,7 @@ impl DriftHandle {
                     return Err(e.into());
                 }
                 run.finish(RunStatus::Succeeded, counts, None).await?;
+                self.notify(&report);
                 info!(pipeline = %self.name(), kind = kind.as_str(), found = report.counts.total(),
                     ru = report.resource_units, "drift run finished");
                 Ok(report)

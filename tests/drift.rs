@@ -522,3 +522,83 @@ async fn a_list_dropped_from_the_routes_is_not_taken_for_a_vanished_one() {
     })
     .await;
 }
+
+/// Column `col` of row 1 of `public.{t}` (text; NULL as "").
+async fn cell(h: &Harness, t: &str, col: &str) -> String {
+    h.db.query_one(&format!("SELECT {col} FROM public.{t} WHERE id = 1"), &[])
+        .await
+        .unwrap()
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default()
+}
+
+/// Heal of divergent fields follows each field's direction and conflict policy (pull on):
+/// `Title` (bidirectional, `source_wins`) and `PushA` (`push_only`) are rewritten from the row;
+/// `PullB` (`pull_only`) and `TgtC` (`target_wins`) go to the row through the return path's
+/// applier (and are not pushed back); `ManD` (`manual`) is left alone and still reported.
+/// The poller is slowed to an hour after its first poll, so the person's edit stays divergent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divergent_fields_heal_the_way_their_direction_and_policy_say() {
+    hard_timeout(300, async {
+        let meta_db = MetaDatabase::create("sbdrift").await;
+        let mut h = Harness::new("driftp").await;
+        let t = h.t("t");
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, a text, b text, c text, d text);
+             INSERT INTO public.{t} SELECT g, 'row ' || g, 'a' || g, 'b' || g, 'c' || g, 'd' || g FROM generate_series(1, 2) g;"
+        ))
+        .await;
+        h.tables.push(format!("public.{t}"));
+        let list = format!("T {}", h.name);
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      a: {{ field: PushA, direction: push_only }}\n      b: {{ field: PullB, direction: pull_only }}\n      c: {{ field: TgtC, conflict: target_wins }}\n      d: {{ field: ManD, conflict: manual }}\n    pull: {{ enabled: true, interval_ms: 1000 }}"
+        );
+        let file = pipeline_with_meta(&h, &sync, &meta_db);
+        h.start(&file);
+        h.wait_for("2 items", || async { h.items(&list).await.len() == 2 })
+            .await;
+        // A first pull of the pull-only field, so the ledger knows its value.
+        h.person_edit(&list, "1", json!({ "PullB": "pulled" })).await;
+        h.wait_for("the pull of PullB", || async { cell(&h, &t, "b").await == "pulled" })
+            .await;
+        h.stop().await;
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, yaml.replace("interval_ms: 1000", "interval_ms: 3600000")).unwrap();
+        h.start(&file);
+        let polls = format!("pipeline=\"{}\"", h.name);
+        h.wait_for("the first delta poll", || async {
+            h.metric("syncbridge_pull_delta_polls_total", &[&polls]).await >= 1.0
+        })
+        .await;
+        let edit = json!({ "Title": "e title", "PushA": "e a", "PullB": "e b", "TgtC": "e c", "ManD": "e d" });
+        h.person_edit(&list, "1", edit).await;
+
+        let report = h.post_drift("drift").await;
+        assert_eq!(classes(&report), [("divergent".to_string(), "1".to_string())], "{report:#}");
+        let mut fields: Vec<String> =
+            serde_json::from_value(report["differences"][0]["fields"].clone()).unwrap();
+        fields.sort();
+        assert_eq!(fields, ["ManD", "PullB", "PushA", "TgtC", "Title"], "{report:#}");
+
+        let healed = h.post_drift("drift/heal").await;
+        assert_eq!(healed["healed"]["pulled"], 1, "{healed:#}");
+        assert_eq!(healed["healed"]["manual"], 1, "{healed:#}");
+        // Pulled at once (the heal answers when the row is written).
+        assert_eq!((cell(&h, &t, "b").await, cell(&h, &t, "c").await), ("e b".into(), "e c".into()));
+        assert_eq!((cell(&h, &t, "title").await, cell(&h, &t, "a").await, cell(&h, &t, "d").await), ("row 1".into(), "a1".into(), "d1".into()));
+        h.wait_for("Title and PushA rewritten from the row", || async {
+            h.item(&list, "1").await.is_some_and(|i| i["Title"] == "row 1" && i["PushA"] == "a1")
+        })
+        .await;
+        let item = h.item(&list, "1").await.unwrap();
+        assert_eq!((&item["PullB"], &item["TgtC"], &item["ManD"]), (&json!("e b"), &json!("e c"), &json!("e d")), "{item:#?}");
+
+        let again = h.post_drift("drift").await;
+        assert_eq!(classes(&again), [("divergent".to_string(), "1".to_string())], "{again:#}");
+        assert_eq!(again["differences"][0]["fields"], json!(["ManD"]), "only the manual field: {again:#}");
+        // The pulled values were not pushed back as a change of the row.
+        assert_eq!((cell(&h, &t, "b").await, cell(&h, &t, "c").await), ("e b".into(), "e c".into()));
+        h.stop().await;
+    })
+    .await;
+}

@@ -46,7 +46,7 @@ pub enum DriftRecord {
         differences: Vec<Difference>,
     },
     /// The report without its differences; appended after them.
-    Report { report: DriftReport },
+    Report { report: Box<DriftReport> },
 }
 
 impl DriftRecord {
@@ -74,10 +74,10 @@ pub fn records(report: &DriftReport) -> Result<Vec<DriftRecord>, MetaError> {
         })
         .collect();
     out.push(DriftRecord::Report {
-        report: DriftReport {
+        report: Box::new(DriftReport {
             differences: Vec::new(),
             ..report.clone()
-        },
+        }),
     });
     Ok(out)
 }

@@ -16,14 +16,16 @@
 //! - orphaned, duplicate and misrouted items are deleted with `If-Match` (the eTag the check
 //!   read: an item changed since is left alone and counted as skipped);
 //! - the ledger is repaired by the processor (single writer): an entry naming an item that does
-//!   not exist is dropped, an entry of a divergent item gets the item's actual values (so the
-//!   writer's diff sends exactly those fields, with If-Match);
+//!   not exist is dropped;
+//! - a divergent item's fields are healed in the direction each field's direction and conflict
+//!   policy say ([`heal_side`]): a field healed from the row gets the item's actual value in the
+//!   ledger entry (so the writer's diff sends exactly those fields, with If-Match); a field
+//!   healed from the item is written to the row by the return path's applier (replication
+//!   origin, so capture does not push it back) and recorded in the entry; a `manual` field is
+//!   left alone (still reported, counted in `healed.manual`). One processor command per item;
 //! - the tables concerned are re-read by a watermarked re-snapshot, whose `r` events the
 //!   processor writes like any change: missing items are created (intent first), divergent
 //!   fields rewritten, items of a dropped entry re-adopted by SyncKey.
-//!
-//! Divergent fields are rewritten from the table (push direction): a pulled field's conflict
-//! policy is not consulted yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,11 +34,11 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
-use super::commands::{LedgerView, Repairs};
+use super::commands::{DivergedFix, LedgerView, Repairs};
 use super::report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary};
 use super::stale::resnapshot;
 use crate::capture::ResnapshotHandle;
-use crate::config::{FieldType, PipelineConfig, SYNC_KEY_FIELD};
+use crate::config::{ConflictPolicy, Direction, FieldType, PipelineConfig, SYNC_KEY_FIELD};
 use crate::control::ConflictRegistry;
 use crate::control::meta::drift as meta_drift;
 use crate::control::meta::{MetaDb, MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
@@ -45,7 +47,7 @@ use crate::graph::{GraphClient, GraphError, GraphUsage, ItemQuery};
 use crate::log::{AnyLog, EventLog};
 use crate::process::ledger::Entry;
 use crate::process::processor::Processor;
-use crate::process::processor::hash_projection;
+use crate::pull::resolve::field_keys;
 use crate::pull::{ConflictHandle, ResolveError};
 
 /// Share of the tenant's resource-unit budget a check may spend on average: half, so the
@@ -110,6 +112,38 @@ impl<L: EventLog + 'static> Processor<L> {
                 .map(|(t, f)| (t.table.clone(), f.key_columns.clone()))
                 .collect(),
         }
+    }
+}
+
+/// Which way a divergent field is healed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealSide {
+    /// The item is rewritten from the row.
+    FromRow,
+    /// The row takes the item's value.
+    FromItem,
+    /// Left alone for an operator (reported).
+    Manual,
+}
+
+/// How a divergent field is healed, by its `direction`, its conflict `policy` and whether its
+/// entry `pulls`. An entry that does not pull keeps the row as the only truth. Otherwise `push_only` and `source_wins` fields take the row's value, `pull_only`
+/// and `target_wins` fields the item's, `manual` ones are left alone. `last_writer_wins` takes
+/// the item's: a reported divergence has no write of the row in flight (the re-check drops
+/// those), so the item was written after the row's value was synced — it is the last writer.
+pub fn heal_side(direction: Direction, policy: ConflictPolicy, pulls: bool) -> HealSide {
+    if !pulls {
+        return HealSide::FromRow;
+    }
+    match (direction, policy) {
+        (Direction::PushOnly, _) | (Direction::Bidirectional, ConflictPolicy::SourceWins) => {
+            HealSide::FromRow
+        }
+        (Direction::PullOnly, _)
+        | (Direction::Bidirectional, ConflictPolicy::TargetWins | ConflictPolicy::LastWriterWins) => {
+            HealSide::FromItem
+        }
+        (Direction::Bidirectional, ConflictPolicy::Manual) => HealSide::Manual,
     }
 }
 
@@ -476,8 +510,13 @@ impl DriftHandle {
             match d.class {
                 DriftClass::Orphaned | DriftClass::Duplicate => continue,
                 DriftClass::Divergent => {
-                    if let Some(e) = entry {
-                        repairs.push((row.0, row.1, Some(diverged(e, d, sides))));
+                    let fix = entry.and_then(|e| self.diverged(e, d, sides, &mut summary));
+                    let Some(fix) = fix else { continue };
+                    let pushes = !fix.push.is_empty();
+                    self.processor()?.drift_diverged(fix).await?;
+                    // Only fields healed from the row need the re-read.
+                    if !pushes {
+                        continue;
                     }
                 }
                 // The row's entry names no item that exists: dropped; the re-read creates the
@@ -503,6 +542,52 @@ impl DriftHandle {
         Ok(summary)
     }
 
+    /// The heal of divergent item `d` (entry `e`), each field sent the way [`heal_side`] says;
+    /// `None` when every field is `manual` (or the item is gone from what was read).
+    fn diverged(
+        &self,
+        e: &Entry,
+        d: &Difference,
+        sides: &Sides,
+        summary: &mut HealSummary,
+    ) -> Option<DivergedFix> {
+        let item = find_item(sides, &d.list, d.item_id.as_deref()?)?;
+        let target = e.item.as_ref()?;
+        let sync = self
+            .pipeline
+            .sync
+            .iter()
+            .find(|s| s.table.to_string() == d.table)?;
+        let mut fix = DivergedFix {
+            table: d.table.clone(),
+            key: d.key.clone(),
+            list_id: target.list_id.clone(),
+            item_id: target.item_id.clone(),
+            etag: d.etag.clone(),
+            item: item.fields.clone(),
+            push: Vec::new(),
+            pull: Vec::new(),
+        };
+        let mut manual = false;
+        for k in &d.fields {
+            let Some(f) = sync.fields.iter().find(|f| field_keys(f).contains(k)) else {
+                fix.push.push(k.clone());
+                continue;
+            };
+            match heal_side(f.direction, f.conflict_policy(sync), sync.pull.enabled) {
+                HealSide::FromRow => fix.push.push(k.clone()),
+                HealSide::FromItem if !fix.pull.contains(&f.column) => {
+                    fix.pull.push(f.column.clone());
+                }
+                HealSide::FromItem => {}
+                HealSide::Manual => manual = true,
+            }
+        }
+        summary.manual += u64::from(manual);
+        summary.pulled += u64::from(!fix.pull.is_empty());
+        (!fix.push.is_empty() || !fix.pull.is_empty()).then_some(fix)
+    }
+
     async fn delete(&self, d: &Difference, summary: &mut HealSummary) -> Result<(), DriftError> {
         let (Some(id), Some(list)) = (d.item_id.as_deref(), self.facts.lists.get(&d.list)) else {
             return Ok(());
@@ -522,21 +607,6 @@ impl DriftHandle {
         }
         Ok(())
     }
-}
-
-/// The entry of a divergent item, with the item's actual values of the divergent fields: the
-/// writer's next diff against the row sends exactly those fields (with If-Match on this eTag).
-fn diverged(e: &Entry, d: &Difference, sides: &Sides) -> Entry {
-    let item = find_item(sides, &d.list, d.item_id.as_deref().unwrap_or_default());
-    let mut e = e.clone();
-    for f in &d.fields {
-        let actual = item.and_then(|i| i.fields.get(f)).cloned();
-        e.projection
-            .insert(f.clone(), actual.unwrap_or(serde_json::Value::Null));
-    }
-    e.hash = Some(hash_projection(&e.projection));
-    e.etag = d.etag.clone();
-    e
 }
 
 fn find_item<'a>(sides: &'a Sides, list: &str, id: &str) -> Option<&'a SeenItem> {
@@ -564,4 +634,29 @@ fn sync_key_of(parts: Vec<Option<String>>) -> String {
         return one.clone().unwrap_or_default();
     }
     serde_json::to_string(&parts).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_field_heals_the_way_its_direction_and_policy_say() {
+        use ConflictPolicy::*;
+        use Direction::*;
+        use HealSide::*;
+        let cases = [
+            (PushOnly, TargetWins, FromRow),
+            (PullOnly, SourceWins, FromItem),
+            (Bidirectional, SourceWins, FromRow),
+            (Bidirectional, TargetWins, FromItem),
+            (Bidirectional, LastWriterWins, FromItem),
+            (Bidirectional, ConflictPolicy::Manual, HealSide::Manual),
+        ];
+        for (d, p, want) in cases {
+            assert_eq!(heal_side(d, p, true), want, "{d:?} {p:?}");
+            // Without pull the row is the only truth.
+            assert_eq!(heal_side(d, p, false), FromRow, "{d:?} {p:?} without pull");
+        }
+    }
 }

@@ -138,4 +138,11 @@ pub struct HealSummary {
     pub resnapshotted: Vec<String>,
     /// Deletes refused because the item changed since the check (412) or failed.
     pub skipped: u64,
+    /// Divergent items whose row took the item's values (fields healed from the item: `pull_only`,
+    /// `target_wins`, `last_writer_wins`), through the return path's applier.
+    #[serde(default)]
+    pub pulled: u64,
+    /// Divergent items with a `manual` field, left alone there (still reported).
+    #[serde(default)]
+    pub manual: u64,
 }

@@ -237,6 +237,27 @@ pub struct PipelineConfig {
     pub schedules: Vec<ScheduleConfig>,
     /// `notify:`; `None`: no notifications.
     pub notify: Option<NotifyConfig>,
+    /// `drift:`.
+    pub drift: DriftConfig,
+}
+
+/// `drift:` (see `crate::process::drift`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DriftConfig {
+    /// Share of `graph.ru_per_minute` a check may spend on average, in (0, 1].
+    pub budget_share: f64,
+}
+
+/// Half: a check pages through every list, and the writers and the delta pollers keep the other
+/// half of the tenant's budget meanwhile.
+pub const DEFAULT_BUDGET_SHARE: f64 = 0.5;
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self {
+            budget_share: DEFAULT_BUDGET_SHARE,
+        }
+    }
 }
 
 impl PipelineConfig {

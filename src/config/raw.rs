@@ -73,7 +73,23 @@ pub struct PipelineFile {
     /// Where failure notifications go, and when a condition counts as one.
     #[serde(default)]
     pub notify: Option<NotifyFile>,
+    /// Drift checks (`syncbridge drift`, `POST /pipelines/{name}/drift`, scheduled ones).
+    #[serde(default)]
+    pub drift: Option<DriftFile>,
 }
+
+/// `drift:`: how a drift check paces itself.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DriftFile {
+    /// Share of `graph.ru_per_minute` a check may spend on average while it reads the lists,
+    /// above 0 and at most 1; default 0.5 (the writers and pollers keep the rest).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub budget_share: Option<Sp<f64>>,
+}
+pub const DRIFT_KEYS: &[&str] = &["budget_share"];
+
 pub const PIPELINE_KEYS: &[&str] = &[
     "version",
     "name",
@@ -86,6 +102,7 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "labels",
     "schedules",
     "notify",
+    "drift",
 ];
 
 /// `notify:`: targets and thresholds. Each condition notifies once when it starts and once
@@ -499,6 +516,7 @@ pub struct PartialFile {
     /// The entries that could be read.
     pub schedules: Vec<ScheduleFile>,
     pub notify: Option<NotifyFile>,
+    pub drift: Option<DriftFile>,
 }
 
 /// Collects problems while reading.
@@ -701,6 +719,33 @@ impl Reader {
         }
     }
 
+    fn number(&mut self, node: &Node, path: &str) -> Option<Sp<f64>> {
+        let what = "a number";
+        let (text, interpolated) = self.typed_text(node, path, what)?;
+        match text.replace('_', "").parse::<f64>() {
+            Ok(value) if value.is_finite() => Some(Sp {
+                value,
+                loc: node.loc,
+                interpolated,
+            }),
+            _ => {
+                self.err(
+                    node.loc,
+                    format!("`{path}`: expected {what}, found {}", shown(node)),
+                );
+                None
+            }
+        }
+    }
+
+    fn drift(&mut self, node: &Node, path: &str) -> Option<DriftFile> {
+        let m = self.map(node, path, DRIFT_KEYS)?;
+        let budget_share = m
+            .get("budget_share")
+            .and_then(|n| self.number(n, &m.child("budget_share")));
+        Some(DriftFile { budget_share })
+    }
+
     fn boolean(&mut self, node: &Node, path: &str) -> Option<Sp<bool>> {
         let what = "`true` or `false`";
         let (text, interpolated) = self.typed_text(node, path, what)?;
@@ -817,6 +862,7 @@ impl Reader {
             }
         }
         file.notify = m.get("notify").and_then(|n| self.notify(n, "notify"));
+        file.drift = m.get("drift").and_then(|n| self.drift(n, "drift"));
         file
     }
 

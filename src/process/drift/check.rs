@@ -7,7 +7,7 @@
 //! 3. Every target list's items, paged, `$select`ing only SyncKey and the mapped fields, through
 //!    a client on the pipeline's tenant limiter (so resource units are priced and shared with the
 //!    writers); after each list the check sleeps so that its average spend stays under
-//!    `share` × `graph.ru_per_minute` ([`DEFAULT_BUDGET_SHARE`]).
+//!    `drift.budget_share` × `graph.ru_per_minute` (default [`DEFAULT_BUDGET_SHARE`]).
 //! 4. After [`RECHECK_DELAY`] the ledger and the tables are read again and the differences
 //!    classified again against the same items: only differences both passes saw are reported
 //!    (a write in flight during the first pass is confirmed in the ledger by the second).
@@ -50,9 +50,9 @@ use crate::process::processor::Processor;
 use crate::pull::resolve::field_keys;
 use crate::pull::{ConflictHandle, ResolveError};
 
-/// Share of the tenant's resource-unit budget a check may spend on average: half, so the
-/// writers and the delta pollers keep the other half while a check pages through every list.
-pub const DEFAULT_BUDGET_SHARE: f64 = 0.5;
+/// Share of the tenant's resource-unit budget a check may spend on average unless
+/// `drift.budget_share` says otherwise (see [`crate::config::DEFAULT_BUDGET_SHARE`]).
+pub use crate::config::DEFAULT_BUDGET_SHARE;
 /// Items per page (`$top`): Graph's maximum for list items, the fewest pages per item.
 pub const PAGE_SIZE: u32 = 5000;
 /// Wait between the two passes: longer than the processor's flush window (a write read in flight
@@ -189,6 +189,7 @@ impl DriftHandle {
         runs_topic: String,
     ) -> Self {
         DriftHandle {
+            share: pipeline.drift.budget_share,
             pipeline,
             client,
             usage,
@@ -197,7 +198,6 @@ impl DriftHandle {
             snapshots,
             log,
             runs_topic,
-            share: DEFAULT_BUDGET_SHARE,
             store: None,
             notify: None,
             busy: Arc::default(),

@@ -282,6 +282,8 @@ fn messages(r: &Receiver, condition: &str) -> Vec<(String, String, String)> {
 async fn drift_above_the_threshold_notifies_once_then_resolved_end_to_end() {
     hard_timeout(240, async {
         let (r, url) = receiver().await;
+        // A meta-store of its own: the shared database's may hold another branch's migrations.
+        let meta = common::TempDatabase::create("sbnotify").await;
         let mut h = Harness::new("notifyd").await;
         let (t, list) = h.titled_table(3).await;
         let sync = format!(
@@ -290,7 +292,8 @@ async fn drift_above_the_threshold_notifies_once_then_resolved_end_to_end() {
         let file = h.pipeline(&h.embedded_log(), &sync);
         let yaml = std::fs::read_to_string(&file).unwrap();
         let extra = format!(
-            "notify:\n  drift_threshold: 1\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n"
+            "  meta_url: {meta_url}\nnotify:\n  drift_threshold: 1\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n",
+            meta_url = meta.url
         );
         std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
         h.start(&file);

@@ -3,7 +3,10 @@
 //! and one resolved message, delivered after the receiver's first refusal (retry); end to end, a
 //! `syncbridge run` whose scheduled `drift_check` fails every 2 s (not available in this build)
 //! sends one `job_failed` message, not one per failed tick; a drift check finding more than
-//! `notify.drift_threshold` differences fires `drift:<pipeline>` once, a clean one resolves it.
+//! `notify.drift_threshold` differences fires `drift:<pipeline>` once, a clean one resolves it;
+//! dead letters above `notify.dead_letters` and a parked conflict each fire once on a running
+//! pipeline and resolve after a quiet window; the slot watch fires `slot_lag` for a slot that
+//! retains more than `notify.slot_lag_bytes` and resolves once it is advanced.
 //!
 //! The end-to-end test needs `DATABASE_URL` and `KAFKA_BROKERS` like the other run tests.
 
@@ -339,6 +342,185 @@ async fn drift_above_the_threshold_notifies_once_then_resolved_end_to_end() {
         assert!(got[0].2.contains(run), "the detail names the report: {got:#?}");
         assert_eq!(got[1].0, "resolved");
         assert!(r.bad.lock().unwrap().is_empty());
+    })
+    .await;
+}
+
+/// The `(condition, state)` pairs the receiver got, in order, for conditions in `keys`.
+fn states(r: &Receiver, keys: &[&str]) -> Vec<(String, String)> {
+    r.got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| keys.iter().any(|k| m["condition"] == *k))
+        .map(|m| {
+            let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+            (s("condition"), s("state"))
+        })
+        .collect()
+}
+
+/// End to end on a running pipeline (`window_s: 10`, `dead_letters: 2`): one dead letter sends
+/// nothing, a second one within the window fires `dead_letters` once, and a quiet window
+/// resolves it; a conflict the `manual` policy parks (both sides changed while the process was
+/// down) fires `conflicts_parked` once, resolved after a window without conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_parked_conflicts_notify_once_then_resolved_end_to_end() {
+    hard_timeout(300, async {
+        let (r, url) = receiver().await;
+        let meta = common::TempDatabase::create("sbnotify").await;
+        let mut h = Harness::new("notifyc").await;
+        let (t, list) = h.titled_table(2).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    conflict: manual\n    pull: {{ enabled: true, interval_ms: 200 }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        let extra = format!(
+            "  meta_url: {}\nnotify:\n  window_s: 10\n  dead_letters: 2\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n",
+            meta.url
+        );
+        std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
+        h.start(&file);
+        h.wait_for("2 items", || async { h.items(&list).await.len() == 2 })
+            .await;
+        let labels = format!("pipeline=\"{}\"", h.name);
+        // A title longer than SharePoint's 255 characters is dead-lettered.
+        let long = "x".repeat(300);
+        h.sql(&format!("INSERT INTO public.{t} VALUES (10, '{long}')")).await;
+        h.wait_for("one dead letter", || async {
+            h.metric("syncbridge_push_dead_letters_total", &[&labels]).await >= 1.0
+        })
+            .await;
+        // Two looks of the watch (one per second) see one dead letter: below the threshold.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(states(&r, &["dead_letters"]), [], "one is below dead_letters: 2");
+        h.sql(&format!("INSERT INTO public.{t} VALUES (11, '{long}')")).await;
+        wait_until("dead_letters resolved", || states(&r, &["dead_letters"]).len() >= 2).await;
+
+        h.stop().await;
+        h.sql(&format!("UPDATE public.{t} SET title = 'db 1' WHERE id = 1")).await;
+        h.person_edit(&list, "1", serde_json::json!({ "Title": "list 1" }))
+            .await;
+        h.start(&file);
+        wait_until("conflicts_parked resolved", || {
+            states(&r, &["conflicts_parked"]).len() >= 2
+        })
+        .await;
+        h.stop().await;
+
+        let fired = |k: &str| {
+            [
+                (k.to_string(), "firing".to_string()),
+                (k.to_string(), "resolved".to_string()),
+            ]
+        };
+        assert_eq!(states(&r, &["dead_letters"]), fired("dead_letters"));
+        assert_eq!(states(&r, &["conflicts_parked"]), fired("conflicts_parked"));
+        // The conflict was parked: neither side written.
+        assert_eq!(h.item(&list, "1").await.unwrap()["Title"], "list 1");
+        let got = r.got.lock().unwrap().clone();
+        let dl = got.iter().find(|m| m["condition"] == "dead_letters").unwrap();
+        assert_eq!(dl["summary"], "2 dead letters in the last 10 s", "{got:#?}");
+        assert!(r.bad.lock().unwrap().is_empty());
+    })
+    .await;
+}
+
+/// Drops the slot and the table named by it on drop.
+struct SlotCleanup(String);
+
+impl Drop for SlotCleanup {
+    fn drop(&mut self) {
+        let n = &self.0;
+        common::drop_replication_objects(n, n, &[format!("public.{n}")]);
+    }
+}
+
+/// `slot_lag` end to end against a real replication slot that nothing reads (the watch of a
+/// running pipeline, on a slot of the test's own): WAL written past `slot_lag_bytes` fires it
+/// once; advancing the slot to the current WAL position resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_lag_above_the_threshold_notifies_once_then_resolved() {
+    hard_timeout(120, async {
+        let (r, url) = receiver().await;
+        let name = format!(
+            "sbnotify_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let (db, conn) = tokio_postgres::connect(&common::database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        db.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await
+        .unwrap();
+        // Dropped however the test ends.
+        let _cleanup = SlotCleanup(name.clone());
+        let config = syncbridge::config::NotifyConfig {
+            targets: vec![webhook(&url, KEY)],
+            window: Duration::from_secs(10),
+            dead_letters: 1,
+            slot_lag_bytes: 1 << 20,
+            drift_threshold: 0,
+        };
+        let n = Notifier::new("p");
+        let stop = CancellationToken::new();
+        let tasks = [
+            tokio::spawn(notify::watch_slot(
+                n.clone(),
+                config.clone(),
+                common::database_url(),
+                name.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(notify::deliver(
+                n.clone(),
+                config.targets.clone(),
+                stop.clone(),
+            )),
+        ];
+        // About 4 MB of WAL the slot retains.
+        db.batch_execute(&format!(
+            "CREATE TABLE public.{name} (v text);
+             INSERT INTO public.{name} SELECT repeat('x', 1000) FROM generate_series(1, 4000);"
+        ))
+        .await
+        .unwrap();
+        wait_until("slot_lag fired", || !states(&r, &["slot_lag"]).is_empty()).await;
+        // Advanced until a look of the watch sees it at or below the threshold (other sessions
+        // on the shared server write WAL too).
+        for _ in 0..300 {
+            if states(&r, &["slot_lag"]).len() >= 2 {
+                break;
+            }
+            db.execute(
+                "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+                &[&name],
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        stop.cancel();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let got = states(&r, &["slot_lag"]);
+        let want = [("slot_lag", "firing"), ("slot_lag", "resolved")]
+            .map(|(c, s)| (c.to_string(), s.to_string()));
+        assert_eq!(got, want);
+        let first = r.got.lock().unwrap()[0].clone();
+        assert!(
+            first["summary"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("replication slot {name} retains")),
+            "{first:#}"
+        );
     })
     .await;
 }

@@ -266,6 +266,44 @@ async fn email_reaches_a_local_smtp_sink_once_then_resolved() {
     .await;
 }
 
+/// A running pipeline syncing a new titled table to its list, with a meta-store of its own (the
+/// shared database's may hold another branch's migrations) and a `notify:` webhook to `url`.
+struct NotifyPipeline {
+    table: String,
+    list: String,
+    file: std::path::PathBuf,
+    _meta: common::TempDatabase,
+}
+
+impl NotifyPipeline {
+    /// `rows` rows; `entry`: YAML lines added to the sync entry; `notify`: lines under `notify:`.
+    async fn start(h: &mut Harness, rows: u32, entry: &str, notify: &str, url: &str) -> Self {
+        let meta = common::TempDatabase::create("sbnotify").await;
+        let (table, list) = h.titled_table(rows).await;
+        let sync = format!(
+            "  - table: public.{table}\n    list: {list}\n    fields: {{ title: Title }}\n{entry}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        let extra = format!(
+            "  meta_url: {}\nnotify:\n{notify}\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n",
+            meta.url
+        );
+        std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
+        h.start(&file);
+        h.wait_for("the initial items", || async {
+            h.items(&list).await.len() == rows as usize
+        })
+        .await;
+        NotifyPipeline {
+            table,
+            list,
+            file,
+            _meta: meta,
+        }
+    }
+}
+
 /// The messages the receiver got for `condition`: `(state, summary, detail)`.
 fn messages(r: &Receiver, condition: &str) -> Vec<(String, String, String)> {
     let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
@@ -285,23 +323,16 @@ fn messages(r: &Receiver, condition: &str) -> Vec<(String, String, String)> {
 async fn drift_above_the_threshold_notifies_once_then_resolved_end_to_end() {
     hard_timeout(240, async {
         let (r, url) = receiver().await;
-        // A meta-store of its own: the shared database's may hold another branch's migrations.
-        let meta = common::TempDatabase::create("sbnotify").await;
         let mut h = Harness::new("notifyd").await;
-        let (t, list) = h.titled_table(3).await;
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
-        );
-        let file = h.pipeline(&h.embedded_log(), &sync);
-        let yaml = std::fs::read_to_string(&file).unwrap();
-        let extra = format!(
-            "  meta_url: {meta_url}\nnotify:\n  drift_threshold: 1\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n",
-            meta_url = meta.url
-        );
-        std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
-        h.start(&file);
-        h.wait_for("3 items", || async { h.items(&list).await.len() == 3 })
-            .await;
+        let np = NotifyPipeline::start(
+            &mut h,
+            3,
+            "    pull: { enabled: false }",
+            "  drift_threshold: 1",
+            &url,
+        )
+        .await;
+        let list = np.list.clone();
         let key = format!("drift:{}", h.name);
 
         h.person_edit(&list, "1", serde_json::json!({ "Title": "edited 1" }))
@@ -339,7 +370,10 @@ async fn drift_above_the_threshold_notifies_once_then_resolved_end_to_end() {
         assert_eq!(got[0].0, "firing");
         assert!(got[0].1.contains("found 2 differences"), "{got:#?}");
         let run = two["run_id"].as_str().unwrap();
-        assert!(got[0].2.contains(run), "the detail names the report: {got:#?}");
+        assert!(
+            got[0].2.contains(run),
+            "the detail names the report: {got:#?}"
+        );
         assert_eq!(got[1].0, "resolved");
         assert!(r.bad.lock().unwrap().is_empty());
     })
@@ -368,38 +402,41 @@ fn states(r: &Receiver, keys: &[&str]) -> Vec<(String, String)> {
 async fn dead_letters_and_parked_conflicts_notify_once_then_resolved_end_to_end() {
     hard_timeout(300, async {
         let (r, url) = receiver().await;
-        let meta = common::TempDatabase::create("sbnotify").await;
         let mut h = Harness::new("notifyc").await;
-        let (t, list) = h.titled_table(2).await;
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    conflict: manual\n    pull: {{ enabled: true, interval_ms: 200 }}"
-        );
-        let file = h.pipeline(&h.embedded_log(), &sync);
-        let yaml = std::fs::read_to_string(&file).unwrap();
-        let extra = format!(
-            "  meta_url: {}\nnotify:\n  window_s: 10\n  dead_letters: 2\n  targets:\n    - name: hook\n      kind: webhook\n      url: {url}\n      secret: {KEY}\n",
-            meta.url
-        );
-        std::fs::write(&file, format!("{yaml}{extra}")).unwrap();
-        h.start(&file);
-        h.wait_for("2 items", || async { h.items(&list).await.len() == 2 })
+        let entry = "    conflict: manual\n    pull: { enabled: true, interval_ms: 200 }";
+        let np = NotifyPipeline::start(&mut h, 2, entry, "  window_s: 10\n  dead_letters: 2", &url)
             .await;
+        let (t, list, file) = (np.table.clone(), np.list.clone(), np.file.clone());
         let labels = format!("pipeline=\"{}\"", h.name);
         // A title longer than SharePoint's 255 characters is dead-lettered.
         let long = "x".repeat(300);
-        h.sql(&format!("INSERT INTO public.{t} VALUES (10, '{long}')")).await;
-        h.wait_for("one dead letter", || async {
-            h.metric("syncbridge_push_dead_letters_total", &[&labels]).await >= 1.0
-        })
+        h.sql(&format!("INSERT INTO public.{t} VALUES (10, '{long}')"))
             .await;
+        h.wait_for("one dead letter", || async {
+            h.metric("syncbridge_push_dead_letters_total", &[&labels])
+                .await
+                >= 1.0
+        })
+        .await;
         // Two looks of the watch (one per second) see one dead letter: below the threshold.
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(states(&r, &["dead_letters"]), [], "one is below dead_letters: 2");
-        h.sql(&format!("INSERT INTO public.{t} VALUES (11, '{long}')")).await;
-        wait_until("dead_letters resolved", || states(&r, &["dead_letters"]).len() >= 2).await;
+        assert_eq!(
+            states(&r, &["dead_letters"]),
+            [],
+            "one is below dead_letters: 2"
+        );
+        h.sql(&format!("INSERT INTO public.{t} VALUES (11, '{long}')"))
+            .await;
+        wait_until("dead_letters resolved", || {
+            states(&r, &["dead_letters"]).len() >= 2
+        })
+        .await;
 
         h.stop().await;
-        h.sql(&format!("UPDATE public.{t} SET title = 'db 1' WHERE id = 1")).await;
+        h.sql(&format!(
+            "UPDATE public.{t} SET title = 'db 1' WHERE id = 1"
+        ))
+        .await;
         h.person_edit(&list, "1", serde_json::json!({ "Title": "list 1" }))
             .await;
         h.start(&file);
@@ -420,7 +457,10 @@ async fn dead_letters_and_parked_conflicts_notify_once_then_resolved_end_to_end(
         // The conflict was parked: neither side written.
         assert_eq!(h.item(&list, "1").await.unwrap()["Title"], "list 1");
         let got = r.got.lock().unwrap().clone();
-        let dl = got.iter().find(|m| m["condition"] == "dead_letters").unwrap();
+        let dl = got
+            .iter()
+            .find(|m| m["condition"] == "dead_letters")
+            .unwrap();
         assert_eq!(dl["summary"], "2 dead letters in the last 10 s", "{got:#?}");
         assert!(r.bad.lock().unwrap().is_empty());
     })

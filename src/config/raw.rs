@@ -699,17 +699,22 @@ impl Reader {
         }
     }
 
-    fn uint(&mut self, node: &Node, path: &str) -> Option<Sp<u64>> {
-        let what = "an unsigned integer";
+    /// A scalar `parse` reads as `what` (else a problem saying so).
+    fn parsed<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        what: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<Sp<T>> {
         let (text, interpolated) = self.typed_text(node, path, what)?;
-        let digits = text.strip_prefix('+').unwrap_or(text).replace('_', "");
-        match digits.parse::<u64>() {
-            Ok(value) if !digits.is_empty() => Some(Sp {
+        match parse(text) {
+            Some(value) => Some(Sp {
                 value,
                 loc: node.loc,
                 interpolated,
             }),
-            _ => {
+            None => {
                 self.err(
                     node.loc,
                     format!("`{path}`: expected {what}, found {}", shown(node)),
@@ -719,23 +724,20 @@ impl Reader {
         }
     }
 
+    fn uint(&mut self, node: &Node, path: &str) -> Option<Sp<u64>> {
+        self.parsed(node, path, "an unsigned integer", |text| {
+            let digits = text.strip_prefix('+').unwrap_or(text).replace('_', "");
+            digits.parse::<u64>().ok().filter(|_| !digits.is_empty())
+        })
+    }
+
     fn number(&mut self, node: &Node, path: &str) -> Option<Sp<f64>> {
-        let what = "a number";
-        let (text, interpolated) = self.typed_text(node, path, what)?;
-        match text.replace('_', "").parse::<f64>() {
-            Ok(value) if value.is_finite() => Some(Sp {
-                value,
-                loc: node.loc,
-                interpolated,
-            }),
-            _ => {
-                self.err(
-                    node.loc,
-                    format!("`{path}`: expected {what}, found {}", shown(node)),
-                );
-                None
-            }
-        }
+        self.parsed(node, path, "a number", |text| {
+            text.replace('_', "")
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+        })
     }
 
     fn drift(&mut self, node: &Node, path: &str) -> Option<DriftFile> {

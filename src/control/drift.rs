@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use super::problem::{ApiError, Problem};
 use super::{PipelineScoped, Registry};
 use crate::control::meta::MetaError;
+use crate::control::meta::api::run_id_param;
 use crate::control::meta::drift::{DEFAULT_PAGE, MAX_PAGE};
 use crate::process::drift::{DriftError, DriftHandle, DriftReport};
 
@@ -140,8 +141,9 @@ async fn stored(
     run_id: Option<uuid::Uuid>,
     q: &HashMap<String, String>,
 ) -> Result<axum::Json<DriftReport>, ApiError> {
-    let (after, limit) = page_query(q)?;
+    // The pipeline first: an unknown one is a 404 whatever else was asked.
     let h = handle(drift, name)?;
+    let (after, limit) = page_query(q)?;
     let unavailable = |e: MetaError| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -197,11 +199,7 @@ pub(crate) async fn by_run(
     Path((name, run_id)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<DriftReport>, ApiError> {
-    let Ok(id) = run_id.parse::<uuid::Uuid>() else {
-        return Err(ApiError::bad_param(
-            "run_id",
-            format!("run id {run_id:?} is not a UUID"),
-        ));
-    };
+    handle(&drift, &name)?;
+    let id = run_id_param("run_id", &run_id)?;
     stored(&drift, &name, Some(id), &q).await
 }

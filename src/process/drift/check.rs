@@ -512,10 +512,8 @@ impl DriftHandle {
                 DriftClass::Divergent => {
                     let fix = entry.and_then(|e| self.diverged(e, d, sides, &mut summary));
                     let Some(fix) = fix else { continue };
-                    let pushes = !fix.push.is_empty();
-                    self.processor()?.drift_diverged(fix).await?;
                     // Only fields healed from the row need the re-read.
-                    if !pushes {
+                    if !self.heal_diverged(fix, &mut summary).await? {
                         continue;
                     }
                 }
@@ -584,8 +582,35 @@ impl DriftHandle {
             }
         }
         summary.manual += u64::from(manual);
-        summary.pulled += u64::from(!fix.pull.is_empty());
         (!fix.push.is_empty() || !fix.pull.is_empty()).then_some(fix)
+    }
+
+    /// Hands `fix` to the processor; whether the row must be re-read (fields healed from it). A
+    /// fix the processor refuses for good (the row or the item changed since the check, a value
+    /// the row cannot take) is skipped and counted, like a refused delete.
+    async fn heal_diverged(
+        &self,
+        fix: DivergedFix,
+        summary: &mut HealSummary,
+    ) -> Result<bool, DriftError> {
+        let (pushes, pulls) = (!fix.push.is_empty(), !fix.pull.is_empty());
+        let key = fix.key.clone();
+        match self.processor()?.drift_diverged(fix).await {
+            Ok(true) => {
+                summary.pulled += u64::from(pulls);
+                Ok(pushes)
+            }
+            Ok(false) => {
+                summary.skipped += 1;
+                Ok(false)
+            }
+            Err(e) if !e.is_retryable() => {
+                warn!(pipeline = %self.name(), key = %key, "drift heal: divergent item not healed: {e}");
+                summary.skipped += 1;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn delete(&self, d: &Difference, summary: &mut HealSummary) -> Result<(), DriftError> {

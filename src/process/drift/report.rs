@@ -136,7 +136,9 @@ pub struct HealSummary {
     pub ledger_repaired: u64,
     /// Tables re-read through a re-snapshot, so the writer path creates and rewrites.
     pub resnapshotted: Vec<String>,
-    /// Deletes refused because the item changed since the check (412) or failed.
+    /// Deletes refused because the item changed since the check (412) or failed, and divergent
+    /// items not healed (their entry or row changed since the check, or the row refused the
+    /// item's value).
     pub skipped: u64,
     /// Divergent items whose row took the item's values (fields healed from the item: `pull_only`,
     /// `target_wins`, `last_writer_wins`), through the return path's applier.

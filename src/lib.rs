@@ -13,6 +13,8 @@
 //! - [`pull`]: the return path: delta pollers, return processor, conflicts and their resolution,
 //!   PostgreSQL applier.
 //! - [`runtime`]: runs pipelines: one cancellation tree, inputs drained before their consumers.
+//! - [`reload`]: hot reload of the pipeline files (`SIGHUP`, `run --watch`): validate, compare,
+//!   refuse what cannot apply live, restart only the changed pipelines.
 //! - [`control`]: the control-plane HTTP server (`/health`, `/ready`, `/metrics`) and pipeline API
 //!   (re-snapshots, conflicts).
 //! - [`telemetry`]: tracing setup and the one module of metric names.
@@ -37,5 +39,6 @@ pub mod log;
 pub mod pg;
 pub mod process;
 pub mod pull;
+pub mod reload;
 pub mod runtime;
 pub mod telemetry;

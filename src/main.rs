@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use syncbridge::{config, emulator, runtime, telemetry};
+use syncbridge::{config, emulator, reload, runtime, telemetry};
 use tokio_util::sync::CancellationToken;
 
 const EXIT_INVALID_CONFIG: u8 = 1;
@@ -38,12 +38,17 @@ enum Command {
     /// Print the man page (roff) to stdout, e.g. `syncbridge man > syncbridge.1`.
     Man,
     /// Run one or more pipelines until SIGINT/SIGTERM, then drain in pipeline order and exit 0.
+    /// SIGHUP re-reads the files and restarts the pipelines that changed (a bad file or a change
+    /// that cannot apply live changes nothing and says why).
     Run {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
+        /// Also reload when a file's content changes (checked every second).
+        #[arg(long)]
+        watch: bool,
     },
     /// Check pipeline files without connecting anywhere (with --db: also the tables in the
-    /// source database); lists every problem as file:line:col.
+    /// source database; with --graph: also the live lists); lists every problem as file:line:col.
     Validate {
         #[arg(required = true, value_name = "PIPELINE.yaml")]
         files: Vec<PathBuf>,
@@ -51,6 +56,13 @@ enum Command {
         /// TOAST-able columns of tables that are not REPLICA IDENTITY FULL). Warnings keep exit 0.
         #[arg(long)]
         db: bool,
+        /// Also check the live lists in Graph against the mapping (list and column exist, type,
+        /// choices, SyncKey indexed and unique); every mismatch is one line, exit 1 when any.
+        #[arg(long)]
+        graph: bool,
+        /// With --graph: print each mismatch as one JSON object per line on stdout.
+        #[arg(long, requires = "graph")]
+        json: bool,
     },
     /// Ask the running process (at the pipeline's control.listen) to re-snapshot one table while
     /// streaming continues.
@@ -262,10 +274,29 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
     match cli.command {
-        Command::Validate { files, db: true } => validate_db(&files),
+        Command::Validate {
+            files,
+            db,
+            graph: true,
+            json,
+        } => {
+            let code = if db {
+                validate_db(&files)
+            } else {
+                ExitCode::SUCCESS
+            };
+            if code == ExitCode::SUCCESS {
+                validate_graph(&files, json)
+            } else {
+                code
+            }
+        }
+        Command::Validate {
+            files, db: true, ..
+        } => validate_db(&files),
         Command::Snapshot { file, table, wait } => snapshot(&file, &table, wait),
         Command::Resume { file } => resume(&file),
-        Command::Validate { files, db: false } => match config::load_files(&files) {
+        Command::Validate { files, .. } => match config::load_files(&files) {
             Ok(pipelines) => {
                 for p in &pipelines {
                     println!(
@@ -287,7 +318,7 @@ fn main() -> ExitCode {
             println!("{:#}", config::json_schema());
             ExitCode::SUCCESS
         }
-        Command::Run { files } => {
+        Command::Run { files, watch } => {
             let pipelines = match config::load_files(&files) {
                 Ok(p) => p,
                 Err(report) => {
@@ -307,7 +338,19 @@ fn main() -> ExitCode {
                 }
             }
             block_on(|shutdown| async move {
-                runtime::run(pipelines, shutdown)
+                // One pending request is enough: a reload reads the files as they are then.
+                let (tx, requests) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(reload::on_sighup(tx.clone(), shutdown.clone()));
+                if watch {
+                    tokio::spawn(reload::watch_files(
+                        files.clone(),
+                        reload::WATCH_INTERVAL,
+                        tx,
+                        shutdown.clone(),
+                    ));
+                }
+                let source = runtime::ReloadSource { files, requests };
+                runtime::run_reloading(pipelines, Some(source), shutdown)
                     .await
                     .map_err(anyhow::Error::from)
             })
@@ -803,13 +846,9 @@ fn catalog(
 
 /// `validate --db`: the offline checks, then the database checks of each pipeline.
 fn validate_db(files: &[PathBuf]) -> ExitCode {
-    let pipelines = match config::load_files_located(files) {
+    let pipelines = match load_checked(files) {
         Ok(p) => p,
-        Err(report) => {
-            print_report(&report);
-            eprintln!("{} problem(s) found", report.problems.len());
-            return ExitCode::from(EXIT_INVALID_CONFIG);
-        }
+        Err(code) => return code,
     };
     let mut errors = 0usize;
     let code = block_on(|_| async {
@@ -839,14 +878,64 @@ fn validate_db(files: &[PathBuf]) -> ExitCode {
         }
         Ok(())
     });
+    check_outcome(code, errors, "problem(s)")
+}
+
+/// The offline checks of `validate --db`/`--graph`: the pipelines, or the exit code after the
+/// problems were printed.
+fn load_checked(files: &[PathBuf]) -> Result<Vec<config::LocatedPipeline>, ExitCode> {
+    config::load_files_located(files).map_err(|report| {
+        print_report(&report);
+        eprintln!("{} problem(s) found", report.problems.len());
+        ExitCode::from(EXIT_INVALID_CONFIG)
+    })
+}
+
+/// The exit code of a check that ran with `code` and found `found` errors (`what`).
+fn check_outcome(code: ExitCode, found: usize, what: &str) -> ExitCode {
     if code != ExitCode::SUCCESS {
         return code;
     }
-    if errors > 0 {
-        eprintln!("{errors} problem(s) found");
+    if found > 0 {
+        eprintln!("{found} {what} found");
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
     ExitCode::SUCCESS
+}
+
+/// `validate --graph`: the offline checks, then each pipeline's live lists against its mapping
+/// (nothing is changed). Exit 1 when a list does not match, 3 when Graph cannot be reached.
+fn validate_graph(files: &[PathBuf], json: bool) -> ExitCode {
+    use syncbridge::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
+    let pipelines: Vec<config::PipelineConfig> = match load_checked(files) {
+        Ok(p) => p.into_iter().map(|l| l.config).collect(),
+        Err(code) => return code,
+    };
+    let mut total = 0usize;
+    let code = block_on(|_| async {
+        let limiters = LimiterRegistry::new();
+        for p in &pipelines {
+            let client = GraphClient::new(GraphClientConfig::from(&p.graph), &limiters)?;
+            let found = syncbridge::process::provision::check(&client, p).await?;
+            for m in &found {
+                if json {
+                    let mut v = serde_json::to_value(m)?;
+                    v["pipeline"] = p.name.clone().into();
+                    println!("{v}");
+                } else {
+                    eprintln!("{}: {m}", p.name);
+                }
+            }
+            total += found.len();
+            if !json {
+                let lists = syncbridge::process::provision::needed(p).len();
+                let state = if found.is_empty() { "ok" } else { "mismatches" };
+                println!("{state}: {} ({lists} list(s) checked in Graph)", p.name);
+            }
+        }
+        Ok(())
+    });
+    check_outcome(code, total, "mismatch(es)")
 }
 
 /// `snapshot FILE --table S.T`: asks the running process over its control plane.

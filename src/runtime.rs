@@ -10,6 +10,10 @@
 //! carries the processor's final counts, and the projector writes it before the log closes. The
 //! control plane starts first (a taken port fails the run before any work
 //! begins) and stops last (`/health` stays up while draining).
+//!
+//! A reload (`crate::reload`: `SIGHUP`, `run --watch`) drains one changed pipeline as shutdown
+//! does (`drain_one`) and starts it again (`start_one`) on its log, which stays open; when the
+//! new config does not start, the old one is started again.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -157,6 +161,24 @@ pub async fn run(
     pipelines: Vec<PipelineConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
+    run_reloading(pipelines, None, shutdown).await
+}
+
+/// Where a reload reads the pipelines again, and the requests to do it (`SIGHUP`, `--watch`).
+#[derive(Debug)]
+pub struct ReloadSource {
+    /// The files `pipelines` were loaded from.
+    pub files: Vec<PathBuf>,
+    /// One message per request (its trigger's name).
+    pub requests: tokio::sync::mpsc::Receiver<&'static str>,
+}
+
+/// [`run`], re-reading the pipeline files at each request of `reload` (see [`crate::reload`]).
+pub async fn run_reloading(
+    mut pipelines: Vec<PipelineConfig>,
+    mut reload: Option<ReloadSource>,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
     let first = pipelines.first().ok_or(RuntimeError::Empty)?;
     let prometheus = telemetry::prometheus()?;
 
@@ -200,7 +222,9 @@ pub async fn run(
     info!(%listen, api = access, "control plane listening (/health, /ready, /metrics open)");
 
     let mut running = Vec::with_capacity(pipelines.len());
-    let started = start_all(&pipelines, &registries, &mut running).await;
+    // One limiter per tenant, shared by every pipeline of the process (graph-api.md §8.3).
+    let limiters = Arc::new(LimiterRegistry::new());
+    let started = start_all(&pipelines, &registries, &limiters, &mut running).await;
     if let Err(e) = started {
         let _ = drain(running, &readiness).await;
         control_stop.cancel();
@@ -209,12 +233,26 @@ pub async fn run(
     }
     info!(
         pipelines = running.len(),
-        "running; SIGINT/SIGTERM drains and exits"
+        "running; SIGINT/SIGTERM drains and exits, SIGHUP reloads the pipeline files"
     );
+    m::init_reloads();
 
-    let failure = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        failed = first_failure(&mut running) => Some(failed),
+    let failure = loop {
+        let trigger = tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            failed = first_failure(&mut running) => break Some(failed),
+            trigger = next_reload(&mut reload) => trigger,
+        };
+        let files = &reload.as_ref().expect("a request came from it").files;
+        let mut live = Live {
+            pipelines: &mut pipelines,
+            running: &mut running,
+            registries: &registries,
+            limiters: &limiters,
+        };
+        if let Err(e) = reload_pipelines(trigger, files, &mut live).await {
+            break Some(e);
+        }
     };
     let drained = drain(running, &readiness).await;
     control_stop.cancel();
@@ -337,242 +375,265 @@ fn start_notify(
 async fn start_all(
     pipelines: &[PipelineConfig],
     registries: &control::Registries,
+    limiters: &Arc<LimiterRegistry>,
     running: &mut Vec<RunningPipeline>,
 ) -> Result<(), RuntimeError> {
-    let readiness = &registries.readiness;
     for p in pipelines {
-        readiness.register(&p.name, "log");
-        readiness.register(&p.name, "capture");
-        readiness.register(&p.name, "process");
+        registries.readiness.register(&p.name, "log");
+        registries.readiness.register(&p.name, "capture");
+        registries.readiness.register(&p.name, "process");
     }
-    // One limiter per tenant, shared by every pipeline of the process (graph-api.md §8.3).
-    let limiters = Arc::new(LimiterRegistry::new());
     for p in pipelines {
-        let log = AnyLog::open(log_config(p)).map_err(|source| RuntimeError::Log {
-            pipeline: p.name.clone(),
-            source,
-        })?;
-        let log = Arc::new(log);
-        readiness.set(&p.name, "log", true);
-        info!(pipeline = %p.name, log = %describe_log(&p.log), "log open");
+        running.push(start_one(p, registries, limiters, None).await?);
+    }
+    Ok(())
+}
 
-        // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
-        // the lists fails the run before a slot is created.
-        let usage = Arc::new(GraphUsage::default());
-        let (mut processor, pollers) = prepare_processor(p, log.clone(), &limiters, &usage)
-            .await
-            .map_err(|source| RuntimeError::Process {
-            pipeline: p.name.clone(),
-            source,
-        })?;
-        // Before the first write: entries naming a vanished list are dropped, healed below.
-        let stale =
-            processor
-                .repair_stale_ledger()
-                .await
-                .map_err(|source| RuntimeError::Process {
-                    pipeline: p.name.clone(),
-                    source,
-                })?;
-        registries.conflicts.register(processor.conflict_handle());
-        let processor_facts = processor.drift_facts();
-        let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
-        processor.publish_stats(stats_tx.clone());
-        let handle = PipelineHandle::new(
-            &p.name,
-            log.clone(),
-            topic_prefix(p),
-            processor.input_topics().to_vec(),
-            process::sync_group(topic_prefix(p), &p.name),
-            stats.clone(),
-            usage.clone(),
-            p.graph.ru_per_minute,
-        );
-        registries.pipelines.register(handle.clone());
-        let pipeline_handle = handle.clone();
-        m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
-        let pause = PauseHandle::new(&p.name);
-        registries.pauses.register(pause.clone());
-        let process_stop = CancellationToken::new();
-        let process_stop_run = process_stop.clone();
-        // Ends with the processor's stop; the gauge keeps its last value.
-        tokio::spawn(crate::control::pipelines::export_lag(
-            handle,
-            process_stop.clone(),
-        ));
-        let pollers_stop = CancellationToken::new();
-        let capture_config = capture_config(p);
-        capture_config
-            .validate()
-            .map_err(|source| RuntimeError::Capture {
+/// Starts one pipeline's stages on `log` (kept open across a reload), or on its log opened now.
+async fn start_one(
+    p: &PipelineConfig,
+    registries: &control::Registries,
+    limiters: &Arc<LimiterRegistry>,
+    log: Option<Arc<AnyLog>>,
+) -> Result<RunningPipeline, RuntimeError> {
+    let readiness = &registries.readiness;
+    let log = match log {
+        Some(log) => log,
+        None => {
+            let log = AnyLog::open(log_config(p)).map_err(|source| RuntimeError::Log {
                 pipeline: p.name.clone(),
                 source,
             })?;
-        let mut sink = LogSink::new(
-            log.clone(),
-            topic_prefix(p),
-            &p.name,
-            TABLE_TOPIC_PARTITIONS,
-        );
-        if let config::LogConfig::Kafka {
-            schema_registry: Some(registry),
-            ..
-        } = &p.log
-        {
-            info!(pipeline = %p.name, registry = %registry.url, "Confluent wire format: schemas are registered with the schema registry");
-            sink = sink.with_schema_registry(RegistryClient::new(registry));
+            info!(pipeline = %p.name, log = %describe_log(&p.log), "log open");
+            Arc::new(log)
         }
-        let history =
-            start_history(p, &log, registries)
-                .await
-                .map_err(|source| RuntimeError::Meta {
-                    pipeline: p.name.clone(),
-                    source,
-                })?;
-        let stream_stop = CancellationToken::new();
-        let run_counts = {
-            let (stats, usage) = (stats.clone(), usage.clone());
-            move || RunCounts::of_stream(&stats.borrow(), usage.counts())
-        };
-        let stream = tokio::spawn(meta::runs::stream_heartbeat(
-            history.recorder,
-            run_counts,
-            stream_stop.clone(),
-            meta::runs::STREAM_UPDATE_INTERVAL,
-        ));
-        let capture_stop = CancellationToken::new();
-        let tables = capture_config
-            .tables
-            .iter()
-            .map(|t| t.qualified())
-            .collect();
-        let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
-        let resnapshots = handle.subscribe();
-        if !stale.is_empty() {
-            tokio::spawn(process::drift::heal_vanished(
-                stale,
-                handle.clone(),
-                log.clone(),
-                meta::runs_topic(topic_prefix(p), &p.name),
-            ));
-        }
-        let notify_stop = CancellationToken::new();
-        let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
-        let mut drift = drift_handle(p, &processor_facts, &limiters, registries, &handle, &log)?;
-        if let (Some(n), Some(cfg)) = (&notifier, &p.notify) {
-            drift = drift.with_notifier(n.clone(), cfg.drift_threshold);
-        }
-        registries.drift.register(drift.clone());
-        let scheduler_stop = CancellationToken::new();
-        let scheduler = tokio::spawn(control::schedule::run(
-            control::schedule::Scheduler {
-                pipeline: p.name.clone(),
-                schedules: p.schedules.clone(),
-                db: meta::MetaDb::new(p.control.meta_url.expose()),
-                log: log.clone(),
-                runs_topic: meta::runs_topic(topic_prefix(p), &p.name),
-                runners: control::schedule::JobRunners::builtin(
-                    handle.clone(),
-                    pipeline_handle.clone(),
-                )
-                .with_drift(drift),
-                notifier: notifier.clone(),
-            },
-            scheduler_stop.clone(),
-        ));
-        registries.snapshots.register(handle);
-        let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
-            &capture_config.state_dir,
-            &capture_config.slot_name,
-        ));
-        // Stopped with capture, awaited right after it.
-        let capture_runs = tokio::spawn(meta::capture_runs::follow(
-            meta::capture_runs::CaptureRuns {
-                log: log.clone(),
-                topic: meta::runs_topic(topic_prefix(p), &p.name),
-                pipeline: p.name.clone(),
-            },
-            snapshots,
-            resnapshots,
-            capture_stop.clone(),
-        ));
-        let slot = capture_config.slot_name.clone();
-        let capture = tokio::spawn(capture::run_with_control(
-            capture_config,
-            sink,
-            progress,
-            Some(requests),
-            capture_stop.clone(),
-        ));
-        // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
-        readiness.set(&p.name, "capture", true);
-        // Each poller takes operator resets of its list's delta link (cursor resets).
-        let mut list_resets = std::collections::HashMap::new();
-        let poller_tasks: Vec<_> = pollers
-            .into_iter()
-            .map(|(cfg, client)| {
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
-                list_resets.insert(cfg.list_id.clone(), tx);
-                tokio::spawn(crate::pull::poller::run_resettable(
-                    cfg,
-                    client,
-                    log.clone(),
-                    Some(rx),
-                    pollers_stop.clone(),
-                ))
-            })
-            .collect();
-        let (hold, holds) = HoldHandle::channel(&p.name);
-        registries
-            .cursors
-            .register(control::cursors::CursorHandle::new(cursor_spec(
-                p,
-                &log,
-                &processor,
-                slot,
-                list_resets,
-                hold,
-                registries,
-            )));
-        running.push(RunningPipeline {
-            name: p.name.clone(),
-            log: log.clone(),
-            capture_stop,
-            capture: Some(capture),
-            capture_runs,
-            process_stop,
-            process: Some(tokio::spawn(supervise_processor(
-                processor,
-                Supervision {
-                    pipeline: p.clone(),
-                    log: log.clone(),
-                    limiters: limiters.clone(),
-                    registries: registries.clone(),
-                    pause,
-                    stats: stats_tx,
-                    usage: usage.clone(),
-                },
-                holds,
-                process_stop_run,
-            ))),
-            pollers_stop: pollers_stop.clone(),
-            pollers: poller_tasks,
-            stream_stop,
-            stream: Some(stream),
-            stats,
-            usage,
-            projector_stop: history.projector_stop,
-            projector: Some(history.projector),
-            scheduler_stop,
-            scheduler,
-            notifier,
-            notify_stop,
-            notify,
-            failure: None,
-        });
-        readiness.set(&p.name, "process", true);
+    };
+    readiness.set(&p.name, "log", true);
+
+    // Lists are provisioned (or verified) before capture starts: a mapping that does not fit
+    // the lists fails the run before a slot is created.
+    let usage = Arc::new(GraphUsage::default());
+    let (mut processor, pollers, columns) = prepare_processor(p, log.clone(), limiters, &usage)
+        .await
+        .map_err(|source| RuntimeError::Process {
+            pipeline: p.name.clone(),
+            source,
+        })?;
+    // Before the first write: entries naming a vanished list are dropped, healed below.
+    let stale = processor
+        .repair_stale_ledger()
+        .await
+        .map_err(|source| RuntimeError::Process {
+            pipeline: p.name.clone(),
+            source,
+        })?;
+    registries.conflicts.register(processor.conflict_handle());
+    let processor_facts = processor.drift_facts();
+    let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
+    processor.publish_stats(stats_tx.clone());
+    let handle = PipelineHandle::new(
+        &p.name,
+        log.clone(),
+        topic_prefix(p),
+        processor.input_topics().to_vec(),
+        process::sync_group(topic_prefix(p), &p.name),
+        stats.clone(),
+        usage.clone(),
+        p.graph.ru_per_minute,
+    );
+    registries.pipelines.register(handle.clone());
+    let pipeline_handle = handle.clone();
+    m::init_pipeline(&p.name, p.sync.iter().any(|e| e.pull.enabled));
+    let pause = PauseHandle::new(&p.name);
+    registries.pauses.register(pause.clone());
+    let process_stop = CancellationToken::new();
+    let process_stop_run = process_stop.clone();
+    // Ends with the processor's stop; the gauge keeps its last value.
+    tokio::spawn(crate::control::pipelines::export_lag(
+        handle,
+        process_stop.clone(),
+    ));
+    let pollers_stop = CancellationToken::new();
+    let capture_config = capture_config(p);
+    capture_config
+        .validate()
+        .map_err(|source| RuntimeError::Capture {
+            pipeline: p.name.clone(),
+            source,
+        })?;
+    let mut sink = LogSink::new(
+        log.clone(),
+        topic_prefix(p),
+        &p.name,
+        TABLE_TOPIC_PARTITIONS,
+    );
+    if let config::LogConfig::Kafka {
+        schema_registry: Some(registry),
+        ..
+    } = &p.log
+    {
+        info!(pipeline = %p.name, registry = %registry.url, "Confluent wire format: schemas are registered with the schema registry");
+        sink = sink.with_schema_registry(RegistryClient::new(registry));
     }
-    Ok(())
+    let history =
+        start_history(p, &log, registries)
+            .await
+            .map_err(|source| RuntimeError::Meta {
+                pipeline: p.name.clone(),
+                source,
+            })?;
+    let stream_stop = CancellationToken::new();
+    let run_counts = {
+        let (stats, usage) = (stats.clone(), usage.clone());
+        move || RunCounts::of_stream(&stats.borrow(), usage.counts())
+    };
+    let stream = tokio::spawn(meta::runs::stream_heartbeat(
+        history.recorder,
+        run_counts,
+        stream_stop.clone(),
+        meta::runs::STREAM_UPDATE_INTERVAL,
+    ));
+    let capture_stop = CancellationToken::new();
+    let tables = capture_config
+        .tables
+        .iter()
+        .map(|t| t.qualified())
+        .collect();
+    let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
+    let resnapshots = handle.subscribe();
+    if !stale.is_empty() {
+        tokio::spawn(process::drift::heal_vanished(
+            stale,
+            handle.clone(),
+            log.clone(),
+            meta::runs_topic(topic_prefix(p), &p.name),
+        ));
+    }
+    if !columns.is_empty() {
+        info!(pipeline = %p.name, "lists follow the mapping: {}", columns.summary());
+        tokio::spawn(process::provision::fill_added_columns(
+            columns,
+            handle.clone(),
+            log.clone(),
+            meta::runs_topic(topic_prefix(p), &p.name),
+        ));
+    }
+    let notify_stop = CancellationToken::new();
+    let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
+    let mut drift = drift_handle(p, &processor_facts, limiters, registries, &handle, &log)?;
+    if let (Some(n), Some(cfg)) = (&notifier, &p.notify) {
+        drift = drift.with_notifier(n.clone(), cfg.drift_threshold);
+    }
+    registries.drift.register(drift.clone());
+    let scheduler_stop = CancellationToken::new();
+    let scheduler = tokio::spawn(control::schedule::run(
+        control::schedule::Scheduler {
+            pipeline: p.name.clone(),
+            schedules: p.schedules.clone(),
+            db: meta::MetaDb::new(p.control.meta_url.expose()),
+            log: log.clone(),
+            runs_topic: meta::runs_topic(topic_prefix(p), &p.name),
+            runners: control::schedule::JobRunners::builtin(
+                handle.clone(),
+                pipeline_handle.clone(),
+            )
+            .with_drift(drift),
+            notifier: notifier.clone(),
+        },
+        scheduler_stop.clone(),
+    ));
+    registries.snapshots.register(handle);
+    let (progress, snapshots) = ObservedProgress::new(FileProgress::new(
+        &capture_config.state_dir,
+        &capture_config.slot_name,
+    ));
+    // Stopped with capture, awaited right after it.
+    let capture_runs = tokio::spawn(meta::capture_runs::follow(
+        meta::capture_runs::CaptureRuns {
+            log: log.clone(),
+            topic: meta::runs_topic(topic_prefix(p), &p.name),
+            pipeline: p.name.clone(),
+        },
+        snapshots,
+        resnapshots,
+        capture_stop.clone(),
+    ));
+    let slot = capture_config.slot_name.clone();
+    let capture = tokio::spawn(capture::run_with_control(
+        capture_config,
+        sink,
+        progress,
+        Some(requests),
+        capture_stop.clone(),
+    ));
+    // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
+    readiness.set(&p.name, "capture", true);
+    // Each poller takes operator resets of its list's delta link (cursor resets).
+    let mut list_resets = std::collections::HashMap::new();
+    let poller_tasks: Vec<_> = pollers
+        .into_iter()
+        .map(|(cfg, client)| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            list_resets.insert(cfg.list_id.clone(), tx);
+            tokio::spawn(crate::pull::poller::run_resettable(
+                cfg,
+                client,
+                log.clone(),
+                Some(rx),
+                pollers_stop.clone(),
+            ))
+        })
+        .collect();
+    let (hold, holds) = HoldHandle::channel(&p.name);
+    registries
+        .cursors
+        .register(control::cursors::CursorHandle::new(cursor_spec(
+            p,
+            &log,
+            &processor,
+            slot,
+            list_resets,
+            hold,
+            registries,
+        )));
+    let started = RunningPipeline {
+        name: p.name.clone(),
+        log: log.clone(),
+        capture_stop,
+        capture: Some(capture),
+        capture_runs,
+        process_stop,
+        process: Some(tokio::spawn(supervise_processor(
+            processor,
+            Supervision {
+                pipeline: p.clone(),
+                log: log.clone(),
+                limiters: limiters.clone(),
+                registries: registries.clone(),
+                pause,
+                stats: stats_tx,
+                usage: usage.clone(),
+            },
+            holds,
+            process_stop_run,
+        ))),
+        pollers_stop: pollers_stop.clone(),
+        pollers: poller_tasks,
+        stream_stop,
+        stream: Some(stream),
+        stats,
+        usage,
+        projector_stop: history.projector_stop,
+        projector: Some(history.projector),
+        scheduler_stop,
+        scheduler,
+        notifier,
+        notify_stop,
+        notify,
+        failure: None,
+    };
+    readiness.set(&p.name, "process", true);
+    Ok(started)
 }
 
 /// What the control plane's cursor routes need of a pipeline: its slot, consumer groups (the
@@ -711,7 +772,7 @@ async fn supervise_processor(
         processor = loop {
             match prepare_processor(&s.pipeline, s.log.clone(), &s.limiters, &s.usage).await {
                 // The pollers of the first start keep running; only the processor is new.
-                Ok((p, _pollers)) => break p,
+                Ok((p, _pollers, _columns)) => break p,
                 Err(e) if e.is_retryable() => {
                     warn!(pipeline = %name, "restarting the processor failed, retrying: {e}");
                     tokio::select! {
@@ -893,6 +954,14 @@ async fn finish_history(
     }
 }
 
+/// What [`prepare_processor`] hands over: the processor, the delta pollers of its lists and what
+/// provisioning changed on existing lists.
+type Prepared = (
+    Processor<AnyLog>,
+    Vec<(PollerConfig, Arc<GraphClient>)>,
+    process::provision::ColumnChanges,
+);
+
 /// Graph client, catalog facts, provisioning and the processor of one pipeline. Transient Graph
 /// or database failures at start-up are retried a few times (a tenant or database that is
 /// briefly unreachable should not need an operator); a list mismatch fails at once.
@@ -901,7 +970,7 @@ async fn prepare_processor(
     log: Arc<AnyLog>,
     limiters: &LimiterRegistry,
     usage: &Arc<GraphUsage>,
-) -> Result<(Processor<AnyLog>, Vec<(PollerConfig, Arc<GraphClient>)>), ProcessError> {
+) -> Result<Prepared, ProcessError> {
     let mut graph = GraphClientConfig::from(&p.graph);
     if !p.sync.iter().any(|e| e.pull.enabled) {
         // No delta poller will use the reserved share: writers may spend the whole budget. (The
@@ -967,8 +1036,9 @@ async fn prepare_processor(
             pollers.push((cfg, shared.clone()));
         }
     }
+    let columns = targets.changes.clone();
     let processor = Processor::new(config, log, client, targets, facts).await?;
-    Ok((processor, pollers))
+    Ok((processor, pollers, columns))
 }
 
 fn capture_config(p: &PipelineConfig) -> CaptureConfig {
@@ -1014,89 +1084,214 @@ pub fn topic_prefix(p: &PipelineConfig) -> &str {
     }
 }
 
+/// The next reload request; never when there is no reload source (or its senders are gone).
+async fn next_reload(reload: &mut Option<ReloadSource>) -> &'static str {
+    if let Some(r) = reload
+        && let Some(trigger) = r.requests.recv().await
+    {
+        return trigger;
+    }
+    std::future::pending().await
+}
+
+/// What a reload changes: the running pipelines and their configs, both in start order.
+struct Live<'a> {
+    pipelines: &'a mut Vec<PipelineConfig>,
+    running: &'a mut Vec<RunningPipeline>,
+    registries: &'a control::Registries,
+    limiters: &'a Arc<LimiterRegistry>,
+}
+
+/// Re-reads `files` and restarts each pipeline whose config changed (see [`crate::reload`]). A
+/// file with a problem or a change that cannot apply live changes nothing. `Err` only when a
+/// pipeline could start neither with its new config nor again with its old one.
+async fn reload_pipelines(
+    trigger: &'static str,
+    files: &[PathBuf],
+    live: &mut Live<'_>,
+) -> Result<(), RuntimeError> {
+    let plan = match crate::reload::plan(files, live.pipelines) {
+        Ok(plan) => plan,
+        Err(e) => {
+            error!(trigger, "reload: {e}");
+            m::count_reload(e.outcome());
+            return Ok(());
+        }
+    };
+    if plan.is_empty() {
+        info!(trigger, "reload: no pipeline changed");
+        m::count_reload("unchanged");
+    }
+    for change in plan {
+        restart_pipeline(trigger, change, live).await?;
+    }
+    Ok(())
+}
+
+/// Drains one pipeline in order and starts it again in this process with the changed config
+/// (its log stays open); when that fails, starts it again with the config it had. Records a
+/// `reload` run either way.
+async fn restart_pipeline(
+    trigger: &'static str,
+    change: crate::reload::PipelineChange,
+    live: &mut Live<'_>,
+) -> Result<(), RuntimeError> {
+    let name = change.config.name.clone();
+    let Some(i) = live.running.iter().position(|r| r.name == name) else {
+        return Ok(());
+    };
+    info!(pipeline = %name, trigger, changed = ?change.changed, "reload: restarting the pipeline with its new config");
+    let (log, drained) = drain_one(live.running.remove(i), &live.registries.readiness).await;
+    if let Err(e) = drained {
+        warn!(pipeline = %name, "reload: the drain ended with: {e}");
+    }
+    let old = live.pipelines[i].clone();
+    if old.graph != change.config.graph {
+        // A new budget or sign-in takes a new limiter (see `LimiterRegistry::forget`).
+        live.limiters.forget(&old.graph.tenant);
+    }
+    let (started, failure) = match start_changed(&change, live, &log).await {
+        Ok(started) => {
+            live.pipelines[i] = change.config.clone();
+            (started, None)
+        }
+        Err(e) => {
+            error!(pipeline = %name, "reload: the new config does not start, starting the old one again: {e}");
+            let started = start_one(&old, live.registries, live.limiters, Some(log.clone()))
+                .await
+                .inspect_err(|e| error!(pipeline = %name, "reload: the old config does not start either: {e}"))?;
+            (started, Some(e))
+        }
+    };
+    live.running.insert(i, started);
+    m::count_reload(if failure.is_some() {
+        "failed"
+    } else {
+        "applied"
+    });
+    let topic = meta::runs_topic(topic_prefix(&change.config), &name);
+    crate::reload::record_run(log, topic, &name, trigger, &change, failure).await;
+    Ok(())
+}
+
+/// Starts a drained pipeline with its changed config: its new tables are added to the
+/// publication first (now that capture is stopped, so it never reads a table it does not know).
+async fn start_changed(
+    change: &crate::reload::PipelineChange,
+    live: &Live<'_>,
+    log: &Arc<AnyLog>,
+) -> Result<RunningPipeline, String> {
+    let publication = capture_config(&change.config).publication_name;
+    crate::reload::add_to_publication(&change.config, &publication, &change.new_tables)
+        .await
+        .map_err(|e| e.to_string())?;
+    start_one(
+        &change.config,
+        live.registries,
+        live.limiters,
+        Some(log.clone()),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// Stops pipelines in the order they were started; within a pipeline, inputs before their
 /// consumer: capture first (it acknowledges what is durable and stops reading), then the delta
 /// pollers, then the processor, and the log last.
 async fn drain(running: Vec<RunningPipeline>, readiness: &Readiness) -> Result<(), RuntimeError> {
     let mut first_error = None;
     for p in running {
-        info!(pipeline = %p.name, "draining");
-        // Scheduled jobs first: they drive the stages below.
-        p.scheduler_stop.cancel();
-        if let Err(join) = p.scheduler.await {
-            warn!(pipeline = %p.name, "scheduler task: {join}");
-        }
-        p.capture_stop.cancel();
-        if let Some(handle) = p.capture {
-            match handle.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    error!(pipeline = %p.name, "capture ended with: {e}");
-                    first_error.get_or_insert(RuntimeError::Capture {
-                        pipeline: p.name.clone(),
-                        source: e,
-                    });
-                }
-                Err(join) => warn!(pipeline = %p.name, "capture task: {join}"),
-            }
-        }
-        if let Err(join) = p.capture_runs.await {
-            warn!(pipeline = %p.name, "capture runs task: {join}");
-        }
-        readiness.set(&p.name, "capture", false);
-        // Then the pollers (the other input of the processor).
-        p.pollers_stop.cancel();
-        for h in p.pollers {
-            match h.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(pipeline = %p.name, "delta poller ended with: {e}"),
-                Err(join) => warn!(pipeline = %p.name, "delta poller task: {join}"),
-            }
-        }
-        // Then the processor: it flushes what it has read and commits, and stops.
-        p.process_stop.cancel();
-        let mut failure = p.failure;
-        if let Some(handle) = p.process {
-            match handle.await {
-                Ok(Ok(stats)) => info!(pipeline = %p.name, ?stats, "push processor drained"),
-                Ok(Err(e)) => {
-                    error!(pipeline = %p.name, "push processor ended with: {e}");
-                    failure.get_or_insert(e.to_string());
-                    first_error.get_or_insert(RuntimeError::Process {
-                        pipeline: p.name.clone(),
-                        source: e,
-                    });
-                }
-                Err(join) => {
-                    warn!(pipeline = %p.name, "push processor task: {join}");
-                    failure.get_or_insert(join.to_string());
-                }
-            }
-        }
-        // Then the run history, which reads the processor's final counts.
-        let counts = RunCounts::of_stream(&p.stats.borrow(), p.usage.counts());
-        finish_history(
-            &p.name,
-            p.stream_stop,
-            p.stream,
-            counts,
-            failure,
-            p.projector_stop,
-            p.projector,
-        )
-        .await;
-        readiness.set(&p.name, "process", false);
-        readiness.set(&p.name, "log", false);
-        p.notify_stop.cancel();
-        for h in p.notify {
-            if let Err(join) = h.await {
-                warn!(pipeline = %p.name, "notification task: {join}");
-            }
+        let (log, drained) = drain_one(p, readiness).await;
+        if let Err(e) = drained {
+            first_error.get_or_insert(e);
         }
         // The last reference: dropping flushes and closes the log.
-        drop(p.log);
+        drop(log);
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Drains one pipeline (see [`drain`]) and hands its log back, still open: a reload starts the
+/// pipeline again on it.
+async fn drain_one(
+    p: RunningPipeline,
+    readiness: &Readiness,
+) -> (Arc<AnyLog>, Result<(), RuntimeError>) {
+    let mut first_error = None;
+    info!(pipeline = %p.name, "draining");
+    // Scheduled jobs first: they drive the stages below.
+    p.scheduler_stop.cancel();
+    if let Err(join) = p.scheduler.await {
+        warn!(pipeline = %p.name, "scheduler task: {join}");
+    }
+    p.capture_stop.cancel();
+    if let Some(handle) = p.capture {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(pipeline = %p.name, "capture ended with: {e}");
+                first_error.get_or_insert(RuntimeError::Capture {
+                    pipeline: p.name.clone(),
+                    source: e,
+                });
+            }
+            Err(join) => warn!(pipeline = %p.name, "capture task: {join}"),
+        }
+    }
+    if let Err(join) = p.capture_runs.await {
+        warn!(pipeline = %p.name, "capture runs task: {join}");
+    }
+    readiness.set(&p.name, "capture", false);
+    // Then the pollers (the other input of the processor).
+    p.pollers_stop.cancel();
+    for h in p.pollers {
+        match h.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(pipeline = %p.name, "delta poller ended with: {e}"),
+            Err(join) => warn!(pipeline = %p.name, "delta poller task: {join}"),
+        }
+    }
+    // Then the processor: it flushes what it has read and commits, and stops.
+    p.process_stop.cancel();
+    let mut failure = p.failure;
+    if let Some(handle) = p.process {
+        match handle.await {
+            Ok(Ok(stats)) => info!(pipeline = %p.name, ?stats, "push processor drained"),
+            Ok(Err(e)) => {
+                error!(pipeline = %p.name, "push processor ended with: {e}");
+                failure.get_or_insert(e.to_string());
+                first_error.get_or_insert(RuntimeError::Process {
+                    pipeline: p.name.clone(),
+                    source: e,
+                });
+            }
+            Err(join) => {
+                warn!(pipeline = %p.name, "push processor task: {join}");
+                failure.get_or_insert(join.to_string());
+            }
+        }
+    }
+    // Then the run history, which reads the processor's final counts.
+    let counts = RunCounts::of_stream(&p.stats.borrow(), p.usage.counts());
+    finish_history(
+        &p.name,
+        p.stream_stop,
+        p.stream,
+        counts,
+        failure,
+        p.projector_stop,
+        p.projector,
+    )
+    .await;
+    readiness.set(&p.name, "process", false);
+    readiness.set(&p.name, "log", false);
+    p.notify_stop.cancel();
+    for h in p.notify {
+        if let Err(join) = h.await {
+            warn!(pipeline = %p.name, "notification task: {join}");
+        }
+    }
+    (p.log, first_error.map_or(Ok(()), Err))
 }
 
 fn log_config(p: &PipelineConfig) -> log::LogConfig {

@@ -60,10 +60,7 @@ async fn restart_emulator_empty(h: &mut Harness) {
 
 /// Writes the pipeline file (embedded log, `sync`) with `control.meta_url` set.
 fn pipeline_with_meta(h: &Harness, sync: &str, meta: &MetaDatabase) -> std::path::PathBuf {
-    let file = h.pipeline(&h.embedded_log(), sync);
-    let yaml = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, format!("{yaml}  meta_url: {}\n", meta.url)).unwrap();
-    file
+    h.pipeline_with_meta(sync, &meta.url)
 }
 
 /// The list's `(SyncKey, Title)` pairs, sorted.

@@ -680,7 +680,7 @@ async fn kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
 /// The same on the stack's Kafka broker (issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
-    hard_timeout(360, crash_body(Log::Kafka)).await;
+    hard_timeout(420, crash_body(Log::Kafka)).await;
 }
 
 async fn crash_body(log: Log) {
@@ -763,12 +763,20 @@ async fn crash_body(log: Log) {
     eprintln!("writer: {wrote:?}");
 
     // A clean run until the lists equal the (now static) table, then SIGTERM.
+    // On Kafka the final run first waits for the group to drop the last killed member; on a
+    // loaded machine tansu took over 60 s for that (a run with two builds beside it, 2026-12-07:
+    // 0 events in 60 s, then it drained cleanly), so the bound there is longer. It bounds a hang;
+    // what is asserted is the state the run converges to.
+    let converge_secs = match log {
+        Log::Embedded => 60,
+        Log::Kafka => 150,
+    };
     let mut run = fx.spawn(None);
-    let converged = fx.converge(&mut run, 60).await;
+    let converged = fx.converge(&mut run, converge_secs).await;
     let status = run.terminate().await;
     if let Err(problems) = converged {
         panic!(
-            "the final run did not converge within 60 s; {} problem(s):\n  {}\nlog:\n{}",
+            "the final run did not converge within {converge_secs} s; {} problem(s):\n  {}\nlog:\n{}",
             problems.len(),
             problems.join("\n  "),
             tail(&run.log)

@@ -1,7 +1,8 @@
 //! Bearer-token authentication of the control-plane API (`control.tokens`).
 //!
 //! [`Auth::secure`] wraps the whole router, so routes merged into it later are protected too;
-//! only [`PUBLIC_PATHS`] (probes, metrics, the API description) pass without a token. A missing
+//! only [`PUBLIC_PATHS`] (probes, metrics, the API description) and the admin UI's static files
+//! ([`is_public`]) pass without a token. A missing
 //! or unknown token is 401 with `WWW-Authenticate: Bearer`; a `read` token on anything but
 //! GET/HEAD is 403. Tokens are compared in constant time (over their SHA-256, so not even the
 //! length leaks) and every configured token is checked, matched or not. No token configured
@@ -22,6 +23,12 @@ use crate::config::{ApiRole, ApiToken};
 /// Routes that answer without a token: probes and scrapers carry none, and the API description
 /// is what a client reads to learn how to authenticate.
 pub const PUBLIC_PATHS: &[&str] = &["/health", "/ready", "/metrics", "/openapi.json"];
+
+/// True for [`PUBLIC_PATHS`] and the admin UI's static files ([`super::ui`]: no data in them; the
+/// app sends the operator's token with each API call).
+pub fn is_public(path: &str) -> bool {
+    PUBLIC_PATHS.contains(&path) || super::ui::is_ui_path(path)
+}
 
 /// Who made a request: the name and role of its bearer token, put into the request's extensions
 /// by the token check (absent when the API is open). Recorded with operator runs.
@@ -123,7 +130,7 @@ fn unauthorized(detail: &str, challenge: &'static str) -> Response {
 }
 
 async fn require_token(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
-    if auth.is_open() || PUBLIC_PATHS.contains(&req.uri().path()) {
+    if auth.is_open() || is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let Some(presented) = bearer(req.headers()) else {

@@ -37,6 +37,9 @@
 //! Every failure is an RFC 9457 problem from [`problem::ApiError`], returned before anything
 //! changed; the OpenAPI 3.1 description ([`openapi`]) is served at `/openapi.json`.
 //!
+//! Admin UI ([`ui`]): the single-page app at `/ui` (public static files, the app sends the
+//! operator's token with each call) and `GET /whoami` (the token's name and role).
+//!
 //! Binding happens in [`bind`], before any stage starts, so a taken port fails the run at once
 //! instead of after a snapshot has begun.
 
@@ -51,6 +54,7 @@ pub mod openapi;
 pub mod pipelines;
 pub mod problem;
 pub mod schedule;
+pub mod ui;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -337,6 +341,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
         .merge(drift::routes(drift))
+        .merge(ui::routes())
 }
 
 /// Serves `app` (the [`router`], plus whatever was merged into it) behind the token check until
@@ -635,6 +640,15 @@ mod tests {
         (addr, stop)
     }
 
+    /// [`serve`] with an `operate` token (`ops`) and a `read` one (`dash`).
+    async fn serve_operate_and_read() -> (SocketAddr, CancellationToken) {
+        serve(&[
+            ("ops", OPERATE, ApiRole::Operate),
+            ("dash", READ, ApiRole::Read),
+        ])
+        .await
+    }
+
     /// Every operation of the OpenAPI document, path parameters filled in.
     fn operations() -> Vec<(String, String)> {
         let doc = serde_json::to_value(openapi::document()).unwrap();
@@ -666,7 +680,7 @@ mod tests {
     }
 
     fn is_public(path: &str) -> bool {
-        auth::PUBLIC_PATHS.contains(&path)
+        auth::is_public(path)
     }
 
     #[tokio::test]
@@ -702,11 +716,7 @@ mod tests {
 
     #[tokio::test]
     async fn read_token_is_403_on_every_post_and_passes_gets() {
-        let (addr, stop) = serve(&[
-            ("ops", OPERATE, ApiRole::Operate),
-            ("dash", READ, ApiRole::Read),
-        ])
-        .await;
+        let (addr, stop) = serve_operate_and_read().await;
         let mut posts = 0;
         for (method, path) in operations() {
             let resp = call(addr, &method, &path, Some(READ)).await;
@@ -743,6 +753,30 @@ mod tests {
                 assert_eq!(body["kind"], "unknown_pipeline", "{method} {path}");
                 assert_eq!(body["invalid-params"][0]["name"], "name");
             }
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_ui_is_public_and_whoami_names_the_token() {
+        let (addr, stop) = serve_operate_and_read().await;
+        for path in ["/ui", "/ui/runs"] {
+            let status = call(addr, "GET", path, None).await.status().as_u16();
+            // 200 with a built UI, 503 (the how-to-build page) without: never 401.
+            assert!(matches!(status, 200 | 503), "{path}: {status}");
+        }
+        assert_eq!(call(addr, "GET", "/whoami", None).await.status(), 401);
+        for (token, name, role) in [(READ, "dash", "read"), (OPERATE, "ops", "operate")] {
+            let body: serde_json::Value = call(addr, "GET", "/whoami", Some(token))
+                .await
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                (body["name"].as_str(), body["role"].as_str()),
+                (Some(name), Some(role))
+            );
+            assert!(!body.to_string().contains(token), "token echoed: {body}");
         }
         stop.cancel();
     }

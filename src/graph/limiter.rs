@@ -290,6 +290,13 @@ impl LimiterRegistry {
         map.insert(key, l.clone());
         l
     }
+
+    /// Drops the tenant's limiter so the next [`Self::get_or_create`] makes one with its config (a
+    /// reloaded budget). Clients holding the old one keep it until they are made again.
+    pub fn forget(&self, tenant: &str) {
+        let mut map = self.by_tenant.lock().expect("registry lock");
+        map.remove(&tenant.to_ascii_lowercase());
+    }
 }
 
 #[cfg(test)]

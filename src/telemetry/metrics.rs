@@ -14,6 +14,13 @@ pub const BUILD_INFO: &str = "syncbridge_build_info";
 /// Gauge 0/1 per (pipeline, stage): is the stage started and healthy.
 pub const STAGE_UP: &str = "syncbridge_stage_up";
 
+/// Counter of pipeline file reloads (`SIGHUP`, `run --watch`), label `outcome`: `applied`,
+/// `unchanged`, `invalid` (a file has problems), `refused` (a change that cannot apply live),
+/// `failed` (the new config did not start; the old one runs again).
+pub const CONFIG_RELOADS_TOTAL: &str = "syncbridge_config_reloads_total";
+/// The `outcome` labels of [`CONFIG_RELOADS_TOTAL`].
+pub const RELOAD_OUTCOMES: [&str; 5] = ["applied", "unchanged", "invalid", "refused", "failed"];
+
 /// Counter of change events captured, labels `pipeline`, `table`, `op` (c/u/d/r/t).
 pub const CAPTURE_EVENTS_TOTAL: &str = "syncbridge_capture_events_total";
 /// Counter of pgoutput bytes received from the replication stream, label `pipeline`.
@@ -150,6 +157,18 @@ const DEAD_LETTER_KINDS: [&str; 8] = [
     "undecodable",
 ];
 
+/// Every outcome of [`CONFIG_RELOADS_TOTAL`] at 0, so `increase()` sees the first reload.
+pub fn init_reloads() {
+    for outcome in RELOAD_OUTCOMES {
+        metrics::counter!(CONFIG_RELOADS_TOTAL, "outcome" => outcome).increment(0);
+    }
+}
+
+/// Counts one reload (per changed pipeline when it applied or failed).
+pub fn count_reload(outcome: &'static str) {
+    metrics::counter!(CONFIG_RELOADS_TOTAL, "outcome" => outcome).increment(1);
+}
+
 /// Registers a pipeline's counters at 0 with their usual label values, so `increase()` and
 /// `rate()` see the first event (a series that appears at 1 hides it) and alerts on them can
 /// fire from the first dead letter on.
@@ -207,6 +226,11 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
 /// Registers help text and units for every metric, so scrapes carry `# HELP` from the start.
 pub fn describe_all() {
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        Unit::Count,
+        "Pipeline file reloads by outcome: applied, unchanged, invalid, refused, failed."
+    );
     describe_gauge!(
         STAGE_UP,
         "1 when a pipeline stage is started and healthy, 0 otherwise (labels: pipeline, stage)."

@@ -123,6 +123,14 @@ impl Harness {
         path
     }
 
+    /// [`Harness::pipeline`] on the embedded log with `control.meta_url` set to `meta_url`.
+    pub fn pipeline_with_meta(&self, sync: &str, meta_url: &str) -> PathBuf {
+        let file = self.pipeline(&self.embedded_log(), sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{yaml}  meta_url: {meta_url}\n")).unwrap();
+        file
+    }
+
     /// A pipeline file on the Kafka log (`KAFKA_BROKERS`, topic prefix unique to this harness)
     /// syncing a new [`Harness::titled_table`] of `rows` push-only, with `extra` YAML appended.
     pub async fn kafka_titled_pipeline(&mut self, rows: u32, extra: &str) -> PathBuf {

@@ -179,8 +179,7 @@ fn runs_query(q: &HashMap<String, String>) -> Result<(i64, (i64, Uuid)), ApiErro
 /// Query parameters `GET /runs` knows.
 const RUNS_PARAMS: [&str; 5] = ["pipeline", "kind", "status", "limit", "before"];
 /// The run kinds, as the `kind` filter names them.
-const RUN_KINDS: &str =
-    "stream, snapshot, resnapshot, dlq_replay, cursor_reset, drift_check, drift_heal, scheduled";
+const RUN_KINDS: &str = "stream, snapshot, resnapshot, dlq_replay, cursor_reset, drift_check, drift_heal, scheduled, list_columns, reload";
 
 #[utoipa::path(get, path = "/runs", tag = "runs",
     params(

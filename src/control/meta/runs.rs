@@ -55,6 +55,12 @@ pub enum RunKind {
     /// `<schedule>: <job> @ <tick, RFC 3339 UTC>`. The job also records its own run where it has
     /// one (`resnapshot`, `dlq_replay`), as when started by hand.
     Scheduled,
+    /// Columns of existing lists changed to follow the mapping at start: columns added for new
+    /// fields, columns no field maps any more left in place (`detail`: `added`, `unmapped`).
+    ListColumns,
+    /// A pipeline restarted in the same process with its re-read file (`SIGHUP`, `--watch`);
+    /// `by` the trigger, `detail`: `changed`, `new_tables`.
+    Reload,
 }
 
 impl RunKind {
@@ -68,6 +74,8 @@ impl RunKind {
             RunKind::DriftCheck => "drift_check",
             RunKind::DriftHeal => "drift_heal",
             RunKind::Scheduled => "scheduled",
+            RunKind::ListColumns => "list_columns",
+            RunKind::Reload => "reload",
         }
     }
 }
@@ -83,6 +91,15 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// How a run with `failure` (or none) ends.
+    pub fn ended(failure: &Option<String>) -> Self {
+        if failure.is_some() {
+            RunStatus::Failed
+        } else {
+            RunStatus::Succeeded
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -367,6 +384,45 @@ impl<L: EventLog> RunRecorder<L> {
         append_event(&*self.log, &self.topic, &next).await?;
         self.event = next;
         Ok(())
+    }
+}
+
+/// What an operator's or a process's one-step run is about ([`record_finished`]).
+#[derive(Debug, Clone, Default)]
+pub struct RunAbout {
+    pub subject: Option<String>,
+    pub by: Option<String>,
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Records a run that is over when it is recorded (a step of a start or a reload): its first
+/// and its final event, failed with `failure` when given. A failure to append is logged, not
+/// returned: the run history must not stop a pipeline.
+pub async fn record_finished<L: EventLog>(
+    log: Arc<L>,
+    topic: String,
+    pipeline: &str,
+    kind: RunKind,
+    about: RunAbout,
+    failure: Option<String>,
+) {
+    let status = RunStatus::ended(&failure);
+    let recorded = async {
+        let mut run = RunRecorder::start_requested(
+            log,
+            topic,
+            pipeline,
+            kind,
+            about.subject,
+            about.by,
+            about.detail,
+        )
+        .await?;
+        run.finish(status, RunCounts::default(), failure).await
+    }
+    .await;
+    if let Err(e) = recorded {
+        warn!(%pipeline, kind = kind.as_str(), "cannot record the run: {e}");
     }
 }
 

@@ -39,4 +39,4 @@ pub use check::{
 pub use classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
 pub use commands::{DivergedFix, DriftCommand, LedgerView, Repairs};
 pub use report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary, ListCount};
-pub use stale::{StaleLedger, heal_vanished};
+pub use stale::{StaleLedger, heal_vanished, resnapshot};

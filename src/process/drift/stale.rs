@@ -152,7 +152,7 @@ pub async fn heal_vanished<L: EventLog>(
 
 /// Requests a re-snapshot of `table` (waiting while another one runs) and waits for its end;
 /// returns the rows it emitted.
-pub(super) async fn resnapshot(h: &ResnapshotHandle, table: &str) -> Result<u64, String> {
+pub async fn resnapshot(h: &ResnapshotHandle, table: &str) -> Result<u64, String> {
     let mut watch = h.subscribe();
     let mut waited = Duration::ZERO;
     let id = loop {

@@ -182,7 +182,7 @@ pub fn diff(old: &PipelineConfig, new: &PipelineConfig) -> Result<Vec<String>, V
             Some(o) => entry_changes(o, e, &mut changed),
         }
     }
-    let sections: [(&str, bool); 6] = [
+    let sections: [(&str, bool); 7] = [
         (
             "graph.ru_per_minute",
             old.graph.ru_per_minute != new.graph.ru_per_minute,
@@ -193,6 +193,7 @@ pub fn diff(old: &PipelineConfig, new: &PipelineConfig) -> Result<Vec<String>, V
         ),
         ("schedules", old.schedules != new.schedules),
         ("notify", old.notify != new.notify),
+        ("drift", old.drift != new.drift),
         ("guard", old.guard != new.guard),
         (
             "labels or control (meta_url, audit_retention)",

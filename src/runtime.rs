@@ -518,10 +518,13 @@ async fn start_one(
             meta::runs_topic(topic_prefix(p), &p.name),
         ));
     }
-    let drift = drift_handle(p, &processor_facts, limiters, registries, &handle, &log)?;
-    registries.drift.register(drift.clone());
     let notify_stop = CancellationToken::new();
     let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
+    let mut drift = drift_handle(p, &processor_facts, limiters, registries, &handle, &log)?;
+    if let (Some(n), Some(cfg)) = (&notifier, &p.notify) {
+        drift = drift.with_notifier(n.clone(), cfg.drift_threshold);
+    }
+    registries.drift.register(drift.clone());
     let scheduler_stop = CancellationToken::new();
     let scheduler = tokio::spawn(control::schedule::run(
         control::schedule::Scheduler {
@@ -832,8 +835,8 @@ struct History {
 const PROJECTOR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Migrates the meta-store, catches its projection up with the runs topic, marks the runs of a
-/// process that ended failed, starts the projectors (runs and audit, one task) and this
-/// process's stream run.
+/// process that ended failed, starts the projectors (runs, audit and drift reports, one task)
+/// and this process's stream run.
 async fn start_history(
     p: &PipelineConfig,
     log: &Arc<AnyLog>,
@@ -879,12 +882,26 @@ async fn start_history(
     )
     .await?
     .with_retention(p.control.audit_retention);
+    let drift_topic = meta::drift::drift_topic(topic_prefix(p), &p.name);
+    meta::drift::ensure_drift_topic(&**log, &drift_topic).await?;
+    let drift = Projector::open(
+        log.clone(),
+        drift_topic,
+        &p.name,
+        meta::MetaDb::new(url),
+        !exclusive,
+        Projection::Drift,
+    )
+    .await?;
     let projector_stop = CancellationToken::new();
     let (stop, sweep) = (projector_stop.clone(), !exclusive);
     let projector = tokio::spawn(async move {
-        let (runs, audit) =
-            tokio::join!(projector.run(stop.clone(), sweep), audit.run(stop, false));
-        Ok::<u64, MetaError>(runs? + audit?)
+        let (runs, audit, drift) = tokio::join!(
+            projector.run(stop.clone(), sweep),
+            audit.run(stop.clone(), false),
+            drift.run(stop, false)
+        );
+        Ok::<u64, MetaError>(runs? + audit? + drift?)
     });
     let recorder = RunRecorder::start(log.clone(), topic, &p.name, RunKind::Stream).await?;
     info!(pipeline = %p.name, run = %recorder.run_id(), "stream run started");
@@ -1343,5 +1360,9 @@ fn drift_handle(
         snapshots.clone(),
         log.clone(),
         meta::runs_topic(topic_prefix(p), &p.name),
+    )
+    .with_store(
+        registries.meta.register(p.control.meta_url.expose()),
+        meta::drift::drift_topic(topic_prefix(p), &p.name),
     ))
 }

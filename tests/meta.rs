@@ -67,6 +67,8 @@ async fn migrations_are_idempotent_and_safe_when_started_concurrently() {
             tables,
             [
                 "audit",
+                "drift_differences",
+                "drift_reports",
                 "projector_offsets",
                 "refinery_schema_history",
                 "runs",

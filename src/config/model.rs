@@ -237,6 +237,27 @@ pub struct PipelineConfig {
     pub schedules: Vec<ScheduleConfig>,
     /// `notify:`; `None`: no notifications.
     pub notify: Option<NotifyConfig>,
+    /// `drift:`.
+    pub drift: DriftConfig,
+}
+
+/// `drift:` (see `crate::process::drift`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DriftConfig {
+    /// Share of `graph.ru_per_minute` a check may spend on average, in (0, 1].
+    pub budget_share: f64,
+}
+
+/// Half: a check pages through every list, and the writers and the delta pollers keep the other
+/// half of the tenant's budget meanwhile.
+pub const DEFAULT_BUDGET_SHARE: f64 = 0.5;
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self {
+            budget_share: DEFAULT_BUDGET_SHARE,
+        }
+    }
 }
 
 impl PipelineConfig {
@@ -730,6 +751,8 @@ pub struct NotifyConfig {
     pub window: std::time::Duration,
     pub dead_letters: u64,
     pub slot_lag_bytes: u64,
+    /// Differences a drift check may find without firing `drift:<pipeline>`.
+    pub drift_threshold: u64,
 }
 
 /// Five minutes: long enough that a flapping condition does not page every few seconds, short
@@ -739,6 +762,8 @@ pub const DEFAULT_NOTIFY_WINDOW_S: u64 = 300;
 pub const DEFAULT_NOTIFY_DEAD_LETTERS: u64 = 1;
 /// 1 GiB of WAL held back by the slot: well before a typical disk fills, far above normal lag.
 pub const DEFAULT_NOTIFY_SLOT_LAG_BYTES: u64 = 1 << 30;
+/// Any difference: the two sides should be equal, so each one is worth a look.
+pub const DEFAULT_NOTIFY_DRIFT_THRESHOLD: u64 = 0;
 
 /// One notification target.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -73,7 +73,23 @@ pub struct PipelineFile {
     /// Where failure notifications go, and when a condition counts as one.
     #[serde(default)]
     pub notify: Option<NotifyFile>,
+    /// Drift checks (`syncbridge drift`, `POST /pipelines/{name}/drift`, scheduled ones).
+    #[serde(default)]
+    pub drift: Option<DriftFile>,
 }
+
+/// `drift:`: how a drift check paces itself.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DriftFile {
+    /// Share of `graph.ru_per_minute` a check may spend on average while it reads the lists,
+    /// above 0 and at most 1; default 0.5 (the writers and pollers keep the rest).
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub budget_share: Option<Sp<f64>>,
+}
+pub const DRIFT_KEYS: &[&str] = &["budget_share"];
+
 pub const PIPELINE_KEYS: &[&str] = &[
     "version",
     "name",
@@ -86,6 +102,7 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "labels",
     "schedules",
     "notify",
+    "drift",
 ];
 
 /// `notify:`: targets and thresholds. Each condition notifies once when it starts and once
@@ -108,8 +125,18 @@ pub struct NotifyFile {
     #[serde(default)]
     #[schemars(range(min = 1))]
     pub slot_lag_bytes: Option<Sp<u64>>,
+    /// A drift check that finds more differences than this fires `drift:<pipeline>`; default 0
+    /// (any difference).
+    #[serde(default)]
+    pub drift_threshold: Option<Sp<u64>>,
 }
-pub const NOTIFY_KEYS: &[&str] = &["targets", "window_s", "dead_letters", "slot_lag_bytes"];
+pub const NOTIFY_KEYS: &[&str] = &[
+    "targets",
+    "window_s",
+    "dead_letters",
+    "slot_lag_bytes",
+    "drift_threshold",
+];
 
 /// One place notifications are sent to.
 #[derive(Debug, JsonSchema)]
@@ -489,6 +516,7 @@ pub struct PartialFile {
     /// The entries that could be read.
     pub schedules: Vec<ScheduleFile>,
     pub notify: Option<NotifyFile>,
+    pub drift: Option<DriftFile>,
 }
 
 /// Collects problems while reading.
@@ -671,17 +699,22 @@ impl Reader {
         }
     }
 
-    fn uint(&mut self, node: &Node, path: &str) -> Option<Sp<u64>> {
-        let what = "an unsigned integer";
+    /// A scalar `parse` reads as `what` (else a problem saying so).
+    fn parsed<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        what: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<Sp<T>> {
         let (text, interpolated) = self.typed_text(node, path, what)?;
-        let digits = text.strip_prefix('+').unwrap_or(text).replace('_', "");
-        match digits.parse::<u64>() {
-            Ok(value) if !digits.is_empty() => Some(Sp {
+        match parse(text) {
+            Some(value) => Some(Sp {
                 value,
                 loc: node.loc,
                 interpolated,
             }),
-            _ => {
+            None => {
                 self.err(
                     node.loc,
                     format!("`{path}`: expected {what}, found {}", shown(node)),
@@ -689,6 +722,30 @@ impl Reader {
                 None
             }
         }
+    }
+
+    fn uint(&mut self, node: &Node, path: &str) -> Option<Sp<u64>> {
+        self.parsed(node, path, "an unsigned integer", |text| {
+            let digits = text.strip_prefix('+').unwrap_or(text).replace('_', "");
+            digits.parse::<u64>().ok().filter(|_| !digits.is_empty())
+        })
+    }
+
+    fn number(&mut self, node: &Node, path: &str) -> Option<Sp<f64>> {
+        self.parsed(node, path, "a number", |text| {
+            text.replace('_', "")
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+        })
+    }
+
+    fn drift(&mut self, node: &Node, path: &str) -> Option<DriftFile> {
+        let m = self.map(node, path, DRIFT_KEYS)?;
+        let budget_share = m
+            .get("budget_share")
+            .and_then(|n| self.number(n, &m.child("budget_share")));
+        Some(DriftFile { budget_share })
     }
 
     fn boolean(&mut self, node: &Node, path: &str) -> Option<Sp<bool>> {
@@ -807,6 +864,7 @@ impl Reader {
             }
         }
         file.notify = m.get("notify").and_then(|n| self.notify(n, "notify"));
+        file.drift = m.get("drift").and_then(|n| self.drift(n, "drift"));
         file
     }
 
@@ -831,6 +889,7 @@ impl Reader {
             window_s: num("window_s"),
             dead_letters: num("dead_letters"),
             slot_lag_bytes: num("slot_lag_bytes"),
+            drift_threshold: num("drift_threshold"),
         })
     }
 

@@ -39,6 +39,7 @@ fn reader_keys_match_schema() {
         ("ScheduleFile", SCHEDULE_KEYS),
         ("NotifyFile", NOTIFY_KEYS),
         ("NotifyTargetFile", NOTIFY_TARGET_KEYS),
+        ("DriftFile", DRIFT_KEYS),
     ];
     for (name, keys) in expected {
         let def = defs
@@ -638,7 +639,11 @@ fn notify_targets_are_checked_without_echoing_urls() {
     let n = config.notify.unwrap();
     assert_eq!(n.window, std::time::Duration::from_secs(60));
     assert_eq!(n.dead_letters, DEFAULT_NOTIFY_DEAD_LETTERS);
+    assert_eq!(n.drift_threshold, DEFAULT_NOTIFY_DRIFT_THRESHOLD);
     assert_eq!(n.targets[1].kind, NotifyKind::Teams);
+    let five = good.replace("  window_s: 60\n", "  window_s: 60\n  drift_threshold: 5\n");
+    let config = load_str("t.yaml", &five, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.notify.unwrap().drift_threshold, 5);
 
     let bad = format!(
         "{base}notify:
@@ -711,4 +716,41 @@ fn email_targets_need_an_smtp_url_and_addresses() {
     }
     assert_eq!(got.len(), 4, "{got:#?}");
     assert!(!got.iter().any(|p| p.contains("sekrit")), "{got:#?}");
+}
+
+#[test]
+fn drift_budget_share_is_above_0_and_at_most_1() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.drift.budget_share, DEFAULT_BUDGET_SHARE);
+    let quarter = format!("{base}drift:\n  budget_share: 0.25\n");
+    let config = load_str("t.yaml", &quarter, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.drift.budget_share, 0.25);
+    let whole = format!("{base}drift:\n  budget_share: 1\n");
+    let config = load_str("t.yaml", &whole, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.drift.budget_share, 1.0);
+    for (value, problem) in [
+        (
+            "0",
+            "t.yaml:19:17: `drift.budget_share` must be above 0 and at most 1 (a share of `graph.ru_per_minute`), found 0",
+        ),
+        (
+            "1.5",
+            "t.yaml:19:17: `drift.budget_share` must be above 0 and at most 1 (a share of `graph.ru_per_minute`), found 1.5",
+        ),
+        (
+            "half",
+            "t.yaml:19:17: `drift.budget_share`: expected a number, found `half`",
+        ),
+    ] {
+        assert_eq!(
+            all_problems(&format!("{base}drift:\n  budget_share: {value}\n")),
+            [problem],
+            "{value}"
+        );
+    }
+    assert_reports(
+        &format!("{base}drift:\n  share: 0.5\n"),
+        "t.yaml:19:3: unknown key `share` in `drift`; expected one of: budget_share",
+    );
 }

@@ -301,6 +301,12 @@ fn check_notify(r: &mut Reader, n: &NotifyFile) -> NotifyConfig {
             1,
             DEFAULT_NOTIFY_SLOT_LAG_BYTES,
         ),
+        drift_threshold: bounded(
+            &n.drift_threshold,
+            "drift_threshold",
+            0,
+            DEFAULT_NOTIFY_DRIFT_THRESHOLD,
+        ),
     }
 }
 
@@ -419,6 +425,27 @@ fn check_schedule_tables(
         }
     }
     out
+}
+
+/// `drift.budget_share` in (0, 1]: a check must be able to spend something, and never more
+/// than the whole budget.
+fn check_drift(r: &mut Reader, d: Option<&DriftFile>) -> DriftConfig {
+    let mut drift = DriftConfig::default();
+    if let Some(s) = d.and_then(|d| d.budget_share.as_ref()) {
+        if s.value > 0.0 && s.value <= 1.0 {
+            drift.budget_share = s.value;
+        } else {
+            r.issues.push((
+                s.loc,
+                format!(
+                    "`drift.budget_share` must be above 0 and at most 1 (a share of \
+                     `graph.ru_per_minute`), found {}",
+                    s.value
+                ),
+            ));
+        }
+    }
+    drift
 }
 
 fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
@@ -541,6 +568,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
     let labels = check_labels(r, f.labels.as_ref());
     let schedules = check_schedules(r, &f.schedules, &f.sync);
     let notify = f.notify.as_ref().map(|n| check_notify(r, n));
+    let drift = check_drift(r, f.drift.as_ref());
     if r.issues.len() != before {
         return None;
     }
@@ -561,6 +589,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         labels,
         schedules,
         notify,
+        drift,
     };
     // `version` and `name` are present when the reader reported nothing.
     f.version.as_ref()?;

@@ -46,7 +46,7 @@ use super::problem::{InvalidParam, Problem};
         super::meta::history::row_history,
         super::cursors::cursors,
         super::cursors::reset,
-        super::drift::check, super::drift::heal, super::drift::latest,
+        super::drift::check, super::drift::heal, super::drift::latest, super::drift::by_run,
         super::ui::whoami,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam, super::cursors::ResetBody)),

@@ -442,7 +442,7 @@ struct Plan {
 }
 
 /// The graph keys of a mapping in canonical form (`F`, `FLookupId`, `F@odata.type`).
-fn field_keys(f: &FieldMapping) -> Vec<String> {
+pub(crate) fn field_keys(f: &FieldMapping) -> Vec<String> {
     convert::canonical_from_item(&Map::new(), f)
         .into_iter()
         .map(|(k, _)| k)
@@ -803,7 +803,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 .await?;
         }
         if !plan.to_row.is_empty() {
-            self.write_to_row(ti, record, &mut entry, &plan.to_row, now)
+            self.write_to_row(ti, (id, &record.key), &mut entry, &plan.to_row, now)
                 .await?;
         }
         entry.projection = plan.projection;
@@ -862,17 +862,17 @@ impl<L: EventLog + 'static> Processor<L> {
         }
     }
 
-    /// The `target` side of a resolution: the item's values go to the row through the
-    /// applier's replication-origin session (so capture does not push them back).
-    async fn write_to_row(
+    /// The `target` side of a resolution (conflict `id` of row `key`; also a drift heal's pull):
+    /// the item's values go to the row through the applier's replication-origin session (so
+    /// capture does not push them back).
+    pub(crate) async fn write_to_row(
         &mut self,
         ti: usize,
-        record: &ConflictRecord,
+        (id, key): (&str, &str),
         entry: &mut Entry,
         to_row: &[(FieldMapping, Vec<(String, Json)>)],
         now: i64,
     ) -> Result<(), ResolveError> {
-        let id = record.id.as_str();
         let fail = |e: ProcessError| process_failure(id, e);
         let mut set = Vec::new();
         for (f, canon) in to_row {
@@ -889,7 +889,7 @@ impl<L: EventLog + 'static> Processor<L> {
         }
         let change = RowChange {
             table: self.table_name(ti),
-            key: key_values(&self.facts[ti].key_columns, &record.key),
+            key: key_values(&self.facts[ti].key_columns, key),
             kind: RowChangeKind::Update { set },
         };
         match self.apply(change).await.map_err(fail)? {

@@ -102,7 +102,8 @@ pub const PIPELINE_PAUSED: &str = "syncbridge_pipeline_paused";
 /// Counter of pauses (guard trips and schemas that could not be had), labels `pipeline`, `kind`.
 pub const PIPELINE_PAUSES_TOTAL: &str = "syncbridge_pipeline_pauses_total";
 
-/// Meta-store: run events the projector wrote to `syncbridge_meta` (counter; label: pipeline).
+/// Meta-store: run events (and drift report records) the projectors wrote to `syncbridge_meta`
+/// (counter; label: pipeline).
 pub const META_EVENTS_PROJECTED_TOTAL: &str = "syncbridge_meta_events_projected_total";
 /// Meta-store: failed attempts to project a run event, retried (counter; label: pipeline).
 pub const META_PROJECT_ERRORS_TOTAL: &str = "syncbridge_meta_project_errors_total";
@@ -434,7 +435,7 @@ pub fn describe_all() {
     describe_counter!(
         META_EVENTS_PROJECTED_TOTAL,
         Unit::Count,
-        "Run events written to the meta-store by the projector (label: pipeline)."
+        "Run events and drift report records written to the meta-store by the projectors (label: pipeline)."
     );
     describe_counter!(
         META_PROJECT_ERRORS_TOTAL,

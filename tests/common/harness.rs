@@ -335,6 +335,30 @@ impl Harness {
             .unwrap();
     }
 
+    /// `POST /pipelines/{name}/{path}` (`drift`, `drift/heal`) once the pipeline is registered;
+    /// the report.
+    pub async fn post_drift(&self, path: &str) -> Value {
+        let url = format!(
+            "http://127.0.0.1:{}/pipelines/{}/{path}",
+            self.control_port, self.name
+        );
+        for _ in 0..200 {
+            if let Ok(r) = self.admin.post(&url).send().await {
+                let status = r.status();
+                let body: Value = r.json().await.unwrap();
+                if status == 200 {
+                    return body;
+                }
+                assert_eq!(status, 404, "POST {path}: {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "POST {path}: the pipeline never registered:\n{}",
+            self.run_log()
+        );
+    }
+
     /// Runs the `syncbridge` binary with `args` (off the async workers); (exit code, stdout, stderr).
     pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
         cli_with_env(args, &[]).await

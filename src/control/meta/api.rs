@@ -244,6 +244,13 @@ async fn page(
     rows.iter().map(event_from_row).collect()
 }
 
+/// Path parameter `name` as a run id, or a 400 naming it.
+pub(crate) fn run_id_param(name: &str, value: &str) -> Result<Uuid, ApiError> {
+    value
+        .parse::<Uuid>()
+        .map_err(|_| ApiError::bad_param(name, format!("run id {value:?} is not a UUID")))
+}
+
 #[utoipa::path(get, path = "/runs/{id}", tag = "runs",
     params(("id" = String, Path, description = "Run id (UUID)")),
     responses(
@@ -256,12 +263,7 @@ pub(crate) async fn get_run(
     State(meta): State<MetaRegistry>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<RunEvent>, ApiError> {
-    let Ok(id) = id.parse::<Uuid>() else {
-        return Err(ApiError::bad_param(
-            "id",
-            format!("run id {id:?} is not a UUID"),
-        ));
-    };
+    let id = run_id_param("id", &id)?;
     for db in meta.all() {
         let client = db.client().await.map_err(|e| unavailable(&e))?;
         let row = client

@@ -35,6 +35,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_schedule_ticks",
         include_str!("../../../migrations/0005_schedule_ticks.sql"),
     ),
+    (
+        "0006_drift_reports",
+        include_str!("../../../migrations/0006_drift_reports.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migration runs (any fixed number unique to us:

@@ -11,9 +11,13 @@
 //! records to `<prefix>.<pipeline>.audit`, a second projector writes `syncbridge_meta.audit`
 //! (pruned after `control.audit_retention`), and [`history`] serves a row's lineage at
 //! `GET /pipelines/{name}/rows/{table}/{key}/history`.
+//!
+//! Drift reports too ([`drift`]): a check's full report goes to `<prefix>.<pipeline>.drift`, a
+//! third projector writes `syncbridge_meta.drift_reports` and `drift_differences`.
 
 pub mod api;
 pub mod capture_runs;
+pub mod drift;
 pub mod history;
 pub mod migrate;
 pub mod projector;

@@ -1,5 +1,6 @@
 //! The projectors: one reads a pipeline's runs topic and writes `syncbridge_meta.runs`, another
-//! its audit topic (`crate::process::audit`) into `syncbridge_meta.audit` ([`Projection`]).
+//! its audit topic (`crate::process::audit`) into `syncbridge_meta.audit`, a third its drift
+//! topic into the drift report tables (`super::drift`) ([`Projection`]).
 //!
 //! Invariant: a batch of records' effects and the projector's position are committed in one
 //! transaction; a run's row only ever moves to a higher `seq` and an audit row is inserted once
@@ -56,6 +57,8 @@ pub enum Projection {
     Runs,
     /// Audit records into `syncbridge_meta.audit`.
     Audit,
+    /// Drift reports into `syncbridge_meta.drift_reports` and `drift_differences`.
+    Drift,
 }
 
 /// A running run whose last event is older than this (three missed heartbeats) belongs to a
@@ -107,8 +110,10 @@ impl<L: EventLog> Projector<L> {
     ) -> Result<Self, MetaError> {
         let consumer_stop = CancellationToken::new();
         let mut group = projector_group(pipeline, shared_log);
-        if projection == Projection::Audit {
-            group.push_str(".audit");
+        match projection {
+            Projection::Runs => {}
+            Projection::Audit => group.push_str(".audit"),
+            Projection::Drift => group.push_str(".drift"),
         }
         let consumer = log
             .consumer(&group, std::slice::from_ref(&topic), consumer_stop.clone())
@@ -294,6 +299,12 @@ impl<L: EventLog> Projector<L> {
                     insert_audit(&client, &records).await?;
                     records.len()
                 }
+                Projection::Drift => {
+                    let records =
+                        decode_all(&self.topic, &fresh, |_, b| super::drift::DriftRecord::decode(b));
+                    super::drift::project(&client, &records).await?;
+                    records.len()
+                }
             };
             for (partition, n) in &next {
                 client
@@ -320,7 +331,7 @@ impl<L: EventLog> Projector<L> {
         self.applied.extend(next);
         self.projected += fresh.len() as u64;
         let counter = match self.projection {
-            Projection::Runs => m::META_EVENTS_PROJECTED_TOTAL,
+            Projection::Runs | Projection::Drift => m::META_EVENTS_PROJECTED_TOTAL,
             Projection::Audit => m::META_AUDIT_PROJECTED_TOTAL,
         };
         metrics::counter!(counter, "pipeline" => self.pipeline.clone()).increment(written);

@@ -7,7 +7,8 @@
 //!   `notify.window_s`), `slot_lag` ([`watch_slot`], above `notify.slot_lag_bytes`),
 //!   `job_failed:<schedule>` (the scheduler: raised by a failed tick,
 //!   cleared by the next good one), `pipeline_stopped` (the runtime, when a stage ends on its
-//!   own). Drift found is left to the drift feature (raise `drift:<pipeline>` there).
+//!   own), `drift:<pipeline>` (the drift check, `crate::process::drift`: raised by a check that
+//!   found more than `notify.drift_threshold` differences, cleared by one that did not).
 //! - Never blocking the data path: raising only queues ([`QUEUE_CAPACITY`], oldest dropped and
 //!   counted in `syncbridge_notify_dropped_total`); one [`deliver`] task per pipeline sends.
 //! - Each target is retried with exponential backoff ([`RETRIES`]); failures are logged by

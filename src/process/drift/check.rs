@@ -7,7 +7,7 @@
 //! 3. Every target list's items, paged, `$select`ing only SyncKey and the mapped fields, through
 //!    a client on the pipeline's tenant limiter (so resource units are priced and shared with the
 //!    writers); after each list the check sleeps so that its average spend stays under
-//!    `share` × `graph.ru_per_minute` ([`DEFAULT_BUDGET_SHARE`]).
+//!    `drift.budget_share` × `graph.ru_per_minute` (default [`DEFAULT_BUDGET_SHARE`]).
 //! 4. After [`RECHECK_DELAY`] the ledger and the tables are read again and the differences
 //!    classified again against the same items: only differences both passes saw are reported
 //!    (a write in flight during the first pass is confirmed in the ledger by the second).
@@ -16,39 +16,43 @@
 //! - orphaned, duplicate and misrouted items are deleted with `If-Match` (the eTag the check
 //!   read: an item changed since is left alone and counted as skipped);
 //! - the ledger is repaired by the processor (single writer): an entry naming an item that does
-//!   not exist is dropped, an entry of a divergent item gets the item's actual values (so the
-//!   writer's diff sends exactly those fields, with If-Match);
+//!   not exist is dropped;
+//! - a divergent item's fields are healed in the direction each field's direction and conflict
+//!   policy say ([`heal_side`]): a field healed from the row gets the item's actual value in the
+//!   ledger entry (so the writer's diff sends exactly those fields, with If-Match); a field
+//!   healed from the item is written to the row by the return path's applier (replication
+//!   origin, so capture does not push it back) and recorded in the entry; a `manual` field is
+//!   left alone (still reported, counted in `healed.manual`). One processor command per item;
 //! - the tables concerned are re-read by a watermarked re-snapshot, whose `r` events the
 //!   processor writes like any change: missing items are created (intent first), divergent
 //!   fields rewritten, items of a dropped entry re-adopted by SyncKey.
-//!
-//! Divergent fields are rewritten from the table (push direction): a pulled field's conflict
-//! policy is not consulted yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
-use super::commands::{LedgerView, Repairs};
+use super::commands::{DivergedFix, LedgerView, Repairs};
 use super::report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary};
 use super::stale::resnapshot;
 use crate::capture::ResnapshotHandle;
-use crate::config::{FieldType, PipelineConfig, SYNC_KEY_FIELD};
+use crate::config::{ConflictPolicy, Direction, FieldType, PipelineConfig, SYNC_KEY_FIELD};
 use crate::control::ConflictRegistry;
-use crate::control::meta::{MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
+use crate::control::meta::drift as meta_drift;
+use crate::control::meta::{MetaDb, MetaError, RunCounts, RunKind, RunRecorder, RunStatus, now_ms};
+use crate::control::notify::Notifier;
 use crate::graph::{GraphClient, GraphError, GraphUsage, ItemQuery};
 use crate::log::{AnyLog, EventLog};
 use crate::process::ledger::Entry;
 use crate::process::processor::Processor;
-use crate::process::processor::hash_projection;
+use crate::pull::resolve::field_keys;
 use crate::pull::{ConflictHandle, ResolveError};
 
-/// Share of the tenant's resource-unit budget a check may spend on average: half, so the
-/// writers and the delta pollers keep the other half while a check pages through every list.
-pub const DEFAULT_BUDGET_SHARE: f64 = 0.5;
+/// Share of the tenant's resource-unit budget a check may spend on average unless
+/// `drift.budget_share` says otherwise (see [`crate::config::DEFAULT_BUDGET_SHARE`]).
+pub use crate::config::DEFAULT_BUDGET_SHARE;
 /// Items per page (`$top`): Graph's maximum for list items, the fewest pages per item.
 pub const PAGE_SIZE: u32 = 5000;
 /// Wait between the two passes: longer than the processor's flush window (a write read in flight
@@ -111,6 +115,38 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 }
 
+/// Which way a divergent field is healed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealSide {
+    /// The item is rewritten from the row.
+    FromRow,
+    /// The row takes the item's value.
+    FromItem,
+    /// Left alone for an operator (reported).
+    Manual,
+}
+
+/// How a divergent field is healed, by its `direction`, its conflict `policy` and whether its
+/// entry `pulls`. An entry that does not pull keeps the row as the only truth. Otherwise `push_only` and `source_wins` fields take the row's value, `pull_only`
+/// and `target_wins` fields the item's, `manual` ones are left alone. `last_writer_wins` takes
+/// the item's: a reported divergence has no write of the row in flight (the re-check drops
+/// those), so the item was written after the row's value was synced — it is the last writer.
+pub fn heal_side(direction: Direction, policy: ConflictPolicy, pulls: bool) -> HealSide {
+    if !pulls {
+        return HealSide::FromRow;
+    }
+    match (direction, policy) {
+        (Direction::PushOnly, _) | (Direction::Bidirectional, ConflictPolicy::SourceWins) => {
+            HealSide::FromRow
+        }
+        (Direction::PullOnly, _)
+        | (Direction::Bidirectional, ConflictPolicy::TargetWins | ConflictPolicy::LastWriterWins) => {
+            HealSide::FromItem
+        }
+        (Direction::Bidirectional, ConflictPolicy::Manual) => HealSide::Manual,
+    }
+}
+
 /// Everything a check needs of one running pipeline. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct DriftHandle {
@@ -126,8 +162,18 @@ pub struct DriftHandle {
     pub log: Arc<AnyLog>,
     pub runs_topic: String,
     pub share: f64,
-    latest: Arc<Mutex<Option<DriftReport>>>,
+    /// Where reports are kept: the meta-store, and the drift topic they go to first.
+    store: Option<ReportStore>,
+    /// The pipeline's notifier and `notify.drift_threshold` (see [`DriftHandle::with_notifier`]).
+    notify: Option<(Notifier, u64)>,
     busy: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The meta-store a handle reads reports from and the topic it appends them to.
+#[derive(Debug, Clone)]
+struct ReportStore {
+    db: Arc<MetaDb>,
+    topic: String,
 }
 
 impl DriftHandle {
@@ -143,6 +189,7 @@ impl DriftHandle {
         runs_topic: String,
     ) -> Self {
         DriftHandle {
+            share: pipeline.drift.budget_share,
             pipeline,
             client,
             usage,
@@ -151,10 +198,18 @@ impl DriftHandle {
             snapshots,
             log,
             runs_topic,
-            share: DEFAULT_BUDGET_SHARE,
-            latest: Arc::default(),
+            store: None,
+            notify: None,
             busy: Arc::default(),
         }
+    }
+
+    /// Keeps every report: appended to `topic` (the pipeline's drift topic), read back from `db`
+    /// once projected (see [`crate::control::meta::drift`]).
+    #[must_use]
+    pub fn with_store(mut self, db: Arc<MetaDb>, topic: String) -> Self {
+        self.store = Some(ReportStore { db, topic });
+        self
     }
 
     fn processor(&self) -> Result<ConflictHandle, DriftError> {
@@ -167,12 +222,57 @@ impl DriftHandle {
         &self.pipeline.name
     }
 
-    /// The latest report (of a check or a heal) since the process started.
-    pub fn latest(&self) -> Option<DriftReport> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Raises `drift:<pipeline>` on `notifier` when a check (or heal) finds more than
+    /// `threshold` differences, and clears it when one finds no more than that.
+    #[must_use]
+    pub fn with_notifier(mut self, notifier: Notifier, threshold: u64) -> Self {
+        self.notify = Some((notifier, threshold));
+        self
+    }
+
+    fn notify(&self, report: &DriftReport) {
+        let Some((notifier, threshold)) = &self.notify else {
+            return;
+        };
+        let key = format!("drift:{}", self.name());
+        let found = report.counts.total();
+        if found > *threshold {
+            let c = &report.counts;
+            let summary = format!(
+                "drift check found {found} differences (missing {}, orphaned {}, divergent {}, \
+                 misrouted {}, duplicate {}, stale ledger {})",
+                c.missing, c.orphaned, c.divergent, c.misrouted, c.duplicate, c.stale_ledger
+            );
+            let detail = format!(
+                "above notify.drift_threshold ({threshold}); GET /pipelines/{}/drift/{} lists them",
+                self.name(),
+                report.run_id
+            );
+            notifier.raise(&key, &summary, &detail);
+        } else {
+            notifier.clear(&key);
+        }
+    }
+
+    /// Report `run_id` (the latest when `None`) as projected into the meta-store, with
+    /// differences `after..after + limit`; `None` when there is none (or no store).
+    pub async fn report(
+        &self,
+        run_id: Option<uuid::Uuid>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Option<DriftReport>, MetaError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let run_id = match run_id {
+            Some(id) => id,
+            None => match meta_drift::latest(&store.db, self.name()).await? {
+                Some(id) => id,
+                None => return Ok(None),
+            },
+        };
+        meta_drift::report_page(&store.db, self.name(), run_id, after, limit).await
     }
 
     /// Checks the pipeline (one `drift_check` run) and keeps the report.
@@ -210,10 +310,16 @@ impl DriftHandle {
                 if let Some(h) = &report.healed {
                     counts.deletes = h.deleted;
                 }
+                // The report is durable before the run says it succeeded.
+                if let Err(e) = self.keep(&report).await {
+                    run.finish(RunStatus::Failed, counts, Some(e.to_string()))
+                        .await?;
+                    return Err(e.into());
+                }
                 run.finish(RunStatus::Succeeded, counts, None).await?;
+                self.notify(&report);
                 info!(pipeline = %self.name(), kind = kind.as_str(), found = report.counts.total(),
                     ru = report.resource_units, "drift run finished");
-                *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
                 Ok(report)
             }
             Err(e) => {
@@ -221,6 +327,14 @@ impl DriftHandle {
                     .await?;
                 Err(e)
             }
+        }
+    }
+
+    /// Appends `report` to the drift topic (when the handle keeps reports).
+    async fn keep(&self, report: &DriftReport) -> Result<(), MetaError> {
+        match &self.store {
+            Some(s) => meta_drift::append_report(&*self.log, &s.topic, report).await,
+            None => Ok(()),
         }
     }
 
@@ -258,6 +372,7 @@ impl DriftHandle {
             graph_requests: 0,
             resource_units: 0,
             healed: None,
+            next: None,
         };
         if kind == RunKind::DriftHeal {
             report.healed = Some(self.fix(&report.differences, &sides).await?);
@@ -395,8 +510,11 @@ impl DriftHandle {
             match d.class {
                 DriftClass::Orphaned | DriftClass::Duplicate => continue,
                 DriftClass::Divergent => {
-                    if let Some(e) = entry {
-                        repairs.push((row.0, row.1, Some(diverged(e, d, sides))));
+                    let fix = entry.and_then(|e| self.diverged(e, d, sides, &mut summary));
+                    let Some(fix) = fix else { continue };
+                    // Only fields healed from the row need the re-read.
+                    if !self.heal_diverged(fix, &mut summary).await? {
+                        continue;
                     }
                 }
                 // The row's entry names no item that exists: dropped; the re-read creates the
@@ -422,6 +540,79 @@ impl DriftHandle {
         Ok(summary)
     }
 
+    /// The heal of divergent item `d` (entry `e`), each field sent the way [`heal_side`] says;
+    /// `None` when every field is `manual` (or the item is gone from what was read).
+    fn diverged(
+        &self,
+        e: &Entry,
+        d: &Difference,
+        sides: &Sides,
+        summary: &mut HealSummary,
+    ) -> Option<DivergedFix> {
+        let item = find_item(sides, &d.list, d.item_id.as_deref()?)?;
+        let target = e.item.as_ref()?;
+        let sync = self
+            .pipeline
+            .sync
+            .iter()
+            .find(|s| s.table.to_string() == d.table)?;
+        let mut fix = DivergedFix {
+            table: d.table.clone(),
+            key: d.key.clone(),
+            list_id: target.list_id.clone(),
+            item_id: target.item_id.clone(),
+            etag: d.etag.clone(),
+            item: item.fields.clone(),
+            push: Vec::new(),
+            pull: Vec::new(),
+        };
+        let mut manual = false;
+        for k in &d.fields {
+            let Some(f) = sync.fields.iter().find(|f| field_keys(f).contains(k)) else {
+                fix.push.push(k.clone());
+                continue;
+            };
+            match heal_side(f.direction, f.conflict_policy(sync), sync.pull.enabled) {
+                HealSide::FromRow => fix.push.push(k.clone()),
+                HealSide::FromItem if !fix.pull.contains(&f.column) => {
+                    fix.pull.push(f.column.clone());
+                }
+                HealSide::FromItem => {}
+                HealSide::Manual => manual = true,
+            }
+        }
+        summary.manual += u64::from(manual);
+        (!fix.push.is_empty() || !fix.pull.is_empty()).then_some(fix)
+    }
+
+    /// Hands `fix` to the processor; whether the row must be re-read (fields healed from it). A
+    /// fix the processor refuses for good (the row or the item changed since the check, a value
+    /// the row cannot take) is skipped and counted, like a refused delete.
+    async fn heal_diverged(
+        &self,
+        fix: DivergedFix,
+        summary: &mut HealSummary,
+    ) -> Result<bool, DriftError> {
+        let (pushes, pulls) = (!fix.push.is_empty(), !fix.pull.is_empty());
+        let key = fix.key.clone();
+        match self.processor()?.drift_diverged(fix).await {
+            Ok(true) => {
+                summary.pulled += u64::from(pulls);
+                Ok(pushes)
+            }
+            Ok(false) => {
+                summary.skipped += 1;
+                Ok(false)
+            }
+            Err(e) if !e.is_retryable() => {
+                warn!(pipeline = %self.name(), key = %key, "drift heal: divergent item not healed: {e}");
+                summary.skipped += 1;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn delete(&self, d: &Difference, summary: &mut HealSummary) -> Result<(), DriftError> {
         let (Some(id), Some(list)) = (d.item_id.as_deref(), self.facts.lists.get(&d.list)) else {
             return Ok(());
@@ -441,21 +632,6 @@ impl DriftHandle {
         }
         Ok(())
     }
-}
-
-/// The entry of a divergent item, with the item's actual values of the divergent fields: the
-/// writer's next diff against the row sends exactly those fields (with If-Match on this eTag).
-fn diverged(e: &Entry, d: &Difference, sides: &Sides) -> Entry {
-    let item = find_item(sides, &d.list, d.item_id.as_deref().unwrap_or_default());
-    let mut e = e.clone();
-    for f in &d.fields {
-        let actual = item.and_then(|i| i.fields.get(f)).cloned();
-        e.projection
-            .insert(f.clone(), actual.unwrap_or(serde_json::Value::Null));
-    }
-    e.hash = Some(hash_projection(&e.projection));
-    e.etag = d.etag.clone();
-    e
 }
 
 fn find_item<'a>(sides: &'a Sides, list: &str, id: &str) -> Option<&'a SeenItem> {
@@ -483,4 +659,29 @@ fn sync_key_of(parts: Vec<Option<String>>) -> String {
         return one.clone().unwrap_or_default();
     }
     serde_json::to_string(&parts).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_field_heals_the_way_its_direction_and_policy_say() {
+        use ConflictPolicy::*;
+        use Direction::*;
+        use HealSide::*;
+        let cases = [
+            (PushOnly, TargetWins, FromRow),
+            (PullOnly, SourceWins, FromItem),
+            (Bidirectional, SourceWins, FromRow),
+            (Bidirectional, TargetWins, FromItem),
+            (Bidirectional, LastWriterWins, FromItem),
+            (Bidirectional, ConflictPolicy::Manual, HealSide::Manual),
+        ];
+        for (d, p, want) in cases {
+            assert_eq!(heal_side(d, p, true), want, "{d:?} {p:?}");
+            // Without pull the row is the only truth.
+            assert_eq!(heal_side(d, p, false), FromRow, "{d:?} {p:?} without pull");
+        }
+    }
 }

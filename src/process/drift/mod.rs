@@ -33,8 +33,10 @@ mod commands;
 mod report;
 mod stale;
 
-pub use check::{DEFAULT_BUDGET_SHARE, DriftError, DriftHandle, PAGE_SIZE, ProcessorFacts};
+pub use check::{
+    DEFAULT_BUDGET_SHARE, DriftError, DriftHandle, HealSide, PAGE_SIZE, ProcessorFacts, heal_side,
+};
 pub use classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
-pub use commands::{DriftCommand, LedgerView, Repairs};
+pub use commands::{DivergedFix, DriftCommand, LedgerView, Repairs};
 pub use report::{ClassCounts, Difference, DriftClass, DriftReport, HealSummary, ListCount};
 pub use stale::{StaleLedger, heal_vanished, resnapshot};

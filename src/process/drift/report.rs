@@ -101,7 +101,8 @@ impl ClassCounts {
     }
 }
 
-/// The result of one check (the body of `POST`/`GET /pipelines/{p}/drift`).
+/// The result of one check (the body of `POST`/`GET /pipelines/{p}/drift`; kept in the
+/// meta-store, see `crate::control::meta::drift`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DriftReport {
     pub pipeline: String,
@@ -120,6 +121,10 @@ pub struct DriftReport {
     /// `heal` only: what the heal did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healed: Option<HealSummary>,
+    /// A report read from the meta-store holds one page of `differences`: pass this as `after`
+    /// for the next page (absent on the last page, and on a report fresh from a check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
 }
 
 /// What a heal did.
@@ -131,6 +136,15 @@ pub struct HealSummary {
     pub ledger_repaired: u64,
     /// Tables re-read through a re-snapshot, so the writer path creates and rewrites.
     pub resnapshotted: Vec<String>,
-    /// Deletes refused because the item changed since the check (412) or failed.
+    /// Deletes refused because the item changed since the check (412) or failed, and divergent
+    /// items not healed (their entry or row changed since the check, or the row refused the
+    /// item's value).
     pub skipped: u64,
+    /// Divergent items whose row took the item's values (fields healed from the item: `pull_only`,
+    /// `target_wins`, `last_writer_wins`), through the return path's applier.
+    #[serde(default)]
+    pub pulled: u64,
+    /// Divergent items with a `manual` field, left alone there (still reported).
+    #[serde(default)]
+    pub manual: u64,
 }

@@ -225,270 +225,387 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
 
 /// Registers help text and units for every metric, so scrapes carry `# HELP` from the start.
 pub fn describe_all() {
-    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
-    describe_counter!(
+    for &(kind, name, unit, help) in DESCRIPTIONS {
+        match (kind, unit) {
+            (Counter, Some(u)) => describe_counter!(name, u, help),
+            (Counter, None) => describe_counter!(name, help),
+            (Gauge, Some(u)) => describe_gauge!(name, u, help),
+            (Gauge, None) => describe_gauge!(name, help),
+            (Histogram, Some(u)) => describe_histogram!(name, u, help),
+            (Histogram, None) => describe_histogram!(name, help),
+        }
+    }
+}
+
+/// What kind of metric a name is (for [`DESCRIPTIONS`]).
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+use Kind::{Counter, Gauge, Histogram};
+
+/// Every metric with its unit and `# HELP` text, in the order `/metrics` describes them.
+const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
+    (
+        Gauge,
+        BUILD_INFO,
+        None,
+        "Build information; the value is always 1.",
+    ),
+    (
+        Counter,
         CONFIG_RELOADS_TOTAL,
-        Unit::Count,
-        "Pipeline file reloads by outcome: applied, unchanged, invalid, refused, failed."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Pipeline file reloads by outcome: applied, unchanged, invalid, refused, failed.",
+    ),
+    (
+        Gauge,
         STAGE_UP,
-        "1 when a pipeline stage is started and healthy, 0 otherwise (labels: pipeline, stage)."
-    );
-    describe_counter!(
+        None,
+        "1 when a pipeline stage is started and healthy, 0 otherwise (labels: pipeline, stage).",
+    ),
+    (
+        Counter,
         CAPTURE_EVENTS_TOTAL,
-        Unit::Count,
-        "Change events captured (labels: pipeline, table, op)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Change events captured (labels: pipeline, table, op).",
+    ),
+    (
+        Counter,
         CAPTURE_BYTES_TOTAL,
-        Unit::Bytes,
-        "pgoutput bytes received (label: pipeline)."
-    );
-    describe_gauge!(
+        Some(Unit::Bytes),
+        "pgoutput bytes received (label: pipeline).",
+    ),
+    (
+        Gauge,
         CAPTURE_LAG_SECONDS,
-        Unit::Seconds,
-        "Now minus the commit time of the last captured transaction (label: pipeline)."
-    );
-    describe_gauge!(
+        Some(Unit::Seconds),
+        "Now minus the commit time of the last captured transaction (label: pipeline).",
+    ),
+    (
+        Gauge,
         CAPTURE_SLOT_LAG_BYTES,
-        Unit::Bytes,
-        "WAL bytes the pipeline's slot retains: pg_current_wal_lsn() - confirmed_flush_lsn (label: pipeline)."
-    );
-    describe_gauge!(
+        Some(Unit::Bytes),
+        "WAL bytes the pipeline's slot retains: pg_current_wal_lsn() - confirmed_flush_lsn (label: pipeline).",
+    ),
+    (
+        Gauge,
         CAPTURE_ACKED_LSN,
-        "Highest LSN acknowledged to PostgreSQL, durable in the log (label: pipeline)."
-    );
-    describe_counter!(
+        None,
+        "Highest LSN acknowledged to PostgreSQL, durable in the log (label: pipeline).",
+    ),
+    (
+        Counter,
         CAPTURE_RECONNECTS_TOTAL,
-        Unit::Count,
-        "Capture reconnects after retryable errors (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Capture reconnects after retryable errors (label: pipeline).",
+    ),
+    (
+        Counter,
         SNAPSHOT_ROWS_TOTAL,
-        Unit::Count,
-        "Rows emitted by the initial snapshot and on-demand re-snapshots (labels: pipeline, table)."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Rows emitted by the initial snapshot and on-demand re-snapshots (labels: pipeline, table).",
+    ),
+    (
+        Gauge,
         SNAPSHOT_TABLES_PENDING,
-        Unit::Count,
-        "Tables whose initial snapshot or running re-snapshot is not finished (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Tables whose initial snapshot or running re-snapshot is not finished (label: pipeline).",
+    ),
+    (
+        Counter,
         RESNAPSHOT_ROWS_SUPERSEDED_TOTAL,
-        Unit::Count,
-        "Re-snapshot rows skipped because a WAL change of the same key in the watermark window is newer (labels: pipeline, table)."
-    );
-    describe_histogram!(
+        Some(Unit::Count),
+        "Re-snapshot rows skipped because a WAL change of the same key in the watermark window is newer (labels: pipeline, table).",
+    ),
+    (
+        Histogram,
         SINK_APPEND_SECONDS,
-        Unit::Seconds,
-        "Capture append to the log until durable (label: pipeline)."
-    );
-    describe_histogram!(
+        Some(Unit::Seconds),
+        "Capture append to the log until durable (label: pipeline).",
+    ),
+    (
+        Histogram,
         CAPTURE_SINK_WAIT_SECONDS,
-        Unit::Seconds,
-        "Capture reader waiting for the sink task (all in-flight batches not yet durable) (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Seconds),
+        "Capture reader waiting for the sink task (all in-flight batches not yet durable) (label: pipeline).",
+    ),
+    (
+        Counter,
         SCHEMA_REGISTRY_REQUESTS_TOTAL,
-        Unit::Count,
-        "Schema registry HTTP calls (attempts) (labels: op, outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Schema registry HTTP calls (attempts) (labels: op, outcome).",
+    ),
+    (
+        Counter,
         GRAPH_REQUESTS_TOTAL,
-        Unit::Count,
-        "Graph HTTP requests (labels: method, outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Graph HTTP requests (labels: method, outcome).",
+    ),
+    (
+        Counter,
         GRAPH_RU_SPENT_TOTAL,
-        Unit::Count,
-        "SharePoint resource units charged by the tenant limiter (label: lane)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "SharePoint resource units charged by the tenant limiter (label: lane).",
+    ),
+    (
+        Counter,
         GRAPH_THROTTLED_TOTAL,
-        Unit::Count,
-        "Graph 429/503 responses, direct or inside $batch (labels: status, source)."
-    );
-    describe_histogram!(
+        Some(Unit::Count),
+        "Graph 429/503 responses, direct or inside $batch (labels: status, source).",
+    ),
+    (
+        Histogram,
         GRAPH_RETRY_AFTER_SECONDS,
-        Unit::Seconds,
-        "Tenant pauses taken for Retry-After; the sum is the time waited."
-    );
-    describe_histogram!(
+        Some(Unit::Seconds),
+        "Tenant pauses taken for Retry-After; the sum is the time waited.",
+    ),
+    (
+        Histogram,
         GRAPH_REQUEST_SECONDS,
-        Unit::Seconds,
-        "Duration of one Graph HTTP request (label: method)."
-    );
-    describe_counter!(
+        Some(Unit::Seconds),
+        "Duration of one Graph HTTP request (label: method).",
+    ),
+    (
+        Counter,
         GRAPH_TOKEN_REQUESTS_TOTAL,
-        Unit::Count,
-        "Access token requests to the token endpoint (label: outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Access token requests to the token endpoint (label: outcome).",
+    ),
+    (
+        Counter,
         LOG_APPENDED_RECORDS_TOTAL,
-        Unit::Count,
-        "Records appended durably to the event log (labels: backend, topic)."
-    );
-    describe_histogram!(
+        Some(Unit::Count),
+        "Records appended durably to the event log (labels: backend, topic).",
+    ),
+    (
+        Histogram,
         LOG_APPEND_SECONDS,
-        Unit::Seconds,
-        "One EventLog append until the batch is durable (labels: backend, topic)."
-    );
-    describe_counter!(
+        Some(Unit::Seconds),
+        "One EventLog append until the batch is durable (labels: backend, topic).",
+    ),
+    (
+        Counter,
         LOG_APPEND_ERRORS_TOTAL,
-        Unit::Count,
-        "Failed EventLog appends (labels: backend, topic, retryable)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Failed EventLog appends (labels: backend, topic, retryable).",
+    ),
+    (
+        Counter,
         LOG_CONSUMED_RECORDS_TOTAL,
-        Unit::Count,
-        "Records handed to log consumers (labels: backend, topic)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Records handed to log consumers (labels: backend, topic).",
+    ),
+    (
+        Counter,
         LOG_COMMITS_TOTAL,
-        Unit::Count,
-        "Consumer-group positions committed (labels: backend, group)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Consumer-group positions committed (labels: backend, group).",
+    ),
+    (
+        Counter,
         PULL_DELTA_POLLS_TOTAL,
-        Unit::Count,
-        "Delta poll rounds of the return path (labels: pipeline, outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Delta poll rounds of the return path (labels: pipeline, outcome).",
+    ),
+    (
+        Counter,
         PULL_ITEMS_RECEIVED_TOTAL,
-        Unit::Count,
-        "List item changes received from delta and appended to the log (labels: pipeline, kind)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "List item changes received from delta and appended to the log (labels: pipeline, kind).",
+    ),
+    (
+        Counter,
         PULL_RESYNCS_TOTAL,
-        Unit::Count,
-        "Full list enumerations started (labels: pipeline, reason)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Full list enumerations started (labels: pipeline, reason).",
+    ),
+    (
+        Counter,
         PULL_APPLY_TOTAL,
-        Unit::Count,
-        "Row changes applied to PostgreSQL by the return path (labels: pipeline, outcome)."
-    );
-    describe_histogram!(
+        Some(Unit::Count),
+        "Row changes applied to PostgreSQL by the return path (labels: pipeline, outcome).",
+    ),
+    (
+        Histogram,
         PULL_APPLY_SECONDS,
-        Unit::Seconds,
-        "One row change applied to PostgreSQL, statement and commit (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Seconds),
+        "One row change applied to PostgreSQL, statement and commit (label: pipeline).",
+    ),
+    (
+        Counter,
         PULL_APPLY_RECONNECTS_TOTAL,
-        Unit::Count,
-        "Applier reconnections to PostgreSQL after the first connection (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Applier reconnections to PostgreSQL after the first connection (label: pipeline).",
+    ),
+    (
+        Counter,
         PUSH_EVENTS_TOTAL,
-        Unit::Count,
-        "Capture events read by the push processor (labels: pipeline, op)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Capture events read by the push processor (labels: pipeline, op).",
+    ),
+    (
+        Counter,
         PUSH_WRITES_TOTAL,
-        Unit::Count,
-        "Graph writes of the push processor (labels: pipeline, kind, outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Graph writes of the push processor (labels: pipeline, kind, outcome).",
+    ),
+    (
+        Counter,
         PUSH_SKIPPED_TOTAL,
-        Unit::Count,
-        "Row changes that needed no Graph write (labels: pipeline, reason)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Row changes that needed no Graph write (labels: pipeline, reason).",
+    ),
+    (
+        Counter,
         PUSH_COALESCED_TOTAL,
-        Unit::Count,
-        "Events merged into a pending write of the same row (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Events merged into a pending write of the same row (label: pipeline).",
+    ),
+    (
+        Counter,
         DIRECTION_HELD_TOTAL,
-        Unit::Count,
-        "Values a field's direction kept from the other side (labels: pipeline, direction)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Values a field's direction kept from the other side (labels: pipeline, direction).",
+    ),
+    (
+        Counter,
         PUSH_MOVES_TOTAL,
-        Unit::Count,
-        "Items moved between lists after a route change (label: pipeline)."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Items moved between lists after a route change (label: pipeline).",
+    ),
+    (
+        Gauge,
         PUSH_PENDING_ROWS,
-        "Rows with a pending write in the push processor (label: pipeline)."
-    );
-    describe_histogram!(
+        None,
+        "Rows with a pending write in the push processor (label: pipeline).",
+    ),
+    (
+        Histogram,
         PUSH_FLUSH_SECONDS,
-        Unit::Seconds,
-        "One flush of the push processor (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Seconds),
+        "One flush of the push processor (label: pipeline).",
+    ),
+    (
+        Counter,
         PUSH_DEAD_LETTERS_TOTAL,
-        Unit::Count,
-        "Dead letters written to the DLQ topic (labels: pipeline, kind)."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Dead letters written to the DLQ topic (labels: pipeline, kind).",
+    ),
+    (
+        Gauge,
         PIPELINE_PAUSED,
-        "1 while the pipeline is paused by a guard and waits for a resume (labels: pipeline, kind)."
-    );
-    describe_counter!(
+        None,
+        "1 while the pipeline is paused by a guard and waits for a resume (labels: pipeline, kind).",
+    ),
+    (
+        Counter,
         PIPELINE_PAUSES_TOTAL,
-        Unit::Count,
-        "Times the pipeline paused itself (labels: pipeline, kind)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Times the pipeline paused itself (labels: pipeline, kind).",
+    ),
+    (
+        Counter,
         META_EVENTS_PROJECTED_TOTAL,
-        Unit::Count,
-        "Run events and drift report records written to the meta-store by the projectors (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Run events and drift report records written to the meta-store by the projectors (label: pipeline).",
+    ),
+    (
+        Counter,
         META_PROJECT_ERRORS_TOTAL,
-        Unit::Count,
-        "Failed attempts to write a run event to the meta-store, retried (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Failed attempts to write a run event to the meta-store, retried (label: pipeline).",
+    ),
+    (
+        Counter,
         META_AUDIT_PROJECTED_TOTAL,
-        Unit::Count,
-        "Audit records written to the meta-store by the projector (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Audit records written to the meta-store by the projector (label: pipeline).",
+    ),
+    (
+        Counter,
         PULL_ECHOES_TOTAL,
-        Unit::Count,
-        "List changes recognised as our own writes and dropped (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "List changes recognised as our own writes and dropped (label: pipeline).",
+    ),
+    (
+        Counter,
         PULL_CONFLICTS_TOTAL,
-        Unit::Count,
-        "Fields changed on both sides, by policy and winner (labels: pipeline, policy, outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Fields changed on both sides, by policy and winner (labels: pipeline, policy, outcome).",
+    ),
+    (
+        Counter,
         PULL_CONFLICT_RESOLUTIONS_TOTAL,
-        Unit::Count,
-        "Operator resolutions of parked conflicts (labels: pipeline, take, outcome)."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Operator resolutions of parked conflicts (labels: pipeline, take, outcome).",
+    ),
+    (
+        Gauge,
         CONSUMER_LAG_EVENTS,
-        Unit::Count,
-        "Events in a consumer group's topics it has not committed (labels: pipeline, group)."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Events in a consumer group's topics it has not committed (labels: pipeline, group).",
+    ),
+    (
+        Gauge,
         PUSH_LAST_COMMIT_TIMESTAMP,
-        Unit::Seconds,
-        "Unix time of the push processor's last offset commit (label: pipeline)."
-    );
-    describe_gauge!(
+        Some(Unit::Seconds),
+        "Unix time of the push processor's last offset commit (label: pipeline).",
+    ),
+    (
+        Gauge,
         CAPTURE_LAST_ACK_TIMESTAMP,
-        Unit::Seconds,
-        "Unix time of capture's last acknowledgement to the replication slot (label: pipeline)."
-    );
-    describe_counter!(
+        Some(Unit::Seconds),
+        "Unix time of capture's last acknowledgement to the replication slot (label: pipeline).",
+    ),
+    (
+        Counter,
         NOTIFY_SENT_TOTAL,
-        Unit::Count,
-        "Notifications sent to a target, after retries (labels: pipeline, outcome)."
-    );
-    describe_counter!(
+        Some(Unit::Count),
+        "Notifications sent to a target, after retries (labels: pipeline, outcome).",
+    ),
+    (
+        Counter,
         NOTIFY_DROPPED_TOTAL,
-        Unit::Count,
-        "Notifications dropped, oldest first, from a full queue (label: pipeline)."
-    );
-    describe_gauge!(
+        Some(Unit::Count),
+        "Notifications dropped, oldest first, from a full queue (label: pipeline).",
+    ),
+    (
+        Gauge,
         GRAPH_RU_BUDGET_PER_MINUTE,
-        "A tenant's RU budget per minute, graph.ru_per_minute (label: tenant)."
-    );
+        None,
+        "A tenant's RU budget per minute, graph.ru_per_minute (label: tenant).",
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    #[test]
+    fn every_metric_is_scraped_with_its_help_text() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_all();
+            // The exporter prints HELP only for metrics that have a sample.
+            for &(kind, name, _, _) in DESCRIPTIONS {
+                match kind {
+                    Counter => metrics::counter!(name).increment(1),
+                    Gauge => metrics::gauge!(name).set(1.0),
+                    Histogram => metrics::histogram!(name).record(1.0),
+                }
+            }
+        });
+        let text = handle.render();
+        for &(_, name, _, help) in DESCRIPTIONS {
+            assert!(
+                text.contains(&format!("# HELP {name} {help}")),
+                "no HELP line for {name}:\n{text}"
+            );
+        }
+    }
 }

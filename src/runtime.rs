@@ -390,6 +390,94 @@ async fn start_all(
 }
 
 /// Starts one pipeline's stages on `log` (kept open across a reload), or on its log opened now.
+/// Opens the pipeline's log (embedded or Kafka) as its config says.
+fn open_pipeline_log(p: &PipelineConfig) -> Result<Arc<AnyLog>, RuntimeError> {
+    let log = open_log(p).map_err(|source| RuntimeError::Log {
+        pipeline: p.name.clone(),
+        source,
+    })?;
+    info!(pipeline = %p.name, log = %describe_log(&p.log), "log open");
+    Ok(Arc::new(log))
+}
+
+/// Where capture appends: the pipeline's table topics, in the Confluent wire format when a
+/// schema registry is configured.
+fn log_sink(p: &PipelineConfig, log: &Arc<AnyLog>) -> LogSink<AnyLog> {
+    let sink = LogSink::new(
+        log.clone(),
+        topic_prefix(p),
+        &p.name,
+        TABLE_TOPIC_PARTITIONS,
+    );
+    match &p.log {
+        config::LogConfig::Kafka {
+            schema_registry: Some(registry),
+            ..
+        } => {
+            info!(pipeline = %p.name, registry = %registry.url, "Confluent wire format: schemas are registered with the schema registry");
+            sink.with_schema_registry(RegistryClient::new(registry))
+        }
+        _ => sink,
+    }
+}
+
+/// Repairs of the lists found at start, each a run: the vanished lists' items re-created
+/// (`stale`), columns new to the mapping filled (`columns`), both by re-snapshots.
+fn spawn_list_repairs(
+    p: &PipelineConfig,
+    stale: process::drift::StaleLedger,
+    columns: process::provision::ColumnChanges,
+    resnapshots: &ResnapshotHandle,
+    log: &Arc<AnyLog>,
+) {
+    if !stale.is_empty() {
+        tokio::spawn(process::drift::heal_vanished(
+            stale,
+            resnapshots.clone(),
+            log.clone(),
+            meta::runs_topic(topic_prefix(p), &p.name),
+        ));
+    }
+    if !columns.is_empty() {
+        info!(pipeline = %p.name, "lists follow the mapping: {}", columns.summary());
+        tokio::spawn(process::provision::fill_added_columns(
+            columns,
+            resnapshots.clone(),
+            log.clone(),
+            meta::runs_topic(topic_prefix(p), &p.name),
+        ));
+    }
+}
+
+/// Each list's channel for operator resets of its delta link, by list id.
+type ListResets =
+    std::collections::HashMap<String, tokio::sync::mpsc::Sender<crate::pull::poller::ResetRequest>>;
+
+/// Starts the delta pollers; each takes operator resets of its list's delta link (cursor
+/// resets) on the channel returned under its list id.
+fn spawn_pollers(
+    pollers: Vec<(PollerConfig, Arc<GraphClient>)>,
+    log: &Arc<AnyLog>,
+    stop: &CancellationToken,
+) -> (Vec<JoinHandle<Result<(), PullError>>>, ListResets) {
+    let mut list_resets = std::collections::HashMap::new();
+    let tasks = pollers
+        .into_iter()
+        .map(|(cfg, client)| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            list_resets.insert(cfg.list_id.clone(), tx);
+            tokio::spawn(crate::pull::poller::run_resettable(
+                cfg,
+                client,
+                log.clone(),
+                Some(rx),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    (tasks, list_resets)
+}
+
 async fn start_one(
     p: &PipelineConfig,
     registries: &control::Registries,
@@ -399,14 +487,7 @@ async fn start_one(
     let readiness = &registries.readiness;
     let log = match log {
         Some(log) => log,
-        None => {
-            let log = AnyLog::open(log_config(p)).map_err(|source| RuntimeError::Log {
-                pipeline: p.name.clone(),
-                source,
-            })?;
-            info!(pipeline = %p.name, log = %describe_log(&p.log), "log open");
-            Arc::new(log)
-        }
+        None => open_pipeline_log(p)?,
     };
     readiness.set(&p.name, "log", true);
 
@@ -461,20 +542,7 @@ async fn start_one(
             pipeline: p.name.clone(),
             source,
         })?;
-    let mut sink = LogSink::new(
-        log.clone(),
-        topic_prefix(p),
-        &p.name,
-        TABLE_TOPIC_PARTITIONS,
-    );
-    if let config::LogConfig::Kafka {
-        schema_registry: Some(registry),
-        ..
-    } = &p.log
-    {
-        info!(pipeline = %p.name, registry = %registry.url, "Confluent wire format: schemas are registered with the schema registry");
-        sink = sink.with_schema_registry(RegistryClient::new(registry));
-    }
+    let sink = log_sink(p, &log);
     let history =
         start_history(p, &log, registries)
             .await
@@ -501,23 +569,7 @@ async fn start_one(
         .collect();
     let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
     let resnapshots = handle.subscribe();
-    if !stale.is_empty() {
-        tokio::spawn(process::drift::heal_vanished(
-            stale,
-            handle.clone(),
-            log.clone(),
-            meta::runs_topic(topic_prefix(p), &p.name),
-        ));
-    }
-    if !columns.is_empty() {
-        info!(pipeline = %p.name, "lists follow the mapping: {}", columns.summary());
-        tokio::spawn(process::provision::fill_added_columns(
-            columns,
-            handle.clone(),
-            log.clone(),
-            meta::runs_topic(topic_prefix(p), &p.name),
-        ));
-    }
+    spawn_list_repairs(p, stale, columns, &handle, &log);
     let notify_stop = CancellationToken::new();
     let (notifier, notify) = start_notify(p, &capture_config.slot_name, &stats, &notify_stop);
     let mut drift = drift_handle(p, &processor_facts, limiters, registries, &handle, &log)?;
@@ -533,11 +585,8 @@ async fn start_one(
             db: meta::MetaDb::new(p.control.meta_url.expose()),
             log: log.clone(),
             runs_topic: meta::runs_topic(topic_prefix(p), &p.name),
-            runners: control::schedule::JobRunners::builtin(
-                handle.clone(),
-                pipeline_handle.clone(),
-            )
-            .with_drift(drift),
+            runners: control::schedule::JobRunners::builtin(handle.clone(), pipeline_handle)
+                .with_drift(drift),
             notifier: notifier.clone(),
         },
         scheduler_stop.clone(),
@@ -568,22 +617,7 @@ async fn start_one(
     ));
     // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
     readiness.set(&p.name, "capture", true);
-    // Each poller takes operator resets of its list's delta link (cursor resets).
-    let mut list_resets = std::collections::HashMap::new();
-    let poller_tasks: Vec<_> = pollers
-        .into_iter()
-        .map(|(cfg, client)| {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            list_resets.insert(cfg.list_id.clone(), tx);
-            tokio::spawn(crate::pull::poller::run_resettable(
-                cfg,
-                client,
-                log.clone(),
-                Some(rx),
-                pollers_stop.clone(),
-            ))
-        })
-        .collect();
+    let (poller_tasks, list_resets) = spawn_pollers(pollers, &log, &pollers_stop);
     let (hold, holds) = HoldHandle::channel(&p.name);
     registries
         .cursors
@@ -644,10 +678,7 @@ fn cursor_spec(
     log: &Arc<AnyLog>,
     processor: &Processor<AnyLog>,
     slot: String,
-    mut list_resets: std::collections::HashMap<
-        String,
-        tokio::sync::mpsc::Sender<crate::pull::poller::ResetRequest>,
-    >,
+    mut list_resets: ListResets,
     hold: HoldHandle,
     registries: &control::Registries,
 ) -> control::cursors::CursorSpec {

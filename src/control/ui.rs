@@ -1,6 +1,6 @@
 //! The admin UI (issue 16): a single-page app whose sources are in `src/control/ui/` (Preact,
 //! TypeScript, Vite; its README says how to build and test it), embedded in the binary by
-//! `build.rs` and served here at `/ui` and `/ui/*`.
+//! `src/control/ui/build.rs` and served here at `/ui` and `/ui/*`.
 //!
 //! - `/ui/assets/*` are content-hashed files: cached for a year. A `.gz` sibling written by the
 //!   UI build is sent as is to clients that accept gzip (nothing is compressed per request).

@@ -852,7 +852,32 @@ fn check_entry(
     lists: &HashMap<String, (usize, Loc)>,
 ) -> Option<SyncEntry> {
     let before = r.issues.len();
-    let table = match e.table.value.trim().split_once('.') {
+    let table = check_table(r, e, path);
+    check_list_name(r, &e.list, &format!("{path}.list"));
+    let key = e.key.as_ref().map(|k| check_key(r, k, path));
+    let pull = check_pull(r, e, key.as_deref(), path);
+    let routes = check_routes(r, e, path);
+    let fields = check_fields(r, e, path, lists, pull.enabled);
+    if r.issues.len() != before {
+        return None;
+    }
+    Some(SyncEntry {
+        table: table?,
+        list: e.list.value.trim().to_owned(),
+        key,
+        fields,
+        routes,
+        pull,
+        conflict: e
+            .conflict
+            .as_ref()
+            .map_or(ConflictPolicy::SourceWins, |c| c.value),
+    })
+}
+
+/// `table:`, schema-qualified.
+fn check_table(r: &mut Reader, e: &SyncFile, path: &str) -> Option<TableName> {
+    match e.table.value.trim().split_once('.') {
         Some((schema, name)) if is_pg_ident(schema) && is_pg_ident(name) => Some(TableName {
             schema: schema.to_owned(),
             name: name.to_owned(),
@@ -867,38 +892,41 @@ fn check_entry(
             ));
             None
         }
-    };
-    check_list_name(r, &e.list, &format!("{path}.list"));
-    let key = e.key.as_ref().map(|k| {
-        if k.value.is_empty() {
+    }
+}
+
+/// `key:`: at least one column, each a column name, none twice.
+fn check_key(r: &mut Reader, k: &Sp<Vec<Sp<String>>>, path: &str) -> Vec<String> {
+    if k.value.is_empty() {
+        r.issues.push((
+            k.loc,
+            format!("`{path}.key` must name at least one column (omit it to use the primary key)"),
+        ));
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for c in &k.value {
+        if !is_pg_ident(&c.value) {
             r.issues.push((
-                k.loc,
+                c.loc,
                 format!(
-                    "`{path}.key` must name at least one column (omit it to use the primary key)"
+                    "`{path}.key`: `{}` is not a column name",
+                    c.value.escape_debug()
                 ),
             ));
+        } else if seen.contains(&c.value.as_str()) {
+            r.issues.push((
+                c.loc,
+                format!("`{path}.key`: column `{}` is listed twice", c.value),
+            ));
         }
-        let mut seen: Vec<&str> = Vec::new();
-        for c in &k.value {
-            if !is_pg_ident(&c.value) {
-                r.issues.push((
-                    c.loc,
-                    format!(
-                        "`{path}.key`: `{}` is not a column name",
-                        c.value.escape_debug()
-                    ),
-                ));
-            } else if seen.contains(&c.value.as_str()) {
-                r.issues.push((
-                    c.loc,
-                    format!("`{path}.key`: column `{}` is listed twice", c.value),
-                ));
-            }
-            seen.push(&c.value);
-        }
-        k.value.iter().map(|c| c.value.clone()).collect::<Vec<_>>()
-    });
-    let pull = PullConfig {
+        seen.push(&c.value);
+    }
+    k.value.iter().map(|c| c.value.clone()).collect()
+}
+
+/// `pull:` with its defaults.
+fn check_pull(r: &mut Reader, e: &SyncFile, key: Option<&[String]>, path: &str) -> PullConfig {
+    PullConfig {
         enabled: e
             .pull
             .as_ref()
@@ -921,10 +949,14 @@ fn check_entry(
         on_delete: check_on_delete(
             r,
             e.pull.as_ref().and_then(|p| p.on_delete.as_ref()),
-            key.as_deref(),
+            key,
             &format!("{path}.pull.on_delete"),
         ),
-    };
+    }
+}
+
+/// `routes:`: each a list name and a CEL expression that compiles.
+fn check_routes(r: &mut Reader, e: &SyncFile, path: &str) -> Vec<Route> {
     let mut routes = Vec::new();
     for (i, rt) in e.routes.iter().flatten().enumerate() {
         let rpath = format!("{path}.routes[{i}]");
@@ -949,6 +981,17 @@ fn check_entry(
             list: rt.list.value.trim().to_owned(),
         });
     }
+    routes
+}
+
+/// `fields:`: column names, each field mapped once, pull_only only where pull is on.
+fn check_fields(
+    r: &mut Reader,
+    e: &SyncFile,
+    path: &str,
+    lists: &HashMap<String, (usize, Loc)>,
+    pull_enabled: bool,
+) -> Vec<FieldMapping> {
     let mut fields: Vec<FieldMapping> = Vec::new();
     let mut field_locs: Vec<Loc> = Vec::new();
     for (column, value) in &e.fields.0 {
@@ -993,7 +1036,7 @@ fn check_entry(
                 ),
             ));
         }
-        if mapping.direction == Direction::PullOnly && !pull.enabled {
+        if mapping.direction == Direction::PullOnly && !pull_enabled {
             r.issues.push((
                 loc,
                 format!("`{fpath}` is pull_only but pull is disabled for this entry"),
@@ -1002,21 +1045,7 @@ fn check_entry(
         fields.push(mapping);
         field_locs.push(loc);
     }
-    if r.issues.len() != before {
-        return None;
-    }
-    Some(SyncEntry {
-        table: table?,
-        list: e.list.value.trim().to_owned(),
-        key,
-        fields,
-        routes,
-        pull,
-        conflict: e
-            .conflict
-            .as_ref()
-            .map_or(ConflictPolicy::SourceWins, |c| c.value),
-    })
+    fields
 }
 
 /// A value for messages: backquoted and shortened, or hidden when it came from `${VAR}`.

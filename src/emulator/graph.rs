@@ -1484,105 +1484,7 @@ pub fn batch(
     body: Option<&Value>,
 ) -> GraphResult {
     st.stats.batches += 1;
-    let bad = |m: &str| GraphError::new(400, "BadRequest", m);
-    let reqs = body
-        .and_then(|b| b.get("requests"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("Invalid batch payload: a 'requests' array is required."))?;
-    if reqs.is_empty() {
-        return Err(bad("Invalid batch payload: 'requests' is empty."));
-    }
-    if reqs.len() > MAX_BATCH {
-        return Err(bad(&format!(
-            "Invalid batch payload: the number of requests ({}) exceeds the limit of {MAX_BATCH}.",
-            reqs.len()
-        )));
-    }
-    struct Entry {
-        id: String,
-        method: String,
-        url: String,
-        headers: Map<String, Value>,
-        body: Option<Value>,
-        depends: Vec<String>,
-    }
-    let mut entries: Vec<Entry> = Vec::with_capacity(reqs.len());
-    for r in reqs {
-        let o = r
-            .as_object()
-            .ok_or_else(|| bad("Invalid batch payload: each request must be an object."))?;
-        let id = match o.get("id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(bad("Invalid batch payload: every request needs an 'id'.")),
-        };
-        if entries.iter().any(|e| e.id.eq_ignore_ascii_case(&id)) {
-            return Err(bad(&format!(
-                "Invalid batch payload: duplicate request id '{id}'."
-            )));
-        }
-        let method = o
-            .get("method")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                bad(&format!(
-                    "Invalid batch payload: request '{id}' has no 'method'."
-                ))
-            })?
-            .to_ascii_uppercase();
-        let url = o
-            .get("url")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                bad(&format!(
-                    "Invalid batch payload: request '{id}' has no 'url'."
-                ))
-            })?
-            .to_string();
-        let headers = o
-            .get("headers")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let body = o.get("body").cloned().filter(|b| !b.is_null());
-        if body.is_some()
-            && !headers
-                .keys()
-                .any(|k| k.eq_ignore_ascii_case("content-type"))
-        {
-            return Err(bad(&format!(
-                "Invalid batch payload: request '{id}' has a body but no Content-Type header."
-            )));
-        }
-        let depends: Vec<String> = match o.get("dependsOn") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect(),
-            Some(_) => return Err(bad("Invalid batch payload: 'dependsOn' must be an array.")),
-        };
-        entries.push(Entry {
-            id,
-            method,
-            url,
-            headers,
-            body,
-            depends,
-        });
-    }
-    for e in &entries {
-        for d in &e.depends {
-            if !entries.iter().any(|x| x.id.eq_ignore_ascii_case(d))
-                || d.eq_ignore_ascii_case(&e.id)
-            {
-                return Err(bad(&format!(
-                    "Invalid batch payload: request '{}' depends on unknown request '{d}'.",
-                    e.id
-                )));
-            }
-        }
-    }
+    let entries = parse_batch(body)?;
     // Execute in dependency order (Kahn); a cycle is a malformed batch.
     let n = entries.len();
     let mut done: Vec<Option<u16>> = vec![None; n];
@@ -1627,31 +1529,144 @@ pub fn batch(
                 )
             };
             done[i] = Some(reply.status);
-            let mut headers = Map::new();
-            for (k, v) in &reply.headers {
-                headers.insert(k.clone(), json!(v));
-            }
-            if reply.body.is_some() {
-                headers.insert("Content-Type".into(), json!("application/json"));
-            }
-            headers.insert("Cache-Control".into(), json!("no-cache"));
-            let mut r = Map::new();
-            r.insert("id".into(), json!(e.id));
-            r.insert("status".into(), json!(reply.status));
-            r.insert("headers".into(), Value::Object(headers));
-            if let Some(b) = reply.body {
-                r.insert("body".into(), b);
-            }
-            responses.push(Value::Object(r));
+            responses.push(batch_response(&e.id, reply));
         }
     }
     if done.iter().any(Option::is_none) {
-        return Err(bad("Invalid batch payload: dependsOn forms a cycle."));
+        return Err(bad_batch("dependsOn forms a cycle."));
     }
     if st.settings.shuffle_batch_responses {
         st.faults.shuffle(&mut responses);
     }
     Ok(Reply::json(200, json!({ "responses": responses })))
+}
+
+/// One request of a `$batch`, as parsed.
+struct BatchEntry {
+    id: String,
+    method: String,
+    url: String,
+    headers: Map<String, Value>,
+    body: Option<Value>,
+    depends: Vec<String>,
+}
+
+/// A malformed `$batch` (400 `BadRequest`, Graph's wording).
+fn bad_batch(detail: &str) -> GraphError {
+    GraphError::new(
+        400,
+        "BadRequest",
+        &format!("Invalid batch payload: {detail}"),
+    )
+}
+
+/// The `requests` of a `$batch` body, checked as Graph checks them: 1 to [`MAX_BATCH`], unique
+/// ids, method and url, a Content-Type with a body, `dependsOn` naming other requests.
+fn parse_batch(body: Option<&Value>) -> Result<Vec<BatchEntry>, GraphError> {
+    let reqs = body
+        .and_then(|b| b.get("requests"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad_batch("a 'requests' array is required."))?;
+    if reqs.is_empty() {
+        return Err(bad_batch("'requests' is empty."));
+    }
+    if reqs.len() > MAX_BATCH {
+        return Err(bad_batch(&format!(
+            "the number of requests ({}) exceeds the limit of {MAX_BATCH}.",
+            reqs.len()
+        )));
+    }
+    let mut entries: Vec<BatchEntry> = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let e = parse_batch_entry(r)?;
+        if entries.iter().any(|x| x.id.eq_ignore_ascii_case(&e.id)) {
+            return Err(bad_batch(&format!("duplicate request id '{}'.", e.id)));
+        }
+        entries.push(e);
+    }
+    for e in &entries {
+        for d in &e.depends {
+            if !entries.iter().any(|x| x.id.eq_ignore_ascii_case(d))
+                || d.eq_ignore_ascii_case(&e.id)
+            {
+                return Err(bad_batch(&format!(
+                    "request '{}' depends on unknown request '{d}'.",
+                    e.id
+                )));
+            }
+        }
+    }
+    Ok(entries)
+}
+
+fn parse_batch_entry(r: &Value) -> Result<BatchEntry, GraphError> {
+    let o = r
+        .as_object()
+        .ok_or_else(|| bad_batch("each request must be an object."))?;
+    let id = match o.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err(bad_batch("every request needs an 'id'.")),
+    };
+    let text = |key: &str| {
+        o.get(key)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| bad_batch(&format!("request '{id}' has no '{key}'.")))
+    };
+    let method = text("method")?.to_ascii_uppercase();
+    let url = text("url")?;
+    let headers = o
+        .get("headers")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let body = o.get("body").cloned().filter(|b| !b.is_null());
+    if body.is_some()
+        && !headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("content-type"))
+    {
+        return Err(bad_batch(&format!(
+            "request '{id}' has a body but no Content-Type header."
+        )));
+    }
+    let depends: Vec<String> = match o.get("dependsOn") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => return Err(bad_batch("'dependsOn' must be an array.")),
+    };
+    Ok(BatchEntry {
+        id,
+        method,
+        url,
+        headers,
+        body,
+        depends,
+    })
+}
+
+/// One entry of a `$batch` response: id, status, headers and body of the inner reply.
+fn batch_response(id: &str, reply: Reply) -> Value {
+    let mut headers = Map::new();
+    for (k, v) in &reply.headers {
+        headers.insert(k.clone(), json!(v));
+    }
+    if reply.body.is_some() {
+        headers.insert("Content-Type".into(), json!("application/json"));
+    }
+    headers.insert("Cache-Control".into(), json!("no-cache"));
+    let mut r = Map::new();
+    r.insert("id".into(), json!(id));
+    r.insert("status".into(), json!(reply.status));
+    r.insert("headers".into(), Value::Object(headers));
+    if let Some(b) = reply.body {
+        r.insert("body".into(), b);
+    }
+    Value::Object(r)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -46,6 +46,7 @@ use super::problem::{InvalidParam, Problem};
         super::meta::history::row_history,
         super::cursors::cursors,
         super::cursors::reset,
+        super::cursors::ledger::ledger,
         super::drift::check, super::drift::heal, super::drift::latest, super::drift::by_run,
         super::ui::whoami,
     ),

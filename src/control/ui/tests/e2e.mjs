@@ -232,6 +232,26 @@ async function main() {
       await shot(page, "14-inventory");
     });
 
+    await step("the ledger of a list, a page at a time", async () => {
+      await page.getByRole("link", { name: "Ledger" }).click();
+      await page.getByLabel("List").selectOption({ label: env("SB_LIST") });
+      const total = page.getByTestId("ledger-total");
+      await total.getByText(`in list ${env("SB_LIST")}`).waitFor();
+      const rows = Number((await total.innerText()).match(/^(\d+) row/)?.[1]);
+      check(rows >= 5, `the ledger knows the list's items (${rows})`);
+      // The conflict's row: its item, the hash of its last confirmed write, nothing pending.
+      const row = page.locator(`[data-testid="ledger-row"][data-key="${env("SB_CONFLICT_KEY")}"]`);
+      await row.waitFor();
+      const cells = await row.locator("td").allInnerTexts();
+      check(cells[0] === env("SB_TABLE") && cells[2] !== "–" && cells[3] !== "–", `row ${cells}`);
+      await shot(page, "15-ledger");
+      if (rows > 50) {
+        await page.getByRole("button", { name: "Next page" }).click();
+        await total.getByText("from row 51").waitFor();
+        check(!(await row.isVisible()), "page 2 holds other rows");
+      }
+    });
+
     await step("keyboard and a narrow window", async () => {
       await page.goto(`${BASE}/ui/?pipeline=${PIPELINE}`);
       await page.getByTestId(`pipeline-${PIPELINE}`).waitFor();
@@ -245,7 +265,7 @@ async function main() {
       await page.waitForTimeout(300);
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       check(overflow <= 0, `no horizontal scrolling at 390 px (${overflow} px too wide)`);
-      await shot(page, "15-narrow-overview");
+      await shot(page, "16-narrow-overview");
     });
   } finally {
     await browser.close();

@@ -47,6 +47,8 @@ use super::problem::{InvalidParam, Problem};
         super::cursors::cursors,
         super::cursors::reset,
         super::cursors::ledger::ledger,
+        super::config_edit::get_config,
+        super::config_edit::put_config,
         super::drift::check, super::drift::heal, super::drift::latest, super::drift::by_run,
         super::ui::whoami,
     ),

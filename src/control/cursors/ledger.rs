@@ -142,16 +142,7 @@ fn parse_query(q: &BTreeMap<String, String>) -> Result<(Option<Vec<u8>>, usize),
             ApiError::bad_param("after", "not a cursor this API answered (`next`)")
         })?),
     };
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
-        None => DEFAULT_PAGE,
-        Some(Ok(l)) if (1..=MAX_PAGE).contains(&l) => l,
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "limit",
-                format!("`limit` must be a number from 1 to {MAX_PAGE}"),
-            ));
-        }
-    };
+    let limit = ApiError::page_limit(q.get("limit"), DEFAULT_PAGE, MAX_PAGE)?;
     Ok((after, limit))
 }
 

@@ -13,6 +13,7 @@ import { Drift } from "./screens/drift";
 import { CursorsScreen } from "./screens/cursors";
 import { InventoryScreen } from "./screens/inventory";
 import { LedgerScreen } from "./screens/ledger";
+import { Mapping } from "./screens/mapping";
 
 const SCREENS: { path: string; label: string; view: () => preact.JSX.Element }[] = [
   { path: "/", label: "Pipelines", view: Overview },
@@ -22,6 +23,7 @@ const SCREENS: { path: string; label: string; view: () => preact.JSX.Element }[]
   { path: "/dlq", label: "Dead letters", view: Dlq },
   { path: "/drift", label: "Drift", view: Drift },
   { path: "/ledger", label: "Ledger", view: LedgerScreen },
+  { path: "/mapping", label: "Mapping", view: Mapping },
   { path: "/cursors", label: "Cursors", view: CursorsScreen },
   { path: "/inventory", label: "Inventory", view: InventoryScreen },
 ];

@@ -252,6 +252,27 @@ async function main() {
       }
     });
 
+    await step("mapping editor: add a field, see the diff, save and reload", async () => {
+      await page.getByRole("link", { name: "Mapping" }).click();
+      await page.getByTestId("column-note").waitFor();
+      await page.getByTestId("field-Title").waitFor();
+      await page.getByRole("combobox", { name: /^Column/ }).selectOption("note");
+      await page.getByRole("textbox", { name: /^Field name/ }).fill("Note");
+      await page.getByRole("combobox", { name: /^Field type/ }).selectOption("note");
+      await page.getByRole("combobox", { name: /^Direction/ }).selectOption("push_only");
+      await page.getByRole("button", { name: "Add field" }).click();
+      const diff = page.getByTestId("yaml-diff");
+      await diff.locator(".add").getByText("note: { field: Note, type: note, direction: push_only }").waitFor();
+      check((await diff.locator(".del").count()) === 0, "adding a field removes no line");
+      const yaml = await page.getByRole("textbox", { name: /^YAML/ }).inputValue();
+      check(!yaml.includes(env("SB_TOKEN")) && yaml.includes("<redacted:"), "the tokens are redacted in the editor");
+      await shot(page, "16-mapping-diff");
+      await page.getByRole("button", { name: "Save and reload" }).click();
+      await page.getByTestId("mapping-saved").getByText("reload applied").waitFor();
+      await page.getByTestId("field-Note").waitFor();
+      await shot(page, "17-mapping-saved");
+    });
+
     await step("keyboard and a narrow window", async () => {
       await page.goto(`${BASE}/ui/?pipeline=${PIPELINE}`);
       await page.getByTestId(`pipeline-${PIPELINE}`).waitFor();
@@ -265,7 +286,7 @@ async function main() {
       await page.waitForTimeout(300);
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       check(overflow <= 0, `no horizontal scrolling at 390 px (${overflow} px too wide)`);
-      await shot(page, "16-narrow-overview");
+      await shot(page, "18-narrow-overview");
     });
   } finally {
     await browser.close();

@@ -4,7 +4,8 @@
 //! ([`crate::reload`]), answering the reload's outcome.
 //!
 //! A write is accepted only when the process was started with `syncbridge run
-//! --allow-config-writes` (else 403 `config_writes_disabled`) and the file and its folder are
+//! --allow-config-writes` (else 409 `config_writes_disabled`: the process's state, not the token's
+//! scope, refuses it) and the file and its folder are
 //! writable (else 409 `not_writable`). The body (`yaml`, `base_version`) is checked before anything
 //! is written: `base_version` must be the `version` the GET answered (409 `changed_meanwhile`
 //! otherwise: someone else saved), then the text is validated exactly as `syncbridge validate`
@@ -338,9 +339,8 @@ const WRITES_OFF: &str = "the process was not started with `syncbridge run --all
     responses(
         (status = 200, description = "Written atomically and reloaded: the reload's outcome", body = ConfigWritten),
         (status = 400, description = "A bad body (`invalid-params` names the field)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Writes are off (`--allow-config-writes`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown pipeline", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not writable, changed since `base_version`, or the reload refused it (the old text was put back)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Writes are off (`--allow-config-writes`), the file is not writable, it changed since `base_version`, or the reload refused it (the old text was put back)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The text has problems (`problems`, as `syncbridge validate` lists them); nothing written", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn put_config(
@@ -351,7 +351,7 @@ pub(crate) async fn put_config(
     let (editor, path) = editors.get(&name)?;
     if !editor.allow_writes {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
+            StatusCode::CONFLICT,
             "config_writes_disabled",
             format!("writing pipeline files is off: {WRITES_OFF}"),
         ));
@@ -541,7 +541,7 @@ mod tests {
         let err = put(&eds, FILE, "x").await.unwrap_err();
         assert_eq!(
             (err.status.as_u16(), err.kind.as_str()),
-            (403, "config_writes_disabled")
+            (409, "config_writes_disabled")
         );
 
         eds.enable(vec![("p".into(), f.clone())], true, tx);

@@ -13,8 +13,10 @@
 //! 422 problem (`problems`), nothing written. On success the file is replaced atomically (a temp
 //! file in its folder, renamed over it) and a reload runs; when the reload refuses the change or
 //! finds the file invalid (a key changed, a pipeline renamed), the old content is written back and
-//! the answer is 409 `reload_refused` with the reasons: the file and the running pipeline never
-//! disagree because of this route.
+//! the answer is 409 `reload_refused` with the reasons; when the new config does not start (the
+//! pipeline runs the old one again), likewise 409 `reload_failed`. So the file and the running
+//! pipeline do not disagree because of this route (short of a reload that does not answer in
+//! [`RELOAD_WAIT`]: 200 with outcome `unknown`).
 //!
 //! Redaction: every secret value the file holds (`source.url`'s and `control.meta_url`'s
 //! passwords, `graph.client_secret` or the certificate key, schema-registry password, API tokens,
@@ -46,8 +48,9 @@ const RELOAD_WAIT: Duration = Duration::from_secs(120);
 /// What a reload did (the answer of a reload request made through the API).
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ReloadOutcome {
-    /// `applied`, `unchanged`, `invalid`, `refused` or `failed` (the new config did not start;
-    /// the old one runs again).
+    /// `applied`, `unchanged`, `invalid`, `refused`, `failed` (the new config did not start;
+    /// the old one runs again) or, in a PUT's answer, `unknown` (no answer from the reload loop:
+    /// the process is stopping, or the reload takes longer than the PUT waits).
     pub outcome: String,
     /// Per restarted pipeline, what changed.
     pub changed: BTreeMap<String, Vec<String>>,
@@ -340,7 +343,7 @@ const WRITES_OFF: &str = "the process was not started with `syncbridge run --all
         (status = 200, description = "Written atomically and reloaded: the reload's outcome", body = ConfigWritten),
         (status = 400, description = "A bad body (`invalid-params` names the field)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown pipeline", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Writes are off (`--allow-config-writes`), the file is not writable, it changed since `base_version`, or the reload refused it (the old text was put back)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Writes are off (`--allow-config-writes`), the file is not writable, it changed since `base_version`, or the reload refused it or its config did not start (the old text was put back)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The text has problems (`problems`, as `syncbridge validate` lists them); nothing written", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn put_config(
@@ -378,22 +381,27 @@ pub(crate) async fn put_config(
     validate(&editor, &path, &new)?;
     replace(&path, &new).map_err(|e| conflict("not_writable", &e))?;
     let reload = request_reload(&editor).await;
-    if matches!(reload.outcome.as_str(), "invalid" | "refused") {
-        // The running pipeline keeps the old config: so does the file.
-        let restored = replace(&path, &old).err();
-        let mut detail = format!(
-            "the reload did not take the new file, the old one was written back: {}",
-            reload.error.as_deref().unwrap_or("")
-        );
-        if let Some(e) = restored {
-            detail.push_str(&format!(" (writing the old text back failed too: {e})"));
+    let kind = match reload.outcome.as_str() {
+        "invalid" | "refused" => "reload_refused",
+        // The new config did not start: the pipeline runs the old one again.
+        "failed" => "reload_failed",
+        _ => {
+            return Ok(axum::Json(ConfigWritten {
+                version: version(&new),
+                reload,
+            }));
         }
-        return Err(conflict("reload_refused", &detail));
+    };
+    // The running pipeline keeps the old config: so does the file.
+    let restored = replace(&path, &old).err();
+    let mut detail = format!(
+        "the reload did not take the new file, the old one was written back: {}",
+        reload.error.as_deref().unwrap_or("")
+    );
+    if let Some(e) = restored {
+        detail.push_str(&format!(" (writing the old text back failed too: {e})"));
     }
-    Ok(axum::Json(ConfigWritten {
-        version: version(&new),
-        reload,
-    }))
+    Err(conflict(kind, &detail))
 }
 
 fn conflict(kind: &str, detail: &str) -> ApiError {
@@ -448,8 +456,9 @@ fn replace(path: &Path, text: &str) -> Result<(), String> {
 }
 
 async fn request_reload(editor: &Editor) -> ReloadOutcome {
+    // `unknown`: the file is written, whether the pipeline took it is not known here.
     let failed = |why: &str| ReloadOutcome {
-        outcome: "failed".into(),
+        outcome: "unknown".into(),
         changed: BTreeMap::new(),
         error: Some(why.into()),
     };
@@ -578,9 +587,10 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(rx.try_recv().is_err(), "no reload for a bad file");
 
-        // The process's reload loop: applies the first request, refuses the second.
+        // The process's reload loop: applies the first request, refuses the second, and the
+        // third's config does not start.
         tokio::spawn(async move {
-            for outcome in ["applied", "refused"] {
+            for outcome in ["applied", "refused", "failed"] {
                 let req = rx.recv().await.unwrap();
                 let _ = req.reply.send(ReloadOutcome {
                     outcome: outcome.into(),
@@ -612,6 +622,10 @@ mod tests {
         let err = put(&eds, &keyed, &again.version).await.unwrap_err();
         assert_eq!(err.kind, "reload_refused", "{}", err.detail);
         assert!(err.detail.contains("key changed"), "{}", err.detail);
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), now);
+        let listed = again.yaml.replace("list: A", "list: B");
+        let err = put(&eds, &listed, &again.version).await.unwrap_err();
+        assert_eq!(err.kind, "reload_failed", "{}", err.detail);
         assert_eq!(std::fs::read_to_string(&f).unwrap(), now);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -134,6 +134,10 @@ async function main() {
       await page.getByTestId("conflict").first().waitFor();
       check((await page.getByRole("button", { name: /Keep/ }).count()) === 0, "no resolve button for read");
       await shot(page, "02-read-only-conflicts");
+      await page.goto(`${BASE}/ui/mapping?pipeline=${PIPELINE}`);
+      await page.getByTestId("field-Title").waitFor();
+      check((await page.getByRole("button", { name: "Add field" }).count()) === 0, "no add-field form for read");
+      check(await page.getByRole("textbox", { name: /^YAML/ }).getAttribute("readonly") !== null, "the YAML is read-only for read");
       await page.getByRole("button", { name: "Sign out" }).click();
     });
 

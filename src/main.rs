@@ -52,6 +52,10 @@ enum Command {
         /// Also reload when a file's content changes (checked every second).
         #[arg(long)]
         watch: bool,
+        /// Let the API (mapping editor) write the pipeline files: `PUT /pipelines/{name}/config`
+        /// replaces a writable file atomically and reloads its pipeline.
+        #[arg(long)]
+        allow_config_writes: bool,
     },
     /// Check pipeline files (--db, --graph: also the database and the lists).
     ///
@@ -335,7 +339,11 @@ fn main() -> ExitCode {
             println!("{:#}", config::json_schema());
             ExitCode::SUCCESS
         }
-        Command::Run { files, watch } => {
+        Command::Run {
+            files,
+            watch,
+            allow_config_writes,
+        } => {
             let pipelines = match config::load_files(&files) {
                 Ok(p) => p,
                 Err(report) => {
@@ -366,7 +374,11 @@ fn main() -> ExitCode {
                         shutdown.clone(),
                     ));
                 }
-                let source = runtime::ReloadSource { files, requests };
+                let source = runtime::ReloadSource {
+                    files,
+                    requests,
+                    allow_config_writes,
+                };
                 runtime::run_reloading(pipelines, Some(source), shutdown)
                     .await
                     .map_err(anyhow::Error::from)

@@ -15,6 +15,7 @@
 //! does (`drain_one`) and starts it again (`start_one`) on its log, which stays open; when the
 //! new config does not start, the old one is started again.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::capture::snapshot::{FileProgress, ObservedProgress};
 use crate::capture::{self, CaptureConfig, CaptureError, LogSink, ResnapshotHandle, TableSpec};
 use crate::config::{self, PipelineConfig};
+use crate::control::config_edit::ReloadOutcome;
 use crate::control::meta::{
     self, MetaError, Projection, Projector, RunCounts, RunKind, RunRecorder, RunStatus,
 };
@@ -171,6 +173,8 @@ pub struct ReloadSource {
     pub files: Vec<PathBuf>,
     /// One message per request (its trigger's name).
     pub requests: tokio::sync::mpsc::Receiver<&'static str>,
+    /// `run --allow-config-writes`: `PUT /pipelines/{name}/config` may write the files.
+    pub allow_config_writes: bool,
 }
 
 /// [`run`], re-reading the pipeline files at each request of `reload` (see [`crate::reload`]).
@@ -220,6 +224,18 @@ pub async fn run_reloading(
         control_stop.clone(),
     ));
     info!(%listen, api = access, "control plane listening (/health, /ready, /metrics open)");
+    // The mapping editor's reloads: answered in the loop below like SIGHUP, with the outcome.
+    let (api_reload, mut api_reloads) = tokio::sync::mpsc::channel(1);
+    if let Some(r) = &reload {
+        // `load_files` makes one pipeline per file, in file order.
+        let files = pipelines
+            .iter()
+            .map(|p| p.name.clone())
+            .zip(r.files.clone());
+        registries
+            .config
+            .enable(files.collect(), r.allow_config_writes, api_reload);
+    }
 
     let mut running = Vec::with_capacity(pipelines.len());
     // One limiter per tenant, shared by every pipeline of the process (graph-api.md §8.3).
@@ -238,10 +254,11 @@ pub async fn run_reloading(
     m::init_reloads();
 
     let failure = loop {
-        let trigger = tokio::select! {
+        let (trigger, reply) = tokio::select! {
             _ = shutdown.cancelled() => break None,
             failed = first_failure(&mut running) => break Some(failed),
-            trigger = next_reload(&mut reload) => trigger,
+            trigger = next_reload(&mut reload) => (trigger, None),
+            Some(req) = api_reloads.recv() => ("api", Some(req.reply)),
         };
         let files = &reload.as_ref().expect("a request came from it").files;
         let mut live = Live {
@@ -250,8 +267,13 @@ pub async fn run_reloading(
             registries: &registries,
             limiters: &limiters,
         };
-        if let Err(e) = reload_pipelines(trigger, files, &mut live).await {
-            break Some(e);
+        match reload_pipelines(trigger, files, &mut live).await {
+            Err(e) => break Some(e),
+            Ok(outcome) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+            }
         }
     };
     let drained = drain(running, &readiness).await;
@@ -1140,36 +1162,49 @@ async fn reload_pipelines(
     trigger: &'static str,
     files: &[PathBuf],
     live: &mut Live<'_>,
-) -> Result<(), RuntimeError> {
+) -> Result<ReloadOutcome, RuntimeError> {
+    let mut outcome = ReloadOutcome {
+        outcome: "applied".into(),
+        changed: BTreeMap::new(),
+        error: None,
+    };
     let plan = match crate::reload::plan(files, live.pipelines) {
         Ok(plan) => plan,
         Err(e) => {
             error!(trigger, "reload: {e}");
             m::count_reload(e.outcome());
-            return Ok(());
+            outcome.outcome = e.outcome().into();
+            outcome.error = Some(e.to_string());
+            return Ok(outcome);
         }
     };
     if plan.is_empty() {
         info!(trigger, "reload: no pipeline changed");
         m::count_reload("unchanged");
+        outcome.outcome = "unchanged".into();
     }
     for change in plan {
-        restart_pipeline(trigger, change, live).await?;
+        let (name, changed) = (change.config.name.clone(), change.changed.clone());
+        if let Some(failure) = restart_pipeline(trigger, change, live).await? {
+            outcome.outcome = "failed".into();
+            outcome.error = Some(format!("{name}: {failure}"));
+        }
+        outcome.changed.insert(name, changed);
     }
-    Ok(())
+    Ok(outcome)
 }
 
 /// Drains one pipeline in order and starts it again in this process with the changed config
 /// (its log stays open); when that fails, starts it again with the config it had. Records a
-/// `reload` run either way.
+/// `reload` run either way, and answers why the new config did not start, if it did not.
 async fn restart_pipeline(
     trigger: &'static str,
     change: crate::reload::PipelineChange,
     live: &mut Live<'_>,
-) -> Result<(), RuntimeError> {
+) -> Result<Option<String>, RuntimeError> {
     let name = change.config.name.clone();
     let Some(i) = live.running.iter().position(|r| r.name == name) else {
-        return Ok(());
+        return Ok(None);
     };
     info!(pipeline = %name, trigger, changed = ?change.changed, "reload: restarting the pipeline with its new config");
     let (log, drained) = drain_one(live.running.remove(i), &live.registries.readiness).await;
@@ -1201,8 +1236,8 @@ async fn restart_pipeline(
         "applied"
     });
     let topic = meta::runs_topic(topic_prefix(&change.config), &name);
-    crate::reload::record_run(log, topic, &name, trigger, &change, failure).await;
-    Ok(())
+    crate::reload::record_run(log, topic, &name, trigger, &change, failure.clone()).await;
+    Ok(failure)
 }
 
 /// Starts a drained pipeline with its changed config: its new tables are added to the

@@ -31,6 +31,8 @@ use harness::{Harness, hard_timeout};
 
 const OPERATE: &str = "ui-op-5c1e0b7d";
 const READ: &str = "ui-rd-9a4f2c61";
+/// The mapping editor saves the pipeline file.
+const WRITES: &[&str] = &["--allow-config-writes"];
 
 /// An executable named `name` on PATH.
 fn which(name: &str) -> Option<PathBuf> {
@@ -128,7 +130,7 @@ async fn the_admin_ui_operates_a_running_pipeline_in_chromium() {
             said.contains("e2e: all steps passed, no console error"),
             "{said}"
         );
-        assert_effects(&h, &t, &list).await;
+        assert_effects(&h, &t, &list, &file).await;
         h.stop().await;
     })
     .await;
@@ -139,8 +141,8 @@ async fn the_admin_ui_operates_a_running_pipeline_in_chromium() {
 async fn setup(h: &mut Harness, meta: &TempDatabase) -> (String, String, PathBuf) {
     let t = h.t("t");
     h.sql(&format!(
-        "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, link text);
-         INSERT INTO public.{t} (id, title) SELECT g, 'row ' || g FROM generate_series(1, 5) g;"
+        "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, link text, note text);
+         INSERT INTO public.{t} (id, title, note) SELECT g, 'row ' || g, 'note ' || g FROM generate_series(1, 5) g;"
     ))
     .await;
     h.tables.push(format!("public.{t}"));
@@ -156,7 +158,7 @@ async fn setup(h: &mut Harness, meta: &TempDatabase) -> (String, String, PathBuf
     ));
     std::fs::write(&file, yaml).unwrap();
     h.emulator_limits(json!({ "hyperlink_writes": true })).await;
-    h.start(&file);
+    h.start_with(&file, WRITES);
     h.wait_for("the 5 items", || async { h.items(&list).await.len() == 5 })
         .await;
     (t, list, file)
@@ -183,7 +185,7 @@ async fn make_a_parked_conflict(h: &mut Harness, t: &str, list: &str, file: &Pat
     .await;
     h.person_edit(list, "1", json!({ "Title": "list side" }))
         .await;
-    h.start(file);
+    h.start_with(file, WRITES);
     h.wait_for("the parked conflict", || async {
         h.metric("syncbridge_pull_conflicts_total", &["outcome=\"parked\""])
             .await
@@ -228,7 +230,7 @@ async fn workload(url: String, t: String, stop: Arc<AtomicBool>) {
 }
 
 /// What the browser did, seen from outside it.
-async fn assert_effects(h: &Harness, t: &str, list: &str) {
+async fn assert_effects(h: &Harness, t: &str, list: &str, file: &Path) {
     // The conflict: resolved by `ops`, the database's title kept on both sides.
     let conflicts = api(h, &format!("/pipelines/{}/conflicts", h.name)).await;
     let conflicts = conflicts.as_array().expect("a list of conflicts");
@@ -269,6 +271,25 @@ async fn assert_effects(h: &Harness, t: &str, list: &str) {
         "one real reset (the dry run is none): {resets:#?}"
     );
     assert_eq!(resets[0]["by"], "ops", "{resets:#?}");
+    // The mapping editor added `note: Note`: the file holds it with its secrets intact, the GET
+    // shows it without them, and the reload's re-snapshot filled the new field.
+    let yaml = std::fs::read_to_string(file).unwrap();
+    assert!(yaml.contains("note: { field: Note"), "{yaml}");
+    assert!(
+        yaml.contains(OPERATE) && !yaml.contains("<redacted:"),
+        "{yaml}"
+    );
+    let shown = api(h, &format!("/pipelines/{}/config", h.name)).await;
+    let shown_yaml = shown["yaml"].as_str().unwrap();
+    for secret in [OPERATE, READ, syncbridge::emulator::DEFAULT_CLIENT_SECRET] {
+        assert!(!shown_yaml.contains(secret), "secret shown: {shown_yaml}");
+    }
+    h.wait_for("the new Note field on row 2's item", || async {
+        h.item(list, "2")
+            .await
+            .is_some_and(|f| f["Note"] == "note 2")
+    })
+    .await;
     let rows: i64 =
         h.db.query_one(&format!("SELECT count(*) FROM public.{t}"), &[])
             .await

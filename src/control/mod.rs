@@ -37,6 +37,9 @@
 //! Every failure is an RFC 9457 problem from [`problem::ApiError`], returned before anything
 //! changed; the OpenAPI 3.1 description ([`openapi`]) is served at `/openapi.json`.
 //!
+//! Mapping editor ([`config_edit`]): `GET`/`PUT /pipelines/{name}/config`, the pipeline file
+//! (secrets redacted) and writing it (with `run --allow-config-writes`), reloaded at once.
+//!
 //! Admin UI ([`ui`]): the single-page app at `/ui` (public static files, the app sends the
 //! operator's token with each call) and `GET /whoami` (the token's name and role).
 //!
@@ -46,6 +49,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod client;
+pub mod config_edit;
 pub mod cursors;
 pub mod drift;
 pub mod meta;
@@ -262,6 +266,8 @@ pub struct Registries {
     /// The cursors (slot, consumer groups, delta links) of the running pipelines.
     pub cursors: cursors::CursorRegistry,
     pub drift: drift::DriftRegistry,
+    /// The pipeline files (mapping editor), once the runtime enables them.
+    pub config: config_edit::ConfigEditors,
 }
 
 #[derive(Clone)]
@@ -309,6 +315,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         pipelines,
         cursors,
         drift,
+        config,
     } = registries;
     let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
     Router::new()
@@ -341,6 +348,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
         .merge(drift::routes(drift))
+        .merge(config_edit::routes(config))
         .merge(ui::routes())
 }
 

@@ -403,16 +403,7 @@ async fn dlq_list(
             format!("unknown query parameter `{key}` (known: limit)"),
         ));
     }
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
-        None => DEFAULT_DLQ_PAGE,
-        Some(Ok(l)) if (1..=MAX_DLQ_PAGE).contains(&l) => l,
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "limit",
-                format!("`limit` must be a number from 1 to {MAX_DLQ_PAGE}"),
-            ));
-        }
-    };
+    let limit = ApiError::page_limit(q.get("limit"), DEFAULT_DLQ_PAGE, MAX_DLQ_PAGE)?;
     let entries = dlq::pending(&*h.log, &h.prefix, &h.name)
         .await
         .map_err(log_unavailable)?;

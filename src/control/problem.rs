@@ -75,6 +75,18 @@ impl ApiError {
     }
 
     /// 404: no such pipeline runs in this process.
+    /// The `limit` query parameter of a paged route: `default` when absent, else 1..=`max`.
+    pub fn page_limit(value: Option<&String>, default: usize, max: usize) -> Result<usize, Self> {
+        match value.map(|l| l.parse::<usize>()) {
+            None => Ok(default),
+            Some(Ok(l)) if (1..=max).contains(&l) => Ok(l),
+            Some(_) => Err(Self::bad_param(
+                "limit",
+                format!("`limit` must be a number from 1 to {max}"),
+            )),
+        }
+    }
+
     pub fn unknown_pipeline(name: &str) -> Self {
         Self {
             param: Some(InvalidParam {

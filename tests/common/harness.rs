@@ -157,10 +157,16 @@ impl Harness {
     }
 
     pub fn start(&mut self, file: &Path) {
+        self.start_with(file, &[]);
+    }
+
+    /// [`Harness::start`] with more arguments to `syncbridge run` (e.g. `--allow-config-writes`).
+    pub fn start_with(&mut self, file: &Path, args: &[&str]) {
         let stderr = std::fs::File::create(self.dir.path().join("run.log")).unwrap();
         let child = Command::new(BIN)
             .arg("run")
             .arg(file)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr)

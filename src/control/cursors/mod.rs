@@ -41,7 +41,11 @@
 //! One reset at a time per pipeline (409 `reset_in_progress`). Bad input is a 400 naming the
 //! field, a target that does not exist (unknown group, list, topic, partition) too; nothing
 //! changes on any error answered before the cursor moved.
+//!
+//! [`ledger`]: `GET /pipelines/{name}/lists/{list}/ledger`, the ledger browser per list (read from
+//! the same changelog the dry runs count items in).
 
+pub mod ledger;
 pub mod plan;
 pub mod text;
 
@@ -180,6 +184,7 @@ pub fn routes(registry: CursorRegistry) -> Router {
     Router::new()
         .route("/pipelines/{name}/cursors", get(cursors))
         .route("/pipelines/{name}/cursors/reset", post(reset))
+        .route("/pipelines/{name}/lists/{list}/ledger", get(ledger::ledger))
         .with_state(registry)
 }
 

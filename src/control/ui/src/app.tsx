@@ -12,6 +12,8 @@ import { Dlq } from "./screens/dlq";
 import { Drift } from "./screens/drift";
 import { CursorsScreen } from "./screens/cursors";
 import { InventoryScreen } from "./screens/inventory";
+import { LedgerScreen } from "./screens/ledger";
+import { Mapping } from "./screens/mapping";
 
 const SCREENS: { path: string; label: string; view: () => preact.JSX.Element }[] = [
   { path: "/", label: "Pipelines", view: Overview },
@@ -20,6 +22,8 @@ const SCREENS: { path: string; label: string; view: () => preact.JSX.Element }[]
   { path: "/conflicts", label: "Conflicts", view: Conflicts },
   { path: "/dlq", label: "Dead letters", view: Dlq },
   { path: "/drift", label: "Drift", view: Drift },
+  { path: "/ledger", label: "Ledger", view: LedgerScreen },
+  { path: "/mapping", label: "Mapping", view: Mapping },
   { path: "/cursors", label: "Cursors", view: CursorsScreen },
   { path: "/inventory", label: "Inventory", view: InventoryScreen },
 ];

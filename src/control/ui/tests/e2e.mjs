@@ -134,6 +134,10 @@ async function main() {
       await page.getByTestId("conflict").first().waitFor();
       check((await page.getByRole("button", { name: /Keep/ }).count()) === 0, "no resolve button for read");
       await shot(page, "02-read-only-conflicts");
+      await page.goto(`${BASE}/ui/mapping?pipeline=${PIPELINE}`);
+      await page.getByTestId("field-Title").waitFor();
+      check((await page.getByRole("button", { name: "Add field" }).count()) === 0, "no add-field form for read");
+      check(await page.getByRole("textbox", { name: /^YAML/ }).getAttribute("readonly") !== null, "the YAML is read-only for read");
       await page.getByRole("button", { name: "Sign out" }).click();
     });
 
@@ -232,6 +236,47 @@ async function main() {
       await shot(page, "14-inventory");
     });
 
+    await step("the ledger of a list, a page at a time", async () => {
+      await page.getByRole("link", { name: "Ledger" }).click();
+      await page.getByLabel("List").selectOption({ label: env("SB_LIST") });
+      const total = page.getByTestId("ledger-total");
+      await total.getByText(`in list ${env("SB_LIST")}`).waitFor();
+      const rows = Number((await total.innerText()).match(/^(\d+) row/)?.[1]);
+      check(rows >= 5, `the ledger knows the list's items (${rows})`);
+      // The conflict's row: its item, the hash of its last confirmed write, nothing pending.
+      const row = page.locator(`[data-testid="ledger-row"][data-key="${env("SB_CONFLICT_KEY")}"]`);
+      await row.waitFor();
+      const cells = await row.locator("td").allInnerTexts();
+      check(cells[0] === env("SB_TABLE") && cells[2] !== "–" && cells[3] !== "–", `row ${cells}`);
+      await shot(page, "15-ledger");
+      if (rows > 50) {
+        await page.getByRole("button", { name: "Next page" }).click();
+        await total.getByText("from row 51").waitFor();
+        check(!(await row.isVisible()), "page 2 holds other rows");
+      }
+    });
+
+    await step("mapping editor: add a field, see the diff, save and reload", async () => {
+      await page.getByRole("link", { name: "Mapping" }).click();
+      await page.getByTestId("column-note").waitFor();
+      await page.getByTestId("field-Title").waitFor();
+      await page.getByRole("combobox", { name: /^Column/ }).selectOption("note");
+      await page.getByRole("textbox", { name: /^Field name/ }).fill("Note");
+      await page.getByRole("combobox", { name: /^Field type/ }).selectOption("note");
+      await page.getByRole("combobox", { name: /^Direction/ }).selectOption("push_only");
+      await page.getByRole("button", { name: "Add field" }).click();
+      const diff = page.getByTestId("yaml-diff");
+      await diff.locator(".add").getByText("note: { field: Note, type: note, direction: push_only }").waitFor();
+      check((await diff.locator(".del").count()) === 0, "adding a field removes no line");
+      const yaml = await page.getByRole("textbox", { name: /^YAML/ }).inputValue();
+      check(!yaml.includes(env("SB_TOKEN")) && yaml.includes("<redacted:"), "the tokens are redacted in the editor");
+      await shot(page, "16-mapping-diff");
+      await page.getByRole("button", { name: "Save and reload" }).click();
+      await page.getByTestId("mapping-saved").getByText("reload applied").waitFor();
+      await page.getByTestId("field-Note").waitFor();
+      await shot(page, "17-mapping-saved");
+    });
+
     await step("keyboard and a narrow window", async () => {
       await page.goto(`${BASE}/ui/?pipeline=${PIPELINE}`);
       await page.getByTestId(`pipeline-${PIPELINE}`).waitFor();
@@ -245,7 +290,7 @@ async function main() {
       await page.waitForTimeout(300);
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       check(overflow <= 0, `no horizontal scrolling at 390 px (${overflow} px too wide)`);
-      await shot(page, "15-narrow-overview");
+      await shot(page, "18-narrow-overview");
     });
   } finally {
     await browser.close();

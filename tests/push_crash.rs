@@ -680,7 +680,7 @@ async fn kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
 /// The same on the stack's Kafka broker (issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() {
-    hard_timeout(420, crash_body(Log::Kafka)).await;
+    hard_timeout(480, crash_body(Log::Kafka)).await;
 }
 
 async fn crash_body(log: Log) {
@@ -763,25 +763,45 @@ async fn crash_body(log: Log) {
     eprintln!("writer: {wrote:?}");
 
     // A clean run until the lists equal the (now static) table, then SIGTERM.
-    // On Kafka the final run first waits for the group to drop the last killed member; on a
-    // loaded machine tansu took over 60 s for that (a run with two builds beside it, 2026-12-07:
-    // 0 events in 60 s, then it drained cleanly), so the bound there is longer. It bounds a hang;
-    // what is asserted is the state the run converges to.
-    let converge_secs = match log {
-        Log::Embedded => 60,
-        Log::Kafka => 150,
+    // On Kafka (tansu 0.6.0) a run started right after a kill -9 sometimes gets no partitions at
+    // all: the broker keeps the killed member in the group (seen in 2 of 4 fresh-clone CI runs on
+    // 2026-12-07, the crash iterations included: 0 events in 60 and in 150 s, then a clean drain;
+    // Apache Kafka expires such a member after `session.timeout.ms`). That stall, and only that
+    // (the run's final stats say 0 events), gets another run after a clean SIGTERM (at most
+    // three in all), as an operator would restart it; the state the runs converge to is asserted either way.
+    let (converge_secs, attempts) = match log {
+        Log::Embedded => (60, 1),
+        Log::Kafka => (75, 3),
     };
-    let mut run = fx.spawn(None);
-    let converged = fx.converge(&mut run, converge_secs).await;
-    let status = run.terminate().await;
-    if let Err(problems) = converged {
+    let mut attempt = 0;
+    let (run, status) = loop {
+        attempt += 1;
+        let mut run = fx.spawn(None);
+        let converged = fx.converge(&mut run, converge_secs).await;
+        let status = run.terminate().await;
+        let Err(problems) = converged else {
+            break (run, status);
+        };
+        let stalled = std::fs::read_to_string(&run.log)
+            .unwrap_or_default()
+            .lines()
+            .rfind(|l| l.contains("push processor stopped"))
+            .is_some_and(|l| l.contains("stats=ProcessorStats { events: 0,"));
+        if stalled && attempt < attempts {
+            eprintln!(
+                "final run {attempt}: no event reached the processor in {converge_secs} s (the \
+                 broker kept a killed member's partitions); SIGTERM and one more run"
+            );
+            continue;
+        }
         panic!(
-            "the final run did not converge within {converge_secs} s; {} problem(s):\n  {}\nlog:\n{}",
+            "the final run did not converge within {converge_secs} s (attempt {attempt}, \
+             processor stalled: {stalled}); {} problem(s):\n  {}\nlog:\n{}",
             problems.len(),
             problems.join("\n  "),
             tail(&run.log)
         );
-    }
+    };
     assert_eq!(
         status.code(),
         Some(0),

@@ -687,9 +687,9 @@ words! {
 words! {
     /// What a `schedules:` entry runs.
     JobKind {
-        /// Compares the tables with the lists (issue 14 item 1; "not available" until built in).
+        /// Compares the tables with the lists (a dry run: reports, changes nothing).
         DriftCheck = "drift_check",
-        /// Fixes what a drift check finds (issue 14 item 2; "not available" until built in).
+        /// Fixes what a drift check finds, through the writer path.
         DriftHeal = "drift_heal",
         /// Re-snapshots `tables` (default: every synced table) while streaming continues.
         Resnapshot = "resnapshot",

@@ -185,7 +185,7 @@ impl CaptureConfig {
     }
 
     /// The URL for the replication connection (`replication=database`).
-    pub(crate) fn replication_url(&self) -> String {
+    pub fn replication_url(&self) -> String {
         let sep = if self.source_url.contains('?') {
             '&'
         } else {

@@ -1,21 +1,19 @@
-// Mapping editor: a table's columns (catalog) beside its list's fields (the pipeline file); add a
-// field, see the file's change as a diff, save (written by the process and reloaded at once).
+// Mapping editor: a table's columns (catalog) beside its list's fields (the pipeline file); add,
+// remove and change fields (type, direction) and edit routes with form controls, each an edit of
+// the YAML below (also editable by hand); see the file's change as a diff, save (written by the
+// process and reloaded at once).
 import { useEffect, useState } from "preact/hooks";
 import { api, call, message, type Schemas } from "../api/client";
 import { useLoad } from "../hooks";
-import { addField, lineDiff } from "../mapping_yaml";
+import { addField, editField, lineDiff, setRoutes, type FieldSpec, type RouteSpec } from "../mapping_yaml";
 import { ErrorBox, PipelinePicker, ReadOnlyNote, Table, show, usePipeline, useSession } from "../widgets";
 
-interface Field {
-  column: string;
-  field: string;
-  type: string;
-  direction: string;
-}
+type Field = FieldSpec;
 interface Entry {
   table: { schema: string; name: string };
   list: string;
   fields: Field[];
+  routes: RouteSpec[];
 }
 
 const TYPES = ["text", "note", "number", "currency", "date", "datetime", "boolean", "choice", "multichoice", "person", "lookup", "hyperlink"];
@@ -34,9 +32,13 @@ export function Mapping() {
   const [result, setResult] = useState<Schemas["ConfigWritten"] | undefined>();
   const [failure, setFailure] = useState<string | undefined>();
   const [saving, setSaving] = useState(false);
-  useEffect(() => setDraft(file.data?.yaml ?? ""), [file.data]);
+  // The entries as the form last left them (the file's, then each form edit applied).
+  const [entries, setEntries] = useState<Entry[]>([]);
+  useEffect(() => {
+    setDraft(file.data?.yaml ?? "");
+    setEntries((file.data?.mapping ?? []) as unknown as Entry[]);
+  }, [file.data]);
 
-  const entries = (file.data?.mapping ?? []) as unknown as Entry[];
   const entry = entries.find((e) => tableName(e) === table) ?? entries[0];
   const columns = useLoad(
     async () =>
@@ -46,6 +48,19 @@ export function Mapping() {
     [file.data?.database, entry && tableName(entry)],
   );
   const changed = file.data !== undefined && draft !== file.data.yaml;
+
+  /** Applies a form edit: the YAML text and the form's entry, or says why it cannot. */
+  const edit = (r: { text: string } | { error: string }, next: Entry) => {
+    if ("error" in r) return setFailure(r.error);
+    setFailure(undefined);
+    setDraft(r.text);
+    setEntries(entries.map((e) => (e === entry ? next : e)));
+  };
+  const changeField = (old: Field, f: Field | undefined) =>
+    edit(editField(draft, tableName(entry!), old.column, f), {
+      ...entry!,
+      fields: f ? entry!.fields.map((x) => (x === old ? f : x)) : entry!.fields.filter((x) => x !== old),
+    });
 
   const save = async () => {
     setSaving(true);
@@ -96,13 +111,27 @@ export function Mapping() {
           </section>
           <section class="card" aria-labelledby="fields-h">
             <h2 id="fields-h">Fields of list {entry.list}</h2>
-            <Table head={["Field", "Column", "Type", "Direction"]} caption="List fields">
+            <Table head={canOperate ? ["Field", "Column", "Type", "Direction", ""] : ["Field", "Column", "Type", "Direction"]} caption="List fields">
               {entry.fields.map((f) => (
-                <tr key={f.field} data-testid={`field-${f.field}`}>
+                <tr key={f.column} data-testid={`field-${f.field}`}>
                   <td>{f.field}</td>
                   <td>{f.column}</td>
-                  <td>{f.type}</td>
-                  <td>{f.direction}</td>
+                  {canOperate ? (
+                    <>
+                      <td>{pick(`${f.field} type`, f.type, TYPES, (type) => changeField(f, { ...f, type }), true)}</td>
+                      <td>{pick(`${f.field} direction`, f.direction, DIRECTIONS, (direction) => changeField(f, { ...f, direction }), true)}</td>
+                      <td>
+                        <button type="button" class="link" aria-label={`Remove field ${f.field}`} onClick={() => changeField(f, undefined)}>
+                          Remove
+                        </button>
+                      </td>
+                    </>
+                  ) : (
+                    <>
+                      <td>{f.type}</td>
+                      <td>{f.direction}</td>
+                    </>
+                  )}
                 </tr>
               ))}
             </Table>
@@ -110,24 +139,37 @@ export function Mapping() {
         </div>
       )}
       {entry && canOperate && (
-        <AddField
-          key={tableName(entry)}
-          columns={(columns.data?.columns ?? []).map((c) => c.name).filter((c) => !entry.fields.some((f) => f.column === c))}
-          onAdd={(f) => {
-            const r = addField(draft, tableName(entry), f);
-            if ("error" in r) setFailure(r.error);
-            else {
-              setFailure(undefined);
-              setDraft(r.text);
-            }
-          }}
-        />
+        <>
+          <AddField
+            key={tableName(entry)}
+            columns={(columns.data?.columns ?? []).map((c) => c.name).filter((c) => !entry.fields.some((f) => f.column === c))}
+            onAdd={(f) => edit(addField(draft, tableName(entry), f), { ...entry, fields: [...entry.fields, f] })}
+          />
+          <Routes
+            key={`routes-${tableName(entry)}`}
+            entry={entry}
+            onChange={(list, routes) => edit(setRoutes(draft, tableName(entry), list, routes), { ...entry, list, routes })}
+          />
+        </>
+      )}
+      {entry && !canOperate && entry.routes.length > 0 && (
+        <section class="card" aria-labelledby="routes-h">
+          <h2 id="routes-h">Routes</h2>
+          <Table head={["When", "List"]} caption="Routes, first match wins">
+            {entry.routes.map((r, i) => (
+              <tr key={i}>
+                <td><code>{r.when}</code></td>
+                <td>{r.list}</td>
+              </tr>
+            ))}
+          </Table>
+        </section>
       )}
       <ReadOnlyNote />
       {file.data && (
         <section class="card" aria-labelledby="yaml-h">
           <h2 id="yaml-h">Pipeline file {file.data.file}</h2>
-          <p class="muted">Secrets show as &lt;redacted:N&gt; and are kept when saving.</p>
+          <p class="muted">Secrets show as &lt;redacted:N&gt; and are kept when saving. The form above edits this text; an edit by hand here is not shown in the form.</p>
           <label>
             YAML
             <textarea class="yaml" rows={16} value={draft} readOnly={!canOperate} onInput={(e) => setDraft((e.target as HTMLTextAreaElement).value)} />
@@ -147,7 +189,16 @@ export function Mapping() {
           {canOperate && (
             <p class="actions">
               <button type="button" disabled={saving || !file.data!.writable} onClick={() => void save()}>Save and reload</button>
-              <button type="button" class="link" onClick={() => setDraft(file.data!.yaml)}>Discard changes</button>
+              <button
+                type="button"
+                class="link"
+                onClick={() => {
+                  setDraft(file.data!.yaml);
+                  setEntries(file.data!.mapping as unknown as Entry[]);
+                }}
+              >
+                Discard changes
+              </button>
             </p>
           )}
         </section>
@@ -164,6 +215,63 @@ export function Mapping() {
   );
 }
 
+/** A labelled select; `hidden`: the label is for screen readers only (inside a table row). */
+function pick(label: string, value: string, options: string[], set: (v: string) => void, hidden = false) {
+  return (
+    <label>
+      <span class={hidden ? "sr-only" : undefined}>{label}</span>
+      <select value={value} onChange={(e) => set((e.target as HTMLSelectElement).value)}>
+        {options.map((o) => (
+          <option key={o}>{o}</option>
+        ))}
+      </select>
+    </label>
+  );
+}
+
+/** The entry's routes in order (first match wins) and its default list. */
+function Routes({ entry, onChange }: { entry: Entry; onChange: (list: string, routes: RouteSpec[]) => void }) {
+  const routes = entry.routes;
+  const set = (i: number, r: RouteSpec | undefined) => onChange(entry.list, r ? routes.map((x, j) => (j === i ? r : x)) : routes.filter((_, j) => j !== i));
+  const move = (i: number, by: number) => {
+    const next = [...routes];
+    [next[i], next[i + by]] = [next[i + by], next[i]];
+    onChange(entry.list, next);
+  };
+  return (
+    <section class="card" aria-labelledby="routes-h" data-testid="routes">
+      <h2 id="routes-h">Routes</h2>
+      <p class="muted">A row goes to the list of the first rule whose condition (CEL over the row's columns) holds, else to the default list.</p>
+      <ol class="routes">
+        {routes.map((r, i) => (
+          <li key={i} class="filters" data-testid="route">
+            <label>
+              When (rule {i + 1})
+              <input value={r.when} onInput={(e) => set(i, { ...r, when: (e.target as HTMLInputElement).value })} />
+            </label>
+            <label>
+              List (rule {i + 1})
+              <input value={r.list} onInput={(e) => set(i, { ...r, list: (e.target as HTMLInputElement).value })} />
+            </label>
+            <span class="actions">
+              <button type="button" class="link" disabled={i === 0} onClick={() => move(i, -1)} aria-label={`Move rule ${i + 1} up`}>Up</button>
+              <button type="button" class="link" disabled={i === routes.length - 1} onClick={() => move(i, 1)} aria-label={`Move rule ${i + 1} down`}>Down</button>
+              <button type="button" class="link" onClick={() => set(i, undefined)} aria-label={`Remove rule ${i + 1}`}>Remove</button>
+            </span>
+          </li>
+        ))}
+      </ol>
+      <div class="filters">
+        <label>
+          Default list
+          <input value={entry.list} onInput={(e) => onChange((e.target as HTMLInputElement).value, routes)} />
+        </label>
+        <button type="button" onClick={() => onChange(entry.list, [...routes, { when: "", list: "" }])}>Add rule</button>
+      </div>
+    </section>
+  );
+}
+
 function AddField({ columns, onAdd }: { columns: string[]; onAdd: (f: Field) => void }) {
   const [column, setColumn] = useState("");
   const [field, setField] = useState("");
@@ -177,16 +285,6 @@ function AddField({ columns, onAdd }: { columns: string[]; onAdd: (f: Field) => 
     setField("");
     setColumn("");
   };
-  const pick = (label: string, value: string, options: string[], set: (v: string) => void) => (
-    <label>
-      {label}
-      <select value={value} onChange={(e) => set((e.target as HTMLSelectElement).value)}>
-        {options.map((o) => (
-          <option key={o}>{o}</option>
-        ))}
-      </select>
-    </label>
-  );
   return (
     <form class="card filters" onSubmit={submit} aria-label="Add a field">
       {pick("Column", col, columns, setColumn)}

@@ -134,6 +134,19 @@ export function editField(text: string, table: string, column: string | undefine
   return { text: lines.join("\n") };
 }
 
+/** The column of the field written at 1-based `line` of `text` in the entry of `table`, if any. */
+export function columnAtLine(text: string, table: string, line: number): string | undefined {
+  const lines = text.split("\n");
+  const e = entryOf(lines, table);
+  if (typeof e === "string") return undefined;
+  const fields = keyOf(lines, e, "fields");
+  const at = line - 1;
+  if (!fields || at <= fields.at || at >= fields.end) return undefined;
+  const itemIndent = indentOf(lines.slice(fields.at + 1, fields.end).find(meaningful)!);
+  for (let j = at; j > fields.at; j--) if (meaningful(lines[j]) && indentOf(lines[j]) === itemIndent) return columnOf(lines[j].trim());
+  return undefined;
+}
+
 /** `text` with `f` added to the `fields:` of the sync entry of `table` (`schema.table`). */
 export function addField(text: string, table: string, f: NewField): Edit {
   return editField(text, table, undefined, f);

@@ -16,7 +16,7 @@ async function load(module) {
   return import(file);
 }
 
-const { addField, editField, setRoutes, lineDiff } = await load("mapping_yaml");
+const { addField, columnAtLine, editField, setRoutes, lineDiff } = await load("mapping_yaml");
 let failed = 0;
 function test(name, f) {
   try {
@@ -89,6 +89,12 @@ test("an unknown table or a layout it does not know is an error, not a wrong edi
   assert.ok("error" in addField(BLOCK, "public.zz", spec("a", "A")));
   const odd = BLOCK.replace("fields: { x: X, y: { field: Y, type: number } }", "fields: &f\n      x: X");
   assert.ok("error" in addField(odd, "public.b", spec("a", "A")));
+});
+
+test("a problem's line names the field written there", () => {
+  // Lines 6 (title), 7-9 (link and its continuation lines), 10 (note); 3 is the table line.
+  assert.deepEqual([3, 6, 8, 9, 10, 11].map((l) => columnAtLine(BLOCK, "public.a", l)), [undefined, "title", "link", "link", "note", undefined]);
+  assert.equal(columnAtLine(BLOCK, "public.b", 15), undefined, "a one-line map: not told apart");
 });
 
 rmSync(dir, { recursive: true, force: true });

@@ -1,11 +1,12 @@
-// Mapping editor: a table's columns (catalog) beside its list's fields (the pipeline file); add,
-// remove and change fields (type, direction) and edit routes with form controls, each an edit of
-// the YAML below (also editable by hand); see the file's change as a diff, save (written by the
-// process and reloaded at once).
+// Mapping editor: a table's columns (catalog) beside its list's fields (the pipeline file) and the
+// list's live columns (Graph); add, remove and change fields (type, direction) and edit routes
+// with form controls, each an edit of the YAML below (also editable by hand); every change is
+// checked by the process (config, catalog, live list) and its problems shown beside the fields,
+// blocking the save; see the file's change as a diff, save (written and reloaded at once).
 import { useEffect, useState } from "preact/hooks";
 import { api, call, message, type Schemas } from "../api/client";
 import { useLoad } from "../hooks";
-import { addField, editField, lineDiff, setRoutes, type FieldSpec, type RouteSpec } from "../mapping_yaml";
+import { addField, columnAtLine, editField, lineDiff, setRoutes, type FieldSpec, type RouteSpec } from "../mapping_yaml";
 import { ErrorBox, PipelinePicker, ReadOnlyNote, Table, show, usePipeline, useSession } from "../widgets";
 
 type Field = FieldSpec;
@@ -19,6 +20,30 @@ interface Entry {
 const TYPES = ["text", "note", "number", "currency", "date", "datetime", "boolean", "choice", "multichoice", "person", "lookup", "hyperlink"];
 const DIRECTIONS = ["bidirectional", "push_only", "pull_only"];
 const tableName = (e: Entry) => `${e.table.schema}.${e.table.name}`;
+/** Quiet time after an edit before the draft is checked (one check per pause in typing). */
+const CHECK_DELAY_MS = 600;
+
+type Finding = Schemas["ConfigFinding"];
+/** The last check of a draft: its findings, whether any blocks saving. */
+interface Check {
+  draft: string;
+  findings: Finding[];
+  blocked: boolean;
+  error?: string;
+}
+
+/** Checks `draft` (POST …/config/validate): 200 notes, 422 problems; anything else an error. */
+async function checkDraft(pipeline: string, draft: string): Promise<Check & { mapping?: Entry[] }> {
+  const r = await api.POST("/pipelines/{name}/config/validate", { params: { path: { name: pipeline } }, body: { yaml: draft } });
+  if (r.response.status === 422 && r.error && "problems" in r.error) {
+    const e = r.error as Schemas["ConfigProblems"];
+    return { draft, findings: e.problems, blocked: true, mapping: (e.mapping ?? undefined) as unknown as Entry[] | undefined };
+  }
+  const ok = await call(Promise.resolve(r));
+  return { draft, findings: ok.findings, blocked: false, mapping: ok.mapping as unknown as Entry[] };
+}
+
+const located = (f: Finding) => (f.line ? `line ${f.line}: ${f.message}` : f.message);
 
 export function Mapping() {
   const { canOperate } = useSession();
@@ -40,6 +65,36 @@ export function Mapping() {
   }, [file.data]);
 
   const entry = entries.find((e) => tableName(e) === table) ?? entries[0];
+  const [check, setCheck] = useState<Check | undefined>();
+  useEffect(() => {
+    if (!pipeline || !file.data || !canOperate || draft === file.data.yaml) return setCheck(undefined);
+    let live = true;
+    const t = window.setTimeout(() => {
+      checkDraft(pipeline, draft).then(
+        (c) => {
+          if (!live) return;
+          setCheck(c);
+          // The form follows the text (also after an edit by hand).
+          if (c.mapping) setEntries(c.mapping);
+        },
+        (e) => live && setCheck({ draft, findings: [], blocked: true, error: message(e) }),
+      );
+    }, CHECK_DELAY_MS);
+    return () => {
+      live = false;
+      window.clearTimeout(t);
+    };
+  }, [pipeline, file.data, draft, canOperate]);
+  const checked = check?.draft === draft ? check : undefined;
+  /** The findings about field `f` (by column, field name or the line they point at). */
+  const findingsOf = (f: Field) =>
+    (checked?.findings ?? []).filter(
+      (x) => x.column === f.column || (x.field === f.field && x.source === "graph") || (x.line && entry && columnAtLine(draft, tableName(entry), x.line) === f.column),
+    );
+  const live = useLoad(
+    async () => (pipeline && entry ? call(api.GET("/pipelines/{name}/lists/{list}/columns", { params: { path: { name: pipeline, list: entry.list } } })) : undefined),
+    [pipeline, entry?.list, file.data],
+  );
   const columns = useLoad(
     async () =>
       file.data && entry
@@ -109,9 +164,29 @@ export function Mapping() {
               ))}
             </Table>
           </section>
-          <section class="card" aria-labelledby="fields-h">
+          <section class="card" aria-labelledby="live-h" data-testid="live-columns">
+            <h2 id="live-h">Live columns of list {entry.list}</h2>
+            <ErrorBox error={live.error} />
+            <p class="muted">Writable columns (read-only system columns left out).</p>
+            {live.data && !live.data.exists && <p class="muted">The list does not exist yet: starting the pipeline creates it.</p>}
+            {live.data?.exists && (
+              <Table head={["Column", "Display name", "Type", "Required"]} caption="The list's writable columns in SharePoint">
+                {live.data.columns
+                  .filter((c) => !c.read_only && (!c.hidden || c.name === "SyncKey"))
+                  .map((c) => (
+                    <tr key={c.name} data-testid={`live-${c.name}`}>
+                      <td>{c.name}</td>
+                      <td>{show(c.display_name)}</td>
+                      <td>{show(c.type)}</td>
+                      <td>{c.required ? "yes" : "no"}</td>
+                    </tr>
+                  ))}
+              </Table>
+            )}
+          </section>
+          <section class="card wide" aria-labelledby="fields-h">
             <h2 id="fields-h">Fields of list {entry.list}</h2>
-            <Table head={canOperate ? ["Field", "Column", "Type", "Direction", ""] : ["Field", "Column", "Type", "Direction"]} caption="List fields">
+            <Table head={["Field", "Column", "Type", "Direction", "In the list", ...(canOperate ? ["Problems", ""] : [])]} caption="List fields">
               {entry.fields.map((f) => (
                 <tr key={f.column} data-testid={`field-${f.field}`}>
                   <td>{f.field}</td>
@@ -120,6 +195,12 @@ export function Mapping() {
                     <>
                       <td>{pick(`${f.field} type`, f.type, TYPES, (type) => changeField(f, { ...f, type }), true)}</td>
                       <td>{pick(`${f.field} direction`, f.direction, DIRECTIONS, (direction) => changeField(f, { ...f, direction }), true)}</td>
+                      <td>{liveType(live.data, f.field)}</td>
+                      <td data-testid={`field-problems-${f.field}`}>
+                        {findingsOf(f).map((x, i) => (
+                          <p key={i} class={x.blocking ? "error" : "muted"}>{x.message}</p>
+                        ))}
+                      </td>
                       <td>
                         <button type="button" class="link" aria-label={`Remove field ${f.field}`} onClick={() => changeField(f, undefined)}>
                           Remove
@@ -130,6 +211,7 @@ export function Mapping() {
                     <>
                       <td>{f.type}</td>
                       <td>{f.direction}</td>
+                      <td>{liveType(live.data, f.field)}</td>
                     </>
                   )}
                 </tr>
@@ -186,9 +268,12 @@ export function Mapping() {
                 <span key={i} class={l.kind === "+" ? "add" : l.kind === "-" ? "del" : ""}>{`${l.kind} ${l.text}\n`}</span>
               ))}
           </pre>
+          {canOperate && <CheckResult check={checked} />}
           {canOperate && (
             <p class="actions">
-              <button type="button" disabled={saving || !file.data!.writable} onClick={() => void save()}>Save and reload</button>
+              <button type="button" disabled={saving || !file.data!.writable || !checked || checked.blocked} onClick={() => void save()}>
+                Save and reload
+              </button>
               <button
                 type="button"
                 class="link"
@@ -212,6 +297,48 @@ export function Mapping() {
         </p>
       )}
     </>
+  );
+}
+
+/** The list's live column `field`: its type, or that the reload adds it. */
+function liveType(live: Schemas["ListColumns"] | undefined, field: string): string {
+  if (!live) return "…";
+  const c = live.columns.find((x) => x.name === field);
+  return c ? show(c.type) : "missing (added on save)";
+}
+
+/** The check of the current draft: pending, its problems (they block saving) and notes. */
+function CheckResult({ check }: { check?: Check }) {
+  if (!check) return <p class="muted" role="status">Checking the change (config, catalog, live list)…</p>;
+  if (check.error) return <ErrorBox error={`The change could not be checked: ${check.error}`} />;
+  const problems = check.findings.filter((f) => f.blocking);
+  const notes = check.findings.filter((f) => !f.blocking);
+  return (
+    <div data-testid="check-result">
+      {problems.length > 0 ? (
+        <div class="error" role="alert" data-testid="check-problems">
+          <p>{problems.length} problem(s): fix them to save.</p>
+          <ul>
+            {problems.map((f, i) => (
+              <li key={i}>
+                {f.source}: {located(f)}
+              </li>
+            ))}
+          </ul>
+        </div>
+      ) : (
+        <p class="ok" role="status" data-testid="check-ok">Checked: no problem (config, catalog, live list).</p>
+      )}
+      {notes.length > 0 && (
+        <ul class="muted" data-testid="check-notes">
+          {notes.map((f, i) => (
+            <li key={i}>
+              {f.source}: {located(f)}
+            </li>
+          ))}
+        </ul>
+      )}
+    </div>
   );
 }
 

@@ -38,7 +38,9 @@
 //! changed; the OpenAPI 3.1 description ([`openapi`]) is served at `/openapi.json`.
 //!
 //! Mapping editor ([`config_edit`]): `GET`/`PUT /pipelines/{name}/config`, the pipeline file
-//! (secrets redacted) and writing it (with `run --allow-config-writes`), reloaded at once.
+//! (secrets redacted) and writing it (with `run --allow-config-writes`), reloaded at once;
+//! [`config_check`]: a draft checked against the catalog and the live lists before saving, and a
+//! list's live columns.
 //!
 //! Admin UI ([`ui`]): the single-page app at `/ui` (public static files, the app sends the
 //! operator's token with each call) and `GET /whoami` (the token's name and role).
@@ -49,6 +51,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod client;
+pub mod config_check;
 pub mod config_edit;
 pub mod cursors;
 pub mod drift;
@@ -348,6 +351,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
         .merge(drift::routes(drift))
+        .merge(config_check::routes(config.clone()))
         .merge(config_edit::routes(config))
         .merge(ui::routes())
 }

@@ -338,12 +338,7 @@ pub async fn acquire_advisory_lock(
     let conn = connect_watched(url).await?;
     let mut standing_by = Some(standing_by);
     loop {
-        let got: bool = conn
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await?
-            .get(0);
-        if got {
+        if try_lock(&conn, key).await? {
             return Ok(Some(conn));
         }
         if let Some(f) = standing_by.take() {
@@ -354,6 +349,24 @@ pub async fn acquire_advisory_lock(
             _ = tokio::time::sleep(retry) => {}
         }
     }
+}
+
+/// One try of [`acquire_advisory_lock`]: the connection holding the lock, `None` when another
+/// session holds it.
+///
+/// # Errors
+/// Connecting or the lock query failed.
+pub async fn try_advisory_lock(url: &str, key: i64) -> Result<Option<WatchedConn>, PgConnectError> {
+    let conn = connect_watched(url).await?;
+    Ok(try_lock(&conn, key).await?.then_some(conn))
+}
+
+async fn try_lock(conn: &WatchedConn, key: i64) -> Result<bool, tokio_postgres::Error> {
+    Ok(conn
+        .client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await?
+        .get(0))
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -1,7 +1,9 @@
 //! Runs pipelines inside one process under one cancellation tree. Per pipeline: the log opens,
 //! the lists are provisioned (or verified) and the push processor prepared (so a mapping that
 //! does not fit fails the run before a slot is created), then capture, the delta pollers of the
-//! return path and the processor start. Shutdown drains inputs before their consumer: capture
+//! return path and the processor start. With the Kafka log other processes may run the same
+//! pipeline: capture and each list's poller then run only while this process holds their lock
+//! (`crate::pg::acquire_advisory_lock`, `crate::pull::owner`; ops/docs/kafka.md "Scale-out"). Shutdown drains inputs before their consumer: capture
 //! (acknowledges what is durable, stops reading), then the pollers, then the processor (flushes
 //! and commits), and the log closes last, so nothing new enters a stage after the one feeding it
 //! has stopped. Each pipeline's run history (`crate::control::meta`) starts before capture (the

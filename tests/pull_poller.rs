@@ -77,6 +77,16 @@ impl Env {
         }
     }
 
+    /// A started env with list `name` holding items "a" (Qty 1) and "b" (Qty 2): (env, list id,
+    /// a's id, b's id).
+    async fn with_list(name: &str) -> (Env, String, String, String) {
+        let env = Env::start().await;
+        let list = env.list(name).await;
+        let a = env.create(&env.app, &list, "a", 1).await;
+        let b = env.create(&env.app, &list, "b", 2).await;
+        (env, list, a, b)
+    }
+
     async fn list(&self, name: &str) -> String {
         let cols = [ColumnDefinition::new("Qty", "number", json!({}))];
         self.app
@@ -244,10 +254,7 @@ fn items_of<'a>(r: &'a [(String, ListChange)], id: &str) -> Vec<&'a ListChange> 
 
 #[tokio::test]
 async fn person_edits_creates_and_deletes_arrive_as_records() {
-    let env = Env::start().await;
-    let list = env.list("Person Edits").await;
-    let a = env.create(&env.app, &list, "a", 1).await;
-    let b = env.create(&env.app, &list, "b", 2).await;
+    let (env, list, a, b) = Env::with_list("Person Edits").await;
 
     let p = spawn(&env, env.config(&list, StartMode::Latest), env.log.clone());
     let c0 = wait_cursor(&*env.log, &list).await;
@@ -343,10 +350,7 @@ async fn wait_owner(r: &syncbridge::control::Readiness, key: &str, owned: bool) 
 #[tokio::test]
 async fn one_poller_per_list_across_processes_and_a_takeover() {
     use syncbridge::pull::owner::{NOT_OWNER, Ownership, run_owned};
-    let env = Env::start().await;
-    let list = env.list("Owned").await;
-    let a = env.create(&env.app, &list, "a", 1).await;
-    let b = env.create(&env.app, &list, "b", 2).await;
+    let (env, list, a, b) = Env::with_list("Owned").await;
     let key = format!("pp/poller:{list}");
     let start = |ready: &syncbridge::control::Readiness| {
         let own = Ownership {

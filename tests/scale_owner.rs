@@ -22,7 +22,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -57,24 +56,8 @@ fn spawn(h: &Harness, file: &Path, tag: &str, port: u16) -> Proc {
     .unwrap();
     let log = h.dir.path().join(format!("{tag}.log"));
     let cwd = h.dir.path().join(tag);
-    std::fs::create_dir_all(&cwd).unwrap();
-    let child = Command::new(BIN)
-        .current_dir(&cwd)
-        .arg("run")
-        .arg(&own)
-        .env("RUST_LOG", "info,rdkafka=warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start syncbridge run");
-    Proc {
-        run: Run {
-            child: Some(child),
-            log,
-        },
-        port,
-        cwd,
-    }
+    let run = Run::start_in(BIN, &cwd, &own, log);
+    Proc { run, port, cwd }
 }
 
 impl Proc {
@@ -193,10 +176,11 @@ async fn one_poller_per_list_and_a_takeover_after_kill_9() {
         })
         .await;
 
-        let updates = |id: i64| {
-            let (db, t) = (&h.db, t.clone());
+        // `title` of the rows of `table` with `id`.
+        let titles = |table: String, id: i64| {
+            let db = &h.db;
             async move {
-                db.query(&format!("SELECT title FROM public.{t}_updates WHERE id = $1"), &[&id])
+                db.query(&format!("SELECT title FROM public.{table} WHERE id = $1"), &[&id])
                     .await
                     .unwrap()
                     .iter()
@@ -204,14 +188,10 @@ async fn one_poller_per_list_and_a_takeover_after_kill_9() {
                     .collect::<Vec<_>>()
             }
         };
+        let updates = |id: i64| titles(format!("{t}_updates"), id);
         let title = |id: i64| {
-            let (db, t) = (&h.db, t.clone());
-            async move {
-                db.query_one(&format!("SELECT title FROM public.{t} WHERE id = $1"), &[&id])
-                    .await
-                    .unwrap()
-                    .get::<_, String>(0)
-            }
+            let row = titles(t.clone(), id);
+            async move { row.await.concat() }
         };
         h.person_edit(&list, "1", json!({ "Title": "p1" })).await;
         wait("the first edit in the table", 120, &[&a, &b], || async { title(1).await == "p1" }).await;
@@ -271,9 +251,8 @@ async fn one_poller_per_list_and_a_takeover_after_kill_9() {
         assert_eq!(updates(1).await, ["p1"], "nothing applied again after the takeover");
 
         // Ticks: once each, and the survivor keeps claiming them.
-        let ticks = h
-            .db
-            .query(
+        let ticks = || async {
+            h.db.query(
                 "SELECT tick_ms, owner FROM syncbridge_meta.schedule_ticks \
                  WHERE pipeline = $1 AND schedule = 'tick' ORDER BY tick_ms",
                 &[&n],
@@ -282,9 +261,14 @@ async fn one_poller_per_list_and_a_takeover_after_kill_9() {
             .unwrap()
             .iter()
             .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-            .collect::<Vec<_>>();
+            .collect::<Vec<_>>()
+        };
+        wait("a tick after the kill", 60, &[&b], || async {
+            ticks().await.iter().any(|(ms, _)| *ms > killed_at + 1000)
+        })
+        .await;
+        let ticks = ticks().await;
         let after: Vec<_> = ticks.iter().filter(|(ms, _)| *ms > killed_at + 1000).collect();
-        assert!(!after.is_empty(), "ticks after the kill: {ticks:?}");
         let b_owner = format!("/{}", b.run.pid());
         assert!(after.iter().all(|(_, o)| o.ends_with(&b_owner)), "{after:?}");
         let subjects: Vec<String> = h

@@ -78,13 +78,15 @@ pub async fn run_owned<L: EventLog>(
     };
     mark(false);
     loop {
+        let standby = CancellationToken::new();
         let standing_by = || {
             tracing::info!(pipeline = %cfg.pipeline, list = %cfg.list_name,
                 "another process runs this list's delta poller; standing by");
+            standby.cancel();
         };
         let acquire =
             crate::pg::acquire_advisory_lock(&own.lock_url, key, own.retry, &shutdown, standing_by);
-        let lock = match refusing_resets(acquire, &mut resets).await {
+        let lock = match refusing_resets(acquire, &standby, &mut resets).await {
             Ok(Some(lock)) => lock,
             Ok(None) => return Ok(()),
             Err(e) if e.is_retryable() => {
@@ -127,12 +129,19 @@ pub async fn run_owned<L: EventLog>(
     }
 }
 
-/// Awaits `f`, answering the resets that arrive meanwhile with [`NOT_OWNER`].
+/// Awaits `f`; once `standby` is cancelled (another process holds the lock) the resets that
+/// arrive are answered with [`NOT_OWNER`]. Before that they wait in the channel: the lock may
+/// be free, and then this process's poller serves them.
 async fn refusing_resets<T>(
     f: impl Future<Output = T>,
+    standby: &CancellationToken,
     resets: &mut Option<Receiver<ResetRequest>>,
 ) -> T {
     tokio::pin!(f);
+    tokio::select! {
+        out = &mut f => return out,
+        () = standby.cancelled() => {}
+    }
     loop {
         let next = async {
             match resets.as_mut() {
@@ -163,7 +172,9 @@ mod tests {
         let (reply, answer) = tokio::sync::oneshot::channel();
         tx.send(reply).await.unwrap();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<u8>();
-        let waiting = refusing_resets(async { done_rx.await.unwrap() }, &mut resets);
+        let standby = CancellationToken::new();
+        standby.cancel();
+        let waiting = refusing_resets(async { done_rx.await.unwrap() }, &standby, &mut resets);
         let refused = async {
             let a = answer.await.unwrap();
             done_tx.send(7).unwrap();
@@ -176,6 +187,20 @@ mod tests {
             resets.is_some(),
             "the channel is kept for the next owner term"
         );
+    }
+
+    #[tokio::test]
+    async fn resets_wait_for_the_poller_while_the_lock_may_be_free() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut resets = Some(rx);
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        tx.send(reply).await.unwrap();
+        // The lock taken at the first try: the reset stays for the poller.
+        let out = refusing_resets(async { 7 }, &CancellationToken::new(), &mut resets).await;
+        assert_eq!(out, 7);
+        assert!(answer.try_recv().is_err(), "not answered");
+        let pending = resets.as_mut().unwrap().try_recv();
+        assert!(pending.is_ok(), "still queued for the poller");
     }
 
     #[test]

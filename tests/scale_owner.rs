@@ -233,16 +233,23 @@ async fn one_poller_per_list_and_a_takeover_after_kill_9() {
         }
         let a_pid = a.run.pid();
         let killed_at = chrono::Utc::now().timestamp_millis();
+        let killed = Instant::now();
         a.run.kill9();
         wait("the survivor to own the poller", 60, &[&b], || async {
             b.owns().await[&owner_key] == json!(true)
         })
         .await;
+        let poller_taken = killed.elapsed();
         h.person_edit(&list, "3", json!({ "Title": "p3" })).await;
         wait("the edit after the takeover in the table", 180, &[&b], || async {
             title(3).await == "p3"
         })
         .await;
+        eprintln!(
+            "after kill -9: poller taken over in {:.1} s, the next edit in the table {:.1} s after the kill",
+            poller_taken.as_secs_f64(),
+            killed.elapsed().as_secs_f64()
+        );
         let item3 = h.item_id(&list, "3").await;
         let recs = changes(&log, &topic).await;
         assert_eq!(of(&recs, &item3, "p3"), 1, "appended once by the new owner: {recs:#?}");

@@ -25,7 +25,7 @@ pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
 /// ahead; more would only hold more memory.
 pub const DEFAULT_SINK_IN_FLIGHT: usize = 2;
 /// How often a standby instance retries the advisory lock.
-pub const DEFAULT_LOCK_POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_LOCK_POLL_INTERVAL: Duration = crate::pg::LOCK_RETRY_INTERVAL;
 
 /// One captured table.
 #[derive(Debug, Clone, PartialEq, Eq)]

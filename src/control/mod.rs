@@ -125,6 +125,9 @@ pub struct Readiness {
     stages: Arc<Mutex<BTreeMap<String, bool>>>,
     /// Why a stage is not ready, when it says so (e.g. a paused pipeline).
     reasons: Arc<Mutex<BTreeMap<String, String>>>,
+    /// What must run in one process only, and whether this one runs it (`<pipeline>/<what>`,
+    /// e.g. `poller:<list>`). A standby is ready: it takes over when the owner dies.
+    owners: Arc<Mutex<BTreeMap<String, bool>>>,
 }
 
 impl Readiness {
@@ -169,6 +172,22 @@ impl Readiness {
 
     fn snapshot(&self) -> BTreeMap<String, bool> {
         self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records whether this process owns `what` of `pipeline` (shown by `/ready` as `owns`).
+    pub fn set_owner(&self, pipeline: &str, what: &str, owned: bool) {
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(format!("{pipeline}/{what}"), owned);
+    }
+
+    /// What this process owns (true) or stands by for (false).
+    pub fn owners(&self) -> BTreeMap<String, bool> {
+        self.owners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -385,7 +404,7 @@ async fn health() -> impl IntoResponse {
 }
 
 #[utoipa::path(get, path = "/ready", tag = "probes", responses(
-    (status = 200, description = "Every stage has started", body = serde_json::Value),
+    (status = 200, description = "Every stage has started; `owns`: what runs in one process only (a list's delta poller) and whether this process runs it (false: standing by)", body = serde_json::Value),
     (status = 503, description = "Some stage is not ready; `reasons` says why", body = serde_json::Value),
 ))]
 async fn ready(State(state): State<AppState>) -> Response {
@@ -394,6 +413,10 @@ async fn ready(State(state): State<AppState>) -> Response {
     let reasons = state.readiness.reasons();
     if !reasons.is_empty() {
         body["reasons"] = serde_json::json!(reasons);
+    }
+    let owners = state.readiness.owners();
+    if !owners.is_empty() {
+        body["owns"] = serde_json::json!(owners);
     }
     let status = if ready {
         StatusCode::OK

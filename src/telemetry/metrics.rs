@@ -141,7 +141,8 @@ pub const CONSUMER_LAG_EVENTS: &str = "syncbridge_consumer_lag_events";
 pub const PUSH_LAST_COMMIT_TIMESTAMP: &str = "syncbridge_push_last_commit_timestamp_seconds";
 /// Gauge (Unix seconds) of capture's last acknowledgement to the slot, label `pipeline`.
 pub const CAPTURE_LAST_ACK_TIMESTAMP: &str = "syncbridge_capture_last_ack_timestamp_seconds";
-/// Gauge of a tenant's RU budget per minute (graph.ru_per_minute), label `tenant`.
+/// Gauge of a tenant's RU budget per minute (graph.ru_per_minute, or Graph's smaller
+/// `RateLimit-Limit` once learned), label `tenant`.
 pub const GRAPH_RU_BUDGET_PER_MINUTE: &str = "syncbridge_graph_ru_budget_per_minute";
 /// Counter of notifications sent per target, labels `pipeline`, `outcome` (ok, failed).
 pub const NOTIFY_SENT_TOTAL: &str = "syncbridge_notify_sent_total";

@@ -77,6 +77,7 @@ pub mod config;
 pub mod db_check;
 mod decode;
 pub mod error;
+pub mod failover;
 pub mod log_sink;
 pub mod resnapshot;
 mod run;

@@ -39,7 +39,8 @@
 //! and, where known, the column: not retryable, the caller dead-letters the change. A lost
 //! connection, a restart, a standby after failover, serialization failures, deadlocks and lock
 //! timeouts are retryable; the connection is dropped and the next [`Applier::apply`] reconnects
-//! (re-running the origin setup). A change that failed after it was sent may have been committed
+//! (re-running the origin setup), with several instances ([`Applier::connect_any`]) to the one
+//! that is the primary then. A change that failed after it was sent may have been committed
 //! ([`ApplyError::Connection`] `maybe_applied`); the caller's retry must tolerate that (updates
 //! and deletes are idempotent; a retried insert may hit the unique key and be rejected).
 //!
@@ -466,6 +467,9 @@ impl Drop for Conn {
 #[derive(Debug)]
 pub struct Applier {
     url: String,
+    /// Every instance of a replicated source, primary first (`source.urls`); empty for one.
+    /// Each (re)connect goes to whichever is the primary then.
+    instances: Vec<String>,
     pipeline: String,
     origin: String,
     conn: Option<Conn>,
@@ -488,8 +492,23 @@ impl Applier {
     /// SQLSTATE 42501 when the role lacks the origin privileges (see the module docs), 55006
     /// (retryable) when another session uses the origin.
     pub async fn connect(database_url: &str, pipeline: &str) -> Result<Applier, ApplyError> {
+        Self::connect_any(&[database_url.to_string()], pipeline).await
+    }
+
+    /// [`Applier::connect`] to a replicated source (primary first, then standbys): this and every
+    /// reconnect go to the instance that is the primary then (a promoted standby after a
+    /// failover); while none is, connecting fails retryably.
+    ///
+    /// # Errors
+    /// As [`Applier::connect`].
+    pub async fn connect_any(urls: &[String], pipeline: &str) -> Result<Applier, ApplyError> {
         let mut a = Applier {
-            url: database_url.to_string(),
+            url: urls.first().cloned().unwrap_or_default(),
+            instances: if urls.len() > 1 {
+                urls.to_vec()
+            } else {
+                Vec::new()
+            },
             pipeline: pipeline.to_string(),
             origin: origin_name(pipeline),
             conn: None,
@@ -659,6 +678,15 @@ impl Applier {
             return Ok(());
         }
         self.conn = None;
+        if !self.instances.is_empty() {
+            let Some(i) = crate::pg::find_primary(&self.instances).await else {
+                return Err(ApplyError::Connection {
+                    message: "no source instance is a primary (waiting for a promotion)".into(),
+                    maybe_applied: false,
+                });
+            };
+            self.url.clone_from(&self.instances[i]);
+        }
         let (client, connection) = crate::pg::connect(&self.url).await.map_err(|e| match e {
             crate::pg::PgConnectError::Postgres(e) => match e.as_db_error() {
                 Some(_) => classify(&e, false),

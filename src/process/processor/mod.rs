@@ -529,7 +529,12 @@ async fn open_return_side<L: EventLog + 'static>(
         crate::pull::poller::CHANGES_PARTITIONS,
     ))
     .await?;
-    let applier = Applier::connect(p.source.url.expose(), &p.name)
+    let instances: Vec<String> = p
+        .source
+        .instances()
+        .map(|u| u.expose().to_owned())
+        .collect();
+    let applier = Applier::connect_any(&instances, &p.name)
         .await
         .map_err(|e| ProcessError::Catalog(format!("return-path applier: {e}")))?;
     Ok((t, applier))

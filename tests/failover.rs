@@ -166,29 +166,9 @@ async fn ids(db: &Client, t: &str) -> BTreeSet<String> {
         .collect()
 }
 
-async fn wait_until<F, Fut>(h: &Harness, what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            h.run_log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg18_promoted_standby_resumes_from_the_failover_slot() {
-    let ports = Ports {
-        primary: 56010,
-        standby: 56011,
-    };
-    failover_case("pg18", "18", ports, false).await;
+    failover_case("pg18", "18", 56010, false).await;
 }
 
 /// PostgreSQL 15 has no failover slots: the promoted standby has no slot, capture creates one and
@@ -196,16 +176,17 @@ async fn pg18_promoted_standby_resumes_from_the_failover_slot() {
 /// write for an unchanged row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg15_promoted_standby_gets_a_new_slot_and_a_resnapshot_the_ledger_absorbs() {
-    let ports = Ports {
-        primary: 56012,
-        standby: 56013,
-    };
-    failover_case("pg15", "15", ports, true).await;
+    failover_case("pg15", "15", 56012, true).await;
 }
 
-/// One failover of a `major` pair during a write workload; `resnapshot`: the promoted instance
-/// is expected to have no slot (see the module docs for what is checked).
-async fn failover_case(tag: &str, major: &str, ports: Ports, resnapshot: bool) {
+/// One failover of a `major` pair (primary on `port`, standby on the next) during a write
+/// workload; `resnapshot`: the promoted instance is expected to have no slot (see the module
+/// docs for what is checked).
+async fn failover_case(tag: &str, major: &str, port: u16, resnapshot: bool) {
+    let ports = Ports {
+        primary: port,
+        standby: port + 1,
+    };
     let Some(pair) = Pair::up(tag, major, ports) else {
         return;
     };
@@ -222,17 +203,25 @@ async fn failover_case(tag: &str, major: &str, ports: Ports, resnapshot: bool) {
         .unwrap();
         h.source_url = url(ports.primary);
         let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: true, interval_ms: 1000 }}"
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    \
+             pull: {{ enabled: true, interval_ms: 1000 }}"
         );
         let file = h.pipeline_with_meta(&sync, &common::database_url());
         let yaml = std::fs::read_to_string(&file).unwrap().replace(
             &format!("  url: {}\n", url(ports.primary)),
-            &format!("  urls: ['{}', '{}']\n", url(ports.primary), url(ports.standby)),
+            &format!(
+                "  urls: ['{}', '{}']\n",
+                url(ports.primary),
+                url(ports.standby)
+            ),
         );
         assert!(yaml.contains("urls:"), "{yaml}");
         std::fs::write(&file, yaml).unwrap();
         h.start(&file);
-        wait_until(&h, "the initial 50 items", 60, || async { h.items(&list).await.len() >= 50 }).await;
+        h.wait_for_secs("the initial 50 items", 60, || async {
+            h.items(&list).await.len() >= 50
+        })
+        .await;
 
         let stop = Arc::new(AtomicBool::new(false));
         let (committed, task) = workload(t.clone(), ports, stop.clone());
@@ -240,18 +229,29 @@ async fn failover_case(tag: &str, major: &str, ports: Ports, resnapshot: bool) {
         // dropped at promotion), and capture acknowledged a good part of the workload.
         let standby = connect(ports.standby).await.expect("the standby");
         let slot = format!("sb_{}", h.name);
-        wait_until(&h, "the slot synchronised to the standby", 120, || async {
-            resnapshot ||
-            standby
-                .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND synced AND NOT temporary", &[&slot])
-                .await
-                .unwrap()
-                .is_some()
+        h.wait_for_secs("the slot synchronised to the standby", 120, || async {
+            resnapshot
+                || standby
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND synced AND NOT temporary",
+                        &[&slot],
+                    )
+                    .await
+                    .unwrap()
+                    .is_some()
         })
         .await;
-        wait_until(&h, "200 workload rows", 60, || async { committed.lock().unwrap().len() >= 200 }).await;
+        h.wait_for_secs("200 workload rows", 60, || async {
+            committed.lock().unwrap().len() >= 200
+        })
+        .await;
         let acked: String = db
-            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
             .await
             .unwrap()
             .get(0);
@@ -259,10 +259,10 @@ async fn failover_case(tag: &str, major: &str, ports: Ports, resnapshot: bool) {
         drop(db);
         let dir = pair.dir.clone();
         tokio::task::spawn_blocking(move || promote(&dir))
-        .await
-        .unwrap();
+            .await
+            .unwrap();
         let before = committed.lock().unwrap().len();
-        wait_until(&h, "100 workload rows on the promoted primary", 120, || async {
+        h.wait_for_secs("100 workload rows on the promoted primary", 120, || async {
             committed.lock().unwrap().len() >= before + 100
         })
         .await;
@@ -278,28 +278,48 @@ async fn failover_case(tag: &str, major: &str, ports: Ports, resnapshot: bool) {
             .filter(|(_, l)| **l <= acked)
             .map(|(id, _)| *id)
             .collect();
-        assert!(acked_ids.len() > 50, "the slot acknowledged only {} workload rows", acked_ids.len());
+        assert!(
+            acked_ids.len() > 50,
+            "the slot acknowledged only {} workload rows",
+            acked_ids.len()
+        );
         for id in &acked_ids {
-            assert!(truth.contains(&id.to_string()), "row {id} was acknowledged but is not on the promoted primary");
+            assert!(
+                truth.contains(&id.to_string()),
+                "row {id} was acknowledged but is lost"
+            );
         }
-        wait_until(&h, "every row of the promoted primary in the list", 120, || async {
-            h.items(&list).await.len() >= truth.len()
-        })
+        h.wait_for_secs(
+            "every row of the promoted primary in the list",
+            120,
+            || async { h.items(&list).await.len() >= truth.len() },
+        )
         .await;
         let items = h.items(&list).await;
         let keys: Vec<String> = items.iter().map(|(k, _)| k.clone()).collect();
         let distinct: BTreeSet<String> = keys.iter().cloned().collect();
         assert_eq!(keys.len(), distinct.len(), "duplicate items in the list");
-        assert_eq!(distinct, truth, "the list differs from the promoted primary's table");
+        assert_eq!(
+            distinct, truth,
+            "the list differs from the promoted primary's table"
+        );
 
         assert!(h.run_log().contains("source failover"), "{}", h.run_log());
-        wait_until(&h, "the failover run", 60, || async {
-            try_runs(&h, &format!("pipeline={}&kind=failover", h.name)).await.is_some_and(|r| !r.is_empty())
+        h.wait_for_secs("the failover run", 60, || async {
+            try_runs(&h, &format!("pipeline={}&kind=failover", h.name))
+                .await
+                .is_some_and(|r| !r.is_empty())
         })
         .await;
-        let runs = try_runs(&h, &format!("pipeline={}&kind=failover", h.name)).await.unwrap();
+        let runs = try_runs(&h, &format!("pipeline={}&kind=failover", h.name))
+            .await
+            .unwrap();
         assert_eq!(runs.len(), 1, "{runs:#?}");
-        assert_eq!(runs[0]["detail"]["resnapshot"], json!(resnapshot), "{runs:#?}");
+        assert_eq!(
+            runs[0]["detail"]["resnapshot"],
+            json!(resnapshot),
+            "{runs:#?}"
+        );
         // Each row written once: a re-snapshot's unchanged rows cost no write (the one more is
         // the list's creation).
         let writes = harness::app_writes(&h.stats().await);
@@ -310,8 +330,9 @@ async fn failover_case(tag: &str, major: &str, ports: Ports, resnapshot: bool) {
         );
 
         // The return path follows the primary too.
-        h.person_edit(&list, "7", json!({ "Title": "edited after failover" })).await;
-        wait_until(&h, "the pulled edit on the promoted primary", 60, || async {
+        h.person_edit(&list, "7", json!({ "Title": "edited after failover" }))
+            .await;
+        h.wait_for_secs("the pulled edit on the promoted primary", 60, || async {
             let row = db
                 .query_one(&format!("SELECT title FROM public.{t} WHERE id = 7"), &[])
                 .await

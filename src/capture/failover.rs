@@ -1,6 +1,6 @@
 //! Following the primary of a replicated source (`source.urls`: primary first, then standbys).
 //!
-//! Before each lock acquisition the run loop ([`super::run`]) asks [`Instances::select`] for the
+//! Before each lock acquisition the run loop ([`super::run`]) asks `Instances::select` for the
 //! primary: the first listed instance that accepts connections and is not in recovery
 //! ([`crate::pg::find_primary`]), waiting with backoff while none is (the standby is not promoted
 //! yet). When that is another instance than before, it is a failover: the session that follows

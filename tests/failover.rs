@@ -320,6 +320,13 @@ async fn failover_case(tag: &str, major: &str, port: u16, resnapshot: bool) {
             json!(resnapshot),
             "{runs:#?}"
         );
+        let failovers = h
+            .metric(
+                "syncbridge_capture_failovers_total",
+                &[&format!("pipeline=\"{}\"", h.name)],
+            )
+            .await;
+        assert_eq!(failovers, 1.0);
         // Each row written once: a re-snapshot's unchanged rows cost no write (the one more is
         // the list's creation).
         let writes = harness::app_writes(&h.stats().await);

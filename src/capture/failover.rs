@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::CaptureConfig;
 use super::run::Backoff;
 use crate::config::PgUrl;
+use crate::telemetry::metrics as m;
 
 /// One failover, as reported once the session on the new primary opened the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +78,8 @@ impl Instances {
             Some(p) if p != next => {
                 let (from, to) = (server(&self.urls[p]), server(&self.urls[next]));
                 tracing::warn!(pipeline = %config.pipeline, %from, %to, "source failover: the primary moved; capture resumes on the promoted instance");
+                metrics::counter!(m::CAPTURE_FAILOVERS_TOTAL, "pipeline" => config.pipeline.clone())
+                    .increment(1);
                 Some(Some(Failover {
                     from,
                     to,

@@ -4,8 +4,9 @@
 //! standby promoted while the workload goes on. Every row acknowledged by the slot before the
 //! stop, and every row on the promoted primary, reaches the list exactly once (no duplicate
 //! items, counted at the harness's own emulator); capture resumed from the synchronised failover
-//! slot (a `failover` run, no re-snapshot); the return path's applier writes a person's edit
-//! into the promoted primary.
+//! slot (a `failover` run and one `failover:` notification, no re-snapshot); the return path's
+//! applier writes a person's edit into the promoted primary. The same on PostgreSQL 15, where
+//! the promoted standby has no slot: a new one and a re-snapshot, one Graph write per row.
 //!
 //! Needs `DATABASE_URL` (the meta store) like the other run tests, and PostgreSQL 17+ server
 //! binaries: `ops/stack pg-bindir 18` (installs the wheel; ops/test does it). Without them the
@@ -90,6 +91,23 @@ impl Drop for Pair {
     fn drop(&mut self) {
         let _ = stack(&["pg-pair", "down", self.dir.to_str().unwrap()]);
     }
+}
+
+/// A webhook receiver keeping every notification's body; its URL.
+async fn receiver() -> (Arc<Mutex<Vec<Value>>>, String) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::Json<Value>| async move {
+            keep.lock().unwrap().push(body.0);
+            axum::http::StatusCode::NO_CONTENT
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (got, url)
 }
 
 async fn connect(port: u16) -> Option<Client> {
@@ -217,7 +235,11 @@ async fn failover_case(tag: &str, major: &str, port: u16, resnapshot: bool) {
              pull: {{ enabled: true, interval_ms: 1000 }}"
         );
         let file = h.pipeline_with_meta(&sync, &common::database_url());
-        let yaml = std::fs::read_to_string(&file).unwrap().replace(
+        let (notes, hook) = receiver().await;
+        let notify = format!(
+            "notify:\n  targets:\n    - {{ name: hook, kind: webhook, url: '{hook}', secret: k }}\n"
+        );
+        let yaml = (std::fs::read_to_string(&file).unwrap() + &notify).replace(
             &format!("  url: {}\n", url(ports.primary)),
             &format!(
                 "  urls: ['{}', '{}']\n",
@@ -364,6 +386,24 @@ async fn failover_case(tag: &str, major: &str, port: u16, resnapshot: bool) {
             acked_ids.len(),
             harness::app_writes(&stats)
         );
+        // (count of `failover:` notifications, all of them shown)
+        let failover_notes = || {
+            let notes = notes.lock().unwrap();
+            let count = notes
+                .iter()
+                .filter(|n| {
+                    let condition = n["condition"].as_str().unwrap_or("");
+                    condition.starts_with("failover")
+                })
+                .count();
+            (count, format!("{notes:#?}"))
+        };
+        h.wait_for_secs("the failover notification", 60, || async {
+            failover_notes().0 >= 1
+        })
+        .await;
+        let (count, all) = failover_notes();
+        assert_eq!(count, 1, "{all}");
         h.stop().await;
     })
     .await;

@@ -33,6 +33,9 @@ pub const CAPTURE_SLOT_LAG_BYTES: &str = "syncbridge_capture_slot_lag_bytes";
 pub const CAPTURE_ACKED_LSN: &str = "syncbridge_capture_acked_lsn";
 /// Counter of capture reconnects after retryable errors, label `pipeline`.
 pub const CAPTURE_RECONNECTS_TOTAL: &str = "syncbridge_capture_reconnects_total";
+/// Counter of source failovers capture followed (the primary moved, `source.urls`), label
+/// `pipeline`.
+pub const CAPTURE_FAILOVERS_TOTAL: &str = "syncbridge_capture_failovers_total";
 /// Counter of rows emitted by the initial snapshot and by on-demand re-snapshots, labels
 /// `pipeline`, `table`.
 pub const SNAPSHOT_ROWS_TOTAL: &str = "syncbridge_capture_snapshot_rows_total";
@@ -184,6 +187,7 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
     };
     for name in [
         CAPTURE_RECONNECTS_TOTAL,
+        CAPTURE_FAILOVERS_TOTAL,
         PUSH_COALESCED_TOTAL,
         PUSH_MOVES_TOTAL,
         META_EVENTS_PROJECTED_TOTAL,
@@ -305,6 +309,12 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         CAPTURE_RECONNECTS_TOTAL,
         Some(Unit::Count),
         "Capture reconnects after retryable errors (label: pipeline).",
+    ),
+    (
+        Counter,
+        CAPTURE_FAILOVERS_TOTAL,
+        Some(Unit::Count),
+        "Source failovers capture followed to a promoted instance (label: pipeline).",
     ),
     (
         Counter,

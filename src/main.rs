@@ -933,7 +933,8 @@ fn check_outcome(code: ExitCode, found: usize, what: &str) -> ExitCode {
 }
 
 /// `validate --graph`: the offline checks, then each pipeline's live lists against its mapping
-/// (nothing is changed). Exit 1 when a list does not match, 3 when Graph cannot be reached.
+/// (nothing is changed). Exit 1 when a list does not match or `graph.team` names no single Team,
+/// 3 when Graph cannot be reached.
 fn validate_graph(files: &[PathBuf], json: bool) -> ExitCode {
     use syncbridge::graph::{GraphClient, GraphClientConfig, LimiterRegistry};
     let pipelines: Vec<config::PipelineConfig> = match load_checked(files) {
@@ -945,7 +946,15 @@ fn validate_graph(files: &[PathBuf], json: bool) -> ExitCode {
         let limiters = LimiterRegistry::new();
         for p in &pipelines {
             let client = GraphClient::new(GraphClientConfig::from(&p.graph), &limiters)?;
-            let found = syncbridge::process::provision::check(&client, p).await?;
+            let found = match syncbridge::process::provision::check(&client, p).await {
+                // A Team that matches none or several is the file's problem, not Graph's.
+                Err(syncbridge::graph::GraphError::Target(why)) => {
+                    eprintln!("{}: graph.team: {why}", p.name);
+                    total += 1;
+                    continue;
+                }
+                r => r?,
+            };
             for m in &found {
                 if json {
                     let mut v = serde_json::to_value(m)?;

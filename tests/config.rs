@@ -85,7 +85,7 @@ fn projects_example_builds_with_its_values_and_defaults() {
     );
     assert_eq!(c.graph.client_secret().unwrap().expose(), CLIENT_SECRET);
     assert_eq!(c.graph.ru_per_minute, 1250);
-    assert_eq!(c.graph.site, "contoso.sharepoint.com:/sites/ops");
+    assert_eq!(c.graph.site, "contoso.sharepoint.com:/sites/ops".into());
     assert_eq!(c.control.listen, "127.0.0.1:8088".parse().unwrap());
     assert_eq!(
         c.control.meta_url.expose(),

@@ -191,7 +191,7 @@ impl Fixture {
             credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(
                 emulator::DEFAULT_CLIENT_SECRET,
             )),
-            site: site.clone(),
+            site: site.as_str().into(),
             ru_per_minute: 60_000,
         };
         let graph = GraphClient::new(

@@ -175,7 +175,7 @@ pub fn load_files_located(paths: &[PathBuf]) -> Result<Vec<LocatedPipeline>, Con
                     ));
                 }
                 names.push((config.name.clone(), file.clone(), refs.name));
-                let site = config.graph.site.to_lowercase();
+                let site = config.graph.site.key();
                 for (list, loc) in &refs.lists {
                     let key = list.to_lowercase();
                     if let Some((.., other, at)) =

@@ -368,9 +368,45 @@ pub struct GraphConfig {
     /// Shown as the file's key (`client_secret` or `client_certificate`).
     #[serde(flatten)]
     pub credential: GraphCredential,
-    /// `hostname:/server-relative-path` (or a bare hostname for the root site).
-    pub site: String,
+    /// Where the lists live; shown as the file's key (`site` or `team`).
+    #[serde(flatten)]
+    pub site: SiteRef,
     pub ru_per_minute: u32,
+}
+
+/// The site holding the lists (graph.site or graph.team).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteRef {
+    /// `hostname:/server-relative-path` (or a bare hostname for the root site).
+    Site(String),
+    /// A Team's display name or group id, resolved to the group's root site at start-up.
+    Team(String),
+}
+
+impl SiteRef {
+    /// Identifies the target across files (case-insensitive, a team apart from a site path).
+    pub fn key(&self) -> String {
+        match self {
+            SiteRef::Site(s) => s.to_lowercase(),
+            SiteRef::Team(t) => format!("team:{}", t.to_lowercase()),
+        }
+    }
+}
+
+impl From<&str> for SiteRef {
+    fn from(site: &str) -> SiteRef {
+        SiteRef::Site(site.to_string())
+    }
+}
+
+impl fmt::Display for SiteRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiteRef::Site(s) => write!(f, "site `{s}`"),
+            SiteRef::Team(t) => write!(f, "Team `{t}`"),
+        }
+    }
 }
 
 impl GraphConfig {

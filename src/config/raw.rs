@@ -273,8 +273,13 @@ pub struct GraphFile {
     /// A certificate registered for the app (for tenants that allow certificate sign-in only).
     #[serde(default)]
     pub client_certificate: Option<CertificateFile>,
-    /// `hostname:/server-relative-path`, e.g. `contoso.sharepoint.com:/sites/ops`.
-    pub site: Sp<String>,
+    /// `hostname:/server-relative-path`, e.g. `contoso.sharepoint.com:/sites/ops`. Exactly one of
+    /// `site` and `team`.
+    #[serde(default)]
+    pub site: Option<Sp<String>>,
+    /// A Team's display name or its group id (a GUID): the lists live in the Team's site.
+    #[serde(default)]
+    pub team: Option<Sp<String>>,
     /// Resource units per minute of the tenant's licence tier; default 1250.
     #[serde(default)]
     #[schemars(range(min = 1, max = 4294967295u64))]
@@ -299,6 +304,7 @@ pub const GRAPH_KEYS: &[&str] = &[
     "client_secret",
     "client_certificate",
     "site",
+    "team",
     "ru_per_minute",
 ];
 
@@ -1069,7 +1075,16 @@ impl Reader {
             ),
             _ => {}
         }
-        let site = req(self, "site");
+        match (m.get("site"), m.get("team")) {
+            (None, None) => self.err(m.loc, "missing `site` or `team` in `graph` (give one)"),
+            (Some(_), Some(t)) => self.err(
+                t.loc,
+                "`graph.site` and `graph.team` exclude each other: keep one",
+            ),
+            _ => {}
+        }
+        let site = opt(self, "site");
+        let team = opt(self, "team");
         let ru_per_minute = m
             .get("ru_per_minute")
             .and_then(|n| self.uint(n, &m.child("ru_per_minute")));
@@ -1080,7 +1095,8 @@ impl Reader {
             client_id: client_id?,
             client_secret,
             client_certificate,
-            site: site?,
+            site,
+            team,
             ru_per_minute,
         })
     }

@@ -809,3 +809,36 @@ fn source_url_problems_are_all_reported_at_their_place() {
         ]
     );
 }
+
+#[test]
+fn graph_names_its_site_or_its_team_exactly_once() {
+    let base = with_on_delete("delete");
+    let site = "  site: contoso.sharepoint.com:/sites/ops\n";
+    let team = base.replace(site, "  team: \" Engineering \"\n");
+    let c = load_str("t.yaml", &team, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(c.graph.site, SiteRef::Team("Engineering".into()));
+    // Shown under the file's key.
+    let view = serde_json::to_value(&c.graph).unwrap();
+    assert_eq!(view["team"], "Engineering");
+    assert!(view.get("site").is_none(), "{view}");
+    let c = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(
+        c.graph.site,
+        SiteRef::Site("contoso.sharepoint.com:/sites/ops".into())
+    );
+    // Both, neither, or an empty team: one problem each, at the line that has it.
+    let both = base.replace(site, &format!("{site}  team: Engineering\n"));
+    assert_eq!(
+        all_problems(&both),
+        ["t.yaml:10:9: `graph.site` and `graph.team` exclude each other: keep one"]
+    );
+    let neither = all_problems(&base.replace(site, ""));
+    assert!(
+        neither.len() == 1 && neither[0].contains("missing `site` or `team` in `graph`"),
+        "{neither:#?}"
+    );
+    assert_eq!(
+        all_problems(&base.replace(site, "  team: ''\n")),
+        ["t.yaml:9:9: `graph.team` is empty: give the Team's name or group id"]
+    );
+}

@@ -767,21 +767,7 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
         ));
     }
     let credential = credential(r, g);
-    let site = g.site.value.trim().to_owned();
-    let (host, path) = site
-        .split_once(":/")
-        .map_or((site.as_str(), None), |(h, p)| (h, Some(p)));
-    // A dotted hostname: catches `https://host/...` (host `https`) and bare words.
-    let host_ok = host.contains('.')
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
-    if !host_ok || path.is_some_and(|p| p.is_empty() || p.starts_with('/') || p.contains(':')) {
-        r.issues.push((
-            g.site.loc,
-            "`graph.site` must be `hostname:/server-relative-path`, e.g. contoso.sharepoint.com:/sites/ops".into(),
-        ));
-    }
+    let site = site_ref(r, g);
     let ru_per_minute = match &g.ru_per_minute {
         None => DEFAULT_RU_PER_MINUTE,
         Some(ru) => match u32::try_from(ru.value) {
@@ -804,9 +790,42 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
         tenant,
         client_id,
         credential: credential?,
-        site,
+        site: site?,
         ru_per_minute,
     })
+}
+
+/// `graph.site` or `graph.team` (the parser made sure there is exactly one).
+fn site_ref(r: &mut Reader, g: &GraphFile) -> Option<SiteRef> {
+    if let Some(t) = &g.team {
+        let team = t.value.trim();
+        if team.is_empty() {
+            r.issues.push((
+                t.loc,
+                "`graph.team` is empty: give the Team's name or group id".into(),
+            ));
+            return None;
+        }
+        return Some(SiteRef::Team(team.to_owned()));
+    }
+    let g_site = g.site.as_ref()?;
+    let site = g_site.value.trim().to_owned();
+    let (host, path) = site
+        .split_once(":/")
+        .map_or((site.as_str(), None), |(h, p)| (h, Some(p)));
+    // A dotted hostname: catches `https://host/...` (host `https`) and bare words.
+    let host_ok = host.contains('.')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    if !host_ok || path.is_some_and(|p| p.is_empty() || p.starts_with('/') || p.contains(':')) {
+        r.issues.push((
+            g_site.loc,
+            "`graph.site` must be `hostname:/server-relative-path`, e.g. contoso.sharepoint.com:/sites/ops".into(),
+        ));
+        return None;
+    }
+    Some(SiteRef::Site(site))
 }
 
 /// The sign-in credential (the parser made sure there is exactly one).

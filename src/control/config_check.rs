@@ -430,7 +430,7 @@ pub(crate) async fn list_columns(
     let client =
         GraphClient::new(GraphClientConfig::from(&config.graph), limiters()).map_err(graph)?;
     let site = client
-        .resolve_site(&config.graph.site)
+        .resolve_target(&config.graph.site)
         .await
         .map_err(graph)?;
     let Some(info) = client.get_list(&site.id, &list).await.map_err(graph)? else {

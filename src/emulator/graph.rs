@@ -347,6 +347,9 @@ pub fn dispatch(st: &mut State, env: &Env, caller: &Caller, call: &Call) -> Grap
         }
         return search_sites(st, env, &q);
     }
+    if let Some(r) = super::groups::dispatch(env, &call.method, path, &q) {
+        return r;
+    }
     let (site_idx, remainder) = if let Some(rest) = path.strip_prefix("/sites/") {
         resolve_site(st, rest)?
     } else if let Some(rest) = path.strip_prefix("/groups/") {

@@ -28,6 +28,7 @@
 mod auth;
 mod filter;
 mod graph;
+pub mod groups;
 mod html;
 mod model;
 mod persist;

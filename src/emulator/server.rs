@@ -654,6 +654,16 @@ pub fn add_configured_sites(shared: &Shared, st: &mut State, now_ms: i64) {
         st.ensure_site(host, "", now_ms, None);
         st.ensure_site(host, path, now_ms, None);
     }
+    // The seeded Team's site, on the first configured host (graph.team resolves to it).
+    if let Some((host, _)) = shared.configured_sites.first() {
+        let gid = super::groups::DEFAULT_TEAM_GROUP_ID.to_string();
+        st.ensure_site(
+            host,
+            super::groups::DEFAULT_TEAM_SITE_PATH,
+            now_ms,
+            Some(gid),
+        );
+    }
 }
 
 pub fn valid_hostname(h: &str) -> bool {

@@ -12,6 +12,7 @@
 //! | [`GraphError::Client4xx`] | any other 4xx | not retryable: dead-letter the item |
 //! | [`GraphError::Invalid`] | rejected client-side (e.g. a `$batch` over 20) | programming error |
 //! | [`GraphError::Decode`] | a 2xx body that is not the expected shape | not retryable |
+//! | [`GraphError::Target`] | `graph.team` matches no Team or several | fix the configuration |
 
 use std::time::Duration;
 
@@ -143,6 +144,9 @@ pub enum GraphError {
     Invalid(String),
     #[error("unexpected response body from {what}: {message}")]
     Decode { what: String, message: String },
+    /// The configured site or Team does not name exactly one target (fix the configuration).
+    #[error("target not found: {0}")]
+    Target(String),
 }
 
 impl GraphError {
@@ -184,7 +188,7 @@ impl GraphError {
             GraphError::Transient { status, .. } => *status,
             GraphError::PreconditionFailed { .. } => Some(412),
             GraphError::NotFound { .. } => Some(404),
-            GraphError::Invalid(_) | GraphError::Decode { .. } => None,
+            GraphError::Invalid(_) | GraphError::Decode { .. } | GraphError::Target(_) => None,
         }
     }
 
@@ -201,6 +205,7 @@ impl GraphError {
             GraphError::Client4xx { .. } => "client_error",
             GraphError::Invalid(_) => "invalid",
             GraphError::Decode { .. } => "decode",
+            GraphError::Target(_) => "target",
         }
     }
 

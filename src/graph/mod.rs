@@ -39,6 +39,7 @@ pub mod limiter;
 #[cfg(test)]
 mod limiter_props;
 pub mod ops;
+pub mod team;
 
 pub use auth::{Certificate, Credential};
 pub use batch::{BatchOutcome, BatchRequest, MAX_BATCH};
@@ -48,3 +49,4 @@ pub use client::{
 pub use error::{ErrorDetail, GraphError};
 pub use limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, RateLimit, TenantLimiter};
 pub use ops::{ColumnDefinition, Deleted, FieldsUpdated, ItemQuery, ListInfo, ListItem, Site};
+pub use team::Group;

@@ -217,13 +217,13 @@ pub(crate) fn enc_segment(s: &str) -> String {
 }
 
 /// Encodes a query value (`%20` for spaces: `+` is not a space in every OData parser).
-fn enc_query(s: &str) -> String {
+pub(crate) fn enc_query(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
 }
 
-fn decode<T: DeserializeOwned>(resp: &Resp, what: &str) -> Result<T, GraphError> {
+pub(crate) fn decode<T: DeserializeOwned>(resp: &Resp, what: &str) -> Result<T, GraphError> {
     serde_json::from_slice(&resp.body).map_err(|e| GraphError::Decode {
         what: what.to_string(),
         message: e.to_string(),

@@ -230,7 +230,7 @@ pub async fn provision(
     p: &PipelineConfig,
     not_null: &NotNull,
 ) -> Result<Targets, ProvisionError> {
-    let site = client.resolve_site(&p.graph.site).await?;
+    let site = client.resolve_target(&p.graph.site).await?;
     let needed = needed(p);
     let mut found = Vec::new();
     let mut problems = Vec::new();
@@ -304,7 +304,7 @@ pub async fn provision(
 /// (`syncbridge validate --graph`). A list that does not exist yet is one (start-up creates it),
 /// and so is a missing column (start-up adds it).
 pub async fn check(client: &GraphClient, p: &PipelineConfig) -> Result<Vec<Mismatch>, GraphError> {
-    let site = client.resolve_site(&p.graph.site).await?;
+    let site = client.resolve_target(&p.graph.site).await?;
     let mut out = Vec::new();
     for (list, fields) in needed(p) {
         match client.get_list(&site.id, &list).await? {

@@ -341,3 +341,70 @@ async fn columns_every_type_and_names() {
         400
     );
 }
+
+#[tokio::test]
+async fn groups_find_the_seeded_team_and_its_site() {
+    use syncbridge::emulator::groups::{
+        DEFAULT_TEAM_GROUP_ID, DEFAULT_TEAM_NAME, DEFAULT_TEAM_SITE_PATH, PLAIN_GROUP_ID,
+        PLAIN_GROUP_NAME,
+    };
+    let emu = Emu::start().await;
+    let by_name = |n: &str| {
+        format!(
+            "/v1.0/groups?$filter={}",
+            form(&[("x", &format!("displayName eq '{n}'"))]).trim_start_matches("x=")
+        )
+    };
+    let team = emu.get(&by_name(DEFAULT_TEAM_NAME)).await;
+    assert_eq!(team.status, 200, "{:?}", team.body);
+    let value = team.body["value"].as_array().unwrap();
+    assert_eq!(value.len(), 1);
+    assert_eq!(value[0]["id"], DEFAULT_TEAM_GROUP_ID);
+    assert_eq!(value[0]["resourceProvisioningOptions"], json!(["Team"]));
+    assert!(
+        team.body["@odata.context"]
+            .as_str()
+            .unwrap()
+            .ends_with("$metadata#groups")
+    );
+
+    let plain = emu.get(&by_name(PLAIN_GROUP_NAME)).await;
+    assert_eq!(
+        plain.body["value"][0]["resourceProvisioningOptions"],
+        json!([])
+    );
+    assert_eq!(emu.get(&by_name("Nobody")).await.body["value"], json!([]));
+    let bad = emu.get("/v1.0/groups?$filter=mail%20eq%20'x'").await;
+    assert_eq!(bad.status, 400);
+
+    let one = emu
+        .get(&format!(
+            "/v1.0/groups/{PLAIN_GROUP_ID}?$select=id,displayName"
+        ))
+        .await;
+    assert_eq!(one.status, 200);
+    assert_eq!(one.body["displayName"], PLAIN_GROUP_NAME);
+    assert!(one.body.get("mailEnabled").is_none(), "{:?}", one.body);
+    let unknown = emu
+        .get("/v1.0/groups/00000000-0000-0000-0000-000000000000")
+        .await;
+    assert_eq!(unknown.status, 404);
+
+    let teams = emu.get("/v1.0/teams").await;
+    assert_eq!(teams.body["value"].as_array().unwrap().len(), 1);
+    assert_eq!(teams.body["value"][0]["displayName"], DEFAULT_TEAM_NAME);
+
+    let site = emu
+        .get(&format!("/v1.0/groups/{DEFAULT_TEAM_GROUP_ID}/sites/root"))
+        .await;
+    assert_eq!(site.status, 200, "{:?}", site.body);
+    assert_eq!(
+        site.body["webUrl"],
+        format!("https://contoso.sharepoint.com{DEFAULT_TEAM_SITE_PATH}")
+    );
+    // The plain group has no site of its own here, and the default site is not the Team's.
+    let none = emu
+        .get(&format!("/v1.0/groups/{PLAIN_GROUP_ID}/sites/root"))
+        .await;
+    assert_eq!(none.status, 404);
+}

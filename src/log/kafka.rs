@@ -50,8 +50,10 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -61,7 +63,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
+    AssignmentEvent, CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
     MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_position,
     validate_spec, validate_topic_name,
 };
@@ -607,6 +609,9 @@ impl EventLog for KafkaLog {
         }
         let mut cc = cfg.client_config();
         cc.set("group.id", cfg.physical_name(group))
+            // Incremental rebalances: a joining or leaving member moves only the partitions
+            // that change owner; the others keep being read (and their pending work kept).
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -619,7 +624,12 @@ impl EventLog for KafkaLog {
         for (k, v) in &cfg.extra {
             cc.set(k, v);
         }
-        let consumer: StreamConsumer = cc.create()?;
+        let context = GroupContext {
+            cfg: cfg.clone(),
+            events: Arc::new(Mutex::new(Vec::new())),
+        };
+        let events = Arc::clone(&context.events);
+        let consumer: StreamConsumer<GroupContext> = cc.create_with_context(context)?;
         let names: Vec<&str> = physical.iter().map(String::as_str).collect();
         if !names.is_empty() {
             consumer.subscribe(&names)?;
@@ -629,6 +639,7 @@ impl EventLog for KafkaLog {
             cfg: cfg.clone(),
             group: group.to_owned(),
             shutdown,
+            events,
         })
     }
 
@@ -746,13 +757,63 @@ impl EventLog for KafkaLog {
     }
 }
 
+/// Records a member's rebalances as [`AssignmentEvent`]s. librdkafka runs these callbacks
+/// inside the consumer's poll, i.e. inside [`KafkaConsumer::recv`]: a revocation is recorded
+/// before the partitions are given up, an assignment after they are taken, and both before any
+/// record of an assigned partition is yielded.
+struct GroupContext {
+    cfg: KafkaLogConfig,
+    /// Drained by the consumer's owner after each `recv`; a rebalance adds one or two entries,
+    /// so this stays small between drains.
+    events: Arc<Mutex<Vec<AssignmentEvent>>>,
+}
+
+impl GroupContext {
+    fn record(&self, tpl: &TopicPartitionList, event: fn(Vec<(String, i32)>) -> AssignmentEvent) {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (self.cfg.logical_name(e.topic()).to_owned(), e.partition()))
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event(parts));
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.record(tpl, AssignmentEvent::Revoked),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "kafka consumer group rebalance failed")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.record(tpl, AssignmentEvent::Assigned);
+        }
+    }
+}
+
 /// A member of a Kafka consumer group.
 pub struct KafkaConsumer {
     /// `None` only after `close`.
-    consumer: Option<Arc<StreamConsumer>>,
+    consumer: Option<Arc<StreamConsumer<GroupContext>>>,
     cfg: KafkaLogConfig,
     group: String,
     shutdown: CancellationToken,
+    /// The group's rebalances not yet taken (see [`GroupContext`]).
+    events: Arc<Mutex<Vec<AssignmentEvent>>>,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -764,7 +825,7 @@ impl fmt::Debug for KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    fn live(&self) -> Result<Arc<StreamConsumer>, LogError> {
+    fn live(&self) -> Result<Arc<StreamConsumer<GroupContext>>, LogError> {
         self.consumer
             .clone()
             .ok_or_else(|| LogError::Closed("consumer closed".into()))
@@ -786,6 +847,14 @@ impl KafkaConsumer {
 }
 
 impl LogConsumer for KafkaConsumer {
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn group_session_timeout(&self) -> Option<Duration> {
+        Some(self.cfg.session_timeout)
+    }
+
     async fn recv(&mut self) -> Result<Option<ConsumedRecord>, LogError> {
         if self.shutdown.is_cancelled() {
             return Ok(None);

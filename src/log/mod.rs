@@ -256,8 +256,30 @@ pub trait EventLog: Send + Sync {
     ) -> impl Future<Output = Result<(), LogError>> + Send;
 }
 
+/// A change of the partitions one consumer reads: a consumer-group rebalance (Kafka), or the
+/// whole input at once (the embedded log, single process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentEvent {
+    /// These `(topic, partition)`s are this consumer's now; their records follow.
+    Assigned(Vec<(String, i32)>),
+    /// These are not this consumer's any more: another member reads them from the group's
+    /// committed positions, so a commit for them from here would overwrite its progress.
+    Revoked(Vec<(String, i32)>),
+}
+
 /// Reads records for one consumer group. Positions are stored only by [`LogConsumer::commit`].
 pub trait LogConsumer: Send + std::fmt::Debug + 'static {
+    /// The assignment changes since the last call, oldest first. A record of a partition is
+    /// only yielded after the `Assigned` event naming it was recorded, so a caller that drains
+    /// the events after each `recv` and before using the record sees every change in time.
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent>;
+
+    /// How long the group keeps a silent member's partitions (`session.timeout.ms`); `None`
+    /// where there is no group protocol (the embedded log).
+    fn group_session_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// The next record, waiting until one is durable. `Ok(None)` once the shutdown token is
     /// cancelled (then every later call returns `Ok(None)` too).
     fn recv(&mut self) -> impl Future<Output = Result<Option<ConsumedRecord>, LogError>> + Send;
@@ -386,6 +408,20 @@ impl EventLog for AnyLog {
 }
 
 impl LogConsumer for AnyConsumer {
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent> {
+        match self {
+            Self::Embedded(c) => c.take_assignment_events(),
+            Self::Kafka(c) => c.take_assignment_events(),
+        }
+    }
+
+    fn group_session_timeout(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Embedded(c) => c.group_session_timeout(),
+            Self::Kafka(c) => c.group_session_timeout(),
+        }
+    }
+
     async fn recv(&mut self) -> Result<Option<ConsumedRecord>, LogError> {
         match self {
             Self::Embedded(c) => c.recv().await,

@@ -203,7 +203,7 @@ pub struct Ledger<L> {
     db: sled::Db,
     log: Arc<L>,
     topic: String,
-    /// Records replayed from the changelog at open (for tests and logs).
+    /// Records replayed from the changelog, at open and by later catch-ups (tests and logs).
     pub replayed: u64,
     /// Audit records waiting for the next commit (`None`: not audited).
     audit: Option<AuditTrail>,
@@ -235,8 +235,11 @@ impl<L: EventLog> Ledger<L> {
         })
     }
 
-    /// Replays changelog records at or after the store's applied offset.
-    async fn catch_up(&mut self) -> Result<(), LedgerError> {
+    /// Replays changelog records at or after the store's applied offset, up to the
+    /// changelog's end: at open, and whenever the processor takes over partitions another
+    /// member wrote entries for (several processes of one pipeline, see the module docs).
+    /// Returns the records replayed.
+    pub async fn catch_up(&mut self) -> Result<u64, LedgerError> {
         let end = self
             .log
             .end_offsets(&self.topic)
@@ -246,13 +249,18 @@ impl<L: EventLog> Ledger<L> {
             .unwrap_or(0);
         let applied = self.applied()?;
         if applied >= end {
-            return Ok(());
+            return Ok(0);
         }
-        tracing::info!(topic = %self.topic, from = applied, to = end, "ledger: rebuilding from the changelog");
-        // A throwaway group that never commits reads from the earliest record; compaction may
-        // have removed older versions, which is exactly what a rebuild wants.
+        tracing::info!(topic = %self.topic, from = applied, to = end, "ledger: catching up with the changelog");
+        // A throwaway group that never commits by itself; it starts at the applied offset
+        // (stored for it first), or at the earliest record for a store that never applied one.
+        // Compaction may have removed older versions, which is exactly what a rebuild wants.
         let stop = CancellationToken::new();
         let group = format!("{}.rebuild.{}", self.topic, uuid::Uuid::new_v4().simple());
+        if applied > 0 {
+            let start = [((self.topic.clone(), 0), applied)].into_iter().collect();
+            self.log.set_committed(&group, &start).await?;
+        }
         let mut consumer = self
             .log
             .consumer(&group, std::slice::from_ref(&self.topic), stop.clone())
@@ -278,8 +286,8 @@ impl<L: EventLog> Ledger<L> {
         batch.insert(APPLIED_KEY, &end.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.db.flush_async().await?;
-        self.replayed = n;
-        Ok(())
+        self.replayed += n;
+        Ok(n)
     }
 
     /// The entry of a row.
@@ -388,7 +396,16 @@ impl<L: EventLog> Ledger<L> {
             }
         }
         let delivered = self.log.append(&self.topic, records).await?;
-        if let Some(last) = delivered.iter().map(|d| d.offset).max() {
+        // The applied offset means "every record below it is in the store". It moves past this
+        // batch only when the batch sits right there, without gaps: records of other members
+        // (several processes of one pipeline) or of a failed earlier attempt before or between
+        // ours are not in the store yet, and the next `catch_up` replays from here.
+        let first = delivered.iter().map(|d| d.offset).min();
+        let last = delivered.iter().map(|d| d.offset).max();
+        if let (Some(first), Some(last)) = (first, last)
+            && first == self.applied()?
+            && usize::try_from(last - first + 1) == Ok(delivered.len())
+        {
             batch.insert(APPLIED_KEY, &(last + 1).to_be_bytes());
         }
         self.tree.apply_batch(batch)?;

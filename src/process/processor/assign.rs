@@ -61,7 +61,9 @@ impl<L: EventLog + 'static> Processor<L> {
         &mut self,
         consumer: &mut L::Consumer,
     ) -> Result<(), ProcessError> {
-        for event in consumer.take_assignment_events() {
+        let events = consumer.take_assignment_events();
+        let changed = !events.is_empty();
+        for event in events {
             self.stats.rebalances += 1;
             match event {
                 AssignmentEvent::Assigned(parts) => {
@@ -73,6 +75,10 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         self.stats.assigned_partitions = self.own.owned.len() as u64;
+        if changed {
+            // The status API shows the share at once, not after the next flush.
+            self.send_stats();
+        }
         metrics::gauge!(m::PUSH_ASSIGNED_PARTITIONS, "pipeline" => self.cfg.pipeline.name.clone())
             .set(self.own.owned.len() as f64);
         self.watch_unassigned(consumer.group_session_timeout());
@@ -115,25 +121,77 @@ impl<L: EventLog + 'static> Processor<L> {
     /// [`UNASSIGNED_WARN_SESSIONS`] session timeouts (a group member that reads nothing: more
     /// members than partitions, or a broker that kept a dead member's partitions).
     fn watch_unassigned(&mut self, session: Option<Duration>) {
-        let own = &mut self.own;
-        if !own.owned.is_empty() {
-            own.unassigned_since = None;
-            own.warned = false;
+        if self.topics.is_empty() {
             return;
         }
-        let since = *own.unassigned_since.get_or_insert_with(Instant::now);
-        let Some(session) = session else { return };
-        let limit = session * UNASSIGNED_WARN_SESSIONS;
-        if !own.warned && since.elapsed() > limit && !self.topics.is_empty() {
-            own.warned = true;
+        if let Some(unassigned_for) = self.own.unassigned_warning(session, Instant::now()) {
             warn!(
                 pipeline = %self.cfg.pipeline.name,
-                unassigned_for = ?since.elapsed(),
+                ?unassigned_for,
                 topics = self.topics.len(),
                 "this processor has had no input partition for longer than {UNASSIGNED_WARN_SESSIONS} \
                  session timeouts: more processes than partitions (table_partitions), or the broker \
                  still counts a dead member; it reads nothing until a rebalance gives it some"
             );
         }
+    }
+}
+
+impl Ownership {
+    /// How long nothing has been owned, once per unassigned stretch, when that passed
+    /// [`UNASSIGNED_WARN_SESSIONS`] × `session` (`None`: no group, never).
+    fn unassigned_warning(&mut self, session: Option<Duration>, now: Instant) -> Option<Duration> {
+        if !self.owned.is_empty() {
+            self.unassigned_since = None;
+            self.warned = false;
+            return None;
+        }
+        let since = *self.unassigned_since.get_or_insert(now);
+        let limit = session? * UNASSIGNED_WARN_SESSIONS;
+        let for_ = now.saturating_duration_since(since);
+        if self.warned || for_ <= limit {
+            return None;
+        }
+        self.warned = true;
+        Some(for_)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_without_partitions_is_reported_once_per_stretch() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(6);
+        let mut o = Ownership::default();
+        assert_eq!(o.unassigned_warning(Some(s), t0), None);
+        assert_eq!(
+            o.unassigned_warning(Some(s), t0 + 2 * s),
+            None,
+            "not before 2 sessions"
+        );
+        assert_eq!(
+            o.unassigned_warning(Some(s), t0 + 2 * s + Duration::from_secs(1)),
+            Some(2 * s + Duration::from_secs(1))
+        );
+        assert_eq!(
+            o.unassigned_warning(Some(s), t0 + 5 * s),
+            None,
+            "once per stretch"
+        );
+        o.owned.insert(("t".into(), 0));
+        assert_eq!(o.unassigned_warning(Some(s), t0 + 6 * s), None);
+        o.owned.clear();
+        let t1 = t0 + 7 * s;
+        assert_eq!(
+            o.unassigned_warning(Some(s), t1),
+            None,
+            "a new stretch starts"
+        );
+        assert!(o.unassigned_warning(Some(s), t1 + 3 * s).is_some());
+        let mut embedded = Ownership::default();
+        assert_eq!(embedded.unassigned_warning(None, t0 + 100 * s), None);
     }
 }

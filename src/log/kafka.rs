@@ -7,6 +7,9 @@
 //! - Consumer: a `StreamConsumer` in the group `<prefix>.<group>`, subscribed to the topics;
 //!   `enable.auto.commit=false` and `enable.auto.offset.store=false`, so positions move only
 //!   through [`LogConsumer::commit`] (a synchronous offset commit).
+//!   `partition.assignment.strategy=cooperative-sticky`; a `ConsumerContext` records each
+//!   rebalance as an [`AssignmentEvent`] (see `GroupContext`), so several processes of one
+//!   pipeline can share a group (`ops/docs/kafka.md`, scale-out).
 //! - Blocking librdkafka calls (metadata, commits, consumer close) run off the async threads.
 //! - A consumer's close (leaving the group) can block for long on some brokers, so dropping a
 //!   [`KafkaConsumer`] closes it on a detached thread; [`KafkaConsumer::close`] waits for it with

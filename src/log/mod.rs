@@ -39,6 +39,10 @@
 //!    [`EMBEDDED_FETCH_BATCH`]; Kafka: `queued.max.messages.kbytes`). A slow caller slows the read.
 //! 9. **Shutdown.** A consumer stops when its [`CancellationToken`] is cancelled:
 //!    [`LogConsumer::recv`] returns `Ok(None)` promptly, also while it waits for records.
+//! 10. **Assignment.** [`LogConsumer::take_assignment_events`] reports which partitions the
+//!     consumer reads ([`AssignmentEvent`]): the embedded log every partition once; Kafka each
+//!     consumer-group rebalance (cooperative-sticky). A partition's `Assigned` event is recorded
+//!     before any of its records is yielded; a `Revoked` one before the partition is given up.
 //!
 //! Compacted topics ([`TopicSpec::compacted`]) keep at least the latest record of each key. A
 //! tombstone (`value = None`) marks a key deleted; the embedded log keeps the latest tombstone of a

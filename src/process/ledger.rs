@@ -13,6 +13,14 @@
 //! the changelog does not, and callers may treat `commit` returning `Ok` as "durable".
 //! The processor commits its input offsets only after `commit` returned.
 //!
+//! # Several writers
+//! Several processes of one pipeline (Kafka, see `processor::assign`) each keep a store and all
+//! append to the one changelog partition. The applied offset therefore means "every changelog
+//! record below it is in this store": a commit advances it only when its records sit right at
+//! it (no other member's record before or between them), and [`Ledger::catch_up`] replays from
+//! it to the end, in order, so the latest record of each key wins. The processor catches up
+//! whenever it is assigned partitions, before it uses their records.
+//!
 //! With an audit trail ([`Ledger::enable_audit`], see [`super::audit`]), `commit` first appends
 //! the audit records buffered since the last append ([`Ledger::audit`]) to the audit topic, so a
 //! change is never durable without the records that describe it.
@@ -28,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use super::audit::{AUDIT_PARTITIONS, AuditRecord, AuditTrail};
 use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
 
-/// One changelog partition: the processor is the only writer, and one partition keeps the
-/// changelog totally ordered, which makes "behind" a single offset comparison.
+/// One changelog partition, also with several processes of one pipeline writing it: one
+/// partition keeps the changelog totally ordered, which makes "behind" a single offset
+/// comparison (why not partitioned like the table topics: `ops/docs/kafka.md`, scale-out).
 pub const LEDGER_PARTITIONS: i32 = 1;
 /// sled key holding the changelog offset the store has applied up to.
 const APPLIED_KEY: &[u8] = b"\xffapplied";

@@ -23,6 +23,7 @@
 //!
 //! [`dead_letters`] holds what is deliberately not written: dead letters and skip counters.
 //! [`audit`] records each decision in the audit trail (see [`crate::process::audit`]).
+//! [`assign`] follows the consumer group's assignment (several processes of one pipeline).
 //!
 //! # What the return path uses
 //! The return path (`src/pull/processor.rs`, `src/pull/resolve.rs`) is `impl Processor` code

@@ -1,6 +1,8 @@
 //! PostgreSQL client connections besides the replication stream (catalog, snapshot, advisory
-//! lock, heartbeat, re-snapshot, applier, provisioning, `validate`), with the source URL's TLS
-//! options honoured the way libpq honours them.
+//! locks, heartbeat, re-snapshot, applier, provisioning, `validate`), with the source URL's TLS
+//! options honoured the way libpq honours them. [`acquire_advisory_lock`] is the one-holder
+//! pattern across processes (capture's slot reader, each list's delta poller): a session lock on
+//! a dedicated connection, given up when the connection closes.
 //!
 //! The replication stream goes through libpq, which reads the URL itself. tokio-postgres knows
 //! only `sslmode=disable|prefer|require` and no root certificates, so [`connect`] takes the TLS
@@ -21,6 +23,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -30,9 +33,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+use tokio::task::JoinHandle;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Connection, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
 
 /// URL parameters this module handles (and keeps away from tokio-postgres, which rejects some).
 const TLS_PARAMS: [&str; 3] = ["sslmode", "sslrootcert", "sslnegotiation"];
@@ -263,6 +268,105 @@ pub async fn connect(url: &str) -> Result<(Client, PgConnection), PgConnectError
     });
     let connector = MakeRustlsConnect::new(client_config(&tls)?);
     Ok(config.connect(connector).await?)
+}
+
+/// A connection kept for its session state (an advisory lock): `lost` fires when the connection
+/// ends, and dropping it closes the socket, which ends the session on the server (releasing what
+/// the session held).
+#[derive(Debug)]
+pub struct WatchedConn {
+    pub client: Arc<Client>,
+    pub lost: CancellationToken,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for WatchedConn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// [`connect`], with the connection driven by a task that cancels [`WatchedConn::lost`] when it
+/// ends.
+pub async fn connect_watched(url: &str) -> Result<WatchedConn, PgConnectError> {
+    let (client, connection) = connect(url).await?;
+    let lost = CancellationToken::new();
+    let lost2 = lost.clone();
+    let driver = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+        lost2.cancel();
+    });
+    Ok(WatchedConn {
+        client: Arc::new(client),
+        lost,
+        driver,
+    })
+}
+
+/// How often a process standing by retries a session advisory lock someone else holds: a dead
+/// holder is replaced within this (its lock goes when its connection closes).
+pub const LOCK_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The advisory-lock key of `name`: FNV-1a of `syncbridge:<name>` (stable across builds and
+/// processes, unlike `DefaultHasher`).
+pub fn lock_key(name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"syncbridge:".iter().chain(name.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// Waits until a new connection to `url` holds the session advisory lock `key`, trying every
+/// `retry`; `standing_by` is called once, when the first try finds the lock taken. `None` on
+/// `shutdown`. The lock lives as long as the returned connection: when its `lost` fires, the
+/// lock is gone (another process may hold it already) and the holder must stop at once.
+///
+/// # Errors
+/// Connecting or the lock query failed (the connection was lost meanwhile, too): see
+/// [`PgConnectError::is_retryable`].
+pub async fn acquire_advisory_lock(
+    url: &str,
+    key: i64,
+    retry: Duration,
+    shutdown: &CancellationToken,
+    standing_by: impl FnOnce(),
+) -> Result<Option<WatchedConn>, PgConnectError> {
+    let conn = connect_watched(url).await?;
+    let mut standing_by = Some(standing_by);
+    loop {
+        if try_lock(&conn, key).await? {
+            return Ok(Some(conn));
+        }
+        if let Some(f) = standing_by.take() {
+            f();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(retry) => {}
+        }
+    }
+}
+
+/// One try of [`acquire_advisory_lock`]: the connection holding the lock, `None` when another
+/// session holds it.
+///
+/// # Errors
+/// Connecting or the lock query failed.
+pub async fn try_advisory_lock(url: &str, key: i64) -> Result<Option<WatchedConn>, PgConnectError> {
+    let conn = connect_watched(url).await?;
+    Ok(try_lock(&conn, key).await?.then_some(conn))
+}
+
+async fn try_lock(conn: &WatchedConn, key: i64) -> Result<bool, tokio_postgres::Error> {
+    Ok(conn
+        .client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await?
+        .get(0))
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -1,7 +1,9 @@
 //! Runs pipelines inside one process under one cancellation tree. Per pipeline: the log opens,
 //! the lists are provisioned (or verified) and the push processor prepared (so a mapping that
 //! does not fit fails the run before a slot is created), then capture, the delta pollers of the
-//! return path and the processor start. Shutdown drains inputs before their consumer: capture
+//! return path and the processor start. With the Kafka log other processes may run the same
+//! pipeline: capture and each list's poller then run only while this process holds their lock
+//! (`crate::pg::acquire_advisory_lock`, `crate::pull::owner`; ops/docs/kafka.md "Scale-out"). Shutdown drains inputs before their consumer: capture
 //! (acknowledges what is durable, stops reading), then the pollers, then the processor (flushes
 //! and commits), and the log closes last, so nothing new enters a stage after the one feeding it
 //! has stopped. Each pipeline's run history (`crate::control::meta`) starts before capture (the
@@ -476,10 +478,13 @@ type ListResets =
     std::collections::HashMap<String, tokio::sync::mpsc::Sender<crate::pull::poller::ResetRequest>>;
 
 /// Starts the delta pollers; each takes operator resets of its list's delta link (cursor
-/// resets) on the channel returned under its list id.
+/// resets) on the channel returned under its list id. With `owned` (the Kafka log: other
+/// processes may run the pipeline) a list's poller runs only while this process holds the list's
+/// lock ([`crate::pull::owner`]); the embedded log is this process's alone.
 fn spawn_pollers(
     pollers: Vec<(PollerConfig, Arc<GraphClient>)>,
     log: &Arc<AnyLog>,
+    owned: Option<crate::pull::owner::Ownership>,
     stop: &CancellationToken,
 ) -> (Vec<JoinHandle<Result<(), PullError>>>, ListResets) {
     let mut list_resets = std::collections::HashMap::new();
@@ -488,16 +493,43 @@ fn spawn_pollers(
         .map(|(cfg, client)| {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             list_resets.insert(cfg.list_id.clone(), tx);
-            tokio::spawn(crate::pull::poller::run_resettable(
-                cfg,
-                client,
-                log.clone(),
-                Some(rx),
-                stop.clone(),
-            ))
+            let (log, stop) = (log.clone(), stop.clone());
+            match owned.clone() {
+                Some(own) => tokio::spawn(crate::pull::owner::run_owned(
+                    cfg,
+                    client,
+                    log,
+                    Some(rx),
+                    own,
+                    stop,
+                )),
+                None => tokio::spawn(crate::pull::poller::run_resettable(
+                    cfg,
+                    client,
+                    log,
+                    Some(rx),
+                    stop,
+                )),
+            }
         })
         .collect();
     (tasks, list_resets)
+}
+
+/// How the pollers of `p` share their lists with other processes: by lock on the source
+/// database with the Kafka log, not at all with the embedded one (see [`spawn_pollers`]).
+fn poller_ownership(
+    p: &PipelineConfig,
+    readiness: &Readiness,
+) -> Option<crate::pull::owner::Ownership> {
+    match p.log {
+        config::LogConfig::Embedded { .. } => None,
+        config::LogConfig::Kafka { .. } => Some(crate::pull::owner::Ownership {
+            lock_url: p.source.url.expose().to_string(),
+            retry: crate::pg::LOCK_RETRY_INTERVAL,
+            readiness: readiness.clone(),
+        }),
+    }
 }
 
 async fn start_one(
@@ -639,7 +671,8 @@ async fn start_one(
     ));
     // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
     readiness.set(&p.name, "capture", true);
-    let (poller_tasks, list_resets) = spawn_pollers(pollers, &log, &pollers_stop);
+    let owned = poller_ownership(p, readiness);
+    let (poller_tasks, list_resets) = spawn_pollers(pollers, &log, owned, &pollers_stop);
     let (hold, holds) = HoldHandle::channel(&p.name);
     registries
         .cursors

@@ -535,3 +535,47 @@ async fn divergent_fields_heal_the_way_their_direction_and_policy_say() {
     })
     .await;
 }
+
+/// With several processes of a pipeline a check in one makes the others answer busy: the drift
+/// lock on the source database (`drift:<pipeline>`, what another process's check holds) taken
+/// here makes this process's check a 409 `drift_in_progress`; released, the check runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_held_by_another_process_answers_busy() {
+    hard_timeout(300, async {
+        let mut h = Harness::new("driftlock").await;
+        let (t, list) = h.titled_table(2).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        h.start(&file);
+        h.wait_for("2 items", || async { h.items(&list).await.len() == 2 })
+            .await;
+        let key = syncbridge::pg::lock_key(&syncbridge::process::drift::drift_lock_name(&h.name));
+        let held: bool = h
+            .db
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(held, "no check runs yet");
+        let (status, body) = get_drift_post(&h).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["type"].as_str().map(|t| t.ends_with("drift_in_progress")), Some(true), "{body}");
+        h.db.execute("SELECT pg_advisory_unlock($1)", &[&key]).await.unwrap();
+        let report = h.post_drift("drift").await;
+        assert_eq!(report["counts"]["missing"], 0, "{report}");
+        h.stop().await;
+    })
+    .await;
+}
+
+/// `POST /pipelines/{name}/drift` once: (status, body).
+async fn get_drift_post(h: &Harness) -> (u16, Value) {
+    let url = format!(
+        "http://127.0.0.1:{}/pipelines/{}/drift",
+        h.control_port, h.name
+    );
+    let r = h.admin.post(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}

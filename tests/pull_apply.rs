@@ -390,6 +390,78 @@ async fn reconnects_after_its_backend_is_terminated() {
     drop_tables(&c, &t, &parent).await;
 }
 
+/// Applies `change` until it is not refused with 55006 (the origin held by another session);
+/// how many refusals came first. Any other error fails the test; gives up after 200 tries.
+async fn apply_when_free(a: &mut Applier, change: &RowChange) -> (Applied, u32) {
+    let mut refused = 0;
+    loop {
+        match a.apply(change).await {
+            Ok(r) => return (r, refused),
+            Err(e) if e.sqlstate() == Some("55006") && refused < 200 => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("apply: {e:?} after {refused} refusals"),
+        }
+    }
+}
+
+/// Two processes of one pipeline: the second applier opens without the origin the first holds,
+/// is refused while the first is in use, and takes the origin once the first's session went
+/// idle and was closed; then the first is the one refused, and takes it back the same way.
+#[tokio::test]
+async fn an_idle_applier_hands_its_origin_to_another_process() {
+    let c = db().await;
+    let (t, parent) = make_tables(&c, "pull_apply_handover").await;
+    let url = common::database_url();
+    // Long enough that an apply right after another one always finds the origin still held.
+    let idle = Duration::from_secs(2);
+    let mut first = Applier::open(&url, "pull_apply_handover", idle)
+        .await
+        .unwrap();
+    assert!(
+        first.backend_pid().is_some(),
+        "the first applier holds the origin"
+    );
+    first
+        .apply(&insert(&t, &[("name", Some("one"))]))
+        .await
+        .unwrap();
+
+    let mut second = Applier::open(&url, "pull_apply_handover", idle)
+        .await
+        .unwrap();
+    assert_eq!(second.backend_pid(), None, "opened without a session");
+    let (applied, refused) =
+        apply_when_free(&mut second, &insert(&t, &[("name", Some("two"))])).await;
+    assert_eq!(applied.rows, 1);
+    assert!(
+        refused > 0,
+        "the first applier's session was in force at first"
+    );
+    assert_eq!(
+        first.backend_pid(),
+        None,
+        "the idle first session was closed"
+    );
+
+    let (applied, refused) =
+        apply_when_free(&mut first, &insert(&t, &[("name", Some("three"))])).await;
+    assert_eq!(applied.rows, 1);
+    assert!(refused > 0, "the second applier held the origin");
+    assert!(first.origin_session_is_setup().await.unwrap());
+    let names: Vec<String> = c
+        .query(&format!("SELECT name FROM {} ORDER BY id", t.name), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["one", "two", "three"], "each change applied once");
+    drop((first, second));
+    drop_tables(&c, &t, &parent).await;
+}
+
 #[tokio::test]
 async fn writes_carry_the_replication_origin() {
     let c = db().await;

@@ -77,6 +77,16 @@ impl Env {
         }
     }
 
+    /// A started env with list `name` holding items "a" (Qty 1) and "b" (Qty 2): (env, list id,
+    /// a's id, b's id).
+    async fn with_list(name: &str) -> (Env, String, String, String) {
+        let env = Env::start().await;
+        let list = env.list(name).await;
+        let a = env.create(&env.app, &list, "a", 1).await;
+        let b = env.create(&env.app, &list, "b", 2).await;
+        (env, list, a, b)
+    }
+
     async fn list(&self, name: &str) -> String {
         let cols = [ColumnDefinition::new("Qty", "number", json!({}))];
         self.app
@@ -244,10 +254,7 @@ fn items_of<'a>(r: &'a [(String, ListChange)], id: &str) -> Vec<&'a ListChange> 
 
 #[tokio::test]
 async fn person_edits_creates_and_deletes_arrive_as_records() {
-    let env = Env::start().await;
-    let list = env.list("Person Edits").await;
-    let a = env.create(&env.app, &list, "a", 1).await;
-    let b = env.create(&env.app, &list, "b", 2).await;
+    let (env, list, a, b) = Env::with_list("Person Edits").await;
 
     let p = spawn(&env, env.config(&list, StartMode::Latest), env.log.clone());
     let c0 = wait_cursor(&*env.log, &list).await;
@@ -322,6 +329,108 @@ async fn person_edits_creates_and_deletes_arrive_as_records() {
     let r = wait_records(&*env.log, "the edit after restart", |r| r.len() >= 4).await;
     assert_eq!(r[3].1.fields.as_ref().unwrap()["Title"], "c2");
     p.stop().await;
+}
+
+/// Waits until `r` says this process owns (`true`) or stands by for (`false`) the poller.
+async fn wait_owner(r: &syncbridge::control::Readiness, key: &str, owned: bool) {
+    let deadline = Instant::now() + WAIT;
+    while r.owners().get(key) != Some(&owned) {
+        assert!(
+            Instant::now() < deadline,
+            "{key} never became owned={owned}: {:?}",
+            r.owners()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two processes' pollers of one list (`pull::owner`, lock on DATABASE_URL): one polls, the
+/// other stands by and refuses resets; when the owner stops (its lock connection closes, as
+/// when a process dies) the other takes over and continues from the stored delta link.
+#[tokio::test]
+async fn one_poller_per_list_across_processes_and_a_takeover() {
+    use syncbridge::pull::owner::{NOT_OWNER, Ownership, run_owned};
+    let (env, list, a, b) = Env::with_list("Owned").await;
+    let key = format!("pp/poller:{list}");
+    let start = |ready: &syncbridge::control::Readiness| {
+        let own = Ownership {
+            lock_url: common_database_url(),
+            retry: Duration::from_millis(100),
+            readiness: ready.clone(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let cfg = env.config(&list, StartMode::Latest);
+        let task = tokio::spawn(run_owned(
+            cfg,
+            env.app.clone(),
+            env.log.clone(),
+            Some(rx),
+            own,
+            stop.clone(),
+        ));
+        (Running { stop, task }, tx)
+    };
+    let (r1, r2) = (
+        syncbridge::control::Readiness::default(),
+        syncbridge::control::Readiness::default(),
+    );
+    let (first, _resets1) = start(&r1);
+    wait_owner(&r1, &key, true).await;
+    wait_cursor(&*env.log, &list).await;
+    let (second, resets2) = start(&r2);
+    wait_owner(&r2, &key, false).await;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    resets2.send(reply).await.unwrap();
+    assert_eq!(
+        answer.await.unwrap(),
+        Err(NOT_OWNER.to_string()),
+        "a standby has no poller to reset"
+    );
+
+    let edit = |item: &str, title: &str| {
+        let f = fields(json!({ "Title": title }));
+        let (site, list, item) = (env.site.clone(), list.clone(), item.to_string());
+        let person = &env.person;
+        async move {
+            person
+                .update_item_fields(&site, &list, &item, &f, None)
+                .await
+                .unwrap()
+        }
+    };
+    edit(&a, "a1").await;
+    wait_records(&*env.log, "a's edit", |r| !items_of(r, &a).is_empty()).await;
+    // A later change seen: a second poller would have appended a's edit again by now.
+    edit(&b, "b1").await;
+    let r = wait_records(&*env.log, "b's edit", |r| !items_of(r, &b).is_empty()).await;
+    assert_eq!(items_of(&r, &a).len(), 1, "a's edit appended once: {r:#?}");
+    assert!(!r2.owners()[&key], "the second still stands by");
+
+    first.stop().await;
+    wait_owner(&r1, &key, false).await;
+    wait_owner(&r2, &key, true).await;
+    edit(&a, "a2").await;
+    let r = wait_records(&*env.log, "a's edit after the takeover", |r| {
+        items_of(r, &a).len() >= 2
+    })
+    .await;
+    let a_changes = items_of(&r, &a);
+    assert_eq!(
+        a_changes.len(),
+        2,
+        "continued from the stored link: nothing re-delivered: {r:#?}"
+    );
+    assert_eq!(a_changes[1].fields.as_ref().unwrap()["Title"], "a2");
+    assert!(
+        r.iter().all(|(_, c)| !c.resync),
+        "no re-enumeration: {r:#?}"
+    );
+    second.stop().await;
+}
+
+fn common_database_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL (eval \"$(ops/stack env)\")")
 }
 
 /// An event log whose appends to one topic can be made to fail (retryably).

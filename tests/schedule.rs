@@ -7,7 +7,6 @@
 //!
 //! Needs `DATABASE_URL` (the meta-store defaults to the source database) and `KAFKA_BROKERS`.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::{Datelike, TimeZone, Utc};
@@ -24,23 +23,9 @@ use run::Run;
 const TICKS: i64 = 4;
 
 fn spawn(h: &Harness, file: &std::path::Path, tag: &str) -> Run {
-    let log = h.dir.path().join(format!("{tag}.log"));
     // Each process keeps its state (ledger, positions) under its own working directory.
-    let cwd = h.dir.path().join(tag);
-    std::fs::create_dir_all(&cwd).unwrap();
-    let child = Command::new(BIN)
-        .current_dir(cwd)
-        .arg("run")
-        .arg(file)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start syncbridge run");
-    Run {
-        child: Some(child),
-        log,
-    }
+    let log = h.dir.path().join(format!("{tag}.log"));
+    Run::start_in(BIN, &h.dir.path().join(tag), file, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

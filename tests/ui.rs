@@ -4,12 +4,15 @@
 //!
 //! This test prepares what the browser then works on: a two-way pipeline with a `read` and an
 //! `operate` token, a parked conflict (row 1 edited on both sides while the process was down), one
-//! dead letter (Graph refuses a hyperlink until the emulator allows it again), a write workload
-//! while the browser watches, a pulled list whose delta link gets reset. The script signs in,
-//! sees the events count move, opens a row's lineage, resolves the conflict, replays the dead
-//! letter, runs a drift dry run and resets the delta link after its dry run, failing on any
-//! browser console error; its screenshots go to `target/ui-e2e/<pipeline>/`. Afterwards this
-//! test checks the effects through the database, the emulator and the run history.
+//! dead letter (Graph refuses a hyperlink until the emulator allows it again), an orphaned item
+//! (drift), more rows than a ledger page, a write workload while the browser watches, a pulled
+//! list whose delta link gets reset. The script signs in, sees the events count move, opens a
+//! row's lineage, resolves the conflict, replays the dead letter, runs a drift dry run and heals
+//! after confirming, resets the delta link and a consumer group after their dry runs, pages
+//! through the ledger, edits the mapping (adds a field, sees a change with problems refused,
+//! removes a field), failing on any browser console error; its screenshots go to
+//! `target/ui-e2e/<pipeline>/`. Afterwards this test checks the effects through the database, the
+//! emulator and the run history.
 //!
 //! Needs the stack (`DATABASE_URL`) and, in `src/control/ui`, `npm ci && npm run build` before
 //! the binary was built (ops/test does both). Skipped with a message only when `node` (20.19+,
@@ -90,6 +93,7 @@ async fn the_admin_ui_operates_a_running_pipeline_in_chromium() {
         assert_ui_is_built(&h, &base).await;
         make_a_parked_conflict(&mut h, &t, &list, &file).await;
         make_a_dead_letter(&h, &t).await;
+        make_an_orphan(&h, &list).await;
 
         // A write workload while the browser watches the counts.
         let stop = Arc::new(AtomicBool::new(false));
@@ -136,13 +140,16 @@ async fn the_admin_ui_operates_a_running_pipeline_in_chromium() {
     .await;
 }
 
-/// Table `<name>_t` (id, title, link) with 5 rows, synced two-way with list `T <name>`, Title
-/// parked on conflict; both tokens; the meta-store for runs and lineage. Started; 5 items.
+/// Rows of the table at start: more than one ledger page (50), so the browser pages through it.
+const ROWS: usize = 65;
+
+/// Table `<name>_t` (id, title, link, note) with [`ROWS`] rows, synced two-way with list `T <name>`, Title
+/// parked on conflict; both tokens; the meta-store for runs and lineage. Started; [`ROWS`] items.
 async fn setup(h: &mut Harness, meta: &TempDatabase) -> (String, String, PathBuf) {
     let t = h.t("t");
     h.sql(&format!(
         "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, link text, note text);
-         INSERT INTO public.{t} (id, title, note) SELECT g, 'row ' || g, 'note ' || g FROM generate_series(1, 5) g;"
+         INSERT INTO public.{t} (id, title, note) SELECT g, 'row ' || g, 'note ' || g FROM generate_series(1, {ROWS}) g;"
     ))
     .await;
     h.tables.push(format!("public.{t}"));
@@ -159,7 +166,7 @@ async fn setup(h: &mut Harness, meta: &TempDatabase) -> (String, String, PathBuf
     std::fs::write(&file, yaml).unwrap();
     h.emulator_limits(json!({ "hyperlink_writes": true })).await;
     h.start_with(&file, WRITES);
-    h.wait_for("the 5 items", || async { h.items(&list).await.len() == 5 })
+    h.wait_for("the items", || async { h.items(&list).await.len() == ROWS })
         .await;
     (t, list, file)
 }
@@ -210,6 +217,20 @@ async fn make_a_dead_letter(h: &Harness, t: &str) {
     h.emulator_limits(json!({ "hyperlink_writes": true })).await;
 }
 
+/// The SyncKey of an item no row has: the drift check reports it orphaned, the heal deletes it.
+const ORPHAN: &str = "999999";
+
+/// An item with a SyncKey no row has, created with the app's own identity (so the return path
+/// takes it for its own write and does not pull it into the table).
+async fn make_an_orphan(h: &Harness, list: &str) {
+    let id = h.list_id(list).await;
+    let fields = json!({ "SyncKey": ORPHAN, "Title": "orphan" });
+    h.graph
+        .create_item(&h.site, &id, fields.as_object().unwrap())
+        .await
+        .unwrap();
+}
+
 /// Inserts a row every 300 ms until `stop` (ids from 1000), on a connection of its own.
 async fn workload(url: String, t: String, stop: Arc<AtomicBool>) {
     let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -257,24 +278,38 @@ async fn assert_effects(h: &Harness, t: &str, list: &str, file: &Path) {
         page["runs"].as_array().cloned().unwrap_or_default()
     };
     // Runs reach GET /runs through the run projector: wait until each kind is there.
-    for kind in ["dlq_replay", "drift_check", "cursor_reset"] {
+    for kind in ["dlq_replay", "drift_check", "drift_heal", "cursor_reset"] {
         h.wait_for(&format!("a {kind} run"), || async {
             !runs(kind).await.is_empty()
         })
         .await;
     }
     assert_eq!(runs("dlq_replay").await.len(), 1);
+    h.wait_for("both cursor resets", || async {
+        runs("cursor_reset").await.len() >= 2
+    })
+    .await;
     let resets = runs("cursor_reset").await;
     assert_eq!(
         resets.len(),
-        1,
-        "one real reset (the dry run is none): {resets:#?}"
+        2,
+        "two real resets, the delta link and the group (the dry runs are none): {resets:#?}"
     );
-    assert_eq!(resets[0]["by"], "ops", "{resets:#?}");
+    assert!(resets.iter().all(|r| r["by"] == "ops"), "{resets:#?}");
+    // The heal deleted the orphaned item.
+    assert!(
+        h.item(list, ORPHAN).await.is_none(),
+        "the orphan is still in the list"
+    );
     // The mapping editor added `note: Note`: the file holds it with its secrets intact, the GET
     // shows it without them, and the reload's re-snapshot filled the new field.
+    // Then removed `link`, and a change with problems (Title as a number) was not written.
     let yaml = std::fs::read_to_string(file).unwrap();
     assert!(yaml.contains("note: { field: Note"), "{yaml}");
+    assert!(
+        !yaml.contains("field: Link") && !yaml.contains("type: number"),
+        "{yaml}"
+    );
     assert!(
         yaml.contains(OPERATE) && !yaml.contains("<redacted:"),
         "{yaml}"

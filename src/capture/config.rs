@@ -16,14 +16,16 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_FEEDBACK_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest number of committed events appended to the sink in one call.
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 2_000;
-/// How long committed events may wait for more before they are appended.
+/// How long committed events may wait while the sink task is busy before they are queued behind
+/// the batch in flight. An idle sink takes a commit at once (group commit: batches form while
+/// the previous append is made durable), so this bounds waiting only under load.
 pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
 /// Batches handed to the sink task and not yet durable (see [`super::sink_task`]): one being
 /// appended and one queued behind it, so the sink never waits for the reader while the reader is
 /// ahead; more would only hold more memory.
 pub const DEFAULT_SINK_IN_FLIGHT: usize = 2;
 /// How often a standby instance retries the advisory lock.
-pub const DEFAULT_LOCK_POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_LOCK_POLL_INTERVAL: Duration = crate::pg::LOCK_RETRY_INTERVAL;
 
 /// One captured table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,7 +187,7 @@ impl CaptureConfig {
     }
 
     /// The URL for the replication connection (`replication=database`).
-    pub(crate) fn replication_url(&self) -> String {
+    pub fn replication_url(&self) -> String {
         let sep = if self.source_url.contains('?') {
             '&'
         } else {

@@ -91,6 +91,7 @@ pub use error::CaptureError;
 pub use log_sink::LogSink;
 pub use resnapshot::{ResnapshotHandle, ResnapshotRequests, ResnapshotState, ResnapshotStatus};
 pub use run::{lock_key, run, run_with_control, run_with_progress};
+pub use session::stream_config;
 pub use sink::{EventSink, SinkError};
 pub use streaming::slot_lag_bytes;
 

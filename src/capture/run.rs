@@ -7,8 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::config::CaptureConfig;
@@ -155,46 +153,16 @@ impl Backoff {
     }
 }
 
-/// A regular connection whose driver task cancels `lost` when the connection ends.
-pub(super) struct Conn {
-    pub(super) client: Arc<Client>,
-    pub(super) lost: CancellationToken,
-    driver: JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Closing the socket releases session state on the server (the advisory lock).
-        self.driver.abort();
-    }
-}
+/// A regular connection whose `lost` fires when it ends (the lock's, the session's).
+pub(super) use crate::pg::WatchedConn as Conn;
 
 pub(super) async fn connect(url: &str) -> Result<Conn, CaptureError> {
-    let (client, connection) = crate::pg::connect(url).await?;
-    let lost = CancellationToken::new();
-    let lost2 = lost.clone();
-    let driver = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "postgres connection ended");
-        }
-        lost2.cancel();
-    });
-    Ok(Conn {
-        client: Arc::new(client),
-        lost,
-        driver,
-    })
+    Ok(crate::pg::connect_watched(url).await?)
 }
 
-/// The advisory-lock key of a slot: FNV-1a of `syncbridge:<slot>` (stable across builds and
-/// processes, unlike `DefaultHasher`).
+/// The advisory-lock key of a slot (see [`crate::pg::lock_key`]).
 pub fn lock_key(slot: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in b"syncbridge:".iter().chain(slot.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h as i64
+    crate::pg::lock_key(slot)
 }
 
 /// Waits until this process holds the pipeline's advisory lock (None on shutdown). The lock lives
@@ -203,25 +171,15 @@ async fn acquire_lock(
     config: &CaptureConfig,
     shutdown: &CancellationToken,
 ) -> Result<Option<Conn>, CaptureError> {
-    let conn = connect(&config.source_url).await?;
-    let key = lock_key(&config.slot_name);
-    let mut waiting_logged = false;
-    loop {
-        let got: bool = conn
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await?
-            .get(0);
-        if got {
-            return Ok(Some(conn));
-        }
-        if !waiting_logged {
-            tracing::info!(pipeline = %config.pipeline, "another instance reads this slot; standing by");
-            waiting_logged = true;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(config.lock_poll_interval) => {}
-        }
-    }
+    let standing_by = || {
+        tracing::info!(pipeline = %config.pipeline, "another instance reads this slot; standing by");
+    };
+    Ok(crate::pg::acquire_advisory_lock(
+        &config.source_url,
+        lock_key(&config.slot_name),
+        config.lock_poll_interval,
+        shutdown,
+        standing_by,
+    )
+    .await?)
 }

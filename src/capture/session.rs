@@ -249,7 +249,9 @@ impl<S: EventSink + 'static, P: SnapshotProgress> Opening<'_, '_, S, P> {
     }
 }
 
-fn stream_config(config: &CaptureConfig, export_snapshot: bool) -> ReplicationStreamConfig {
+/// The replication stream's settings for `config` (public for the capture bench's bare-decoder
+/// baseline, which must read exactly as capture does).
+pub fn stream_config(config: &CaptureConfig, export_snapshot: bool) -> ReplicationStreamConfig {
     let slot_options = ReplicationSlotOptions {
         snapshot: Some(if export_snapshot { "export" } else { "nothing" }.to_string()),
         ..ReplicationSlotOptions::default()

@@ -123,8 +123,9 @@ impl<'a> Streaming<'a> {
                 }
                 done = self.sinker.next_done(), if !self.sinker.idle() => {
                     self.acks.ack(done?);
-                    // Event-less positions that arrived while batches were in flight.
-                    if self.sinker.idle() && self.batch.events.is_empty() {
+                    // What arrived while batches were in flight (events, or only positions) goes
+                    // out now: group commit, the batch grew while the sink was busy.
+                    if self.sinker.idle() {
                         self.flush().await?;
                     }
                 }
@@ -212,7 +213,11 @@ impl<'a> Streaming<'a> {
                 }
             }
         }
-        if self.batch.events.len() >= self.config.batch_max_events {
+        // An idle sink takes a commit at once (no linger: a lone commit would otherwise wait for
+        // the timer); while it is busy, commits gather into the next batch.
+        if self.batch.events.len() >= self.config.batch_max_events
+            || (!self.batch.events.is_empty() && self.sinker.idle())
+        {
             self.flush().await?;
         }
         Ok(())

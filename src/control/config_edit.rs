@@ -72,7 +72,7 @@ pub struct ConfigEditors {
 }
 
 #[derive(Debug)]
-struct Editor {
+pub(super) struct Editor {
     /// Every file of the process in load order, with its pipeline's name.
     files: Vec<(String, PathBuf)>,
     allow_writes: bool,
@@ -97,7 +97,8 @@ impl ConfigEditors {
         }));
     }
 
-    fn get(&self, pipeline: &str) -> Result<(Arc<Editor>, PathBuf), ApiError> {
+    /// The editor of `pipeline`'s file and its path; 404 when no pipeline of that name runs.
+    pub(super) fn get(&self, pipeline: &str) -> Result<(Arc<Editor>, PathBuf), ApiError> {
         let editor = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();
         editor
             .and_then(|e| {
@@ -157,7 +158,7 @@ fn version(text: &str) -> String {
 
 /// Every secret value `p` holds as its file spells it, each once, longest first (so a secret
 /// containing another is replaced whole).
-fn secret_values(p: &PipelineConfig) -> Vec<Secret> {
+pub(super) fn secret_values(p: &PipelineConfig) -> Vec<Secret> {
     let mut out: Vec<Secret> = Vec::new();
     for url in [p.source.url.expose(), p.control.meta_url.expose()] {
         if let Some(pw) = url::Url::parse(url)
@@ -200,7 +201,7 @@ fn secret_values(p: &PipelineConfig) -> Vec<Secret> {
 
 /// A secret value and the text around it where it is replaced.
 #[derive(Debug, Clone, PartialEq)]
-struct Secret {
+pub(super) struct Secret {
     value: String,
     before: &'static str,
     after: &'static str,
@@ -234,7 +235,7 @@ fn redact(text: &str, secrets: &[Secret]) -> String {
 }
 
 /// `text` with each placeholder replaced by its secret again; a placeholder of no secret is an error.
-fn unredact(text: &str, secrets: &[Secret]) -> Result<String, String> {
+pub(super) fn unredact(text: &str, secrets: &[Secret]) -> Result<String, String> {
     let mut out = text.to_string();
     for (i, s) in secrets.iter().enumerate().rev() {
         out = out.replace(&placeholder(i), &s.value);
@@ -248,12 +249,12 @@ fn unredact(text: &str, secrets: &[Secret]) -> Result<String, String> {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unreadable", e.to_string())
 }
 
 /// The file's text and its parsed config (as the running process would load it now).
-fn read(path: &Path) -> Result<(String, PipelineConfig), ApiError> {
+pub(super) fn read(path: &Path) -> Result<(String, PipelineConfig), ApiError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
     let env = |name: &str| std::env::var(name).ok();
@@ -409,8 +410,13 @@ fn conflict(kind: &str, detail: &str) -> ApiError {
 }
 
 /// Loads every file of the process as `syncbridge validate` would, `path` replaced by `text`
-/// (written to a temp file beside it, so cross-file checks and relative paths behave the same).
-fn validate(editor: &Editor, path: &Path, text: &str) -> Result<(), ApiError> {
+/// (written to a temp file beside it, so cross-file checks and relative paths behave the same):
+/// this file's pipeline as loaded, or every problem (`file:line:col` naming `path`).
+pub(super) fn load_edited(
+    editor: &Editor,
+    path: &Path,
+    text: &str,
+) -> Result<Result<config::LocatedPipeline, Vec<config::Problem>>, ApiError> {
     let tmp = TempBeside::create(path).map_err(|e| conflict("not_writable", &e))?;
     tmp.write(text).map_err(|e| conflict("not_writable", &e))?;
     let files: Vec<PathBuf> = editor
@@ -418,15 +424,34 @@ fn validate(editor: &Editor, path: &Path, text: &str) -> Result<(), ApiError> {
         .iter()
         .map(|(_, f)| if f == path { tmp.0.clone() } else { f.clone() })
         .collect();
-    let Err(report) = config::load_files(&files) else {
+    let (tmp_name, real) = (tmp.0.display().to_string(), path.display().to_string());
+    Ok(match config::load_files_located(&files) {
+        Ok(pipelines) => {
+            let mut mine = pipelines
+                .into_iter()
+                .find(|p| p.file == tmp_name)
+                .ok_or_else(|| unavailable("the edited file did not load as a pipeline"))?;
+            mine.file = real;
+            Ok(mine)
+        }
+        Err(report) => Err(report
+            .problems
+            .into_iter()
+            .map(|p| config::Problem {
+                file: p.file.replace(&tmp_name, &real),
+                message: p.message.replace(&tmp_name, &real),
+                ..p
+            })
+            .collect()),
+    })
+}
+
+/// [`load_edited`]'s problems as one 422 problem (nothing written).
+fn validate(editor: &Editor, path: &Path, text: &str) -> Result<(), ApiError> {
+    let Err(problems) = load_edited(editor, path, text)? else {
         return Ok(());
     };
-    let (tmp_name, real) = (tmp.0.display().to_string(), path.display().to_string());
-    let problems: Vec<String> = report
-        .problems
-        .iter()
-        .map(|p| p.to_string().replace(&tmp_name, &real))
-        .collect();
+    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
     Err(ApiError {
         param: Some(super::problem::InvalidParam {
             name: "yaml".into(),

@@ -38,7 +38,9 @@
 //! changed; the OpenAPI 3.1 description ([`openapi`]) is served at `/openapi.json`.
 //!
 //! Mapping editor ([`config_edit`]): `GET`/`PUT /pipelines/{name}/config`, the pipeline file
-//! (secrets redacted) and writing it (with `run --allow-config-writes`), reloaded at once.
+//! (secrets redacted) and writing it (with `run --allow-config-writes`), reloaded at once;
+//! [`config_check`]: a draft checked against the catalog and the live lists before saving, and a
+//! list's live columns.
 //!
 //! Admin UI ([`ui`]): the single-page app at `/ui` (public static files, the app sends the
 //! operator's token with each call) and `GET /whoami` (the token's name and role).
@@ -49,6 +51,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod client;
+pub mod config_check;
 pub mod config_edit;
 pub mod cursors;
 pub mod drift;
@@ -122,6 +125,9 @@ pub struct Readiness {
     stages: Arc<Mutex<BTreeMap<String, bool>>>,
     /// Why a stage is not ready, when it says so (e.g. a paused pipeline).
     reasons: Arc<Mutex<BTreeMap<String, String>>>,
+    /// What must run in one process only, and whether this one runs it (`<pipeline>/<what>`,
+    /// e.g. `poller:<list>`). A standby is ready: it takes over when the owner dies.
+    owners: Arc<Mutex<BTreeMap<String, bool>>>,
 }
 
 impl Readiness {
@@ -166,6 +172,22 @@ impl Readiness {
 
     fn snapshot(&self) -> BTreeMap<String, bool> {
         self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records whether this process owns `what` of `pipeline` (shown by `/ready` as `owns`).
+    pub fn set_owner(&self, pipeline: &str, what: &str, owned: bool) {
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(format!("{pipeline}/{what}"), owned);
+    }
+
+    /// What this process owns (true) or stands by for (false).
+    pub fn owners(&self) -> BTreeMap<String, bool> {
+        self.owners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -348,6 +370,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
         .merge(drift::routes(drift))
+        .merge(config_check::routes(config.clone()))
         .merge(config_edit::routes(config))
         .merge(ui::routes())
 }
@@ -381,7 +404,7 @@ async fn health() -> impl IntoResponse {
 }
 
 #[utoipa::path(get, path = "/ready", tag = "probes", responses(
-    (status = 200, description = "Every stage has started", body = serde_json::Value),
+    (status = 200, description = "Every stage has started; `owns`: what runs in one process only (a list's delta poller) and whether this process runs it (false: standing by)", body = serde_json::Value),
     (status = 503, description = "Some stage is not ready; `reasons` says why", body = serde_json::Value),
 ))]
 async fn ready(State(state): State<AppState>) -> Response {
@@ -390,6 +413,10 @@ async fn ready(State(state): State<AppState>) -> Response {
     let reasons = state.readiness.reasons();
     if !reasons.is_empty() {
         body["reasons"] = serde_json::json!(reasons);
+    }
+    let owners = state.readiness.owners();
+    if !owners.is_empty() {
+        body["owns"] = serde_json::json!(owners);
     }
     let status = if ready {
         StatusCode::OK

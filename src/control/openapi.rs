@@ -49,6 +49,8 @@ use super::problem::{InvalidParam, Problem};
         super::cursors::ledger::ledger,
         super::config_edit::get_config,
         super::config_edit::put_config,
+        super::config_check::validate,
+        super::config_check::list_columns,
         super::drift::check, super::drift::heal, super::drift::latest, super::drift::by_run,
         super::ui::whoami,
     ),

@@ -56,13 +56,21 @@
 //! session-setup grant is needed). An origin can be active in one session at a time, so two
 //! appliers of the same pipeline exclude each other: the second gets a retryable error (55006).
 //!
+//! # Several processes of a pipeline
+//! Only the process the return stream's one partition is assigned to applies (issue 15), but
+//! every process has an applier. [`Applier::open`] therefore starts without a session when
+//! another process holds the origin, and a session idle for [`IDLE_RELEASE`] is closed (and
+//! opened again on the next change, not counted as a reconnect): after the partition moved, the
+//! new owner's first applies fail with 55006 and are retried until the old owner's session is
+//! gone, at most [`IDLE_RELEASE`] later. A killed owner's session ends with its connection.
+//!
 //! # Connection
 //! tokio-postgres through [`crate::pg`]: the URL's `sslmode` / `sslrootcert` as libpq reads them.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -454,6 +462,64 @@ struct Conn {
     pid: i32,
 }
 
+/// How long an applier keeps its origin session without a change to apply. The origin can be
+/// active in one session only: after the return stream's partition moved to another process (a
+/// rebalance), that process's applies wait (55006, retried) until this one lets go, so an idle
+/// session is closed after this. Long enough that a steady trickle of pulls keeps one session,
+/// short enough that a handover waits seconds, not forever.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(10);
+
+/// Whether the applier's session is in use, idle since when, or closed for idleness (shared by
+/// the applier and its connection's driver task, which closes it).
+#[derive(Debug)]
+enum SessionUse {
+    Busy,
+    Idle(Instant),
+    Released,
+}
+
+/// Marks the session idle again when an operation ends (however it ends).
+struct InUse(Arc<Mutex<SessionUse>>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        *lock(&self.0) = SessionUse::Idle(Instant::now());
+    }
+}
+
+fn lock(m: &Mutex<SessionUse>) -> std::sync::MutexGuard<'_, SessionUse> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drives the connection; closes it once the session has been idle for `idle` (dropping the
+/// connection closes the socket, which ends the session and frees the origin).
+async fn drive(
+    connection: crate::pg::PgConnection,
+    used: Arc<Mutex<SessionUse>>,
+    idle: Duration,
+    pipeline: String,
+) {
+    tokio::pin!(connection);
+    loop {
+        tokio::select! {
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(pipeline = %pipeline, error = %e, "applier connection ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep(idle / 4) => {
+                let mut u = lock(&used);
+                if let SessionUse::Idle(since) = *u && since.elapsed() >= idle {
+                    *u = SessionUse::Released;
+                    tracing::debug!(pipeline = %pipeline, "applier idle: closing its session (frees the origin)");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         // Closing the socket ends the session, which releases the replication origin.
@@ -473,6 +539,10 @@ pub struct Applier {
     tables: HashMap<TableName, Arc<TableInfo>>,
     /// Cleared when the role may not read `pg_replication_origin_status`.
     report_lsn: bool,
+    /// In use, idle or released (see [`IDLE_RELEASE`]).
+    used: Arc<Mutex<SessionUse>>,
+    /// After this long idle the session is closed.
+    idle_release: Duration,
 }
 
 /// The replication origin of a pipeline's applier.
@@ -488,7 +558,41 @@ impl Applier {
     /// SQLSTATE 42501 when the role lacks the origin privileges (see the module docs), 55006
     /// (retryable) when another session uses the origin.
     pub async fn connect(database_url: &str, pipeline: &str) -> Result<Applier, ApplyError> {
-        let mut a = Applier {
+        let mut a = Applier::disconnected(database_url, pipeline);
+        let _in_use = a.begin_use();
+        a.ensure_connected().await?;
+        Ok(a)
+    }
+
+    /// [`Applier::connect`] for a process that may share the pipeline with others: when another
+    /// session holds the origin (55006: another process applies the return stream now), the
+    /// applier starts disconnected and connects on its first change. A session idle for
+    /// `idle_release` is closed ([`IDLE_RELEASE`] says why). Other errors are
+    /// [`Applier::connect`]'s.
+    pub async fn open(
+        database_url: &str,
+        pipeline: &str,
+        idle_release: Duration,
+    ) -> Result<Applier, ApplyError> {
+        let mut a = Applier::disconnected(database_url, pipeline);
+        a.idle_release = idle_release;
+        let in_use = a.begin_use();
+        match a.ensure_connected().await {
+            Ok(()) => {}
+            Err(ApplyError::Database { sqlstate, .. }) if sqlstate == "55006" => {
+                tracing::info!(
+                    pipeline,
+                    "another process holds the applier's origin; connecting on the first change"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        drop(in_use);
+        Ok(a)
+    }
+
+    fn disconnected(database_url: &str, pipeline: &str) -> Applier {
+        Applier {
             url: database_url.to_string(),
             pipeline: pipeline.to_string(),
             origin: origin_name(pipeline),
@@ -496,9 +600,22 @@ impl Applier {
             connects: 0,
             tables: HashMap::new(),
             report_lsn: true,
-        };
-        a.ensure_connected().await?;
-        Ok(a)
+            used: Arc::new(Mutex::new(SessionUse::Idle(Instant::now()))),
+            idle_release: IDLE_RELEASE,
+        }
+    }
+
+    /// Marks the session in use until the returned guard drops; a session the driver closed for
+    /// idleness is forgotten, so the operation reconnects (not counted as a reconnect).
+    fn begin_use(&mut self) -> InUse {
+        let mut u = lock(&self.used);
+        if matches!(*u, SessionUse::Released) {
+            self.conn = None;
+            self.connects = 0;
+        }
+        *u = SessionUse::Busy;
+        drop(u);
+        InUse(self.used.clone())
     }
 
     /// The replication origin name (`syncbridge_<pipeline>`).
@@ -517,6 +634,7 @@ impl Applier {
     /// Whether the session has its replication origin set up (reconnects when needed): a health
     /// check, and what the tests use to prove the origin is in force.
     pub async fn origin_session_is_setup(&mut self) -> Result<bool, ApplyError> {
+        let _in_use = self.begin_use();
         self.ensure_connected().await?;
         let r = self
             .client()?
@@ -533,6 +651,7 @@ impl Applier {
 
     /// Applies one change in its own transaction. See the module docs.
     pub async fn apply(&mut self, change: &RowChange) -> Result<Applied, ApplyError> {
+        let _in_use = self.begin_use();
         let started = Instant::now();
         let r = self.apply_inner(change).await;
         let outcome = match &r {
@@ -669,12 +788,12 @@ impl Applier {
             },
             other => ApplyError::Config(other.to_string()),
         })?;
-        let pipeline = self.pipeline.clone();
-        let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(pipeline = %pipeline, error = %e, "applier connection ended");
-            }
-        });
+        let driver = tokio::spawn(drive(
+            connection,
+            self.used.clone(),
+            self.idle_release,
+            self.pipeline.clone(),
+        ));
         let pid = match setup_session(&client, &self.origin, &self.pipeline).await {
             Ok(pid) => pid,
             Err(e) => {

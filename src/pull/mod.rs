@@ -10,7 +10,8 @@
 //!
 //! The whole return path lives here, in data-path order:
 //! - [`poller`]: one Graph delta poller per synced list, appending every item change to the log
-//!   and moving its cursor (the deltaLink) only after those changes are durable.
+//!   and moving its cursor (the deltaLink) only after those changes are durable; [`owner`]: with
+//!   several processes of a pipeline, the one holding the list's lock runs it.
 //! - `processor`: the return processor: what happens to a list change, from the log record to
 //!   the flush that decides it. Each kind of change has its own module: `upsert` (an edit of an
 //!   item with a `SyncKey`), `new_item` (a person-created item gets a row), `delete` (an item
@@ -50,6 +51,7 @@ pub mod apply;
 mod conflict;
 mod delete;
 mod new_item;
+pub mod owner;
 pub mod poller;
 pub(crate) mod processor;
 pub mod resolve;

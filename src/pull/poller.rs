@@ -343,6 +343,9 @@ pub enum PullError {
     Decode { list: String, message: String },
     #[error("invalid poller config: {0}")]
     Config(String),
+    /// The lock that makes one process poll the list ([`super::owner`]) could not be taken.
+    #[error("cannot take the list's poller lock: {0}")]
+    Lock(#[source] crate::pg::PgConnectError),
 }
 
 impl PullError {
@@ -352,6 +355,7 @@ impl PullError {
         match self {
             PullError::Graph { source, .. } => source.is_retryable(),
             PullError::Log { source, .. } => source.is_retryable(),
+            PullError::Lock(source) => source.is_retryable(),
             PullError::Decode { .. } | PullError::Config(_) => false,
         }
     }
@@ -565,7 +569,24 @@ pub async fn run_resettable<L: EventLog>(
     resets: Option<tokio::sync::mpsc::Receiver<ResetRequest>>,
     shutdown: CancellationToken,
 ) -> Result<(), PullError> {
-    validate(&config)?;
+    run_lending(config, client, log, resets, shutdown).await.0
+}
+
+/// [`run_resettable`] that hands `resets` back when it returns, so a poller stopped and started
+/// again (a list's ownership lost and taken again, see [`super::owner`]) keeps serving them.
+pub async fn run_lending<L: EventLog>(
+    config: PollerConfig,
+    client: Arc<GraphClient>,
+    log: Arc<L>,
+    resets: Option<tokio::sync::mpsc::Receiver<ResetRequest>>,
+    shutdown: CancellationToken,
+) -> (
+    Result<(), PullError>,
+    Option<tokio::sync::mpsc::Receiver<ResetRequest>>,
+) {
+    if let Err(e) = validate(&config) {
+        return (Err(e), resets);
+    }
     let mut p = Poller {
         cfg: config,
         client,
@@ -574,44 +595,8 @@ pub async fn run_resettable<L: EventLog>(
         last_store: None,
         resets,
     };
-    let Some(mut pos) = p.start_with_retry().await? else {
-        return Ok(());
-    };
-    tracing::info!(pipeline = %p.cfg.pipeline, list = %p.cfg.list_name, list_id = %p.cfg.list_id, "delta poller started");
-    let mut backoff = p.backoff();
-    loop {
-        if p.shutdown.is_cancelled() {
-            return Ok(());
-        }
-        match p.round(&mut pos).await {
-            Ok(Round::Cancelled) => return Ok(()),
-            Ok(Round::Done { items }) => {
-                backoff = p.backoff();
-                let outcome = if items > 0 { "changes" } else { "idle" };
-                metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => p.cfg.pipeline.clone(), "outcome" => outcome)
-                    .increment(1);
-                if !p.sleep_or_reset(p.cfg.interval, &mut pos).await {
-                    return Ok(());
-                }
-            }
-            Err(e) if e.is_retryable() => {
-                metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => p.cfg.pipeline.clone(), "outcome" => "error")
-                    .increment(1);
-                let delay = backoff.next().unwrap_or(p.cfg.retry_max);
-                tracing::warn!(pipeline = %p.cfg.pipeline, list = %p.cfg.list_name, error = %e,
-                    delay_ms = delay.as_millis() as u64, "delta poll failed; retrying");
-                if !p.sleep(delay).await {
-                    return Ok(());
-                }
-            }
-            Err(e) => {
-                metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => p.cfg.pipeline.clone(), "outcome" => "error")
-                    .increment(1);
-                tracing::error!(pipeline = %p.cfg.pipeline, list = %p.cfg.list_name, error = %e, "delta poller stopped");
-                return Err(e);
-            }
-        }
-    }
+    let result = p.serve().await;
+    (result, p.resets.take())
 }
 
 fn validate(c: &PollerConfig) -> Result<(), PullError> {
@@ -633,6 +618,48 @@ fn validate(c: &PollerConfig) -> Result<(), PullError> {
 }
 
 impl<L: EventLog> Poller<L> {
+    /// The poll loop: see [`run`].
+    async fn serve(&mut self) -> Result<(), PullError> {
+        let Some(mut pos) = self.start_with_retry().await? else {
+            return Ok(());
+        };
+        tracing::info!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, list_id = %self.cfg.list_id, "delta poller started");
+        let mut backoff = self.backoff();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            match self.round(&mut pos).await {
+                Ok(Round::Cancelled) => return Ok(()),
+                Ok(Round::Done { items }) => {
+                    backoff = self.backoff();
+                    let outcome = if items > 0 { "changes" } else { "idle" };
+                    metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => self.cfg.pipeline.clone(), "outcome" => outcome)
+                        .increment(1);
+                    if !self.sleep_or_reset(self.cfg.interval, &mut pos).await {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => self.cfg.pipeline.clone(), "outcome" => "error")
+                        .increment(1);
+                    let delay = backoff.next().unwrap_or(self.cfg.retry_max);
+                    tracing::warn!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, error = %e,
+                        delay_ms = delay.as_millis() as u64, "delta poll failed; retrying");
+                    if !self.sleep(delay).await {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(m::PULL_DELTA_POLLS_TOTAL, "pipeline" => self.cfg.pipeline.clone(), "outcome" => "error")
+                        .increment(1);
+                    tracing::error!(pipeline = %self.cfg.pipeline, list = %self.cfg.list_name, error = %e, "delta poller stopped");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<L> {
         ExponentialBuilder::default()
             .with_min_delay(self.cfg.retry_min)

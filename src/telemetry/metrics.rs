@@ -123,6 +123,9 @@ pub const PULL_CONFLICT_RESOLUTIONS_TOTAL: &str = "syncbridge_pull_conflict_reso
 
 /// Counter of delta poll rounds, labels `pipeline`, `outcome` (changes/idle/error).
 pub const PULL_DELTA_POLLS_TOTAL: &str = "syncbridge_pull_delta_polls_total";
+/// Gauge: 1 when this process runs the list's delta poller, 0 while it stands by (another
+/// process holds the list's lock), labels `pipeline`, `list`. Summed over processes: 1 per list.
+pub const PULL_POLLER_OWNED: &str = "syncbridge_pull_poller_owned";
 /// Counter of item changes received from delta and appended to the log, labels `pipeline`, `kind` (upsert/deleted).
 pub const PULL_ITEMS_RECEIVED_TOTAL: &str = "syncbridge_pull_items_received_total";
 /// Counter of full list enumerations started, labels `pipeline`, `reason` (initial/token_expired).
@@ -412,6 +415,12 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         PULL_DELTA_POLLS_TOTAL,
         Some(Unit::Count),
         "Delta poll rounds of the return path (labels: pipeline, outcome).",
+    ),
+    (
+        Gauge,
+        PULL_POLLER_OWNED,
+        None,
+        "1 when this process runs the list's delta poller, 0 while standing by (labels: pipeline, list).",
     ),
     (
         Counter,

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// One `syncbridge run` child; SIGKILLed and reaped on drop.
@@ -14,6 +14,25 @@ pub struct Run {
 }
 
 impl Run {
+    /// Starts `bin run file` in `cwd` (its own state directory, like another machine), stderr
+    /// to `log`, `RUST_LOG=info`.
+    pub fn start_in(bin: &str, cwd: &Path, file: &Path, log: PathBuf) -> Run {
+        std::fs::create_dir_all(cwd).unwrap();
+        let child = Command::new(bin)
+            .current_dir(cwd)
+            .arg("run")
+            .arg(file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start syncbridge run");
+        Run {
+            child: Some(child),
+            log,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("child running").id()
     }

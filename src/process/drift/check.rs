@@ -62,7 +62,9 @@ pub const RECHECK_DELAY: Duration = Duration::from_secs(2);
 /// Why a check or heal failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriftError {
-    #[error("a drift check or heal of this pipeline is already running")]
+    #[error(
+        "a drift check or heal of this pipeline is already running (in this or another process)"
+    )]
     Busy,
     #[error("Graph: {0}")]
     Graph(#[from] GraphError),
@@ -82,6 +84,11 @@ impl DriftError {
             DriftError::Processor(_) => true,
         }
     }
+}
+
+/// The name of a pipeline's drift lock (see [`crate::pg::lock_key`]).
+pub fn drift_lock_name(pipeline: &str) -> String {
+    format!("drift:{pipeline}")
 }
 
 /// What a check needs of the processor's start: the site, the target lists and the key columns.
@@ -275,6 +282,19 @@ impl DriftHandle {
         meta_drift::report_page(&store.db, self.name(), run_id, after, limit).await
     }
 
+    /// The pipeline's drift lock on the source database (key `drift:<pipeline>`, held while
+    /// the returned connection lives): with several processes of the pipeline (Kafka log) a
+    /// check or heal in one makes the others answer [`DriftError::Busy`], as a second one in
+    /// this process does. On the source database like the other one-owner locks
+    /// (`crate::pull::owner`); a check reads that database anyway.
+    async fn hold_across_processes(&self) -> Result<crate::pg::WatchedConn, DriftError> {
+        let key = crate::pg::lock_key(&drift_lock_name(self.name()));
+        crate::pg::try_advisory_lock(self.pipeline.source.url.expose(), key)
+            .await
+            .map_err(|e| DriftError::Source(format!("taking the drift lock: {e}")))?
+            .ok_or(DriftError::Busy)
+    }
+
     /// Checks the pipeline (one `drift_check` run) and keeps the report.
     pub async fn check(&self) -> Result<DriftReport, DriftError> {
         self.run(RunKind::DriftCheck).await
@@ -287,6 +307,7 @@ impl DriftHandle {
 
     async fn run(&self, kind: RunKind) -> Result<DriftReport, DriftError> {
         let _guard = self.busy.try_lock().map_err(|_| DriftError::Busy)?;
+        let _held = self.hold_across_processes().await?;
         let mut run =
             RunRecorder::start(self.log.clone(), self.runs_topic.clone(), self.name(), kind)
                 .await?;

@@ -34,7 +34,8 @@ mod report;
 mod stale;
 
 pub use check::{
-    DEFAULT_BUDGET_SHARE, DriftError, DriftHandle, HealSide, PAGE_SIZE, ProcessorFacts, heal_side,
+    DEFAULT_BUDGET_SHARE, DriftError, DriftHandle, HealSide, PAGE_SIZE, ProcessorFacts,
+    drift_lock_name, heal_side,
 };
 pub use classify::{SeenItem, SeenList, SeenTable, Sides, classify, confirmed};
 pub use commands::{DivergedFix, DriftCommand, LedgerView, Repairs};

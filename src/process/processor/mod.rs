@@ -551,8 +551,13 @@ async fn open_return_side<L: EventLog + 'static>(
         crate::pull::poller::CHANGES_PARTITIONS,
     ))
     .await?;
-    let applier = Applier::connect(p.source.url.expose(), &p.name)
-        .await
-        .map_err(|e| ProcessError::Catalog(format!("return-path applier: {e}")))?;
+    // `open`: another process of the pipeline may be applying now (see `Applier::open`).
+    let applier = Applier::open(
+        p.source.url.expose(),
+        &p.name,
+        crate::pull::apply::IDLE_RELEASE,
+    )
+    .await
+    .map_err(|e| ProcessError::Catalog(format!("return-path applier: {e}")))?;
     Ok((t, applier))
 }

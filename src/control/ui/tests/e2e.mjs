@@ -1,6 +1,7 @@
 // End-to-end test of the admin UI in headless Chromium (playwright-core), against a running
 // syncbridge that tests/ui.rs starts on the real stack and emulator and prepares: a parked
-// conflict on key SB_CONFLICT_KEY, one dead letter, a write workload, a pulled list SB_LIST.
+// conflict on key SB_CONFLICT_KEY, one dead letter, an orphaned item (drift), more rows than a
+// ledger page, a write workload, a pulled list SB_LIST.
 //
 // Env: SB_URL (http://127.0.0.1:port), SB_TOKEN (operate), SB_READ_TOKEN (read), SB_PIPELINE,
 // SB_TABLE (schema.table), SB_KEY (a row with history), SB_CONFLICT_KEY, SB_LIST, CHROMIUM
@@ -30,6 +31,9 @@ const consoleErrors = [];
 // own log line for that failed request is expected; anything else is an error of the test.
 let expectRefusal = false;
 const REFUSAL_LOGS = ["status of 401", "net::ERR_FAILED"];
+// While a step expects the API to answer this status (a draft with problems: 422), the browser's
+// log line for it is expected too.
+let expectStatus;
 
 function check(cond, what) {
   if (!cond) throw new Error(`check failed: ${what}`);
@@ -92,6 +96,7 @@ async function main() {
   page.on("console", (m) => {
     if (m.type() !== "error") return;
     if (expectRefusal && REFUSAL_LOGS.some((t) => m.text().includes(t))) return;
+    if (expectStatus && m.text().includes(`status of ${expectStatus}`)) return;
     consoleErrors.push(m.text());
   });
   page.on("pageerror", (e) => consoleErrors.push(`page error: ${e.message}`));
@@ -210,11 +215,21 @@ async function main() {
       await shot(page, "10-dlq-replayed");
     });
 
-    await step("drift dry run", async () => {
+    await step("drift dry run, then heal after confirming", async () => {
       await page.getByRole("link", { name: "Drift" }).click();
       await page.getByRole("button", { name: "Check for drift (dry run)" }).click();
-      await page.getByTestId("drift-report").waitFor();
+      const report = page.getByTestId("drift-report");
+      await report.getByRole("heading", { name: /^Check of / }).waitFor();
+      const orphaned = Number(await page.getByTestId("drift-orphaned").innerText());
+      check(orphaned >= 1, `the dry run finds the orphaned item (${orphaned})`);
       await shot(page, "11-drift");
+      await page.getByRole("button", { name: "Heal…" }).click();
+      await page.getByRole("group", { name: "Confirm heal" }).waitFor();
+      await shot(page, "11b-drift-confirm-heal");
+      await page.getByRole("button", { name: "Heal now" }).click();
+      await report.getByRole("heading", { name: /^Heal of / }).waitFor();
+      await report.getByText(/^Healed: /).waitFor();
+      await shot(page, "11c-drift-healed");
     });
 
     await step("reset a delta link: dry run first, then confirm", async () => {
@@ -227,6 +242,22 @@ async function main() {
       await plan.getByRole("button", { name: "Confirm reset" }).click();
       await page.getByTestId("reset-done").waitFor();
       await shot(page, "13-cursor-reset");
+    });
+
+    await step("reset a consumer group's offsets: dry run (blast radius) first, then confirm", async () => {
+      // The dead-letter replay group (the letter was replayed): to earliest, it would read the
+      // dead letters again at the next replay; nothing else moves.
+      await page.getByRole("button", { name: "Reset dlq-replay to earliest" }).click();
+      const plan = page.getByTestId("reset-plan");
+      await plan.getByText("move consumer group dlq-replay to earliest").waitFor();
+      await plan.getByText("Nothing has changed yet").waitFor();
+      const reread = Number(await plan.getByTestId("radius-events-reread").innerText());
+      check(reread >= 1, `the blast radius counts the dead letter read again (${reread})`);
+      await shot(page, "13b-group-dry-run");
+      await plan.getByRole("button", { name: "Confirm reset" }).click();
+      await page.getByTestId("reset-done").waitFor();
+      check((await plan.count()) === 0, "the plan is gone once confirmed");
+      await shot(page, "13c-group-reset");
     });
 
     await step("inventory and catalog", async () => {
@@ -249,11 +280,15 @@ async function main() {
       const cells = await row.locator("td").allInnerTexts();
       check(cells[0] === env("SB_TABLE") && cells[2] !== "–" && cells[3] !== "–", `row ${cells}`);
       await shot(page, "15-ledger");
-      if (rows > 50) {
-        await page.getByRole("button", { name: "Next page" }).click();
-        await total.getByText("from row 51").waitFor();
-        check(!(await row.isVisible()), "page 2 holds other rows");
-      }
+      check(rows > 50, `more rows than one page (${rows})`);
+      await page.getByRole("button", { name: "Next page" }).click();
+      await total.getByText("from row 51").waitFor();
+      check(!(await row.isVisible()), "page 2 holds other rows");
+      const second = await page.getByTestId("ledger-row").count();
+      check(second >= 1 && second <= 50, `page 2 holds the rest, at most a page (${second})`);
+      await shot(page, "15b-ledger-page-2");
+      await page.getByRole("button", { name: "Previous page" }).click();
+      await row.waitFor();
     });
 
     await step("mapping editor: add a field, see the diff, save and reload", async () => {
@@ -277,6 +312,40 @@ async function main() {
       await shot(page, "17-mapping-saved");
     });
 
+    await step("mapping editor: a change with problems is shown beside the field and cannot be saved", async () => {
+      const yamlBox = page.getByRole("textbox", { name: /^YAML/ });
+      const saved = await yamlBox.inputValue();
+      expectStatus = 422;
+      // A number field cannot hold the text column `title` (catalog), and the list's Title is a
+      // text column (live list).
+      await page.getByRole("combobox", { name: "Title type" }).selectOption("number");
+      const problems = page.getByTestId("check-problems");
+      await problems.getByText(/problem\(s\): fix them to save/).waitFor();
+      await problems.getByText(/catalog: .*title is text/).waitFor();
+      await page.getByTestId("field-problems-Title").getByText(/cannot hold it/).waitFor();
+      check(await page.getByRole("button", { name: "Save and reload" }).isDisabled(), "save is blocked");
+      await shot(page, "18-mapping-problems");
+      await page.getByRole("button", { name: "Discard changes" }).click();
+      await page.getByTestId("yaml-diff").waitFor({ state: "detached" });
+      expectStatus = undefined;
+      check((await yamlBox.inputValue()) === saved, "nothing changed");
+    });
+
+    await step("mapping editor: remove a field and save", async () => {
+      await page.getByRole("button", { name: "Remove field Link" }).click();
+      const diff = page.getByTestId("yaml-diff");
+      await diff.locator(".del").getByText("link: { field: Link, type: hyperlink }").waitFor();
+      check((await diff.locator(".add").count()) === 0, "removing a field adds no line");
+      check((await page.getByTestId("field-Link").count()) === 0, "the form no longer shows Link");
+      await page.getByTestId("check-ok").waitFor();
+      await shot(page, "19-mapping-remove-diff");
+      await page.getByRole("button", { name: "Save and reload" }).click();
+      await page.getByTestId("mapping-saved").getByText("reload applied").waitFor();
+      await page.getByTestId("field-Title").waitFor();
+      check((await page.getByTestId("field-Link").count()) === 0, "Link is gone after the reload");
+      await shot(page, "20-mapping-removed");
+    });
+
     await step("keyboard and a narrow window", async () => {
       await page.goto(`${BASE}/ui/?pipeline=${PIPELINE}`);
       await page.getByTestId(`pipeline-${PIPELINE}`).waitFor();
@@ -290,7 +359,31 @@ async function main() {
       await page.waitForTimeout(300);
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       check(overflow <= 0, `no horizontal scrolling at 390 px (${overflow} px too wide)`);
-      await shot(page, "18-narrow-overview");
+      await shot(page, "21-narrow-overview");
+    });
+
+    await step("every screen in a 420×800 window", async () => {
+      await page.setViewportSize({ width: 420, height: 800 });
+      const screens = [
+        ["", () => page.getByTestId(`pipeline-${PIPELINE}`)],
+        ["runs", () => page.getByRole("heading", { name: "Runs", level: 1 })],
+        ["lineage", () => page.getByRole("button", { name: "Show lineage" })],
+        ["conflicts", () => page.getByRole("heading", { name: "Conflicts", level: 1 })],
+        ["dlq", () => page.getByTestId("dlq-pending")],
+        ["drift", () => page.getByRole("button", { name: "Check for drift (dry run)" })],
+        ["ledger", () => page.getByTestId("ledger-total")],
+        ["mapping", () => page.getByTestId("field-Title")],
+        ["cursors", () => page.getByRole("heading", { name: "Replication slot" })],
+        ["inventory", () => page.getByRole("heading", { name: "Inventory", level: 1 })],
+      ];
+      for (const [path, ready] of screens) {
+        await page.goto(`${BASE}/ui/${path}?pipeline=${PIPELINE}`);
+        await ready().waitFor();
+        await page.waitForTimeout(200);
+        await shot(page, `22-narrow-${path || "overview"}`);
+        const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+        check(overflow <= 0, `no horizontal scrolling of /ui/${path} at 420 px (${overflow} px too wide)`);
+      }
     });
   } finally {
     await browser.close();

@@ -19,13 +19,19 @@ export function LedgerScreen() {
   // The `after` cursor of each page seen, so "Previous" goes back without the API keeping state.
   const [pages, setPages] = useState<(string | undefined)[]>([undefined]);
   const after = pages[pages.length - 1];
-  const { data, error, loading, reload } = useLoad(
+  // Each answer with the number of its page: the last page stays shown while the next loads, and
+  // the caption must describe what is shown.
+  const page = useLoad(
     async () =>
       pipeline && list
-        ? call(api.GET("/pipelines/{name}/lists/{list}/ledger", { params: { path: { name: pipeline, list }, query: { after, limit: PAGE } } }))
+        ? {
+            index: pages.length - 1,
+            ...(await call(api.GET("/pipelines/{name}/lists/{list}/ledger", { params: { path: { name: pipeline, list }, query: { after, limit: PAGE } } }))),
+          }
         : undefined,
     [pipeline, list, after],
   );
+  const { data, error, loading, reload } = page;
   const choose = (l: string) => {
     setChosen(l);
     setPages([undefined]);
@@ -51,7 +57,7 @@ export function LedgerScreen() {
       <Busy when={loading && !data} />
       {data && (
         <p data-testid="ledger-total">
-          {data.total} row(s) in list {data.list}; showing {data.rows.length} from row {(pages.length - 1) * PAGE + 1}.
+          {data.total} row(s) in list {data.list}; showing {data.rows.length} from row {data.index * PAGE + 1}.
         </p>
       )}
       <Table head={["Table", "Key", "Item", "Hash", "By", "Written", "Read", "Pending"]} caption="Ledger entries">

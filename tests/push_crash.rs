@@ -143,8 +143,6 @@ struct Fixture {
     graph: GraphClient,
     pg: Client,
     runs: usize,
-    /// `SYNCBRIDGE_KAFKA_PROPERTIES` for the children (`None`: not set).
-    kafka_properties: Option<&'static str>,
     log: Log,
     _db: DbGuard,
 }
@@ -265,7 +263,6 @@ control:
             graph,
             pg,
             runs: 0,
-            kafka_properties: None,
             log,
             _db: db,
         }
@@ -311,10 +308,6 @@ control:
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
-        match self.kafka_properties {
-            Some(p) => cmd.env(syncbridge::runtime::KAFKA_PROPERTIES_ENV, p),
-            None => cmd.env_remove(syncbridge::runtime::KAFKA_PROPERTIES_ENV),
-        };
         match failpoints {
             Some(f) => cmd.env("SYNCBRIDGE_FAILPOINTS", f),
             None => cmd.env_remove("SYNCBRIDGE_FAILPOINTS"),
@@ -783,10 +776,6 @@ async fn kafka_kill_9_during_a_mixed_workload_leaves_lists_equal_to_the_table() 
     hard_timeout(480, crash_body(Log::Kafka)).await;
 }
 
-/// The assignor the single-process Kafka crash test runs with (see `crash_body`).
-const TANSU_SINGLE_MEMBER_ASSIGNOR: Option<&str> =
-    Some("partition.assignment.strategy=range,roundrobin");
-
 async fn crash_body(log: Log) {
     // On Kafka a restarted processor gets its partitions only once the killed member's session
     // expired (`session.timeout.ms`, 6 s by default), and start-up joins two more groups (the
@@ -808,13 +797,6 @@ async fn crash_body(log: Log) {
         .map(|id| (id, random_row(&mut rng, id, "init")))
         .collect();
     let mut fx = Fixture::new("crash", &initial, log).await;
-    // tansu 0.6.0 often keeps a SIGKILLed member in the group (see the final run below). With
-    // the default cooperative-sticky assignor the sole live member then gets no partition at
-    // all until the dead one is dropped (the dead member would have to give them up first): 6
-    // of 9 runs of this test read nothing (seed 17185717129799006906), and the failpoints fired
-    // once. The eager range assignor hands the new member a share at once, as this test needs
-    // of a single process; the assignor itself is exercised by the multi-process tests below.
-    fx.kafka_properties = TANSU_SINGLE_MEMBER_ASSIGNOR;
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer_task = tokio::spawn(writer(

@@ -1015,7 +1015,8 @@ async fn positions_by_time_and_an_operators_reset<B: Backend>(b: &B) {
     );
 }
 
-/// A consumer reports which partitions it reads (issue 15) before it yields a record of them:
+/// A shared consumer (the push processor's) reports which partitions it reads (issue 15)
+/// before it yields a record of them:
 /// the embedded log every partition at once, Kafka the group's assignment (a sole member gets
 /// every partition). Nothing is revoked from a sole member.
 async fn assignment_is_reported_before_records<B: Backend>(b: &B) {
@@ -1032,7 +1033,7 @@ async fn assignment_is_reported_before_records<B: Backend>(b: &B) {
         "precondition: the keys spread over the 3 partitions"
     );
     let mut c = log
-        .consumer("g", &topics(&["assigned"]), CancellationToken::new())
+        .shared_consumer("g", &topics(&["assigned"]), CancellationToken::new())
         .await
         .unwrap();
     let mut owned = BTreeSet::new();

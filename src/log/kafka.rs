@@ -7,9 +7,9 @@
 //! - Consumer: a `StreamConsumer` in the group `<prefix>.<group>`, subscribed to the topics;
 //!   `enable.auto.commit=false` and `enable.auto.offset.store=false`, so positions move only
 //!   through [`LogConsumer::commit`] (a synchronous offset commit).
-//!   `partition.assignment.strategy=cooperative-sticky`; a `ConsumerContext` records each
-//!   rebalance as an [`AssignmentEvent`] (see `GroupContext`), so several processes of one
-//!   pipeline can share a group (`ops/docs/kafka.md`, scale-out).
+//!   A `ConsumerContext` records each rebalance as an [`AssignmentEvent`] (see `GroupContext`);
+//!   [`EventLog::shared_consumer`] adds `partition.assignment.strategy=cooperative-sticky`, so
+//!   several processes of one pipeline share the push group (`ops/docs/kafka.md`, scale-out).
 //! - Blocking librdkafka calls (metadata, commits, consumer close) run off the async threads.
 //! - A consumer's close (leaving the group) can block for long on some brokers, so dropping a
 //!   [`KafkaConsumer`] closes it on a detached thread; [`KafkaConsumer::close`] waits for it with
@@ -258,6 +258,73 @@ impl KafkaLog {
                 admin: Arc::new(admin),
                 partitions: Mutex::new(HashMap::new()),
             }),
+        })
+    }
+
+    /// [`EventLog::shared_consumer`]: a group member with `cooperative-sticky` (several processes
+    /// of one pipeline share the push processor's group). Other groups keep librdkafka's default
+    /// eager assignors: on tansu 0.6.0, which often keeps a SIGKILLed member in its group, a
+    /// sticky assignor leaves that member's partitions with it until the broker drops it
+    /// (`ops/docs/kafka.md`), so only the group that gains from incremental moves uses it.
+    pub async fn cooperative_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<KafkaConsumer, LogError> {
+        self.group_consumer(group, topics, shutdown, true).await
+    }
+
+    async fn group_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+        cooperative: bool,
+    ) -> Result<KafkaConsumer, LogError> {
+        validate_group(group)?;
+        let cfg = &self.inner.cfg;
+        let mut physical = Vec::with_capacity(topics.len());
+        for t in topics {
+            // Same contract as the embedded log: unknown topics are an error, not a silent wait.
+            self.partition_count(t).await?;
+            physical.push(cfg.physical_name(t));
+        }
+        let mut cc = cfg.client_config();
+        cc.set("group.id", cfg.physical_name(group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", millis(cfg.session_timeout))
+            .set(
+                "queued.max.messages.kbytes",
+                cfg.consumer_queue_kbytes.to_string(),
+            );
+        if cooperative {
+            // Incremental rebalances: a joining or leaving member moves only the partitions
+            // that change owner; the others keep being read (and their pending work kept).
+            cc.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        for (k, v) in &cfg.extra {
+            cc.set(k, v);
+        }
+        let context = GroupContext {
+            cfg: cfg.clone(),
+            events: Arc::new(Mutex::new(Vec::new())),
+        };
+        let events = Arc::clone(&context.events);
+        let consumer: StreamConsumer<GroupContext> = cc.create_with_context(context)?;
+        let names: Vec<&str> = physical.iter().map(String::as_str).collect();
+        if !names.is_empty() {
+            consumer.subscribe(&names)?;
+        }
+        Ok(KafkaConsumer {
+            consumer: Some(Arc::new(consumer)),
+            cfg: cfg.clone(),
+            group: group.to_owned(),
+            shutdown,
+            events,
         })
     }
 
@@ -602,48 +669,16 @@ impl EventLog for KafkaLog {
         topics: &[String],
         shutdown: CancellationToken,
     ) -> Result<KafkaConsumer, LogError> {
-        validate_group(group)?;
-        let cfg = &self.inner.cfg;
-        let mut physical = Vec::with_capacity(topics.len());
-        for t in topics {
-            // Same contract as the embedded log: unknown topics are an error, not a silent wait.
-            self.partition_count(t).await?;
-            physical.push(cfg.physical_name(t));
-        }
-        let mut cc = cfg.client_config();
-        cc.set("group.id", cfg.physical_name(group))
-            // Incremental rebalances: a joining or leaving member moves only the partitions
-            // that change owner; the others keep being read (and their pending work kept).
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", millis(cfg.session_timeout))
-            .set(
-                "queued.max.messages.kbytes",
-                cfg.consumer_queue_kbytes.to_string(),
-            );
-        for (k, v) in &cfg.extra {
-            cc.set(k, v);
-        }
-        let context = GroupContext {
-            cfg: cfg.clone(),
-            events: Arc::new(Mutex::new(Vec::new())),
-        };
-        let events = Arc::clone(&context.events);
-        let consumer: StreamConsumer<GroupContext> = cc.create_with_context(context)?;
-        let names: Vec<&str> = physical.iter().map(String::as_str).collect();
-        if !names.is_empty() {
-            consumer.subscribe(&names)?;
-        }
-        Ok(KafkaConsumer {
-            consumer: Some(Arc::new(consumer)),
-            cfg: cfg.clone(),
-            group: group.to_owned(),
-            shutdown,
-            events,
-        })
+        self.group_consumer(group, topics, shutdown, false).await
+    }
+
+    async fn shared_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<KafkaConsumer, LogError> {
+        self.cooperative_consumer(group, topics, shutdown).await
     }
 
     async fn committed(
@@ -766,8 +801,9 @@ impl EventLog for KafkaLog {
 /// record of an assigned partition is yielded.
 struct GroupContext {
     cfg: KafkaLogConfig,
-    /// Drained by the consumer's owner after each `recv`; a rebalance adds one or two entries,
-    /// so this stays small between drains.
+    /// Drained by the consumer's owner after each `recv` (the push processor); a rebalance adds
+    /// one or two entries, so this stays small between drains (a consumer whose owner never
+    /// drains it keeps one or two per rebalance, which are rare).
     events: Arc<Mutex<Vec<AssignmentEvent>>>,
 }
 

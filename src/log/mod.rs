@@ -41,7 +41,8 @@
 //!    [`LogConsumer::recv`] returns `Ok(None)` promptly, also while it waits for records.
 //! 10. **Assignment.** [`LogConsumer::take_assignment_events`] reports which partitions the
 //!     consumer reads ([`AssignmentEvent`]): the embedded log every partition once; Kafka each
-//!     consumer-group rebalance (cooperative-sticky). A partition's `Assigned` event is recorded
+//!     consumer-group rebalance (cooperative-sticky for [`EventLog::shared_consumer`], the
+//!     client's default eager assignors otherwise). A partition's `Assigned` event is recorded
 //!     before any of its records is yielded; a `Revoked` one before the partition is given up.
 //!
 //! Compacted topics ([`TopicSpec::compacted`]) keep at least the latest record of each key. A
@@ -225,6 +226,20 @@ pub trait EventLog: Send + Sync {
         shutdown: CancellationToken,
     ) -> impl Future<Output = Result<Self::Consumer, LogError>> + Send;
 
+    /// [`EventLog::consumer`] for a group that several processes share and that should move
+    /// partitions between them incrementally: on Kafka with
+    /// `partition.assignment.strategy=cooperative-sticky` (a joining or leaving member moves
+    /// only the partitions that change owner). The embedded log has one process: the same as
+    /// `consumer`.
+    fn shared_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<Self::Consumer, LogError>> + Send {
+        self.consumer(group, topics, shutdown)
+    }
+
     /// The committed positions of `group` on `topics` (for lag metrics and tests).
     fn committed(
         &self,
@@ -364,6 +379,20 @@ impl EventLog for AnyLog {
         Ok(match self {
             Self::Embedded(l) => AnyConsumer::Embedded(l.consumer(group, topics, shutdown).await?),
             Self::Kafka(l) => AnyConsumer::Kafka(l.consumer(group, topics, shutdown).await?),
+        })
+    }
+
+    async fn shared_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<AnyConsumer, LogError> {
+        Ok(match self {
+            Self::Embedded(l) => AnyConsumer::Embedded(l.consumer(group, topics, shutdown).await?),
+            Self::Kafka(l) => {
+                AnyConsumer::Kafka(l.cooperative_consumer(group, topics, shutdown).await?)
+            }
         })
     }
 

@@ -385,9 +385,10 @@ impl<L: EventLog + 'static> Processor<L> {
         let name = &self.cfg.pipeline.name;
         let group = sync_group(&self.cfg.prefix, name);
         let stop = shutdown.child_token();
+        // Shared by every process of the pipeline (see `assign`).
         let consumer = self
             .log
-            .consumer(&group, &self.topics, stop.clone())
+            .shared_consumer(&group, &self.topics, stop.clone())
             .await?;
         let schemas = self.schema_cache().await?;
         // The return stream: its own group, so its position is independent of the push side's.

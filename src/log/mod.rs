@@ -388,12 +388,12 @@ impl EventLog for AnyLog {
         topics: &[String],
         shutdown: CancellationToken,
     ) -> Result<AnyConsumer, LogError> {
-        Ok(match self {
-            Self::Embedded(l) => AnyConsumer::Embedded(l.consumer(group, topics, shutdown).await?),
-            Self::Kafka(l) => {
-                AnyConsumer::Kafka(l.cooperative_consumer(group, topics, shutdown).await?)
-            }
-        })
+        match self {
+            Self::Kafka(l) => Ok(AnyConsumer::Kafka(
+                l.cooperative_consumer(group, topics, shutdown).await?,
+            )),
+            Self::Embedded(_) => self.consumer(group, topics, shutdown).await,
+        }
     }
 
     async fn committed(

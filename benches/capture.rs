@@ -754,7 +754,7 @@ async fn run_decoder(
         .context("the decoder's slot has no confirmed position")?;
     let mut stream = pg_walstream::LogicalReplicationStream::new(
         &config.replication_url(),
-        syncbridge::capture::stream_config(config, false),
+        syncbridge::capture::stream_config(config, false, false),
     )
     .await?;
     stream.start(Some(start)).await?;

@@ -1,8 +1,9 @@
 //! PostgreSQL client connections besides the replication stream (catalog, snapshot, advisory
 //! locks, heartbeat, re-snapshot, applier, provisioning, `validate`), with the source URL's TLS
-//! options honoured the way libpq honours them. [`acquire_advisory_lock`] is the one-holder
-//! pattern across processes (capture's slot reader, each list's delta poller): a session lock on
-//! a dedicated connection, given up when the connection closes.
+//! options honoured the way libpq honours them, and [`find_primary`] among a source's instances
+//! (failover). [`acquire_advisory_lock`] is the one-holder pattern across processes (capture's
+//! slot reader, each list's delta poller): a session lock on a dedicated connection, given up
+//! when the connection closes.
 //!
 //! The replication stream goes through libpq, which reads the URL itself. tokio-postgres knows
 //! only `sslmode=disable|prefer|require` and no root certificates, so [`connect`] takes the TLS
@@ -367,6 +368,47 @@ async fn try_lock(conn: &WatchedConn, key: i64) -> Result<bool, tokio_postgres::
         .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
         .await?
         .get(0))
+}
+
+/// How long [`find_primary`] waits for one instance: a lost primary's host may drop packets
+/// instead of refusing, and the next instance should be tried well before a reconnect backoff.
+pub const PRIMARY_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The index of the first of `urls` that is a primary now: it accepts connections and
+/// `pg_is_in_recovery()` is false. Unreachable instances and standbys are skipped (after a
+/// failover the old primary is expected to be down); None when no instance is a primary yet.
+pub async fn find_primary<S: AsRef<str>>(urls: &[S]) -> Option<usize> {
+    for (i, url) in urls.iter().enumerate() {
+        let probe = async {
+            let (client, connection) = connect(url.as_ref()).await.ok()?;
+            let driver = tokio::spawn(connection);
+            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
+            driver.abort();
+            row.ok().map(|r| !r.get::<_, bool>(0))
+        };
+        if let Ok(Some(true)) = tokio::time::timeout(PRIMARY_PROBE_TIMEOUT, probe).await {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// [`connect`] to a pipeline's source: with standbys listed (`source.urls`), to the instance
+/// that is the primary now (a promoted standby after a failover), else to `source.url`. While no
+/// instance is a primary, the first is tried (and its error returned).
+///
+/// # Errors
+/// See [`PgConnectError`].
+pub async fn connect_source(
+    source: &crate::config::SourceConfig,
+) -> Result<(Client, PgConnection), PgConnectError> {
+    let urls: Vec<&str> = source.instances().map(|u| u.expose()).collect();
+    let i = if urls.len() > 1 {
+        find_primary(&urls).await.unwrap_or(0)
+    } else {
+        0
+    };
+    connect(urls[i]).await
 }
 
 fn provider() -> Arc<CryptoProvider> {

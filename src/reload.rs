@@ -269,7 +269,7 @@ pub async fn add_to_publication(
         message,
         retryable,
     };
-    let (client, connection) = crate::pg::connect(p.source.url.expose())
+    let (client, connection) = crate::pg::connect_source(&p.source)
         .await
         .map_err(|e| fail(e.to_string(), e.is_retryable()))?;
     let conn = tokio::spawn(connection);

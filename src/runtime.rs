@@ -363,6 +363,54 @@ async fn first_failure(running: &mut [RunningPipeline]) -> RuntimeError {
 }
 
 /// The notifier of a pipeline with `notify:`, with its watcher and sender tasks.
+/// Failovers reported by capture, each recorded as a `failover` run and notified (when `notify:`
+/// is configured); the task ends with capture (the last sender dropped).
+fn follow_failovers<L: EventLog + 'static>(
+    p: &PipelineConfig,
+    log: &Arc<L>,
+    notifier: Option<control::notify::Notifier>,
+) -> tokio::sync::mpsc::Sender<capture::failover::Failover> {
+    // A failover is rare: a few queued reports are plenty; capture drops (and logs) any more.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<capture::failover::Failover>(8);
+    let (log, pipeline) = (log.clone(), p.name.clone());
+    let topic = meta::runs_topic(topic_prefix(p), &p.name);
+    tokio::spawn(async move {
+        let mut count = 0u64;
+        while let Some(f) = rx.recv().await {
+            count += 1;
+            let subject = format!("{} -> {}", f.from, f.to);
+            let how = if f.resnapshot {
+                "no synchronised slot there: a new slot and a re-snapshot of every table"
+            } else {
+                "resumed from the synchronised failover slot"
+            };
+            if let Some(n) = &notifier {
+                // One key per failover: each is its own event, none is "resolved".
+                n.raise(
+                    &format!("failover:{count}"),
+                    &format!("source failover {subject}"),
+                    how,
+                );
+            }
+            let about = meta::runs::RunAbout {
+                subject: Some(subject),
+                by: Some("capture".into()),
+                detail: Some(serde_json::json!({ "resnapshot": f.resnapshot })),
+            };
+            meta::runs::record_finished(
+                log.clone(),
+                topic.clone(),
+                &pipeline,
+                meta::runs::RunKind::Failover,
+                about,
+                None,
+            )
+            .await;
+        }
+    });
+    tx
+}
+
 fn start_notify(
     p: &PipelineConfig,
     slot: &str,
@@ -662,6 +710,10 @@ async fn start_one(
         capture_stop.clone(),
     ));
     let slot = capture_config.slot_name.clone();
+    let mut capture_config = capture_config;
+    if !capture_config.failover_urls.is_empty() {
+        capture_config.failover_reports = Some(follow_failovers(p, &log, notifier.clone()));
+    }
     let capture = tokio::spawn(capture::run_with_control(
         capture_config,
         sink,
@@ -1139,7 +1191,15 @@ fn capture_config(p: &PipelineConfig) -> CaptureConfig {
             }
         })
         .collect();
-    CaptureConfig::new(&p.name, p.source.url.expose(), tables, state_dir(p))
+    let mut config = CaptureConfig::new(&p.name, p.source.url.expose(), tables, state_dir(p));
+    if !p.source.standbys.is_empty() {
+        config.failover_urls = p
+            .source
+            .instances()
+            .map(|u| u.expose().to_owned())
+            .collect();
+    }
+    config
 }
 
 /// Where a pipeline keeps local state besides the log (snapshot progress, the ledger):

@@ -526,8 +526,9 @@ async fn resets_are_not_retried_for_creates() {
     );
 }
 
-/// The burst of 62 creates against a 120 RU/min budget.
-async fn low_budget_burst(client_ru_per_minute: u32) -> (u64, u64, u64) {
+/// An emulator with a 120 RU/min budget, a client believing in `client_ru_per_minute`, the site
+/// and a fresh list.
+async fn low_budget_list(client_ru_per_minute: u32) -> (Env, GraphClient, String, String) {
     let env = Env::start_with(EmulatorArgs {
         ru_per_minute: Some(120),
         ..EmulatorArgs::default()
@@ -536,6 +537,13 @@ async fn low_budget_burst(client_ru_per_minute: u32) -> (u64, u64, u64) {
     let c = env.client(client_ru_per_minute);
     let site = c.resolve_site(emulator::DEFAULT_SITE).await.unwrap().id;
     let list = make_list(&c, &site, "Paced").await;
+    (env, c, site, list)
+}
+
+/// The burst of 62 creates against a 120 RU/min budget: requests, RU, 429s and the budget the
+/// client's limiter ended up pacing to.
+async fn low_budget_burst(client_ru_per_minute: u32) -> (u64, u64, u64, u64) {
+    let (env, c, site, list) = low_budget_list(client_ru_per_minute).await;
     let writes = 62;
     let mut tasks = Vec::new();
     for i in 0..writes {
@@ -562,7 +570,7 @@ async fn low_budget_burst(client_ru_per_minute: u32) -> (u64, u64, u64) {
         "client budget {client_ru_per_minute} RU/min: {requests} requests, {consumed} RU, {throttled} budget 429s"
     );
     assert_eq!(sync_keys(&c, &site, &list).await.len(), writes);
-    (requests, consumed, throttled)
+    (requests, consumed, throttled, c.limiter().ru_per_minute())
 }
 
 /// With a low budget (120 RU/min on both sides) a burst of 62 creates (124 RU, more than one
@@ -570,7 +578,7 @@ async fn low_budget_burst(client_ru_per_minute: u32) -> (u64, u64, u64) {
 /// Takes about 70 s by construction (the burst must outlast one 60 s window to prove anything).
 #[tokio::test]
 async fn limiter_keeps_throttling_rare_under_a_low_budget() {
-    let (requests, consumed, throttled) = low_budget_burst(120).await;
+    let (requests, consumed, throttled, _) = low_budget_burst(120).await;
     assert!(
         consumed > 120,
         "the burst exceeded one window's budget ({consumed} RU)"
@@ -581,11 +589,48 @@ async fn limiter_keeps_throttling_rare_under_a_low_budget() {
     );
 }
 
-/// Control for the test above: the same burst with a client that believes in a huge budget is
-/// throttled by the emulator (and still completes, by honouring `Retry-After`). Shows the 1 %
-/// assertion above can fail.
+/// A client that believes in a huge budget learns the tenant's from `RateLimit-Limit` (sent once
+/// 80 % of a window is used) and paces the same burst without a single 429.
 #[tokio::test]
-async fn without_pacing_the_same_burst_is_throttled() {
-    let (_, _, throttled) = low_budget_burst(1_000_000).await;
+async fn an_unpaced_client_learns_the_budget_from_ratelimit_headers() {
+    let (requests, _, throttled, learned) = low_budget_burst(1_000_000).await;
+    assert_eq!(learned, 120, "the limiter paces to Graph's RateLimit-Limit");
+    assert_eq!(
+        throttled, 0,
+        "{throttled} of {requests} requests were throttled"
+    );
+}
+
+/// Control for the tests above: with a client that believes in a huge budget, 80 creates sent as
+/// four `$batch`es at once (160 RU, all in flight before an answer can teach the client the real
+/// budget) are throttled by the emulator, and still complete by honouring `Retry-After`. Shows the
+/// 429 assertions above can fail.
+#[tokio::test]
+async fn without_pacing_a_batched_burst_is_throttled() {
+    let (env, c, site, list) = low_budget_list(1_000_000).await;
+    let mut tasks = Vec::new();
+    for b in 0..4 {
+        let reqs: Vec<BatchRequest> = (0..20)
+            .map(|i| {
+                let key = format!("b{b}-{i}");
+                BatchRequest::create_item(
+                    i.to_string(),
+                    &site,
+                    &list,
+                    fields(json!({ "SyncKey": key })),
+                )
+            })
+            .collect();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.execute_batch_with_retries(&reqs).await
+        }));
+    }
+    for t in tasks {
+        let outcomes = t.await.unwrap().expect("every batch is answered");
+        assert!(outcomes.iter().all(|o| o.is_success()), "{outcomes:?}");
+    }
+    let throttled = env.stats().await["throttled"].as_u64().unwrap();
     assert!(throttled > 0, "the emulator throttled the unpaced burst");
+    assert_eq!(sync_keys(&c, &site, &list).await.len(), 80);
 }

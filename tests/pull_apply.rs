@@ -416,7 +416,7 @@ async fn an_idle_applier_hands_its_origin_to_another_process() {
     let url = common::database_url();
     // Long enough that an apply right after another one always finds the origin still held.
     let idle = Duration::from_secs(2);
-    let mut first = Applier::open(&url, "pull_apply_handover", idle)
+    let mut first = Applier::open(std::slice::from_ref(&url), "pull_apply_handover", idle)
         .await
         .unwrap();
     assert!(
@@ -428,7 +428,7 @@ async fn an_idle_applier_hands_its_origin_to_another_process() {
         .await
         .unwrap();
 
-    let mut second = Applier::open(&url, "pull_apply_handover", idle)
+    let mut second = Applier::open(std::slice::from_ref(&url), "pull_apply_handover", idle)
         .await
         .unwrap();
     assert_eq!(second.backend_pid(), None, "opened without a session");

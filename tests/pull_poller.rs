@@ -566,23 +566,31 @@ async fn expired_token_re_enumerates_between_resync_markers() {
     .await;
     check_resync(&r, &list, ResyncReason::Initial, &ids);
 
-    // Tokens expire; meanwhile a person deletes one item and adds another. The next poll gets
+    // A person deletes one item and adds another; then the tokens expire. The next poll gets
     // 410 resyncRequired and re-enumerates: the deleted item is simply absent from the full set.
-    env.admin("expire-delta-tokens", json!({})).await;
+    // (Changes first: a poll between an expiry and the changes would re-enumerate the old set.
+    // A poll between the changes and the expiry reads them as incremental records, before the
+    // re-enumeration.)
+    let before = r.len();
     env.person
         .delete_item(&env.site, &list, &ids[1], None)
         .await
         .unwrap();
     let added = env.create(&env.person, &list, "t4", 4).await;
-    let before = r.len();
+    env.admin("expire-delta-tokens", json!({})).await;
     let r = wait_records(&*env.log, "the re-enumeration", |r| {
         r[before..].iter().any(|(_, c)| is_end(c))
     })
     .await;
+    let begin = before
+        + r[before..]
+            .iter()
+            .position(|(_, c)| c.kind == ChangeKind::ResyncBegin)
+            .expect("a re-enumeration begins");
     let expect = [ids[0].clone(), ids[2].clone(), added];
-    check_resync(&r[before..], &list, ResyncReason::TokenExpired, &expect);
+    check_resync(&r[begin..], &list, ResyncReason::TokenExpired, &expect);
     assert!(
-        items_of(&r[before..], &ids[1]).is_empty(),
+        items_of(&r[begin..], &ids[1]).is_empty(),
         "a deleted item is not part of the re-enumeration"
     );
     p.stop().await;

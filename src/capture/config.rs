@@ -76,6 +76,12 @@ pub struct CaptureConfig {
     /// libpq URL of the source database. `sslmode` must be present: libpq's default `prefer`
     /// silently uses TLS when offered and plaintext otherwise.
     pub source_url: String,
+    /// Every instance of a replicated source, primary first (`source.urls`); empty when only
+    /// `source_url` is configured. Capture reads from whichever is the primary and moves to a
+    /// promoted one when the current primary is lost (see [`super::failover`]).
+    pub failover_urls: Vec<String>,
+    /// Told about each failover (never blocks capture: a full channel drops the report).
+    pub failover_reports: Option<tokio::sync::mpsc::Sender<super::failover::Failover>>,
     pub tables: Vec<TableSpec>,
     /// `sb_<pipeline>` unless overridden.
     pub slot_name: String,
@@ -113,6 +119,8 @@ impl CaptureConfig {
             publication_name: publication_name(&pipeline),
             pipeline,
             source_url: source_url.into(),
+            failover_urls: Vec::new(),
+            failover_reports: None,
             tables,
             state_dir: state_dir.into(),
             snapshot_chunk_size: DEFAULT_SNAPSHOT_CHUNK_SIZE,
@@ -161,16 +169,18 @@ impl CaptureConfig {
         if self.tables.is_empty() {
             return bad("no tables configured".into());
         }
-        match crate::pg::TlsOptions::parse(&self.source_url) {
-            Err(e) => return bad(format!("source url: {e}")),
-            Ok(tls) if tls.mode.is_none() => {
-                return bad(
-                    "source url must set sslmode explicitly (e.g. ?sslmode=disable or ?sslmode=verify-full): \
-                     libpq's default `prefer` silently falls back between TLS and plaintext"
-                        .into(),
-                );
+        for url in std::iter::once(&self.source_url).chain(&self.failover_urls) {
+            match crate::pg::TlsOptions::parse(url) {
+                Err(e) => return bad(format!("source url: {e}")),
+                Ok(tls) if tls.mode.is_none() => {
+                    return bad(
+                        "source url must set sslmode explicitly (e.g. ?sslmode=disable or ?sslmode=verify-full): \
+                         libpq's default `prefer` silently falls back between TLS and plaintext"
+                            .into(),
+                    );
+                }
+                Ok(_) => {}
             }
-            Ok(_) => {}
         }
         if self.feedback_interval > Duration::from_secs(1) || self.feedback_interval.is_zero() {
             return bad("feedback interval must be > 0 and ≤ 1 s".into());

@@ -36,11 +36,18 @@
 //!    publication, a slot without a snapshot progress record, a slot that disappeared after it
 //!    existed, or a table without a key is an operator error whose message says how to fix it.
 //!    Tables added to the pipeline (and publication) later get an initial snapshot on restart.
+//!    One exception: after a failover to an instance without the slot (see 10) it is created
+//!    there and every table read again.
 //! 9. **Re-snapshot while streaming.** One table can be read again on request
 //!    ([`run_with_control`], control plane `POST /pipelines/{name}/snapshot?table=s.t`): chunks
 //!    are read between low/high watermarks written into the WAL and emitted at the high watermark
 //!    minus the keys the stream changed in between, so the newer value always wins per key
 //!    (see [`resnapshot`]).
+//! 10. **Failover.** With `source.urls` ([`CaptureConfig::failover_urls`]) the lock and every
+//!     session go to the instance that is the primary; when it is lost, capture waits for a
+//!     promoted one and resumes: from the synchronised slot on PostgreSQL 17+ (slots are created
+//!     with `failover = true`), else with a new slot and a re-read of every table that the
+//!     ledger absorbs. Each failover is reported ([`failover`], ops/docs/failover.md).
 //!
 //! # Where each step lives
 //! `run.rs` holds the single-reader lock and restarts sessions with backoff; `session.rs` runs one
@@ -77,6 +84,7 @@ pub mod config;
 pub mod db_check;
 mod decode;
 pub mod error;
+pub mod failover;
 pub mod log_sink;
 pub mod resnapshot;
 mod run;

@@ -3,6 +3,8 @@
 //!
 //! Invariant: at most one process reads a slot, the one holding its advisory lock; losing the
 //! lock's connection ends the session at once and the lock is taken again before the next one.
+//! With several source instances the lock is taken on the current primary, chosen anew each
+//! time ([`super::failover`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::CaptureConfig;
 use super::error::CaptureError;
+use super::failover::{Failover, Instances};
 use super::resnapshot::{Resnapper, ResnapshotRequests};
 use super::sink::EventSink;
 use super::sink_task::SharedSink;
@@ -54,7 +57,7 @@ pub async fn run_with_control<S: EventSink + 'static, P: SnapshotProgress>(
 }
 
 async fn run_inner<S: EventSink + 'static, P: SnapshotProgress>(
-    config: CaptureConfig,
+    mut config: CaptureConfig,
     sink: S,
     mut progress: P,
     resnap: &mut Resnapper,
@@ -64,11 +67,17 @@ async fn run_inner<S: EventSink + 'static, P: SnapshotProgress>(
     // Appends run on a task of their own (see `sink_task`); sessions take turns with the sink.
     let sink: SharedSink<S> = Arc::new(tokio::sync::Mutex::new(sink));
     let mut backoff = Backoff::new(config.max_backoff);
-    // Highest LSN whose events (and all before) are durable, known to this process.
-    let mut durable_lsn = 0u64;
+    let mut position = Position::default();
+    let mut instances = Instances::new(&config);
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
+        }
+        // With several instances, the lock and every session connect to the current primary.
+        match instances.select(&mut config, &mut backoff, &shutdown).await {
+            None => return Ok(()),
+            Some(Some(failover)) => position.failover = Some(failover),
+            Some(None) => {}
         }
         let lock = match acquire_lock(&config, &shutdown).await {
             Ok(Some(lock)) => lock,
@@ -84,14 +93,14 @@ async fn run_inner<S: EventSink + 'static, P: SnapshotProgress>(
         };
         tracing::info!(pipeline = %config.pipeline, slot = %config.slot_name, "acquired single-reader lock");
         loop {
-            let before = durable_lsn;
+            let before = position.durable_lsn;
             let result = super::session::session(
                 &config,
                 &sink,
                 &mut progress,
                 &lock,
                 &shutdown,
-                &mut durable_lsn,
+                &mut position,
                 resnap,
             )
             .await;
@@ -102,7 +111,7 @@ async fn run_inner<S: EventSink + 'static, P: SnapshotProgress>(
                     metrics::counter!(m::CAPTURE_RECONNECTS_TOTAL, "pipeline" => config.pipeline.clone())
                         .increment(1);
                     tracing::warn!(pipeline = %config.pipeline, error = %e, "capture session failed; reconnecting");
-                    if durable_lsn > before {
+                    if position.durable_lsn > before {
                         backoff.reset();
                     }
                     if !backoff.sleep(&shutdown).await {
@@ -121,9 +130,21 @@ async fn run_inner<S: EventSink + 'static, P: SnapshotProgress>(
     }
 }
 
+/// Where the next session resumes, kept across sessions.
+#[derive(Debug, Default)]
+pub(super) struct Position {
+    /// Highest LSN whose events (and all before) are durable, known to this process.
+    pub(super) durable_lsn: u64,
+    /// A failover not yet reported: the next session that opens the slot reports it, with how
+    /// it resumed.
+    pub(super) failover: Option<Failover>,
+    /// Since a failover found no slot on the promoted instance, until the new slot streams.
+    pub(super) failover_resync: bool,
+}
+
 /// Exponential backoff between reconnects, interruptible by shutdown.
 #[derive(Debug)]
-struct Backoff {
+pub(super) struct Backoff {
     current: Duration,
     max: Duration,
 }
@@ -131,7 +152,7 @@ struct Backoff {
 impl Backoff {
     const START: Duration = Duration::from_millis(250);
 
-    fn new(max: Duration) -> Self {
+    pub(super) fn new(max: Duration) -> Self {
         Self {
             current: Self::START,
             max,
@@ -143,7 +164,7 @@ impl Backoff {
     }
 
     /// Sleeps; false when shutdown was requested meanwhile.
-    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+    pub(super) async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
         let d = self.current;
         self.current = (self.current * 2).min(self.max);
         tokio::select! {

@@ -23,7 +23,7 @@ use super::catalog::{
 use super::config::CaptureConfig;
 use super::error::CaptureError;
 use super::resnapshot::Resnapper;
-use super::run::{Conn, connect};
+use super::run::{Conn, Position, connect};
 use super::sink::EventSink;
 use super::sink_task::SharedSink;
 use super::snapshot::{SnapshotProgress, SnapshotState, Stop, TableProgress, run_snapshot};
@@ -37,34 +37,59 @@ pub(super) async fn session<S: EventSink + 'static, P: SnapshotProgress>(
     progress: &mut P,
     lock: &Conn,
     shutdown: &CancellationToken,
-    durable_lsn: &mut u64,
+    position: &mut Position,
     resnap: &mut Resnapper,
 ) -> Result<(), CaptureError> {
     let source = Source::connect(config).await?;
+    let status = slot_status(&source.client, config, source.version).await?;
+    if let Some(mut failover) = position.failover.take() {
+        // A promoted instance without our slot: its LSNs are not the slot's, start afresh.
+        failover.resnapshot = status == SlotStatus::Missing;
+        if failover.resnapshot {
+            position.durable_lsn = 0;
+            position.failover_resync = true;
+            tracing::warn!(pipeline = %config.pipeline, slot = %config.slot_name, "the promoted instance has no replication slot (PostgreSQL < 17 or slot synchronisation off): creating it and reading every captured table again; the ledger absorbs rows already synced");
+        } else {
+            tracing::info!(pipeline = %config.pipeline, slot = %config.slot_name, "the promoted instance has the synchronised slot; resuming at the acknowledged position");
+        }
+        super::failover::report(config, failover);
+    }
     let mut opening = Opening {
         config,
         source: &source,
         catalog: Catalog::new(&source.tables),
         sink,
         progress,
+        failover_resync: position.failover_resync,
         stop: Stop {
             shutdown,
             lock_lost: &lock.lost,
         },
     };
-    let stream = match slot_status(&source.client, config, source.version).await? {
+    let stream = match status {
         SlotStatus::Missing => opening.create_slot().await?,
         SlotStatus::Ready { confirmed_flush } => {
-            opening.resume_slot(confirmed_flush, *durable_lsn).await?
+            opening
+                .resume_slot(confirmed_flush, position.durable_lsn)
+                .await?
         }
     };
     // None: shutdown (or the lock was lost) while the snapshot ran; its progress is durable.
     let Some(stream) = stream else {
         return Ok(());
     };
+    position.failover_resync = false;
     let catalog = opening.catalog;
     metrics::gauge!(m::SNAPSHOT_TABLES_PENDING, "pipeline" => config.pipeline.clone()).set(0.0);
-    let streaming = Streaming::start(config, &source, catalog, stream, sink, resnap, durable_lsn);
+    let streaming = Streaming::start(
+        config,
+        &source,
+        catalog,
+        stream,
+        sink,
+        resnap,
+        &mut position.durable_lsn,
+    );
     streaming.run(&lock.lost, &source.conn.lost, shutdown).await
 }
 
@@ -107,6 +132,9 @@ struct Opening<'a, 's, S, P> {
     catalog: Catalog,
     sink: &'a SharedSink<S>,
     progress: &'a mut P,
+    /// The slot is missing because the primary failed over to an instance without it: create
+    /// it and read every table again instead of refusing (see [`super::failover`]).
+    failover_resync: bool,
     stop: Stop<'s>,
 }
 
@@ -115,13 +143,19 @@ impl<S: EventSink + 'static, P: SnapshotProgress> Opening<'_, '_, S, P> {
     /// every table under it, then starts streaming at the slot's consistent point.
     async fn create_slot(&mut self) -> Result<Option<LogicalReplicationStream>, CaptureError> {
         let config = self.config;
-        self.refuse_if_slot_was_dropped()?;
+        if !self.failover_resync {
+            self.refuse_if_slot_was_dropped()?;
+        }
         // The plan is durable before the slot exists (see SnapshotState).
         let mut state = self.all_pending();
         self.progress.save(&state)?;
-        let mut stream =
-            LogicalReplicationStream::new(&config.replication_url(), stream_config(config, true))
-                .await?;
+        // PostgreSQL 17+: a failover slot, synchronised to standbys that are set up for it.
+        let failover = self.source.version >= FAILOVER_SLOTS_VERSION_NUM;
+        let mut stream = LogicalReplicationStream::new(
+            &config.replication_url(),
+            stream_config(config, true, failover),
+        )
+        .await?;
         stream.ensure_replication_slot().await?;
         let name = stream
             .exported_snapshot_name()
@@ -203,9 +237,11 @@ impl<S: EventSink + 'static, P: SnapshotProgress> Opening<'_, '_, S, P> {
                 return Ok(None);
             }
         }
-        let mut stream =
-            LogicalReplicationStream::new(&config.replication_url(), stream_config(config, false))
-                .await?;
+        let mut stream = LogicalReplicationStream::new(
+            &config.replication_url(),
+            stream_config(config, false, false),
+        )
+        .await?;
         // Starting past confirmed_flush skips only what this process knows is durable.
         let start = durable_lsn.max(confirmed_flush);
         stream.start(Some(start)).await?;
@@ -249,11 +285,20 @@ impl<S: EventSink + 'static, P: SnapshotProgress> Opening<'_, '_, S, P> {
     }
 }
 
+/// The first PostgreSQL version whose logical slots can be synchronised to standbys
+/// (`CREATE_REPLICATION_SLOT ... (FAILOVER)`, `sync_replication_slots`).
+const FAILOVER_SLOTS_VERSION_NUM: i32 = 170_000;
+
 /// The replication stream's settings for `config` (public for the capture bench's bare-decoder
 /// baseline, which must read exactly as capture does).
-pub fn stream_config(config: &CaptureConfig, export_snapshot: bool) -> ReplicationStreamConfig {
+pub fn stream_config(
+    config: &CaptureConfig,
+    export_snapshot: bool,
+    failover: bool,
+) -> ReplicationStreamConfig {
     let slot_options = ReplicationSlotOptions {
         snapshot: Some(if export_snapshot { "export" } else { "nothing" }.to_string()),
+        failover,
         ..ReplicationSlotOptions::default()
     };
     ReplicationStreamConfig::builder(config.slot_name.clone(), config.publication_name.clone())

@@ -270,7 +270,19 @@ impl PipelineConfig {
 /// The PostgreSQL database the tables live in.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SourceConfig {
+    /// The primary (the first of `source.urls`): every connection but capture's failover uses it.
     pub url: PgUrl,
+    /// The other instances of `source.urls`, in order: capture and the applier try them when the
+    /// current primary is lost (see ops/docs/failover.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub standbys: Vec<PgUrl>,
+}
+
+impl SourceConfig {
+    /// Every configured instance, the primary first.
+    pub fn instances(&self) -> impl Iterator<Item = &PgUrl> {
+        std::iter::once(&self.url).chain(&self.standbys)
+    }
 }
 
 /// Where events are kept between capture and the writers.

@@ -188,11 +188,20 @@ pub const SCHEDULE_KEYS: &[&str] = &["name", "cron", "time_zone", "job", "tables
 /// The PostgreSQL source database.
 #[derive(Debug, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
 pub struct SourceFile {
-    /// `postgres://user:pass@host:port/db?sslmode=...`; usually `${DATABASE_URL}`.
-    pub url: Sp<Secret>,
+    /// `postgres://user:pass@host:port/db?sslmode=...`; usually `${DATABASE_URL}`. Exactly one
+    /// of `url` and `urls`.
+    #[serde(default)]
+    pub url: Option<Sp<Secret>>,
+    /// The instances of a replicated source, primary first, then its standbys: capture follows
+    /// whichever is the primary (see ops/docs/failover.md). Exactly one of `url` and `urls`.
+    #[serde(default)]
+    pub urls: Option<Vec<Sp<Secret>>>,
+    #[serde(skip)]
+    pub loc: Loc,
 }
-pub const SOURCE_KEYS: &[&str] = &["url"];
+pub const SOURCE_KEYS: &[&str] = &["url", "urls"];
 
 /// The event log: exactly one of `embedded` or `kafka`.
 #[derive(Debug, JsonSchema)]
@@ -966,10 +975,26 @@ impl Reader {
 
     fn source(&mut self, node: &Node, path: &str) -> Option<SourceFile> {
         let m = self.map(node, path, SOURCE_KEYS)?;
-        let url = self
-            .required(&m, "url")
-            .and_then(|n| self.secret(n, &m.child("url")));
-        Some(SourceFile { url: url? })
+        let url = m.get("url").and_then(|n| self.secret(n, &m.child("url")));
+        let urls = m.get("urls").and_then(|n| {
+            let items = self.seq(n, &m.child("urls"))?;
+            let urls: Vec<_> = items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| self.secret(n, &format!("{path}.urls[{i}]")))
+                .collect();
+            (urls.len() == items.len()).then_some(urls)
+        });
+        // A key that is there but unreadable was reported already; no "needs one of" on top.
+        if (m.get("url").is_some() && url.is_none()) || (m.get("urls").is_some() && urls.is_none())
+        {
+            return None;
+        }
+        Some(SourceFile {
+            url,
+            urls,
+            loc: node.loc,
+        })
     }
 
     fn log(&mut self, node: &Node, path: &str) -> Option<LogFile> {

@@ -754,3 +754,58 @@ fn drift_budget_share_is_above_0_and_at_most_1() {
         "t.yaml:19:3: unknown key `share` in `drift`; expected one of: budget_share",
     );
 }
+
+/// [`with_on_delete`]'s pipeline with its `source:` mapping replaced by `source` (indented).
+fn with_source(source: &str) -> String {
+    with_on_delete("delete").replace("source:\n  url: postgres://u@h/db\n", source)
+}
+
+#[test]
+fn source_urls_list_the_primary_first_then_its_standbys() {
+    let text = with_source(
+        "source:\n  urls:\n    - postgres://u:pw@db1/app?sslmode=disable\n    - postgres://u:pw@db2:5433/app?sslmode=disable\n",
+    );
+    let config = load_str("t.yaml", &text, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.source.url.server(), ("db1".to_string(), 5432));
+    let standbys: Vec<_> = config.source.standbys.iter().map(PgUrl::server).collect();
+    assert_eq!(standbys, [("db2".to_string(), 5433)]);
+    assert_eq!(config.source.instances().count(), 2);
+    // Passwords stay out of what is shown.
+    let shown = serde_json::to_string(&config.source).unwrap();
+    assert!(!shown.contains("pw"), "{shown}");
+    // `url` alone: one instance, no standbys.
+    let one = load_str("t.yaml", &with_on_delete("delete"), &|_| None).unwrap();
+    assert!(one.source.standbys.is_empty());
+}
+
+#[test]
+fn source_url_problems_are_all_reported_at_their_place() {
+    assert_eq!(
+        all_problems(&with_source(
+            "source:\n  urls:\n    - postgres://u@db1/app\n    - http://db2/app\n    - postgres://u@db1:5432/other\n    - postgres://u@db3/app?sslmode=bogus\n"
+        )),
+        [
+            "t.yaml:6:7: `source.urls[1]` must be a postgres:// or postgresql:// URL",
+            "t.yaml:7:7: `source.urls[2]` names the same server as `source.urls[0]`",
+            "t.yaml:8:7: `source.urls[3]`: sslmode=\"bogus\" is not one of disable, allow, prefer, require, verify-ca, verify-full",
+        ]
+    );
+    assert_eq!(
+        all_problems(&with_source(
+            "source:\n  url: postgres://u@db1/app\n  urls: [postgres://u@db2/app]\n"
+        )),
+        [
+            "t.yaml:4:3: `source` needs exactly one of `url` (one instance) and `urls` (primary first, then standbys)"
+        ]
+    );
+    assert_eq!(
+        all_problems(&with_source("source:\n  urls: []\n")),
+        ["t.yaml:4:3: `source.urls` is empty: list the primary first"]
+    );
+    assert_eq!(
+        all_problems(&with_source("source: {}\n")),
+        [
+            "t.yaml:3:9: `source` needs exactly one of `url` (one instance) and `urls` (primary first, then standbys)"
+        ]
+    );
+}

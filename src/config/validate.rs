@@ -502,6 +502,57 @@ fn check_pg_url(r: &mut Reader, url: &Sp<Secret>, key: &str) -> Option<PgUrl> {
     }
 }
 
+/// `source`: exactly one of `url` and `urls`; every URL valid (sslmode rules of
+/// [`check_pg_url`]) and no instance listed twice.
+fn check_source(r: &mut Reader, s: &SourceFile) -> Option<SourceConfig> {
+    let urls: Vec<(&Sp<Secret>, String)> = match (&s.url, &s.urls) {
+        (Some(u), None) => vec![(u, "source.url".to_owned())],
+        (None, Some(list)) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u, format!("source.urls[{i}]")))
+            .collect(),
+        (None, Some(_)) => {
+            r.issues.push((
+                s.loc,
+                "`source.urls` is empty: list the primary first".into(),
+            ));
+            return None;
+        }
+        (Some(_), Some(_)) | (None, None) => {
+            r.issues.push((
+                s.loc,
+                "`source` needs exactly one of `url` (one instance) and `urls` (primary first, \
+                 then standbys)"
+                    .into(),
+            ));
+            return None;
+        }
+    };
+    let before = r.issues.len();
+    let mut parsed: Vec<PgUrl> = Vec::with_capacity(urls.len());
+    for (u, key) in &urls {
+        let Some(url) = check_pg_url(r, u, key) else {
+            continue;
+        };
+        if let Some(first) = parsed.iter().position(|p| p.server() == url.server()) {
+            r.issues.push((
+                u.loc,
+                format!("`{key}` names the same server as `source.urls[{first}]`"),
+            ));
+        }
+        parsed.push(url);
+    }
+    if r.issues.len() != before {
+        return None;
+    }
+    let mut parsed = parsed.into_iter();
+    Some(SourceConfig {
+        url: parsed.next()?,
+        standbys: parsed.collect(),
+    })
+}
+
 /// Checks a file and builds its config. Problems go to `r.issues`; `Some` only without any.
 pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, CrossRefs)> {
     let before = r.issues.len();
@@ -527,11 +578,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             ),
         ));
     }
-    let source = f
-        .source
-        .as_ref()
-        .and_then(|s| check_pg_url(r, &s.url, "source.url"))
-        .map(|url| SourceConfig { url });
+    let source = f.source.as_ref().and_then(|s| check_source(r, s));
     let name = f.name.as_ref().map(|n| n.value.clone()).unwrap_or_default();
     let log = match &f.log {
         None => Some(LogConfig::Embedded {

@@ -34,7 +34,7 @@ mod persist;
 mod reply;
 mod server;
 mod state;
-mod throttle;
+pub(crate) mod throttle;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -2,8 +2,9 @@
 //!
 //! Contract:
 //! - [`GraphClient::execute_batch`] rejects an empty batch, more than [`MAX_BATCH`] requests or
-//!   duplicate ids (case-insensitive) without sending anything; it charges every inner request its
-//!   own RU before sending; the envelope is retried only on 429/503 (it may hold creates).
+//!   duplicate ids (case-insensitive) without sending anything; it charges the sum of the inner
+//!   requests' RU as one admission right before sending; the envelope is retried only on 429/503
+//!   (it may hold creates).
 //! - It returns one [`BatchOutcome`] per request id (responses may come in any order). An inner
 //!   429/503 pauses the whole tenant for its `Retry-After` and is reported on that id only.
 //! - [`GraphClient::execute_batch_with_retries`] re-batches only the throttled/unavailable inner
@@ -19,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::client::{GraphClient, Idempotency, Lineage, Req};
 use super::error::{ErrorDetail, GraphError, throttle_wait};
-use super::limiter::Cost;
+use super::limiter::{Cost, RateLimit};
 use super::ops::{ListItem, enc_segment, items_path};
 
 /// Graph's limit on requests per `$batch` (§7.1).
@@ -229,12 +230,8 @@ impl GraphClient {
                 continue;
             };
             // RateLimit-* ride on inner responses too (they describe the same minute budget).
-            let remaining = inner_header(&inner.headers, "ratelimit-remaining")
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            let reset = inner_header(&inner.headers, "ratelimit-reset")
-                .and_then(super::error::parse_retry_after);
-            if let (Some(remaining), Some(reset)) = (remaining, reset) {
-                self.inner.limiter.observe_rate_limit(remaining, reset);
+            if let Some(rl) = RateLimit::parse(|name| inner_header(&inner.headers, name)) {
+                self.inner.limiter.observe_rate_limit(resp.mark, &rl);
             }
             let request_id = inner_header(&inner.headers, "request-id")
                 .map(str::to_string)

@@ -13,7 +13,7 @@ use url::Url;
 
 use super::auth::{Credential, GRAPH_DEFAULT_SCOPE, TokenProvider};
 use super::error::{ErrorDetail, GraphError, throttle_wait};
-use super::limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, TenantLimiter};
+use super::limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, RateLimit, TenantLimiter};
 use crate::config::{GraphConfig, GraphCredential};
 use crate::telemetry::metrics as m;
 
@@ -133,6 +133,8 @@ impl<'a> Req<'a> {
 pub(crate) struct Resp {
     pub body: Vec<u8>,
     pub lineage: Lineage,
+    /// The limiter's admission mark of the request, for `RateLimit-*` of inner `$batch` responses.
+    pub mark: u64,
 }
 
 /// Correlation ids of the request that produced a result (for lineage in logs and the DLQ).
@@ -356,16 +358,11 @@ impl GraphClient {
 
     async fn attempt(&self, req: &Req<'_>) -> Result<Resp, AttemptError> {
         let inner = &self.inner;
-        let mut admission = None;
-        for (i, c) in req.costs.iter().enumerate() {
-            // Every unit is charged before sending; the last charge also takes a concurrency slot.
-            if i + 1 == req.costs.len() {
-                admission = Some(inner.limiter.acquire(req.lane, *c).await);
-            } else {
-                inner.limiter.reserve(req.lane, *c).await;
-            }
-        }
-        let units: u64 = req.costs.iter().map(|c| u64::from(c.units())).sum();
+        // Charged as a whole right before sending: Graph counts a `$batch`'s inner requests when
+        // it arrives, so admitting them one by one while the batch fills would run ahead of it.
+        let units: u32 = req.costs.iter().map(|c| c.units()).sum();
+        let admission = inner.limiter.acquire(req.lane, units).await;
+        let units = u64::from(units);
         let lane = match req.lane {
             Lane::Writer => "writer",
             Lane::Delta => "delta",
@@ -417,16 +414,23 @@ impl GraphClient {
                 return Err(AttemptError::Other(err));
             }
         };
+        let mark = admission.mark();
         drop(admission);
         tracing::debug!(%method, path, status, request_id = request_id.as_deref().unwrap_or(""), %client_request_id, "graph request");
-        self.observe_rate_limit(&headers);
+        if let Some(rl) = RateLimit::parse(|name| header(&headers, name)) {
+            inner.limiter.observe_rate_limit(mark, &rl);
+        }
         let lineage = Lineage {
             client_request_id,
             request_id: request_id.clone(),
         };
         if (200..300).contains(&status) {
             self.record(&method, "ok", started);
-            return Ok(Resp { body, lineage });
+            return Ok(Resp {
+                body,
+                lineage,
+                mark,
+            });
         }
         let detail = ErrorDetail::parse(&body, request_id);
         let wait = throttle_wait(
@@ -439,15 +443,6 @@ impl GraphClient {
             return Err(AttemptError::Unauthorized { token, err });
         }
         Err(AttemptError::Other(err))
-    }
-
-    pub(crate) fn observe_rate_limit(&self, headers: &HeaderMap) {
-        let remaining =
-            header(headers, "ratelimit-remaining").and_then(|v| v.trim().parse::<u64>().ok());
-        let reset = header(headers, "ratelimit-reset").and_then(super::error::parse_retry_after);
-        if let (Some(remaining), Some(reset)) = (remaining, reset) {
-            self.inner.limiter.observe_rate_limit(remaining, reset);
-        }
     }
 
     fn record(&self, method: &str, outcome: &'static str, started: Instant) {

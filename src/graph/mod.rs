@@ -12,8 +12,8 @@
 //!   expiry; a 401 invalidates it, refreshes once and retries the request once.
 //! - **Rate**: every request is priced in resource units and admitted by the tenant's shared
 //!   [`TenantLimiter`] (one per tenant per process via [`LimiterRegistry`]); a 429/503 pauses the
-//!   whole tenant for `Retry-After` (the larger of it and `RateLimit-Reset`); `RateLimit-Remaining`
-//!   slows it before a 429; concurrency is bounded.
+//!   whole tenant for `Retry-After` (the larger of it and `RateLimit-Reset`); `RateLimit-*` teach
+//!   it the tenant's budget and what is left of the window before a 429; concurrency is bounded.
 //! - **Retries** (all bounded): 429/503 are retried after the pause for every request — the server
 //!   rejects them before applying anything. Transient failures (timeouts, resets, other 5xx) are
 //!   retried with exponential backoff and jitter only for idempotent requests (GET, PATCH, DELETE).
@@ -36,6 +36,8 @@ pub mod batch;
 pub mod client;
 pub mod error;
 pub mod limiter;
+#[cfg(test)]
+mod limiter_props;
 pub mod ops;
 
 pub use auth::{Certificate, Credential};
@@ -44,5 +46,5 @@ pub use client::{
     GraphClient, GraphClientConfig, GraphUsage, GraphUsageCounts, Lineage, USER_AGENT,
 };
 pub use error::{ErrorDetail, GraphError};
-pub use limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, TenantLimiter};
+pub use limiter::{Cost, Lane, LimiterConfig, LimiterRegistry, RateLimit, TenantLimiter};
 pub use ops::{ColumnDefinition, Deleted, FieldsUpdated, ItemQuery, ListInfo, ListItem, Site};

@@ -640,7 +640,7 @@ pub async fn table_facts(
     p: &PipelineConfig,
 ) -> Result<HashMap<String, TableFacts>, super::ProcessError> {
     let err = |e: tokio_postgres::Error| super::ProcessError::Catalog(e.to_string());
-    let (client, connection) = crate::pg::connect(p.source.url.expose()).await?;
+    let (client, connection) = crate::pg::connect_source(&p.source).await?;
     let conn = tokio::spawn(connection);
     let mut out = HashMap::new();
     for e in &p.sync {

@@ -39,7 +39,8 @@
 //! and, where known, the column: not retryable, the caller dead-letters the change. A lost
 //! connection, a restart, a standby after failover, serialization failures, deadlocks and lock
 //! timeouts are retryable; the connection is dropped and the next [`Applier::apply`] reconnects
-//! (re-running the origin setup). A change that failed after it was sent may have been committed
+//! (re-running the origin setup), with several instances ([`Applier::connect_any`]) to the one
+//! that is the primary then. A change that failed after it was sent may have been committed
 //! ([`ApplyError::Connection`] `maybe_applied`); the caller's retry must tolerate that (updates
 //! and deletes are idempotent; a retried insert may hit the unique key and be rejected).
 //!
@@ -532,6 +533,9 @@ impl Drop for Conn {
 #[derive(Debug)]
 pub struct Applier {
     url: String,
+    /// Every instance of a replicated source, primary first (`source.urls`); empty for one.
+    /// Each (re)connect goes to whichever is the primary then.
+    instances: Vec<String>,
     pipeline: String,
     origin: String,
     conn: Option<Conn>,
@@ -558,23 +562,33 @@ impl Applier {
     /// SQLSTATE 42501 when the role lacks the origin privileges (see the module docs), 55006
     /// (retryable) when another session uses the origin.
     pub async fn connect(database_url: &str, pipeline: &str) -> Result<Applier, ApplyError> {
-        let mut a = Applier::disconnected(database_url, pipeline);
+        Self::connect_any(&[database_url.to_string()], pipeline).await
+    }
+
+    /// [`Applier::connect`] to a replicated source (primary first, then standbys): this and every
+    /// reconnect go to the instance that is the primary then (a promoted standby after a
+    /// failover); while none is, connecting fails retryably.
+    ///
+    /// # Errors
+    /// As [`Applier::connect`].
+    pub async fn connect_any(urls: &[String], pipeline: &str) -> Result<Applier, ApplyError> {
+        let mut a = Applier::disconnected(urls, pipeline);
         let _in_use = a.begin_use();
         a.ensure_connected().await?;
         Ok(a)
     }
 
-    /// [`Applier::connect`] for a process that may share the pipeline with others: when another
-    /// session holds the origin (55006: another process applies the return stream now), the
-    /// applier starts disconnected and connects on its first change. A session idle for
+    /// [`Applier::connect_any`] for a process that may share the pipeline with others: when
+    /// another session holds the origin (55006: another process applies the return stream now),
+    /// the applier starts disconnected and connects on its first change. A session idle for
     /// `idle_release` is closed ([`IDLE_RELEASE`] says why). Other errors are
     /// [`Applier::connect`]'s.
     pub async fn open(
-        database_url: &str,
+        urls: &[String],
         pipeline: &str,
         idle_release: Duration,
     ) -> Result<Applier, ApplyError> {
-        let mut a = Applier::disconnected(database_url, pipeline);
+        let mut a = Applier::disconnected(urls, pipeline);
         a.idle_release = idle_release;
         let in_use = a.begin_use();
         match a.ensure_connected().await {
@@ -591,9 +605,15 @@ impl Applier {
         Ok(a)
     }
 
-    fn disconnected(database_url: &str, pipeline: &str) -> Applier {
+    /// An applier with no session yet; `urls` as [`Applier::connect_any`] takes them.
+    fn disconnected(urls: &[String], pipeline: &str) -> Applier {
         Applier {
-            url: database_url.to_string(),
+            url: urls.first().cloned().unwrap_or_default(),
+            instances: if urls.len() > 1 {
+                urls.to_vec()
+            } else {
+                Vec::new()
+            },
             pipeline: pipeline.to_string(),
             origin: origin_name(pipeline),
             conn: None,
@@ -778,6 +798,15 @@ impl Applier {
             return Ok(());
         }
         self.conn = None;
+        if !self.instances.is_empty() {
+            let Some(i) = crate::pg::find_primary(&self.instances).await else {
+                return Err(ApplyError::Connection {
+                    message: "no source instance is a primary (waiting for a promotion)".into(),
+                    maybe_applied: false,
+                });
+            };
+            self.url.clone_from(&self.instances[i]);
+        }
         let (client, connection) = crate::pg::connect(&self.url).await.map_err(|e| match e {
             crate::pg::PgConnectError::Postgres(e) => match e.as_db_error() {
                 Some(_) => classify(&e, false),

@@ -361,7 +361,7 @@ impl<L: EventLog + 'static> Processor<L> {
     /// defaults, re-emits rows. Not the applier's session: these are not our writes.
     pub(super) async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ProcessError> {
         if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = crate::pg::connect(self.cfg.pipeline.source.url.expose()).await?;
+            let (client, conn) = crate::pg::connect_source(&self.cfg.pipeline.source).await?;
             tokio::spawn(conn);
             self.catalog = Some(client);
         }

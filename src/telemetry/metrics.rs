@@ -33,6 +33,9 @@ pub const CAPTURE_SLOT_LAG_BYTES: &str = "syncbridge_capture_slot_lag_bytes";
 pub const CAPTURE_ACKED_LSN: &str = "syncbridge_capture_acked_lsn";
 /// Counter of capture reconnects after retryable errors, label `pipeline`.
 pub const CAPTURE_RECONNECTS_TOTAL: &str = "syncbridge_capture_reconnects_total";
+/// Counter of source failovers capture followed (the primary moved, `source.urls`), label
+/// `pipeline`.
+pub const CAPTURE_FAILOVERS_TOTAL: &str = "syncbridge_capture_failovers_total";
 /// Counter of rows emitted by the initial snapshot and by on-demand re-snapshots, labels
 /// `pipeline`, `table`.
 pub const SNAPSHOT_ROWS_TOTAL: &str = "syncbridge_capture_snapshot_rows_total";
@@ -144,7 +147,8 @@ pub const CONSUMER_LAG_EVENTS: &str = "syncbridge_consumer_lag_events";
 pub const PUSH_LAST_COMMIT_TIMESTAMP: &str = "syncbridge_push_last_commit_timestamp_seconds";
 /// Gauge (Unix seconds) of capture's last acknowledgement to the slot, label `pipeline`.
 pub const CAPTURE_LAST_ACK_TIMESTAMP: &str = "syncbridge_capture_last_ack_timestamp_seconds";
-/// Gauge of a tenant's RU budget per minute (graph.ru_per_minute), label `tenant`.
+/// Gauge of a tenant's RU budget per minute (graph.ru_per_minute, or Graph's smaller
+/// `RateLimit-Limit` once learned), label `tenant`.
 pub const GRAPH_RU_BUDGET_PER_MINUTE: &str = "syncbridge_graph_ru_budget_per_minute";
 /// Counter of notifications sent per target, labels `pipeline`, `outcome` (ok, failed).
 pub const NOTIFY_SENT_TOTAL: &str = "syncbridge_notify_sent_total";
@@ -186,6 +190,7 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
     };
     for name in [
         CAPTURE_RECONNECTS_TOTAL,
+        CAPTURE_FAILOVERS_TOTAL,
         PUSH_COALESCED_TOTAL,
         PUSH_MOVES_TOTAL,
         META_EVENTS_PROJECTED_TOTAL,
@@ -307,6 +312,12 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         CAPTURE_RECONNECTS_TOTAL,
         Some(Unit::Count),
         "Capture reconnects after retryable errors (label: pipeline).",
+    ),
+    (
+        Counter,
+        CAPTURE_FAILOVERS_TOTAL,
+        Some(Unit::Count),
+        "Source failovers capture followed to a promoted instance (label: pipeline).",
     ),
     (
         Counter,

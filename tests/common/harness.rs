@@ -277,12 +277,21 @@ impl Harness {
             .map(|(_, f)| f)
     }
 
-    pub async fn wait_for<F, Fut>(&self, what: &str, mut check: F)
+    pub async fn wait_for<F, Fut>(&self, what: &str, check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = Instant::now() + Duration::from_secs(40);
+        self.wait_for_secs(what, 40, check).await;
+    }
+
+    /// [`Harness::wait_for`] with a deadline of `secs` seconds.
+    pub async fn wait_for_secs<F, Fut>(&self, what: &str, secs: u64, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(secs);
         while !check().await {
             assert!(
                 Instant::now() < deadline,

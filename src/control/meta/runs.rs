@@ -61,6 +61,10 @@ pub enum RunKind {
     /// A pipeline restarted in the same process with its re-read file (`SIGHUP`, `--watch`);
     /// `by` the trigger, `detail`: `changed`, `new_tables`.
     Reload,
+    /// The source's primary moved (`source.urls`): capture resumed on the promoted instance;
+    /// `subject` is `<old host:port> -> <new host:port>`, `detail.resnapshot` whether every table
+    /// was read again (no synchronised slot there, see ops/docs/failover.md).
+    Failover,
 }
 
 impl RunKind {
@@ -76,6 +80,7 @@ impl RunKind {
             RunKind::Scheduled => "scheduled",
             RunKind::ListColumns => "list_columns",
             RunKind::Reload => "reload",
+            RunKind::Failover => "failover",
         }
     }
 }

@@ -409,7 +409,7 @@ impl DriftHandle {
     /// Every synced table's SyncKeys.
     async fn tables(&self) -> Result<Vec<SeenTable>, DriftError> {
         let err = |e: tokio_postgres::Error| DriftError::Source(e.to_string());
-        let (client, conn) = crate::pg::connect(self.pipeline.source.url.expose())
+        let (client, conn) = crate::pg::connect_source(&self.pipeline.source)
             .await
             .map_err(|e| DriftError::Source(e.to_string()))?;
         let conn = tokio::spawn(conn);

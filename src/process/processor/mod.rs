@@ -552,13 +552,15 @@ async fn open_return_side<L: EventLog + 'static>(
         crate::pull::poller::CHANGES_PARTITIONS,
     ))
     .await?;
-    // `open`: another process of the pipeline may be applying now (see `Applier::open`).
-    let applier = Applier::open(
-        p.source.url.expose(),
-        &p.name,
-        crate::pull::apply::IDLE_RELEASE,
-    )
-    .await
-    .map_err(|e| ProcessError::Catalog(format!("return-path applier: {e}")))?;
+    let instances: Vec<String> = p
+        .source
+        .instances()
+        .map(|u| u.expose().to_owned())
+        .collect();
+    // `open`: another process of the pipeline may be applying now (see `Applier::open`); every
+    // reconnect goes to the instance that is the primary then (failover).
+    let applier = Applier::open(&instances, &p.name, crate::pull::apply::IDLE_RELEASE)
+        .await
+        .map_err(|e| ProcessError::Catalog(format!("return-path applier: {e}")))?;
     Ok((t, applier))
 }

@@ -7,7 +7,7 @@ import { Busy, Choice, ErrorBox, Facts, num, show, Table, time, useSession } fro
 
 type RunKind = Schemas["RunKind"];
 type RunStatus = Schemas["RunStatus"];
-const KINDS: RunKind[] = ["stream", "snapshot", "resnapshot", "dlq_replay", "cursor_reset", "drift_check", "drift_heal", "scheduled"];
+const KINDS: RunKind[] = ["stream", "snapshot", "resnapshot", "dlq_replay", "cursor_reset", "drift_check", "drift_heal", "scheduled", "list_columns", "reload", "failover"];
 const STATUSES: RunStatus[] = ["running", "succeeded", "failed", "cancelled"];
 
 export function Runs() {

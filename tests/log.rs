@@ -5,13 +5,13 @@
 //! Kafka cases need a broker: `KAFKA_BROKERS` (set by `ops/test` or `eval "$(ops/stack env)"`).
 //! Without it they fail, unless `SYNCBRIDGE_SKIP_KAFKA=1` (then they skip, loudly).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
 use syncbridge::log::{
-    ConsumedRecord, Delivered, EmbeddedLog, EmbeddedLogConfig, EventLog, KafkaLog, KafkaLogConfig,
-    LogConsumer, LogError, Record, TopicSpec, partition_for,
+    AssignmentEvent, ConsumedRecord, Delivered, EmbeddedLog, EmbeddedLogConfig, EventLog, KafkaLog,
+    KafkaLogConfig, LogConsumer, LogError, Record, TopicSpec, partition_for,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -150,6 +150,7 @@ conformance!(
     compacted_topic_latest_by_key,
     concurrent_appends,
     positions_by_time_and_an_operators_reset,
+    assignment_is_reported_before_records,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ async fn partition_is_murmur2_of_key<B: Backend>(b: &B) {
     for (k, d) in keys.iter().zip(&d) {
         assert_eq!(d.partition, partition_for(k, 5), "key {k:?}");
     }
-    let used: std::collections::BTreeSet<i32> = d.iter().map(|d| d.partition).collect();
+    let used: BTreeSet<i32> = d.iter().map(|d| d.partition).collect();
     assert_eq!(used.len(), 5, "100 keys should hit all 5 partitions");
 }
 
@@ -1012,4 +1013,43 @@ async fn positions_by_time_and_an_operators_reset<B: Backend>(b: &B) {
         log.set_committed("g", &bad).await.is_err(),
         "no partition 3"
     );
+}
+
+/// A shared consumer (the push processor's) reports which partitions it reads (issue 15)
+/// before it yields a record of them:
+/// the embedded log every partition at once, Kafka the group's assignment (a sole member gets
+/// every partition). Nothing is revoked from a sole member.
+async fn assignment_is_reported_before_records<B: Backend>(b: &B) {
+    let log = b.open();
+    log.ensure_topic(&TopicSpec::new("assigned", 3))
+        .await
+        .unwrap();
+    let records: Vec<Record> = (0..30).map(|i| rec(&format!("k{i}"), "v")).collect();
+    let delivered = log.append("assigned", records).await.unwrap();
+    let used: BTreeSet<i32> = delivered.iter().map(|d| d.partition).collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "precondition: the keys spread over the 3 partitions"
+    );
+    let mut c = log
+        .shared_consumer("g", &topics(&["assigned"]), CancellationToken::new())
+        .await
+        .unwrap();
+    let mut owned = BTreeSet::new();
+    for r in recv_n(&mut c, 30, b.first_record_timeout()).await {
+        for e in c.take_assignment_events() {
+            match e {
+                AssignmentEvent::Assigned(parts) => owned.extend(parts),
+                AssignmentEvent::Revoked(parts) => panic!("a sole member lost {parts:?}"),
+            }
+        }
+        assert!(
+            owned.contains(&("assigned".to_owned(), r.partition)),
+            "record of partition {} yielded before its assignment was reported ({owned:?})",
+            r.partition
+        );
+    }
+    let all: BTreeSet<(String, i32)> = (0..3).map(|p| ("assigned".to_owned(), p)).collect();
+    assert_eq!(owned, all);
 }

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,15 +66,18 @@ async fn pg_client() -> Client {
     c
 }
 
-/// Drops the pipeline's slot (`sb_<name>`), publication and table on drop.
+/// Drops the pipeline's slot (`sb_<name>`), publication and table (and `more_tables`) on drop.
 struct DbGuard {
     name: String,
+    more_tables: Vec<String>,
 }
 
 impl Drop for DbGuard {
     fn drop(&mut self) {
         let slot = format!("sb_{}", self.name);
-        common::drop_replication_objects(&slot, &slot, &[format!("public.{}", self.name)]);
+        let mut tables = vec![format!("public.{}", self.name)];
+        tables.append(&mut self.more_tables);
+        common::drop_replication_objects(&slot, &slot, &tables);
     }
 }
 
@@ -161,7 +164,10 @@ impl Fixture {
             "pc_{tag}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
-        let db = DbGuard { name: name.clone() };
+        let db = DbGuard {
+            name: name.clone(),
+            more_tables: Vec::new(),
+        };
         let pg = pg_client().await;
         pg.batch_execute(&format!(
             "CREATE TABLE public.{name} (id bigint PRIMARY KEY, title text NOT NULL, \
@@ -281,6 +287,13 @@ control:
 
     /// Starts `syncbridge run` (output to `run-<n>.log`), with `failpoints` armed if given.
     fn spawn(&mut self, failpoints: Option<&str>) -> Run {
+        let (file, dir) = (self.file.clone(), self.root.clone());
+        self.spawn_in(&file, &dir, failpoints)
+    }
+
+    /// Starts `syncbridge run` of `file` in the working directory `dir` (whose `.syncbridge/`
+    /// holds the ledger store with Kafka).
+    fn spawn_in(&mut self, file: &Path, dir: &Path, failpoints: Option<&str>) -> Run {
         let log = self.root.join(format!("run-{}.log", self.runs));
         self.runs += 1;
         let out = std::fs::File::create(&log).unwrap();
@@ -288,8 +301,8 @@ control:
         // `ulimit -c 0`: a failpoint aborts, and no machine should fill up with core files.
         let mut cmd = Command::new("sh");
         cmd.args(["-c", r#"ulimit -c 0; exec "$0" run "$1""#, BIN])
-            .arg(&self.file)
-            .current_dir(&self.root)
+            .arg(file)
+            .current_dir(dir)
             .env("RUST_LOG", CHILD_LOG_FILTER)
             .env("SYNCBRIDGE_LOG_FORMAT", "text")
             .stdin(Stdio::null())
@@ -428,9 +441,16 @@ control:
 
     /// Polls until the lists equal the table, for up to `secs`; the last discrepancies otherwise.
     async fn converge(&self, run: &mut Run, secs: u64) -> Result<(), Vec<String>> {
+        self.converge_all(std::slice::from_mut(run), secs).await
+    }
+
+    /// [`Fixture::converge`] with several processes of the pipeline, all of which must stay up.
+    async fn converge_all(&self, runs: &mut [Run], secs: u64) -> Result<(), Vec<String>> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            run.assert_alive("waiting for the lists to converge");
+            for run in runs.iter_mut() {
+                run.assert_alive("waiting for the lists to converge");
+            }
             let rows = self.rows().await;
             let items = self.items().await;
             let problems = self.discrepancies(&rows, &items);
@@ -468,11 +488,47 @@ control:
         assert!(r.status().is_success(), "faults: {}", r.status());
     }
 
-    /// The child's `/metrics` text (empty while the control plane is not up).
-    async fn metrics(&self) -> String {
+    /// After a no-op UPDATE of `touched` rows: waits (up to 30 s) until the processes whose
+    /// control planes listen on `ports` read them all and have nothing pending for three flush
+    /// windows. Returns the update events they read and the rows they skipped as unchanged.
+    async fn settle_noops(&self, runs: &mut [Run], ports: &[u16], touched: u64) -> (f64, f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut settled_since: Option<Instant> = None;
+        loop {
+            let (mut updates, mut skipped, mut pending) = (0.0, 0.0, 0.0);
+            for (run, port) in runs.iter_mut().zip(ports) {
+                run.assert_alive("waiting for the no-op updates");
+                let m = self.metrics_at(*port).await;
+                updates += metric_sum(&m, "syncbridge_push_events_total", "op=\"u\"");
+                skipped += metric_sum(&m, "syncbridge_push_skipped_total", "reason=\"unchanged\"");
+                pending += metric_sum(&m, "syncbridge_push_pending_rows", "pipeline=");
+            }
+            if updates >= touched as f64 && pending == 0.0 {
+                // Three flush windows with nothing pending: the last flush has finished.
+                let since = *settled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(600) {
+                    return (updates, skipped);
+                }
+            } else {
+                settled_since = None;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "the processors did not settle within 30 s (metrics: events u {updates}, \
+                     skipped {skipped}, pending {pending})"
+                );
+                return (updates, skipped);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The `/metrics` text of the process whose control plane listens on `port` (empty while
+    /// it is not up).
+    async fn metrics_at(&self, port: u16) -> String {
         match self
             .http
-            .get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .get(format!("http://127.0.0.1:{port}/metrics"))
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -493,6 +549,31 @@ async fn insert_row(pg: &Client, table: &str, id: i64, r: &RowView) {
     )
     .await
     .unwrap();
+}
+
+/// One transaction of changes by id range: `[edited (title, priority), moved (the status in or
+/// out of the archive route), deleted, inserted]`.
+async fn change_round(pg: &Client, t: &str, [edit, moved, deleted, inserted]: [(i64, i64); 4]) {
+    pg.batch_execute(&format!(
+        "UPDATE public.{t} SET title = title || ' (edited)', priority = NULL \
+           WHERE id BETWEEN {} AND {};
+         UPDATE public.{t} SET status = CASE WHEN status = 'archived' THEN 'open' \
+           ELSE 'archived' END WHERE id BETWEEN {} AND {};
+         DELETE FROM public.{t} WHERE id BETWEEN {} AND {};
+         INSERT INTO public.{t} SELECT g, 'late ' || g, 'done', g, DATE '2030-01-01' + g \
+           FROM generate_series({}, {}) g;",
+        edit.0, edit.1, moved.0, moved.1, deleted.0, deleted.1, inserted.0, inserted.1
+    ))
+    .await
+    .unwrap();
+}
+
+/// `PUSH_CRASH_SEED`, or a random seed.
+fn crash_seed() -> u64 {
+    std::env::var("PUSH_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
 }
 
 fn random_row(rng: &mut impl Rng, id: i64, tag: &str) -> RowView {
@@ -527,6 +608,18 @@ fn metric_sum(text: &str, metric: &str, label: &str) -> f64 {
 
 fn by_method(stats: &Value, method: &str) -> u64 {
     stats["requests"]["by_method"][method].as_u64().unwrap_or(0)
+}
+
+/// Item writes between two emulator stats reads (POSTs that are not `$batch` envelopes, PATCH,
+/// DELETE, PUT; the tests themselves only read), with `[POST, $batch, PATCH, DELETE, PUT]`.
+fn item_writes(before: &Value, after: &Value) -> (u64, [u64; 5]) {
+    let delta = |m: &str| by_method(after, m) - by_method(before, m);
+    let batches = after["requests"]["batches"].as_u64().unwrap_or(0)
+        - before["requests"]["batches"].as_u64().unwrap_or(0);
+    let (posts, patches, deletes, puts) =
+        (delta("POST"), delta("PATCH"), delta("DELETE"), delta("PUT"));
+    let writes = posts.saturating_sub(batches) + patches + deletes + puts;
+    (writes, [posts, batches, patches, deletes, puts])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -697,10 +790,7 @@ async fn crash_body(log: Log) {
     // aborts itself within its 0.3–2.5 s (and P(no after_graph hit in 7 runs) is ≈ 1e-4).
     const FAILPOINT_P: f64 = 0.5;
     let started = Instant::now();
-    let seed: u64 = std::env::var("PUSH_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = crash_seed();
     eprintln!("push crash test: seed {seed} (rerun with PUSH_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let initial: Vec<(i64, RowView)> = (1..=INITIAL_ROWS)
@@ -885,19 +975,12 @@ async fn rebuild_body(log: Log) {
             tail(&run.log)
         );
     }
-    fx.pg
-        .batch_execute(&format!(
-            "UPDATE public.{t} SET title = title || ' (edited)', priority = NULL WHERE id <= 5;
-             UPDATE public.{t} SET status = CASE WHEN status = 'archived' THEN 'open' \
-               ELSE 'archived' END WHERE id BETWEEN 6 AND 12;
-             DELETE FROM public.{t} WHERE id BETWEEN 13 AND 17;
-             INSERT INTO public.{t} SELECT g, 'late ' || g, 'done', g, DATE '2030-01-01' + g \
-               FROM generate_series({a}, {b}) g;",
-            a = ROWS + 1,
-            b = ROWS + 5
-        ))
-        .await
-        .unwrap();
+    change_round(
+        &fx.pg,
+        &t,
+        [(1, 5), (6, 12), (13, 17), (ROWS + 1, ROWS + 5)],
+    )
+    .await;
     if let Err(p) = fx.converge(&mut run, 60).await {
         panic!(
             "first run did not sync the changes: {p:#?}\n{}",
@@ -955,31 +1038,9 @@ async fn rebuild_body(log: Log) {
         .await
         .unwrap();
     assert_eq!(touched as usize, rows.len());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut settled_since: Option<Instant> = None;
-    let (updates_seen, skipped) = loop {
-        run.assert_alive("waiting for the no-op updates");
-        let m = fx.metrics().await;
-        let updates = metric_sum(&m, "syncbridge_push_events_total", "op=\"u\"");
-        let skipped = metric_sum(&m, "syncbridge_push_skipped_total", "reason=\"unchanged\"");
-        let pending = metric_sum(&m, "syncbridge_push_pending_rows", "pipeline=");
-        if updates >= touched as f64 && pending == 0.0 {
-            // Three flush windows with nothing pending: the last flush has finished.
-            let since = *settled_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_millis(600) {
-                break (updates, skipped);
-            }
-        } else {
-            settled_since = None;
-        }
-        if Instant::now() > deadline {
-            eprintln!(
-                "the processor did not settle within 30 s (metrics: events u {updates}, skipped {skipped}, pending {pending})"
-            );
-            break (updates, skipped);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (updates_seen, skipped) = fx
+        .settle_noops(std::slice::from_mut(&mut run), &[fx.port], touched)
+        .await;
     let status = run.terminate().await;
     assert_eq!(
         status.code(),
@@ -990,11 +1051,8 @@ async fn rebuild_body(log: Log) {
 
     let stats_after = fx.stats().await;
     let delta = |m: &str| by_method(&stats_after, m) - by_method(&stats_before, m);
-    let batches = stats_after["requests"]["batches"].as_u64().unwrap_or(0)
-        - stats_before["requests"]["batches"].as_u64().unwrap_or(0);
-    let (posts, patches, deletes, puts) =
-        (delta("POST"), delta("PATCH"), delta("DELETE"), delta("PUT"));
-    let item_writes = posts.saturating_sub(batches) + patches + deletes + puts;
+    let (item_writes, [posts, batches, patches, deletes, puts]) =
+        item_writes(&stats_before, &stats_after);
     let items_after = fx.items().await;
     eprintln!(
         "ledger rebuild: {} rows, {} items, records replayed {replayed}, no-op updates {touched} \
@@ -1180,4 +1238,405 @@ async fn orphan_body(log: Log) {
         "last run: {status}\n{}",
         tail(&run.log)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Several processes of one pipeline on Kafka (issue 15)
+
+/// How long the members' shares must stay put to count as balanced: two session timeouts (6 s
+/// each), longer than tansu took to drop a member it had left out of a rebalance (10 s).
+const BALANCE_STABLE: Duration = Duration::from_secs(12);
+
+/// Processes of one pipeline on the stack's broker. Each member runs `syncbridge run` of its
+/// own copy of the pipeline file (its own control port) in its own working directory (its own
+/// ledger store under `.syncbridge/`), like processes on separate machines.
+struct Members {
+    runs: Vec<Run>,
+    ports: Vec<u16>,
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Members {
+    fn new() -> Members {
+        Members {
+            runs: Vec::new(),
+            ports: Vec::new(),
+            files: Vec::new(),
+            dirs: Vec::new(),
+        }
+    }
+
+    /// Starts one more member.
+    fn add(&mut self, fx: &mut Fixture) {
+        let m = self.runs.len();
+        let port = common::free_port();
+        let dir = fx.root.join(format!("member-{m}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pipeline.yaml");
+        let yaml = std::fs::read_to_string(&fx.file).unwrap().replace(
+            &format!("listen: 127.0.0.1:{}", fx.port),
+            &format!("listen: 127.0.0.1:{port}"),
+        );
+        std::fs::write(&file, yaml).unwrap();
+        self.runs.push(fx.spawn_in(&file, &dir, None));
+        self.ports.push(port);
+        self.files.push(file);
+        self.dirs.push(dir);
+    }
+
+    /// kill -9 of member `m`, then the same member again (same file, same ledger store).
+    fn kill_and_restart(&mut self, fx: &mut Fixture, m: usize) {
+        self.runs[m].kill9();
+        let (file, dir) = (self.files[m].clone(), self.dirs[m].clone());
+        self.runs[m] = fx.spawn_in(&file, &dir, None);
+    }
+
+    /// Each member's `syncbridge_push_assigned_partitions` (0 while its control plane is down).
+    async fn assigned(&self, fx: &Fixture) -> Vec<f64> {
+        let mut out = Vec::new();
+        for p in &self.ports {
+            let m = fx.metrics_at(*p).await;
+            out.push(metric_sum(
+                &m,
+                "syncbridge_push_assigned_partitions",
+                "pipeline=",
+            ));
+        }
+        out
+    }
+
+    /// Waits (up to `secs`) until every member owns at least one partition and together they
+    /// own the table topics' `partitions` (3 per table, `runtime::TABLE_TOPIC_PARTITIONS`),
+    /// stable for
+    /// [`BALANCE_STABLE`]: on tansu a member the group left out of a rebalance keeps its
+    /// partitions until its heartbeat fails, so the counts add up to 3 with one partition
+    /// counted twice for a while (see `ops/docs/kafka.md`).
+    async fn wait_balanced(&mut self, fx: &Fixture, secs: u64, partitions: f64) -> Vec<f64> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut stable_since: Option<(Instant, Vec<f64>)> = None;
+        loop {
+            for r in &mut self.runs {
+                r.assert_alive("waiting for every member to own partitions");
+            }
+            let a = self.assigned(fx).await;
+            if a.iter().all(|n| *n >= 1.0) && a.iter().sum::<f64>() == partitions {
+                match &stable_since {
+                    Some((since, seen)) if *seen == a => {
+                        if since.elapsed() >= BALANCE_STABLE {
+                            return a;
+                        }
+                    }
+                    _ => stable_since = Some((Instant::now(), a.clone())),
+                }
+            } else {
+                stable_since = None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the group did not give every member partitions within {secs} s: {a:?}\n{}",
+                self.runs
+                    .iter()
+                    .map(|r| tail(&r.log))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The member that holds capture's single-reader lock (the first to log it).
+    fn capture_leader(&self) -> Option<usize> {
+        (0..self.runs.len()).find(|m| {
+            std::fs::read_to_string(&self.runs[*m].log)
+                .unwrap_or_default()
+                .contains("acquired single-reader lock")
+        })
+    }
+
+    /// SIGTERM to every member, capture's leader last (see [`CAPTURE_HANDOVER_LIMIT`]); each
+    /// must exit 0.
+    async fn terminate(&mut self) {
+        let leader = self.capture_leader();
+        let order = (0..self.runs.len())
+            .filter(|m| Some(*m) != leader)
+            .chain(leader);
+        for m in order {
+            let r = &mut self.runs[m];
+            let status = r.terminate().await;
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "member {m}: {status}\n{}",
+                tail(&r.log)
+            );
+            // Adopted items are creates that met an existing SyncKey: after a kill -9, or two
+            // members writing one partition at once (tansu, see `wait_balanced`).
+            let out = std::fs::read_to_string(&r.log).unwrap_or_default();
+            let stats = out.lines().rfind(|l| l.contains("push processor stopped"));
+            let adopted = stats.and_then(|l| l.split("adopted: ").nth(1)?.split(',').next());
+            eprintln!("member {m} stopped; its last run adopted {adopted:?} item(s)");
+        }
+    }
+}
+
+/// Why the tests never stop or kill capture's leader while other members run: a standby that
+/// takes the replication slot over refuses to start, because the snapshot progress record is
+/// in the leader's local state directory (`capture stopped: replication slot … exists but the
+/// snapshot progress record … is missing`, exit 3). Capture failover between processes is
+/// issue 15 item 2 and not built yet; these tests cover the push processors' handover.
+const CAPTURE_HANDOVER_LIMIT: &str = "capture failover between processes is not built yet";
+
+/// Asserts the lists equal the table (converging within `secs`), then that a no-op UPDATE of
+/// every row costs no Graph item write while every member is up: each member's ledger holds
+/// what the others wrote for the partitions it owns now.
+async fn assert_converged_without_rewrites(fx: &Fixture, members: &mut Members, secs: u64) {
+    if let Err(p) = fx.converge_all(&mut members.runs, secs).await {
+        panic!(
+            "the lists do not equal the table within {secs} s; {} problem(s):\n  {}",
+            p.len(),
+            p.join("\n  ")
+        );
+    }
+    let before = fx.stats().await;
+    let touched = fx
+        .pg
+        .execute(&format!("UPDATE public.{} SET title = title", fx.name), &[])
+        .await
+        .unwrap();
+    let (seen, skipped) = fx
+        .settle_noops(&mut members.runs, &members.ports, touched)
+        .await;
+    let (writes, counts) = item_writes(&before, &fx.stats().await);
+    eprintln!(
+        "no-op UPDATE of {touched} rows: {seen} update events read, {skipped} skipped as \
+         unchanged; Graph [POST, $batch, PATCH, DELETE, PUT] {counts:?} → {writes} item writes"
+    );
+    assert!(
+        seen >= touched as f64,
+        "the members read {seen} of {touched} no-op updates"
+    );
+    assert_eq!(
+        writes, 0,
+        "a no-op UPDATE caused {writes} Graph item writes"
+    );
+}
+
+/// Acceptance (issue 15): two, then three `syncbridge run` processes of one pipeline share the
+/// consumer group: every member owns partitions, the lists equal the table after each step,
+/// no item is duplicated, and a no-op UPDATE of every row writes nothing (each member restored
+/// the ledger entries of the partitions it took over from the changelog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_two_then_three_processes_share_one_pipeline() {
+    hard_timeout(300, async {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let initial: Vec<(i64, RowView)> = (1..=60)
+            .map(|id| (id, random_row(&mut rng, id, "init")))
+            .collect();
+        let mut fx = Fixture::new("scale", &initial, Log::Kafka).await;
+        let t = fx.name.clone();
+        let mut members = Members::new();
+        members.add(&mut fx);
+        members.add(&mut fx);
+        let two = members.wait_balanced(&fx, 90, 3.0).await;
+        eprintln!("two members own {two:?} partitions");
+        assert_converged_without_rewrites(&fx, &mut members, 90).await;
+
+        members.add(&mut fx);
+        let three = members.wait_balanced(&fx, 90, 3.0).await;
+        eprintln!("three members own {three:?} partitions");
+        change_round(&fx.pg, &t, [(1, 20), (21, 35), (36, 40), (61, 90)]).await;
+        assert_converged_without_rewrites(&fx, &mut members, 90).await;
+        members.terminate().await;
+    })
+    .await;
+}
+
+/// Acceptance (issue 15): kill -9 one of three processes, three times, during the mixed
+/// workload of test 1 (inserts, updates, moves between the lists, deletes, re-inserts, no-op
+/// updates); the killed member is restarted (same ledger store) after 0.3–3 s. The victim is
+/// never capture's leader ([`CAPTURE_HANDOVER_LIMIT`]). Afterwards the
+/// lists equal the table with no duplicate item, and a no-op UPDATE of every row writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill_9_one_of_three_processes_during_a_mixed_workload() {
+    hard_timeout(300, async {
+        let seed = crash_seed();
+        eprintln!("scale kill test: seed {seed} (rerun with PUSH_CRASH_SEED={seed})");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let initial: Vec<(i64, RowView)> = (1..=40)
+            .map(|id| (id, random_row(&mut rng, id, "init")))
+            .collect();
+        let mut fx = Fixture::new("scalekill", &initial, Log::Kafka).await;
+        let mut members = Members::new();
+        for _ in 0..3 {
+            members.add(&mut fx);
+        }
+        members.wait_balanced(&fx, 90, 3.0).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer_task = tokio::spawn(writer(
+            fx.name.clone(),
+            seed,
+            (1..=40).collect(),
+            stop.clone(),
+        ));
+        let leader = members.capture_leader();
+        eprintln!(
+            "capture leader: member {leader:?}; {CAPTURE_HANDOVER_LIMIT}, so it is not killed"
+        );
+        let victims: Vec<usize> = (0..3).filter(|m| Some(*m) != leader).collect();
+        for k in 0..3 {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(6000..=12000))).await;
+            let m = victims[rng.random_range(0..victims.len())];
+            members.kill_and_restart(&mut fx, m);
+            eprintln!("kill {k}: member {m} killed -9 and restarted");
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..=3000))).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.store(true, Ordering::SeqCst);
+        let wrote = writer_task.await.expect("writer task");
+        eprintln!("writer: {wrote:?}");
+        let owned = members.wait_balanced(&fx, 120, 3.0).await;
+        eprintln!("after the kills the members own {owned:?} partitions");
+        assert_converged_without_rewrites(&fx, &mut members, 120).await;
+        members.terminate().await;
+    })
+    .await;
+}
+
+/// Acceptance (issue 15, lookups across members): the fixture's table gets a lookup column
+/// `ref` into a parent table synced to its own list; three members run the pipeline, so a
+/// child row and its parent row are usually read by different members. Parents and the
+/// children pointing at them are inserted in the same transactions (the child's member has to
+/// find the parent's item in entries another member recorded), then children are re-pointed at
+/// new parents. Asserted: every child item's `RefLookupId` is its parent's item id, no dead
+/// letter, and the lists equal the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_lookups_resolve_across_processes() {
+    hard_timeout(300, async {
+        let mut fx = Fixture::new("scalelk", &[], Log::Kafka).await;
+        let (t, parent) = (fx.name.clone(), format!("{}_p", fx.name));
+        fx._db.more_tables.push(format!("public.{parent}"));
+        let parent_list = "PC scalelk Parents".to_string();
+        fx.pg
+            .batch_execute(&format!(
+                "ALTER TABLE public.{t} ADD COLUMN ref bigint;
+                 CREATE TABLE public.{parent} (id bigint PRIMARY KEY, title text NOT NULL);"
+            ))
+            .await
+            .unwrap();
+        let yaml = std::fs::read_to_string(&fx.file).unwrap();
+        let yaml = yaml
+            .replace(
+                "      due: { field: DueDate, type: date }\n",
+                &format!(
+                    "      due: {{ field: DueDate, type: date }}\n      \
+                     ref: {{ field: Ref, type: lookup, list: {parent_list} }}\n"
+                ),
+            )
+            .replace(
+                "control:\n",
+                &format!(
+                    "  - table: public.{parent}\n    list: {parent_list}\n    \
+                     fields: {{ title: Title }}\n    pull: {{ enabled: false }}\ncontrol:\n"
+                ),
+            );
+        assert!(yaml.contains("type: lookup") && yaml.contains(&parent_list), "{yaml}");
+        std::fs::write(&fx.file, yaml).unwrap();
+        let mut members = Members::new();
+        for _ in 0..3 {
+            members.add(&mut fx);
+        }
+        members.wait_balanced(&fx, 90, 6.0).await;
+        // 40 transactions, each a new parent and two children pointing at it.
+        for p in 1..=40i64 {
+            fx.pg
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO public.{parent} VALUES ({p}, 'parent {p}');
+                     INSERT INTO public.{t} VALUES ({a}, 'child {a}', 'open', NULL, NULL, {p}),
+                       ({b}, 'child {b}', 'done', NULL, NULL, {p});
+                     COMMIT;",
+                    a = 2 * p - 1,
+                    b = 2 * p
+                ))
+                .await
+                .unwrap();
+        }
+        // New parents, and every third child re-pointed at one of them.
+        fx.pg
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO public.{parent} SELECT g, 'late parent ' || g FROM generate_series(41, 50) g;
+                 UPDATE public.{t} SET ref = 41 + id % 10 WHERE id % 3 = 0;
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+        if let Err(p) = fx.converge_all(&mut members.runs, 90).await {
+            panic!("the lists do not equal the table: {p:#?}");
+        }
+        let site = fx.graph.resolve_site(&fx.site).await.unwrap();
+        let item_ids = |list: &str| {
+            let (graph, site_id, list) = (fx.graph.clone(), site.id.clone(), list.to_string());
+            async move {
+                let info = graph.get_list(&site_id, &list).await.unwrap().unwrap();
+                let items = graph
+                    .list_items(&site_id, &info.id, &ItemQuery::default())
+                    .await
+                    .unwrap();
+                items
+                    .into_iter()
+                    .map(|i| {
+                        let f = |k: &str| i.fields.get(k).and_then(Value::as_str).map(str::to_owned);
+                        (f("SyncKey").unwrap_or_default(), (i.id.clone(), f("RefLookupId")))
+                    })
+                    .collect::<BTreeMap<String, (String, Option<String>)>>()
+            }
+        };
+        // `converge` does not compare `Ref`: a child deferred on its lookup may be written a
+        // little later, so the lookups get up to 30 s of their own.
+        let refs = fx
+            .pg
+            .query(&format!("SELECT id, ref FROM public.{t}"), &[])
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (parents, wrong) = loop {
+        let parents = item_ids(&parent_list).await;
+        assert_eq!(parents.len(), 50, "parent items: {parents:?}");
+        let mut children = item_ids(&fx.main_list).await;
+        children.extend(item_ids(&fx.archive_list).await);
+        let mut wrong = Vec::new();
+        for r in &refs {
+            let (id, parent_id): (i64, i64) = (r.get(0), r.get(1));
+            let want = parents.get(&parent_id.to_string()).map(|p| p.0.clone());
+            let got = children.get(&id.to_string()).and_then(|c| c.1.clone());
+            if want.is_none() || got != want {
+                wrong.push(format!("child {id} → parent {parent_id}: item {want:?}, lookup {got:?}"));
+            }
+        }
+        if wrong.is_empty() || Instant::now() > deadline {
+            break (parents, wrong);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let dead: f64 = {
+            let mut n = 0.0;
+            for p in &members.ports {
+                let m = fx.metrics_at(*p).await;
+                n += metric_sum(&m, "syncbridge_push_dead_letters_total", "pipeline=");
+            }
+            n
+        };
+        eprintln!(
+            "lookups across 3 members: {} children, {} parents, {} wrong, {dead} dead letters",
+            refs.len(),
+            parents.len(),
+            wrong.len()
+        );
+        assert!(wrong.is_empty(), "lookups not resolved:\n  {}", wrong.join("\n  "));
+        assert_eq!(dead, 0.0, "dead letters");
+        members.terminate().await;
+    })
+    .await;
 }

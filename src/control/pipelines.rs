@@ -217,6 +217,10 @@ pub struct PipelineStatus {
     pub reasons: BTreeMap<String, String>,
     pub paused: bool,
     pub started_ms: i64,
+    /// Input partitions this process's push processor owns: all of them with the embedded
+    /// log; with Kafka its share of the consumer group (several processes of one pipeline),
+    /// 0 for a member the group gave nothing.
+    pub assigned_partitions: u64,
     /// The stream run's counts so far.
     pub counts: RunCounts,
     /// `None` when the log could not be read (`lag_error` says why).
@@ -314,6 +318,7 @@ async fn status(state: &PipelinesState, h: &PipelineHandle) -> PipelineStatus {
             .get(&h.name)
             .is_some_and(|p| p.paused().is_some()),
         started_ms: h.started_ms,
+        assigned_partitions: h.stats.borrow().assigned_partitions,
         counts,
         lag,
         lag_error,

@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::topic_file::{FrameBuf, TopicFile};
 use super::{
-    CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError, Record,
-    TopicSpec, codec, partition_for, validate_group, validate_position, validate_spec,
+    AssignmentEvent, CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
+    Record, TopicSpec, codec, partition_for, validate_group, validate_position, validate_spec,
     validate_topic_name,
 };
 use crate::telemetry::metrics as m;
@@ -461,6 +461,7 @@ impl EventLog for EmbeddedLog {
             rr: 0,
             buf: VecDeque::with_capacity(self.inner.fetch_batch),
             shutdown,
+            announced: false,
         })
     }
 
@@ -629,6 +630,8 @@ pub struct EmbeddedConsumer {
     rr: usize,
     buf: VecDeque<ConsumedRecord>,
     shutdown: CancellationToken,
+    /// Whether the single `Assigned(every partition)` event was taken.
+    announced: bool,
 }
 
 impl EmbeddedConsumer {
@@ -740,6 +743,19 @@ fn fill_from_file(
 }
 
 impl LogConsumer for EmbeddedConsumer {
+    /// One process holds the group (the directory is locked), so it reads every partition.
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent> {
+        if std::mem::replace(&mut self.announced, true) {
+            return Vec::new();
+        }
+        let all = self
+            .parts
+            .iter()
+            .map(|p| (p.topic.name.clone(), p.partition))
+            .collect();
+        vec![AssignmentEvent::Assigned(all)]
+    }
+
     async fn recv(&mut self) -> Result<Option<ConsumedRecord>, LogError> {
         loop {
             if self.shutdown.is_cancelled() {

@@ -7,6 +7,9 @@
 //! - Consumer: a `StreamConsumer` in the group `<prefix>.<group>`, subscribed to the topics;
 //!   `enable.auto.commit=false` and `enable.auto.offset.store=false`, so positions move only
 //!   through [`LogConsumer::commit`] (a synchronous offset commit).
+//!   A `ConsumerContext` records each rebalance as an [`AssignmentEvent`] (see `GroupContext`);
+//!   [`EventLog::shared_consumer`] adds `partition.assignment.strategy=cooperative-sticky`, so
+//!   several processes of one pipeline share the push group (`ops/docs/kafka.md`, scale-out).
 //! - Blocking librdkafka calls (metadata, commits, consumer close) run off the async threads.
 //! - A consumer's close (leaving the group) can block for long on some brokers, so dropping a
 //!   [`KafkaConsumer`] closes it on a detached thread; [`KafkaConsumer::close`] waits for it with
@@ -50,8 +53,10 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -61,7 +66,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
+    AssignmentEvent, CommittedOffsets, ConsumedRecord, Delivered, EventLog, LogConsumer, LogError,
     MAX_TOPIC_NAME_LEN, Record, TopicSpec, partition_for, validate_group, validate_position,
     validate_spec, validate_topic_name,
 };
@@ -253,6 +258,73 @@ impl KafkaLog {
                 admin: Arc::new(admin),
                 partitions: Mutex::new(HashMap::new()),
             }),
+        })
+    }
+
+    /// [`EventLog::shared_consumer`]: a group member with `cooperative-sticky` (several processes
+    /// of one pipeline share the push processor's group). Other groups keep librdkafka's default
+    /// eager assignors: on tansu 0.6.0, which often keeps a SIGKILLed member in its group, a
+    /// sticky assignor leaves that member's partitions with it until the broker drops it
+    /// (`ops/docs/kafka.md`), so only the group that gains from incremental moves uses it.
+    pub async fn cooperative_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<KafkaConsumer, LogError> {
+        self.group_consumer(group, topics, shutdown, true).await
+    }
+
+    async fn group_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+        cooperative: bool,
+    ) -> Result<KafkaConsumer, LogError> {
+        validate_group(group)?;
+        let cfg = &self.inner.cfg;
+        let mut physical = Vec::with_capacity(topics.len());
+        for t in topics {
+            // Same contract as the embedded log: unknown topics are an error, not a silent wait.
+            self.partition_count(t).await?;
+            physical.push(cfg.physical_name(t));
+        }
+        let mut cc = cfg.client_config();
+        cc.set("group.id", cfg.physical_name(group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", millis(cfg.session_timeout))
+            .set(
+                "queued.max.messages.kbytes",
+                cfg.consumer_queue_kbytes.to_string(),
+            );
+        if cooperative {
+            // Incremental rebalances: a joining or leaving member moves only the partitions
+            // that change owner; the others keep being read (and their pending work kept).
+            cc.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        for (k, v) in &cfg.extra {
+            cc.set(k, v);
+        }
+        let context = GroupContext {
+            cfg: cfg.clone(),
+            events: Arc::new(Mutex::new(Vec::new())),
+        };
+        let events = Arc::clone(&context.events);
+        let consumer: StreamConsumer<GroupContext> = cc.create_with_context(context)?;
+        let names: Vec<&str> = physical.iter().map(String::as_str).collect();
+        if !names.is_empty() {
+            consumer.subscribe(&names)?;
+        }
+        Ok(KafkaConsumer {
+            consumer: Some(Arc::new(consumer)),
+            cfg: cfg.clone(),
+            group: group.to_owned(),
+            shutdown,
+            events,
         })
     }
 
@@ -597,39 +669,16 @@ impl EventLog for KafkaLog {
         topics: &[String],
         shutdown: CancellationToken,
     ) -> Result<KafkaConsumer, LogError> {
-        validate_group(group)?;
-        let cfg = &self.inner.cfg;
-        let mut physical = Vec::with_capacity(topics.len());
-        for t in topics {
-            // Same contract as the embedded log: unknown topics are an error, not a silent wait.
-            self.partition_count(t).await?;
-            physical.push(cfg.physical_name(t));
-        }
-        let mut cc = cfg.client_config();
-        cc.set("group.id", cfg.physical_name(group))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", millis(cfg.session_timeout))
-            .set(
-                "queued.max.messages.kbytes",
-                cfg.consumer_queue_kbytes.to_string(),
-            );
-        for (k, v) in &cfg.extra {
-            cc.set(k, v);
-        }
-        let consumer: StreamConsumer = cc.create()?;
-        let names: Vec<&str> = physical.iter().map(String::as_str).collect();
-        if !names.is_empty() {
-            consumer.subscribe(&names)?;
-        }
-        Ok(KafkaConsumer {
-            consumer: Some(Arc::new(consumer)),
-            cfg: cfg.clone(),
-            group: group.to_owned(),
-            shutdown,
-        })
+        self.group_consumer(group, topics, shutdown, false).await
+    }
+
+    async fn shared_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<KafkaConsumer, LogError> {
+        self.cooperative_consumer(group, topics, shutdown).await
     }
 
     async fn committed(
@@ -746,13 +795,64 @@ impl EventLog for KafkaLog {
     }
 }
 
+/// Records a member's rebalances as [`AssignmentEvent`]s. librdkafka runs these callbacks
+/// inside the consumer's poll, i.e. inside [`KafkaConsumer::recv`]: a revocation is recorded
+/// before the partitions are given up, an assignment after they are taken, and both before any
+/// record of an assigned partition is yielded.
+struct GroupContext {
+    cfg: KafkaLogConfig,
+    /// Drained by the consumer's owner after each `recv` (the push processor); a rebalance adds
+    /// one or two entries, so this stays small between drains (a consumer whose owner never
+    /// drains it keeps one or two per rebalance, which are rare).
+    events: Arc<Mutex<Vec<AssignmentEvent>>>,
+}
+
+impl GroupContext {
+    fn record(&self, tpl: &TopicPartitionList, event: fn(Vec<(String, i32)>) -> AssignmentEvent) {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (self.cfg.logical_name(e.topic()).to_owned(), e.partition()))
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event(parts));
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.record(tpl, AssignmentEvent::Revoked),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "kafka consumer group rebalance failed")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.record(tpl, AssignmentEvent::Assigned);
+        }
+    }
+}
+
 /// A member of a Kafka consumer group.
 pub struct KafkaConsumer {
     /// `None` only after `close`.
-    consumer: Option<Arc<StreamConsumer>>,
+    consumer: Option<Arc<StreamConsumer<GroupContext>>>,
     cfg: KafkaLogConfig,
     group: String,
     shutdown: CancellationToken,
+    /// The group's rebalances not yet taken (see [`GroupContext`]).
+    events: Arc<Mutex<Vec<AssignmentEvent>>>,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -764,7 +864,7 @@ impl fmt::Debug for KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    fn live(&self) -> Result<Arc<StreamConsumer>, LogError> {
+    fn live(&self) -> Result<Arc<StreamConsumer<GroupContext>>, LogError> {
         self.consumer
             .clone()
             .ok_or_else(|| LogError::Closed("consumer closed".into()))
@@ -786,6 +886,14 @@ impl KafkaConsumer {
 }
 
 impl LogConsumer for KafkaConsumer {
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn group_session_timeout(&self) -> Option<Duration> {
+        Some(self.cfg.session_timeout)
+    }
+
     async fn recv(&mut self) -> Result<Option<ConsumedRecord>, LogError> {
         if self.shutdown.is_cancelled() {
             return Ok(None);

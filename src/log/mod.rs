@@ -39,6 +39,11 @@
 //!    [`EMBEDDED_FETCH_BATCH`]; Kafka: `queued.max.messages.kbytes`). A slow caller slows the read.
 //! 9. **Shutdown.** A consumer stops when its [`CancellationToken`] is cancelled:
 //!    [`LogConsumer::recv`] returns `Ok(None)` promptly, also while it waits for records.
+//! 10. **Assignment.** [`LogConsumer::take_assignment_events`] reports which partitions the
+//!     consumer reads ([`AssignmentEvent`]): the embedded log every partition once; Kafka each
+//!     consumer-group rebalance (cooperative-sticky for [`EventLog::shared_consumer`], the
+//!     client's default eager assignors otherwise). A partition's `Assigned` event is recorded
+//!     before any of its records is yielded; a `Revoked` one before the partition is given up.
 //!
 //! Compacted topics ([`TopicSpec::compacted`]) keep at least the latest record of each key. A
 //! tombstone (`value = None`) marks a key deleted; the embedded log keeps the latest tombstone of a
@@ -221,6 +226,20 @@ pub trait EventLog: Send + Sync {
         shutdown: CancellationToken,
     ) -> impl Future<Output = Result<Self::Consumer, LogError>> + Send;
 
+    /// [`EventLog::consumer`] for a group that several processes share and that should move
+    /// partitions between them incrementally: on Kafka with
+    /// `partition.assignment.strategy=cooperative-sticky` (a joining or leaving member moves
+    /// only the partitions that change owner). The embedded log has one process: the same as
+    /// `consumer`.
+    fn shared_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<Self::Consumer, LogError>> + Send {
+        self.consumer(group, topics, shutdown)
+    }
+
     /// The committed positions of `group` on `topics` (for lag metrics and tests).
     fn committed(
         &self,
@@ -256,8 +275,30 @@ pub trait EventLog: Send + Sync {
     ) -> impl Future<Output = Result<(), LogError>> + Send;
 }
 
+/// A change of the partitions one consumer reads: a consumer-group rebalance (Kafka), or the
+/// whole input at once (the embedded log, single process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentEvent {
+    /// These `(topic, partition)`s are this consumer's now; their records follow.
+    Assigned(Vec<(String, i32)>),
+    /// These are not this consumer's any more: another member reads them from the group's
+    /// committed positions, so a commit for them from here would overwrite its progress.
+    Revoked(Vec<(String, i32)>),
+}
+
 /// Reads records for one consumer group. Positions are stored only by [`LogConsumer::commit`].
 pub trait LogConsumer: Send + std::fmt::Debug + 'static {
+    /// The assignment changes since the last call, oldest first. A record of a partition is
+    /// only yielded after the `Assigned` event naming it was recorded, so a caller that drains
+    /// the events after each `recv` and before using the record sees every change in time.
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent>;
+
+    /// How long the group keeps a silent member's partitions (`session.timeout.ms`); `None`
+    /// where there is no group protocol (the embedded log).
+    fn group_session_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// The next record, waiting until one is durable. `Ok(None)` once the shutdown token is
     /// cancelled (then every later call returns `Ok(None)` too).
     fn recv(&mut self) -> impl Future<Output = Result<Option<ConsumedRecord>, LogError>> + Send;
@@ -341,6 +382,20 @@ impl EventLog for AnyLog {
         })
     }
 
+    async fn shared_consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<AnyConsumer, LogError> {
+        match self {
+            Self::Kafka(l) => Ok(AnyConsumer::Kafka(
+                l.cooperative_consumer(group, topics, shutdown).await?,
+            )),
+            Self::Embedded(_) => self.consumer(group, topics, shutdown).await,
+        }
+    }
+
     async fn committed(
         &self,
         group: &str,
@@ -386,6 +441,20 @@ impl EventLog for AnyLog {
 }
 
 impl LogConsumer for AnyConsumer {
+    fn take_assignment_events(&mut self) -> Vec<AssignmentEvent> {
+        match self {
+            Self::Embedded(c) => c.take_assignment_events(),
+            Self::Kafka(c) => c.take_assignment_events(),
+        }
+    }
+
+    fn group_session_timeout(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Embedded(c) => c.group_session_timeout(),
+            Self::Kafka(c) => c.group_session_timeout(),
+        }
+    }
+
     async fn recv(&mut self) -> Result<Option<ConsumedRecord>, LogError> {
         match self {
             Self::Embedded(c) => c.recv().await,

@@ -13,6 +13,14 @@
 //! the changelog does not, and callers may treat `commit` returning `Ok` as "durable".
 //! The processor commits its input offsets only after `commit` returned.
 //!
+//! # Several writers
+//! Several processes of one pipeline (Kafka, see `processor::assign`) each keep a store and all
+//! append to the one changelog partition. The applied offset therefore means "every changelog
+//! record below it is in this store": a commit advances it only when its records sit right at
+//! it (no other member's record before or between them), and [`Ledger::catch_up`] replays from
+//! it to the end, in order, so the latest record of each key wins. The processor catches up
+//! whenever it is assigned partitions, before it uses their records.
+//!
 //! With an audit trail ([`Ledger::enable_audit`], see [`super::audit`]), `commit` first appends
 //! the audit records buffered since the last append ([`Ledger::audit`]) to the audit topic, so a
 //! change is never durable without the records that describe it.
@@ -28,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use super::audit::{AUDIT_PARTITIONS, AuditRecord, AuditTrail};
 use crate::log::{EventLog, LogConsumer, LogError, Record, TopicSpec};
 
-/// One changelog partition: the processor is the only writer, and one partition keeps the
-/// changelog totally ordered, which makes "behind" a single offset comparison.
+/// One changelog partition, also with several processes of one pipeline writing it: one
+/// partition keeps the changelog totally ordered, which makes "behind" a single offset
+/// comparison (why not partitioned like the table topics: `ops/docs/kafka.md`, scale-out).
 pub const LEDGER_PARTITIONS: i32 = 1;
 /// sled key holding the changelog offset the store has applied up to.
 const APPLIED_KEY: &[u8] = b"\xffapplied";
@@ -203,7 +212,7 @@ pub struct Ledger<L> {
     db: sled::Db,
     log: Arc<L>,
     topic: String,
-    /// Records replayed from the changelog at open (for tests and logs).
+    /// Records replayed from the changelog, at open and by later catch-ups (tests and logs).
     pub replayed: u64,
     /// Audit records waiting for the next commit (`None`: not audited).
     audit: Option<AuditTrail>,
@@ -235,8 +244,11 @@ impl<L: EventLog> Ledger<L> {
         })
     }
 
-    /// Replays changelog records at or after the store's applied offset.
-    async fn catch_up(&mut self) -> Result<(), LedgerError> {
+    /// Replays changelog records at or after the store's applied offset, up to the
+    /// changelog's end: at open, and whenever the processor takes over partitions another
+    /// member wrote entries for (several processes of one pipeline, see the module docs).
+    /// Returns the records replayed.
+    pub async fn catch_up(&mut self) -> Result<u64, LedgerError> {
         let end = self
             .log
             .end_offsets(&self.topic)
@@ -246,13 +258,18 @@ impl<L: EventLog> Ledger<L> {
             .unwrap_or(0);
         let applied = self.applied()?;
         if applied >= end {
-            return Ok(());
+            return Ok(0);
         }
-        tracing::info!(topic = %self.topic, from = applied, to = end, "ledger: rebuilding from the changelog");
-        // A throwaway group that never commits reads from the earliest record; compaction may
-        // have removed older versions, which is exactly what a rebuild wants.
+        tracing::info!(topic = %self.topic, from = applied, to = end, "ledger: catching up with the changelog");
+        // A throwaway group that never commits by itself; it starts at the applied offset
+        // (stored for it first), or at the earliest record for a store that never applied one.
+        // Compaction may have removed older versions, which is exactly what a rebuild wants.
         let stop = CancellationToken::new();
         let group = format!("{}.rebuild.{}", self.topic, uuid::Uuid::new_v4().simple());
+        if applied > 0 {
+            let start = [((self.topic.clone(), 0), applied)].into_iter().collect();
+            self.log.set_committed(&group, &start).await?;
+        }
         let mut consumer = self
             .log
             .consumer(&group, std::slice::from_ref(&self.topic), stop.clone())
@@ -278,8 +295,8 @@ impl<L: EventLog> Ledger<L> {
         batch.insert(APPLIED_KEY, &end.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.db.flush_async().await?;
-        self.replayed = n;
-        Ok(())
+        self.replayed += n;
+        Ok(n)
     }
 
     /// The entry of a row.
@@ -388,7 +405,16 @@ impl<L: EventLog> Ledger<L> {
             }
         }
         let delivered = self.log.append(&self.topic, records).await?;
-        if let Some(last) = delivered.iter().map(|d| d.offset).max() {
+        // The applied offset means "every record below it is in the store". It moves past this
+        // batch only when the batch sits right there, without gaps: records of other members
+        // (several processes of one pipeline) or of a failed earlier attempt before or between
+        // ours are not in the store yet, and the next `catch_up` replays from here.
+        let first = delivered.iter().map(|d| d.offset).min();
+        let last = delivered.iter().map(|d| d.offset).max();
+        if let (Some(first), Some(last)) = (first, last)
+            && first == self.applied()?
+            && usize::try_from(last - first + 1) == Ok(delivered.len())
+        {
             batch.insert(APPLIED_KEY, &(last + 1).to_be_bytes());
         }
         self.tree.apply_batch(batch)?;

@@ -1,7 +1,8 @@
 //! The push path: the stateful sync processor and its Graph writer (DESIGN §6–7).
 //!
-//! One processor per pipeline consumes the capture topics (`<prefix>.<pipeline>.<schema>.<table>`)
-//! as consumer group `<prefix>.<pipeline>.sync` and, per event:
+//! One processor per pipeline and process consumes the capture topics
+//! (`<prefix>.<pipeline>.<schema>.<table>`) as consumer group `<prefix>.<pipeline>.sync` and, per
+//! event:
 //! 1. decodes the Avro envelope ([`row`]) — the same bytes any external consumer reads;
 //! 2. coalesces: pending writes are keyed by row; a later change within the flush window replaces
 //!    the earlier one (a create then a delete in one window costs nothing);
@@ -35,6 +36,9 @@
 //!   deletes of a missing item count as done. Replayed events older than the ledger's LSN for the
 //!   row are skipped. Kept by `processor::plan` (stale rows, unchanged hashes, fields in flight)
 //!   and `processor::outcome` (a missing item's delete is done).
+//! - **One owner per partition.** With several processes of one pipeline (Kafka), each owns the
+//!   partitions the group assigns it; it restores the ledger before using a new one and leaves
+//!   a revoked one's pending writes to the new owner. Kept by `processor::assign`.
 //! - **Own writes are not echoed.** Events whose transaction carries this pipeline's replication
 //!   origin (the return path's applier) are skipped, and they cancel an older pending push of the
 //!   same row. Kept by `processor::coalesce` (`Processor::fold_own_write`).

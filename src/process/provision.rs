@@ -265,9 +265,30 @@ pub async fn provision(
                     .map(|(table, m)| new_column(table, m, not_null, &targets, true))
                     .chain([sync_key_column()])
                     .collect();
-                let created = client.create_list(&site.id, list, &cols).await?;
-                tracing::info!(list = %list, id = %created.id, columns = cols.len(), "created list");
-                (created.id, true)
+                match client.create_list(&site.id, list, &cols).await {
+                    Ok(created) => {
+                        tracing::info!(list = %list, id = %created.id, columns = cols.len(), "created list");
+                        (created.id, true)
+                    }
+                    // Another process of the pipeline (several share one on Kafka) created it
+                    // since the lookup above, from the same mapping, in one call with its
+                    // columns: use that one.
+                    Err(GraphError::Conflict { .. }) => {
+                        let Some(info) = client.get_list(&site.id, list).await? else {
+                            return Err(GraphError::Transient {
+                                status: None,
+                                message: format!(
+                                    "list {list}: exists (409) but cannot be read yet"
+                                ),
+                                request_id: None,
+                            }
+                            .into());
+                        };
+                        tracing::info!(list = %list, id = %info.id, "list created by another process meanwhile");
+                        (info.id, false)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             Some((id, columns)) => {
                 for (table, m) in missing_fields(fields, &columns) {

@@ -95,6 +95,9 @@ pub const DIRECTION_HELD_TOTAL: &str = "syncbridge_direction_held_total";
 pub const PUSH_MOVES_TOTAL: &str = "syncbridge_push_moves_total";
 /// Gauge of rows with a pending write (the processor's queue depth), label `pipeline`.
 pub const PUSH_PENDING_ROWS: &str = "syncbridge_push_pending_rows";
+/// Gauge of input partitions the push processor owns (Kafka: its share of the consumer group;
+/// 0 on a member left without any), label `pipeline`.
+pub const PUSH_ASSIGNED_PARTITIONS: &str = "syncbridge_push_assigned_partitions";
 /// Histogram (seconds) of one flush (plan, write, record), label `pipeline`.
 pub const PUSH_FLUSH_SECONDS: &str = "syncbridge_push_flush_seconds";
 /// Counter of dead letters written to the DLQ topic, labels `pipeline`, `kind`.
@@ -501,6 +504,12 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         PUSH_PENDING_ROWS,
         None,
         "Rows with a pending write in the push processor (label: pipeline).",
+    ),
+    (
+        Gauge,
+        PUSH_ASSIGNED_PARTITIONS,
+        None,
+        "Input partitions the push processor owns; 0 = a group member reading nothing (label: pipeline).",
     ),
     (
         Histogram,

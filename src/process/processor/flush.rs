@@ -74,6 +74,9 @@ impl<L: EventLog + 'static> Processor<L> {
         pulls: &mut Option<L::Consumer>,
         shutdown: &CancellationToken,
     ) -> Result<(), ProcessError> {
+        // A revocation recorded during the last `recv` drops its rows before anything is
+        // written (see `assign`).
+        self.apply_assignment(consumer).await?;
         let mut delay = Duration::from_millis(200);
         loop {
             // The audit records of decisions that changed no entry (skips, dead letters) go

@@ -23,6 +23,7 @@
 //!
 //! [`dead_letters`] holds what is deliberately not written: dead letters and skip counters.
 //! [`audit`] records each decision in the audit trail (see [`crate::process::audit`]).
+//! [`assign`] follows the consumer group's assignment (several processes of one pipeline).
 //!
 //! # What the return path uses
 //! The return path (`src/pull/processor.rs`, `src/pull/resolve.rs`) is `impl Processor` code
@@ -38,6 +39,7 @@
 //! `ProjectError`, `TablePlan`, `ProcessorStats`) and `recv_cmd`/`recv_opt` are reachable here
 //! too, as they were when the processor was one file.
 
+mod assign;
 mod audit;
 mod coalesce;
 mod consume;
@@ -83,6 +85,9 @@ const TX_GAP: Duration = Duration::from_millis(20);
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The longest a flush waits for the rest of a transaction (bounded size: `max_pending` too).
 const MAX_TX_WAIT: Duration = Duration::from_secs(1);
+/// How often the loop applies rebalances while no record arrives: well under a session
+/// timeout, so the unassigned WARN and gauge lag by no more than this.
+const ASSIGNMENT_CHECK: Duration = Duration::from_secs(1);
 
 /// Counters of one processor run (also exported as metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,6 +109,10 @@ pub struct ProcessorStats {
     /// Return path: our own writes seen coming back (dropped).
     pub echoes: u64,
     pub conflicts: u64,
+    /// Input partitions owned now (Kafka: the group's share of this process; embedded: all).
+    pub assigned_partitions: u64,
+    /// Assignment changes applied (consumer-group rebalances).
+    pub rebalances: u64,
 }
 
 /// One synced table: its entry, the fields it pushes, its router and its flush stage.
@@ -144,6 +153,8 @@ pub struct Processor<L: EventLog> {
     pub(crate) held: Vec<DeadLetter>,
     /// When the last dead letter joined `held`.
     pub(crate) held_at: Option<Instant>,
+    /// The input partitions this processor owns ([`assign`]).
+    pub(crate) own: assign::Ownership,
     /// Per table index: catalog facts (key columns, defaults).
     pub(crate) facts: Vec<TableFacts>,
     /// List id → table index, for lists whose entry pulls.
@@ -246,6 +257,7 @@ impl<L: EventLog + 'static> Processor<L> {
             stats_tx: None,
             held: Vec::new(),
             held_at: None,
+            own: assign::Ownership::new(),
         })
     }
 
@@ -288,6 +300,9 @@ impl<L: EventLog + 'static> Processor<L> {
         // After a flush that left work behind (a list edit waiting for its row's change, a row
         // waiting for its lookup target), the next one waits a little instead of spinning.
         let mut not_before: Option<Instant> = None;
+        // Applies rebalances also while no record arrives (a member left without partitions
+        // must notice it, see `assign`).
+        let mut assignment_tick = tokio::time::interval(ASSIGNMENT_CHECK);
         loop {
             let deadline = window_start.map(|start| {
                 let d = self.flush_deadline(start, window);
@@ -302,6 +317,12 @@ impl<L: EventLog + 'static> Processor<L> {
             tokio::select! {
                 r = consumer.recv() => match r? {
                     Some(rec) => {
+                        // Before the record is used: its partition may be newly assigned (the
+                        // ledger catches up first) or just revoked (then it is not ours).
+                        self.apply_assignment(&mut consumer).await?;
+                        if !self.owns(&rec) {
+                            continue;
+                        }
                         self.ingest(rec, &mut schemas).await?;
                         window_start.get_or_insert_with(Instant::now);
                         if self.pending.len() >= self.cfg.max_pending {
@@ -326,6 +347,7 @@ impl<L: EventLog + 'static> Processor<L> {
                     // Shutdown: the table consumer ends too and does the final flush.
                     None => pulls = None,
                 },
+                _ = assignment_tick.tick() => self.apply_assignment(&mut consumer).await?,
                 cmd = recv_cmd(&mut commands) => match cmd {
                     Some(cmd) => {
                         self.serve_command(cmd).await?;
@@ -363,9 +385,10 @@ impl<L: EventLog + 'static> Processor<L> {
         let name = &self.cfg.pipeline.name;
         let group = sync_group(&self.cfg.prefix, name);
         let stop = shutdown.child_token();
+        // Shared by every process of the pipeline (see `assign`).
         let consumer = self
             .log
-            .consumer(&group, &self.topics, stop.clone())
+            .shared_consumer(&group, &self.topics, stop.clone())
             .await?;
         let schemas = self.schema_cache().await?;
         // The return stream: its own group, so its position is independent of the push side's.

@@ -75,6 +75,17 @@ impl<L: EventLog + 'static> Processor<L> {
         let sk = sync_key(&key_cells);
         let lkey = ledger::key(&table, &sk);
         if change.origin.as_deref() == Some(self.origin.as_str()) {
+            // The return path's write may have been applied (and its ledger entry committed to
+            // the changelog) by another process of the pipeline: catch the ledger up before
+            // folding, or the flush would diff against a projection without the pulled values
+            // and write them back to the list (one process: the entry is already current).
+            if self
+                .ledger
+                .get(&lkey)?
+                .is_some_and(|e| e.item.is_some() && e.lsn < change.lsn)
+            {
+                self.ledger.catch_up().await?;
+            }
             return self.fold_own_write(lkey, ti, sk, change, &last);
         }
         let (lsn, ts) = (change.lsn, change.commit_ts_ms);

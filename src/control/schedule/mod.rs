@@ -37,6 +37,12 @@ pub use jobs::{JobOutcome, JobRunner, JobRunners};
 /// meta-store does not spin.
 const RETRY_PAUSE: Duration = Duration::from_secs(5);
 
+/// How long a stopping pipeline waits for a job in progress before cancelling it: a claimed
+/// tick whose short job (a DLQ replay, a drift check) is cut off by a SIGTERM would leave a
+/// cancelled run and no job run behind, so such jobs get to finish; a long one (a re-snapshot
+/// needs the capture that is stopping too) is not waited for.
+const JOB_DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// What one pipeline's scheduler needs.
 #[derive(Debug, Clone)]
 pub struct Scheduler {
@@ -51,7 +57,8 @@ pub struct Scheduler {
     pub notifier: Option<Notifier>,
 }
 
-/// Runs every schedule of the pipeline until `shutdown`; a job in progress is awaited.
+/// Runs every schedule of the pipeline until `shutdown`; a job in progress gets
+/// [`JOB_DRAIN_GRACE`] to finish, then its run ends cancelled.
 pub async fn run(scheduler: Scheduler, shutdown: CancellationToken) {
     let s = Arc::new(scheduler);
     let tasks = s.schedules.iter().filter_map(|entry| {
@@ -175,16 +182,23 @@ async fn fire(
             return;
         }
     };
-    // A stopping pipeline does not wait for a long job (a re-snapshot needs the capture that
-    // is stopping too): the run ends cancelled.
+    // A stopping pipeline waits a little for the job, not for a long one (see
+    // JOB_DRAIN_GRACE): then the run ends cancelled.
+    let job = s.runners.run(entry);
+    tokio::pin!(job);
     let result = tokio::select! {
-        r = s.runners.run(entry) => r,
+        r = &mut job => r,
         () = shutdown.cancelled() => {
-            let why = Some("the pipeline stopped while the job ran".to_string());
-            if let Err(e) = run.finish(RunStatus::Cancelled, Default::default(), why).await {
-                warn!(pipeline = %s.pipeline, run = %run.run_id(), "cannot record the cancelled scheduled run: {e}");
+            match tokio::time::timeout(JOB_DRAIN_GRACE, &mut job).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let why = Some("the pipeline stopped while the job ran".to_string());
+                    if let Err(e) = run.finish(RunStatus::Cancelled, Default::default(), why).await {
+                        warn!(pipeline = %s.pipeline, run = %run.run_id(), "cannot record the cancelled scheduled run: {e}");
+                    }
+                    return;
+                }
             }
-            return;
         }
     };
     let key = format!("job_failed:{}", entry.name);

@@ -727,6 +727,8 @@ async fn bench(s: &Settings, cleanup: &Cleanup) -> Result<()> {
         )),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: UNPACED_RU_PER_MINUTE,
+        sharepoint_url: None,
+        hyperlinks: syncbridge::config::HyperlinkWrites::SharepointRest,
     };
     let app = GraphClient::new(GraphClientConfig::from(&gc), &LimiterRegistry::new())?;
     let person_cfg = GraphConfig {

@@ -41,6 +41,8 @@ impl Env {
             credential: GraphCredential::ClientSecret(Secret::new(emulator::DEFAULT_CLIENT_SECRET)),
             site: emulator::DEFAULT_SITE.into(),
             ru_per_minute,
+            sharepoint_url: None,
+            hyperlinks: syncbridge::config::HyperlinkWrites::SharepointRest,
         }
     }
 

@@ -44,6 +44,8 @@ fn graph_config(base: &str, client_id: &str, secret: &str) -> GraphConfig {
         credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(secret)),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: 1_250,
+        sharepoint_url: None,
+        hyperlinks: syncbridge::config::HyperlinkWrites::SharepointRest,
     }
 }
 

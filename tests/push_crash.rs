@@ -199,6 +199,8 @@ impl Fixture {
             )),
             site: site.as_str().into(),
             ru_per_minute: 60_000,
+            sharepoint_url: None,
+            hyperlinks: syncbridge::config::HyperlinkWrites::SharepointRest,
         };
         let graph = GraphClient::new(
             GraphClientConfig::from(&graph_config),

@@ -219,6 +219,13 @@ fn ser_url<S: Serializer>(url: &Url, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(url.as_str())
 }
 
+fn ser_opt_url<S: Serializer>(url: &Option<Url>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_str(u.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
 /// A validated pipeline: one file, one replication slot, one set of topics.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineConfig {
@@ -372,6 +379,14 @@ pub struct GraphConfig {
     #[serde(flatten)]
     pub site: SiteRef,
     pub ru_per_minute: u32,
+    /// Root of SharePoint's REST API (hyperlink writes, `ops/docs/hyperlinks.md`); `None`:
+    /// `https://` + the site's host name, known once the site is resolved.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_url"
+    )]
+    pub sharepoint_url: Option<Url>,
+    pub hyperlinks: HyperlinkWrites,
 }
 
 /// The site holding the lists (graph.site or graph.team).
@@ -694,6 +709,33 @@ words! {
         /// Foreign key → item id in another synced list; needs `list`.
         Lookup = "lookup",
         Hyperlink = "hyperlink",
+    }
+}
+
+impl FieldType {
+    /// Graph refuses writes of this type (graph-api.md §5.7): it is written through
+    /// SharePoint's REST API after the Graph write of the other fields.
+    pub fn needs_sharepoint_rest(self) -> bool {
+        matches!(self, FieldType::Hyperlink)
+    }
+}
+
+impl FieldMapping {
+    /// The push writes this field through SharePoint REST (with `graph.hyperlinks` at its
+    /// default).
+    pub fn written_by_sharepoint_rest(&self) -> bool {
+        self.field_type.needs_sharepoint_rest() && self.direction != Direction::PullOnly
+    }
+}
+
+words! {
+    /// How hyperlink fields are written (`graph.hyperlinks`, `ops/docs/hyperlinks.md`).
+    HyperlinkWrites {
+        /// Through SharePoint REST after the Graph write (Graph refuses them); the default.
+        SharepointRest = "sharepoint_rest",
+        /// Through Graph with the other fields: only where Graph accepts them (an emulator
+        /// in its accepting mode), kept for the tests that use Graph's refusal.
+        Graph = "graph",
     }
 }
 

@@ -10,7 +10,9 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
-use super::model::{ApiRole, ConflictPolicy, Direction, FieldType, JobKind, NotifyKind, Secret};
+use super::model::{
+    ApiRole, ConflictPolicy, Direction, FieldType, HyperlinkWrites, JobKind, NotifyKind, Secret,
+};
 use super::yaml::{Issue, Kind, Loc, Node};
 
 /// A value and the location of the scalar it was read from.
@@ -284,6 +286,13 @@ pub struct GraphFile {
     #[serde(default)]
     #[schemars(range(min = 1, max = 4294967295u64))]
     pub ru_per_minute: Option<Sp<u64>>,
+    /// Root of SharePoint's REST API, which writes the hyperlink fields Graph refuses; default
+    /// `https://` + the site's host name.
+    #[serde(default)]
+    pub sharepoint_url: Option<Sp<String>>,
+    /// `sharepoint_rest` (default) or `graph`: how hyperlink fields are written.
+    #[serde(default)]
+    pub hyperlinks: Option<Sp<HyperlinkWrites>>,
 }
 /// The app's certificate credential.
 #[derive(Debug, JsonSchema)]
@@ -306,6 +315,8 @@ pub const GRAPH_KEYS: &[&str] = &[
     "site",
     "team",
     "ru_per_minute",
+    "sharepoint_url",
+    "hyperlinks",
 ];
 
 /// One table synced with one list.
@@ -1088,6 +1099,10 @@ impl Reader {
         let ru_per_minute = m
             .get("ru_per_minute")
             .and_then(|n| self.uint(n, &m.child("ru_per_minute")));
+        let sharepoint_url = opt(self, "sharepoint_url");
+        let hyperlinks = m
+            .get("hyperlinks")
+            .and_then(|n| self.word(n, &m.child("hyperlinks"), HyperlinkWrites::ALL));
         Some(GraphFile {
             base_url,
             token_url,
@@ -1098,6 +1113,8 @@ impl Reader {
             site,
             team,
             ru_per_minute,
+            sharepoint_url,
+            hyperlinks,
         })
     }
 

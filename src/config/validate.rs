@@ -616,6 +616,9 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
     let schedules = check_schedules(r, &f.schedules, &f.sync);
     let notify = f.notify.as_ref().map(|n| check_notify(r, n));
     let drift = check_drift(r, f.drift.as_ref());
+    if let (Some(g), Some((entries, _))) = (f.graph.as_ref(), sync.as_ref()) {
+        check_sharepoint_rest(r, g, entries);
+    }
     if r.issues.len() != before {
         return None;
     }
@@ -781,10 +784,19 @@ fn check_graph(r: &mut Reader, g: &GraphFile) -> Option<GraphConfig> {
             }
         },
     };
+    let sharepoint_url = g
+        .sharepoint_url
+        .as_ref()
+        .map(|s| http_url(r, s, "graph.sharepoint_url"));
     if r.issues.len() != before {
         return None;
     }
     Some(GraphConfig {
+        sharepoint_url: sharepoint_url.flatten(),
+        hyperlinks: g
+            .hyperlinks
+            .as_ref()
+            .map_or(HyperlinkWrites::SharepointRest, |h| h.value),
         base_url: base_url?,
         token_url: token_url?,
         tenant,
@@ -855,6 +867,41 @@ fn credential(r: &mut Reader, g: &GraphFile) -> Option<GraphCredential> {
         cert: PathBuf::from(cert),
         key: c.key.value.clone(),
     })
+}
+
+/// Hyperlink fields are written through SharePoint REST (Graph refuses them), which refuses
+/// app-only tokens obtained with a client secret: such a mapping needs a certificate.
+fn check_sharepoint_rest(r: &mut Reader, g: &GraphFile, entries: &[SyncEntry]) {
+    let Some(secret) = &g.client_secret else {
+        return;
+    };
+    if g.hyperlinks
+        .as_ref()
+        .is_some_and(|h| h.value == HyperlinkWrites::Graph)
+    {
+        return;
+    }
+    let rest_fields: Vec<String> = entries
+        .iter()
+        .flat_map(|e| {
+            e.fields
+                .iter()
+                .filter(|f| f.written_by_sharepoint_rest())
+                .map(move |f| format!("`{}` of {}", f.field, e.table))
+        })
+        .collect();
+    if rest_fields.is_empty() {
+        return;
+    }
+    r.issues.push((
+        secret.loc,
+        format!(
+            "hyperlink field {} is written through SharePoint REST, which refuses app-only \
+             tokens from a client secret (\"Unsupported app only token\"): use \
+             `graph.client_certificate` instead of `graph.client_secret`",
+            rest_fields.join(", ")
+        ),
+    ));
 }
 
 type SyncOut = (Vec<SyncEntry>, Vec<(String, Loc)>);

@@ -91,6 +91,9 @@ struct Claims {
     tid: String,
     idtyp: String,
     roles: Vec<String>,
+    /// How the client proved itself, as Entra says it: `1` a secret, `2` a certificate.
+    #[serde(default)]
+    appidacr: String,
     #[serde(rename = "gen")]
     generation: u64,
     uti: String,
@@ -254,15 +257,15 @@ impl Identity {
         if scopes.iter().any(|s| !s.ends_with("/.default")) {
             return self.error(400, "invalid_scope", 1002012, &format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."), now);
         }
-        let ok_resource = |s: &&str| {
-            let r = s.trim_end_matches("/.default").trim_end_matches('/');
-            r.eq_ignore_ascii_case("https://graph.microsoft.com")
-                || r.eq_ignore_ascii_case(GRAPH_APP_ID)
-        };
-        if scopes.len() != 1 || !scopes.iter().all(ok_resource) {
+        let Some(audience) = scopes
+            .first()
+            .and_then(|s| resource(s))
+            .filter(|_| scopes.len() == 1)
+        else {
             return self.error(400, "invalid_scope", 70011, &format!("The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."), now);
-        }
+        };
         let secret = get("client_secret").map(str::to_string).or(basic_secret);
+        let appidacr = if secret.is_some() { "1" } else { "2" };
         match (
             secret,
             get("client_assertion"),
@@ -298,7 +301,7 @@ impl Identity {
         }
         let lifetime = self.lifetime_secs.load(Ordering::Relaxed) as i64;
         let claims = Claims {
-            aud: "https://graph.microsoft.com".into(),
+            aud: audience,
             iss: format!("https://sts.windows.net/{}/", self.tenant_id),
             iat: now,
             nbf: now,
@@ -311,6 +314,7 @@ impl Identity {
                 "user".into()
             },
             roles: vec!["Sites.FullControl.All".into()],
+            appidacr: appidacr.into(),
             generation: self.generation.load(Ordering::Relaxed),
             uti: uuid::Uuid::new_v4().simple().to_string(),
         };
@@ -333,6 +337,30 @@ impl Identity {
                 format!("Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", client_id=\"{GRAPH_APP_ID}\""),
             )
         };
+        let (claims, caller) = self.decode(header, now).map_err(fail)?;
+        if claims.aud != GRAPH_AUDIENCE {
+            return Err(fail("Invalid audience."));
+        }
+        Ok(caller)
+    }
+
+    /// Checks `Authorization: Bearer …` for a SharePoint REST call: a token for a SharePoint
+    /// resource, obtained with a certificate (SharePoint refuses app-only tokens from a client
+    /// secret, graph-api.md §14). The error is SharePoint's: 401 with `error_description`.
+    pub fn verify_sharepoint(&self, header: Option<&str>, now: i64) -> Result<Caller, Value> {
+        let fail = |m: &str| json!({ "error": "invalid_request", "error_description": m });
+        let (claims, caller) = self.decode(header, now).map_err(fail)?;
+        if claims.aud == GRAPH_AUDIENCE {
+            return Err(fail("Invalid audience Uri 'https://graph.microsoft.com'."));
+        }
+        if claims.appidacr != "2" && caller.actor == Actor::App {
+            return Err(fail("Unsupported app only token."));
+        }
+        Ok(caller)
+    }
+
+    /// A bearer token's claims and caller, or why it is refused.
+    fn decode(&self, header: Option<&str>, now: i64) -> Result<(Claims, Caller), &'static str> {
         let raw = header.unwrap_or("").trim();
         let token = raw
             .strip_prefix("Bearer ")
@@ -340,37 +368,53 @@ impl Identity {
             .map(str::trim)
             .unwrap_or(if raw.contains(' ') { "" } else { raw });
         if token.is_empty() {
-            return Err(fail("Access token is empty."));
+            return Err("Access token is empty.");
         }
         let parts: Vec<&str> = token.split('.').collect();
         if parts.len() != 3 {
-            return Err(fail(
-                "CompactToken parsing failed with error code: 80049217",
-            ));
+            return Err("CompactToken parsing failed with error code: 80049217");
         }
         if self.sign(&format!("{}.{}", parts[0], parts[1])) != parts[2] {
-            return Err(fail(
-                "CompactToken validation failed with reason code: 80049228.",
-            ));
+            return Err("CompactToken validation failed with reason code: 80049228.");
         }
         let claims: Claims = URL_SAFE_NO_PAD
             .decode(parts[1])
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| fail("CompactToken parsing failed with error code: 80049217"))?;
+            .ok_or("CompactToken parsing failed with error code: 80049217")?;
         if claims.exp <= now || claims.generation != self.generation.load(Ordering::Relaxed) {
-            return Err(fail("Lifetime validation failed, the token is expired."));
+            return Err("Lifetime validation failed, the token is expired.");
         }
         let client = self
             .clients
             .iter()
             .find(|c| c.id == claims.appid)
-            .ok_or_else(|| fail("Invalid client for this tenant."))?;
-        Ok(Caller {
+            .ok_or("Invalid client for this tenant.")?;
+        let caller = Caller {
             actor: client.actor,
             app_key: client.id.clone(),
-        })
+        };
+        Ok((claims, caller))
     }
+}
+
+/// The audience of Graph tokens.
+const GRAPH_AUDIENCE: &str = "https://graph.microsoft.com";
+
+/// The resource a `…/.default` scope asks for: Graph (by URL or app id) or a SharePoint host
+/// (`https://<tenant>.sharepoint.com`); `None` for anything else.
+fn resource(scope: &str) -> Option<String> {
+    let r = scope.trim_end_matches("/.default").trim_end_matches('/');
+    if r.eq_ignore_ascii_case(GRAPH_AUDIENCE) || r.eq_ignore_ascii_case(GRAPH_APP_ID) {
+        return Some(GRAPH_AUDIENCE.into());
+    }
+    let host = r.strip_prefix("https://")?.to_ascii_lowercase();
+    let tenant = host.strip_suffix(".sharepoint.com")?;
+    let valid = !tenant.is_empty()
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-');
+    valid.then(|| format!("https://{host}"))
 }
 
 #[derive(Debug, Deserialize)]

@@ -57,8 +57,34 @@ pub struct Call {
     pub body: Option<Value>,
 }
 
+/// A call's handler once faults and throttling let it through.
+type Handler = fn(&mut State, &Env, &Caller, &Call) -> GraphResult;
+
 /// Runs one call through faults, throttling and the handler, and counts it.
 pub fn execute(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Call) -> Reply {
+    execute_with(st, env, ids, caller, call, dispatch)
+}
+
+/// Like [`execute`], for a SharePoint REST call ([`super::sprest`]): same faults, RU budget
+/// and statistics.
+pub fn execute_sharepoint(
+    st: &mut State,
+    env: &Env,
+    ids: &Ids,
+    caller: &Caller,
+    call: &Call,
+) -> Reply {
+    execute_with(st, env, ids, caller, call, super::sprest::dispatch)
+}
+
+fn execute_with(
+    st: &mut State,
+    env: &Env,
+    ids: &Ids,
+    caller: &Caller,
+    call: &Call,
+    handler: Handler,
+) -> Reply {
     *st.stats.by_method.entry(call.method.clone()).or_default() += 1;
     *st.stats
         .by_client
@@ -66,7 +92,7 @@ pub fn execute(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Cal
         .or_default()
         .entry(call.method.clone())
         .or_default() += 1;
-    let reply = execute_inner(st, env, ids, caller, call);
+    let reply = execute_inner(st, env, ids, caller, call, handler);
     *st.stats.by_status.entry(reply.status).or_default() += 1;
     st.stats.requests.push(super::state::LoggedRequest {
         at_ms: env.now_ms,
@@ -80,7 +106,14 @@ pub fn execute(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Cal
     reply
 }
 
-fn execute_inner(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Call) -> Reply {
+fn execute_inner(
+    st: &mut State,
+    env: &Env,
+    ids: &Ids,
+    caller: &Caller,
+    call: &Call,
+    handler: Handler,
+) -> Reply {
     let retry = st.faults.spec.retry_after_secs.unwrap_or(1).to_string();
     let (u, t) = (
         st.faults.spec.unavailable_rate,
@@ -110,7 +143,7 @@ fn execute_inner(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &C
             return throttled_error(retry_after.to_string(), headers).into_reply(ids);
         }
     };
-    let mut reply = match dispatch(st, env, caller, call) {
+    let mut reply = match handler(st, env, caller, call) {
         Ok(r) => r,
         Err(e) => e.into_reply(ids),
     };
@@ -1160,6 +1193,47 @@ fn update_item(
         check_if_match(item, call)?;
         validate_fields(site, list, Some(item), fields, write_env(st))?
     };
+    apply_item_changes(st, env, caller, (si, li, id), changes)?;
+    let site = &st.sites[si];
+    let list = &site.lists[li];
+    let item = list.items.get(&id).ok_or_else(item_not_found)?;
+    if fields_form {
+        let mut v = fields_json(site, list, item, &FieldSel::All);
+        with_context(&mut v, fields_ctx(env, site, list, id));
+        Ok(Reply::json(200, v))
+    } else {
+        let all = FieldSel::All;
+        let mut v = item_json(
+            site,
+            list,
+            item,
+            &env.render,
+            &ItemView {
+                fields: Some(&all),
+                last_modified_by: true,
+            },
+        );
+        with_context(
+            &mut v,
+            format!(
+                "{}/lists('{}')/items/$entity",
+                site_ctx(env, site),
+                list.meta.id
+            ),
+        );
+        Ok(Reply::json(200, v))
+    }
+}
+
+/// Applies validated `changes` to item `id` of list `li` of site `si` as one new version by
+/// `caller` (Graph PATCH and SharePoint REST writes alike).
+pub(super) fn apply_item_changes(
+    st: &mut State,
+    env: &Env,
+    caller: &Caller,
+    (si, li, id): (usize, usize, u64),
+    changes: Vec<(String, Option<Value>)>,
+) -> Result<(), GraphError> {
     let now = env.now();
     let site_id = st.sites[si].meta.id.clone();
     let list = &mut st.sites[si].lists[li];
@@ -1192,35 +1266,7 @@ fn update_item(
         });
     }
     list.items.insert(id, item);
-    let site = &st.sites[si];
-    let list = &site.lists[li];
-    let item = list.items.get(&id).ok_or_else(item_not_found)?;
-    if fields_form {
-        let mut v = fields_json(site, list, item, &FieldSel::All);
-        with_context(&mut v, fields_ctx(env, site, list, id));
-        Ok(Reply::json(200, v))
-    } else {
-        let all = FieldSel::All;
-        let mut v = item_json(
-            site,
-            list,
-            item,
-            &env.render,
-            &ItemView {
-                fields: Some(&all),
-                last_modified_by: true,
-            },
-        );
-        with_context(
-            &mut v,
-            format!(
-                "{}/lists('{}')/items/$entity",
-                site_ctx(env, site),
-                list.meta.id
-            ),
-        );
-        Ok(Reply::json(200, v))
-    }
+    Ok(())
 }
 
 fn delete_item(

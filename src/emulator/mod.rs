@@ -34,6 +34,7 @@ mod model;
 mod persist;
 mod reply;
 mod server;
+mod sprest;
 mod state;
 pub(crate) mod throttle;
 

@@ -244,20 +244,34 @@ pub async fn handle(
         let t = shared.identity.token(tenant, &body, basic, now_ms / 1000);
         return finish(&ids, Reply::json(t.status, t.body), None, false);
     }
-    let Some(graph_path) = path.strip_prefix("/v1.0") else {
-        let e = GraphError::new(
-            400,
-            "BadRequest",
-            &format!("Invalid version or resource: '{path}'."),
-        );
-        return finish(&ids, e.into_reply(&ids), None, true);
+    // SharePoint REST on a site (`/sites/x/_api/…`), beside Graph (graph-api.md §14).
+    let sharepoint = !path.starts_with("/v1.0/") && path.contains("/_api/");
+    let graph_path = match path.strip_prefix("/v1.0") {
+        Some(p) => p,
+        None if sharepoint => path.as_str(),
+        None => {
+            let e = GraphError::new(
+                400,
+                "BadRequest",
+                &format!("Invalid version or resource: '{path}'."),
+            );
+            return finish(&ids, e.into_reply(&ids), None, true);
+        }
     };
-    let caller = match shared
-        .identity
-        .verify(header(&headers, "authorization"), now_ms / 1000)
-    {
-        Ok(c) => c,
-        Err(e) => return finish(&ids, e.into_reply(&ids), None, true),
+    let authorization = header(&headers, "authorization");
+    let caller = if sharepoint {
+        match shared
+            .identity
+            .verify_sharepoint(authorization, now_ms / 1000)
+        {
+            Ok(c) => c,
+            Err(body) => return finish(&ids, Reply::json(401, body), None, false),
+        }
+    } else {
+        match shared.identity.verify(authorization, now_ms / 1000) {
+            Ok(c) => c,
+            Err(e) => return finish(&ids, e.into_reply(&ids), None, true),
+        }
     };
     let parsed_body: Option<Value> = if body.is_empty() {
         None
@@ -296,25 +310,27 @@ pub async fn handle(
             st.faults.injected_resets += 1;
         }
         let latency = st.faults.spec.latency_ms;
-        let reply = if graph_path.trim_end_matches('/') == "/$batch" {
+        let call = Call {
+            method: method.as_str().to_ascii_uppercase(),
+            path: graph_path.to_string(),
+            query: query.clone(),
+            if_match: header(&headers, "if-match").map(str::to_string),
+            prefer: header(&headers, "prefer").map(str::to_string),
+            body: parsed_body,
+        };
+        let reply = if sharepoint {
+            graph::execute_sharepoint(&mut st, &env, &ids, &caller, &call)
+        } else if graph_path.trim_end_matches('/') == "/$batch" {
             if method != Method::POST {
                 GraphError::new(405, "BadRequest", "Use POST for $batch").into_reply(&ids)
             } else {
                 *st.stats.by_method.entry("POST".into()).or_default() += 1;
-                let r = graph::batch(&mut st, &env, &ids, &caller, parsed_body.as_ref())
+                let r = graph::batch(&mut st, &env, &ids, &caller, call.body.as_ref())
                     .unwrap_or_else(|e| e.into_reply(&ids));
                 *st.stats.by_status.entry(r.status).or_default() += 1;
                 r
             }
         } else {
-            let call = Call {
-                method: method.as_str().to_ascii_uppercase(),
-                path: graph_path.to_string(),
-                query: query.clone(),
-                if_match: header(&headers, "if-match").map(str::to_string),
-                prefer: header(&headers, "prefer").map(str::to_string),
-                body: parsed_body,
-            };
             graph::execute(&mut st, &env, &ids, &caller, &call)
         };
         // The write reaches the kernel before the response leaves: kill -9 can't lose an acknowledged write.

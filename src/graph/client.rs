@@ -1,5 +1,6 @@
 //! The HTTP core: one request = limiter admission → token → send → classify → retry policy.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,6 +48,9 @@ pub struct GraphClientConfig {
     /// The client secret from the pipeline config, or a certificate set by the caller.
     pub credential: Credential,
     pub scope: String,
+    /// Root of SharePoint's REST API (`graph.sharepoint_url`); `None`: `https://` + the site's
+    /// host name ([`crate::graph::sharepoint`]).
+    pub sharepoint_url: Option<Url>,
     pub limiter: LimiterConfig,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -71,6 +75,7 @@ impl From<&GraphConfig> for GraphClientConfig {
                 },
             },
             scope: GRAPH_DEFAULT_SCOPE.to_string(),
+            sharepoint_url: g.sharepoint_url.clone(),
             limiter: LimiterConfig::new(g.ru_per_minute),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -105,6 +110,9 @@ pub(crate) struct Req<'a> {
     /// RU charged before sending (one per inner request for `$batch`).
     pub costs: Vec<Cost>,
     pub idempotency: Idempotency,
+    /// `Some(scope)`: a SharePoint REST call, sent with a token for that resource (and
+    /// SharePoint's JSON `Accept`) instead of Graph's.
+    pub sharepoint_scope: Option<String>,
 }
 
 impl<'a> Req<'a> {
@@ -124,6 +132,7 @@ impl<'a> Req<'a> {
             lane: Lane::Writer,
             costs,
             idempotency,
+            sharepoint_scope: None,
         }
     }
 }
@@ -167,7 +176,12 @@ pub struct GraphClient {
 pub(crate) struct Inner {
     http: reqwest::Client,
     base: String,
-    tokens: TokenProvider,
+    tokens: Arc<TokenProvider>,
+    /// Tokens for SharePoint resources, by scope: created on first use (the scope names the
+    /// site's host, known once the site is resolved), cached and refreshed like Graph's.
+    sp_tokens: std::sync::Mutex<HashMap<String, Arc<TokenProvider>>>,
+    /// The loaded credential, for the SharePoint token providers.
+    credential: Credential,
     pub(crate) limiter: Arc<TenantLimiter>,
     pub(crate) cfg: GraphClientConfig,
     usage: Arc<GraphUsage>,
@@ -236,19 +250,22 @@ impl GraphClient {
             .connect_timeout(cfg.connect_timeout)
             .build()
             .map_err(|e| GraphError::Invalid(format!("cannot build HTTP client: {e}")))?;
-        let tokens = TokenProvider::new(
+        let credential = cfg.credential.clone().load()?;
+        let tokens = Arc::new(TokenProvider::new(
             http.clone(),
             cfg.token_url.clone(),
             cfg.client_id.clone(),
-            cfg.credential.clone().load()?,
+            credential.clone(),
             cfg.scope.clone(),
-        );
+        ));
         let base = cfg.base_url.as_str().trim_end_matches('/').to_string();
         Ok(GraphClient {
             inner: Arc::new(Inner {
                 http,
                 base,
                 tokens,
+                sp_tokens: std::sync::Mutex::default(),
+                credential,
                 limiter,
                 cfg,
                 usage,
@@ -266,9 +283,30 @@ impl GraphClient {
         &self.inner.limiter
     }
 
-    /// Tokens fetched from the token endpoint so far (cache misses).
+    /// Tokens fetched from the token endpoint so far (cache misses), Graph's and SharePoint's.
     pub fn tokens_fetched(&self) -> u64 {
-        self.inner.tokens.tokens_fetched()
+        let sp = self.inner.sp_tokens.lock().expect("sp_tokens poisoned");
+        self.inner.tokens.tokens_fetched() + sp.values().map(|t| t.tokens_fetched()).sum::<u64>()
+    }
+
+    /// The token provider of a request: Graph's, or the one of its SharePoint resource.
+    fn tokens_for(&self, req: &Req<'_>) -> Arc<TokenProvider> {
+        let Some(scope) = &req.sharepoint_scope else {
+            return self.inner.tokens.clone();
+        };
+        let inner = &self.inner;
+        let mut sp = inner.sp_tokens.lock().expect("sp_tokens poisoned");
+        sp.entry(scope.clone())
+            .or_insert_with(|| {
+                Arc::new(TokenProvider::new(
+                    inner.http.clone(),
+                    inner.cfg.token_url.clone(),
+                    inner.cfg.client_id.clone(),
+                    inner.credential.clone(),
+                    scope.clone(),
+                ))
+            })
+            .clone()
     }
 
     pub(crate) fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
@@ -297,7 +335,7 @@ impl GraphClient {
                     }
                     refreshed = true;
                     tracing::info!("graph token refused (401); refreshing once and retrying");
-                    self.inner.tokens.invalidate(&token).await;
+                    self.tokens_for(req).invalidate(&token).await;
                     continue;
                 }
                 Err(AttemptError::NotSent(e)) => (e, true),
@@ -372,7 +410,17 @@ impl GraphClient {
         let usage = &inner.usage;
         usage.resource_units.fetch_add(units, Ordering::Relaxed);
         usage.requests.fetch_add(1, Ordering::Relaxed);
-        let token = inner.tokens.token().await.map_err(AttemptError::NotSent)?;
+        let token = self
+            .tokens_for(req)
+            .token()
+            .await
+            .map_err(AttemptError::NotSent)?;
+        // SharePoint REST answers verbose OData XML/JSON unless asked for plain JSON (§14).
+        let accept = if req.sharepoint_scope.is_some() {
+            "application/json;odata=nometadata"
+        } else {
+            "application/json"
+        };
         let client_request_id = uuid::Uuid::new_v4().to_string();
         let url = self.resolve(&req.url);
         let mut rb = inner
@@ -380,7 +428,7 @@ impl GraphClient {
             .request(req.method.clone(), &url)
             .bearer_auth(&token)
             .header("client-request-id", &client_request_id)
-            .header("accept", "application/json");
+            .header("accept", accept);
         if let Some(b) = req.body {
             rb = rb.json(b);
         }

@@ -39,6 +39,7 @@ pub mod limiter;
 #[cfg(test)]
 mod limiter_props;
 pub mod ops;
+pub mod sharepoint;
 pub mod team;
 
 pub use auth::{Certificate, Credential};

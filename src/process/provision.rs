@@ -44,6 +44,8 @@ pub struct ListTarget {
 #[derive(Debug, Clone)]
 pub struct Targets {
     pub site_id: String,
+    /// The site's `webUrl`: where its SharePoint REST API lives (hyperlink writes).
+    pub web_url: Option<String>,
     pub lists: HashMap<String, ListTarget>,
     /// What provisioning changed on, or found in, the existing lists.
     pub changes: ColumnChanges,
@@ -251,6 +253,7 @@ pub async fn provision(
     }
     let mut targets = Targets {
         site_id: site.id.clone(),
+        web_url: site.web_url.clone(),
         lists: HashMap::new(),
         changes: ColumnChanges::default(),
     };

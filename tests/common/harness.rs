@@ -47,10 +47,13 @@ impl Drop for Harness {
 
 impl Harness {
     pub async fn new(tag: &str) -> Harness {
+        Harness::new_with(tag, EmulatorArgs::default()).await
+    }
+
+    /// [`Harness::new`] with an emulator started from `args` (e.g. with a client certificate).
+    pub async fn new_with(tag: &str, args: EmulatorArgs) -> Harness {
         let name = format!("{tag}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let emu = emulator::spawn(EmulatorArgs::default())
-            .await
-            .expect("emulator starts");
+        let emu = emulator::spawn(args).await.expect("emulator starts");
         let base = emu.base_url();
         let gc = GraphConfig {
             base_url: format!("{base}/v1.0").parse().unwrap(),
@@ -64,6 +67,8 @@ impl Harness {
             )),
             site: emulator::DEFAULT_SITE.into(),
             ru_per_minute: 100_000,
+            sharepoint_url: None,
+            hyperlinks: syncbridge::config::HyperlinkWrites::SharepointRest,
         };
         let graph =
             GraphClient::new(GraphClientConfig::from(&gc), &LimiterRegistry::new()).unwrap();
@@ -105,11 +110,13 @@ impl Harness {
         format!("{}_{suffix}", self.name)
     }
 
-    /// Writes the pipeline file; `log` is the YAML of the `log:` value.
+    /// Writes the pipeline file; `log` is the YAML of the `log:` value. It signs in with the
+    /// client secret and writes hyperlinks through Graph (`graph.hyperlinks: graph`), so tests
+    /// can make Graph refuse or accept them with the emulator's `hyperlink_writes`.
     pub fn pipeline(&self, log: &str, sync: &str) -> PathBuf {
         let base = self.emu.base_url();
         let yaml = format!(
-            "version: 1\nname: {name}\nsource:\n  url: {db}\nlog: {log}\ngraph:\n  base_url: {base}/v1.0\n  token_url: {base}/{{tenant}}/oauth2/v2.0/token\n  tenant: {tenant}\n  client_id: {cid}\n  client_secret: {secret}\n  site: '{site}'\n  ru_per_minute: 100000\nsync:\n{sync}\ncontrol:\n  listen: 127.0.0.1:{port}\n",
+            "version: 1\nname: {name}\nsource:\n  url: {db}\nlog: {log}\ngraph:\n  base_url: {base}/v1.0\n  token_url: {base}/{{tenant}}/oauth2/v2.0/token\n  tenant: {tenant}\n  client_id: {cid}\n  client_secret: {secret}\n  site: '{site}'\n  ru_per_minute: 100000\n  hyperlinks: graph\nsync:\n{sync}\ncontrol:\n  listen: 127.0.0.1:{port}\n",
             name = self.name,
             db = self.source_url,
             tenant = emulator::DEFAULT_TENANT,

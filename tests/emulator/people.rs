@@ -27,6 +27,8 @@ fn client(emu: &Emu) -> GraphClient {
         credential: syncbridge::config::GraphCredential::ClientSecret(Secret::new(SECRET)),
         site: emulator::DEFAULT_SITE.into(),
         ru_per_minute: 1_250,
+        sharepoint_url: None,
+        hyperlinks: syncbridge::config::HyperlinkWrites::SharepointRest,
     };
     GraphClient::new(GraphClientConfig::from(&cfg), &LimiterRegistry::new()).unwrap()
 }

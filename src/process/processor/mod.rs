@@ -48,6 +48,7 @@ mod flush;
 mod outcome;
 mod plan;
 mod project;
+mod rest;
 mod write;
 
 pub use coalesce::sync_key;

@@ -6,9 +6,13 @@
 //! `SyncKey` column turns a second create into [`Outcome::Duplicate`], and
 //! [`Processor::find_by_sync_key`] finds the item the earlier attempt made. An envelope that
 //! failed as a whole tells nothing about its requests: each is `Transient` and stays pending.
+//!
+//! Fields Graph refuses (hyperlinks) are taken out of the Graph body and written afterwards
+//! through SharePoint REST ([`rest`](super::rest)); an op's outcome is `Ok` only when both parts
+//! landed, so the ledger never records a hyperlink that is not in the list.
 
 use futures::StreamExt;
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 
 use super::{Op, OpKind, Processor};
 use crate::config::SYNC_KEY_FIELD;
@@ -16,6 +20,9 @@ use crate::graph::{BatchRequest, GraphError, ItemQuery, MAX_BATCH};
 use crate::log::EventLog;
 use crate::process::audit::GraphTrace;
 use crate::telemetry::metrics as m;
+
+/// An op's fields for Graph, and the SharePoint REST form values of the others.
+type Split = (Map<String, Json>, Vec<(String, String)>);
 
 /// What a Graph write came back with, classified for the processor.
 #[derive(Debug)]
@@ -38,30 +45,35 @@ pub(crate) enum Outcome {
 }
 
 impl<L: EventLog + 'static> Processor<L> {
-    /// Runs `ops` as `$batch`es (≤ 20 each, a few in flight); one outcome per op, in order, with
-    /// the request that answered it (for the audit trail).
+    /// Runs `ops`: their Graph part as `$batch`es (≤ 20 each, a few in flight), then the fields
+    /// Graph refuses through SharePoint REST ([`rest`](super::rest)); one outcome per op, in
+    /// order, with the request that answered it (for the audit trail).
     pub(crate) async fn execute(&self, ops: &[Op]) -> Vec<(Outcome, GraphTrace)> {
+        let split: Vec<Split> = ops.iter().map(|op| self.split_fields(op)).collect();
+        // An update of REST fields only has nothing to send to Graph.
+        let to_graph: Vec<usize> = (0..ops.len())
+            .filter(|&i| {
+                !(matches!(ops[i].kind, OpKind::Update { .. }) && split[i].0.is_empty())
+                    || split[i].1.is_empty()
+            })
+            .collect();
         let site = self.targets.site_id.clone();
-        let reqs: Vec<BatchRequest> = ops
+        let reqs: Vec<BatchRequest> = to_graph
             .iter()
             .enumerate()
-            .map(|(i, op)| {
-                let id = (i % MAX_BATCH).to_string();
-                match &op.kind {
-                    OpKind::Create {
-                        list_id, fields, ..
-                    } => BatchRequest::create_item(id, &site, list_id, fields.clone()),
-                    OpKind::Update {
-                        item,
-                        fields,
-                        if_match,
-                        ..
-                    } => BatchRequest::update_fields(
+            .map(|(n, &i)| {
+                let id = (n % MAX_BATCH).to_string();
+                let fields = split[i].0.clone();
+                match &ops[i].kind {
+                    OpKind::Create { list_id, .. } => {
+                        BatchRequest::create_item(id, &site, list_id, fields)
+                    }
+                    OpKind::Update { item, if_match, .. } => BatchRequest::update_fields(
                         id,
                         &site,
                         &item.list_id,
                         &item.item_id,
-                        fields.clone(),
+                        fields,
                         if_match.clone(),
                     ),
                     OpKind::Delete { item, .. } => {
@@ -70,6 +82,21 @@ impl<L: EventLog + 'static> Processor<L> {
                 }
             })
             .collect();
+        let mut answers = self.send_batches(reqs).await.into_iter();
+        let mut outcomes: Vec<(Outcome, GraphTrace)> = (0..ops.len())
+            .map(|_| (Outcome::Ok { body: None }, GraphTrace::default()))
+            .collect();
+        for &i in &to_graph {
+            if let Some(a) = answers.next() {
+                outcomes[i] = a;
+            }
+        }
+        let rest: Vec<Vec<(String, String)>> = split.into_iter().map(|(_, r)| r).collect();
+        self.write_rest(ops, &rest, outcomes).await
+    }
+
+    /// Sends `reqs` as `$batch`es, a few in flight; one classified answer per request, in order.
+    async fn send_batches(&self, reqs: Vec<BatchRequest>) -> Vec<(Outcome, GraphTrace)> {
         let chunks: Vec<(usize, Vec<BatchRequest>)> = reqs
             .chunks(MAX_BATCH)
             .enumerate()

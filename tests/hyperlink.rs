@@ -7,7 +7,9 @@
 //!
 //! Needs `DATABASE_URL` (`eval "$(cat /work/devstack.env)"`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use syncbridge::emulator::{self, EmulatorArgs};
 use syncbridge::graph::GraphError;
@@ -16,7 +18,7 @@ use syncbridge::graph::sharepoint::SharePointSite;
 mod common;
 #[path = "common/harness.rs"]
 mod harness;
-use harness::{Harness, hard_timeout};
+use harness::{BIN, Harness, hard_timeout};
 
 fn fixture(name: &str) -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,6 +68,24 @@ fn pipeline(h: &Harness, sync: &str, certificate: bool) -> PathBuf {
     file
 }
 
+/// Table `<name>_t (id, title, link)` filled by `rows` (an INSERT's source), synced push-only to
+/// list `L <name>` with `link` as a hyperlink, by a certificate pipeline: (table, list, file).
+async fn linked_table(h: &mut Harness, rows: &str) -> (String, String, PathBuf) {
+    let t = h.t("t");
+    h.sql(&format!(
+        "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, link text);
+         INSERT INTO public.{t} {rows};"
+    ))
+    .await;
+    h.tables.push(format!("public.{t}"));
+    let list = format!("L {}", h.name);
+    let sync = format!(
+        "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      link: {{ field: Link, type: hyperlink }}\n    pull: {{ enabled: false }}"
+    );
+    let file = pipeline(h, &sync, true);
+    (t, list, file)
+}
+
 /// The `Link` value of the item of row `key`: `Some((url, description))`, `None` when empty.
 async fn link(h: &Harness, list: &str, key: &str) -> Option<Option<(String, String)>> {
     let item = h.item(list, key).await?;
@@ -85,21 +105,13 @@ fn url(u: &str) -> Option<Option<(String, String)>> {
 async fn hyperlinks_reach_the_list_through_sharepoint_rest_with_a_certificate() {
     hard_timeout(180, async {
         let mut h = harness("hyper").await;
-        let t = h.t("t");
-        h.sql(&format!(
-            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, link text);
-             INSERT INTO public.{t} VALUES
-               (1, 'one', 'https://example.org/one'),
-               (2, 'two', 'https://example.org/a,b?q=1'),
-               (3, 'three', NULL);"
-        ))
+        let (t, list, file) = linked_table(
+            &mut h,
+            "VALUES (1, 'one', 'https://example.org/one'),
+                    (2, 'two', 'https://example.org/a,b?q=1'),
+                    (3, 'three', NULL)",
+        )
         .await;
-        h.tables.push(format!("public.{t}"));
-        let list = format!("L {}", h.name);
-        let sync = format!(
-            "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      link: {{ field: Link, type: hyperlink }}\n    pull: {{ enabled: false }}"
-        );
-        let file = pipeline(&h, &sync, true);
         let (code, out, err) = h.cli(&["validate", file.to_str().unwrap()]).await;
         assert_eq!(code, 0, "validate with a certificate: {out}{err}");
         // The emulator's default: Graph refuses hyperlink writes, as SharePoint Online does.
@@ -135,13 +147,12 @@ async fn hyperlinks_reach_the_list_through_sharepoint_rest_with_a_certificate() 
 
         // Graph refused nothing (the hyperlinks never went to it) and nothing was dead-lettered.
         let stats = h.stats().await;
-        assert_eq!(
-            stats["requests"]["by_status"].get("400"),
-            None,
-            "{stats:#}"
-        );
+        assert_eq!(stats["requests"]["by_status"].get("400"), None, "{stats:#}");
         let dead = h
-            .metric("syncbridge_push_dead_letters_total", &[&format!("pipeline=\"{}\"", h.name)])
+            .metric(
+                "syncbridge_push_dead_letters_total",
+                &[&format!("pipeline=\"{}\"", h.name)],
+            )
             .await;
         assert_eq!(dead, 0.0, "{}", h.run_log());
         h.stop().await;
@@ -195,6 +206,92 @@ async fn with_only_a_client_secret_validate_fails_and_sharepoint_refuses_the_tok
             }
             other => panic!("expected a 401, got {other:?}"),
         }
+    })
+    .await;
+}
+
+/// Runs `syncbridge run` with the crash point between a write's Graph half and its REST half
+/// armed; waits until it aborts there and returns its output.
+async fn run_until_crash_before_rest(h: &Harness, file: &Path, n: u32) -> String {
+    let log = h.dir.path().join(format!("crash-{n}.log"));
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .arg(file)
+        .env("RUST_LOG", "info")
+        .env("SYNCBRIDGE_FAILPOINTS", "push.before_rest=1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start syncbridge run");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no crash:\n{}", std::fs::read_to_string(&log).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("failpoint push.before_rest: aborting"),
+        "{out}"
+    );
+    out
+}
+
+/// A crash between the Graph write and the REST write loses no hyperlink: after the create
+/// (item made, link not yet set) and after an update (title written, link not yet), the
+/// restarted process sets the link, and no row has two items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_graph_write_and_the_rest_write_loses_no_hyperlink() {
+    hard_timeout(240, async {
+        let mut h = harness("hypercrash").await;
+        let (t, list, file) = linked_table(
+            &mut h,
+            "SELECT g, 'row ' || g, 'https://example.org/' || g FROM generate_series(1, 5) g",
+        )
+        .await;
+
+        // Crash after the creates: the items exist, their links do not yet.
+        run_until_crash_before_rest(&h, &file, 1).await;
+        let items = h.items(&list).await;
+        assert!(!items.is_empty(), "the crash came before any create");
+        assert!(
+            items.iter().all(|(_, f)| f.get("Link").is_none()),
+            "a link was set before the crash point: {items:?}"
+        );
+        h.start(&file);
+        h.wait_for("every link after the restart", || async {
+            let items = h.items(&list).await;
+            items.len() == 5
+                && items.iter().all(|(k, f)| {
+                    f.get("Link").and_then(|l| l["Url"].as_str())
+                        == Some(format!("https://example.org/{k}").as_str())
+                })
+        })
+        .await;
+        h.stop().await;
+
+        // Crash after an update's Graph half: the title changed, the link not yet.
+        h.sql(&format!(
+            "UPDATE public.{t} SET title = 'moved', link = 'https://example.org/moved' WHERE id = 2;"
+        ))
+        .await;
+        run_until_crash_before_rest(&h, &file, 2).await;
+        let two = h.item(&list, "2").await.unwrap();
+        assert_eq!(two["Title"], "moved");
+        assert_eq!(two["Link"]["Url"], "https://example.org/2");
+        h.start(&file);
+        h.wait_for("the updated link after the restart", || async {
+            link(&h, &list, "2").await == url("https://example.org/moved")
+        })
+        .await;
+        assert_eq!(h.items(&list).await.len(), 5);
+        h.stop().await;
     })
     .await;
 }

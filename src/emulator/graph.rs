@@ -1030,24 +1030,7 @@ fn list_items(
 fn get_item(env: &Env, site: &Site, list: &List, id: u64, q: &Query) -> GraphResult {
     let item = list.items.get(&id).ok_or_else(item_not_found)?;
     let (sel, _) = expand_fields(q);
-    let mut v = item_json(
-        site,
-        list,
-        item,
-        &env.render,
-        &ItemView {
-            fields: sel.as_ref(),
-            last_modified_by: true,
-        },
-    );
-    with_context(
-        &mut v,
-        format!(
-            "{}/lists('{}')/items/$entity",
-            site_ctx(env, site),
-            list.meta.id
-        ),
-    );
+    let v = item_entity(env, site, list, item, sel.as_ref());
     Ok(Reply::json(200, v))
 }
 
@@ -1108,26 +1091,10 @@ fn create_item(
     let site = &st.sites[si];
     let list = &site.lists[li];
     let item = list.items.get(&id).ok_or_else(item_not_found)?;
-    let all = FieldSel::All;
-    let mut v = item_json(
-        site,
-        list,
-        item,
-        &env.render,
-        &ItemView {
-            fields: Some(&all),
-            last_modified_by: true,
-        },
-    );
-    with_context(
-        &mut v,
-        format!(
-            "{}/lists('{}')/items/$entity",
-            site_ctx(env, site),
-            list.meta.id
-        ),
-    );
-    Ok(Reply::json(201, v))
+    Ok(Reply::json(
+        201,
+        item_entity(env, site, list, item, Some(&FieldSel::All)),
+    ))
 }
 
 /// Keeps the unique-value indexes in step with an item write (`old` = state before).
@@ -1202,27 +1169,41 @@ fn update_item(
         with_context(&mut v, fields_ctx(env, site, list, id));
         Ok(Reply::json(200, v))
     } else {
-        let all = FieldSel::All;
-        let mut v = item_json(
-            site,
-            list,
-            item,
-            &env.render,
-            &ItemView {
-                fields: Some(&all),
-                last_modified_by: true,
-            },
-        );
-        with_context(
-            &mut v,
-            format!(
-                "{}/lists('{}')/items/$entity",
-                site_ctx(env, site),
-                list.meta.id
-            ),
-        );
-        Ok(Reply::json(200, v))
+        Ok(Reply::json(
+            200,
+            item_entity(env, site, list, item, Some(&FieldSel::All)),
+        ))
     }
+}
+
+/// An item with the `fields` selected and `lastModifiedBy`, as a GET, a create or a PATCH of
+/// the item answers.
+fn item_entity(
+    env: &Env,
+    site: &Site,
+    list: &List,
+    item: &Item,
+    fields: Option<&FieldSel>,
+) -> Value {
+    let mut v = item_json(
+        site,
+        list,
+        item,
+        &env.render,
+        &ItemView {
+            fields,
+            last_modified_by: true,
+        },
+    );
+    with_context(
+        &mut v,
+        format!(
+            "{}/lists('{}')/items/$entity",
+            site_ctx(env, site),
+            list.meta.id
+        ),
+    );
+    v
 }
 
 /// Applies validated `changes` to item `id` of list `li` of site `si` as one new version by

@@ -9,7 +9,9 @@
 //!
 //! Contract:
 //! - **Auth**: client credentials with a secret or a certificate ([`auth`]); the token is cached and refreshed ahead of
-//!   expiry; a 401 invalidates it, refreshes once and retries the request once.
+//!   expiry; a 401 invalidates it, refreshes once and retries the request once. SharePoint REST calls
+//!   ([`sharepoint`], hyperlink writes) carry a token for the site host's resource instead, one provider per
+//!   scope, cached and refreshed the same way.
 //! - **Rate**: every request is priced in resource units and admitted by the tenant's shared
 //!   [`TenantLimiter`] (one per tenant per process via [`LimiterRegistry`]); a 429/503 pauses the
 //!   whole tenant for `Retry-After` (the larger of it and `RateLimit-Reset`); `RateLimit-*` teach

@@ -92,6 +92,10 @@ impl<L: EventLog + 'static> Processor<L> {
             }
         }
         let rest: Vec<Vec<(String, String)>> = split.into_iter().map(|(_, r)| r).collect();
+        if rest.iter().any(|r| !r.is_empty()) {
+            // Between the two halves of a write: the crash `rest` must survive.
+            self.failpoints.hit("push.before_rest");
+        }
         self.write_rest(ops, &rest, outcomes).await
     }
 

@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use syncbridge::config::{GraphCredential, Secret};
 use syncbridge::emulator::{self, EmulatorArgs};
-use syncbridge::graph::GraphError;
 use syncbridge::graph::sharepoint::SharePointSite;
+use syncbridge::graph::{
+    ColumnDefinition, GraphClient, GraphClientConfig, GraphError, LimiterRegistry,
+};
 
 mod common;
 #[path = "common/harness.rs"]
@@ -292,6 +295,88 @@ async fn a_crash_between_the_graph_write_and_the_rest_write_loses_no_hyperlink()
         .await;
         assert_eq!(h.items(&list).await.len(), 5);
         h.stop().await;
+    })
+    .await;
+}
+
+/// The client against the emulator's REST directly, with the certificate: the SharePoint token is
+/// fetched once beside Graph's and cached; each call is priced by the tenant limiter like a
+/// Graph write; an answer with a refused field (HTTP 200) is an error naming the field, and the
+/// accepted field of the same call is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_call_is_priced_token_cached_and_every_entry_is_read() {
+    hard_timeout(60, async {
+        let h = harness("hyperclient").await;
+        let base = h.emu.base_url();
+        let mut gc = syncbridge::config::GraphConfig {
+            credential: GraphCredential::ClientCertificate {
+                cert: fixture("app-cert.pem"),
+                key: Secret::new(fixture("app-key.pem").display().to_string()),
+            },
+            ..h.graph_config.clone()
+        };
+        gc.sharepoint_url = Some(base.parse().unwrap());
+        let c = GraphClient::new(GraphClientConfig::from(&gc), &LimiterRegistry::new()).unwrap();
+        let site = c.resolve_site(emulator::DEFAULT_SITE).await.unwrap();
+        let list = c
+            .create_list(
+                &site.id,
+                &format!("R {}", h.name),
+                &[
+                    ColumnDefinition::new("Link", "hyperlinkOrPicture", serde_json::json!({})),
+                    ColumnDefinition::new("Qty", "number", serde_json::json!({})),
+                ],
+            )
+            .await
+            .unwrap();
+        let mut fields = serde_json::Map::new();
+        fields.insert("Title".into(), "x".into());
+        let item = c.create_item(&site.id, &list.id, &fields).await.unwrap();
+        assert_eq!(c.tokens_fetched(), 1);
+        let sp = SharePointSite::new(site.web_url.as_deref().unwrap(), gc.sharepoint_url.as_ref())
+            .unwrap();
+        let before = c.usage();
+        let values = [("Link".to_string(), "https://example.org/r, R".to_string())];
+        c.validate_update_list_item(&sp, &list.id, &item.id, &values)
+            .await
+            .unwrap();
+        c.validate_update_list_item(&sp, &list.id, &item.id, &values)
+            .await
+            .unwrap();
+        let after = c.usage();
+        assert_eq!(c.tokens_fetched(), 2, "one SharePoint token, cached");
+        assert_eq!(after.requests - before.requests, 2);
+        assert_eq!(
+            after.resource_units - before.resource_units,
+            4,
+            "2 RU per write"
+        );
+
+        // One refused field (Qty is a number): HTTP 200, but the call is an error naming it,
+        // and the hyperlink of the same call was applied.
+        let e = c
+            .validate_update_list_item(
+                &sp,
+                &list.id,
+                &item.id,
+                &[
+                    ("Link".to_string(), "https://example.org/s, S".to_string()),
+                    ("Qty".to_string(), "many".to_string()),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("field Qty refused"), "{e}");
+        let got = c
+            .get_item(&site.id, &list.id, &item.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.fields["Link"],
+            serde_json::json!({"Url": "https://example.org/s", "Description": "S"})
+        );
     })
     .await;
 }

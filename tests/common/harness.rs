@@ -23,6 +23,8 @@ pub struct Harness {
     pub emu: RunningEmulator,
     pub admin: reqwest::Client,
     pub graph: GraphClient,
+    /// The settings of `graph` (the app's client secret).
+    pub graph_config: GraphConfig,
     /// A person's client: its writes are attributed to a user, like edits in the browser.
     pub person: GraphClient,
     pub site: String,
@@ -96,6 +98,7 @@ impl Harness {
             emu,
             admin: reqwest::Client::new(),
             graph,
+            graph_config: gc,
             person,
             site,
             db,

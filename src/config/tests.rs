@@ -558,6 +558,48 @@ fn graph_signs_in_with_exactly_one_of_a_secret_and_a_certificate() {
     );
 }
 
+/// A pushed hyperlink is written through SharePoint REST, which refuses a client secret's
+/// app-only token: the file is refused at the secret, naming the field and the reason, unless
+/// the field is pull-only, a certificate signs in, or `graph.hyperlinks: graph`.
+#[test]
+fn a_pushed_hyperlink_needs_a_certificate_and_sharepoint_url_is_checked() {
+    let base = with_on_delete("delete").replace(
+        "      name: Title\n",
+        "      name: Title\n      home: { field: Home, type: hyperlink }\n",
+    );
+    let got = all_problems(&base);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].starts_with(
+            "t.yaml:8:18: hyperlink field `Home` of public.t is written through SharePoint REST"
+        ) && got[0].contains("Unsupported app only token")
+            && got[0].contains("use `graph.client_certificate`"),
+        "{got:#?}"
+    );
+    let cert = "  client_certificate:\n    cert: /etc/sb/app.pem\n    key: /etc/sb/app.key\n";
+    let ok = |text: &str| load_str("t.yaml", text, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    let c = ok(&base.replace("  client_secret: s\n", cert));
+    assert_eq!(c.graph.hyperlinks, HyperlinkWrites::SharepointRest);
+    assert_eq!(c.graph.sharepoint_url, None);
+    ok(&base.replace("type: hyperlink", "type: hyperlink, direction: pull_only"));
+    let via_graph = ok(&base.replace(
+        "  site: contoso.sharepoint.com:/sites/ops\n",
+        "  site: contoso.sharepoint.com:/sites/ops\n  hyperlinks: graph\n  sharepoint_url: http://127.0.0.1:8919\n",
+    ));
+    assert_eq!(via_graph.graph.hyperlinks, HyperlinkWrites::Graph);
+    assert_eq!(
+        via_graph.graph.sharepoint_url.map(|u| u.to_string()),
+        Some("http://127.0.0.1:8919/".to_string())
+    );
+    let bad = base.replace(
+        "  site: contoso.sharepoint.com:/sites/ops\n",
+        "  site: contoso.sharepoint.com:/sites/ops\n  hyperlinks: rest\n  sharepoint_url: nope\n",
+    );
+    let got = all_problems(&bad).join("\n");
+    assert!(got.contains("graph.sharepoint_url"), "{got}");
+    assert!(got.contains("`graph.hyperlinks`: unknown value"), "{got}");
+}
+
 #[test]
 fn schedules_are_read_and_every_problem_is_placed() {
     let base = with_on_delete("delete");

@@ -158,6 +158,15 @@ async fn hyperlinks_reach_the_list_through_sharepoint_rest_with_a_certificate() 
             )
             .await;
         assert_eq!(dead, 0.0, "{}", h.run_log());
+        // Creates: 2 (the NULL link is left out of a create); updates: 3 changed links and the
+        // new row. Each one REST call.
+        let rest = h
+            .metric(
+                "syncbridge_push_rest_writes_total",
+                &[&format!("pipeline=\"{}\"", h.name), "outcome=\"ok\""],
+            )
+            .await;
+        assert_eq!(rest, 6.0, "REST writes\n{}", h.run_log());
         h.stop().await;
     })
     .await;

@@ -83,6 +83,9 @@ pub const LOG_COMMITS_TOTAL: &str = "syncbridge_log_commits_total";
 pub const PUSH_EVENTS_TOTAL: &str = "syncbridge_push_events_total";
 /// Counter of Graph writes by the push processor, labels `pipeline`, `kind` (create/update/delete), `outcome` (ok/adopted/not_found/rejected/transient).
 pub const PUSH_WRITES_TOTAL: &str = "syncbridge_push_writes_total";
+/// Counter of SharePoint REST writes of hyperlink fields (after the Graph write of the item),
+/// labels `pipeline`, `outcome` (ok/refused/transient).
+pub const PUSH_REST_WRITES_TOTAL: &str = "syncbridge_push_rest_writes_total";
 /// Counter of row changes that needed no write, labels `pipeline`, `reason` (unchanged/own_origin/stale).
 pub const PUSH_SKIPPED_TOTAL: &str = "syncbridge_push_skipped_total";
 /// Counter of events merged into an already pending write of the same row, label `pipeline`.
@@ -205,6 +208,9 @@ pub fn init_pipeline(pipeline: &str, pulls: bool) {
         for outcome in ["ok", "rejected"] {
             zero(PUSH_WRITES_TOTAL, &[("kind", kind), ("outcome", outcome)]);
         }
+    }
+    for outcome in ["ok", "refused", "transient"] {
+        zero(PUSH_REST_WRITES_TOTAL, &[("outcome", outcome)]);
     }
     for reason in ["unchanged", "own_origin", "stale"] {
         zero(PUSH_SKIPPED_TOTAL, &[("reason", reason)]);
@@ -474,6 +480,12 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         PUSH_WRITES_TOTAL,
         Some(Unit::Count),
         "Graph writes of the push processor (labels: pipeline, kind, outcome).",
+    ),
+    (
+        Counter,
+        PUSH_REST_WRITES_TOTAL,
+        Some(Unit::Count),
+        "SharePoint REST writes of hyperlink fields (labels: pipeline, outcome).",
     ),
     (
         Counter,

@@ -23,6 +23,7 @@ use crate::graph::sharepoint::{SharePointSite, hyperlink_form_value};
 use crate::log::EventLog;
 use crate::process::audit::GraphTrace;
 use crate::process::ledger::split_key;
+use crate::telemetry::metrics as m;
 
 impl<L: EventLog + 'static> Processor<L> {
     /// Splits an op's fields into those Graph writes and the SharePoint REST form values of the
@@ -103,6 +104,13 @@ impl<L: EventLog + 'static> Processor<L> {
             .await;
         for (i, answer) in answers {
             let (outcome, trace) = &mut outcomes[i];
+            let label = match &answer {
+                Ok(_) => "ok",
+                Err(e) if e.is_retryable() => "transient",
+                Err(_) => "refused",
+            };
+            metrics::counter!(m::PUSH_REST_WRITES_TOTAL, "pipeline" => self.cfg.pipeline.name.clone(), "outcome" => label)
+                .increment(1);
             match answer {
                 Ok((_, lineage)) => {
                     forget_etag(outcome);

@@ -74,6 +74,11 @@ fn pipeline(h: &Harness, sync: &str, certificate: bool) -> PathBuf {
 /// Table `<name>_t (id, title, link)` filled by `rows` (an INSERT's source), synced push-only to
 /// list `L <name>` with `link` as a hyperlink, by a certificate pipeline: (table, list, file).
 async fn linked_table(h: &mut Harness, rows: &str) -> (String, String, PathBuf) {
+    linked_table_pulled(h, rows, false).await
+}
+
+/// [`linked_table`], two-way when `pull` (polled every 300 ms).
+async fn linked_table_pulled(h: &mut Harness, rows: &str, pull: bool) -> (String, String, PathBuf) {
     let t = h.t("t");
     h.sql(&format!(
         "CREATE TABLE public.{t} (id bigint PRIMARY KEY, title text NOT NULL, link text);
@@ -83,7 +88,7 @@ async fn linked_table(h: &mut Harness, rows: &str) -> (String, String, PathBuf) 
     h.tables.push(format!("public.{t}"));
     let list = format!("L {}", h.name);
     let sync = format!(
-        "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      link: {{ field: Link, type: hyperlink }}\n    pull: {{ enabled: false }}"
+        "  - table: public.{t}\n    list: {list}\n    fields:\n      title: Title\n      link: {{ field: Link, type: hyperlink }}\n    pull: {{ enabled: {pull}, interval_ms: 300 }}"
     );
     let file = pipeline(h, &sync, true);
     (t, list, file)
@@ -386,6 +391,58 @@ async fn the_rest_call_is_priced_token_cached_and_every_entry_is_read() {
             got.fields["Link"],
             serde_json::json!({"Url": "https://example.org/s", "Description": "S"})
         );
+    })
+    .await;
+}
+
+/// Two-way: the hyperlinks written through REST are not taken for a person's edit (the row keeps
+/// its value), and a person's edit of another field comes into the row with the link kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_way_table_keeps_its_links_and_pulls_other_edits() {
+    hard_timeout(120, async {
+        let mut h = harness("hyperpull").await;
+        let (t, list, file) =
+            linked_table_pulled(&mut h, "VALUES (1, 'one', 'https://example.org/one')", true).await;
+        h.start(&file);
+        h.wait_for("the link", || async {
+            link(&h, &list, "1").await == url("https://example.org/one")
+        })
+        .await;
+        h.sql(&format!(
+            "UPDATE public.{t} SET link = 'https://example.org/one-v2' WHERE id = 1;"
+        ))
+        .await;
+        h.wait_for("the updated link", || async {
+            link(&h, &list, "1").await == url("https://example.org/one-v2")
+        })
+        .await;
+        h.person_edit(
+            &list,
+            "1",
+            serde_json::json!({ "Title": "edited in the list" }),
+        )
+        .await;
+        let row = || async {
+            let r =
+                h.db.query_one(
+                    &format!("SELECT title, link FROM public.{t} WHERE id = 1"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, String>(0), r.get::<_, Option<String>>(1))
+        };
+        h.wait_for("the person's edit in the row", || async {
+            row().await.0 == "edited in the list"
+        })
+        .await;
+        assert_eq!(row().await.1.as_deref(), Some("https://example.org/one-v2"));
+        assert_eq!(
+            link(&h, &list, "1").await,
+            url("https://example.org/one-v2")
+        );
+        assert_eq!(h.items(&list).await.len(), 1);
+        h.stop().await;
     })
     .await;
 }

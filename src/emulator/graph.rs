@@ -92,7 +92,14 @@ fn execute_with(
         .or_default()
         .entry(call.method.clone())
         .or_default() += 1;
-    let reply = execute_inner(st, env, ids, caller, call, handler);
+    let reply = match admit(st, env, ids, caller, call) {
+        Ok(extra) => {
+            let mut reply = handler(st, env, caller, call).unwrap_or_else(|e| e.into_reply(ids));
+            reply.headers.extend(extra);
+            reply
+        }
+        Err(refused) => refused,
+    };
     *st.stats.by_status.entry(reply.status).or_default() += 1;
     st.stats.requests.push(super::state::LoggedRequest {
         at_ms: env.now_ms,
@@ -106,14 +113,11 @@ fn execute_with(
     reply
 }
 
-fn execute_inner(
-    st: &mut State,
-    env: &Env,
-    ids: &Ids,
-    caller: &Caller,
-    call: &Call,
-    handler: Handler,
-) -> Reply {
+/// Injected faults and the RU budget: the headers to add to the answer, or the answer instead
+/// of the handler's (503, 429).
+type Admission = Result<Vec<(String, String)>, Reply>;
+
+fn admit(st: &mut State, env: &Env, ids: &Ids, caller: &Caller, call: &Call) -> Admission {
     let retry = st.faults.spec.retry_after_secs.unwrap_or(1).to_string();
     let (u, t) = (
         st.faults.spec.unavailable_rate,
@@ -121,34 +125,27 @@ fn execute_inner(
     );
     if st.faults.draw(u) {
         st.faults.injected_unavailable += 1;
-        return GraphError::new(
+        return Err(GraphError::new(
             503,
             "serviceNotAvailable",
             "The service is temporarily unavailable. Please retry.",
         )
         .with_header("Retry-After", retry)
-        .into_reply(ids);
+        .into_reply(ids));
     }
     if st.faults.draw(t) {
         st.faults.injected_throttles += 1;
-        return throttled_error(retry.clone(), vec![("Retry-After".into(), retry)]).into_reply(ids);
+        let e = throttled_error(retry.clone(), vec![("Retry-After".into(), retry)]);
+        return Err(e.into_reply(ids));
     }
     let cost = ru_cost(call);
-    let extra = match st.throttle.charge(&caller.app_key, cost, env.now_ms) {
-        Charge::Allowed(h) => h,
+    match st.throttle.charge(&caller.app_key, cost, env.now_ms) {
+        Charge::Allowed(h) => Ok(h),
         Charge::Throttled {
             retry_after,
             headers,
-        } => {
-            return throttled_error(retry_after.to_string(), headers).into_reply(ids);
-        }
-    };
-    let mut reply = match handler(st, env, caller, call) {
-        Ok(r) => r,
-        Err(e) => e.into_reply(ids),
-    };
-    reply.headers.extend(extra);
-    reply
+        } => Err(throttled_error(retry_after.to_string(), headers).into_reply(ids)),
+    }
 }
 
 fn throttled_error(_retry: String, headers: Vec<(String, String)>) -> GraphError {

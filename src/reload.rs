@@ -120,7 +120,8 @@ pub fn compare(
                 let new_tables = p
                     .sync
                     .iter()
-                    .filter(|e| !old.sync.iter().any(|o| o.table == e.table))
+                    // Query sources are polled: nothing to add to the publication.
+                    .filter(|e| e.query.is_none() && !old.sync.iter().any(|o| o.table == e.table))
                     .map(|e| e.table.clone())
                     .collect();
                 changes.push(PipelineChange {

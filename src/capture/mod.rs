@@ -86,6 +86,7 @@ mod decode;
 pub mod error;
 pub mod failover;
 pub mod log_sink;
+pub mod query;
 pub mod resnapshot;
 mod run;
 mod session;

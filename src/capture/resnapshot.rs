@@ -342,6 +342,7 @@ impl Job {
         }
         let qualified = self.table.spec.qualified();
         let source = Source {
+            connector: crate::event::change::CONNECTOR_WAL,
             pipeline: pipeline.to_string(),
             db: db.to_string(),
             lsn,

@@ -477,6 +477,14 @@ impl SyncEntry {
 /// the names of query sources' topics and ledger keys.
 pub const QUERY_SCHEMA: &str = "query";
 
+/// Whether `schema.table` names a query source (its schema is [`QUERY_SCHEMA`], which `table:`
+/// entries may not use).
+pub fn is_query_table(qualified: &str) -> bool {
+    qualified
+        .split_once('.')
+        .is_some_and(|(schema, _)| schema == QUERY_SCHEMA)
+}
+
 /// The [`TableName`] a query source's events carry: `query.<list slug>` (lower-case ASCII
 /// letters, digits and `_`). Derived from the list, which belongs to one entry, so it stays the
 /// same when entries are reordered (the ledger and the topic are keyed by it).

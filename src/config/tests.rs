@@ -925,6 +925,12 @@ fn query_source_problems_are_all_reported_at_their_place() {
             .any(|p| p.contains("`sync[0].poll.cursor.lookback` is for `kind: timestamp`")),
         "{got:#?}"
     );
+    // The schema of query sources' names is not a table's.
+    assert!(
+        all_problems(&with_entry("    table: query.x\n"))
+            .iter()
+            .any(|p| p.contains("schema `query` is reserved")),
+    );
     // Neither table nor query.
     assert!(
         all_problems(&with_entry(""))

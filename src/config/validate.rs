@@ -957,6 +957,16 @@ fn check_entry(
 /// `table:`, schema-qualified.
 fn check_table(r: &mut Reader, t: &Sp<String>, path: &str) -> Option<TableName> {
     match t.value.trim().split_once('.') {
+        Some((QUERY_SCHEMA, _)) => {
+            r.issues.push((
+                t.loc,
+                format!(
+                    "`{path}.table`: schema `{QUERY_SCHEMA}` is reserved for the names of query \
+                     sources' events; sync that table through a `query:` instead"
+                ),
+            ));
+            None
+        }
         Some((schema, name)) if is_pg_ident(schema) && is_pg_ident(name) => Some(TableName {
             schema: schema.to_owned(),
             name: name.to_owned(),

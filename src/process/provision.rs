@@ -299,7 +299,8 @@ pub async fn provision(
                         .changes
                         .added
                         .push(column_ref(list, Some(table), &col));
-                    if m.direction != Direction::PullOnly {
+                    // A query source's first read after the start emits every row anyway.
+                    if m.direction != Direction::PullOnly && !crate::config::is_query_table(table) {
                         targets.changes.refill.insert(table.to_string());
                     }
                 }

@@ -252,3 +252,44 @@ async fn validate_db_runs_the_query_and_checks_key_and_cursor() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_replicates_its_tables_and_polls_its_queries_side_by_side() {
+    hard_timeout(120, async {
+        let mut h = Harness::new("qmixed").await;
+        let (t, list) = h.titled_table(20).await;
+        let top = format!("Top {}", h.name);
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}\n  - query: SELECT id, upper(title) AS title FROM public.{t} WHERE id <= 5\n    key: [id]\n    list: {top}\n    fields: {{ title: Title }}\n    poll: {{ every: 1s, full: true }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        h.start(&file);
+        let titles = |list: String| {
+            let h = &h;
+            async move {
+                let mut v: Vec<(i64, String)> = rows(h, &list)
+                    .await
+                    .into_iter()
+                    .map(|(k, t, _)| (k, t))
+                    .collect();
+                v.sort();
+                v
+            }
+        };
+        h.wait_for("the table's 20 rows and the query's 5", || async {
+            titles(list.clone()).await.len() == 20 && titles(top.clone()).await.len() == 5
+        })
+        .await;
+        h.sql(&format!("UPDATE public.{t} SET title = 'new' WHERE id = 2; DELETE FROM public.{t} WHERE id = 4"))
+            .await;
+        h.wait_for("the update and the delete in both lists", || async {
+            let (all, top) = (titles(list.clone()).await, titles(top.clone()).await);
+            all.len() == 19
+                && all.contains(&(2, "new".into()))
+                && top == [(1, "ROW 1".into()), (2, "NEW".into()), (3, "ROW 3".into()), (5, "ROW 5".into())]
+        })
+        .await;
+        h.stop().await;
+    })
+    .await;
+}

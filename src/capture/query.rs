@@ -18,7 +18,8 @@
 //! query source in the pipeline's state directory). A row read again unchanged is not emitted
 //! again, so an unchanged read costs neither log space nor Graph writes; the first read of each
 //! source after a start emits every row it reads (the ledger absorbs them: 0 writes), so a
-//! mapping changed while stopped reaches the rows that did not change.
+//! mapping changed while stopped reaches the rows that did not change; with `full_every` that
+//! first read is a full one, so it reaches every row.
 //!
 //! # Modes (`poll:`)
 //! - `full: true`: every `every`, the whole result is read; vanished keys become deletes.
@@ -310,14 +311,18 @@ impl Poller {
         self.entry.table.to_string()
     }
 
-    /// A full read now: always without a cursor, else when `full_every` has passed.
+    /// A full read now: always without a cursor, else first after a start (it emits every row,
+    /// see `emit_all`) and whenever `full_every` has passed.
     fn full_due(&self, now_ms: i64) -> bool {
         let q = &self.entry.query;
         match (&q.cursor, q.full_every) {
             (None, _) => true,
-            (Some(_), Some(every)) => self
-                .last_full_ms
-                .is_none_or(|last| now_ms - last >= every.as_millis() as i64),
+            (Some(_), Some(every)) => {
+                (self.emit_all && self.cursor.is_some())
+                    || self
+                        .last_full_ms
+                        .is_none_or(|last| now_ms - last >= every.as_millis() as i64)
+            }
             (Some(_), None) => false,
         }
     }
@@ -651,6 +656,25 @@ mod tests {
             replica_identity: 'd',
             version: 1,
         })
+    }
+
+    #[test]
+    fn a_cursor_source_reads_in_full_first_after_a_start_and_then_every_full_every() {
+        let mut p = poller(Some(QueryCursor {
+            column: "n".into(),
+            kind: CursorKind::Incrementing,
+            lookback: Duration::ZERO,
+        }));
+        p.entry.query.full_every = Some(Duration::from_secs(60));
+        p.cursor = Some("7".into());
+        p.last_full_ms = Some(1_000);
+        p.emit_all = true;
+        assert!(p.full_due(1_001), "first read after a start");
+        p.emit_all = false;
+        assert!(!p.full_due(1_001));
+        assert!(p.full_due(61_000), "full_every passed");
+        p.entry.query.full_every = None;
+        assert!(!p.full_due(1_000_000), "no full reads without full_every");
     }
 
     #[test]

@@ -666,10 +666,17 @@ async fn start_one(
         meta::runs::STREAM_UPDATE_INTERVAL,
     ));
     let capture_stop = CancellationToken::new();
+    // Query sources are re-read by their poller (see `capture::query`).
     let tables = capture_config
         .tables
         .iter()
         .map(|t| t.qualified())
+        .chain(
+            p.sync
+                .iter()
+                .filter(|e| e.query.is_some())
+                .map(|e| e.table.to_string()),
+        )
         .collect();
     let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
     let resnapshots = handle.subscribe();
@@ -716,21 +723,32 @@ async fn start_one(
     if !capture_config.failover_urls.is_empty() {
         capture_config.failover_reports = Some(follow_failovers(p, &log, notifier.clone()));
     }
-    // Replication for the tables (none when every entry is a query), polling for the queries.
+    // Replication for the tables (none when every entry is a query), polling for the queries;
+    // each takes the re-snapshot requests for its own sources.
+    let queries = capture::query::QueryPollConfig::new(&p.name, &p.source, &p.sync, state_dir(p));
+    let (table_requests, query_requests) =
+        match (capture_config.tables.is_empty(), queries.entries.is_empty()) {
+            (false, false) => {
+                let (t, q) = requests.split(config::is_query_table);
+                (Some(t), Some(q))
+            }
+            (true, _) => (None, Some(requests)),
+            (false, true) => (Some(requests), None),
+        };
     let replication = (!capture_config.tables.is_empty()).then(|| {
         tokio::spawn(capture::run_with_control(
             capture_config,
             sink,
             progress,
-            Some(requests),
+            table_requests,
             capture_stop.clone(),
         ))
     });
-    let queries = capture::query::QueryPollConfig::new(&p.name, &p.source, &p.sync, state_dir(p));
     let polling = (!queries.entries.is_empty()).then(|| {
         tokio::spawn(capture::query::run(
             queries,
             log_sink(p, &log),
+            query_requests,
             capture_stop.clone(),
         ))
     });

@@ -289,6 +289,36 @@ async fn a_pipeline_replicates_its_tables_and_polls_its_queries_side_by_side() {
                 && top == [(1, "ROW 1".into()), (2, "NEW".into()), (3, "ROW 3".into()), (5, "ROW 5".into())]
         })
         .await;
+        // The drift check reads the query like a table: clean, then the item a person deleted.
+        let clean = h.post_drift("drift").await;
+        assert_eq!(clean["differences"], serde_json::json!([]), "{clean:#}");
+        let (id, item) = (h.list_id(&top).await, h.item_id(&top, "3").await);
+        h.person.delete_item(&h.site, &id, &item, None).await.unwrap();
+        let report = h.post_drift("drift").await;
+        let found: Vec<(&str, &str, &str)> = report["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let s = |k: &str| d[k].as_str().unwrap_or("");
+                (s("class"), s("table"), s("key"))
+            })
+            .collect();
+        let table = format!("query.top_{}", h.name);
+        assert_eq!(found, [("missing", table.as_str(), "3")], "{report:#}");
+        // Healing re-reads the query (a full read emitting every row): the item is back.
+        let healed = h.post_drift("drift/heal").await;
+        assert_eq!(healed["healed"]["resnapshotted"], serde_json::json!([table]), "{healed:#}");
+        h.wait_for("the healed item", || async {
+            titles(top.clone()).await.contains(&(3, "ROW 3".into()))
+        })
+        .await;
+        // Re-snapshots of either kind of source reach the source that reads it.
+        let path = file.to_str().unwrap();
+        for table in [format!("public.{t}"), table.clone()] {
+            let (code, out, err) = h.cli(&["snapshot", path, "--table", &table, "--wait"]).await;
+            assert_eq!(code, 0, "{table}: {out}{err}");
+        }
         h.stop().await;
     })
     .await;

@@ -42,6 +42,11 @@
 //! Incrementing cursors (sequences) have the same hazard (a sequence value is taken before the
 //! commit); `full_every` covers them.
 //!
+//! # Re-snapshots
+//! A re-snapshot of a query source (`POST /pipelines/{name}/snapshot?table=query.<slug>`, a
+//! `resnapshot` job, drift heal, start-up repairs) is its next read made a full one, due at once,
+//! that emits every row; it is done when that read is durable.
+//!
 //! # One reader
 //! The poller holds the advisory lock `lock_key("query:<pipeline>")` on its connection, so only
 //! one process of a pipeline polls (others stand by and take over when it is gone).
@@ -60,6 +65,7 @@ use tracing::{info, warn};
 
 use super::catalog::{Catalog, quote_ident, quote_literal};
 use super::error::CaptureError;
+use super::resnapshot::{ResnapshotRequests, ResnapshotState};
 use super::sink::{EventSink, SinkError};
 use crate::config::{CursorKind, QuerySource, SourceConfig, SyncEntry, TableName};
 use crate::event::change::{ChangeEvent, Op, Relation, Row, Source, Value};
@@ -166,6 +172,7 @@ impl QueryError {
 pub async fn run<S: EventSink>(
     cfg: QueryPollConfig,
     mut sink: S,
+    mut requests: Option<ResnapshotRequests>,
     shutdown: CancellationToken,
 ) -> Result<(), QueryError> {
     let mut pollers = cfg
@@ -175,7 +182,7 @@ pub async fn run<S: EventSink>(
         .collect::<Result<Vec<_>, _>>()?;
     let mut backoff = MIN_BACKOFF;
     while !shutdown.is_cancelled() {
-        match session(&cfg, &mut pollers, &mut sink, &shutdown).await {
+        match session(&cfg, &mut pollers, &mut sink, &mut requests, &shutdown).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
                 warn!(pipeline = %cfg.pipeline, retry_in = ?backoff, "query sources: {e}");
@@ -196,6 +203,7 @@ async fn session<S: EventSink>(
     cfg: &QueryPollConfig,
     pollers: &mut [Poller],
     sink: &mut S,
+    requests: &mut Option<ResnapshotRequests>,
     shutdown: &CancellationToken,
 ) -> Result<(), QueryError> {
     let urls: Vec<&str> = cfg.source.instances().map(|u| u.expose()).collect();
@@ -224,8 +232,12 @@ async fn session<S: EventSink>(
     loop {
         let now = Instant::now();
         for p in pollers.iter_mut().filter(|p| p.due <= now) {
-            p.poll(&conn.client, &mut catalog, (&cfg.pipeline, &db), sink)
+            let emitted = p
+                .poll(&conn.client, &mut catalog, (&cfg.pipeline, &db), sink)
                 .await?;
+            if let (Some(id), Some(r)) = (p.reread.take(), requests.as_ref()) {
+                r.report(&id, ResnapshotState::Done, emitted, None);
+            }
             p.due = Instant::now() + p.entry.query.every;
         }
         let next = pollers
@@ -236,7 +248,34 @@ async fn session<S: EventSink>(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = conn.lost.cancelled() => return Err(QueryError::ConnectionLost),
+            Some((id, table)) = next_request(requests) => reread(pollers, requests, id, &table),
             _ = tokio::time::sleep_until(next) => {}
+        }
+    }
+}
+
+/// The next re-snapshot request (pending forever without a request channel).
+async fn next_request(requests: &mut Option<ResnapshotRequests>) -> Option<(String, String)> {
+    match requests.as_mut() {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A re-snapshot of a query source: its next read is a full one, due now, that emits every row
+/// (the request is done when that read is durable).
+fn reread(pollers: &mut [Poller], requests: &Option<ResnapshotRequests>, id: String, table: &str) {
+    let Some(r) = requests else { return };
+    match pollers.iter_mut().find(|p| p.table() == table) {
+        Some(p) => {
+            r.report(&id, ResnapshotState::Running, 0, None);
+            p.reread = Some(id);
+            p.emit_all = true;
+            p.due = Instant::now();
+        }
+        None => {
+            let why = format!("{table} is not a query source of this pipeline");
+            r.report(&id, ResnapshotState::Failed, 0, Some(why));
         }
     }
 }
@@ -264,6 +303,8 @@ struct Poller {
     rows: HashMap<Vec<String>, u64>,
     /// The first read after a start emits every row it reads (a changed mapping reaches them).
     emit_all: bool,
+    /// A re-snapshot in progress (its id): the next read is a full one.
+    reread: Option<String>,
     due: Instant,
 }
 
@@ -303,6 +344,7 @@ impl Poller {
             last_full_ms: state.last_full_ms,
             rows: state.rows.into_iter().collect(),
             emit_all: true,
+            reread: None,
             due: Instant::now(),
         })
     }
@@ -327,15 +369,16 @@ impl Poller {
         }
     }
 
+    /// One read; returns how many rows it emitted (`c`/`u` events).
     async fn poll<S: EventSink>(
         &mut self,
         client: &Client,
         catalog: &mut Catalog,
         (pipeline, db): (&str, &str),
         sink: &mut S,
-    ) -> Result<(), QueryError> {
+    ) -> Result<u64, QueryError> {
         let started_ms = super::now_ms();
-        let full = self.full_due(started_ms);
+        let full = self.reread.is_some() || self.full_due(started_ms);
         let rel = self.relation(client, catalog).await?;
         let sql = self.select_sql(&rel, full);
         let query_err = |source| QueryError::Query {
@@ -359,7 +402,9 @@ impl Poller {
         if read.null_keys > 0 {
             warn!(pipeline, table = %self.entry.table, rows = read.null_keys, "query source: rows with a NULL key column are skipped (a key must identify a row)");
         }
-        self.commit(read, full.then_some(started_ms))
+        let emitted = read.upserts.len() as u64;
+        self.commit(read, full.then_some(started_ms))?;
+        Ok(emitted)
     }
 
     /// The statement's columns as a relation (cached per shape by the catalog).
@@ -633,6 +678,7 @@ mod tests {
             last_full_ms: None,
             rows: HashMap::new(),
             emit_all: false,
+            reread: None,
             due: Instant::now(),
             entry,
         }

@@ -323,3 +323,89 @@ async fn a_pipeline_replicates_its_tables_and_polls_its_queries_side_by_side() {
     })
     .await;
 }
+
+/// Counts what the poller appends, by op code.
+#[derive(Clone, Default)]
+struct Counting(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>>);
+
+impl syncbridge::capture::EventSink for Counting {
+    async fn append(
+        &mut self,
+        events: &[syncbridge::event::change::ChangeEvent],
+    ) -> Result<(), syncbridge::capture::SinkError> {
+        let mut m = self.0.lock().unwrap();
+        for e in events {
+            *m.entry(e.op.code()).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Counting {
+    fn get(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// The poller alone on a 100,000-row view: the first full read emits every row, later full
+/// reads of the unchanged view emit nothing, a changed base row emits exactly its event. Prints
+/// how long the first read took (no assertion on time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_100k_row_view_emits_nothing_after_its_first_read() {
+    hard_timeout(240, async {
+        let mut h = Harness::new("q100k").await;
+        let (t, view) = (h.t("big"), h.t("bigv"));
+        h.sql(&format!(
+            "CREATE TABLE public.{t} (id bigint PRIMARY KEY, name text NOT NULL, n int NOT NULL);
+             INSERT INTO public.{t} SELECT g, 'row ' || g, g % 97 FROM generate_series(1, 100000) g;
+             CREATE VIEW public.{view} AS SELECT id, name, n * 2 AS n2 FROM public.{t};"
+        ))
+        .await;
+        h.tables.push(format!("public.{t}"));
+        let _views = Views(vec![format!("public.{view}")]);
+        let sync = format!(
+            "  - query: SELECT * FROM public.{view}\n    key: [id]\n    list: Big\n    fields: {{ name: Title }}\n    poll: {{ every: 1s, full: true }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let p = syncbridge::config::load_files(&[file]).unwrap().remove(0);
+        let cfg = syncbridge::capture::query::QueryPollConfig::new(
+            &p.name,
+            &p.source,
+            &p.sync,
+            h.dir.path().join("state"),
+        );
+        let sink = Counting::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let started = std::time::Instant::now();
+        let task = tokio::spawn(syncbridge::capture::query::run(
+            cfg,
+            sink.clone(),
+            None,
+            stop.clone(),
+        ));
+        h.wait_for_secs("the first read's 100,000 events", 120, || async {
+            sink.get().values().sum::<usize>() >= 100_000
+        })
+        .await;
+        println!(
+            "first full read of 100,000 view rows, emitted: {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        // A few more full reads (every second) of the unchanged view, then one change.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert_eq!(sink.get().values().sum::<usize>(), 100_000);
+        h.sql(&format!("UPDATE public.{t} SET n = n + 1 WHERE id = 777"))
+            .await;
+        h.wait_for("the changed row's event", || async {
+            sink.get().get("u").copied().unwrap_or(0) >= 1
+        })
+        .await;
+        let mut want = std::collections::BTreeMap::new();
+        want.insert("c", 100_000);
+        want.insert("u", 1);
+        assert_eq!(sink.get(), want);
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    })
+    .await;
+}

@@ -78,7 +78,7 @@ impl CaptureError {
 
 /// Connection loss, server shutdown/startup and serialization failures are retryable; SQL and
 /// permission errors are not.
-fn postgres_retryable(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn postgres_retryable(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }

@@ -156,9 +156,7 @@ impl QueryError {
             QueryError::Connect(e) => e.is_retryable(),
             // A broken query stays broken until the view or the config is fixed; a closed
             // connection or a server restart does not.
-            QueryError::Query { source, .. } => {
-                source.is_closed() || source.as_db_error().is_none()
-            }
+            QueryError::Query { source, .. } => super::error::postgres_retryable(source),
             QueryError::Catalog { source, .. } => source.is_retryable(),
             QueryError::Sink { source, .. } => source.retryable,
             QueryError::State { .. } => false,

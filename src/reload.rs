@@ -120,7 +120,8 @@ pub fn compare(
                 let new_tables = p
                     .sync
                     .iter()
-                    .filter(|e| !old.sync.iter().any(|o| o.table == e.table))
+                    // Query sources are polled: nothing to add to the publication.
+                    .filter(|e| e.query.is_none() && !old.sync.iter().any(|o| o.table == e.table))
                     .map(|e| e.table.clone())
                     .collect();
                 changes.push(PipelineChange {
@@ -242,6 +243,7 @@ fn entry_changes(old: &SyncEntry, new: &SyncEntry, out: &mut Vec<String>) {
         ("routes", old.routes != new.routes),
         ("pull", old.pull != new.pull),
         ("conflict", old.conflict != new.conflict),
+        ("query or poll", old.query != new.query),
     ];
     out.extend(
         parts
@@ -413,6 +415,26 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_query_source_added_or_changed_applies_and_is_not_published() {
+        let q = |sql: &str| {
+            format!(
+                "  - query: {sql}\n    key: [id]\n    list: Q\n    fields: {{ name: Title }}\n    poll: {{ every: 2s, full: true }}\n"
+            )
+        };
+        let old = pipeline("", "title: Title", "");
+        let added = pipeline(&q("SELECT id, name FROM v"), "title: Title", "");
+        let plan = compare(std::slice::from_ref(&old), vec![added.clone()]).unwrap();
+        assert_eq!(plan[0].changed, ["table query.q added (list \"Q\")"]);
+        assert!(
+            plan[0].new_tables.is_empty(),
+            "a query is not added to the publication"
+        );
+        let changed = pipeline(&q("SELECT id, name FROM w"), "title: Title", "");
+        let plan = compare(std::slice::from_ref(&added), vec![changed]).unwrap();
+        assert_eq!(plan[0].changed, ["table query.q: query or poll changed"]);
     }
 
     #[test]

@@ -638,12 +638,14 @@ async fn start_one(
     ));
     let pollers_stop = CancellationToken::new();
     let capture_config = capture_config(p);
-    capture_config
-        .validate()
-        .map_err(|source| RuntimeError::Capture {
-            pipeline: p.name.clone(),
-            source,
-        })?;
+    if !capture_config.tables.is_empty() {
+        capture_config
+            .validate()
+            .map_err(|source| RuntimeError::Capture {
+                pipeline: p.name.clone(),
+                source,
+            })?;
+    }
     let sink = log_sink(p, &log);
     let history =
         start_history(p, &log, registries)
@@ -664,10 +666,17 @@ async fn start_one(
         meta::runs::STREAM_UPDATE_INTERVAL,
     ));
     let capture_stop = CancellationToken::new();
+    // Query sources are re-read by their poller (see `capture::query`).
     let tables = capture_config
         .tables
         .iter()
         .map(|t| t.qualified())
+        .chain(
+            p.sync
+                .iter()
+                .filter(|e| e.query.is_some())
+                .map(|e| e.table.to_string()),
+        )
         .collect();
     let (handle, requests) = ResnapshotHandle::channel(&p.name, tables);
     let resnapshots = handle.subscribe();
@@ -714,13 +723,36 @@ async fn start_one(
     if !capture_config.failover_urls.is_empty() {
         capture_config.failover_reports = Some(follow_failovers(p, &log, notifier.clone()));
     }
-    let capture = tokio::spawn(capture::run_with_control(
-        capture_config,
-        sink,
-        progress,
-        Some(requests),
-        capture_stop.clone(),
-    ));
+    // Replication for the tables (none when every entry is a query), polling for the queries;
+    // each takes the re-snapshot requests for its own sources.
+    let queries = capture::query::QueryPollConfig::new(&p.name, &p.source, &p.sync, state_dir(p));
+    let (table_requests, query_requests) =
+        match (capture_config.tables.is_empty(), queries.entries.is_empty()) {
+            (false, false) => {
+                let (t, q) = requests.split(config::is_query_table);
+                (Some(t), Some(q))
+            }
+            (true, _) => (None, Some(requests)),
+            (false, true) => (Some(requests), None),
+        };
+    let replication = (!capture_config.tables.is_empty()).then(|| {
+        tokio::spawn(capture::run_with_control(
+            capture_config,
+            sink,
+            progress,
+            table_requests,
+            capture_stop.clone(),
+        ))
+    });
+    let polling = (!queries.entries.is_empty()).then(|| {
+        tokio::spawn(capture::query::run(
+            queries,
+            log_sink(p, &log),
+            query_requests,
+            capture_stop.clone(),
+        ))
+    });
+    let capture = tokio::spawn(run_inputs(replication, polling, capture_stop.clone()));
     // Started, not yet caught up: capture reconnects on its own and reports failures by ending.
     readiness.set(&p.name, "capture", true);
     let owned = poller_ownership(p, readiness);
@@ -1179,10 +1211,47 @@ async fn prepare_processor(
     Ok((processor, pollers, columns))
 }
 
+/// The pipeline's input stage: replication and the query poller, each optional; either one
+/// failing stops the other (the stage ends as one, with the first failure).
+async fn run_inputs(
+    replication: Option<JoinHandle<Result<(), CaptureError>>>,
+    polling: Option<JoinHandle<Result<(), capture::query::QueryError>>>,
+    stop: CancellationToken,
+) -> Result<(), CaptureError> {
+    let joined = |what: &str, e: tokio::task::JoinError| {
+        CaptureError::Protocol(format!("{what} task ended abnormally: {e}"))
+    };
+    let stop_on_err = |r: Result<(), CaptureError>| {
+        if r.is_err() {
+            stop.cancel();
+        }
+        r
+    };
+    let replication = async {
+        match replication {
+            Some(h) => stop_on_err(h.await.unwrap_or_else(|e| Err(joined("capture", e)))),
+            None => Ok(()),
+        }
+    };
+    let polling = async {
+        match polling {
+            Some(h) => stop_on_err(match h.await {
+                Ok(r) => r.map_err(|e| CaptureError::Query(Box::new(e))),
+                Err(e) => Err(joined("query poller", e)),
+            }),
+            None => Ok(()),
+        }
+    };
+    let (a, b) = tokio::join!(replication, polling);
+    a.and(b)
+}
+
+/// Replication of the pipeline's tables (query sources are polled instead, see [`run_inputs`]).
 fn capture_config(p: &PipelineConfig) -> CaptureConfig {
     let tables = p
         .sync
         .iter()
+        .filter(|s| s.query.is_none())
         .map(|s| {
             let spec = TableSpec::parse(&s.table.to_string());
             match &s.key {

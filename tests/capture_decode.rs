@@ -139,6 +139,7 @@ fn event(
         before,
         after,
         source: Source {
+            connector: syncbridge::event::change::CONNECTOR_WAL,
             pipeline: pipeline.into(),
             db: "syncbridge".into(),
             lsn: 0x0100_0000_0000,

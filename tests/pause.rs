@@ -140,6 +140,7 @@ fn events(pipeline: &str, table: &str, n: i64) -> (Vec<Record>, Vec<Record>) {
                     Cell::Null,
                 ]),
                 source: Source {
+                    connector: syncbridge::event::change::CONNECTOR_WAL,
                     pipeline: pipeline.into(),
                     db: "syncbridge".into(),
                     lsn: 0x7000_0000 + i as u64,

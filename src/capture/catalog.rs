@@ -33,6 +33,14 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// What a `SELECT … FROM` of a sync entry reads: its table, or its query as a subquery.
+pub fn from_clause(e: &crate::config::SyncEntry) -> String {
+    match &e.query {
+        Some(q) => format!("({}) AS sb_query", q.sql),
+        None => qualified_ident(&e.table.schema, &e.table.name),
+    }
+}
+
 pub fn qualified_ident(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
@@ -141,37 +149,83 @@ impl Catalog {
             None => primary_key(client, oid).await?,
         };
         let mut columns = Vec::with_capacity(cols.len());
-        for (col_name, type_oid, typmod) in cols {
-            columns.push(Column {
-                name: col_name.clone(),
-                type_oid: *type_oid,
-                type_name: self.type_name(client, *type_oid, *typmod).await?,
-                type_modifier: *typmod,
-                kind: self.type_kind(client, *type_oid).await?,
-                is_key: key.iter().any(|k| k == col_name),
-                nullable: !notnull.get(col_name).copied().unwrap_or(false),
-            });
+        for col in cols {
+            let is_key = key.contains(&col.0);
+            let nullable = !notnull.get(&col.0).copied().unwrap_or(false);
+            columns.push(self.column(client, col, is_key, nullable).await?);
         }
         let replica_identity =
             replica_identity.unwrap_or_else(|| ident.chars().next().unwrap_or('d'));
-        let mut rel = Relation {
+        Ok(self.remember(Relation {
             oid,
             schema,
             name,
             columns,
             replica_identity,
             version: 1,
-        };
+        }))
+    }
+
+    /// The relation of a query's result (a query source, `capture::query`): `cols` as the
+    /// server describes the statement (name, type oid, typmod), `key` marks the key columns
+    /// (not null; the other columns are taken as nullable, a query's result has no constraints).
+    /// `oid` is a stable made-up id of the query source, unique in the pipeline.
+    pub async fn relation_of_query(
+        &mut self,
+        client: &Client,
+        oid: u32,
+        (schema, name): (&str, &str),
+        key: &[String],
+        cols: &[(String, u32, i32)],
+    ) -> Result<Arc<Relation>, CaptureError> {
+        let mut columns = Vec::with_capacity(cols.len());
+        for col in cols {
+            let is_key = key.contains(&col.0);
+            columns.push(self.column(client, col, is_key, !is_key).await?);
+        }
+        Ok(self.remember(Relation {
+            oid,
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+            columns,
+            // Deletes carry the key columns only, as with REPLICA IDENTITY DEFAULT.
+            replica_identity: 'd',
+            version: 1,
+        }))
+    }
+
+    /// One column of a relation: `(name, type oid, typmod)` completed from the catalog.
+    async fn column(
+        &mut self,
+        client: &Client,
+        (name, type_oid, typmod): &(String, u32, i32),
+        is_key: bool,
+        nullable: bool,
+    ) -> Result<Column, CaptureError> {
+        Ok(Column {
+            name: name.clone(),
+            type_oid: *type_oid,
+            type_name: self.type_name(client, *type_oid, *typmod).await?,
+            type_modifier: *typmod,
+            kind: self.type_kind(client, *type_oid).await?,
+            is_key,
+            nullable,
+        })
+    }
+
+    /// Installs `rel` as the newest version of its oid (the same `Arc` when nothing changed).
+    fn remember(&mut self, mut rel: Relation) -> Arc<Relation> {
+        let oid = rel.oid;
         if let Some(prev) = self.relations.get(&oid) {
             rel.version = prev.version;
             if **prev == rel {
-                return Ok(prev.clone());
+                return prev.clone();
             }
             rel.version = prev.version + 1;
         }
         let rel = Arc::new(rel);
         self.relations.insert(oid, rel.clone());
-        Ok(rel)
+        rel
     }
 
     async fn type_name(

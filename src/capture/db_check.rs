@@ -11,6 +11,12 @@
 //!   a value sends it as "unchanged TOAST" (no value), so consumers must merge it from earlier
 //!   state. `ALTER TABLE … REPLICA IDENTITY FULL` makes PostgreSQL send it every time.
 //!
+//! Per query source (`query:`):
+//! - **error** when the query does not run (the server's message);
+//! - **error** when a key, cursor or mapped column is not in its result, when a key column is
+//!   NULL in some row or two rows share a key, or when the cursor's type cannot be ordered as its
+//!   `kind` says (`timestamp`: date/timestamp types; `incrementing`: integers or numeric).
+//!
 //! Opt-in (`--db`) so that plain `validate` stays offline. Uses a regular connection (no TLS, like
 //! capture's catalog connection) and only reads the catalog.
 
@@ -18,7 +24,7 @@ use std::fmt;
 
 use tokio_postgres::Client;
 
-use super::catalog::primary_key;
+use super::catalog::{primary_key, quote_ident};
 use crate::config::LocatedPipeline;
 
 /// How bad a finding is: errors make `validate --db` exit 1, warnings do not.
@@ -114,89 +120,211 @@ async fn check_tables(
     let mut out = Vec::new();
     for (i, entry) in p.config.sync.iter().enumerate() {
         let (line, col) = p.tables.get(i).copied().unwrap_or((1, 1));
-        let mut push = |severity, message: String| {
-            out.push(Finding {
-                file: p.file.clone(),
-                line,
-                col,
-                severity,
-                message,
-            })
+        let found = match &entry.query {
+            Some(q) => check_query(client, entry, q).await?,
+            None => check_table(client, entry).await?,
         };
-        let (schema, name) = (&entry.table.schema, &entry.table.name);
-        let qualified = format!("{schema}.{name}");
-        let row = client
-            .query_opt(
-                "SELECT c.oid, c.relreplident::text FROM pg_class c \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                &[schema, name],
-            )
-            .await?;
-        let Some(row) = row else {
-            push(
-                Severity::Error,
-                format!(
-                    "table {qualified} does not exist in the source database (or the role in \
-                     source.url cannot see it)"
-                ),
-            );
-            continue;
-        };
-        let oid: u32 = row.get(0);
-        let replident: String = row.get(1);
-        let columns: Vec<(String, String, String)> = client
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attstorage::text \
-                 FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
-                 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
-                &[&oid],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        match &entry.key {
-            Some(key) if !key.is_empty() => {
-                for k in key {
-                    if !columns.iter().any(|(c, _, _)| c == k) {
-                        push(
-                            Severity::Error,
-                            format!("key column {k:?} does not exist in {qualified}"),
-                        );
-                    }
-                }
-            }
-            _ => {
-                let pk = primary_key(client, oid).await.unwrap_or_default();
-                if pk.is_empty() {
+        out.extend(found.into_iter().map(|(severity, message)| Finding {
+            file: p.file.clone(),
+            line,
+            col,
+            severity,
+            message,
+        }));
+    }
+    Ok(out)
+}
+
+/// The checks of one table (see the module docs).
+async fn check_table(
+    client: &Client,
+    entry: &crate::config::SyncEntry,
+) -> Result<Vec<(Severity, String)>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    let mut push = |severity, message: String| out.push((severity, message));
+    let (schema, name) = (&entry.table.schema, &entry.table.name);
+    let qualified = format!("{schema}.{name}");
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[schema, name],
+        )
+        .await?;
+    let Some(row) = row else {
+        push(
+            Severity::Error,
+            format!(
+                "table {qualified} does not exist in the source database (or the role in \
+                 source.url cannot see it)"
+            ),
+        );
+        return Ok(out);
+    };
+    let oid: u32 = row.get(0);
+    let replident: String = row.get(1);
+    let columns: Vec<(String, String, String)> = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attstorage::text \
+             FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
+             AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    match &entry.key {
+        Some(key) if !key.is_empty() => {
+            for k in key {
+                if !columns.iter().any(|(c, _, _)| c == k) {
                     push(
                         Severity::Error,
-                        format!(
-                            "table {qualified} has no primary key and no `key` is configured: add \
-                             a primary key, or set `key: [col, ...]` for it (with REPLICA \
-                             IDENTITY FULL or USING INDEX covering those columns)"
-                        ),
+                        format!("key column {k:?} does not exist in {qualified}"),
                     );
                 }
             }
         }
-        if replident != "f" {
-            let table_sql = format!("{}.{}", sql_ident(schema), sql_ident(name));
-            for (col_name, ty, storage) in &columns {
-                if storage != "p" {
-                    push(
-                        Severity::Warning,
-                        format!(
-                            "{qualified}.{col_name} ({ty}) can be TOASTed and the table is not \
-                             REPLICA IDENTITY FULL; updates that do not change it arrive as \
-                             \"unchanged\" — run ALTER TABLE {table_sql} REPLICA IDENTITY FULL \
-                             to always receive it"
-                        ),
-                    );
+        _ => {
+            let pk = primary_key(client, oid).await.unwrap_or_default();
+            if pk.is_empty() {
+                push(
+                    Severity::Error,
+                    format!(
+                        "table {qualified} has no primary key and no `key` is configured: add \
+                         a primary key, or set `key: [col, ...]` for it (with REPLICA \
+                         IDENTITY FULL or USING INDEX covering those columns)"
+                    ),
+                );
+            }
+        }
+    }
+    if replident != "f" {
+        let table_sql = format!("{}.{}", sql_ident(schema), sql_ident(name));
+        for (col_name, ty, storage) in &columns {
+            if storage != "p" {
+                push(
+                    Severity::Warning,
+                    format!(
+                        "{qualified}.{col_name} ({ty}) can be TOASTed and the table is not \
+                         REPLICA IDENTITY FULL; updates that do not change it arrive as \
+                         \"unchanged\" — run ALTER TABLE {table_sql} REPLICA IDENTITY FULL \
+                         to always receive it"
+                    ),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Types a timestamp cursor can be: date, timestamp, timestamptz.
+const TIMESTAMP_OIDS: &[u32] = &[1082, 1114, 1184];
+/// Types an incrementing cursor can be: int2, int4, int8, numeric.
+const INCREMENTING_OIDS: &[u32] = &[21, 23, 20, 1700];
+
+/// The checks of one query source (see the module docs). A query that does not run is a finding,
+/// not a failure of the check.
+async fn check_query(
+    client: &Client,
+    entry: &crate::config::SyncEntry,
+    q: &crate::config::QuerySource,
+) -> Result<Vec<(Severity, String)>, tokio_postgres::Error> {
+    let what = format!("query of list {:?}", entry.list);
+    let from = super::query::select_all(&q.sql);
+    let stmt = match client.prepare(&from).await {
+        Ok(s) => s,
+        Err(e) => {
+            let why = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+            return Ok(vec![(
+                Severity::Error,
+                format!("the {what} does not run: {why}"),
+            )]);
+        }
+    };
+    let columns: Vec<(&str, u32)> = stmt
+        .columns()
+        .iter()
+        .map(|c| (c.name(), c.type_().oid()))
+        .collect();
+    let has = |c: &str| columns.iter().any(|(n, _)| *n == c);
+    let mut out = Vec::new();
+    let key = entry.key.clone().unwrap_or_default();
+    for k in key.iter().filter(|k| !has(k)) {
+        out.push((
+            Severity::Error,
+            format!("key column {k:?} is not a column of the {what}"),
+        ));
+    }
+    for f in entry.fields.iter().filter(|f| !has(&f.column)) {
+        out.push((
+            Severity::Error,
+            format!("mapped column {:?} is not a column of the {what}", f.column),
+        ));
+    }
+    if let Some(c) = &q.cursor {
+        match columns.iter().find(|(n, _)| *n == c.column) {
+            None => out.push((
+                Severity::Error,
+                format!("cursor column {:?} is not a column of the {what}", c.column),
+            )),
+            Some((_, oid)) => {
+                let ordered = match c.kind {
+                    crate::config::CursorKind::Timestamp => TIMESTAMP_OIDS,
+                    crate::config::CursorKind::Incrementing => INCREMENTING_OIDS,
+                };
+                if !ordered.contains(oid) {
+                    out.push((Severity::Error, format!(
+                        "cursor column {:?} of the {what} cannot be a `{}` cursor (its type, oid {oid}, is not {})",
+                        c.column, c.kind, match c.kind {
+                            crate::config::CursorKind::Timestamp => "date, timestamp or timestamptz",
+                            crate::config::CursorKind::Incrementing => "an integer or numeric",
+                        })));
                 }
             }
         }
+    }
+    if key.is_empty() || !out.is_empty() {
+        return Ok(out);
+    }
+    out.extend(key_problems(client, &from, &key, &what).await?);
+    Ok(out)
+}
+
+/// NULL and repeated key values in a query's result.
+async fn key_problems(
+    client: &Client,
+    from: &str,
+    key: &[String],
+    what: &str,
+) -> Result<Vec<(Severity, String)>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    let cols: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+    let row = client
+        .query_one(
+            &format!(
+                "WITH q AS ({from}) SELECT \
+                 (SELECT count(*) FROM q WHERE {nulls}), \
+                 (SELECT count(*) FROM (SELECT 1 FROM q GROUP BY {list} HAVING count(*) > 1) d)",
+                nulls = cols
+                    .iter()
+                    .map(|c| format!("{c} IS NULL"))
+                    .collect::<Vec<_>>()
+                    .join(" OR "),
+                list = cols.join(", "),
+            ),
+            &[],
+        )
+        .await?;
+    let (nulls, dups): (i64, i64) = (row.get(0), row.get(1));
+    if nulls > 0 {
+        out.push((Severity::Error, format!("{nulls} row(s) of the {what} have a NULL key column ({}): a key must identify a row", key.join(", "))));
+    }
+    if dups > 0 {
+        out.push((Severity::Error, format!("{dups} key value(s) of the {what} occur in more than one row: `key` ({}) must be unique", key.join(", "))));
     }
     Ok(out)
 }

@@ -271,6 +271,7 @@ impl Assembler {
             before,
             after,
             source: Source {
+                connector: crate::event::change::CONNECTOR_WAL,
                 pipeline: self.pipeline.clone(),
                 db: self.db.clone(),
                 lsn: 0,

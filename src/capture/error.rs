@@ -32,6 +32,9 @@ pub enum CaptureError {
     /// A regular connection closed under us (server restart, terminated backend).
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The query sources' poller (run beside replication as the pipeline's input) stopped.
+    #[error("{0}")]
+    Query(Box<super::query::QueryError>),
 }
 
 impl From<crate::pg::PgConnectError> for CaptureError {
@@ -53,6 +56,7 @@ impl CaptureError {
             }
             CaptureError::Progress(_) => false,
             CaptureError::LostLock | CaptureError::ConnectionLost(_) => true,
+            CaptureError::Query(e) => e.is_retryable(),
             CaptureError::Sink(e) => e.retryable,
             CaptureError::Postgres(e) => postgres_retryable(e),
             CaptureError::Replication(e) => {
@@ -74,7 +78,7 @@ impl CaptureError {
 
 /// Connection loss, server shutdown/startup and serialization failures are retryable; SQL and
 /// permission errors are not.
-fn postgres_retryable(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn postgres_retryable(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
     }

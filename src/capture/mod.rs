@@ -55,6 +55,8 @@
 //! slot, the initial snapshot in `snapshot.rs`); `streaming.rs` is the stream loop (decode in
 //! `decode.rs`, batch, acknowledge, re-snapshot chunks from `resnapshot.rs`); `sink_task.rs`
 //! appends batches in order through the [`EventSink`] ([`LogSink`] in production).
+//! `query.rs` is the other input: sync entries with `query:` instead of `table:` are polled, not
+//! replicated, into the same events (ops/docs/query-sources.md); `db_check.rs` is `validate --db`.
 //!
 //! # Requirements and grants
 //! PostgreSQL ≥ 14 with `wal_level = logical`. The capture role needs `REPLICATION` (replication
@@ -86,6 +88,7 @@ mod decode;
 pub mod error;
 pub mod failover;
 pub mod log_sink;
+pub mod query;
 pub mod resnapshot;
 mod run;
 mod session;

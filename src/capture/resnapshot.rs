@@ -231,6 +231,67 @@ impl ResnapshotHandle {
     }
 }
 
+impl ResnapshotRequests {
+    /// Splits off the requests for query sources (`is_query(table)`): the first half goes to
+    /// capture, the second to the query poller (`capture::query`), which answers a re-snapshot
+    /// with a full read that emits every row. Both report on the same status. Needs a runtime.
+    pub fn split(self, is_query: fn(&str) -> bool) -> (ResnapshotRequests, ResnapshotRequests) {
+        let (to_capture, capture_rx) = mpsc::channel(1);
+        let (to_queries, queries_rx) = mpsc::channel(1);
+        let mut rx = self.rx;
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                let tx = if is_query(&r.table) {
+                    &to_queries
+                } else {
+                    &to_capture
+                };
+                if tx.send(r).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let status = self.status;
+        (
+            ResnapshotRequests {
+                rx: capture_rx,
+                status: status.clone(),
+            },
+            ResnapshotRequests {
+                rx: queries_rx,
+                status,
+            },
+        )
+    }
+
+    /// The next request: its id and table (`None` once the handles are gone).
+    pub(crate) async fn recv(&mut self) -> Option<(String, String)> {
+        self.rx.recv().await.map(|q| (q.id, q.table))
+    }
+
+    /// Moves request `id` to `state`, with the rows emitted so far and, when it failed, why.
+    pub(crate) fn report(
+        &self,
+        id: &str,
+        state: ResnapshotState,
+        rows: u64,
+        error: Option<String>,
+    ) {
+        self.status.send_if_modified(|s| match s.as_mut() {
+            Some(s) if s.id == id => {
+                s.state = state;
+                s.rows = rows;
+                if matches!(state, ResnapshotState::Done | ResnapshotState::Failed) {
+                    s.finished_at_ms = Some(now_ms());
+                }
+                s.error = error;
+                true
+            }
+            _ => false,
+        });
+    }
+}
+
 /// One chunk as read between its watermarks.
 #[derive(Debug)]
 pub(crate) struct ChunkRead {
@@ -342,6 +403,7 @@ impl Job {
         }
         let qualified = self.table.spec.qualified();
         let source = Source {
+            connector: crate::event::change::CONNECTOR_WAL,
             pipeline: pipeline.to_string(),
             db: db.to_string(),
             lsn,

@@ -259,6 +259,7 @@ mod tests {
             before: None,
             after: Some(vec![Value::Text(n.to_string())]),
             source: Source {
+                connector: crate::event::change::CONNECTOR_WAL,
                 pipeline: "p".into(),
                 db: "d".into(),
                 lsn: n as u64,

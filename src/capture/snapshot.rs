@@ -159,24 +159,27 @@ impl SnapshotProgress for FileProgress {
     }
 
     fn save(&mut self, state: &SnapshotState) -> Result<(), CaptureError> {
-        let err =
-            |e: std::io::Error| CaptureError::Progress(format!("{}: {e}", self.path.display()));
-        let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let tmp = self.path.with_extension("json.tmp");
         let bytes =
             serde_json::to_vec_pretty(state).map_err(|e| CaptureError::Progress(e.to_string()))?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-        Ok(())
+        write_atomically(&self.path, &bytes)
+            .map_err(|e| CaptureError::Progress(format!("{}: {e}", self.path.display())))
     }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new file, never a torn
+/// one: write a temporary file beside it, fsync, rename, fsync the directory.
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Reads every table that is not `Done` and emits `op = r` events.
@@ -385,6 +388,7 @@ async fn snapshot_table<P: SnapshotProgress>(
         let sql = query.sql(last_key.as_deref(), config.snapshot_chunk_size)?;
         let ts = now_ms();
         let source = Source {
+            connector: crate::event::change::CONNECTOR_WAL,
             pipeline: config.pipeline.clone(),
             db: db.to_string(),
             lsn: consistent_point,

@@ -460,10 +460,15 @@ impl fmt::Display for TableName {
     }
 }
 
-/// One table synced with one list (plus its route lists).
+/// One table (or query) synced with one list (plus its route lists).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SyncEntry {
+    /// The table; for a query source the name its events carry ([`QUERY_SCHEMA`]`.<list slug>`,
+    /// see [`query_table_name`]): it names the topic, the ledger keys and the audit.
     pub table: TableName,
+    /// `query:` + `poll:` instead of `table:`: read by polling, never by replication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<QuerySource>,
     /// Display name of the default target list.
     pub list: String,
     /// Key columns; `None` means the table's primary key (resolved against the database).
@@ -482,6 +487,82 @@ impl SyncEntry {
         std::iter::once(self.list.as_str()).chain(self.routes.iter().map(|r| r.list.as_str()))
     }
 }
+
+/// The schema part of a query source's [`TableName`]: not a PostgreSQL schema, a namespace for
+/// the names of query sources' topics and ledger keys.
+pub const QUERY_SCHEMA: &str = "query";
+
+/// Whether `schema.table` names a query source (its schema is [`QUERY_SCHEMA`], which `table:`
+/// entries may not use).
+pub fn is_query_table(qualified: &str) -> bool {
+    qualified
+        .split_once('.')
+        .is_some_and(|(schema, _)| schema == QUERY_SCHEMA)
+}
+
+/// The [`TableName`] a query source's events carry: `query.<list slug>` (lower-case ASCII
+/// letters, digits and `_`). Derived from the list, which belongs to one entry, so it stays the
+/// same when entries are reordered (the ledger and the topic are keyed by it).
+pub fn query_table_name(list: &str) -> TableName {
+    let mut name: String = list
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(MAX_PG_IDENT_LEN);
+    TableName {
+        schema: QUERY_SCHEMA.into(),
+        name,
+    }
+}
+
+/// A query polled instead of a table read by replication (`query:` + `poll:`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuerySource {
+    /// The SELECT, as written (without a trailing `;`).
+    pub sql: String,
+    /// Time between two reads (`poll.every`).
+    #[serde(serialize_with = "duration_text")]
+    pub every: std::time::Duration,
+    /// `None`: every read is a full read (`poll.full: true`).
+    pub cursor: Option<QueryCursor>,
+    /// With a cursor: a full read (which finds deleted rows) at most this often.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_every: Option<std::time::Duration>,
+}
+
+impl QuerySource {
+    /// How its events name their origin (`source.connector`).
+    pub fn connector(&self, full: bool) -> &'static str {
+        match (&self.cursor, full) {
+            (None, _) | (_, true) => crate::event::change::CONNECTOR_QUERY_FULL,
+            (Some(c), false) => match c.kind {
+                CursorKind::Timestamp => crate::event::change::CONNECTOR_QUERY_TIMESTAMP,
+                CursorKind::Incrementing => crate::event::change::CONNECTOR_QUERY_INCREMENTING,
+            },
+        }
+    }
+}
+
+/// An incremental read: rows whose `column` is past the last value read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueryCursor {
+    pub column: String,
+    pub kind: CursorKind,
+    /// Timestamp cursors re-read this far before the cursor: a transaction that commits after a
+    /// later-stamped one is still seen if it commits within this window.
+    #[serde(serialize_with = "duration_text")]
+    pub lookback: std::time::Duration,
+}
+
+/// No lookback unless asked: it re-reads (and re-emits the changed part of) that window each poll.
+pub const DEFAULT_QUERY_LOOKBACK: std::time::Duration = std::time::Duration::ZERO;
 
 /// One column ↔ one SharePoint field.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -684,6 +765,16 @@ macro_rules! words {
             }
         }
     };
+}
+
+words! {
+    /// What a query source's cursor column holds (`poll.cursor.kind`).
+    CursorKind {
+        /// A time the row was last written (`timestamp` / `timestamptz`).
+        Timestamp = "timestamp",
+        /// A value that grows with every insert or update (a sequence or version number).
+        Incrementing = "incrementing",
+    }
 }
 
 words! {

@@ -11,7 +11,8 @@ use std::borrow::Cow;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
 use super::model::{
-    ApiRole, ConflictPolicy, Direction, FieldType, HyperlinkWrites, JobKind, NotifyKind, Secret,
+    ApiRole, ConflictPolicy, CursorKind, Direction, FieldType, HyperlinkWrites, JobKind, NotifyKind,
+    Secret,
 };
 use super::yaml::{Issue, Kind, Loc, Node};
 
@@ -319,12 +320,20 @@ pub const GRAPH_KEYS: &[&str] = &[
     "hyperlinks",
 ];
 
-/// One table synced with one list.
+/// One table (or query) synced with one list.
 #[derive(Debug, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncFile {
-    /// Schema-qualified table name, e.g. `public.projects`.
-    pub table: Sp<String>,
+    /// Schema-qualified table name, e.g. `public.projects`; or give `query` instead.
+    #[serde(default)]
+    pub table: Option<Sp<String>>,
+    /// A SELECT (typically of a view) polled instead of a table: needs `key` and `poll`;
+    /// push-only.
+    #[serde(default)]
+    pub query: Option<Sp<String>>,
+    /// How a `query` is read.
+    #[serde(default)]
+    pub poll: Option<PollFile>,
     /// Display name of the target list; created if missing.
     pub list: Sp<String>,
     /// Key columns; default: the table's primary key.
@@ -341,8 +350,54 @@ pub struct SyncFile {
     pub conflict: Option<Sp<ConflictPolicy>>,
 }
 pub const SYNC_KEYS: &[&str] = &[
-    "table", "list", "key", "fields", "routes", "pull", "conflict",
+    "table", "query", "poll", "list", "key", "fields", "routes", "pull", "conflict",
 ];
+
+impl SyncFile {
+    /// `table:` or else `query:` (the reader keeps only entries with one of them).
+    pub fn source(&self) -> &Sp<String> {
+        self.table
+            .as_ref()
+            .or(self.query.as_ref())
+            .expect("the reader drops an entry without table and query")
+    }
+}
+
+/// How a query source is read: `every` plus either `full: true` or a `cursor`.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PollFile {
+    /// Time between reads: `<n>s`, `<n>m`, `<n>h` or `<n>d`.
+    #[schemars(regex(pattern = r"^[0-9]+[smhd]$"))]
+    pub every: Sp<String>,
+    /// Read every row each time (finds deleted rows); exclusive with `cursor`.
+    #[serde(default)]
+    pub full: Option<Sp<bool>>,
+    /// Read only rows past the last value of a column.
+    #[serde(default)]
+    pub cursor: Option<CursorFile>,
+    /// With `cursor`: also a full read (which finds deleted rows) this often.
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^[0-9]+[smhd]$"))]
+    pub full_every: Option<Sp<String>>,
+    #[serde(skip)]
+    pub loc: Loc,
+}
+pub const POLL_KEYS: &[&str] = &["every", "full", "cursor", "full_every"];
+
+/// The cursor of an incremental read.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CursorFile {
+    /// A column of the query's result.
+    pub column: Sp<String>,
+    pub kind: Sp<CursorKind>,
+    /// `timestamp` only: how far before the cursor each read starts (late commits); default 0s.
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^[0-9]+[smhd]$"))]
+    pub lookback: Option<Sp<String>>,
+}
+pub const CURSOR_KEYS: &[&str] = &["column", "kind", "lookback"];
 
 /// `column: FieldName` or `column: { field, type, direction, ... }`, in file order.
 #[derive(Debug, Default)]
@@ -1134,9 +1189,24 @@ impl Reader {
 
     fn sync(&mut self, node: &Node, path: &str) -> Option<SyncFile> {
         let m = self.map(node, path, SYNC_KEYS)?;
-        let table = self
-            .required(&m, "table")
+        match (m.get("table"), m.get("query")) {
+            (None, None) => self.err(
+                m.loc,
+                format!("missing `table` or `query` in `{path}` (give one)"),
+            ),
+            (Some(_), Some(q)) => self.err(
+                q.loc,
+                format!("`{path}.table` and `{path}.query` exclude each other: keep one"),
+            ),
+            _ => {}
+        }
+        let table = m
+            .get("table")
             .and_then(|n| self.string(n, &m.child("table")));
+        let query = m
+            .get("query")
+            .and_then(|n| self.string(n, &m.child("query")));
+        let poll = m.get("poll").and_then(|n| self.poll(n, &m.child("poll")));
         let list = self
             .required(&m, "list")
             .and_then(|n| self.string(n, &m.child("list")));
@@ -1187,14 +1257,57 @@ impl Reader {
         let conflict = m
             .get("conflict")
             .and_then(|n| self.word(n, &m.child("conflict"), ConflictPolicy::ALL));
+        // Reported above; the entries after it are still read.
+        if table.is_none() && query.is_none() {
+            return None;
+        }
         Some(SyncFile {
-            table: table?,
+            table,
+            query,
+            poll,
             list: list?,
             key,
             fields: fields.unwrap_or_default(),
             routes,
             pull,
             conflict,
+        })
+    }
+
+    fn poll(&mut self, node: &Node, path: &str) -> Option<PollFile> {
+        let m = self.map(node, path, POLL_KEYS)?;
+        let every = self
+            .required(&m, "every")
+            .and_then(|n| self.string(n, &m.child("every")));
+        let full = m
+            .get("full")
+            .and_then(|n| self.boolean(n, &m.child("full")));
+        let full_every = m
+            .get("full_every")
+            .and_then(|n| self.string(n, &m.child("full_every")));
+        let cursor = m.get("cursor").and_then(|n| {
+            let c = self.map(n, &m.child("cursor"), CURSOR_KEYS)?;
+            let column = self
+                .required(&c, "column")
+                .and_then(|n| self.string(n, &c.child("column")));
+            let kind = self
+                .required(&c, "kind")
+                .and_then(|n| self.word(n, &c.child("kind"), CursorKind::ALL));
+            let lookback = c
+                .get("lookback")
+                .and_then(|n| self.string(n, &c.child("lookback")));
+            Some(CursorFile {
+                column: column?,
+                kind: kind?,
+                lookback,
+            })
+        });
+        Some(PollFile {
+            every: every?,
+            full,
+            cursor,
+            full_every,
+            loc: node.loc,
         })
     }
 

@@ -40,6 +40,8 @@ fn reader_keys_match_schema() {
         ("NotifyFile", NOTIFY_KEYS),
         ("NotifyTargetFile", NOTIFY_TARGET_KEYS),
         ("DriftFile", DRIFT_KEYS),
+        ("PollFile", POLL_KEYS),
+        ("CursorFile", CURSOR_KEYS),
     ];
     for (name, keys) in expected {
         let def = defs
@@ -882,5 +884,99 @@ fn graph_names_its_site_or_its_team_exactly_once() {
     assert_eq!(
         all_problems(&base.replace(site, "  team: ''\n")),
         ["t.yaml:9:9: `graph.team` is empty: give the Team's name or group id"]
+    );
+}
+
+/// [`with_on_delete`]'s pipeline with its entry's `table`, `key` and `pull` replaced by `entry`
+/// (lines indented 4) and the list named `Project Overview`.
+fn with_entry(entry: &str) -> String {
+    let base = with_on_delete("delete");
+    let (head, _) = base.split_once("  - table:").unwrap();
+    format!("{head}  - list: Project Overview\n    fields:\n      name: Title\n{entry}")
+}
+
+#[test]
+fn query_sources_parse_both_modes_and_are_push_only() {
+    let full = load_str(
+        "t.yaml",
+        &with_entry("    query: SELECT * FROM v_projects;\n    key: [id]\n    poll: { every: 2s, full: true }\n"),
+        &|_| None,
+    )
+    .unwrap_or_else(|r| panic!("{r}"));
+    let e = &full.sync[0];
+    assert_eq!(e.table.to_string(), "query.project_overview");
+    assert!(!e.pull.enabled, "a query source does not pull by default");
+    let q = e.query.as_ref().unwrap();
+    assert_eq!(q.sql, "SELECT * FROM v_projects");
+    assert_eq!(q.every, std::time::Duration::from_secs(2));
+    assert!(q.cursor.is_none());
+
+    let cursor = load_str(
+        "t.yaml",
+        &with_entry("    query: SELECT * FROM v\n    key: [id]\n    poll:\n      every: 5s\n      full_every: 1h\n      cursor: { column: changed_at, kind: timestamp, lookback: 30s }\n"),
+        &|_| None,
+    )
+    .unwrap_or_else(|r| panic!("{r}"));
+    let q = cursor.sync[0].query.as_ref().unwrap();
+    let c = q.cursor.as_ref().unwrap();
+    assert_eq!(
+        (c.column.as_str(), c.kind),
+        ("changed_at", CursorKind::Timestamp)
+    );
+    assert_eq!(c.lookback, std::time::Duration::from_secs(30));
+    assert_eq!(q.full_every, Some(std::time::Duration::from_secs(3600)));
+}
+
+#[test]
+fn query_source_problems_are_all_reported_at_their_place() {
+    // table and query together; pull on a query; no key; neither full nor cursor; bad duration.
+    let got = all_problems(&with_entry(
+        "    table: public.p\n    query: SELECT 1\n    pull: { enabled: true }\n    poll: { every: soon }\n",
+    ));
+    let want = ["t.yaml:15:12: `sync[0].table` and `sync[0].query` exclude each other: keep one"];
+    for w in want {
+        assert!(got.iter().any(|p| p == w), "{w:?} not in {got:#?}");
+    }
+    let got = all_problems(&with_entry(
+        "    query: SELECT 1 AS id\n    pull: { enabled: true }\n    poll: { every: soon }\n",
+    ));
+    let expect = [
+        "t.yaml:14:12: `sync[0].key` is required with `query`: the columns that identify a row",
+        "t.yaml:16:20: `sync[0].poll.every` must be a duration like 2s, 5m, 1h or 1d (more than 0)",
+        "t.yaml:16:11: `sync[0].poll` needs `full: true` or a `cursor`",
+    ];
+    for w in expect {
+        assert!(got.iter().any(|p| p == w), "{w:?} not in {got:#?}");
+    }
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("t.yaml:15:22: `sync[0].pull`: a query source is push-only")),
+        "{got:#?}"
+    );
+    let got = all_problems(&with_entry(
+        "    query: DELETE FROM x\n    key: [id]\n    poll: { every: 2s, full: true, cursor: { column: n, kind: incrementing, lookback: 5s } }\n",
+    ));
+    for w in [
+        "t.yaml:14:12: `sync[0].query` must be a SELECT (or WITH … SELECT)",
+        "t.yaml:16:11: `sync[0].poll`: `full: true` and `cursor` exclude each other (a cursor's full reads are `full_every`)",
+    ] {
+        assert!(got.iter().any(|p| p == w), "{w:?} not in {got:#?}");
+    }
+    assert!(
+        got.iter()
+            .any(|p| p.contains("`sync[0].poll.cursor.lookback` is for `kind: timestamp`")),
+        "{got:#?}"
+    );
+    // The schema of query sources' names is not a table's.
+    assert!(
+        all_problems(&with_entry("    table: query.x\n"))
+            .iter()
+            .any(|p| p.contains("schema `query` is reserved")),
+    );
+    // Neither table nor query.
+    assert!(
+        all_problems(&with_entry(""))
+            .iter()
+            .any(|p| p.ends_with("missing `table` or `query` in `sync[0]` (give one)"))
     );
 }

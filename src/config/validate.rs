@@ -389,7 +389,12 @@ fn check_schedule_tables(
     path: &str,
     sync: &[SyncFile],
 ) -> Vec<String> {
-    let synced = || sync.iter().map(|s| s.table.value.trim().to_string());
+    // Query sources are read in full by their own polls, never re-snapshotted.
+    let synced = || {
+        sync.iter()
+            .filter_map(|s| s.table.as_ref())
+            .map(|t| t.value.trim().to_string())
+    };
     let Some(tables) = &e.tables else {
         return match e.job.value {
             JobKind::Resnapshot => synced().collect(),
@@ -648,7 +653,7 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
         CrossRefs {
             name: f.name.as_ref()?.loc,
             lists,
-            tables: f.sync.iter().map(|e| e.table.loc).collect(),
+            tables: f.sync.iter().map(|e| e.source().loc).collect(),
         },
     ))
 }
@@ -929,14 +934,17 @@ fn check_sync(r: &mut Reader, entries: &[SyncFile]) -> Option<SyncOut> {
                 }
             }
         }
-        let table = e.table.value.trim().to_owned();
-        if let Some(first) = tables.get(&table) {
-            r.issues.push((
-                e.table.loc,
-                format!("table `{table}` is synced twice (first at {first})"),
-            ));
-        } else {
-            tables.insert(table, e.table.loc);
+        // A query source's name comes from its list (checked unique above).
+        if let Some(t) = &e.table {
+            let table = t.value.trim().to_owned();
+            if let Some(first) = tables.get(&table) {
+                r.issues.push((
+                    t.loc,
+                    format!("table `{table}` is synced twice (first at {first})"),
+                ));
+            } else {
+                tables.insert(table, t.loc);
+            }
         }
     }
     let mut out = Vec::new();
@@ -965,9 +973,13 @@ fn check_entry(
     lists: &HashMap<String, (usize, Loc)>,
 ) -> Option<SyncEntry> {
     let before = r.issues.len();
-    let table = check_table(r, e, path);
+    let table = match &e.table {
+        Some(t) => check_table(r, t, path),
+        None => Some(query_table_name(&e.list.value)),
+    };
     check_list_name(r, &e.list, &format!("{path}.list"));
     let key = e.key.as_ref().map(|k| check_key(r, k, path));
+    let query = check_query(r, e, key.as_deref(), path);
     let pull = check_pull(r, e, key.as_deref(), path);
     let routes = check_routes(r, e, path);
     let fields = check_fields(r, e, path, lists, pull.enabled);
@@ -976,6 +988,7 @@ fn check_entry(
     }
     Some(SyncEntry {
         table: table?,
+        query,
         list: e.list.value.trim().to_owned(),
         key,
         fields,
@@ -989,22 +1002,145 @@ fn check_entry(
 }
 
 /// `table:`, schema-qualified.
-fn check_table(r: &mut Reader, e: &SyncFile, path: &str) -> Option<TableName> {
-    match e.table.value.trim().split_once('.') {
+fn check_table(r: &mut Reader, t: &Sp<String>, path: &str) -> Option<TableName> {
+    match t.value.trim().split_once('.') {
+        Some((QUERY_SCHEMA, _)) => {
+            r.issues.push((
+                t.loc,
+                format!(
+                    "`{path}.table`: schema `{QUERY_SCHEMA}` is reserved for the names of query \
+                     sources' events; sync that table through a `query:` instead"
+                ),
+            ));
+            None
+        }
         Some((schema, name)) if is_pg_ident(schema) && is_pg_ident(name) => Some(TableName {
             schema: schema.to_owned(),
             name: name.to_owned(),
         }),
         _ => {
             r.issues.push((
-                e.table.loc,
+                t.loc,
                 format!(
                     "`{path}.table` must be schema-qualified, like public.projects (found `{}`)",
-                    e.table.value.escape_debug()
+                    t.value.escape_debug()
                 ),
             ));
             None
         }
+    }
+}
+
+/// `query:` with `poll:` (and `key:`), or neither of `poll:` without a query.
+fn check_query(
+    r: &mut Reader,
+    e: &SyncFile,
+    key: Option<&[String]>,
+    path: &str,
+) -> Option<QuerySource> {
+    let Some(q) = &e.query else {
+        if let Some(p) = &e.poll {
+            r.issues
+                .push((p.loc, format!("`{path}.poll` is only for a `query` source")));
+        }
+        return None;
+    };
+    let sql = q.value.trim().trim_end_matches(';').trim_end().to_owned();
+    let starts = sql
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !matches!(starts.as_str(), "select" | "with" | "table" | "values") {
+        r.issues.push((
+            q.loc,
+            format!("`{path}.query` must be a SELECT (or WITH … SELECT)"),
+        ));
+    }
+    if key.is_none() {
+        r.issues.push((
+            q.loc,
+            format!("`{path}.key` is required with `query`: the columns that identify a row"),
+        ));
+    }
+    let Some(p) = &e.poll else {
+        r.issues.push((
+            q.loc,
+            format!(
+                "`{path}.poll` is required with `query` (`every` and `full: true` or `cursor`)"
+            ),
+        ));
+        return None;
+    };
+    let duration = |r: &mut Reader, d: &Sp<String>, what: &str| {
+        let parsed = parse_duration(&d.value).filter(|d| !d.is_zero());
+        if parsed.is_none() {
+            r.issues.push((
+                d.loc,
+                format!(
+                    "`{path}.poll.{what}` must be a duration like 2s, 5m, 1h or 1d (more than 0)"
+                ),
+            ));
+        }
+        parsed
+    };
+    let every = duration(r, &p.every, "every");
+    let full = p.full.as_ref().is_some_and(|f| f.value);
+    match (&p.cursor, full) {
+        (None, false) => r.issues.push((p.loc, format!("`{path}.poll` needs `full: true` or a `cursor`"))),
+        (Some(_), true) => r.issues.push((p.loc, format!("`{path}.poll`: `full: true` and `cursor` exclude each other (a cursor's full reads are `full_every`)"))),
+        _ => {}
+    }
+    let full_every = p.full_every.as_ref().and_then(|d| {
+        if p.cursor.is_none() {
+            r.issues.push((d.loc, format!("`{path}.poll.full_every` is only for a `cursor` (`full: true` reads everything each time)")));
+        }
+        duration(r, d, "full_every")
+    });
+    let cursor = p.cursor.as_ref().map(|c| check_cursor(r, c, path));
+    Some(QuerySource {
+        sql,
+        every: every?,
+        cursor,
+        full_every,
+    })
+}
+
+/// `poll.cursor`: a column name; `lookback` (timestamp cursors only) a duration.
+fn check_cursor(r: &mut Reader, c: &CursorFile, path: &str) -> QueryCursor {
+    if !is_pg_ident(&c.column.value) {
+        r.issues.push((
+            c.column.loc,
+            format!(
+                "`{path}.poll.cursor.column`: `{}` is not a column name",
+                c.column.value.escape_debug()
+            ),
+        ));
+    }
+    let lookback = match &c.lookback {
+        None => DEFAULT_QUERY_LOOKBACK,
+        Some(l) if c.kind.value == CursorKind::Incrementing => {
+            r.issues.push((
+                l.loc,
+                format!(
+                    "`{path}.poll.cursor.lookback` is for `kind: timestamp`; an incrementing \
+                     cursor's late commits are found by `full_every`"
+                ),
+            ));
+            DEFAULT_QUERY_LOOKBACK
+        }
+        Some(l) => parse_duration(&l.value).unwrap_or_else(|| {
+            r.issues.push((
+                l.loc,
+                format!("`{path}.poll.cursor.lookback` must be a duration like 30s or 5m"),
+            ));
+            DEFAULT_QUERY_LOOKBACK
+        }),
+    };
+    QueryCursor {
+        column: c.column.value.clone(),
+        kind: c.kind.value,
+        lookback,
     }
 }
 
@@ -1039,12 +1175,25 @@ fn check_key(r: &mut Reader, k: &Sp<Vec<Sp<String>>>, path: &str) -> Vec<String>
 
 /// `pull:` with its defaults.
 fn check_pull(r: &mut Reader, e: &SyncFile, key: Option<&[String]>, path: &str) -> PullConfig {
+    let enabled = e.pull.as_ref().and_then(|p| p.enabled.as_ref());
+    // A query source is push-only: off by default, refused when asked for.
+    let default = DEFAULT_PULL_ENABLED && e.query.is_none();
+    if let Some(q) = &e.query
+        && e.pull.is_some()
+        && enabled.is_none_or(|b| b.value)
+    {
+        let loc = enabled.map_or(q.loc, |b| b.loc);
+        r.issues.push((
+            loc,
+            format!(
+                "`{path}.pull`: a query source is push-only: an item edited in the list has no \
+                 row to be written back to (a query's rows belong to the tables behind it); \
+                 remove `pull` or set `enabled: false`"
+            ),
+        ));
+    }
     PullConfig {
-        enabled: e
-            .pull
-            .as_ref()
-            .and_then(|p| p.enabled.as_ref())
-            .map_or(DEFAULT_PULL_ENABLED, |b| b.value),
+        enabled: enabled.map_or(default, |b| b.value),
         interval_ms: match e.pull.as_ref().and_then(|p| p.interval_ms.as_ref()) {
             None => DEFAULT_PULL_INTERVAL_MS,
             Some(ms) => {

@@ -96,13 +96,25 @@ pub enum Value {
 /// A row image, one value per `Relation::columns` entry, in the same order.
 pub type Row = Vec<Value>;
 
+/// `source.connector` of events read from the WAL (replication and snapshots).
+pub const CONNECTOR_WAL: &str = "syncbridge";
+/// `source.connector` of a query source's full read (`poll.full` or `poll.full_every`).
+pub const CONNECTOR_QUERY_FULL: &str = "syncbridge.query.full";
+/// `source.connector` of a query source's incremental read on a timestamp cursor.
+pub const CONNECTOR_QUERY_TIMESTAMP: &str = "syncbridge.query.timestamp";
+/// `source.connector` of a query source's incremental read on an incrementing cursor.
+pub const CONNECTOR_QUERY_INCREMENTING: &str = "syncbridge.query.incrementing";
+
 /// Where and when the change happened (Debezium `source` block).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Source {
+    /// What read the change: [`CONNECTOR_WAL`] or one of the `CONNECTOR_QUERY_*` modes.
+    pub connector: &'static str,
     /// The pipeline name (Debezium's logical server `name`).
     pub pipeline: String,
     pub db: String,
-    /// LSN of the change's transaction commit (end LSN for acknowledgement purposes).
+    /// LSN of the change's transaction commit (end LSN for acknowledgement purposes); for a
+    /// query source the incrementing cursor's value, else 0 (see `capture::query`).
     pub lsn: u64,
     pub tx_id: Option<u32>,
     /// Commit timestamp, ms since the Unix epoch.

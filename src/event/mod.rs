@@ -452,7 +452,7 @@ fn write_image(p: &Plan, row: Option<&Row>, out: &mut Vec<u8>) -> Result<(), Enc
 
 fn write_source(s: &Source, rel: &Relation, out: &mut Vec<u8>) {
     write_bytes(out, env!("CARGO_PKG_VERSION").as_bytes());
-    write_bytes(out, b"syncbridge");
+    write_bytes(out, s.connector.as_bytes());
     write_bytes(out, s.pipeline.as_bytes());
     write_long(out, s.commit_ts_ms);
     write_bytes(out, if s.snapshot { b"true" } else { b"false" });

@@ -281,7 +281,7 @@ pub fn source_schema_json() -> Json {
         "doc": "Where and when the change happened (Debezium-compatible source block).",
         "fields": [
             {"name": "version", "type": "string", "doc": "SyncBridge version"},
-            {"name": "connector", "type": "string", "doc": "always \"syncbridge\""},
+            {"name": "connector", "type": "string", "doc": "\"syncbridge\" (WAL), or \"syncbridge.query.full\" / \".timestamp\" / \".incrementing\" (query sources)"},
             {"name": "name", "type": "string", "doc": "pipeline name (Debezium's logical server name)"},
             {"name": "ts_ms", "type": "long", "doc": "commit time, ms since the epoch"},
             {"name": "snapshot", "type": "string", "doc": "\"true\" for op=r snapshot rows, else \"false\""},

@@ -44,6 +44,7 @@ fn rel(version: u32, columns: Vec<Column>) -> Arc<Relation> {
 
 fn source() -> Source {
     Source {
+        connector: crate::event::change::CONNECTOR_WAL,
         pipeline: "demo".into(),
         db: "shop".into(),
         lsn: 0x16B_3748,

@@ -302,7 +302,8 @@ pub async fn provision(
                         .changes
                         .added
                         .push(column_ref(list, Some(table), &col));
-                    if m.direction != Direction::PullOnly {
+                    // A query source's first read after the start emits every row anyway.
+                    if m.direction != Direction::PullOnly && !crate::config::is_query_table(table) {
                         targets.changes.refill.insert(table.to_string());
                     }
                 }
@@ -647,6 +648,13 @@ pub async fn table_facts(
     let conn = tokio::spawn(connection);
     let mut out = HashMap::new();
     for e in &p.sync {
+        if let Some(q) = &e.query {
+            out.insert(
+                e.table.to_string(),
+                query_facts(&client, e, &q.sql).await.map_err(err)?,
+            );
+            continue;
+        }
         let name = crate::capture::catalog::qualified_ident(&e.table.schema, &e.table.name);
         let rows = client
             .query(
@@ -692,6 +700,33 @@ pub async fn table_facts(
     drop(client);
     let _ = conn.await;
     Ok(out)
+}
+
+/// [`TableFacts`] of a query source, from its result's columns: no NOT NULL (a result has no
+/// constraints), no key defaults (push-only), the key in result order like its events' keys.
+async fn query_facts(
+    client: &tokio_postgres::Client,
+    e: &crate::config::SyncEntry,
+    sql: &str,
+) -> Result<TableFacts, tokio_postgres::Error> {
+    let stmt = client
+        .prepare(&crate::capture::query::select_all(sql))
+        .await?;
+    let key = e.key.clone().unwrap_or_default();
+    let mut facts = TableFacts::default();
+    for c in stmt.columns() {
+        let ty: String = client
+            .query_one("SELECT format_type($1, NULL)", &[&c.type_().oid()])
+            .await?
+            .get(0);
+        if key.iter().any(|k| k == c.name()) {
+            facts.key_columns.push(c.name().to_owned());
+            facts.key_defaults.push(None);
+            facts.key_types.push(ty.clone());
+        }
+        facts.column_types.insert(c.name().to_owned(), ty);
+    }
+    Ok(facts)
 }
 
 #[cfg(test)]

@@ -33,6 +33,12 @@ pub const CAPTURE_SLOT_LAG_BYTES: &str = "syncbridge_capture_slot_lag_bytes";
 pub const CAPTURE_ACKED_LSN: &str = "syncbridge_capture_acked_lsn";
 /// Counter of capture reconnects after retryable errors, label `pipeline`.
 pub const CAPTURE_RECONNECTS_TOTAL: &str = "syncbridge_capture_reconnects_total";
+/// Counter of reads of a query source, labels `pipeline`, `source` (`query.<list slug>`), `mode`
+/// (full/incremental).
+pub const QUERY_READS_TOTAL: &str = "syncbridge_query_reads_total";
+/// Counter of change events a query source's reads emitted, labels `pipeline`, `source`, `op`
+/// (c/u/d); an unchanged row read again emits none.
+pub const QUERY_EVENTS_TOTAL: &str = "syncbridge_query_events_total";
 /// Counter of source failovers capture followed (the primary moved, `source.urls`), label
 /// `pipeline`.
 pub const CAPTURE_FAILOVERS_TOTAL: &str = "syncbridge_capture_failovers_total";
@@ -312,6 +318,18 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         CAPTURE_ACKED_LSN,
         None,
         "Highest LSN acknowledged to PostgreSQL, durable in the log (label: pipeline).",
+    ),
+    (
+        Counter,
+        QUERY_READS_TOTAL,
+        Some(Unit::Count),
+        "Reads of a query source (labels: pipeline, source, mode).",
+    ),
+    (
+        Counter,
+        QUERY_EVENTS_TOTAL,
+        Some(Unit::Count),
+        "Change events emitted by a query source's reads (labels: pipeline, source, op).",
     ),
     (
         Counter,

@@ -427,7 +427,7 @@ impl DriftHandle {
                 .map(|c| format!("{}::text", crate::capture::catalog::quote_ident(c)))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let from = crate::capture::catalog::qualified_ident(&e.table.schema, &e.table.name);
+            let from = crate::capture::catalog::from_clause(e);
             let rows = client
                 .query(&format!("SELECT {select} FROM {from}"), &[])
                 .await

@@ -186,3 +186,78 @@ sync:
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("cannot connect to source.url"), "{stderr}");
 }
+
+/// Issue 21: every mapped column the table lacks, and every mapped column of a type its field
+/// cannot hold, is an error at the mapping's own line; columns that fit say nothing.
+#[test]
+fn validate_db_reports_every_missing_or_unconvertible_mapped_column_at_its_mapping() {
+    let n = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let t = format!("public.vd_map_{n}");
+    let _tables = Tables(vec![t.clone()]);
+    sql(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY, price numeric(10,2), qty text, due date);
+         ALTER TABLE {t} REPLICA IDENTITY FULL;"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"version: 1
+name: vd_map
+source:
+  url: {url}
+graph:
+  base_url: ${{GRAPH_BASE_URL}}
+  token_url: ${{GRAPH_TOKEN_URL}}
+  tenant: contoso.onmicrosoft.com
+  client_id: 11111111-2222-3333-4444-555555555555
+  client_secret: dev-secret
+  site: contoso.sharepoint.com:/sites/dev
+sync:
+  - table: {t}
+    list: Map {n}
+    fields:
+      id: Title
+      price: {{ field: Price, type: number }}
+      qty: {{ field: Qty, type: number }}
+      gone: Gone
+      due: {{ field: Due, type: boolean }}
+"#,
+        url = database_url(),
+    );
+    let file = dir.path().join("vd_map.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let at = |column: &str| {
+        let (i, line) = yaml
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.trim_start().starts_with(&format!("{column}:")))
+            .unwrap();
+        let col = line.find(column).unwrap() + 1;
+        format!("{}:{}:{col}", file.display(), i + 1)
+    };
+    let out = run(&["validate", "--db", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for (column, what) in [
+        ("gone", format!("column gone does not exist in table {t}")),
+        (
+            "qty",
+            format!("column {t}.qty is text: a number field cannot hold it"),
+        ),
+        (
+            "due",
+            format!("column {t}.due is date: a boolean field cannot hold it"),
+        ),
+    ] {
+        let want = format!(
+            "{}: error: mapping of column \"{column}\": {what}",
+            at(column)
+        );
+        assert!(stderr.contains(&want), "want {want}\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("\"price\""),
+        "numeric fits number: {stderr}"
+    );
+    assert!(!stderr.contains("\"id\""), "{stderr}");
+    assert!(stderr.contains("3 problem(s) found"), "{stderr}");
+}

@@ -11,6 +11,10 @@
 //!   a value sends it as "unchanged TOAST" (no value), so consumers must merge it from earlier
 //!   state. `ALTER TABLE … REPLICA IDENTITY FULL` makes PostgreSQL send it every time.
 //!
+//! - **error** for every mapped column the table lacks, and every mapped column whose type its
+//!   field cannot hold (the rule of [`crate::process::convert::field_holds`], the same as the
+//!   mapping editor's check), located at the mapping's line (`fields: <column>`).
+//!
 //! Opt-in (`--db`) so that plain `validate` stays offline. Uses a regular connection (no TLS, like
 //! capture's catalog connection) and only reads the catalog.
 
@@ -19,7 +23,9 @@ use std::fmt;
 use tokio_postgres::Client;
 
 use super::catalog::primary_key;
-use crate::config::LocatedPipeline;
+use crate::config::{LocatedPipeline, SyncEntry};
+use crate::control::catalog::introspect::{Filter, describe};
+use crate::control::config_check::column_problems;
 
 /// How bad a finding is: errors make `validate --db` exit 1, warnings do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +203,39 @@ async fn check_tables(
                 }
             }
         }
+        for (column, message) in mapping_problems(client, entry).await? {
+            let (line, col) = p.mapping_at(i, &column);
+            out.push(Finding {
+                file: p.file.clone(),
+                line,
+                col,
+                severity: Severity::Error,
+                message,
+            });
+        }
     }
     Ok(out)
+}
+
+/// Every mapped column the table lacks or whose type its field cannot hold: (column, message),
+/// as the mapping editor's catalog check words them.
+async fn mapping_problems(
+    client: &Client,
+    entry: &SyncEntry,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let filter = Filter {
+        schema: Some(entry.table.schema.clone()),
+        table: Some(entry.table.name.clone()),
+    };
+    let Some(table) = describe(client, &filter, &[]).await?.into_iter().next() else {
+        return Ok(Vec::new());
+    };
+    Ok(column_problems(&entry.fields, &table)
+        .into_iter()
+        .map(|f| {
+            let column = f.column.unwrap_or_default();
+            let message = format!("mapping of column {column:?}: {}", f.message);
+            (column, message)
+        })
+        .collect())
 }

@@ -48,6 +48,69 @@ impl Unmappable {
     }
 }
 
+/// What kind of PostgreSQL type a column has, as far as [`field_holds`] cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeClass {
+    /// A built-in scalar: judged by its name (`format_type`).
+    Base,
+    /// A domain: its base type is not known by name, so it passes (values that do not convert
+    /// are dead-lettered one by one).
+    Domain,
+    /// Arrays, enums, composites, ranges: only fields that take any type hold them.
+    Other,
+}
+
+/// The PostgreSQL types a field type takes, by family (None: any type, written as its text).
+fn families(t: FieldType) -> Option<&'static [&'static str]> {
+    const NUMBERS: &[&str] = &[
+        "smallint",
+        "integer",
+        "bigint",
+        "numeric",
+        "real",
+        "double precision",
+        "money",
+    ];
+    const DATES: &[&str] = &["date", "timestamp"];
+    Some(match t {
+        FieldType::Number | FieldType::Currency => NUMBERS,
+        FieldType::Date | FieldType::DateTime => DATES,
+        FieldType::Boolean => &["boolean"],
+        // A lookup's value is the key of the row it points to: a number or a text key.
+        FieldType::Lookup => &[
+            "smallint",
+            "integer",
+            "bigint",
+            "text",
+            "character varying",
+            "uuid",
+        ],
+        _ => return None,
+    })
+}
+
+/// Whether a field of type `t` can hold a column of type `type_name` (as `format_type` prints
+/// it). One rule for every place that asks: the mapping editor's check, `validate --db` and the
+/// processor's check of a table whose columns changed while streaming.
+pub fn field_holds(t: FieldType, type_name: &str, class: TypeClass) -> bool {
+    let Some(families) = families(t) else {
+        return true;
+    };
+    match class {
+        TypeClass::Domain => true,
+        TypeClass::Base => families.iter().any(|f| type_name.starts_with(f)),
+        TypeClass::Other => false,
+    }
+}
+
+/// What a field of type `t` takes, for messages.
+pub fn accepted_types(t: FieldType) -> String {
+    families(t).map_or_else(
+        || "any type".into(),
+        |f| format!("it takes {}", f.join(", ")),
+    )
+}
+
 /// Ids resolved by the caller for person and lookup fields (`None` = not found).
 #[derive(Debug, Clone, Default)]
 pub struct Resolved {

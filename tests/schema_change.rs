@@ -5,7 +5,9 @@
 //!   a value, the other table keeps flowing; after the mapping is fixed and reloaded (SIGHUP) the
 //!   table resumes and the list equals the table, one item per row;
 //! - a type change the field still holds: nothing pauses; one it cannot hold: pauses the same way;
-//! - an unmapped column added: ignored.
+//! - an unmapped column added: ignored; mapped later: its list column is provisioned on reload and
+//!   the existing items get its values (the table is read again);
+//! - a new table added to the mapping (and so to the publication): snapshotted, then streamed.
 //!
 //! Needs `DATABASE_URL` (superuser). A test FAILS (never skips) when it is unset.
 
@@ -231,68 +233,151 @@ async fn wait_resumed(h: &Harness, t: &str, list: &str, final_sql: &str) {
     assert_eq!(h.ready().await.0, 200, "{:#}", h.ready().await.1);
 }
 
-/// Starts the pipeline with every field mapped and waits for the first sync.
-async fn started(h: &mut Harness) -> (String, String, String, String, std::path::PathBuf) {
-    let (t, list, o, olist) = tables(h).await;
-    let file = pipeline(h, &t, &list, &o, &olist, ALL);
+/// A pipeline streaming both tables with every field mapped, after its first sync, with a write
+/// workload running.
+struct Streaming {
+    h: Harness,
+    t: String,
+    list: String,
+    o: String,
+    olist: String,
+    file: std::path::PathBuf,
+    /// The workload's `SET` clause (follows the column's changes).
+    set: Arc<std::sync::Mutex<String>>,
+    work: Option<Workload>,
+}
+
+async fn streaming(tag: &str) -> Streaming {
+    let mut h = Harness::new(tag).await;
+    let (t, list, o, olist) = tables(&mut h).await;
+    let file = pipeline(&h, &t, &list, &o, &olist, ALL);
     h.start(&file);
     h.wait_for("the first sync", || async {
-        items(h, &list).await.len() as i64 == ROWS
+        items(&h, &list).await.len() as i64 == ROWS
     })
     .await;
-    (t, list, o, olist, file)
+    let set = Arc::new(std::sync::Mutex::new("qty = qty + 1".to_string()));
+    let work = Some(Workload::start(&t, &o, set.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    Streaming {
+        h,
+        t,
+        list,
+        o,
+        olist,
+        file,
+        set,
+        work,
+    }
+}
+
+impl Streaming {
+    fn set(&self, clause: &str) {
+        *self.set.lock().unwrap() = clause.into();
+    }
+
+    async fn stop_work(&mut self) {
+        if let Some(w) = self.work.take() {
+            w.stop().await;
+        }
+    }
+
+    fn start_work(&mut self) {
+        self.work = Some(Workload::start(&self.t, &self.o, self.set.clone()));
+    }
+
+    /// Maps the watched table with `fields`, reloads, lets the workload run on a little, stops it.
+    async fn reload_with(&mut self, fields: &str) {
+        pipeline(&self.h, &self.t, &self.list, &self.o, &self.olist, fields);
+        self.h.sighup();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        self.stop_work().await;
+    }
+
+    /// Waits until the watched list equals the rows of `sql` (see [`rows`]).
+    async fn wait_list_equals(&self, what: &str, sql: &str) {
+        let expected = rows(&self.h, sql).await;
+        self.h
+            .wait_for(what, || async {
+                list_equals(&self.h, &self.list, &expected).await
+            })
+            .await;
+    }
+
+    /// The `/ready` reason of the watched table's pause, checked to name `column`'s mapping.
+    async fn paused_on(&self, column: &str) -> String {
+        let reason = wait_paused(&self.h, &self.t).await;
+        assert!(reason.contains(&format!("\"{column}\"")), "{reason}");
+        assert!(
+            reason.contains(&format!("table public.{}", self.t)),
+            "{reason}"
+        );
+        assert!(
+            reason.contains(&mapping_line(&self.file, column)),
+            "{reason}"
+        );
+        other_flows(&self.h, &self.o, &self.olist).await;
+        every_price_kept(&self.h, &self.list).await;
+        reason
+    }
+}
+
+/// (id, text) pairs of `sql`.
+async fn text_pairs(h: &Harness, sql: &str) -> Vec<(String, String)> {
+    h.db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Waits until `list` has exactly the items of `want` (SyncKey, value of `field`).
+async fn wait_field(h: &Harness, list: &str, field: &str, want: &[(String, String)]) {
+    h.wait_for(&format!("{field} on every item of {list}"), || async {
+        let items = items(h, list).await;
+        items.len() == want.len()
+            && want
+                .iter()
+                .all(|(id, v)| items.get(id).and_then(|f| f.get(field)) == Some(&json!(v)))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_mapped_column_pauses_its_table_until_the_mapping_is_fixed() {
     hard_timeout(240, async {
-        let mut h = Harness::new("scdrop").await;
-        let (t, list, o, olist, file) = started(&mut h).await;
-        let qty = Arc::new(std::sync::Mutex::new("qty = qty + 1".to_string()));
-        let work = Workload::start(&t, &o, qty.clone());
+        let mut s = streaming("scdrop").await;
+        let t = s.t.clone();
         // An unmapped column added while streaming changes nothing.
-        h.sql(&format!(
+        s.h.sql(&format!(
             "ALTER TABLE public.{t} ADD COLUMN extra text DEFAULT 'x'"
         ))
         .await;
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        h.sql(&format!("ALTER TABLE public.{t} DROP COLUMN price"))
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        s.h.sql(&format!("ALTER TABLE public.{t} DROP COLUMN price"))
             .await;
-        let reason = wait_paused(&h, &t).await;
-        assert!(
-            reason.contains("\"price\"") && reason.contains("dropped or renamed"),
-            "{reason}"
-        );
-        assert!(reason.contains(&format!("table public.{t}")), "{reason}");
-        assert!(reason.contains(&mapping_line(&file, "price")), "{reason}");
+        let reason = s.paused_on("price").await;
+        assert!(reason.contains("dropped or renamed"), "{reason}");
         assert!(
             !reason.contains("extra"),
             "the unmapped column is ignored: {reason}"
         );
-        let log = h.run_log();
+        let log = s.h.run_log();
         assert!(
             log.lines()
                 .any(|l| l.contains("ERROR") && l.contains("paused") && l.contains("\"price\"")),
             "{log}"
         );
-        other_flows(&h, &o, &olist).await;
-        every_price_kept(&h, &list).await;
 
         // The fix: `price` no longer mapped. The items keep the prices they had.
-        let fixed = "title: Title, qty: { field: Qty, type: number }";
-        pipeline(&h, &t, &list, &o, &olist, fixed);
-        h.sighup();
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        work.stop().await;
-        wait_resumed(
-            &h,
-            &t,
-            &list,
-            &format!("SELECT id, title, (id * 1.5)::text, qty::text FROM public.{t} ORDER BY id"),
-        )
-        .await;
-        other_flows(&h, &o, &olist).await;
-        h.stop().await;
+        s.reload_with("title: Title, qty: { field: Qty, type: number }")
+            .await;
+        let final_rows =
+            format!("SELECT id, title, (id * 1.5)::text, qty::text FROM public.{t} ORDER BY id");
+        wait_resumed(&s.h, &t, &s.list, &final_rows).await;
+        other_flows(&s.h, &s.o, &s.olist).await;
+        s.h.stop().await;
     })
     .await;
 }
@@ -300,32 +385,22 @@ async fn a_dropped_mapped_column_pauses_its_table_until_the_mapping_is_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_mapped_column_pauses_its_table_until_the_mapping_follows() {
     hard_timeout(240, async {
-        let mut h = Harness::new("scren").await;
-        let (t, list, o, olist, file) = started(&mut h).await;
-        let qty = Arc::new(std::sync::Mutex::new("qty = qty + 1".to_string()));
-        let work = Workload::start(&t, &o, qty.clone());
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        h.sql(&format!("ALTER TABLE public.{t} RENAME COLUMN qty TO quantity")).await;
-        *qty.lock().unwrap() = "quantity = quantity + 1".into();
-        let reason = wait_paused(&h, &t).await;
-        assert!(reason.contains("\"qty\"") && reason.contains("dropped or renamed"), "{reason}");
-        assert!(reason.contains(&mapping_line(&file, "qty")), "{reason}");
-        other_flows(&h, &o, &olist).await;
-        every_price_kept(&h, &list).await;
+        let mut s = streaming("scren").await;
+        let t = s.t.clone();
+        s.h.sql(&format!("ALTER TABLE public.{t} RENAME COLUMN qty TO quantity"))
+            .await;
+        s.set("quantity = quantity + 1");
+        let reason = s.paused_on("qty").await;
+        assert!(reason.contains("dropped or renamed"), "{reason}");
 
-        let fixed = "title: Title, price: { field: Price, type: number }, quantity: { field: Qty, type: number }";
-        pipeline(&h, &t, &list, &o, &olist, fixed);
-        h.sighup();
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        work.stop().await;
-        wait_resumed(
-            &h,
-            &t,
-            &list,
-            &format!("SELECT id, title, price::text, quantity::text FROM public.{t} ORDER BY id"),
+        s.reload_with(
+            "title: Title, price: { field: Price, type: number }, quantity: { field: Qty, type: number }",
         )
         .await;
-        h.stop().await;
+        let final_rows =
+            format!("SELECT id, title, price::text, quantity::text FROM public.{t} ORDER BY id");
+        wait_resumed(&s.h, &t, &s.list, &final_rows).await;
+        s.h.stop().await;
     })
     .await;
 }
@@ -333,69 +408,118 @@ async fn a_renamed_mapped_column_pauses_its_table_until_the_mapping_follows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_type_change_the_field_holds_continues_and_one_it_cannot_hold_pauses() {
     hard_timeout(240, async {
-        let mut h = Harness::new("sctype").await;
-        let (t, list, o, olist, file) = started(&mut h).await;
-        let qty = Arc::new(std::sync::Mutex::new("qty = qty + 1".to_string()));
-        let work = Workload::start(&t, &o, qty.clone());
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut s = streaming("sctype").await;
+        let t = s.t.clone();
+        let all_rows = format!("SELECT id, title, price::text, qty::text FROM public.{t} ORDER BY id");
         // int → bigint: a number field still holds it; the workload's updates keep arriving.
-        h.sql(&format!("ALTER TABLE public.{t} ALTER COLUMN qty TYPE bigint")).await;
-        work.stop().await;
-        let converted = format!("SELECT id, title, price::text, qty::text FROM public.{t} ORDER BY id");
-        let expected = rows(&h, &converted).await;
-        h.wait_for("updates after the bigint change", || async {
-            list_equals(&h, &list, &expected).await
-        })
+        s.h.sql(&format!("ALTER TABLE public.{t} ALTER COLUMN qty TYPE bigint"))
+            .await;
+        s.stop_work().await;
+        s.wait_list_equals("updates after the bigint change", &all_rows)
+            .await;
+        // bigint → text: each value is parsed, as text columns in number fields always were.
+        s.h.sql(&format!(
+            "ALTER TABLE public.{t} ALTER COLUMN qty TYPE text;
+             UPDATE public.{t} SET qty = (qty::int + 7)::text WHERE id <= 5;"
+        ))
         .await;
-        let stage = format!("{}/table:public.{t}", h.name);
-        assert!(h.ready().await.1["stages"].get(&stage).is_none());
-        assert_eq!(
-            h.metric("syncbridge_table_pauses_total", &[&format!("table=\"public.{t}\"")]).await,
-            0.0
-        );
+        s.wait_list_equals("updates after the text change", &all_rows)
+            .await;
+        let stage = format!("{}/table:public.{t}", s.h.name);
+        assert!(s.h.ready().await.1["stages"].get(&stage).is_none());
+        let pauses = s
+            .h
+            .metric("syncbridge_table_pauses_total", &[&format!("table=\"public.{t}\"")])
+            .await;
+        assert_eq!(pauses, 0.0);
 
-        // bigint → text: a number field cannot hold text: pauses, naming the type.
-        let work = Workload::start(&t, &o, qty.clone());
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        *qty.lock().unwrap() = "qty = (qty::int + 1)::text".into();
-        h.sql(&format!("ALTER TABLE public.{t} ALTER COLUMN qty TYPE text")).await;
-        let reason = wait_paused(&h, &t).await;
-        assert!(reason.contains("\"qty\" is now text"), "{reason}");
-        assert!(reason.contains(&mapping_line(&file, "qty")), "{reason}");
-        other_flows(&h, &o, &olist).await;
-        every_price_kept(&h, &list).await;
+        // text → boolean: a number field cannot take booleans: pauses, naming the type.
+        s.start_work();
+        s.set("qty = NOT qty");
+        s.h.sql(&format!(
+            "ALTER TABLE public.{t} ALTER COLUMN qty TYPE boolean USING qty::int % 2 = 0"
+        ))
+        .await;
+        let reason = s.paused_on("qty").await;
+        assert!(reason.contains("\"qty\" is now boolean"), "{reason}");
 
         // The fix: a text field for the column (provisioned on reload, the table read again).
         // Qty keeps the numbers it had.
-        let fixed = "title: Title, price: { field: Price, type: number }, qty: { field: QtyText, type: text }";
-        pipeline(&h, &t, &list, &o, &olist, fixed);
-        h.sighup();
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        work.stop().await;
-        let stage = format!("{}/table:public.{t}", h.name);
-        let want: Vec<(String, String)> = h
-            .db
-            .query(&format!("SELECT id::text, qty FROM public.{t} ORDER BY id"), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        h.wait_for("the table resumed with QtyText", || async {
-            let (_, body) = h.ready().await;
-            let items = items(&h, &list).await;
-            body["stages"].get(&stage).is_none()
-                && items.len() == want.len()
-                && want.iter().all(|(id, q)| {
-                    items.get(id).and_then(|f| f.get("QtyText")) == Some(&json!(q))
-                })
-        })
+        s.reload_with(
+            "title: Title, price: { field: Price, type: number }, qty: { field: QtyText, type: text }",
+        )
         .await;
-        for (k, f) in items(&h, &list).await {
+        let want = text_pairs(&s.h, &format!("SELECT id::text, qty::text FROM public.{t} ORDER BY id")).await;
+        wait_field(&s.h, &s.list, "QtyText", &want).await;
+        assert!(s.h.ready().await.1["stages"].get(&stage).is_none());
+        for (k, f) in items(&s.h, &s.list).await {
             assert!(f.get("Qty").and_then(Value::as_f64).is_some(), "item {k} kept Qty: {f:?}");
         }
-        every_price_kept(&h, &list).await;
-        h.stop().await;
+        every_price_kept(&s.h, &s.list).await;
+        s.h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_then_mapped_is_provisioned_and_back_filled_on_reload() {
+    hard_timeout(240, async {
+        let mut s = streaming("scadd").await;
+        let t = s.t.clone();
+        s.h.sql(&format!(
+            "ALTER TABLE public.{t} ADD COLUMN note text; UPDATE public.{t} SET note = 'note ' || id;"
+        ))
+        .await;
+        s.set("qty = qty + 1, note = 'note ' || id || ' v' || (qty + 1)");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(s.h.ready().await.0, 200, "an unmapped column pauses nothing");
+
+        s.reload_with(&format!("{ALL}, note: Note")).await;
+        let all_rows = format!("SELECT id, title, price::text, qty::text FROM public.{t} ORDER BY id");
+        s.wait_list_equals("the list after the reload", &all_rows).await;
+        let notes = text_pairs(&s.h, &format!("SELECT id::text, note FROM public.{t} ORDER BY id")).await;
+        wait_field(&s.h, &s.list, "Note", &notes).await;
+        other_flows(&s.h, &s.o, &s.olist).await;
+        s.h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_the_mapping_is_snapshotted_then_streamed() {
+    hard_timeout(240, async {
+        let mut s = streaming("scnew").await;
+        let (t, o) = (s.t.clone(), s.o.clone());
+        let n = s.h.t("n");
+        s.h.sql(&format!(
+            "CREATE TABLE public.{n} (id bigint PRIMARY KEY, title text NOT NULL);
+             INSERT INTO public.{n} SELECT g, 'new ' || g FROM generate_series(1, 50) g;"
+        ))
+        .await;
+        s.h.tables.push(format!("public.{n}"));
+        let nlist = format!("N {}", s.h.name);
+        let sync = format!(
+            "  - table: public.{t}\n    list: {}\n    fields: {{ {ALL} }}\n    pull: {{ enabled: false }}\n  - table: public.{o}\n    list: {}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}\n  - table: public.{n}\n    list: {nlist}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}",
+            s.list, s.olist
+        );
+        s.h.pipeline(&s.h.embedded_log(), &sync);
+        s.h.sighup();
+        // Streamed after the snapshot: rows written while and after it is read.
+        for i in 51..=80 {
+            s.h.sql(&format!(
+                "INSERT INTO public.{n} VALUES ({i}, 'new {i}'); UPDATE public.{n} SET title = 'changed {i}' WHERE id = {}",
+                i - 50
+            ))
+            .await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        s.stop_work().await;
+        let want = text_pairs(&s.h, &format!("SELECT id::text, title FROM public.{n} ORDER BY id")).await;
+        wait_field(&s.h, &nlist, "Title", &want).await;
+        let all_rows = format!("SELECT id, title, price::text, qty::text FROM public.{t} ORDER BY id");
+        s.wait_list_equals("the watched table kept flowing", &all_rows).await;
+        other_flows(&s.h, &s.o, &s.olist).await;
+        s.h.stop().await;
     })
     .await;
 }

@@ -418,18 +418,9 @@ pub(crate) async fn list_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Direction;
 
     fn field(column: &str, t: FieldType) -> FieldMapping {
-        FieldMapping {
-            column: column.into(),
-            field: column.to_uppercase(),
-            field_type: t,
-            direction: Direction::Bidirectional,
-            choices: Vec::new(),
-            lookup_list: None,
-            conflict: None,
-        }
+        FieldMapping::for_test(column, t)
     }
 
     fn column(name: &str, pg: &str) -> CatalogColumn {

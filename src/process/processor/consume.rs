@@ -57,7 +57,10 @@ impl<L: EventLog + 'static> Processor<L> {
             return Ok(());
         };
         // A table whose events no longer fit its mapping is held whole (see `schema_check`).
-        if self.hold_for_schema(ti, fp, cache.resolver.get(fp), &last) {
+        if self
+            .hold_for_schema(ti, fp, cache.resolver.get(fp), &last)
+            .await
+        {
             return Ok(());
         }
         let table = self.tables[ti].table.clone();

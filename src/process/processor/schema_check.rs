@@ -21,10 +21,16 @@
 //!   records of the old shape in its other partitions are still written until each reaches the
 //!   change, so after the fix every held record has the new shape. Records of the table that
 //!   were pending before the change still flush (they carry the old, complete shape).
-//! - A column added to the table but not mapped changes nothing (it is not in the verdict).
-//! - A type change passes when the field still holds the new type: by its PostgreSQL name, with
-//!   [`crate::process::convert::field_holds`] (the rule of `validate --db`), or by the values'
-//!   Avro type (a domain over a number still arrives as a number).
+//! - A column added to the table but not mapped changes nothing (it is not in the verdict). A
+//!   mapped column an event lacks while the table has it now (asked of the catalog, once per
+//!   writer schema) is not a drop: the event is older than the column (added, then mapped on a
+//!   reload, whose re-read of the table fills it in), so the event is written without that field,
+//!   which keeps its value.
+//! - A type change passes while the field can still take the new type's values
+//!   ([`crate::process::convert::converts`], judged by the values' Avro type, so a domain over a
+//!   number is a number; the rule `validate --db` reports as errors): `int` → `bigint` or
+//!   `numeric` for a number field, and also → `text` (each value is parsed, as text columns in
+//!   number fields always were). `int` → `boolean`, `date` or an array for a number field pauses.
 //! - A pause is told three ways: an ERROR log line, the gauge `syncbridge_table_paused` (with the
 //!   counter `syncbridge_table_pauses_total`) and `/ready` (stage `table:<schema.table>`, with the
 //!   reason). Each names the column, the table and the mapping's `file:line` when the pipeline
@@ -37,13 +43,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use apache_avro::Schema;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{LastEvent, Processor};
+use crate::capture::catalog::qualified_ident;
 use crate::config::{FieldMapping, FieldType};
 use crate::control::Readiness;
 use crate::log::EventLog;
-use crate::process::convert::{TypeClass, accepted_types, field_holds};
+use crate::process::convert::{ValueKind, accepted_types, converts};
 use crate::process::row::{ColumnShape, value_columns};
 use crate::telemetry::metrics as m;
 
@@ -82,23 +89,29 @@ impl SchemaState {
     }
 }
 
-/// Every problem the mapping `fields` has with a row image of `columns`, one line each.
-pub(crate) fn mapping_problems(
-    fields: &[FieldMapping],
-    columns: &[ColumnShape],
-) -> Vec<(String, String)> {
+/// One mapped column a row image does not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Misfit {
+    pub(crate) column: String,
+    /// The image does not carry the column at all (else: its type does not fit).
+    pub(crate) missing: bool,
+    pub(crate) why: String,
+}
+
+/// Every problem the mapping `fields` has with a row image of `columns`.
+pub(crate) fn mapping_problems(fields: &[FieldMapping], columns: &[ColumnShape]) -> Vec<Misfit> {
     let mut out = Vec::new();
     for f in fields {
-        match columns.iter().find(|c| c.column == f.column) {
-            None => out.push((
-                f.column.clone(),
+        let (missing, why) = match columns.iter().find(|c| c.column == f.column) {
+            None => (
+                true,
                 format!(
                     "mapped column {:?} (field {}) is no longer in the table (dropped or renamed)",
                     f.column, f.field
                 ),
-            )),
-            Some(c) if !column_fits(f.field_type, c) => out.push((
-                f.column.clone(),
+            ),
+            Some(c) if !column_fits(f.field_type, c) => (
+                false,
                 format!(
                     "mapped column {:?} is now {}: a {} field (field {}) cannot hold it ({})",
                     f.column,
@@ -107,45 +120,35 @@ pub(crate) fn mapping_problems(
                     f.field,
                     accepted_types(f.field_type)
                 ),
-            )),
-            Some(_) => {}
-        }
+            ),
+            Some(_) => continue,
+        };
+        out.push(Misfit {
+            column: f.column.clone(),
+            missing,
+            why,
+        });
     }
     out
 }
 
-/// Whether field type `t` holds column `c`: by its PostgreSQL type name, or by its values' Avro
-/// type (domains and other names the rule does not know arrive as their base type's values).
+/// Whether field type `t` can take the values of column `c` ([`converts`], by the values' Avro
+/// type: what the converter is given).
 fn column_fits(t: FieldType, c: &ColumnShape) -> bool {
-    let class = match c.avro {
-        Schema::Array(_) => TypeClass::Other,
-        _ => TypeClass::Base,
+    use ValueKind as K;
+    let kind = match &c.avro {
+        Schema::Int | Schema::Long => K::Integer,
+        Schema::Float | Schema::Double | Schema::Decimal(_) | Schema::BigDecimal => K::Fractional,
+        Schema::Boolean => K::Boolean,
+        Schema::Date => K::Date,
+        Schema::TimestampMicros
+        | Schema::TimestampMillis
+        | Schema::LocalTimestampMicros
+        | Schema::LocalTimestampMillis => K::Timestamp,
+        Schema::String | Schema::Uuid(_) | Schema::Enum(_) => K::Text,
+        _ => K::Other,
     };
-    if c.pg_type
-        .as_deref()
-        .is_some_and(|pg| field_holds(t, pg, class))
-    {
-        return true;
-    }
-    let a = &c.avro;
-    match t {
-        FieldType::Number | FieldType::Currency => matches!(
-            a,
-            Schema::Int | Schema::Long | Schema::Float | Schema::Double | Schema::Decimal(_)
-        ),
-        FieldType::Date | FieldType::DateTime => matches!(
-            a,
-            Schema::Date
-                | Schema::TimestampMicros
-                | Schema::TimestampMillis
-                | Schema::LocalTimestampMicros
-                | Schema::LocalTimestampMillis
-        ),
-        FieldType::Boolean => matches!(a, Schema::Boolean),
-        FieldType::Lookup => matches!(a, Schema::Int | Schema::Long | Schema::String),
-        // Any other field takes any type (written as its text).
-        _ => true,
-    }
+    converts(t, kind)
 }
 
 impl<L: EventLog + 'static> Processor<L> {
@@ -159,7 +162,7 @@ impl<L: EventLog + 'static> Processor<L> {
     /// Whether the record at `last` of table `ti` (written with schema `fp`) must be held: its
     /// partition of the table is held already, or its shape does not fit the mapping (which
     /// holds the partition from here, and pauses the table if it was not).
-    pub(crate) fn hold_for_schema(
+    pub(crate) async fn hold_for_schema(
         &mut self,
         ti: usize,
         fp: u64,
@@ -178,17 +181,7 @@ impl<L: EventLog + 'static> Processor<L> {
         let problems = match self.schema.verdicts.get(&fp) {
             Some(p) => p.clone(),
             None => {
-                let columns = schema.and_then(|s| value_columns(s).ok());
-                let p = match columns {
-                    // An envelope without columns was dead-lettered by the decoder already.
-                    None => Vec::new(),
-                    Some(c) => mapping_problems(&self.tables[ti].entry.fields, &c)
-                        .into_iter()
-                        .map(|(col, why)| {
-                            format!("{why}; mapping at {}", self.mapping_at(ti, &col))
-                        })
-                        .collect(),
-                };
+                let p = self.verdict(ti, schema).await;
                 self.schema.verdicts.insert(fp, p.clone());
                 p
             }
@@ -208,6 +201,50 @@ impl<L: EventLog + 'static> Processor<L> {
             None => self.pause_table(ti, problems, last),
         }
         true
+    }
+
+    /// The problems of table `ti`'s mapping with writer schema `schema`, one line each. A mapped
+    /// column the event lacks but the table has now is not one: the event is older than the
+    /// column (added, then mapped on a reload), and its field is left as it is.
+    async fn verdict(&self, ti: usize, schema: Option<&Schema>) -> Vec<String> {
+        // An envelope without columns was dead-lettered by the decoder already.
+        let Some(columns) = schema.and_then(|s| value_columns(s).ok()) else {
+            return Vec::new();
+        };
+        let mut misfits = mapping_problems(&self.tables[ti].entry.fields, &columns);
+        if misfits.iter().any(|m| m.missing) {
+            match self.live_columns(ti).await {
+                Ok(live) => misfits.retain(|m| !(m.missing && live.contains(&m.column))),
+                Err(e) => warn!(table = %self.tables[ti].table,
+                    "cannot read the table's columns, so a mapped column missing from its events counts as dropped: {e}"),
+            }
+        }
+        misfits
+            .into_iter()
+            .map(|m| format!("{}; mapping at {}", m.why, self.mapping_at(ti, &m.column)))
+            .collect()
+    }
+
+    /// The columns table `ti` has now, from the source database's catalog.
+    async fn live_columns(&self, ti: usize) -> Result<HashSet<String>, String> {
+        let t = &self.tables[ti].entry.table;
+        let (client, conn) = crate::pg::connect_source(&self.cfg.pipeline.source)
+            .await
+            .map_err(|e| e.to_string())?;
+        let driver = tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) \
+                 AND attnum > 0 AND NOT attisdropped",
+                &[&qualified_ident(&t.schema, &t.name)],
+            )
+            .await;
+        driver.abort();
+        Ok(rows
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     fn pause_table(&mut self, ti: usize, problems: Vec<String>, last: &LastEvent) {
@@ -278,18 +315,9 @@ impl<L: EventLog + 'static> Processor<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Direction;
 
     fn field(column: &str, t: FieldType) -> FieldMapping {
-        FieldMapping {
-            column: column.into(),
-            field: column.to_uppercase(),
-            field_type: t,
-            direction: Direction::Bidirectional,
-            choices: Vec::new(),
-            lookup_list: None,
-            conflict: None,
-        }
+        FieldMapping::for_test(column, t)
     }
 
     fn col(column: &str, pg: &str, avro: Schema) -> ColumnShape {
@@ -312,8 +340,8 @@ mod tests {
         ];
         let p = mapping_problems(&fields, &columns);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert_eq!(p[0].0, "price");
-        assert!(p[0].1.contains("\"price\"") && p[0].1.contains("dropped or renamed"));
+        assert_eq!((p[0].column.as_str(), p[0].missing), ("price", true));
+        assert!(p[0].why.contains("\"price\"") && p[0].why.contains("dropped or renamed"));
         let with_price = [
             col("id", "integer", Schema::Int),
             col("price", "numeric(10,2)", Schema::String),
@@ -330,7 +358,10 @@ mod tests {
             ("double precision", Schema::Double, true),
             // A domain over integer: its name is unknown, its values are numbers.
             ("positive", Schema::Int, true),
-            ("text", Schema::String, false),
+            // Text is parsed value by value, as text columns in number fields always were.
+            ("text", Schema::String, true),
+            ("boolean", Schema::Boolean, false),
+            ("date", Schema::Date, false),
             (
                 "integer[]",
                 Schema::Array(apache_avro::schema::ArraySchema {
@@ -343,7 +374,7 @@ mod tests {
             let p = mapping_problems(&fields, &[col("qty", pg, avro)]);
             assert_eq!(p.is_empty(), ok, "{pg}: {p:?}");
             if !ok {
-                assert!(p[0].1.contains(pg), "{p:?}");
+                assert!(!p[0].missing && p[0].why.contains(pg), "{p:?}");
             }
         }
         // A text field holds anything.

@@ -614,6 +614,10 @@ async fn start_one(
     let processor_facts = processor.drift_facts();
     let (stats_tx, stats) = tokio::sync::watch::channel(ProcessorStats::default());
     processor.publish_stats(stats_tx.clone());
+    processor.report_schema_pauses(
+        registries.readiness.clone(),
+        registries.config.path_of(&p.name),
+    );
     let handle = PipelineHandle::new(
         &p.name,
         log.clone(),
@@ -955,6 +959,10 @@ async fn supervise_processor(
         };
         s.registries.conflicts.register(processor.conflict_handle());
         processor.publish_stats(s.stats.clone());
+        processor.report_schema_pauses(
+            s.registries.readiness.clone(),
+            s.registries.config.path_of(&name),
+        );
         s.registries.readiness.set(&name, "process", true);
     }
 }

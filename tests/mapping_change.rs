@@ -193,16 +193,6 @@ async fn validate_graph_reports_each_difference_between_the_lists_and_the_mappin
     .await;
 }
 
-/// Sends SIGHUP to the harness's `syncbridge run`.
-fn sighup(h: &Harness) {
-    let pid = h.child.as_ref().expect("running").id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// The process's `syncbridge_config_reloads_total{outcome}`.
 async fn reloads(h: &Harness, outcome: &str) -> f64 {
     h.metric(
@@ -247,7 +237,7 @@ async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_k
         // A field added: the pipeline restarts in the process, the column is added and values
         // flow into it; no item is created twice.
         h.pipeline_with_meta(&entry(&t, &list, "title: Title, note: Note"), &meta.url);
-        sighup(&h);
+        h.sighup();
         h.wait_for("the reload run", || async { !reload_runs(&h).await.is_empty() })
             .await;
         let run = &reload_runs(&h).await[0];
@@ -275,7 +265,7 @@ async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_k
 
         // A broken file: nothing changes, the pipeline keeps running, the counter says so.
         std::fs::write(&file, "version: 1\nname: [unclosed\n").unwrap();
-        sighup(&h);
+        h.sighup();
         h.wait_for("the invalid reload counted", || async {
             reloads(&h, "invalid").await == 1.0
         })
@@ -291,7 +281,7 @@ async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_k
         let keyed = entry(&t, &list, "title: Title, note: Note")
             .replace("    fields:", "    key: [title]\n    fields:");
         h.pipeline_with_meta(&keyed, &meta.url);
-        sighup(&h);
+        h.sighup();
         h.wait_for("the refused reload counted", || async {
             reloads(&h, "refused").await == 1.0
         })
@@ -310,7 +300,7 @@ async fn sighup_applies_a_new_field_and_changes_nothing_for_a_broken_file_or_a_k
         // the mapping now says number): the old config runs again, the run says why.
         let typed = entry(&t, &list, "title: Title, note: { field: Note, type: number }");
         h.pipeline_with_meta(&typed, &meta.url);
-        sighup(&h);
+        h.sighup();
         let q = format!("pipeline={}&kind=reload&status=failed", h.name);
         h.wait_for("the failed reload run", || async {
             try_runs(&h, &q).await.is_some_and(|r| !r.is_empty())
@@ -409,7 +399,7 @@ async fn on_kafka_sighup_restarts_the_pipeline_on_its_consumer_group_without_dup
         let added = yaml.replace("fields: { title: Title }", "fields: { title: Title, note: Note }");
         assert_ne!(yaml, added);
         std::fs::write(&file, added).unwrap();
-        sighup(&h);
+        h.sighup();
         h.wait_for("the applied reload", || async {
             reloads(&h, "applied").await == 1.0
         })
@@ -452,7 +442,7 @@ async fn after_a_reload_list_edits_still_come_back_and_the_new_field_pulls() {
         })
         .await;
         h.pipeline_with_meta(&pulled("title: Title, note: Note"), &meta.url);
-        sighup(&h);
+        h.sighup();
         h.wait_for("the reload run", || async {
             !reload_runs(&h).await.is_empty()
         })

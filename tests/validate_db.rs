@@ -38,6 +38,11 @@ fn pipeline(dir: &Path, name: &str, tables: &[&str]) -> (PathBuf, String) {
             "  - table: {t}\n    list: List {i}\n    fields:\n      id: Title\n"
         ));
     }
+    pipeline_file(dir, name, &sync)
+}
+
+/// Writes `<name>.yaml` with the `sync:` entries `sync`; returns its path and text.
+fn pipeline_file(dir: &Path, name: &str, sync: &str) -> (PathBuf, String) {
     let yaml = format!(
         r#"version: 1
 name: {name}
@@ -185,4 +190,72 @@ sync:
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("cannot connect to source.url"), "{stderr}");
+}
+
+/// Issue 21: every mapped column the table lacks, and every mapped column whose values its field
+/// cannot take, is an error at the mapping's own line; text into a number field (parsed value by
+/// value) a warning; columns that fit say nothing.
+#[test]
+fn validate_db_reports_every_missing_or_unconvertible_mapped_column_at_its_mapping() {
+    let n = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let t = format!("public.vd_map_{n}");
+    let _tables = Tables(vec![t.clone()]);
+    sql(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY, price numeric(10,2), qty text, due date);
+         ALTER TABLE {t} REPLICA IDENTITY FULL;"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let sync = format!(
+        "  - table: {t}
+    list: Map {n}
+    fields:
+      id: Title
+      price: {{ field: Price, type: number }}
+      qty: {{ field: Qty, type: number }}
+      gone: Gone
+      due: {{ field: Due, type: boolean }}
+"
+    );
+    let (file, yaml) = pipeline_file(dir.path(), "vd_map", &sync);
+    let at = |column: &str| {
+        let (i, line) = yaml
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.trim_start().starts_with(&format!("{column}:")))
+            .unwrap();
+        let col = line.find(column).unwrap() + 1;
+        format!("{}:{}:{col}", file.display(), i + 1)
+    };
+    let out = run(&["validate", "--db", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for (column, sev, what) in [
+        (
+            "gone",
+            "error",
+            format!("column gone does not exist in table {t}"),
+        ),
+        (
+            "due",
+            "error",
+            format!("column {t}.due is date: a boolean field cannot hold it"),
+        ),
+        (
+            "qty",
+            "warning",
+            format!("column {t}.qty is text: a number field takes it only by parsing each value"),
+        ),
+    ] {
+        let want = format!(
+            "{}: {sev}: mapping of column \"{column}\": {what}",
+            at(column)
+        );
+        assert!(stderr.contains(&want), "want {want}\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("\"price\""),
+        "numeric fits number: {stderr}"
+    );
+    assert!(!stderr.contains("\"id\""), "{stderr}");
+    assert!(stderr.contains("2 problem(s) found"), "{stderr}");
 }

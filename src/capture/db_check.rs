@@ -11,6 +11,12 @@
 //!   a value sends it as "unchanged TOAST" (no value), so consumers must merge it from earlier
 //!   state. `ALTER TABLE … REPLICA IDENTITY FULL` makes PostgreSQL send it every time.
 //!
+//! - **error** for every mapped column the table lacks, and every mapped column whose values its
+//!   field cannot take ([`crate::process::convert::converts`]: the rule that pauses a running
+//!   table); **warning** for one whose values its field takes only by parsing each one (text
+//!   into a number field: [`crate::process::convert::field_holds`], the mapping editor's rule,
+//!   says no). Located at the mapping's line (`fields: <column>`).
+//!
 //! Per query source (`query:`):
 //! - **error** when the query does not run (the server's message);
 //! - **error** when a key, cursor or mapped column is not in its result, when a key column is
@@ -25,7 +31,9 @@ use std::fmt;
 use tokio_postgres::Client;
 
 use super::catalog::{primary_key, quote_ident};
-use crate::config::LocatedPipeline;
+use crate::config::{LocatedPipeline, SyncEntry};
+use crate::control::catalog::introspect::{ColumnTypeKind, Filter, describe};
+use crate::process::convert::{TypeClass, accepted_types, converts, field_holds, pg_value_kind};
 
 /// How bad a finding is: errors make `validate --db` exit 1, warnings do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +50,18 @@ pub struct Finding {
     pub col: usize,
     pub severity: Severity,
     pub message: String,
+}
+
+impl Finding {
+    fn at(file: &str, (line, col): (usize, usize), severity: Severity, message: String) -> Self {
+        Finding {
+            file: file.to_string(),
+            line,
+            col,
+            severity,
+            message,
+        }
+    }
 }
 
 impl fmt::Display for Finding {
@@ -124,13 +144,72 @@ async fn check_tables(
             Some(q) => check_query(client, entry, q).await?,
             None => check_table(client, entry).await?,
         };
-        out.extend(found.into_iter().map(|(severity, message)| Finding {
-            file: p.file.clone(),
-            line,
-            col,
-            severity,
-            message,
-        }));
+        out.extend(
+            found
+                .into_iter()
+                .map(|(severity, message)| Finding::at(&p.file, (line, col), severity, message)),
+        );
+        if entry.query.is_none() {
+            for (column, severity, message) in mapping_problems(client, entry).await? {
+                out.push(Finding::at(&p.file, p.mapping_at(i, &column), severity, message));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every mapped column the table lacks or whose values its field cannot take (errors: a running
+/// table pauses on them), and every one whose values its field takes only by parsing each one
+/// (warnings: a value that does not parse is dead-lettered): (column, severity, message).
+async fn mapping_problems(
+    client: &Client,
+    entry: &SyncEntry,
+) -> Result<Vec<(String, Severity, String)>, tokio_postgres::Error> {
+    let filter = Filter {
+        schema: Some(entry.table.schema.clone()),
+        table: Some(entry.table.name.clone()),
+    };
+    let Some(table) = describe(client, &filter, &[]).await?.into_iter().next() else {
+        return Ok(Vec::new());
+    };
+    let t = format!("{}.{}", table.schema, table.name);
+    let mut out = Vec::new();
+    for f in &entry.fields {
+        let at = |sev, what: String| {
+            let message = format!("mapping of column {:?}: {what}", f.column);
+            (f.column.clone(), sev, message)
+        };
+        let Some(c) = table.columns.iter().find(|c| c.name == f.column) else {
+            out.push(at(
+                Severity::Error,
+                format!("column {} does not exist in table {t}", f.column),
+            ));
+            continue;
+        };
+        let class = match c.type_kind {
+            ColumnTypeKind::Base => TypeClass::Base,
+            ColumnTypeKind::Domain => TypeClass::Domain,
+            _ => TypeClass::Other,
+        };
+        let (ty, ft, accepted) = (&c.type_name, f.field_type, accepted_types(f.field_type));
+        if !converts(ft, pg_value_kind(ty, class)) {
+            out.push(at(
+                Severity::Error,
+                format!(
+                    "column {t}.{} is {ty}: a {ft} field cannot hold it ({accepted})",
+                    f.column
+                ),
+            ));
+        } else if !field_holds(ft, ty, class) {
+            out.push(at(
+                Severity::Warning,
+                format!(
+                    "column {t}.{} is {ty}: a {ft} field takes it only by parsing each value \
+                     ({accepted}); a value that does not parse is dead-lettered",
+                    f.column
+                ),
+            ));
+        }
     }
     Ok(out)
 }

@@ -49,6 +49,11 @@
 //!     with `failover = true`), else with a new slot and a re-read of every table that the
 //!     ledger absorbs. Each failover is reported ([`failover`], ops/docs/failover.md).
 //!
+//! 11. **Schema changes are not capture's to judge.** A Relation message with another column
+//!     set gives the table a new relation version and Avro schema, and its events are appended and
+//!     acknowledged like any other: the slot never waits for a mapping. The push processor holds a
+//!     table whose events no longer fit its mapping (see `process::processor::schema_check`).
+//!
 //! # Where each step lives
 //! `run.rs` holds the single-reader lock and restarts sessions with backoff; `session.rs` runs one
 //! session (connect and check the source, resolve tables and publication, create or resume the

@@ -137,6 +137,24 @@ pub struct LocatedPipeline {
     pub file: String,
     /// 1-based (line, col) of each `sync[i].table` value, in `config.sync` order.
     pub tables: Vec<(usize, usize)>,
+    /// 1-based (line, col) of each `sync[i].fields` column key, per entry, in `fields` order.
+    pub fields: Vec<Vec<(usize, usize)>>,
+}
+
+impl LocatedPipeline {
+    /// Where sync entry `entry`'s mapping of `column` is written (the entry's `table:` when the
+    /// column is not mapped).
+    pub fn mapping_at(&self, entry: usize, column: &str) -> (usize, usize) {
+        let table = self.tables.get(entry).copied().unwrap_or((1, 1));
+        let Some(e) = self.config.sync.get(entry) else {
+            return table;
+        };
+        e.fields
+            .iter()
+            .position(|f| f.column == column)
+            .and_then(|i| self.fields.get(entry)?.get(i).copied())
+            .unwrap_or(table)
+    }
 }
 
 /// [`load_files`] keeping each file name and the positions of the `table:` values.
@@ -193,6 +211,11 @@ pub fn load_files_located(paths: &[PathBuf]) -> Result<Vec<LocatedPipeline>, Con
                         config,
                         file: file.clone(),
                         tables: refs.tables.iter().map(|l| (l.line, l.col)).collect(),
+                        fields: refs
+                            .fields
+                            .iter()
+                            .map(|f| f.iter().map(|l| (l.line, l.col)).collect())
+                            .collect(),
                     });
                 } else {
                     all.append(&mut problems(&file, cross));

@@ -582,6 +582,20 @@ pub struct FieldMapping {
 }
 
 impl FieldMapping {
+    /// A bidirectional mapping of `column` to the field named like it in upper case (tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(column: &str, field_type: FieldType) -> Self {
+        FieldMapping {
+            column: column.into(),
+            field: column.to_uppercase(),
+            field_type,
+            direction: Direction::Bidirectional,
+            choices: Vec::new(),
+            lookup_list: None,
+            conflict: None,
+        }
+    }
+
     /// The policy that applies to this field in `entry`.
     pub fn conflict_policy(&self, entry: &SyncEntry) -> ConflictPolicy {
         self.conflict.unwrap_or(entry.conflict)

@@ -22,6 +22,8 @@ pub struct CrossRefs {
     pub lists: Vec<(String, Loc)>,
     /// Where each sync entry's `table:` value is written, in sync order.
     pub tables: Vec<Loc>,
+    /// Where each field mapping's column key is written, per sync entry, in `fields` order.
+    pub fields: Vec<Vec<Loc>>,
 }
 
 fn is_ident(s: &str, extra: &[char]) -> bool {
@@ -654,6 +656,11 @@ pub fn validate(r: &mut Reader, f: &PartialFile) -> Option<(PipelineConfig, Cros
             name: f.name.as_ref()?.loc,
             lists,
             tables: f.sync.iter().map(|e| e.source().loc).collect(),
+            fields: f
+                .sync
+                .iter()
+                .map(|e| e.fields.0.iter().map(|(c, _)| c.loc).collect())
+                .collect(),
         },
     ))
 }

@@ -40,6 +40,7 @@ use super::config_edit::{ConfigEditors, load_edited, read, secret_values, unreda
 use super::problem::{ApiError, InvalidParam, PROBLEM_JSON, Problem};
 use crate::config::{FieldMapping, FieldType, LocatedPipeline, PipelineConfig};
 use crate::graph::{ColumnDefinition, GraphClient, GraphClientConfig, GraphError, LimiterRegistry};
+use crate::process::convert::{self, TypeClass};
 use crate::process::provision;
 
 /// The routes with the config editors' state: merge into the control router.
@@ -232,11 +233,12 @@ async fn catalog_findings(p: &LocatedPipeline) -> Vec<ConfigFinding> {
         let found =
             catalog::table(std::slice::from_ref(config), &database, &t.schema, &t.name).await;
         match found {
-            Ok(Some(table)) => out.extend(
-                column_problems(&entry.fields, &table)
-                    .into_iter()
-                    .map(|f| f.at(&p.file, at)),
-            ),
+            Ok(Some(table)) => {
+                out.extend(column_problems(&entry.fields, &table).into_iter().map(|f| {
+                    let at = f.column.as_deref().map_or(at, |c| p.mapping_at(i, c));
+                    f.at(&p.file, at)
+                }))
+            }
             Ok(None) => out.push(
                 ConfigFinding::new(
                     "catalog",
@@ -268,7 +270,7 @@ pub fn column_problems(fields: &[FieldMapping], table: &CatalogTable) -> Vec<Con
                 f.column,
                 c.type_name,
                 f.field_type,
-                accepted(f.field_type)
+                convert::accepted_types(f.field_type)
             ),
             Some(_) => continue,
         };
@@ -281,53 +283,15 @@ pub fn column_problems(fields: &[FieldMapping], table: &CatalogTable) -> Vec<Con
     out
 }
 
-/// The PostgreSQL types a field type takes, by family (None: any type, written as its text).
-fn families(t: FieldType) -> Option<&'static [&'static str]> {
-    const NUMBERS: &[&str] = &[
-        "smallint",
-        "integer",
-        "bigint",
-        "numeric",
-        "real",
-        "double precision",
-        "money",
-    ];
-    const DATES: &[&str] = &["date", "timestamp"];
-    Some(match t {
-        FieldType::Number | FieldType::Currency => NUMBERS,
-        FieldType::Date | FieldType::DateTime => DATES,
-        FieldType::Boolean => &["boolean"],
-        // A lookup's value is the key of the row it points to: a number or a text key.
-        FieldType::Lookup => &[
-            "smallint",
-            "integer",
-            "bigint",
-            "text",
-            "character varying",
-            "uuid",
-        ],
-        _ => return None,
-    })
-}
-
-/// Whether a field of type `t` can hold column `c` (its type as `format_type` prints it). A
-/// domain's base type is not known here: it passes.
+/// Whether a field of type `t` can hold column `c` (the rule is
+/// [`convert::field_holds`], shared with `validate --db` and the processor's schema check).
 fn holds(t: FieldType, c: &CatalogColumn) -> bool {
-    let Some(families) = families(t) else {
-        return true;
+    let class = match c.type_kind {
+        ColumnTypeKind::Base => TypeClass::Base,
+        ColumnTypeKind::Domain => TypeClass::Domain,
+        _ => TypeClass::Other,
     };
-    match c.type_kind {
-        ColumnTypeKind::Domain => true,
-        ColumnTypeKind::Base => families.iter().any(|f| c.type_name.starts_with(f)),
-        _ => false,
-    }
-}
-
-fn accepted(t: FieldType) -> String {
-    families(t).map_or_else(
-        || "any type".into(),
-        |f| format!("it takes {}", f.join(", ")),
-    )
+    convert::field_holds(t, &c.type_name, class)
 }
 
 /// Each list's live columns against the mapping, as `syncbridge validate --graph`.
@@ -458,18 +422,9 @@ pub(crate) async fn list_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Direction;
 
     fn field(column: &str, t: FieldType) -> FieldMapping {
-        FieldMapping {
-            column: column.into(),
-            field: column.to_uppercase(),
-            field_type: t,
-            direction: Direction::Bidirectional,
-            choices: Vec::new(),
-            lookup_list: None,
-            conflict: None,
-        }
+        FieldMapping::for_test(column, t)
     }
 
     fn column(name: &str, pg: &str) -> CatalogColumn {

@@ -97,6 +97,11 @@ impl ConfigEditors {
         }));
     }
 
+    /// The file `pipeline` was loaded from, when the process runs from files.
+    pub fn path_of(&self, pipeline: &str) -> Option<PathBuf> {
+        self.get(pipeline).ok().map(|(_, path)| path)
+    }
+
     /// The editor of `pipeline`'s file and its path; 404 when no pipeline of that name runs.
     pub(super) fn get(&self, pipeline: &str) -> Result<(Arc<Editor>, PathBuf), ApiError> {
         let editor = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();

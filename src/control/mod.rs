@@ -154,6 +154,26 @@ impl Readiness {
         self.mark(pipeline, stage, false);
     }
 
+    /// Forgets a stage (e.g. a table that was paused and fits again); true when it was there.
+    pub fn remove(&self, pipeline: &str, stage: &str) -> bool {
+        let key = format!("{pipeline}/{stage}");
+        self.reasons
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let had = self
+            .stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key)
+            .is_some();
+        if had {
+            metrics::gauge!(STAGE_UP, "pipeline" => pipeline.to_string(), "stage" => stage.to_string())
+                .set(1.0);
+        }
+        had
+    }
+
     fn mark(&self, pipeline: &str, stage: &str, ready: bool) {
         let key = format!("{pipeline}/{stage}");
         self.stages

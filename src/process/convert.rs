@@ -48,6 +48,130 @@ impl Unmappable {
     }
 }
 
+/// What kind of PostgreSQL type a column has, as far as [`field_holds`] cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeClass {
+    /// A built-in scalar: judged by its name (`format_type`).
+    Base,
+    /// A domain: its base type is not known by name, so it passes (values that do not convert
+    /// are dead-lettered one by one).
+    Domain,
+    /// Arrays, enums, composites, ranges: only fields that take any type hold them.
+    Other,
+}
+
+/// The PostgreSQL types a field type takes, by family (None: any type, written as its text).
+fn families(t: FieldType) -> Option<&'static [&'static str]> {
+    const NUMBERS: &[&str] = &[
+        "smallint",
+        "integer",
+        "bigint",
+        "numeric",
+        "real",
+        "double precision",
+        "money",
+    ];
+    const DATES: &[&str] = &["date", "timestamp"];
+    Some(match t {
+        FieldType::Number | FieldType::Currency => NUMBERS,
+        FieldType::Date | FieldType::DateTime => DATES,
+        FieldType::Boolean => &["boolean"],
+        // A lookup's value is the key of the row it points to: a number or a text key.
+        FieldType::Lookup => &[
+            "smallint",
+            "integer",
+            "bigint",
+            "text",
+            "character varying",
+            "uuid",
+        ],
+        _ => return None,
+    })
+}
+
+/// Whether a field of type `t` can hold a column of type `type_name` (as `format_type` prints
+/// it). One rule for every place that asks: the mapping editor's check, `validate --db` and the
+/// processor's check of a table whose columns changed while streaming.
+pub fn field_holds(t: FieldType, type_name: &str, class: TypeClass) -> bool {
+    let Some(families) = families(t) else {
+        return true;
+    };
+    match class {
+        TypeClass::Domain => true,
+        TypeClass::Base => families.iter().any(|f| type_name.starts_with(f)),
+        TypeClass::Other => false,
+    }
+}
+
+/// What a field of type `t` takes, for messages.
+pub fn accepted_types(t: FieldType) -> String {
+    families(t).map_or_else(
+        || "any type".into(),
+        |f| format!("it takes {}", f.join(", ")),
+    )
+}
+
+/// What a column's values are to the converter (the [`Cell`] kinds it is given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Integer,
+    /// Floats and decimals.
+    Fractional,
+    Boolean,
+    Date,
+    Timestamp,
+    /// Text, and every type written as its text (uuid, json, enums, intervals, …).
+    Text,
+    /// Kinds no typed field takes (bytes, times of day, arrays).
+    Other,
+    /// Not known (a domain: its base type is not known by name).
+    Unknown,
+}
+
+/// Whether a field of type `t` can take values of `kind` at all: the converter's own rules
+/// ([`to_fields`]). Text reaches typed fields by parsing each value (one that does not parse is
+/// a dead letter), so it passes; a kind the converter refuses for every value does not. This is
+/// the rule that pauses a running table and that `validate --db` reports as an error.
+pub fn converts(t: FieldType, kind: ValueKind) -> bool {
+    use ValueKind as K;
+    if matches!(kind, K::Text | K::Unknown) {
+        return true;
+    }
+    match t {
+        FieldType::Number | FieldType::Currency => matches!(kind, K::Integer | K::Fractional),
+        FieldType::Boolean => matches!(kind, K::Boolean | K::Integer),
+        FieldType::Date | FieldType::DateTime => matches!(kind, K::Date | K::Timestamp),
+        _ => true,
+    }
+}
+
+/// The [`ValueKind`] of a column of PostgreSQL type `type_name` (as `format_type` prints it).
+pub fn pg_value_kind(type_name: &str, class: TypeClass) -> ValueKind {
+    use ValueKind as K;
+    match class {
+        TypeClass::Domain => return K::Unknown,
+        TypeClass::Other if type_name.ends_with("[]") => return K::Other,
+        TypeClass::Other => return K::Text,
+        TypeClass::Base => {}
+    }
+    let starts = |names: &[&str]| names.iter().any(|n| type_name.starts_with(n));
+    if starts(&["smallint", "integer", "bigint"]) {
+        K::Integer
+    } else if starts(&["numeric", "real", "double precision", "money"]) {
+        K::Fractional
+    } else if type_name == "boolean" {
+        K::Boolean
+    } else if type_name == "date" {
+        K::Date
+    } else if starts(&["timestamp"]) {
+        K::Timestamp
+    } else if starts(&["bytea", "time"]) {
+        K::Other
+    } else {
+        K::Text
+    }
+}
+
 /// Ids resolved by the caller for person and lookup fields (`None` = not found).
 #[derive(Debug, Clone, Default)]
 pub struct Resolved {
@@ -455,6 +579,37 @@ fn pg_array_element(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_takes_the_value_kinds_its_converter_can_read() {
+        use ValueKind as K;
+        for (t, pg, class, ok) in [
+            (FieldType::Number, "integer", TypeClass::Base, true),
+            (FieldType::Number, "numeric(10,2)", TypeClass::Base, true),
+            (FieldType::Number, "text", TypeClass::Base, true),
+            (FieldType::Number, "boolean", TypeClass::Base, false),
+            (FieldType::Number, "date", TypeClass::Base, false),
+            (FieldType::Number, "integer[]", TypeClass::Other, false),
+            (FieldType::Number, "positive", TypeClass::Domain, true),
+            (FieldType::Boolean, "date", TypeClass::Base, false),
+            (
+                FieldType::Date,
+                "timestamp with time zone",
+                TypeClass::Base,
+                true,
+            ),
+            (
+                FieldType::Date,
+                "time without time zone",
+                TypeClass::Base,
+                false,
+            ),
+            (FieldType::Text, "bytea", TypeClass::Base, true),
+        ] {
+            assert_eq!(converts(t, pg_value_kind(pg, class)), ok, "{t} ← {pg}");
+        }
+        assert_eq!(pg_value_kind("mood", TypeClass::Other), K::Text);
+    }
     use crate::config::Direction;
 
     fn m(t: FieldType) -> FieldMapping {

@@ -180,6 +180,51 @@ pub fn change_from_avro(schema: &Schema, value: &Avro) -> Result<Change, RowErro
     })
 }
 
+/// One column of a change event's row image, as its writer schema describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnShape {
+    /// The real column name (`sb.column`).
+    pub column: String,
+    /// The PostgreSQL type as `format_type` prints it (`sb.pgType`), when the schema says.
+    pub pg_type: Option<String>,
+    /// The Avro type of its values (the non-null branch of a nullable union).
+    pub avro: Schema,
+}
+
+/// The columns of the row images of an envelope schema, in schema order.
+pub fn value_columns(envelope: &Schema) -> Result<Vec<ColumnShape>, RowError> {
+    let Schema::Record(envelope) = envelope else {
+        return Err(RowError("the envelope schema is not a record".into()));
+    };
+    let value = field_schema(envelope, "before")
+        .and_then(record_in_union)
+        .ok_or_else(|| RowError("the envelope has no Value record".into()))?;
+    Ok(value
+        .fields
+        .iter()
+        .map(|f| {
+            let attr = |name: &str| match f.custom_attributes.get(name) {
+                Some(serde_json::Value::String(c)) => Some(c.clone()),
+                _ => None,
+            };
+            let avro = match &f.schema {
+                Schema::Union(u) => u
+                    .variants()
+                    .iter()
+                    .find(|v| !matches!(v, Schema::Null | Schema::Enum(_)))
+                    .cloned()
+                    .unwrap_or(Schema::Null),
+                other => other.clone(),
+            };
+            ColumnShape {
+                column: attr("sb.column").unwrap_or_else(|| f.name.clone()),
+                pg_type: attr("sb.pgType"),
+                avro,
+            }
+        })
+        .collect())
+}
+
 /// Decodes a capture record key (the `Key` record) into its columns, in key order.
 pub fn key_from_avro(schema: &Schema, value: &Avro) -> Result<Vec<(String, Cell)>, RowError> {
     let (Schema::Record(rs), Avro::Record(fields)) = (schema, value) else {

@@ -116,6 +116,12 @@ pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
 pub const PIPELINE_PAUSED: &str = "syncbridge_pipeline_paused";
 /// Counter of pauses (guard trips and schemas that could not be had), labels `pipeline`, `kind`.
 pub const PIPELINE_PAUSES_TOTAL: &str = "syncbridge_pipeline_pauses_total";
+/// Gauge 0/1: one table of the pipeline is paused because its change events no longer fit its
+/// mapping (a mapped column dropped, renamed, or retyped to a type its field cannot hold); the
+/// other tables keep flowing. Labels `pipeline`, `table`.
+pub const TABLE_PAUSED: &str = "syncbridge_table_paused";
+/// Counter of table pauses for a schema change, labels `pipeline`, `table`.
+pub const TABLE_PAUSES_TOTAL: &str = "syncbridge_table_pauses_total";
 
 /// Meta-store: run events (and drift report records) the projectors wrote to `syncbridge_meta`
 /// (counter; label: pipeline).
@@ -564,6 +570,18 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         PIPELINE_PAUSES_TOTAL,
         Some(Unit::Count),
         "Times the pipeline paused itself (labels: pipeline, kind).",
+    ),
+    (
+        Gauge,
+        TABLE_PAUSED,
+        None,
+        "1 while a table is paused because its changes no longer fit its mapping (labels: pipeline, table).",
+    ),
+    (
+        Counter,
+        TABLE_PAUSES_TOTAL,
+        Some(Unit::Count),
+        "Times a table paused for a schema change (labels: pipeline, table).",
     ),
     (
         Counter,

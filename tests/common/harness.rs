@@ -212,6 +212,22 @@ impl Harness {
         }
     }
 
+    /// Sends SIGHUP to the running `syncbridge run` (reloads its pipeline files).
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// `GET /ready` of the running process: (HTTP status, body).
+    pub async fn ready(&self) -> (u16, Value) {
+        let url = format!("http://127.0.0.1:{}/ready", self.control_port);
+        match reqwest::get(url).await {
+            Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
     pub fn run_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
     }

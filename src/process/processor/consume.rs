@@ -1,8 +1,9 @@
 //! Consuming a table record: decoding the Avro envelope and its key with the schema cache
 //! ([`crate::process::schemas`]), and the decision on what the record means: nothing (a
 //! tombstone, an unsynced table), a dead letter (undecodable bytes), a pause (a schema that did
-//! not appear within `guard.schema_wait_ms`: never a dead letter), or a new desired state of one
-//! row, handed to [`coalesce`](super::coalesce).
+//! not appear within `guard.schema_wait_ms`: never a dead letter), a held record of a table
+//! whose shape no longer fits its mapping ([`schema_check`](super::schema_check)), or a new
+//! desired state of one row, handed to [`coalesce`](super::coalesce).
 //!
 //! Invariant (*offsets follow durability*): a record is marked consumed as soon as it is read,
 //! but before `ingest` returns it is either skipped on purpose, dead-lettered (held by the
@@ -42,23 +43,35 @@ impl<L: EventLog + 'static> Processor<L> {
         };
         let last = LastEvent::of(&rec);
         let change = match self
-            .decode_as(cache, value, "", &last, row::change_from_avro)
+            .decode_as(cache, value, "", &last, |fp, s, v| {
+                row::change_from_avro(s, v).map(|c| (fp, c))
+            })
             .await?
         {
             Ok(c) => c,
             Err(e) => return self.dead_undecodable("?", "?", e.to_string(), &last).await,
         };
+        let (fp, change) = change;
         self.note_event(&change);
         let Some(&ti) = self.by_table.get(&change.table) else {
             return Ok(());
         };
+        // A table whose events no longer fit its mapping is held whole (see `schema_check`).
+        if self
+            .hold_for_schema(ti, fp, cache.resolver.get(fp), &last)
+            .await
+        {
+            return Ok(());
+        }
         let table = self.tables[ti].table.clone();
         if change.op == 't' {
             return self.truncate(ti, &change, &last);
         }
         let key = &rec.record.key;
         let key_cells = match self
-            .decode_as(cache, key, "key: ", &last, row::key_from_avro)
+            .decode_as(cache, key, "key: ", &last, |_, s, v| {
+                row::key_from_avro(s, v)
+            })
             .await?
         {
             Ok(k) if !k.is_empty() => k,
@@ -113,14 +126,14 @@ impl<L: EventLog + 'static> Processor<L> {
         bytes: &[u8],
         what: &str,
         last: &LastEvent,
-        read: impl FnOnce(&Schema, &Avro) -> Result<T, row::RowError>,
+        read: impl FnOnce(u64, &Schema, &Avro) -> Result<T, row::RowError>,
     ) -> Result<Result<T, row::RowError>, ProcessError> {
         Ok(match cache.decode(&*self.log, bytes).await? {
             Ok((fp, v)) => cache
                 .resolver
                 .get(fp)
                 .ok_or_else(|| row::RowError("schema vanished".into()))
-                .and_then(|s| read(s, &v)),
+                .and_then(|s| read(fp, s, &v)),
             Err(DecodeError::UnknownFingerprint(fp)) => {
                 return Err(self.schema_unavailable(cache, &fp, last));
             }

@@ -131,14 +131,20 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// Commits each input partition up to what was consumed, but never past the lowest offset
-    /// merged into a row that is still pending (*offsets follow durability*).
+    /// merged into a row that is still pending, nor past a paused table's first held record
+    /// (*offsets follow durability*).
     pub(crate) async fn commit_offsets(
         &mut self,
         consumer: &mut L::Consumer,
     ) -> Result<(), ProcessError> {
         let pending = self.pending.values().flat_map(|p| p.offsets.iter());
         let held = self.held_positions();
-        let floor = lowest(pending.map(|(tp, off)| (tp.clone(), *off)).chain(held));
+        let floor = lowest(
+            pending
+                .map(|(tp, off)| (tp.clone(), *off))
+                .chain(held)
+                .chain(self.schema.held()),
+        );
         commit_up_to(consumer, &self.consumed, &floor, &mut self.committed).await?;
         // Set on every commit round, even one that had nothing to move: "the processor is alive
         // and caught up" and "stalled" must look different.

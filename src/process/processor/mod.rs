@@ -24,6 +24,8 @@
 //! [`dead_letters`] holds what is deliberately not written: dead letters and skip counters.
 //! [`audit`] records each decision in the audit trail (see [`crate::process::audit`]).
 //! [`assign`] follows the consumer group's assignment (several processes of one pipeline).
+//! [`schema_check`] pauses one table whose events no longer fit the mapping (a mapped column
+//! dropped, renamed or retyped while streaming).
 //!
 //! # What the return path uses
 //! The return path (`src/pull/processor.rs`, `src/pull/resolve.rs`) is `impl Processor` code
@@ -49,6 +51,7 @@ mod outcome;
 mod plan;
 mod project;
 mod rest;
+mod schema_check;
 mod write;
 
 pub use coalesce::sync_key;
@@ -179,6 +182,8 @@ pub struct Processor<L: EventLog> {
     pub(crate) last_lsn: u64,
     /// Operator commands (manual conflict resolution), once a handle was taken.
     pub(crate) commands: Option<tokio::sync::mpsc::Receiver<crate::pull::ConflictCommand>>,
+    /// Tables paused for a schema change, and the verdicts per writer schema ([`schema_check`]).
+    pub(crate) schema: schema_check::SchemaState,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -238,6 +243,7 @@ impl<L: EventLog + 'static> Processor<L> {
             last_event: (Instant::now(), false),
             last_lsn: 0,
             commands: None,
+            schema: schema_check::SchemaState::default(),
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),

@@ -44,6 +44,7 @@ mod audit;
 mod coalesce;
 mod consume;
 mod dead_letters;
+mod deletes;
 mod flush;
 mod outcome;
 mod plan;
@@ -178,6 +179,8 @@ pub struct Processor<L: EventLog> {
     pub(crate) last_lsn: u64,
     /// Operator commands (manual conflict resolution), once a handle was taken.
     pub(crate) commands: Option<tokio::sync::mpsc::Receiver<crate::pull::ConflictCommand>>,
+    /// The accidental-delete guard of the push direction ([`deletes`]).
+    pub(crate) deletes: deletes::DeleteHold,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -237,6 +240,7 @@ impl<L: EventLog + 'static> Processor<L> {
             last_event: (Instant::now(), false),
             last_lsn: 0,
             commands: None,
+            deletes: deletes::DeleteHold::new(p.guard.push),
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
@@ -294,6 +298,7 @@ impl<L: EventLog + 'static> Processor<L> {
         info!(pipeline = %name, topics = self.topics.len(), pull = pulls.is_some(), "processor started");
         let window = self.cfg.flush_window;
         let mut commands = self.commands.take();
+        let delete_guard = self.deletes.handle.clone();
         // When to flush (see `flush_deadline`): the window bounds how long a change waits to be
         // coalesced; caught-up input flushes at once; a transaction still arriving is not split.
         let mut window_start: Option<Instant> = None;
@@ -325,7 +330,7 @@ impl<L: EventLog + 'static> Processor<L> {
                         }
                         self.ingest(rec, &mut schemas).await?;
                         window_start.get_or_insert_with(Instant::now);
-                        if self.pending.len() >= self.cfg.max_pending {
+                        if self.unparked() >= self.cfg.max_pending {
                             self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                             window_start = None;
                         }
@@ -348,6 +353,11 @@ impl<L: EventLog + 'static> Processor<L> {
                     None => pulls = None,
                 },
                 _ = assignment_tick.tick() => self.apply_assignment(&mut consumer).await?,
+                // The operator allowed or discarded held deletes: the next flush applies it.
+                () = guard_decided(&delete_guard) => {
+                    window_start = Some(Instant::now());
+                    not_before = None;
+                }
                 cmd = recv_cmd(&mut commands) => match cmd {
                     Some(cmd) => {
                         self.serve_command(cmd).await?;
@@ -359,7 +369,8 @@ impl<L: EventLog + 'static> Processor<L> {
                 },
                 () = timer => {
                     self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
-                    window_start = (!self.pending.is_empty() || !self.pulls.is_empty())
+                    // Deletes paused by the guard wait for the operator, not for a re-flush.
+                    window_start = (self.unparked() > 0 || !self.pulls.is_empty())
                         .then(Instant::now);
                     not_before = window_start.map(|t| t + RETRY_PAUSE);
                     // Held dead letters of a run that went quiet are released by a later flush.
@@ -407,6 +418,12 @@ impl<L: EventLog + 'static> Processor<L> {
         Ok((consumer, schemas, pulls))
     }
 
+    /// Pending rows other than the deletes the guard holds paused (those wait for the operator:
+    /// they neither force a flush nor keep the timer running).
+    pub(crate) fn unparked(&self) -> usize {
+        self.pending.len().saturating_sub(self.deletes.parked)
+    }
+
     /// The flush moment for a window that started at `start`:
     /// - input caught up (no record for [`CAUGHT_UP`]) → now: latency is not spent waiting;
     /// - the last record belongs to a transaction whose other records may still be arriving
@@ -420,6 +437,14 @@ impl<L: EventLog + 'static> Processor<L> {
         } else {
             (last_at + CAUGHT_UP).min(start + window)
         }
+    }
+}
+
+/// Resolves when the operator decided on held deletes; pending forever without a handle.
+async fn guard_decided(h: &Option<crate::process::delete_guard::DeleteGuardHandle>) {
+    match h {
+        Some(h) => h.decided().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,196 @@
+//! The accidental-delete guard, push direction, end to end (issue 21 item 5): `DELETE FROM` of
+//! 1,000 synced rows pauses the deletes before any reaches the list while inserts and updates
+//! still flow; the pause shows in `/ready`, `/metrics` and `syncbridge guard`; it survives a
+//! restart; `allow` deletes all 1,000 items; a second round with `discard` leaves the 1,000
+//! items in place, and a key inserted again afterwards updates its existing item.
+//!
+//! Needs `DATABASE_URL` (`eval "$(cat /work/devstack.env)"`); the harness runs its own emulator.
+
+use serde_json::Value;
+
+mod common;
+#[path = "common/harness.rs"]
+mod harness;
+use harness::{Harness, app_calls, hard_timeout};
+
+/// `guard.push` of the test: the default rules (threshold: 10 % of the managed items, at least
+/// 100, at most 500), a 2 s hold.
+const GUARD: &str =
+    "guard:\n  push: { max_deletes: 500, max_percent: 10, window_ms: 60000, hold_ms: 2000 }\n";
+
+async fn guard_cli(h: &Harness, file: &std::path::Path, action: &str) -> (i32, String, String) {
+    h.cli(&[
+        "guard",
+        file.to_str().unwrap(),
+        action,
+        "--direction",
+        "push",
+    ])
+    .await
+}
+
+/// `GET /pipelines/{name}/guard`'s push direction, `None` while the process is not up.
+async fn push_status(h: &Harness) -> Option<Value> {
+    let url = format!(
+        "http://127.0.0.1:{}/pipelines/{}/guard",
+        h.control_port, h.name
+    );
+    let r = reqwest::get(url).await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let body: Value = r.json().await.ok()?;
+    Some(body["push"].clone())
+}
+
+async fn wait_paused(h: &Harness, held: u64) {
+    h.wait_for(
+        &format!("the push direction paused with {held} held deletes"),
+        || async {
+            push_status(h)
+                .await
+                .is_some_and(|s| s["paused"] == true && s["held"] == held)
+        },
+    )
+    .await;
+}
+
+async fn ready(h: &Harness) -> (u16, Value) {
+    let r = reqwest::get(format!("http://127.0.0.1:{}/ready", h.control_port))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+async fn count(h: &Harness, list: &str) -> usize {
+    h.items(list).await.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_delete_pauses_until_allowed_or_discarded() {
+    hard_timeout(600, async {
+        let mut h = Harness::new("guard").await;
+        // 1..=1010: 1,000 to delete, 10 that stay and are updated meanwhile.
+        let (t, list) = h.titled_table(1010).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: false }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{yaml}{GUARD}")).unwrap();
+        h.start(&file);
+        h.wait_for_secs("1,010 items", 180, || async { count(&h, &list).await == 1010 })
+            .await;
+        let (code, _, err) = guard_cli(&h, &file, "allow").await;
+        assert_eq!(code, 2, "nothing to allow yet: {err}");
+
+        // Round 1: a mass delete, then other changes that must keep flowing.
+        let deletes_before = app_calls(&h.stats().await, "DELETE");
+        h.sql(&format!("DELETE FROM public.{t} WHERE id <= 1000")).await;
+        h.sql(&format!(
+            "UPDATE public.{t} SET title = 'after the delete' WHERE id = 1001;
+             INSERT INTO public.{t} VALUES (2001, 'inserted while paused')"
+        ))
+        .await;
+        wait_paused(&h, 1000).await;
+        h.wait_for("the update and the insert", || async {
+            let a = h.item(&list, "1001").await;
+            let b = h.item(&list, "2001").await;
+            a.is_some_and(|i| i["Title"] == "after the delete") && b.is_some()
+        })
+        .await;
+        let deleted = app_calls(&h.stats().await, "DELETE") - deletes_before;
+        assert!(deleted <= 100, "{deleted} deletes reached the list (threshold 100)");
+        assert_eq!(count(&h, &list).await, 1011 - deleted as usize);
+        let (status, body) = ready(&h).await;
+        assert_eq!(status, 503, "{body}");
+        let reason = body["reasons"][format!("{}/guard.push", h.name)]
+            .as_str()
+            .unwrap_or_default();
+        assert!(reason.contains("1000 deletes"), "{body}");
+        let held = h
+            .metric("syncbridge_guard_deletes_held", &[&h.name, "direction=\"push\""])
+            .await;
+        assert_eq!(held, 1000.0);
+        let (code, out, err) = guard_cli(&h, &file, "status").await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("PAUSED") && out.contains("1000 deletes held"), "{out}");
+        assert!(out.contains(&format!("public.{t}/1\n")), "first keys shown: {out}");
+        // Bad input changes nothing: the pull direction is not built, an unknown one is refused.
+        let r = h
+            .admin
+            .post(format!(
+                "http://127.0.0.1:{}/pipelines/{}/guard/sideways/allow",
+                h.control_port, h.name
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["invalid-params"][0]["name"], "direction", "{problem}");
+
+        // A restart while paused: the held deletes are read again from the log and held again.
+        h.stop().await;
+        h.start(&file);
+        wait_paused(&h, 1000).await;
+        assert_eq!(count(&h, &list).await, 1011 - deleted as usize);
+
+        let (code, out, err) = guard_cli(&h, &file, "allow").await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("allow applied to 1000 held deletes"), "{out}");
+        h.wait_for_secs("the 1,000 items deleted", 180, || async {
+            count(&h, &list).await == 11
+        })
+        .await;
+        let (status, body) = ready(&h).await;
+        assert_eq!(status, 200, "ready again: {body}");
+
+        // Round 2: 1,000 new rows, deleted, then discarded: the items stay.
+        h.sql(&format!(
+            "INSERT INTO public.{t} SELECT g, 'row ' || g FROM generate_series(3001, 4000) g"
+        ))
+        .await;
+        h.wait_for_secs("1,011 items again", 180, || async {
+            count(&h, &list).await == 1011
+        })
+        .await;
+        let deletes_before = app_calls(&h.stats().await, "DELETE");
+        h.sql(&format!("DELETE FROM public.{t} WHERE id BETWEEN 3001 AND 4000")).await;
+        wait_paused(&h, 1000).await;
+        let (code, out, err) = guard_cli(&h, &file, "discard").await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("discard applied to 1000 held deletes"), "{out}");
+        h.wait_for("the guard flowing again", || async {
+            push_status(&h).await.is_some_and(|s| s["paused"] == false && s["held"] == 0)
+        })
+        .await;
+        // A key inserted again updates its existing item (the ledger still knows it).
+        h.sql(&format!("INSERT INTO public.{t} VALUES (3001, 'back again')")).await;
+        h.wait_for("3001 updated in place", || async {
+            h.item(&list, "3001").await.is_some_and(|i| i["Title"] == "back again")
+        })
+        .await;
+        assert_eq!(count(&h, &list).await, 1011, "the discarded deletes left the items");
+        let deleted = app_calls(&h.stats().await, "DELETE") - deletes_before;
+        assert!(deleted <= 100, "{deleted} deletes reached the list");
+        // After a restart nothing of the discarded batch comes back.
+        h.stop().await;
+        h.start(&file);
+        h.wait_for("the process up again", || async { push_status(&h).await.is_some() })
+            .await;
+        // Changes made now are read after whatever was not acknowledged before the restart.
+        h.sql(&format!("UPDATE public.{t} SET title = 'marker' WHERE id BETWEEN 1001 AND 1010"))
+            .await;
+        h.wait_for("the marker updates", || async {
+            let items = h.items(&list).await;
+            items.iter().filter(|(_, f)| f["Title"] == "marker").count() == 10
+        })
+        .await;
+        let s = push_status(&h).await.unwrap();
+        assert_eq!((s["paused"].clone(), s["held"].clone()), (false.into(), 0.into()), "{s}");
+        assert_eq!(count(&h, &list).await, 1011);
+        h.stop().await;
+    })
+    .await;
+}

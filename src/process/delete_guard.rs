@@ -37,6 +37,10 @@ use crate::telemetry::metrics as m;
 
 /// Keys shown to the operator per paused direction (status, log line, notification).
 pub const SHOWN_KEYS: usize = 20;
+/// How long a decision waits for the processor to take it: a running processor takes it at its
+/// next loop turn (milliseconds); one stopped (a pipeline pause, a restart) may take long, and the
+/// operator is then told to try again instead of the request hanging.
+pub const DECISION_WAIT: Duration = Duration::from_secs(30);
 /// `/ready` stage of the push direction's guard (`<pipeline>/guard.push`).
 pub const PUSH_STAGE: &str = "guard.push";
 
@@ -192,7 +196,18 @@ impl DeleteGuardHandle {
             s.decision = Some((decision, tx));
         }
         self.wake.notify_one();
-        rx.await.map_err(|_| DecisionError::NotTaken)
+        let mut rx = rx;
+        match tokio::time::timeout(DECISION_WAIT, &mut rx).await {
+            Ok(r) => r.map_err(|_| DecisionError::NotTaken),
+            Err(_) => {
+                // Not taken in time (the processor is stopped): withdrawn, unless it was taken
+                // just now, then its answer follows at once.
+                if self.lock().decision.take().is_some() {
+                    return Err(DecisionError::NotTaken);
+                }
+                rx.await.map_err(|_| DecisionError::NotTaken)
+            }
+        }
     }
 
     pub(crate) fn take_decision(&self) -> Option<(Decision, Reply)> {
@@ -393,5 +408,22 @@ mod tests {
         });
         assert_eq!(h.decide(Decision::Discard).await, Ok(7));
         assert_eq!(processor.await.unwrap(), Decision::Discard);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_nobody_takes_is_withdrawn() {
+        let h = DeleteGuardHandle::new("p", &DeleteGuard::default());
+        h.publish_push(DirectionStatus {
+            paused: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            h.decide(Decision::Allow).await,
+            Err(DecisionError::NotTaken)
+        );
+        assert!(
+            h.take_decision().is_none(),
+            "not left for a later processor"
+        );
     }
 }

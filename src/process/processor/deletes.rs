@@ -62,7 +62,11 @@ impl<L: EventLog + 'static> Processor<L> {
             .iter()
             .map(|k| *self.deletes.since.entry(k.clone()).or_insert(now))
             .collect();
-        let target = if keys.is_empty() || self.deletes.gate.paused() {
+        // The percent rule needs the managed items (a ledger scan); below the smallest possible
+        // threshold the count cannot trip, so the scan is spared.
+        let floor = self.deletes.gate.limits.threshold(0);
+        let counted = self.deletes.gate.recent(now) + keys.len();
+        let target = if counted <= floor || self.deletes.gate.paused() {
             0
         } else {
             self.managed_items()?
@@ -156,7 +160,9 @@ impl<L: EventLog + 'static> Processor<L> {
             enabled: limits.enabled,
             paused: self.deletes.gate.paused(),
             held: held.len(),
-            threshold: target.map_or(previous.threshold, |t| limits.threshold(t)),
+            threshold: target.map_or(previous.threshold.max(limits.threshold(0)), |t| {
+                limits.threshold(t)
+            }),
             recent: self.deletes.gate.recent(now),
             first_keys,
             since_ms: self.deletes.gate.paused_since(),

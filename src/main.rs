@@ -105,15 +105,16 @@ enum Command {
     },
     /// The accidental-delete guard: the deletes it holds, and the operator's decision.
     ///
-    /// More deletes within a window than `guard.push` allows pause that direction's deletes
-    /// (ops/docs/guard.md). `status` (default) shows them; `allow` writes them; `discard` drops
-    /// them and leaves the items in place. Exit 2: not paused or a bad direction; 3: no process.
+    /// More deletes within a window than `guard.push`/`guard.pull` allow pause that direction's deletes
+    /// (ops/docs/guard.md). `status` (default) shows them; `allow` applies them; `discard` drops
+    /// them (push: the items stay; pull: the items are re-created from the rows). Exit 2: not
+    /// paused; 3: no process.
     Guard {
         #[arg(value_name = "PIPELINE.yaml")]
         file: PathBuf,
         #[arg(value_enum, default_value = "status")]
         action: GuardAction,
-        /// push: deletes bound for the lists (pull is not built yet).
+        /// push: deletes bound for the lists; pull: items deleted in a list, bound for the tables.
         #[arg(long, value_parser = ["push", "pull"], default_value = "push")]
         direction: String,
     },
@@ -1074,6 +1075,7 @@ fn guard(file: &std::path::Path, action: GuardAction, direction: String) -> Exit
         GuardAction::Discard => Some("discard"),
     };
     // 409: nothing to decide (the direction is not paused).
+    let shown = direction.clone();
     api_call(
         file,
         409,
@@ -1085,19 +1087,17 @@ fn guard(file: &std::path::Path, action: GuardAction, direction: String) -> Exit
         },
         |name, body| match decision {
             None => {
-                let push = &body["push"];
+                let d = &body[shown.as_str()];
+                let state = if d["paused"].as_bool() == Some(true) {
+                    "PAUSED"
+                } else {
+                    "flowing"
+                };
                 println!(
-                    "pipeline {name}, push: {}, {} deletes held (threshold {}, {} written in the window)",
-                    if push["paused"].as_bool() == Some(true) {
-                        "PAUSED"
-                    } else {
-                        "flowing"
-                    },
-                    push["held"],
-                    push["threshold"],
-                    push["recent"],
+                    "pipeline {name}, {shown}: {state}, {} deletes held (threshold {}, {} applied in the window)",
+                    d["held"], d["threshold"], d["recent"],
                 );
-                for k in push["first_keys"].as_array().into_iter().flatten() {
+                for k in d["first_keys"].as_array().into_iter().flatten() {
                     println!("  {}", k.as_str().unwrap_or("?"));
                 }
             }

@@ -680,9 +680,10 @@ async fn start_one(
         drift = drift.with_notifier(n.clone(), cfg.drift_threshold);
     }
     registries.drift.register(drift.clone());
-    let delete_guard = DeleteGuardHandle::new(&p.name, &p.guard.push)
+    let delete_guard = DeleteGuardHandle::new(&p.name, &p.guard)
         .with_readiness(readiness.clone())
-        .with_notifier(notifier.clone());
+        .with_notifier(notifier.clone())
+        .with_snapshots(handle.clone());
     registries.guards.register(delete_guard.clone());
     processor.set_delete_guard(delete_guard);
     let scheduler_stop = CancellationToken::new();

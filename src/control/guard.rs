@@ -5,8 +5,9 @@
 //! the items in place). The work is in [`crate::process::delete_guard`]; the CLI side is
 //! `syncbridge guard` ([`super::client`]).
 //!
-//! Only the push direction (deletes bound for the lists) is built; `pull` answers 400 naming
-//! `direction`.
+//! `direction` is `push` (deletes bound for the lists) or `pull` (items deleted in a list, bound
+//! for the tables); anything else is a 400 naming it. A pull discard answers once the rows were
+//! read again (their items re-created).
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -17,7 +18,9 @@ use utoipa::ToSchema;
 
 use super::problem::{ApiError, Problem};
 use super::{PipelineScoped, Registry};
-use crate::process::delete_guard::{Decision, DecisionError, DeleteGuardHandle, DirectionStatus};
+use crate::process::delete_guard::{
+    Decision, DecisionError, DeleteGuardHandle, Direction, DirectionStatus,
+};
 
 impl PipelineScoped for DeleteGuardHandle {
     fn pipeline(&self) -> &str {
@@ -43,6 +46,8 @@ pub struct GuardStatus {
     pub pipeline: String,
     /// Deletes bound for the lists (rows deleted in PostgreSQL).
     pub push: DirectionStatus,
+    /// Deletes bound for the tables (items deleted in a list, pull `on_delete` not `ignore`).
+    pub pull: DirectionStatus,
 }
 
 /// What a decision did.
@@ -74,7 +79,8 @@ pub(crate) async fn status(
     let h = handle(&guards, &name)?;
     Ok(axum::Json(GuardStatus {
         pipeline: name,
-        push: h.push_status(),
+        push: h.status(Direction::Push),
+        pull: h.status(Direction::Pull),
     }))
 }
 
@@ -86,26 +92,21 @@ async fn decide(
     decision: Decision,
 ) -> Result<axum::Json<DecisionDone>, ApiError> {
     let h = handle(guards, name)?;
-    match direction {
-        "push" => {}
-        "pull" => {
-            return Err(ApiError::bad_param(
-                "direction",
-                "the pull direction's delete guard is not built yet: only `push` holds deletes",
-            ));
-        }
+    let dir = match direction {
+        "push" => Direction::Push,
+        "pull" => Direction::Pull,
         other => {
             return Err(ApiError::bad_param(
                 "direction",
                 format!("unknown direction {other:?} (push or pull)"),
             ));
         }
-    }
-    let deletes = h.decide(decision).await.map_err(|e| match e {
+    };
+    let deletes = h.decide(dir, decision).await.map_err(|e| match e {
         DecisionError::NotPaused(_) => {
             ApiError::new(StatusCode::CONFLICT, "not_paused", e.to_string())
         }
-        DecisionError::NotTaken => ApiError::new(
+        DecisionError::NotTaken | DecisionError::Resnapshot { .. } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             e.to_string(),
@@ -125,14 +126,14 @@ async fn decide(
 #[utoipa::path(post, path = "/pipelines/{name}/guard/{direction}/allow", tag = "guard",
     params(
         ("name" = String, Path, description = "Pipeline name"),
-        ("direction" = String, Path, description = "`push` (deletes bound for the lists)"),
+        ("direction" = String, Path, description = "`push` (deletes bound for the lists) or `pull` (bound for the tables)"),
     ),
     responses(
         (status = 200, description = "The held deletes are released and written now", body = DecisionDone),
-        (status = 400, description = "Unknown or unsupported direction", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Unknown direction", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown pipeline", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The direction is not paused", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The processor did not take the decision", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The processor did not take the decision, or the rows could not be read again", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn allow(
     State(guards): State<GuardRegistry>,
@@ -144,14 +145,14 @@ pub(crate) async fn allow(
 #[utoipa::path(post, path = "/pipelines/{name}/guard/{direction}/discard", tag = "guard",
     params(
         ("name" = String, Path, description = "Pipeline name"),
-        ("direction" = String, Path, description = "`push` (deletes bound for the lists)"),
+        ("direction" = String, Path, description = "`push` (deletes bound for the lists) or `pull` (bound for the tables)"),
     ),
     responses(
-        (status = 200, description = "The held deletes are dropped: the items stay in the lists", body = DecisionDone),
-        (status = 400, description = "Unknown or unsupported direction", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The held deletes are dropped: push, the items stay in the lists; pull, the items are re-created from the rows (answered once the rows were read again)", body = DecisionDone),
+        (status = 400, description = "Unknown direction", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown pipeline", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The direction is not paused", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The processor did not take the decision", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The processor did not take the decision, or the rows could not be read again", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn discard(
     State(guards): State<GuardRegistry>,

@@ -1,25 +1,31 @@
 //! The accidental-delete guard (`guard.push`, `guard.pull`): a script that truncates a table, or
 //! a person who empties a list, must not be carried to the other side at full speed.
 //!
-//! # Contract (push direction)
-//! - A pending delete (a row deleted in PostgreSQL whose item the ledger knows) waits `hold_ms`
-//!   in the processor's pending set before it is written, so a burst is counted whole.
+//! Two directions ([`Direction`]): push (rows deleted in PostgreSQL, bound for the lists) and
+//! pull (items deleted in a list, bound for the tables when `pull.on_delete` is not `ignore`).
+//! The counting is [`DeleteGate`]; the processor's side is `processor/deletes.rs`.
+//!
+//! # Contract
+//! - A pending delete (push: a row whose item the ledger knows, in the pending set; pull: a list
+//!   change deleting an item whose row the ledger knows, in the pending pulls) waits `hold_ms`
+//!   before it is applied, so a burst is counted whole.
 //! - At each flush, [`DeleteGate::decide`] counts the deletes written within `window_ms` plus
 //!   every delete now pending. Above the threshold ([`crate::config::DeleteGuard::threshold`])
 //!   the direction pauses: no delete is written, creates and updates keep flowing. So no more
 //!   than the threshold reaches the lists within a window.
-//! - **Durable by the log.** Held deletes stay in the pending set, and the offset commit never
-//!   passes a pending row (*offsets follow durability*, see [`super::processor`]). After a
+//! - **Durable by the log.** Held deletes stay in their pending set, and the offset commits
+//!   never pass a pending row or list change (*offsets follow durability*). After a
 //!   restart the deletes are read again from the log and counted again: the direction pauses
 //!   again. Nothing is written to the ledger or to sled for them, so there is no second copy
 //!   to keep consistent; the cost is that events after the first held delete are read again
 //!   after a restart (their hashes match the ledger: no writes).
-//! - The operator decides through [`DeleteGuardHandle`] (API `…/guard/push/allow|discard`):
-//!   *allow* writes every held delete at once and starts a fresh window; *discard* drops them
-//!   from the pending set (their offsets are committed, so they are not read again): the items
-//!   stay in the lists and their ledger entries are unchanged, so a later insert of the same key
-//!   updates the existing item. A decision is not persisted: a crash before the offsets of an
-//!   allowed batch are committed holds the rest again.
+//! - The operator decides through [`DeleteGuardHandle`] (API `…/guard/{direction}/allow|discard`):
+//!   *allow* applies every held delete at once and starts a fresh window; *discard* drops them
+//!   from the pending set (their offsets are committed, so they are not read again). Push: the
+//!   items stay in the lists and their ledger entries are unchanged, so a later insert of the
+//!   same key updates the existing item. Pull: the rows' entries forget the deleted items and the
+//!   handle re-snapshots their tables, so the rows re-create them. A decision is not persisted: a
+//!   crash before the offsets of an allowed batch are committed holds the rest again.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -30,6 +36,7 @@ use tokio::time::{Duration, Instant};
 
 use tracing::warn;
 
+use crate::capture::ResnapshotHandle;
 use crate::config::DeleteGuard;
 use crate::control::Readiness;
 use crate::control::notify::Notifier;
@@ -41,8 +48,44 @@ pub const SHOWN_KEYS: usize = 20;
 /// next loop turn (milliseconds); one stopped (a pipeline pause, a restart) may take long, and the
 /// operator is then told to try again instead of the request hanging.
 pub const DECISION_WAIT: Duration = Duration::from_secs(30);
-/// `/ready` stage of the push direction's guard (`<pipeline>/guard.push`).
-pub const PUSH_STAGE: &str = "guard.push";
+/// A direction of the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Deletes bound for the lists (rows deleted in PostgreSQL).
+    Push,
+    /// Deletes bound for the tables (items deleted in a list, pull `on_delete` not `ignore`).
+    Pull,
+}
+
+impl Direction {
+    pub fn word(self) -> &'static str {
+        match self {
+            Direction::Push => "push",
+            Direction::Pull => "pull",
+        }
+    }
+
+    /// `/ready` stage and notification condition (`<pipeline>/guard.push`).
+    pub fn stage(self) -> &'static str {
+        match self {
+            Direction::Push => "guard.push",
+            Direction::Pull => "guard.pull",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Where the held deletes would go, and what discard does, for the operator.
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            Direction::Push => ("the lists", "leaves the items in place"),
+            Direction::Pull => ("the tables", "re-creates the items from the rows"),
+        }
+    }
+}
 
 /// What the operator decided for a paused direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,19 +108,27 @@ pub struct DirectionStatus {
     pub threshold: usize,
     /// Deletes written within the current window.
     pub recent: usize,
-    /// The first held keys (SyncKeys, `<table>/<key>`), at most 20.
+    /// The first held keys (`<schema.table>/<SyncKey>`), at most 20.
     pub first_keys: Vec<String>,
     /// When the direction paused (Unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since_ms: Option<i64>,
 }
 
-type Reply = oneshot::Sender<usize>;
+/// The processor's answer to a decision: how many deletes, and the tables whose rows must be
+/// read again so that discarded list deletes re-create their items.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub deletes: usize,
+    pub resnapshot: Vec<String>,
+}
+
+type Reply = oneshot::Sender<Applied>;
 
 #[derive(Debug, Default)]
 struct Shared {
-    push: DirectionStatus,
-    decision: Option<(Decision, Reply)>,
+    status: [DirectionStatus; 2],
+    decision: [Option<(Decision, Reply)>; 2],
 }
 
 /// The control plane's view of a pipeline's delete guard (cheap to clone). The processor
@@ -87,9 +138,11 @@ pub struct DeleteGuardHandle {
     pipeline: String,
     shared: Arc<Mutex<Shared>>,
     wake: Arc<Notify>,
-    /// `/ready`: the stage [`PUSH_STAGE`] is not ready while paused.
+    /// `/ready`: the direction's stage is not ready while paused.
     readiness: Option<Readiness>,
     notifier: Option<Notifier>,
+    /// Re-reads a table's rows (discarded list deletes re-create their items).
+    snapshots: Option<ResnapshotHandle>,
 }
 
 /// Why a decision was not taken.
@@ -99,29 +152,30 @@ pub enum DecisionError {
     NotPaused(&'static str),
     #[error("the processor did not take the decision (it stopped or is restarting); try again")]
     NotTaken,
+    #[error("the deletes were discarded, but re-reading the rows of {table} failed: {error}")]
+    Resnapshot { table: String, error: String },
 }
 
 impl DeleteGuardHandle {
-    pub fn new(pipeline: &str, push: &DeleteGuard) -> Self {
-        let shared = Shared {
-            push: DirectionStatus {
-                enabled: push.enabled,
-                ..Default::default()
-            },
-            decision: None,
-        };
+    pub fn new(pipeline: &str, guard: &crate::config::GuardConfig) -> Self {
+        let mut shared = Shared::default();
+        shared.status[0].enabled = guard.push.enabled;
+        shared.status[1].enabled = guard.pull.enabled;
         Self {
             pipeline: pipeline.to_string(),
             shared: Arc::new(Mutex::new(shared)),
             wake: Arc::new(Notify::new()),
             readiness: None,
             notifier: None,
+            snapshots: None,
         }
     }
 
-    /// Shows a pause in `/ready` (stage [`PUSH_STAGE`]).
+    /// Shows a pause in `/ready` (stages `guard.push`, `guard.pull`).
     pub fn with_readiness(mut self, readiness: Readiness) -> Self {
-        readiness.set(&self.pipeline, PUSH_STAGE, true);
+        for d in [Direction::Push, Direction::Pull] {
+            readiness.set(&self.pipeline, d.stage(), true);
+        }
         self.readiness = Some(readiness);
         self
     }
@@ -129,6 +183,12 @@ impl DeleteGuardHandle {
     /// Sends a notification when a direction pauses, and a resolved one when it resumes.
     pub fn with_notifier(mut self, notifier: Option<Notifier>) -> Self {
         self.notifier = notifier;
+        self
+    }
+
+    /// How a pull discard re-reads the rows whose items were deleted.
+    pub fn with_snapshots(mut self, snapshots: ResnapshotHandle) -> Self {
+        self.snapshots = Some(snapshots);
         self
     }
 
@@ -140,85 +200,99 @@ impl DeleteGuardHandle {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The push direction's state.
-    pub fn push_status(&self) -> DirectionStatus {
-        self.lock().push.clone()
+    /// A direction's state.
+    pub fn status(&self, dir: Direction) -> DirectionStatus {
+        self.lock().status[dir.index()].clone()
     }
 
-    /// Publishes the push direction's state: the gauges, and on a change of pause `/ready`,
-    /// the log and the notifier.
-    pub(crate) fn publish_push(&self, status: DirectionStatus) {
-        let was = std::mem::replace(&mut self.lock().push, status.clone());
+    /// Publishes a direction's state: the gauges, and on a change of pause `/ready`, the log
+    /// and the notifier.
+    pub(crate) fn publish(&self, dir: Direction, status: DirectionStatus) {
+        let was = std::mem::replace(&mut self.lock().status[dir.index()], status.clone());
         let labels = [
             ("pipeline", self.pipeline.clone()),
-            ("direction", "push".into()),
+            ("direction", dir.word().into()),
         ];
         metrics::gauge!(m::GUARD_DELETES_HELD, &labels).set(status.held as f64);
         metrics::gauge!(m::GUARD_PAUSED, &labels).set(if status.paused { 1.0 } else { 0.0 });
-        if status.paused && !was.paused {
+        if status.paused && (!was.paused || was.held != status.held) {
+            let (bound, discard) = dir.describe();
             let summary = format!(
-                "{} deletes bound for the lists held: more than {} within the window",
+                "{} deletes bound for {bound} held: more than {} within the window",
                 status.held, status.threshold
             );
             let detail = format!(
-                "first keys: {}; `syncbridge guard <pipeline.yaml> allow --direction push` \
-                 writes them, `discard` leaves the items in place",
-                status.first_keys.join(", ")
+                "first keys: {}; `syncbridge guard <pipeline.yaml> allow --direction {}` \
+                 applies them, `discard` {discard}",
+                status.first_keys.join(", "),
+                dir.word()
             );
-            warn!(pipeline = %self.pipeline, direction = "push", held = status.held,
-                threshold = status.threshold, first_keys = ?status.first_keys,
-                "accidental-delete guard paused the deletes: {summary}");
+            // `/ready` follows the count; the log line and the notification are once per pause.
             if let Some(r) = &self.readiness {
-                r.set_not_ready(&self.pipeline, PUSH_STAGE, format!("{summary} ({detail})"));
+                r.set_not_ready(&self.pipeline, dir.stage(), format!("{summary} ({detail})"));
             }
-            if let Some(n) = &self.notifier {
-                n.raise(PUSH_STAGE, &summary, &detail);
+            if !was.paused {
+                warn!(pipeline = %self.pipeline, direction = dir.word(), held = status.held,
+                    threshold = status.threshold, first_keys = ?status.first_keys,
+                    "accidental-delete guard paused the deletes: {summary}");
+                if let Some(n) = &self.notifier {
+                    n.raise(dir.stage(), &summary, &detail);
+                }
             }
         } else if !status.paused && was.paused {
             if let Some(r) = &self.readiness {
-                r.set(&self.pipeline, PUSH_STAGE, true);
+                r.set(&self.pipeline, dir.stage(), true);
             }
             if let Some(n) = &self.notifier {
-                n.clear(PUSH_STAGE);
+                n.clear(dir.stage());
             }
         }
     }
 
-    /// Hands `decision` to the processor and waits until it applied it: the number of deletes
-    /// released (allow) or dropped (discard).
-    pub async fn decide(&self, decision: Decision) -> Result<usize, DecisionError> {
-        let (tx, rx) = oneshot::channel();
+    /// Hands `decision` to the processor and waits until it applied it (for a pull discard,
+    /// also until the rows were read again): the number of deletes released or dropped.
+    pub async fn decide(&self, dir: Direction, decision: Decision) -> Result<usize, DecisionError> {
+        let (tx, mut rx) = oneshot::channel();
         {
             let mut s = self.lock();
-            if !s.push.paused {
-                return Err(DecisionError::NotPaused("push"));
+            if !s.status[dir.index()].paused {
+                return Err(DecisionError::NotPaused(dir.word()));
             }
-            s.decision = Some((decision, tx));
+            s.decision[dir.index()] = Some((decision, tx));
         }
         self.wake.notify_one();
-        let mut rx = rx;
-        match tokio::time::timeout(DECISION_WAIT, &mut rx).await {
-            Ok(r) => r.map_err(|_| DecisionError::NotTaken),
+        let applied = match tokio::time::timeout(DECISION_WAIT, &mut rx).await {
+            Ok(r) => r.map_err(|_| DecisionError::NotTaken)?,
             Err(_) => {
                 // Not taken in time (the processor is stopped): withdrawn, unless it was taken
                 // just now, then its answer follows at once.
-                if self.lock().decision.take().is_some() {
+                if self.lock().decision[dir.index()].take().is_some() {
                     return Err(DecisionError::NotTaken);
                 }
-                rx.await.map_err(|_| DecisionError::NotTaken)
+                rx.await.map_err(|_| DecisionError::NotTaken)?
             }
+        };
+        for table in &applied.resnapshot {
+            let Some(h) = &self.snapshots else { break };
+            crate::process::drift::resnapshot(h, table)
+                .await
+                .map_err(|error| DecisionError::Resnapshot {
+                    table: table.clone(),
+                    error,
+                })?;
         }
+        Ok(applied.deletes)
     }
 
-    pub(crate) fn take_decision(&self) -> Option<(Decision, Reply)> {
-        self.lock().decision.take()
+    pub(crate) fn take_decision(&self, dir: Direction) -> Option<(Decision, Reply)> {
+        self.lock().decision[dir.index()].take()
     }
 
     /// Resolves when a decision is waiting (the processor's loop wakes to flush).
     pub(crate) async fn decided(&self) {
         loop {
             let notified = self.wake.notified();
-            if self.lock().decision.is_some() {
+            if self.lock().decision.iter().any(Option::is_some) {
                 return;
             }
             notified.await;
@@ -386,43 +460,58 @@ mod tests {
         assert_eq!(g.decide(&[t0; 3], 10, t0), Verdict::Release(vec![0, 1, 2]));
     }
 
+    fn paused_push(h: &DeleteGuardHandle) {
+        h.publish(
+            Direction::Push,
+            DirectionStatus {
+                paused: true,
+                ..Default::default()
+            },
+        );
+    }
+
     #[tokio::test]
     async fn a_decision_needs_a_pause_and_is_answered_by_the_processor() {
-        let h = DeleteGuardHandle::new("p", &DeleteGuard::default());
+        let h = DeleteGuardHandle::new("p", &crate::config::GuardConfig::default());
         assert_eq!(
-            h.decide(Decision::Allow).await,
+            h.decide(Direction::Push, Decision::Allow).await,
             Err(DecisionError::NotPaused("push"))
         );
-        h.publish_push(DirectionStatus {
-            paused: true,
-            ..Default::default()
-        });
+        paused_push(&h);
+        assert_eq!(
+            h.decide(Direction::Pull, Decision::Allow).await,
+            Err(DecisionError::NotPaused("pull")),
+            "each direction pauses on its own"
+        );
         let processor = tokio::spawn({
             let h = h.clone();
             async move {
                 h.decided().await;
-                let (d, reply) = h.take_decision().expect("waiting");
-                reply.send(7).unwrap();
+                assert!(h.take_decision(Direction::Pull).is_none());
+                let (d, reply) = h.take_decision(Direction::Push).expect("waiting");
+                reply
+                    .send(Applied {
+                        deletes: 7,
+                        resnapshot: Vec::new(),
+                    })
+                    .unwrap();
                 d
             }
         });
-        assert_eq!(h.decide(Decision::Discard).await, Ok(7));
+        assert_eq!(h.decide(Direction::Push, Decision::Discard).await, Ok(7));
         assert_eq!(processor.await.unwrap(), Decision::Discard);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_decision_nobody_takes_is_withdrawn() {
-        let h = DeleteGuardHandle::new("p", &DeleteGuard::default());
-        h.publish_push(DirectionStatus {
-            paused: true,
-            ..Default::default()
-        });
+        let h = DeleteGuardHandle::new("p", &crate::config::GuardConfig::default());
+        paused_push(&h);
         assert_eq!(
-            h.decide(Decision::Allow).await,
+            h.decide(Direction::Push, Decision::Allow).await,
             Err(DecisionError::NotTaken)
         );
         assert!(
-            h.take_decision().is_none(),
+            h.take_decision(Direction::Push).is_none(),
             "not left for a later processor"
         );
     }

@@ -240,7 +240,7 @@ impl<L: EventLog + 'static> Processor<L> {
             last_event: (Instant::now(), false),
             last_lsn: 0,
             commands: None,
-            deletes: deletes::DeleteHold::new(p.guard.push),
+            deletes: deletes::DeleteHold::new(&p.guard),
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
@@ -344,7 +344,7 @@ impl<L: EventLog + 'static> Processor<L> {
                     Some(rec) => {
                         self.ingest_pull(rec).await?;
                         window_start.get_or_insert_with(Instant::now);
-                        if self.pulls.len() >= self.cfg.max_pending {
+                        if self.unparked_pulls() >= self.cfg.max_pending {
                             self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                             window_start = None;
                         }
@@ -370,7 +370,7 @@ impl<L: EventLog + 'static> Processor<L> {
                 () = timer => {
                     self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                     // Deletes paused by the guard wait for the operator, not for a re-flush.
-                    window_start = (self.unparked() > 0 || !self.pulls.is_empty())
+                    window_start = (self.unparked() > 0 || self.unparked_pulls() > 0)
                         .then(Instant::now);
                     not_before = window_start.map(|t| t + RETRY_PAUSE);
                     // Held dead letters of a run that went quiet are released by a later flush.
@@ -416,12 +416,6 @@ impl<L: EventLog + 'static> Processor<L> {
             None => None,
         };
         Ok((consumer, schemas, pulls))
-    }
-
-    /// Pending rows other than the deletes the guard holds paused (those wait for the operator:
-    /// they neither force a flush nor keep the timer running).
-    pub(crate) fn unparked(&self) -> usize {
-        self.pending.len().saturating_sub(self.deletes.parked)
     }
 
     /// The flush moment for a window that started at `start`:

@@ -31,6 +31,11 @@ async fn guard_cli(h: &Harness, file: &std::path::Path, action: &str) -> (i32, S
 
 /// `GET /pipelines/{name}/guard`'s push direction, `None` while the process is not up.
 async fn push_status(h: &Harness) -> Option<Value> {
+    direction_status(h, "push").await
+}
+
+/// `GET /pipelines/{name}/guard`'s `direction`, `None` while the process is not up.
+async fn direction_status(h: &Harness, direction: &str) -> Option<Value> {
     let url = format!(
         "http://127.0.0.1:{}/pipelines/{}/guard",
         h.control_port, h.name
@@ -40,14 +45,18 @@ async fn push_status(h: &Harness) -> Option<Value> {
         return None;
     }
     let body: Value = r.json().await.ok()?;
-    Some(body["push"].clone())
+    Some(body[direction].clone())
 }
 
 async fn wait_paused(h: &Harness, held: u64) {
+    wait_direction_paused(h, "push", held).await;
+}
+
+async fn wait_direction_paused(h: &Harness, direction: &str, held: u64) {
     h.wait_for(
-        &format!("the push direction paused with {held} held deletes"),
+        &format!("the {direction} direction paused with {held} held deletes"),
         || async {
-            push_status(h)
+            direction_status(h, direction)
                 .await
                 .is_some_and(|s| s["paused"] == true && s["held"] == held)
         },
@@ -116,7 +125,7 @@ async fn a_mass_delete_pauses_until_allowed_or_discarded() {
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("PAUSED") && out.contains("1000 deletes held"), "{out}");
         assert!(out.contains(&format!("public.{t}/1\n")), "first keys shown: {out}");
-        // Bad input changes nothing: the pull direction is not built, an unknown one is refused.
+        // Bad input changes nothing: an unknown direction is refused, naming the parameter.
         let r = h
             .admin
             .post(format!(
@@ -197,6 +206,120 @@ async fn a_mass_delete_pauses_until_allowed_or_discarded() {
         let s = push_status(&h).await.unwrap();
         assert_eq!((s["paused"].clone(), s["held"].clone()), (false.into(), 0.into()), "{s}");
         assert_eq!(count(&h, &list).await, 1006);
+        h.stop().await;
+    })
+    .await;
+}
+
+/// Rows left in `table`.
+async fn rows(h: &Harness, table: &str) -> i64 {
+    h.db.query_one(&format!("SELECT count(*) FROM public.{table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Deletes the items with SyncKeys `keys` as a person would (in the browser).
+async fn person_delete_all(h: &Harness, list: &str, keys: std::ops::RangeInclusive<u32>) {
+    let list_id = h.list_id(list).await;
+    let items = h.items(list).await;
+    let wanted: std::collections::HashSet<String> = keys.map(|k| k.to_string()).collect();
+    for (key, fields) in items {
+        if wanted.contains(&key) {
+            let id = fields["id"].as_str().unwrap();
+            h.person
+                .delete_item(&h.site, &list_id, id, None)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_delete_in_the_list_pauses_until_allowed_or_discarded() {
+    hard_timeout(600, async {
+        let mut h = Harness::new("guardpull").await;
+        let (t, list) = h.titled_table(1010).await;
+        let sync = format!(
+            "  - table: public.{t}\n    list: {list}\n    fields: {{ title: Title }}\n    pull: {{ enabled: true, interval_ms: 500, on_delete: delete }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        let guard = "guard:\n  pull: { window_ms: 60000, hold_ms: 2000 }\n";
+        std::fs::write(&file, format!("{yaml}{guard}")).unwrap();
+        h.start(&file);
+        h.wait_for_secs("1,010 items", 180, || async { count(&h, &list).await == 1010 })
+            .await;
+
+        // Round 1: a person deletes 1,000 items; other changes keep flowing both ways.
+        person_delete_all(&h, &list, 1..=1000).await;
+        wait_direction_paused(&h, "pull", 1000).await;
+        h.sql(&format!("UPDATE public.{t} SET title = 'pushed while paused' WHERE id = 1001"))
+            .await;
+        h.person_edit(&list, "1002", serde_json::json!({ "Title": "pulled while paused" }))
+            .await;
+        h.wait_for("the push and the pull", || async {
+            let pushed = h.item(&list, "1001").await;
+            let pulled: Option<String> = h
+                .db
+                .query_opt(&format!("SELECT title FROM public.{t} WHERE id = 1002"), &[])
+                .await
+                .unwrap()
+                .map(|r| r.get(0));
+            pushed.is_some_and(|i| i["Title"] == "pushed while paused")
+                && pulled.as_deref() == Some("pulled while paused")
+        })
+        .await;
+        let left = rows(&h, &t).await;
+        assert!(left >= 1010 - 101, "{} rows deleted (threshold 101)", 1010 - left);
+        let (status, body) = ready(&h).await;
+        assert_eq!(status, 503, "{body}");
+        let reason = body["reasons"][format!("{}/guard.pull", h.name)]
+            .as_str()
+            .unwrap_or_default();
+        assert!(reason.contains("1000 deletes bound for the tables"), "{body}");
+        let (code, out, err) = h
+            .cli(&["guard", file.to_str().unwrap(), "status", "--direction", "pull"])
+            .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("pull: PAUSED, 1000 deletes held"), "{out}");
+
+        let (code, out, err) = h
+            .cli(&["guard", file.to_str().unwrap(), "allow", "--direction", "pull"])
+            .await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("allow applied to 1000 held deletes"), "{out}");
+        h.wait_for_secs("the 1,000 rows deleted", 120, || async { rows(&h, &t).await == 10 })
+            .await;
+
+        // Round 2: 1,000 new rows, their items deleted in the list, discarded: re-created.
+        h.sql(&format!(
+            "INSERT INTO public.{t} SELECT g, 'row ' || g FROM generate_series(3001, 4000) g"
+        ))
+        .await;
+        h.wait_for_secs("1,010 items again", 180, || async {
+            count(&h, &list).await == 1010
+        })
+        .await;
+        person_delete_all(&h, &list, 3001..=4000).await;
+        wait_direction_paused(&h, "pull", 1000).await;
+        let (code, out, err) = h
+            .cli(&["guard", file.to_str().unwrap(), "discard", "--direction", "pull"])
+            .await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("discard applied to 1000 held deletes"), "{out}");
+        h.wait_for_secs("the 1,000 items re-created from their rows", 180, || async {
+            let items = h.items(&list).await;
+            let back = items
+                .iter()
+                .filter(|(_, f)| f["SyncKey"].as_str().and_then(|k| k.parse::<u32>().ok()).is_some_and(|k| k > 3000))
+                .count();
+            back == 1000 && items.len() == 1010
+        })
+        .await;
+        assert_eq!(rows(&h, &t).await, 1010, "no row deleted by the discarded batch");
+        let (status, body) = ready(&h).await;
+        assert_eq!(status, 200, "ready again: {body}");
         h.stop().await;
     })
     .await;

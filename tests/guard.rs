@@ -283,6 +283,11 @@ async fn a_mass_delete_in_the_list_pauses_until_allowed_or_discarded() {
             .await;
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("pull: PAUSED, 1000 deletes held"), "{out}");
+        // A restart while paused: the list changes are read again and held again.
+        h.stop().await;
+        h.start(&file);
+        wait_direction_paused(&h, "pull", 1000).await;
+        assert_eq!(rows(&h, &t).await, left, "no row deleted by the restart");
 
         let (code, out, err) = h
             .cli(&["guard", file.to_str().unwrap(), "allow", "--direction", "pull"])

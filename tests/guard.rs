@@ -329,3 +329,36 @@ async fn a_mass_delete_in_the_list_pauses_until_allowed_or_discarded() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_move_out_of_a_list_counts_as_deletes_there() {
+    hard_timeout(300, async {
+        let mut h = Harness::new("guardmove").await;
+        let (t, main) = h.titled_table(300).await;
+        let archive = format!("A {}", h.name);
+        let sync = format!(
+            "  - table: public.{t}\n    list: {main}\n    fields: {{ title: Title }}\n    routes:\n      - when: \"title == 'archive'\"\n        list: {archive}\n    pull: {{ enabled: false }}"
+        );
+        let file = h.pipeline(&h.embedded_log(), &sync);
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        // Threshold: max_deletes 50 (10 % of 300 is below the floor of 100).
+        let guard = "guard:\n  push: { max_deletes: 50, hold_ms: 2000 }\n";
+        std::fs::write(&file, format!("{yaml}{guard}")).unwrap();
+        h.start(&file);
+        h.wait_for_secs("300 items", 120, || async { count(&h, &main).await == 300 })
+            .await;
+        h.sql(&format!("UPDATE public.{t} SET title = 'archive'")).await;
+        wait_paused(&h, 300).await;
+        let moved = count(&h, &archive).await;
+        assert!(moved <= 50, "{moved} items moved (threshold 50)");
+        assert_eq!(count(&h, &main).await, 300 - moved);
+        let (code, out, err) = guard_cli(&h, &file, "allow").await;
+        assert_eq!(code, 0, "{out}{err}");
+        h.wait_for_secs("the 300 items moved", 120, || async {
+            count(&h, &archive).await == 300 && count(&h, &main).await == 0
+        })
+        .await;
+        h.stop().await;
+    })
+    .await;
+}

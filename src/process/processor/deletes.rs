@@ -1,7 +1,9 @@
 //! The processor's side of the accidental-delete guard ([`crate::process::delete_guard`]):
 //! which pending deletes a flush may apply, per direction.
 //!
-//! - push: rows of the pending set whose desired state is a delete of a known item;
+//! - push: rows of the pending set whose desired state is a delete of a known item, or a move
+//!   of it to another list (a route change: a delete in its list). A held move holds the row's
+//!   whole write; a discarded one leaves the item where it was until the row changes again;
 //! - pull: list changes of the return path that delete an item whose row the ledger knows, on a
 //!   table whose `pull.on_delete` is not `ignore`.
 //!
@@ -220,13 +222,27 @@ impl<L: EventLog + 'static> Processor<L> {
     }
 
     /// Pending deletes of rows whose item the ledger knows (a delete of a row never written
-    /// costs nothing and is not counted).
+    /// costs nothing and is not counted), and pending moves (a route change takes the item out
+    /// of its list: a delete there).
     fn pending_deletes(&self) -> Result<Vec<Vec<u8>>, ProcessError> {
         let mut keys = Vec::new();
         for (k, p) in &self.pending {
-            if matches!(p.desired, Desired::Delete)
-                && self.ledger.get(k)?.is_some_and(|e| e.item.is_some())
-            {
+            let Some(entry) = self.ledger.get(k)? else {
+                continue;
+            };
+            let Some(item) = &entry.item else { continue };
+            let counted = match &p.desired {
+                Desired::Delete => true,
+                Desired::Upsert(row) => {
+                    let t = &self.tables[p.table];
+                    !t.entry.routes.is_empty() && {
+                        let routed = super::plan::route_view(&t.entry.fields, row, &entry);
+                        let list = t.router.route(&t.table, &routed);
+                        self.targets.list_id(list) != Some(item.list_id.as_str())
+                    }
+                }
+            };
+            if counted {
                 keys.push(k.clone());
             }
         }

@@ -675,10 +675,12 @@ pub const DEFAULT_GUARD_MIN_DELETES: u32 = 100;
 /// A minute: a script or a person emptying a list does it within seconds; routine deletes
 /// spread over the day never add up.
 pub const DEFAULT_GUARD_WINDOW_MS: u64 = 60_000;
-/// Deletes wait a second before they are written, so that a burst (a `DELETE` of many rows, a
-/// truncate) is counted whole before any of it reaches the other side; creates and updates do
-/// not wait.
-pub const DEFAULT_GUARD_HOLD_MS: u64 = 1_000;
+/// Deletes are not held by default: one statement's deletes (a `DELETE` of many rows, a
+/// truncate) are one transaction, which a flush never splits, so they are counted whole anyway,
+/// and the threshold bounds what passes in any case. A hold would add its latency to every delete
+/// and move; set it to count bursts spread over many transactions or delta polls before any of
+/// them is applied.
+pub const DEFAULT_GUARD_HOLD_MS: u64 = 0;
 
 impl Default for DeleteGuard {
     fn default() -> Self {

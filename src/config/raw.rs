@@ -495,7 +495,8 @@ pub struct DeleteGuardFile {
     /// Deletes are counted over this window. Default 60000.
     #[serde(default)]
     pub window_ms: Option<Sp<u64>>,
-    /// Deletes wait this long before they are written, so a burst is counted whole. Default 1000.
+    /// Deletes wait this long before they are applied, so a burst spread over many transactions
+    /// is counted whole. Default 0.
     #[serde(default)]
     pub hold_ms: Option<Sp<u64>>,
 }

@@ -103,6 +103,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The accidental-delete guard: the deletes it holds, and the operator's decision.
+    ///
+    /// More deletes within a window than `guard.push`/`guard.pull` allow pause that direction's deletes
+    /// (ops/docs/guard.md). `status` (default) shows them; `allow` applies them; `discard` drops
+    /// them (push: the items stay; pull: the items are re-created from the rows). Exit 2: not
+    /// paused; 3: no process.
+    Guard {
+        #[arg(value_name = "PIPELINE.yaml")]
+        file: PathBuf,
+        #[arg(value_enum, default_value = "status")]
+        action: GuardAction,
+        /// push: deletes bound for the lists; pull: items deleted in a list, bound for the tables.
+        #[arg(long, value_parser = ["push", "pull"], default_value = "push")]
+        direction: String,
+    },
     /// Dead letters: rows the push path could not write, and replaying them.
     ///
     /// Each with the reason. With the embedded log, stop `syncbridge run` first (the log directory is locked).
@@ -280,6 +295,14 @@ enum CursorsAction {
     },
 }
 
+/// `syncbridge guard` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GuardAction {
+    Status,
+    Allow,
+    Discard,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum TakeArg {
     /// PostgreSQL's values win.
@@ -404,6 +427,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Drift { file, heal, json } => drift(&file, heal, json),
+        Command::Guard {
+            file,
+            action,
+            direction,
+        } => guard(&file, action, direction),
         Command::Catalog {
             files,
             database,
@@ -1035,6 +1063,49 @@ fn resume(file: &std::path::Path) -> ExitCode {
                 pause["kind"].as_str().unwrap_or("?"),
                 pause["reason"].as_str().unwrap_or("")
             );
+        },
+    )
+}
+
+fn guard(file: &std::path::Path, action: GuardAction, direction: String) -> ExitCode {
+    use syncbridge::control::client;
+    let decision = match action {
+        GuardAction::Status => None,
+        GuardAction::Allow => Some("allow"),
+        GuardAction::Discard => Some("discard"),
+    };
+    // 409: nothing to decide (the direction is not paused).
+    let shown = direction.clone();
+    api_call(
+        file,
+        409,
+        |addr, name| async move {
+            match decision {
+                None => client::guard_status(addr, &name).await,
+                Some(d) => client::guard_decide(addr, &name, &direction, d).await,
+            }
+        },
+        |name, body| match decision {
+            None => {
+                let d = &body[shown.as_str()];
+                let state = if d["paused"].as_bool() == Some(true) {
+                    "PAUSED"
+                } else {
+                    "flowing"
+                };
+                println!(
+                    "pipeline {name}, {shown}: {state}, {} deletes held (threshold {}, {} applied in the window)",
+                    d["held"], d["threshold"], d["recent"],
+                );
+                for k in d["first_keys"].as_array().into_iter().flatten() {
+                    println!("  {}", k.as_str().unwrap_or("?"));
+                }
+            }
+            Some(d) => println!(
+                "pipeline {name}, {}: {d} applied to {} held deletes",
+                body["direction"].as_str().unwrap_or("?"),
+                body["deletes"]
+            ),
         },
     )
 }

@@ -38,6 +38,7 @@ use crate::control::{self, ControlConfig, ControlError, Readiness};
 use crate::event::registry::RegistryClient;
 use crate::graph::{GraphClient, GraphClientConfig, GraphUsage, LimiterRegistry};
 use crate::log::{self, AnyLog, EmbeddedLogConfig, EventLog, KafkaLogConfig, LogError};
+use crate::process::delete_guard::DeleteGuardHandle;
 use crate::process::guard::PauseHandle;
 use crate::process::hold::{HoldHandle, HoldRequests, grant};
 use crate::process::{self, ProcessError, Processor, ProcessorConfig, ProcessorStats};
@@ -692,6 +693,12 @@ async fn start_one(
         drift = drift.with_notifier(n.clone(), cfg.drift_threshold);
     }
     registries.drift.register(drift.clone());
+    let delete_guard = DeleteGuardHandle::new(&p.name, &p.guard)
+        .with_readiness(readiness.clone())
+        .with_notifier(notifier.clone())
+        .with_snapshots(handle.clone());
+    registries.guards.register(delete_guard.clone());
+    processor.set_delete_guard(delete_guard);
     let scheduler_stop = CancellationToken::new();
     let scheduler = tokio::spawn(control::schedule::run(
         control::schedule::Scheduler {
@@ -958,6 +965,9 @@ async fn supervise_processor(
             }
         };
         s.registries.conflicts.register(processor.conflict_handle());
+        if let Some(h) = s.registries.guards.get(&name) {
+            processor.set_delete_guard(h);
+        }
         processor.publish_stats(s.stats.clone());
         processor.report_schema_pauses(
             s.registries.readiness.clone(),

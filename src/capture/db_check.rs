@@ -151,7 +151,12 @@ async fn check_tables(
         );
         if entry.query.is_none() {
             for (column, severity, message) in mapping_problems(client, entry).await? {
-                out.push(Finding::at(&p.file, p.mapping_at(i, &column), severity, message));
+                out.push(Finding::at(
+                    &p.file,
+                    p.mapping_at(i, &column),
+                    severity,
+                    message,
+                ));
             }
         }
     }

@@ -706,6 +706,10 @@ pub struct ApiToken {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuardConfig {
     pub dead_letters: DeadLetterGuard,
+    /// Deletes bound for the lists (row deletes in PostgreSQL).
+    pub push: DeleteGuard,
+    /// Deletes bound for the tables (items deleted in a list, pull `on_delete: delete`).
+    pub pull: DeleteGuard,
     /// How long an event with a schema not yet in the schemas topic waits before a pause.
     pub schema_wait_ms: u64,
 }
@@ -719,6 +723,8 @@ impl Default for GuardConfig {
     fn default() -> Self {
         Self {
             dead_letters: DeadLetterGuard::default(),
+            push: DeleteGuard::default(),
+            pull: DeleteGuard::default(),
             schema_wait_ms: DEFAULT_SCHEMA_WAIT_MS,
         }
     }
@@ -749,6 +755,63 @@ impl Default for DeadLetterGuard {
             window: DEFAULT_DEAD_LETTER_WINDOW,
             max_percent: DEFAULT_DEAD_LETTER_PERCENT,
         }
+    }
+}
+
+/// The accidental-delete guard of one direction (`guard.push`, `guard.pull`): more deletes
+/// within `window_ms` than the threshold pause that direction's deletes until an operator allows
+/// or discards them (see `crate::process::delete_guard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DeleteGuard {
+    /// Off: every delete is carried at once, as before the guard existed.
+    pub enabled: bool,
+    pub max_deletes: u32,
+    pub max_percent: u8,
+    /// Below this many deletes the percent rule never pauses.
+    pub min_deletes: u32,
+    pub window_ms: u64,
+    pub hold_ms: u64,
+}
+
+/// Microsoft Entra Connect's 'prevent accidental deletes' stops an export of more than 500
+/// deletions: the figure administrators already know.
+pub const DEFAULT_GUARD_MAX_DELETES: u32 = 500;
+/// 10 % of the items the pipeline manages: on a list of 1,000 items, 100 deletes in a window are
+/// unusual enough to ask a person first.
+pub const DEFAULT_GUARD_MAX_PERCENT: u8 = 10;
+/// The percent rule does not apply below 100 deletes: 10 % of a 30-item list is 3, and routine
+/// clean-ups of small lists must not wait for an operator.
+pub const DEFAULT_GUARD_MIN_DELETES: u32 = 100;
+/// A minute: a script or a person emptying a list does it within seconds; routine deletes
+/// spread over the day never add up.
+pub const DEFAULT_GUARD_WINDOW_MS: u64 = 60_000;
+/// Deletes are not held by default: one statement's deletes (a `DELETE` of many rows, a
+/// truncate) are one transaction, which a flush never splits, so they are counted whole anyway,
+/// and the threshold bounds what passes in any case. A hold would add its latency to every delete
+/// and move; set it to count bursts spread over many transactions or delta polls before any of
+/// them is applied.
+pub const DEFAULT_GUARD_HOLD_MS: u64 = 0;
+
+impl Default for DeleteGuard {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_deletes: DEFAULT_GUARD_MAX_DELETES,
+            max_percent: DEFAULT_GUARD_MAX_PERCENT,
+            min_deletes: DEFAULT_GUARD_MIN_DELETES,
+            window_ms: DEFAULT_GUARD_WINDOW_MS,
+            hold_ms: DEFAULT_GUARD_HOLD_MS,
+        }
+    }
+}
+
+impl DeleteGuard {
+    /// The most deletes allowed within the window for a side holding `target` items: the
+    /// smaller of `max_deletes` and `max_percent` of `target` (never below `min_deletes`).
+    pub fn threshold(&self, target: usize) -> usize {
+        let share = (target as u64 * u64::from(self.max_percent) / 100) as usize;
+        let share = share.max(self.min_deletes as usize);
+        share.min(self.max_deletes as usize)
     }
 }
 

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
 use super::model::{
-    ApiRole, ConflictPolicy, CursorKind, Direction, FieldType, HyperlinkWrites, JobKind, NotifyKind,
-    Secret,
+    ApiRole, ConflictPolicy, CursorKind, Direction, FieldType, HyperlinkWrites, JobKind,
+    NotifyKind, Secret,
 };
 use super::yaml::{Issue, Kind, Loc, Node};
 
@@ -525,13 +525,55 @@ pub const TOKEN_KEYS: &[&str] = &["name", "token", "role"];
 pub struct GuardFile {
     #[serde(default)]
     pub dead_letters: Option<DeadLetterGuardFile>,
+    /// The accidental-delete guard of row deletes bound for the lists.
+    #[serde(default)]
+    pub push: Option<DeleteGuardFile>,
+    /// The accidental-delete guard of list deletes bound for the tables (pull
+    /// `on_delete: delete`).
+    #[serde(default)]
+    pub pull: Option<DeleteGuardFile>,
     /// How long a change event whose schema is not (yet) in the schemas topic waits for it
     /// before the pipeline pauses (it is never dead-lettered). Default 60000.
     #[serde(default)]
     #[schemars(range(min = 100))]
     pub schema_wait_ms: Option<Sp<u64>>,
 }
-pub const GUARD_KEYS: &[&str] = &["dead_letters", "schema_wait_ms"];
+pub const GUARD_KEYS: &[&str] = &["dead_letters", "push", "pull", "schema_wait_ms"];
+
+/// More deletes within `window_ms` than the smaller of `max_deletes` and `max_percent` of the
+/// managed items pause that direction's deletes until an operator allows or discards them.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteGuardFile {
+    /// false turns the guard off for this direction. Default true.
+    #[serde(default)]
+    pub enabled: Option<Sp<bool>>,
+    /// Default 500.
+    #[serde(default)]
+    pub max_deletes: Option<Sp<u64>>,
+    /// Share (1–100 %) of the items the pipeline manages. Default 10.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_percent: Option<Sp<u64>>,
+    /// The percent rule never pauses below this many deletes. Default 100.
+    #[serde(default)]
+    pub min_deletes: Option<Sp<u64>>,
+    /// Deletes are counted over this window. Default 60000.
+    #[serde(default)]
+    pub window_ms: Option<Sp<u64>>,
+    /// Deletes wait this long before they are applied, so a burst spread over many transactions
+    /// is counted whole. Default 0.
+    #[serde(default)]
+    pub hold_ms: Option<Sp<u64>>,
+}
+pub const DELETE_GUARD_KEYS: &[&str] = &[
+    "enabled",
+    "max_deletes",
+    "max_percent",
+    "min_deletes",
+    "window_ms",
+    "hold_ms",
+];
 
 /// A storm of dead letters of one kind (every event undecodable, every write rejected) pauses
 /// the pipeline; nothing past the first failing event is acknowledged.
@@ -1454,9 +1496,33 @@ impl Reader {
         let schema_wait_ms = m
             .get("schema_wait_ms")
             .and_then(|n| self.uint(n, &m.child("schema_wait_ms")));
+        let push = m
+            .get("push")
+            .and_then(|n| self.delete_guard(n, &m.child("push")));
+        let pull = m
+            .get("pull")
+            .and_then(|n| self.delete_guard(n, &m.child("pull")));
         Some(GuardFile {
             dead_letters,
+            push,
+            pull,
             schema_wait_ms,
+        })
+    }
+
+    fn delete_guard(&mut self, node: &Node, path: &str) -> Option<DeleteGuardFile> {
+        let m = self.map(node, path, DELETE_GUARD_KEYS)?;
+        let enabled = m
+            .get("enabled")
+            .and_then(|n| self.boolean(n, &m.child("enabled")));
+        let mut num = |key: &str| m.get(key).and_then(|n| self.uint(n, &m.child(key)));
+        Some(DeleteGuardFile {
+            enabled,
+            max_deletes: num("max_deletes"),
+            max_percent: num("max_percent"),
+            min_deletes: num("min_deletes"),
+            window_ms: num("window_ms"),
+            hold_ms: num("hold_ms"),
         })
     }
 

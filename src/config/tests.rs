@@ -284,6 +284,42 @@ fn guard_defaults_parse_and_out_of_range_values_are_named() {
 }
 
 #[test]
+fn delete_guards_default_on_and_every_bad_value_is_named_at_once() {
+    let base = with_on_delete("delete");
+    let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.guard.push, DeleteGuard::default());
+    assert!(config.guard.push.enabled && config.guard.pull.enabled);
+    let text = format!(
+        "{base}guard:\n  push: {{ max_deletes: 50, max_percent: 5, min_deletes: 0, window_ms: 30000, hold_ms: 0 }}\n  pull: {{ enabled: false }}\n"
+    );
+    let config = load_str("t.yaml", &text, &|_| None).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(
+        config.guard.push,
+        DeleteGuard {
+            enabled: true,
+            max_deletes: 50,
+            max_percent: 5,
+            min_deletes: 0,
+            window_ms: 30_000,
+            hold_ms: 0,
+        }
+    );
+    assert!(!config.guard.pull.enabled);
+    let bad = format!(
+        "{base}guard:\n  push: {{ max_deletes: 0, max_percent: 101, window_ms: 10, hold: 5 }}\n"
+    );
+    let got = all_problems(&bad);
+    for want in [
+        "`guard.push.max_deletes` must be between 1 and 10000000",
+        "`guard.push.max_percent` must be between 1 and 100",
+        "`guard.push.window_ms` must be between 1000 and 86400000",
+    ] {
+        assert!(got.iter().any(|p| p.ends_with(want)), "{want}: {got:#?}");
+    }
+    assert!(got.iter().any(|p| p.contains("hold")), "{got:#?}");
+}
+
+#[test]
 fn control_tokens_parse_from_env_and_are_never_shown() {
     let base = with_on_delete("delete");
     let config = load_str("t.yaml", &base, &|_| None).unwrap_or_else(|r| panic!("{r}"));

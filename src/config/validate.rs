@@ -475,6 +475,14 @@ fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
     if let Some(ms) = bounded(&g.schema_wait_ms, "schema_wait_ms", 100, 86_400_000) {
         guard.schema_wait_ms = ms;
     }
+    for (dir, file, out) in [
+        ("push", &g.push, &mut guard.push),
+        ("pull", &g.pull, &mut guard.pull),
+    ] {
+        if let Some(f) = file {
+            check_delete_guard(&mut bounded, dir, f, out);
+        }
+    }
     let Some(d) = &g.dead_letters else {
         return guard;
     };
@@ -489,6 +497,35 @@ fn check_guard(r: &mut Reader, g: Option<&GuardFile>) -> GuardConfig {
         dl.max_percent = n as u8;
     }
     guard
+}
+
+/// `guard.push` / `guard.pull` (the accidental-delete guard); `bounded` reports out-of-range
+/// values.
+fn check_delete_guard(
+    bounded: &mut impl FnMut(&Option<Sp<u64>>, &str, u64, u64) -> Option<u64>,
+    dir: &str,
+    f: &DeleteGuardFile,
+    out: &mut DeleteGuard,
+) {
+    if let Some(e) = &f.enabled {
+        out.enabled = e.value;
+    }
+    let key = |k: &str| format!("{dir}.{k}");
+    if let Some(n) = bounded(&f.max_deletes, &key("max_deletes"), 1, 10_000_000) {
+        out.max_deletes = n as u32;
+    }
+    if let Some(n) = bounded(&f.max_percent, &key("max_percent"), 1, 100) {
+        out.max_percent = n as u8;
+    }
+    if let Some(n) = bounded(&f.min_deletes, &key("min_deletes"), 0, 10_000_000) {
+        out.min_deletes = n as u32;
+    }
+    if let Some(n) = bounded(&f.window_ms, &key("window_ms"), 1_000, 86_400_000) {
+        out.window_ms = n;
+    }
+    if let Some(n) = bounded(&f.hold_ms, &key("hold_ms"), 0, 600_000) {
+        out.hold_ms = n;
+    }
 }
 
 /// A PostgreSQL URL whose TLS options `crate::pg` understands. The message never echoes the

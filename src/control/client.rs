@@ -1,7 +1,8 @@
 //! The CLI side of the pipeline API: `syncbridge snapshot` asks the process that runs the pipeline
 //! (it owns the replication slot) over its control plane; `syncbridge conflicts list|resolve`
 //! asks its processor (it owns the ledger); `syncbridge resume` restarts a paused pipeline's
-//! processor; `syncbridge cursors [reset]` shows and moves its cursors.
+//! processor; `syncbridge cursors [reset]` shows and moves its cursors; `syncbridge guard` shows
+//! and decides the deletes the accidental-delete guard holds.
 //!
 //! Every request carries `Authorization: Bearer $SYNCBRIDGE_API_TOKEN` when that variable is
 //! set (the server's `control.tokens`); a 401 or 403 becomes [`ClientError::Unauthorized`],
@@ -358,6 +359,35 @@ pub async fn drift(
     let path = if heal { "drift/heal" } else { "drift" };
     let r = client_with_timeout(DRIFT_TIMEOUT)?
         .post(format!("http://{addr}/pipelines/{pipeline}/{path}"))
+        .send()
+        .await;
+    answer(addr, r).await
+}
+
+/// `GET /pipelines/{pipeline}/guard`: the accidental-delete guard per direction.
+pub async fn guard_status(
+    addr: SocketAddr,
+    pipeline: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let r = client()?
+        .get(format!("http://{addr}/pipelines/{pipeline}/guard"))
+        .send()
+        .await;
+    answer(addr, r).await
+}
+
+/// `POST /pipelines/{pipeline}/guard/{direction}/{decision}` (`allow` or `discard`): how many
+/// held deletes it released or dropped.
+pub async fn guard_decide(
+    addr: SocketAddr,
+    pipeline: &str,
+    direction: &str,
+    decision: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let r = client()?
+        .post(format!(
+            "http://{addr}/pipelines/{pipeline}/guard/{direction}/{decision}"
+        ))
         .send()
         .await;
     answer(addr, r).await

@@ -55,6 +55,7 @@ pub mod config_check;
 pub mod config_edit;
 pub mod cursors;
 pub mod drift;
+pub mod guard;
 pub mod meta;
 pub mod notify;
 pub mod openapi;
@@ -308,6 +309,8 @@ pub struct Registries {
     /// The cursors (slot, consumer groups, delta links) of the running pipelines.
     pub cursors: cursors::CursorRegistry,
     pub drift: drift::DriftRegistry,
+    /// The accidental-delete guards of the running pipelines.
+    pub guards: guard::GuardRegistry,
     /// The pipeline files (mapping editor), once the runtime enables them.
     pub config: config_edit::ConfigEditors,
 }
@@ -357,6 +360,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         pipelines,
         cursors,
         drift,
+        guards,
         config,
     } = registries;
     let pipeline_routes = pipelines::routes(pipelines, readiness.clone(), pauses.clone());
@@ -390,6 +394,7 @@ pub fn router(registries: Registries, prometheus: PrometheusHandle) -> Router {
         .merge(pipeline_routes)
         .merge(cursors::routes(cursors))
         .merge(drift::routes(drift))
+        .merge(guard::routes(guards))
         .merge(config_check::routes(config.clone()))
         .merge(config_edit::routes(config))
         .merge(ui::routes())

@@ -52,6 +52,7 @@ use super::problem::{InvalidParam, Problem};
         super::config_check::validate,
         super::config_check::list_columns,
         super::drift::check, super::drift::heal, super::drift::latest, super::drift::by_run,
+        super::guard::status, super::guard::allow, super::guard::discard,
         super::ui::whoami,
     ),
     components(schemas(Problem, InvalidParam, super::TakeParam, super::cursors::ResetBody)),

@@ -45,6 +45,7 @@
 
 pub mod audit;
 pub mod convert;
+pub mod delete_guard;
 pub mod dlq;
 pub mod drift;
 pub mod guard;

@@ -201,7 +201,14 @@ impl<L: EventLog + 'static> Processor<L> {
         if self.pulls.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = self.pulls.keys().cloned().collect();
+        // Item deletions the accidental-delete guard holds stay pending, unapplied.
+        let held = self.gate_pull_deletes().await?;
+        let keys: Vec<String> = self
+            .pulls
+            .keys()
+            .filter(|k| !held.contains(*k))
+            .cloned()
+            .collect();
         let mut transient: Option<String> = None;
         let mut dead = Vec::new();
         for k in keys {

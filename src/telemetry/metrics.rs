@@ -111,6 +111,12 @@ pub const PUSH_ASSIGNED_PARTITIONS: &str = "syncbridge_push_assigned_partitions"
 pub const PUSH_FLUSH_SECONDS: &str = "syncbridge_push_flush_seconds";
 /// Counter of dead letters written to the DLQ topic, labels `pipeline`, `kind`.
 pub const PUSH_DEAD_LETTERS_TOTAL: &str = "syncbridge_push_dead_letters_total";
+/// Gauge of deletes held by the accidental-delete guard (paused, or waiting out `hold_ms`),
+/// labels `pipeline`, `direction` (push/pull).
+pub const GUARD_DELETES_HELD: &str = "syncbridge_guard_deletes_held";
+/// Gauge 0/1: a direction's deletes are paused by the accidental-delete guard until an operator
+/// allows or discards them, labels `pipeline`, `direction`.
+pub const GUARD_PAUSED: &str = "syncbridge_guard_paused";
 /// Gauge 0/1: the pipeline paused itself and waits for an operator's resume, labels `pipeline`,
 /// `kind` (dead_letter_storm/schema_unavailable).
 pub const PIPELINE_PAUSED: &str = "syncbridge_pipeline_paused";
@@ -558,6 +564,18 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
         PUSH_DEAD_LETTERS_TOTAL,
         Some(Unit::Count),
         "Dead letters written to the DLQ topic (labels: pipeline, kind).",
+    ),
+    (
+        Gauge,
+        GUARD_DELETES_HELD,
+        None,
+        "Deletes held by the accidental-delete guard (labels: pipeline, direction).",
+    ),
+    (
+        Gauge,
+        GUARD_PAUSED,
+        None,
+        "1 while a direction's deletes wait for an operator's allow or discard (labels: pipeline, direction).",
     ),
     (
         Gauge,

@@ -161,6 +161,8 @@ impl<L: EventLog + 'static> Processor<L> {
             self.send_stats();
             return Ok(());
         }
+        // Deletes the accidental-delete guard holds stay pending, unwritten (see `deletes`).
+        let held = self.gate_deletes().await?;
         self.stats.flushes += 1;
         let started = Instant::now();
         let mut transient: Option<String> = None;
@@ -176,7 +178,7 @@ impl<L: EventLog + 'static> Processor<L> {
             let keys: Vec<Vec<u8>> = self
                 .pending
                 .iter()
-                .filter(|(_, p)| self.tables[p.table].stage == stage)
+                .filter(|(k, p)| self.tables[p.table].stage == stage && !held.contains(*k))
                 .map(|(k, _)| k.clone())
                 .collect();
             if keys.is_empty() {

@@ -46,6 +46,7 @@ mod audit;
 mod coalesce;
 mod consume;
 mod dead_letters;
+mod deletes;
 mod flush;
 mod outcome;
 mod plan;
@@ -184,6 +185,8 @@ pub struct Processor<L: EventLog> {
     pub(crate) commands: Option<tokio::sync::mpsc::Receiver<crate::pull::ConflictCommand>>,
     /// Tables paused for a schema change, and the verdicts per writer schema ([`schema_check`]).
     pub(crate) schema: schema_check::SchemaState,
+    /// The accidental-delete guard of the push direction ([`deletes`]).
+    pub(crate) deletes: deletes::DeleteHold,
 }
 
 impl<L: EventLog> std::fmt::Debug for Processor<L> {
@@ -244,6 +247,7 @@ impl<L: EventLog + 'static> Processor<L> {
             last_lsn: 0,
             commands: None,
             schema: schema_check::SchemaState::default(),
+            deletes: deletes::DeleteHold::new(&p.guard),
             origin: origin_name(&p.name),
             dlq_topic: dlq,
             failpoints: Failpoints::from_env(),
@@ -301,6 +305,7 @@ impl<L: EventLog + 'static> Processor<L> {
         info!(pipeline = %name, topics = self.topics.len(), pull = pulls.is_some(), "processor started");
         let window = self.cfg.flush_window;
         let mut commands = self.commands.take();
+        let delete_guard = self.deletes.handle.clone();
         // When to flush (see `flush_deadline`): the window bounds how long a change waits to be
         // coalesced; caught-up input flushes at once; a transaction still arriving is not split.
         let mut window_start: Option<Instant> = None;
@@ -332,7 +337,7 @@ impl<L: EventLog + 'static> Processor<L> {
                         }
                         self.ingest(rec, &mut schemas).await?;
                         window_start.get_or_insert_with(Instant::now);
-                        if self.pending.len() >= self.cfg.max_pending {
+                        if self.unparked() >= self.cfg.max_pending {
                             self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                             window_start = None;
                         }
@@ -346,7 +351,7 @@ impl<L: EventLog + 'static> Processor<L> {
                     Some(rec) => {
                         self.ingest_pull(rec).await?;
                         window_start.get_or_insert_with(Instant::now);
-                        if self.pulls.len() >= self.cfg.max_pending {
+                        if self.unparked_pulls() >= self.cfg.max_pending {
                             self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
                             window_start = None;
                         }
@@ -355,6 +360,11 @@ impl<L: EventLog + 'static> Processor<L> {
                     None => pulls = None,
                 },
                 _ = assignment_tick.tick() => self.apply_assignment(&mut consumer).await?,
+                // The operator allowed or discarded held deletes: the next flush applies it.
+                () = guard_decided(&delete_guard) => {
+                    window_start = Some(Instant::now());
+                    not_before = None;
+                }
                 cmd = recv_cmd(&mut commands) => match cmd {
                     Some(cmd) => {
                         self.serve_command(cmd).await?;
@@ -366,7 +376,8 @@ impl<L: EventLog + 'static> Processor<L> {
                 },
                 () = timer => {
                     self.flush_with_retry(&mut consumer, &mut pulls, &shutdown).await?;
-                    window_start = (!self.pending.is_empty() || !self.pulls.is_empty())
+                    // Deletes paused by the guard wait for the operator, not for a re-flush.
+                    window_start = (self.unparked() > 0 || self.unparked_pulls() > 0)
                         .then(Instant::now);
                     not_before = window_start.map(|t| t + RETRY_PAUSE);
                     // Held dead letters of a run that went quiet are released by a later flush.
@@ -427,6 +438,14 @@ impl<L: EventLog + 'static> Processor<L> {
         } else {
             (last_at + CAUGHT_UP).min(start + window)
         }
+    }
+}
+
+/// Resolves when the operator decided on held deletes; pending forever without a handle.
+async fn guard_decided(h: &Option<crate::process::delete_guard::DeleteGuardHandle>) {
+    match h {
+        Some(h) => h.decided().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -94,7 +94,7 @@ pub(super) fn create_fields(
 /// IDENTITY FULL`) is taken from the ledger's projection where the field holds the column's
 /// text, so a route on it decides as it did when the value was written, never on a `null`
 /// that would move the item.
-fn route_view<'r>(fields: &[FieldMapping], row: &'r Row, entry: &Entry) -> Cow<'r, Row> {
+pub(super) fn route_view<'r>(fields: &[FieldMapping], row: &'r Row, entry: &Entry) -> Cow<'r, Row> {
     if !row.values().any(|c| matches!(c, Cell::Unchanged)) {
         return Cow::Borrowed(row);
     }

@@ -241,6 +241,10 @@ sync:
         list: {archive_list}
     # The push path only: no delta poller / return path writing into the table.
     pull: {{ enabled: false }}
+# The workload deletes and moves rows out of a list by the hundred on purpose: the accidental-
+# delete guard (tests/guard.rs) would hold them for an operator.
+guard:
+  push: {{ enabled: false }}
 control:
   listen: 127.0.0.1:{port}
 "#,

@@ -123,6 +123,7 @@ fuzz_target!(|data: &[u8]| {
                 commit_ts_ms: 0,
                 origin: None,
                 snapshot: false,
+                connector: event::change::CONNECTOR_WAL,
             },
             ts_ms: 0,
         };

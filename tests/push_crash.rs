@@ -228,6 +228,10 @@ graph:
   client_secret: {secret}
   site: {site}
   ru_per_minute: 60000
+# The workload deletes and moves rows out of a list by the hundred on purpose: the accidental-
+# delete guard (tests/guard.rs) would hold them for an operator.
+guard:
+  push: {{ enabled: false }}
 sync:
   - table: public.{name}
     list: {main_list}
@@ -241,10 +245,6 @@ sync:
         list: {archive_list}
     # The push path only: no delta poller / return path writing into the table.
     pull: {{ enabled: false }}
-# The workload deletes and moves rows out of a list by the hundred on purpose: the accidental-
-# delete guard (tests/guard.rs) would hold them for an operator.
-guard:
-  push: {{ enabled: false }}
 control:
   listen: 127.0.0.1:{port}
 "#,
